@@ -1,0 +1,1 @@
+"""Evaluation: per-round GenEval-style accuracy (shipped as r3_rl.eval)."""

@@ -1,0 +1,115 @@
+"""``r3-rl`` command line.  Bad input -> one line on stderr and exit code 2, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from r3_rl.errors import EXIT_USAGE, UserError
+
+
+def _recipe(args: argparse.Namespace) -> Any:
+    from r3_rl.config import load_recipe
+
+    return load_recipe(args.recipe, args.set)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from r3_rl.run_dir import make_run_dir
+    from r3_rl.trainer import Trainer
+
+    recipe = _recipe(args)
+    run_dir = make_run_dir(recipe, args.run_dir)
+    summary = Trainer(recipe, run_dir).train()
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from r3_rl.eval.evaluate import markdown_table
+    from r3_rl.run_dir import make_run_dir
+    from r3_rl.trainer import Trainer
+
+    if not Path(args.checkpoint).is_dir():
+        raise UserError(f"--checkpoint {args.checkpoint}: no such directory")
+    recipe = _recipe(args)
+    recipe.policy.model = str(args.checkpoint)
+    recipe.name = f"{recipe.name}-eval"
+    trainer = Trainer(recipe, make_run_dir(recipe, args.run_dir))
+    report = trainer.run_eval("eval")
+    print(markdown_table(report))
+    return 0
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from r3_rl.rollout.chain import r3_chains
+    from r3_rl.run_dir import make_run_dir
+    from r3_rl.trainer import Trainer, stage_sampling
+    from r3_rl.trajectory import write_trees
+
+    recipe = _recipe(args)
+    recipe.name = f"{recipe.name}-rollout"
+    trainer = Trainer(recipe, make_run_dir(recipe, args.run_dir))
+    prompts = trainer.data.next_batch(args.num)
+    trees = r3_chains(trainer.policy, prompts, stage_sampling(recipe), recipe.eval.rounds,
+                      recipe.templates.stop_phrase, seed=recipe.seed, tag="rollout")
+    from r3_rl.eval.evaluate import score_chains
+
+    score_chains(trees, recipe.eval.rounds, trainer.eval_rewards, recipe.rewards.correct_threshold)
+    out = write_trees(trees, trainer.run_dir / "rollout.jsonl")
+    print(f"wrote {len(trees)} trajectories to {out}")
+    return 0
+
+
+def cmd_rewards(args: argparse.Namespace) -> int:
+    from r3_rl.rewards.registry import available
+
+    for name, desc in available().items():
+        print(f"{name:20s} {desc}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": cmd_train, "eval": cmd_eval, "rollout": cmd_rollout, "rewards": cmd_rewards,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="r3-rl", description="RL fine-tuning of unified multimodal models with R3.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_recipe(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("recipe", help="YAML recipe")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set learner.lr=1e-4 (repeatable)")
+        sp.add_argument("--run-dir", default=None, help="write here instead of <out_dir>/<name>-<timestamp>/")
+        return sp
+
+    with_recipe(sub.add_parser("train", help="train a policy with R3 + Tree-RL"))
+    ev = with_recipe(sub.add_parser("eval", help="per-round evaluation of a checkpoint"))
+    ev.add_argument("--checkpoint", required=True, help="directory written by save_pretrained")
+    ro = with_recipe(sub.add_parser("rollout", help="sample R3 trajectories without training and dump them"))
+    ro.add_argument("--num", type=int, default=16, help="number of prompts")
+    sub.add_parser("rewards", help="list registered rewards")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"r3-rl: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("r3-rl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

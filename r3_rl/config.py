@@ -1,0 +1,263 @@
+"""Recipes: YAML -> typed, validated configuration.
+
+Every section is a pydantic model with ``extra="forbid"``: an unknown key is an error naming its
+full path (with a close match), never silently ignored.  ``--set a.b=c`` overrides are parsed as
+YAML scalars and applied before validation.  :func:`load_recipe` raises :class:`UserError` with one
+line; the CLI prints it and exits 2.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from r3_rl.errors import UserError, close_match
+from r3_rl.trajectory import SamplingParams
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Sampling(Section):
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    cfg_scale: float = 1.0
+    max_new_tokens: int = Field(32, ge=1)
+    greedy: bool = False
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(**self.model_dump())
+
+
+class TinyModel(Section):
+    """Shape of the built-in tiny token-unified policy (a Llama config built from scratch)."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_positions: int = 256
+
+
+class Policy(Section):
+    kind: Literal["tiny", "janus"] = "tiny"
+    model: str | None = None  # hub id or local path; None = build the tiny model from `tiny`
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    tiny: TinyModel = TinyModel()
+
+
+class Templates(Section):
+    """Prompt templates (placeholders: {prompt} {plan} {image} {instruction})."""
+
+    system: str = ""
+    reason: str = "<|im_start|> {prompt} <|im_end|> <|im_start|>"
+    generate: str = "<image>"
+    generate_uncond: str = "<|im_start|> <|im_end|> <image>"
+    reflect: str = ("<|im_start|> {prompt} <image> {image} </image> how to further edit the image ? "
+                    "<|im_end|> <|im_start|>")
+    refine: str = "<|im_start|> {prompt} <image> {image} </image> {instruction} <|im_end|> <image>"
+    stop_phrase: str = "no further edit needed"
+
+
+class BlocksData(Section):
+    rows: int = Field(4, ge=2, le=8)
+    cols: int = Field(4, ge=2, le=8)
+    tags: dict[str, float] = Field(default_factory=lambda: {
+        "single_object": 1, "two_object": 1, "counting": 1, "colors": 1, "position": 1, "color_attr": 1})
+
+
+class Data(Section):
+    source: Literal["blocks", "geneval", "tiif", "hf"] = "blocks"
+    train: str | None = None  # jsonl path or `datasets` name (hf)
+    eval: str | None = None
+    prompt_column: str = "prompt"
+    eval_size: int = Field(192, ge=1)
+    blocks: BlocksData = BlocksData()
+
+
+class Warmstart(Section):
+    """Supervised warm start of the tiny policy on synthetic R3 trajectories (Blocks world)."""
+
+    steps: int = Field(0, ge=0)
+    batch_size: int = 64
+    lr: float = 2e-3
+    flaw_prob: float = Field(0.5, ge=0.0, le=1.0)  # first images deliberately flawed this often
+    fix_prob: float = Field(0.7, ge=0.0, le=1.0)  # refine targets apply the right fix this often
+    rounds: int = 3
+    seed: int = 0
+
+
+class Tree(Section):
+    """Tree-RL: stage groups of `group_size` siblings."""
+
+    group_size: int = Field(8, ge=2)
+    prompts_per_step: int = Field(8, ge=1)  # stage A groups (reason -> generate) per step
+    refine_groups_per_step: int = Field(8, ge=0)  # stage B/C groups (reflect -> refine) per step
+    correct_parent_fraction: float = Field(0.15, ge=0.0, le=1.0)
+    buffer_size: int = Field(512, ge=1)
+    max_round: int = Field(3, ge=1)  # refine-stage parents come from rounds < max_round
+
+
+class RewardSpec(Section):
+    name: str
+    weight: float = 1.0
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Rewards(Section):
+    task: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="blocks")])
+    eval: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="blocks", options={"binary": True})])
+    format_weight: float = 0.1
+    reason_format: str = r"^<think>.*</think>$"
+    reflect_format: str = r"^<think>.*</think>.+$"
+    correct_threshold: float = 1.0  # task reward at/above which an image counts as correct
+    max_failure_fraction: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class Learner(Section):
+    algorithm: Literal["grpo", "ppo"] = "grpo"
+    backend: Literal["torch", "deepspeed"] = "torch"
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    loss_type: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
+    normalize_std: bool = False
+    kl_coef_text: float = 1e-3
+    kl_coef_image: float = 1e-3
+    kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    epochs: int = Field(1, ge=1)
+    micro_batch_size: int = Field(64, ge=1)
+    max_staleness: int = Field(0, ge=0)  # policy versions a sample may lag behind before it is refused
+
+
+class Rollout(Section):
+    backend: Literal["local", "ray"] = "local"
+    workers: int = Field(1, ge=1)
+    reason: Sampling = Sampling(max_new_tokens=16)
+    generate: Sampling = Sampling()
+    reflect: Sampling = Sampling(max_new_tokens=24)
+    refine: Sampling = Sampling()
+
+
+class Eval(Section):
+    every: int = Field(0, ge=0)  # steps between evals during training (0 = before and after only)
+    rounds: int = Field(3, ge=0)  # refine rounds after the first image
+    temperature: float = Field(0.0, ge=0.0)  # 0 = greedy
+    size: int | None = None  # defaults to data.eval_size
+
+
+class Log(Section):
+    tensorboard: bool = True
+    trajectories_every: int = Field(10, ge=0)
+    console: bool = True
+
+
+class Recipe(Section):
+    name: str = "run"
+    seed: int = 0
+    steps: int = Field(100, ge=0)
+    save_every: int = Field(0, ge=0)
+    keep_last: int = Field(2, ge=1)
+    out_dir: str = "runs"
+    threads: int = Field(0, ge=0)  # torch intra-op threads (0 = torch default)
+    policy: Policy = Policy()
+    templates: Templates = Templates()
+    data: Data = Data()
+    warmstart: Warmstart = Warmstart()
+    tree: Tree = Tree()
+    rewards: Rewards = Rewards()
+    learner: Learner = Learner()
+    rollout: Rollout = Rollout()
+    eval: Eval = Eval()
+    log: Log = Log()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_path_safe(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\ "):
+            raise ValueError("must be non-empty with no '/', '\\' or spaces")
+        return v
+
+
+# ------------------------------------------------------------------------------------------------
+
+def _fields_at(path: tuple[Any, ...]) -> list[str]:
+    """Valid keys of the section at ``path`` (for 'did you mean')."""
+    model: Any = Recipe
+    for part in path:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"])
+    key = ".".join(str(p) for p in loc)
+    if e["type"] == "extra_forbidden":
+        valid = _fields_at(loc[:-1])
+        hint = close_match(str(loc[-1]), valid) or (f" (valid: {', '.join(valid)})" if valid else "")
+        return f"{source}: unknown key '{key}'{hint}"
+    got = e.get("input")
+    got_s = f", got {got!r}" if not isinstance(got, dict) else ""
+    return f"{source}: key '{key}': {e['msg']}{got_s}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set learner.lr=1e-4")
+    key, _, raw = item.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        keys, value = parse_override(item)
+        cur = data
+        for k in keys[:-1]:
+            nxt = cur.get(k)
+            if nxt is None:
+                nxt = cur[k] = {}
+            if not isinstance(nxt, dict):
+                raise UserError(f"--set {item!r}: '{k}' is not a section")
+            cur = nxt
+        cur[keys[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_one_line(e, str(path))) from None
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Policies: unified models that plan, draw, critique and refine.  See :mod:`r3_rl.policy.base`."""

@@ -1,0 +1,73 @@
+"""The sampling distribution, as one pure function used both when sampling and when training.
+
+Every policy turns raw next-token logits into the distribution it samples from with
+:func:`sampling_logprobs` (allowed-token mask -> CFG already applied by the caller -> temperature ->
+top-k -> top-p), and the learner recomputes log-probs with the very same function.  That is what makes
+the policy ratio exactly 1 before the first update, and it is where the reference implementation
+went wrong (it sampled a guided, tempered, nucleus-filtered distribution but trained on the plain
+T=1 full-vocabulary one).
+
+When recomputing, the sampled token is always kept inside the top-k / top-p set (``keep``): after
+an update a previously sampled token may fall just outside the nucleus, and an infinite negative
+log-prob would turn the clipped loss into NaN instead of a clipped ratio.
+"""
+from __future__ import annotations
+
+import torch
+
+from r3_rl.trajectory import SamplingParams
+
+
+def cfg_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on logits: ``uncond + scale * (cond - uncond)`` (scale 1 = cond)."""
+    if scale == 1.0:
+        return cond
+    return uncond + scale * (cond - uncond)
+
+
+def sampling_logprobs(logits: torch.Tensor, sp: SamplingParams, allowed: torch.Tensor | None = None,
+                      keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probabilities (over the last dim) of the distribution that ``sp`` samples from.
+
+    Args:
+        logits: ``[..., V]`` raw logits (CFG already combined).
+        sp: temperature / top-k / top-p (``greedy`` samples the argmax but log-probs are those of the
+            tempered distribution, so greedy evaluation trajectories remain scoreable).
+        allowed: optional ``[V]`` bool mask of tokens of the modality being sampled.
+        keep: optional ``[...]`` token ids that must stay inside the top-k/top-p set (sampled tokens,
+            when recomputing for training).
+    """
+    logits = logits.float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    temperature = sp.temperature if sp.temperature > 0 else 1.0
+    logits = logits / temperature
+    if sp.top_k and sp.top_k > 0 and sp.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sp.top_k, dim=-1).values[..., -1:]
+        drop = logits < kth
+        logits = _masked(logits, drop, keep)
+    if sp.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # mass strictly before each token; a token is dropped once the mass before it reaches top_p
+        before = torch.cumsum(probs, dim=-1) - probs
+        drop_sorted = before >= sp.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = _masked(logits, drop, keep)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _masked(logits: torch.Tensor, drop: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    if keep is not None:
+        drop = drop.scatter(-1, keep.unsqueeze(-1), False)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_tokens(logprobs: torch.Tensor, sp: SamplingParams,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row from ``[B, V]`` log-probs; returns (tokens ``[B]``, their log-probs ``[B]``)."""
+    if sp.greedy or sp.temperature == 0:
+        tokens = logprobs.argmax(dim=-1)
+    else:
+        tokens = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
+    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

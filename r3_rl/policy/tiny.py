@@ -1,0 +1,265 @@
+"""The tiny token-unified policy: a small Llama whose vocabulary holds words and image cells.
+
+It plays every R3 stage in one causal sequence model, like a real unified model, but small enough to
+train on two CPU cores: images are Blocks-world grids with one token per cell (see
+:mod:`r3_rl.blocks.codec`).  Sampling is our own loop with a KV cache; log-probs at sampling time
+and in the training forward both come from :func:`r3_rl.policy.sampling.sampling_logprobs`, so they
+agree exactly (up to float rounding) under the same weights.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from r3_rl.blocks import codec, world
+from r3_rl.errors import UserError
+from r3_rl.policy.base import ImageInput, ImageSample, Policy, TextSample
+from r3_rl.policy.sampling import cfg_logits, sample_tokens, sampling_logprobs
+from r3_rl.policy.tiny_tokenizer import PLACEHOLDER, SPECIALS, build_tokenizer, image_token, template_words
+from r3_rl.trajectory import PromptItem, SamplingParams, Segment
+
+GRID_FILE = "r3_grid.json"
+
+
+class TinyUnifiedPolicy(Policy):
+    def __init__(self, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, templates: dict[str, str],
+                 rows: int, cols: int) -> None:
+        self._model = model
+        self.tok = tokenizer
+        self.templates = templates
+        self.rows, self.cols = rows, cols
+        self.num_cells = rows * cols
+        vocab = tokenizer.get_vocab()
+        self.image_offset = vocab[image_token(0)]
+        self.num_image_tokens = world.N_TOKENS
+        size = len(vocab)
+        self.image_mask = torch.zeros(size, dtype=torch.bool)
+        self.image_mask[self.image_offset:self.image_offset + self.num_image_tokens] = True
+        self.text_mask = ~self.image_mask
+        for s in ("<pad>", "<unk>", "<bos>", "<|im_start|>", "<image>", "</image>"):
+            self.text_mask[vocab[s]] = False
+        self.stop_id = vocab["<|im_end|>"]
+        self.pad_id = vocab["<pad>"]
+        self.bos_id = vocab["<bos>"]
+        self.version = 0
+
+    # ------------------------------------------------------------------ construction / persistence
+    @classmethod
+    def build(cls, templates: dict[str, str], rows: int, cols: int, hidden_size: int = 128, num_layers: int = 4,
+              num_heads: int = 4, intermediate_size: int = 256, max_positions: int = 256,
+              seed: int = 0) -> "TinyUnifiedPolicy":
+        """A fresh random model with a tokenizer built from the Blocks words and the templates' words."""
+        words = set(world.WORDS) | template_words(templates.values())
+        tok = build_tokenizer(words, world.N_TOKENS)
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=len(tok.get_vocab()), hidden_size=hidden_size,
+                             intermediate_size=intermediate_size, num_hidden_layers=num_layers,
+                             num_attention_heads=num_heads, num_key_value_heads=num_heads,
+                             max_position_embeddings=max_positions, tie_word_embeddings=True,
+                             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id)
+        model = LlamaForCausalLM(config)
+        model.config._attn_implementation = "sdpa"
+        return cls(model, tok, templates, rows, cols)
+
+    @classmethod
+    def from_pretrained(cls, path: str, templates: dict[str, str]) -> "TinyUnifiedPolicy":
+        p = Path(path)
+        if not (p / "config.json").is_file():
+            raise UserError(f"policy.model: cannot load '{path}': no config.json there; give a directory written "
+                            f"by save_pretrained (or leave policy.model empty to build the tiny model)")
+        model = LlamaForCausalLM.from_pretrained(path)
+        tok = PreTrainedTokenizerFast.from_pretrained(path)
+        grid = json.loads((p / GRID_FILE).read_text()) if (p / GRID_FILE).is_file() else {"rows": 4, "cols": 4}
+        policy = cls(model, tok, templates, grid["rows"], grid["cols"])
+        policy.version = grid.get("version", 0)
+        return policy
+
+    def save_pretrained(self, path: str) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self._model.save_pretrained(path)
+        self.tok.save_pretrained(path)
+        (Path(path) / GRID_FILE).write_text(json.dumps({"rows": self.rows, "cols": self.cols,
+                                                        "version": self.version}))
+
+    def frozen_copy(self) -> "TinyUnifiedPolicy":
+        """A detached copy (the KL reference): same tokenizer, weights copied, no gradients."""
+        other = copy.copy(self)
+        other._model = copy.deepcopy(self._model).eval().requires_grad_(False)
+        return other
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    # ------------------------------------------------------------------ text <-> ids
+    def encode(self, text: str) -> list[int]:
+        return self.tok.convert_tokens_to_ids(text.split())
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(t for t in self.tok.convert_ids_to_tokens(ids) if t not in ("<pad>", "<|im_end|>"))
+
+    def image_words(self, image: ImageInput) -> str:
+        grid = (np.asarray(image.image_tokens).reshape(self.rows, self.cols) if image.image_tokens is not None
+                else codec.decode(image.image))
+        return " ".join(image_token(int(k)) for k in grid.reshape(-1))
+
+    def render(self, stage: str, **values: str) -> list[int]:
+        def sub(m: Any) -> str:
+            return values.get(m.group(1), "")
+        text = PLACEHOLDER.sub(sub, self.templates[stage])
+        return [self.bos_id] + self.encode(text)
+
+    # ------------------------------------------------------------------ sampling core
+    def _forward_last(self, ids: list[list[int]]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(ids):  # left padding
+            input_ids[i, width - len(x):] = torch.tensor(x)
+            mask[i, width - len(x):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self._model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        return out.logits[:, -1].float(), out.past_key_values, mask, pos[:, -1]
+
+    @torch.no_grad()
+    def _sample(self, contexts: list[list[int]], modality: str, sp: SamplingParams,
+                generator: torch.Generator | None, uncond: list[list[int]] | None = None) -> list[Segment]:
+        self._model.eval()
+        n = len(contexts)
+        use_cfg = modality == "image" and sp.cfg_scale != 1.0
+        streams = contexts + (uncond or []) if use_cfg else contexts
+        logits, cache, mask, last_pos = self._forward_last(streams)
+        allowed = self.image_mask if modality == "image" else self.text_mask
+        steps = self.num_cells if modality == "image" else sp.max_new_tokens
+        tokens = torch.full((n, steps), self.pad_id, dtype=torch.long)
+        logps = torch.zeros((n, steps))
+        done = torch.zeros(n, dtype=torch.bool)
+        lengths = torch.full((n,), steps, dtype=torch.long)
+        for t in range(steps):
+            step_logits = cfg_logits(logits[:n], logits[n:], sp.cfg_scale) if use_cfg else logits
+            lp = sampling_logprobs(step_logits, sp, allowed)
+            tok, tlp = sample_tokens(lp, sp, generator)
+            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
+            tokens[:, t], logps[:, t] = tok, tlp
+            if modality == "text":
+                newly = (~done) & (tok == self.stop_id)
+                lengths[newly] = t + 1
+                done |= newly
+                if bool(done.all()):
+                    break
+            if t == steps - 1:
+                break
+            feed = torch.cat([tok, tok]) if use_cfg else tok
+            mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
+            last_pos = last_pos + 1
+            out = self._model(input_ids=feed.unsqueeze(1), attention_mask=mask, position_ids=last_pos.unsqueeze(1),
+                              past_key_values=cache, use_cache=True)
+            logits, cache = out.logits[:, -1].float(), out.past_key_values
+        segs = []
+        for i in range(n):
+            k = int(lengths[i])
+            ctx: dict[str, Any] = {"input_ids": contexts[i]}
+            if use_cfg:
+                ctx["uncond_ids"] = uncond[i]  # type: ignore[index]
+            segs.append(Segment(modality=modality, context=ctx, token_ids=tokens[i, :k].tolist(),
+                                logprobs=logps[i, :k].tolist(), sampling=copy.copy(sp)))
+        return segs
+
+    def _image_samples(self, segs: list[Segment]) -> list[ImageSample]:
+        out = []
+        for seg in segs:
+            cells = [t - self.image_offset for t in seg.token_ids]
+            grid = np.asarray(cells, dtype=np.int64).reshape(self.rows, self.cols)
+            out.append(ImageSample(image_tokens=cells, image=codec.encode(grid), segment=seg))
+        return out
+
+    # ------------------------------------------------------------------ R3 stages
+    def reason(self, prompts: list[PromptItem], sampling: SamplingParams,
+               generator: torch.Generator | None = None) -> list[TextSample]:
+        segs = self._sample([self.render("reason", prompt=p.prompt) for p in prompts], "text", sampling, generator)
+        return [TextSample(text=self.decode(s.token_ids), segment=s) for s in segs]
+
+    def generate(self, prompts: list[PromptItem], plans: list[str | None], sampling: SamplingParams,
+                 generator: torch.Generator | None = None) -> list[ImageSample]:
+        ctx = []
+        for p, plan in zip(prompts, plans):
+            ids = self.render("reason", prompt=p.prompt)
+            if plan is not None:
+                ids += self.encode(plan) + [self.stop_id]
+            ctx.append(ids + self.encode(self.templates["generate"]))
+        uncond = [[self.bos_id] + self.encode(self.templates["generate_uncond"]) for _ in prompts]
+        return self._image_samples(self._sample(ctx, "image", sampling, generator, uncond))
+
+    def reflect(self, prompts: list[PromptItem], images: list[ImageInput], sampling: SamplingParams,
+                generator: torch.Generator | None = None) -> list[TextSample]:
+        ctx = [self.render("reflect", prompt=p.prompt, image=self.image_words(im)) for p, im in zip(prompts, images)]
+        segs = self._sample(ctx, "text", sampling, generator)
+        return [TextSample(text=self.decode(s.token_ids), segment=s) for s in segs]
+
+    def refine(self, prompts: list[PromptItem], images: list[ImageInput], instructions: list[str],
+               sampling: SamplingParams, generator: torch.Generator | None = None) -> list[ImageSample]:
+        ctx = [self.render("refine", prompt=p.prompt, image=self.image_words(im), instruction=ins)
+               for p, im, ins in zip(prompts, images, instructions)]
+        uncond = [self.render("refine", prompt="", image=self.image_words(im), instruction="") for im in images]
+        return self._image_samples(self._sample(ctx, "image", sampling, generator, uncond))
+
+    # ------------------------------------------------------------------ training forward
+    def _token_logits(self, contexts: list[list[int]], targets: list[list[int]]) -> torch.Tensor:
+        """Logits ``[B, T, V]`` predicting each target token (right padding, one forward)."""
+        seqs = [c + t for c, t in zip(contexts, targets)]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            input_ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+        logits = self._model(input_ids=input_ids, attention_mask=mask).logits.float()
+        t_max = max(len(t) for t in targets)
+        idx = torch.zeros((len(seqs), t_max), dtype=torch.long)
+        for i, (c, t) in enumerate(zip(contexts, targets)):
+            idx[i, :len(t)] = torch.arange(len(c) - 1, len(c) - 1 + len(t))
+            idx[i, len(t):] = len(c) - 1
+        return logits.gather(1, idx.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+
+    def segment_logprobs(self, segments: list[Segment]) -> list[torch.Tensor]:
+        targets = [s.token_ids for s in segments]
+        logits = self._token_logits([s.context["input_ids"] for s in segments], targets)
+        cfg_rows = [i for i, s in enumerate(segments) if "uncond_ids" in s.context]
+        if cfg_rows:
+            unc = self._token_logits([segments[i].context["uncond_ids"] for i in cfg_rows],
+                                     [targets[i] for i in cfg_rows])
+            logits = logits.clone()
+            for j, i in enumerate(cfg_rows):
+                logits[i] = cfg_logits(logits[i], unc[j], segments[i].sampling.cfg_scale)
+        out: list[torch.Tensor] = []
+        for i, s in enumerate(segments):
+            n = len(s.token_ids)
+            allowed = self.image_mask if s.modality == "image" else self.text_mask
+            keep = torch.tensor(s.token_ids, dtype=torch.long)
+            lp = sampling_logprobs(logits[i, :n], s.sampling, allowed, keep=keep)
+            out.append(lp.gather(-1, keep.unsqueeze(-1)).squeeze(-1))
+        return out
+
+
+def build_policy(recipe: Any) -> Policy:
+    """Policy factory from a recipe (``policy.kind`` selects the backend)."""
+    templates = recipe.templates.model_dump()
+    if recipe.policy.kind == "tiny":
+        if recipe.policy.model:
+            return TinyUnifiedPolicy.from_pretrained(recipe.policy.model, templates)
+        t = recipe.policy.tiny
+        return TinyUnifiedPolicy.build(templates, recipe.data.blocks.rows, recipe.data.blocks.cols,
+                                       hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads,
+                                       intermediate_size=t.intermediate_size, max_positions=t.max_positions,
+                                       seed=recipe.seed)
+    from r3_rl.policy.janus import JanusPolicy  # imported lazily: only Janus recipes pay for it
+
+    return JanusPolicy.from_pretrained(recipe.policy.model, templates=templates, dtype=recipe.policy.dtype,
+                                       device=recipe.policy.device)

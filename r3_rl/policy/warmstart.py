@@ -1,0 +1,128 @@
+"""Supervised warm start of the tiny policy on synthetic R3 trajectories (Blocks world).
+
+A real unified model arrives pretrained: it can already plan, draw, critique and edit, imperfectly.
+The tiny model gets there with a short supervised stage on generated trajectories:
+
+    plan -> first image (correct, or deliberately flawed with probability ``flaw_prob``)
+         -> critique (what is wrong, or "no further edit needed")
+         -> refined image (the right fix with probability ``fix_prob``, else left unchanged) -> ...
+
+so the warm-started policy is non-trivial but imperfect, leaving RL something real to improve.  The
+result is saved in the run directory (``warmstart/``) and reused when present with the same settings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from r3_rl.blocks import edits
+from r3_rl.blocks.prompts import BlocksPrompts
+from r3_rl.policy.base import ImageInput
+from r3_rl.policy.tiny import TinyUnifiedPolicy
+from r3_rl.policy.tiny_tokenizer import image_token
+
+
+def _words(grid: np.ndarray) -> str:
+    return " ".join(image_token(int(k)) for k in grid.reshape(-1))
+
+
+def synthetic_examples(policy: TinyUnifiedPolicy, prompts: BlocksPrompts, start: int, n: int, cfg: Any,
+                       rng: random.Random) -> list[tuple[list[int], list[int]]]:
+    """(context ids, target ids) pairs for every stage of ``n`` synthetic R3 trajectories."""
+    rows, cols = policy.rows, policy.cols
+    out: list[tuple[list[int], list[int]]] = []
+    for k in range(start, start + n):
+        item = prompts.train_prompt(k)
+        meta = item.metadata
+        plan = edits.plan_text(meta)
+        good = edits.random_correct_grid(meta, rng, rows, cols)
+        cur = edits.perturb(good, meta, rng) if rng.random() < cfg.flaw_prob else good
+        ctx = policy.render("reason", prompt=item.prompt)
+        out.append((ctx, policy.encode(plan) + [policy.stop_id]))
+        out.append((ctx + policy.encode(plan) + [policy.stop_id] + policy.encode(policy.templates["generate"]),
+                    policy.encode(_words(cur))))
+        for _ in range(cfg.rounds):
+            critique = edits.critique_text(cur, meta)
+            image_words = policy.image_words(ImageInput(image=np.zeros(0), image_tokens=cur.reshape(-1).tolist()))
+            out.append((policy.render("reflect", prompt=item.prompt, image=image_words),
+                        policy.encode(critique) + [policy.stop_id]))
+            ops = edits.diagnose(cur, meta)
+            if not ops:
+                break
+            target = edits.apply_edit(cur, ops[0], rng) if rng.random() < cfg.fix_prob else cur
+            out.append((policy.render("refine", prompt=item.prompt, image=image_words,
+                                      instruction=edits.edit_text(ops[0])), policy.encode(_words(target))))
+            cur = target
+    return out
+
+
+def sft_loss(policy: TinyUnifiedPolicy, batch: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """Mean cross-entropy on target tokens only (contexts are conditioning)."""
+    seqs = [c + t for c, t in batch]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), policy.pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (c, t) in enumerate(batch):
+        ids[i, :len(c) + len(t)] = torch.tensor(c + t)
+        labels[i, len(c):len(c) + len(t)] = torch.tensor(t)
+        mask[i, :len(c) + len(t)] = 1
+    logits = policy.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100)
+
+
+def warmstart(policy: TinyUnifiedPolicy, recipe: Any, log: Any = None) -> dict[str, float]:
+    cfg = recipe.warmstart
+    d = recipe.data.blocks
+    prompts = BlocksPrompts(rows=d.rows, cols=d.cols, tags=d.tags, seed=recipe.seed + 1000 + cfg.seed)
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = policy.model
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(cfg.steps, 1), pct_start=0.1)
+    t0, loss_v, trajectories_per_step = time.time(), float("nan"), max(1, cfg.batch_size // 4)
+    for step in range(cfg.steps):
+        examples = synthetic_examples(policy, prompts, step * trajectories_per_step, trajectories_per_step, cfg, rng)
+        rng.shuffle(examples)
+        loss = sft_loss(policy, examples[:cfg.batch_size])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_v = float(loss)
+        if log is not None and (step % 100 == 0 or step + 1 == cfg.steps):
+            log.print(f"warm start {step + 1:>4}/{cfg.steps}  loss {loss_v:.4f}  {time.time() - t0:5.1f}s")
+    model.eval()
+    return {"loss": loss_v, "seconds": time.time() - t0}
+
+
+def _key(recipe: Any) -> str:
+    blob = json.dumps({"warmstart": recipe.warmstart.model_dump(), "tiny": recipe.policy.tiny.model_dump(),
+                       "blocks": recipe.data.blocks.model_dump(), "templates": recipe.templates.model_dump(),
+                       "seed": recipe.seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def warmstart_cached(policy: TinyUnifiedPolicy, recipe: Any, out_dir: Path, log: Any = None) -> None:
+    """Warm-start ``policy`` in place, reusing ``out_dir`` when it holds a result for the same settings."""
+    key = _key(recipe)
+    marker = out_dir / "warmstart.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+        state = TinyUnifiedPolicy.from_pretrained(str(out_dir), policy.templates).model.state_dict()
+        policy.model.load_state_dict(state)
+        if log is not None:
+            log.print(f"warm start: reusing {out_dir}")
+        return
+    stats = warmstart(policy, recipe, log)
+    policy.save_pretrained(str(out_dir))
+    marker.write_text(json.dumps({"key": key, **stats}))

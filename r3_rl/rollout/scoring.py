@@ -1,0 +1,79 @@
+"""From nodes to rewards: builds what a reward sees (:class:`RewardSample`) and writes scores back.
+
+Kept apart from sampling so that a distributed rollout can score images on reward actors as soon as
+they exist.  Stage rewards are composed with the pure functions of :mod:`r3_rl.rewards.compose`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from r3_rl.rewards.base import RewardSample, Turn
+from r3_rl.rewards.compose import format_ok, plan_reward, reflect_reward
+from r3_rl.rewards.reward_set import RewardSet
+from r3_rl.trajectory import Node, Tree
+
+
+def reward_sample(tree: Tree, node: Node) -> RewardSample:
+    path = tree.path(node.id)
+    history = [Turn(stage=n.stage, round=n.round, text=n.text, image=n.image) for n in path]
+    image = next((n.image for n in reversed(path) if n.image is not None), None)
+    text = next((n.text for n in reversed(path) if n.text is not None), None)
+    return RewardSample(prompt=tree.prompt.prompt, metadata=tree.prompt.metadata, stage=node.stage,
+                        round=node.round, image=image, history=history, text=text)
+
+
+@dataclass
+class FailureCount:
+    scored: int = 0
+    failed: int = 0
+
+
+class StageScorer:
+    """Scores image nodes with the task reward set and composes plan/critique rewards."""
+
+    def __init__(self, task: RewardSet, format_weight: float, reason_format: str, reflect_format: str,
+                 correct_threshold: float = 1.0) -> None:
+        self.task = task
+        self.format_weight = format_weight
+        self.reason_format = reason_format
+        self.reflect_format = reflect_format
+        self.correct_threshold = correct_threshold
+        self.failures = FailureCount()
+        self.failure_reasons: list[str] = []
+
+    def score_images(self, pairs: Iterable[tuple[Tree, Node]]) -> None:
+        """Task reward -> ``node.reward`` (None on failure), parts -> ``node.rewards``."""
+        pairs = [(t, n) for t, n in pairs if n.image is not None]
+        if not pairs:
+            return
+        results = self.task.score([reward_sample(t, n) for t, n in pairs])
+        for (_, node), res in zip(pairs, results):
+            node.rewards.update(res.parts)
+            node.reward_failures.update(res.failures)
+            node.reward = res.total
+            node.meta["correct"] = None if res.total is None else bool(res.total >= self.correct_threshold)
+            self.failures.scored += 1
+            if res.total is None:
+                self.failures.failed += 1
+                self.failure_reasons.extend(f"{k}: {v}" for k, v in res.failures.items())
+
+    def compose(self, tree: Tree) -> None:
+        """Plan and critique rewards from the image rewards below/around them."""
+        for node in tree.nodes.values():
+            if node.stage == "reason":
+                child = next((c for c in tree.children(node.id) if c.stage == "generate"), None)
+                ok = format_ok(node.text or "", self.reason_format)
+                node.rewards["format"] = float(ok)
+                node.reward = plan_reward(child.reward if child else None, ok, self.format_weight)
+            elif node.stage == "reflect":
+                parent = tree.nodes[node.parent] if node.parent else None
+                child = next((c for c in tree.children(node.id) if c.stage == "refine"), None)
+                ok = format_ok(node.text or "", self.reflect_format)
+                node.rewards["format"] = float(ok)
+                r_old = parent.reward if parent is not None else None
+                r_new = child.reward if child is not None else None
+                node.reward = reflect_reward(r_old, r_new, bool(node.stop), ok, self.format_weight,
+                                             self.correct_threshold)
+                if r_old is not None and r_new is not None:
+                    node.rewards["delta"] = r_new - r_old

@@ -1,0 +1,119 @@
+"""Tree-RL rollout: sibling groups per R3 stage, as independent seeded work units.
+
+A step is a list of :class:`RolloutTask` s.  Each task is a pure function of (policy weights, task):
+  * ``kind="A"``: for each prompt, ``group_size`` siblings of reason -> generate
+    (plan nodes compared among themselves, image nodes among themselves);
+  * ``kind="BC"``: for each buffered parent image, ``group_size`` siblings of reflect -> refine.
+    After "no further edit needed" the refined image is the parent image itself (no tokens sampled).
+Each task carries its own seed, so any executor (in-process, Ray actors) that runs the same tasks
+produces the same trees.  Scoring is separate (:mod:`r3_rl.rollout.scoring`).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from r3_rl.policy.base import ImageInput, Policy, parse_critique
+from r3_rl.rollout.buffer import BufferEntry
+from r3_rl.trajectory import Node, PromptItem, SamplingParams, Tree
+
+
+@dataclass
+class StageSampling:
+    reason: SamplingParams
+    generate: SamplingParams
+    reflect: SamplingParams
+    refine: SamplingParams
+
+
+@dataclass
+class RolloutTask:
+    kind: str  # "A" (reason -> generate) or "BC" (reflect -> refine)
+    step: int
+    index: int  # position of the task within its step (stable across executors)
+    seed: int
+    group_size: int
+    prompts: list[PromptItem] = field(default_factory=list)  # kind A
+    parents: list[BufferEntry] = field(default_factory=list)  # kind BC
+
+
+def plan_tasks(step: int, seed: int, prompts: list[PromptItem], parents: list[BufferEntry], group_size: int,
+               groups_per_task: int) -> list[RolloutTask]:
+    """Split a step's groups into tasks of at most ``groups_per_task`` groups, each with its own seed."""
+    tasks: list[RolloutTask] = []
+    for kind, items in (("A", prompts), ("BC", parents)):
+        for start in range(0, len(items), groups_per_task):
+            chunk = items[start:start + groups_per_task]
+            index = len(tasks)
+            task_seed = random.Random(f"{seed}/{step}/{kind}/{index}").getrandbits(63)
+            tasks.append(RolloutTask(kind=kind, step=step, index=index, seed=task_seed, group_size=group_size,
+                                     prompts=chunk if kind == "A" else [], parents=chunk if kind == "BC" else []))
+    return tasks
+
+
+def run_task(policy: Policy, task: RolloutTask, sampling: StageSampling, stop_phrase: str) -> list[Tree]:
+    gen = torch.Generator().manual_seed(task.seed)
+    if task.kind == "A":
+        return _stage_a(policy, task, sampling, gen)
+    return _stage_bc(policy, task, sampling, gen, stop_phrase)
+
+
+def _stage_a(policy: Policy, task: RolloutTask, sp: StageSampling, gen: torch.Generator) -> list[Tree]:
+    g = task.group_size
+    prompts = [p for p in task.prompts for _ in range(g)]
+    plans = policy.reason(prompts, sp.reason, gen)
+    images = policy.generate(prompts, [p.text for p in plans], sp.generate, gen)
+    trees = []
+    for i, prompt in enumerate(task.prompts):
+        tid = f"s{task.step}-t{task.index}-A{i}"
+        tree = Tree(id=tid, prompt=prompt, meta={"kind": "A", "step": task.step})
+        for j in range(g):
+            k = i * g + j
+            plan, img = plans[k], images[k]
+            tree.add(Node(id=f"p{j}", parent=None, stage="reason", round=0, group_id=f"{tid}/plan",
+                          policy_version=policy.version, segment=plan.segment, text=plan.text))
+            tree.add(Node(id=f"g{j}", parent=f"p{j}", stage="generate", round=0, group_id=f"{tid}/image",
+                          policy_version=policy.version, segment=img.segment, image=img.image,
+                          image_tokens=img.image_tokens))
+        trees.append(tree)
+    return trees
+
+
+def _stage_bc(policy: Policy, task: RolloutTask, sp: StageSampling, gen: torch.Generator,
+              stop_phrase: str) -> list[Tree]:
+    g = task.group_size
+    prompts = [e.prompt for e in task.parents for _ in range(g)]
+    inputs = [ImageInput(image=e.image, image_tokens=e.image_tokens) for e in task.parents for _ in range(g)]
+    critiques = policy.reflect(prompts, inputs, sp.reflect, gen)
+    parsed = [parse_critique(c.text, stop_phrase) for c in critiques]
+    edit_idx = [k for k, (_, stop) in enumerate(parsed) if not stop]
+    edited = policy.refine([prompts[k] for k in edit_idx], [inputs[k] for k in edit_idx],
+                           [parsed[k][0] for k in edit_idx], sp.refine, gen) if edit_idx else []
+    by_k = dict(zip(edit_idx, edited))
+    trees = []
+    for i, parent in enumerate(task.parents):
+        tid = f"s{task.step}-t{task.index}-BC{i}"
+        rnd = parent.round + 1
+        tree = Tree(id=tid, prompt=parent.prompt, meta={"kind": "BC", "step": task.step, "parent": parent.source})
+        tree.add(Node(id="root", parent=None, stage="generate" if parent.round == 0 else "refine",
+                      round=parent.round, group_id=f"{tid}/root", policy_version=-1, image=parent.image,
+                      image_tokens=parent.image_tokens, reward=parent.reward, meta={"correct": parent.correct}))
+        for j in range(g):
+            k = i * g + j
+            instruction, stop = parsed[k]
+            tree.add(Node(id=f"c{j}", parent="root", stage="reflect", round=rnd, group_id=f"{tid}/reflect",
+                          policy_version=policy.version, segment=critiques[k].segment, text=critiques[k].text,
+                          edit_instruction=instruction, stop=stop))
+            if stop:  # "no further edit needed": the image stays as it was, nothing sampled
+                tree.add(Node(id=f"r{j}", parent=f"c{j}", stage="refine", round=rnd, group_id=f"{tid}/refine",
+                              policy_version=policy.version, image=parent.image, image_tokens=parent.image_tokens,
+                              reward=parent.reward, meta={"copied": True, "correct": parent.correct}))
+            else:
+                img = by_k[k]
+                tree.add(Node(id=f"r{j}", parent=f"c{j}", stage="refine", round=rnd, group_id=f"{tid}/refine",
+                              policy_version=policy.version, segment=img.segment, image=img.image,
+                              image_tokens=img.image_tokens))
+        trees.append(tree)
+    return trees

@@ -1,0 +1,1 @@
+"""r3_rl.tracking"""

@@ -1,0 +1,173 @@
+"""The training loop: prompts -> rollout -> rewards -> advantages -> learner -> new weights -> rollout.
+
+The loop itself holds no maths and no I/O detail: sampling lives in :mod:`r3_rl.rollout`, rewards
+in :mod:`r3_rl.rewards`, advantages and losses in :mod:`r3_rl.algorithms`, the update in
+:mod:`r3_rl.learner`, files in :mod:`r3_rl.run_dir`.
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r3_rl.config import Recipe
+from r3_rl.data import PromptSource
+from r3_rl.errors import UserError
+from r3_rl.eval.evaluate import evaluate, markdown_table, write_report
+from r3_rl.learner.batch import assign_advantages, collect_items
+from r3_rl.learner.torch_learner import TorchLearner
+from r3_rl.policy.base import Policy
+from r3_rl.rewards.reward_set import RewardSet
+from r3_rl.rollout.buffer import BufferEntry, ParentBuffer
+from r3_rl.rollout.scoring import StageScorer
+from r3_rl.rollout.tree_rl import StageSampling, plan_tasks, run_task
+from r3_rl.trajectory import Tree, write_trees
+from r3_rl.tracking.console import Console
+from r3_rl.tracking.metrics import MetricsLogger, rollout_metrics
+
+
+def stage_sampling(recipe: Recipe, eval_mode: bool = False) -> StageSampling:
+    r = recipe.rollout
+    sp = {k: getattr(r, k).params() for k in ("reason", "generate", "reflect", "refine")}
+    if eval_mode:
+        for p in sp.values():
+            p.greedy = recipe.eval.temperature == 0
+            p.temperature = recipe.eval.temperature or 1.0
+            p.top_p, p.top_k = 1.0, 0
+    return StageSampling(**sp)
+
+
+def build_policy_for(recipe: Recipe, run_dir: Path, console: Console) -> Policy:
+    from r3_rl.policy.tiny import build_policy
+
+    policy = build_policy(recipe)
+    if recipe.policy.kind == "tiny" and recipe.warmstart.steps > 0 and not recipe.policy.model:
+        from r3_rl.policy.warmstart import warmstart_cached
+
+        warmstart_cached(policy, recipe, run_dir / "warmstart", console)
+    return policy
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, run_dir: Path, console: Console | None = None) -> None:
+        self.recipe = recipe
+        self.run_dir = run_dir
+        self.console = console or Console(enabled=recipe.log.console)
+        if recipe.threads:
+            torch.set_num_threads(recipe.threads)
+        torch.manual_seed(recipe.seed)
+        self.policy = build_policy_for(recipe, run_dir, self.console)
+        self.reference = self.policy.frozen_copy() if hasattr(self.policy, "frozen_copy") else None
+        self.task_rewards = RewardSet.from_specs([s.model_dump() for s in recipe.rewards.task])
+        self.eval_rewards = RewardSet.from_specs([s.model_dump() for s in recipe.rewards.eval])
+        rw = recipe.rewards
+        self.scorer = StageScorer(self.task_rewards, rw.format_weight, rw.reason_format, rw.reflect_format,
+                                  rw.correct_threshold)
+        self.buffer = ParentBuffer(recipe.tree.buffer_size)
+        self.data = PromptSource(recipe)
+        self.learner = TorchLearner(self.policy, self.reference, recipe.learner)
+        self.metrics = MetricsLogger(run_dir, tensorboard=recipe.log.tensorboard)
+        self.rng = random.Random(recipe.seed)
+        self.step = 0
+        self.sampling = stage_sampling(recipe)
+        self.eval_sampling = stage_sampling(recipe, eval_mode=True)
+
+    # ------------------------------------------------------------------ rollout
+    def rollout(self, step: int) -> list[Tree]:
+        t = self.recipe.tree
+        prompts = self.data.next_batch(t.prompts_per_step)
+        parents = self.buffer.sample(t.refine_groups_per_step, t.correct_parent_fraction, self.rng)
+        tasks = plan_tasks(step, self.recipe.seed, prompts, parents, t.group_size, groups_per_task=max(
+            1, (len(prompts) + len(parents))))
+        trees: list[Tree] = []
+        for task in tasks:
+            trees.extend(run_task(self.policy, task, self.sampling, self.recipe.templates.stop_phrase))
+        self.score(trees)
+        return trees
+
+    def score(self, trees: list[Tree]) -> None:
+        self.scorer.score_images((tr, n) for tr in trees for n in tr.nodes.values()
+                                 if n.image is not None and n.reward is None and n.segment is not None)
+        for tr in trees:
+            self.scorer.compose(tr)
+        self._check_failures()
+        self._fill_buffer(trees)
+
+    def _check_failures(self) -> None:
+        f = self.scorer.failures
+        limit = self.recipe.rewards.max_failure_fraction
+        if f.scored >= 16 and f.failed / f.scored > limit:
+            reason = self.scorer.failure_reasons[-1] if self.scorer.failure_reasons else "unknown"
+            raise UserError(f"rewards: {f.failed}/{f.scored} reward calls failed (> rewards.max_failure_fraction="
+                            f"{limit}); last failure: {reason}")
+
+    def _fill_buffer(self, trees: list[Tree]) -> None:
+        thr = self.recipe.rewards.correct_threshold
+        for tr in trees:
+            for n in tr.nodes.values():
+                if n.image is None or n.reward is None or n.segment is None:
+                    continue
+                if n.round >= self.recipe.tree.max_round:
+                    continue
+                self.buffer.add(BufferEntry(prompt=tr.prompt, image=n.image, image_tokens=n.image_tokens,
+                                            reward=n.reward, correct=n.reward >= thr, round=n.round,
+                                            source=f"{tr.id}/{n.id}"))
+
+    # ------------------------------------------------------------------ evaluation
+    def run_eval(self, name: str) -> dict[str, Any]:
+        e = self.recipe.eval
+        prompts = self.data.eval_prompts(e.size or self.recipe.data.eval_size)
+        report, trees = evaluate(self.policy, prompts, self.eval_sampling, e.rounds,
+                                 self.recipe.templates.stop_phrase, self.eval_rewards,
+                                 self.recipe.rewards.correct_threshold, seed=self.recipe.seed)
+        write_report(report, self.run_dir / "eval", name)
+        write_trees(trees[:32], self.run_dir / "eval" / f"{name}_trajectories.jsonl")
+        self.metrics.log_eval(report, self.step)
+        return report
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict[str, Any]:
+        r = self.recipe
+        self.console.print(f"[bold]r3-rl[/] {r.name}: {r.steps} steps -> {self.run_dir}")
+        before = self.run_eval("before")
+        self.console.print("eval before RL:\n" + markdown_table(before))
+        t0 = time.time()
+        for step in range(self.step, r.steps):
+            self.step = step
+            t_roll = time.time()
+            trees = self.rollout(step)
+            adv_stats = assign_advantages(trees, r.learner.normalize_std)
+            items, batch_stats = collect_items(trees, self.policy.version, r.learner.max_staleness)
+            t_learn = time.time()
+            learn = self.learner.step(items)
+            if "learner/loss" in learn:
+                self.policy.version += 1
+            done = time.time()
+            m = rollout_metrics(trees, r.rewards.correct_threshold)
+            m.update(learn)
+            m.update({f"advantage/{k}": float(v) for k, v in adv_stats.items()})
+            m.update({"batch/items": batch_stats.items, "batch/stale_refused": batch_stats.stale_refused,
+                      "batch/failed_rewards": batch_stats.failed_rewards,
+                      "advantage/mean": batch_stats.advantage_mean, "advantage/std": batch_stats.advantage_std,
+                      "time/rollout_s": t_learn - t_roll, "time/learner_s": done - t_learn,
+                      "rewards/failed_total": self.scorer.failures.failed})
+            self.metrics.log(m, step)
+            if r.log.trajectories_every and step % r.log.trajectories_every == 0:
+                write_trees(trees, self.run_dir / "trajectories" / f"step_{step:06d}.jsonl")
+            self.console.step(step, r.steps, m, time.time() - t0)
+            if r.eval.every and (step + 1) % r.eval.every == 0 and step + 1 < r.steps:
+                rep = self.run_eval(f"step_{step + 1:06d}")
+                self.console.print(f"eval @ {step + 1}: accuracy per round " +
+                                   " ".join(f"{a:.3f}" for a in rep["accuracy"]))
+        self.step = r.steps
+        after = self.run_eval("after")
+        self.console.print("eval after RL:\n" + markdown_table(after))
+        self.policy.save_pretrained(str(self.run_dir / "final"))
+        self.metrics.close()
+        summary = {"before": before["accuracy"], "after": after["accuracy"], "run_dir": str(self.run_dir)}
+        self.console.print(f"final-round accuracy {before['accuracy'][-1]:.3f} -> {after['accuracy'][-1]:.3f}"
+                           f" (first image {after['accuracy'][0]:.3f}); run dir {self.run_dir}")
+        return summary

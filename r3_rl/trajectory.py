@@ -1,0 +1,224 @@
+"""R3 trajectory trees: the data that flows from rollout to rewards to the learner.
+
+A tree starts at a prompt.  Stage A is ``reason`` (plan text) -> ``generate`` (first image); each later
+round is ``reflect`` (critique + verdict) -> ``refine`` (edited image).  Tree-RL branches sibling
+groups at a stage: every node carries the ``group_id`` of the siblings its advantage is computed
+among.  Each sampled node keeps a :class:`Segment` with everything needed to recompute the
+log-probabilities of its tokens under exactly the distribution that sampled them, so the learner
+never trains on a different distribution than the one the rollout used (a weak point of the
+reference implementation).
+
+Trees serialise to JSON lines (one tree per line) with images as PNG files beside them; reading
+them back gives equal objects (floats are written with ``repr`` precision, images are lossless PNG).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal
+
+import numpy as np
+
+Stage = Literal["reason", "generate", "reflect", "refine"]
+Modality = Literal["text", "image"]
+STAGES: tuple[str, ...] = ("reason", "generate", "reflect", "refine")
+
+
+@dataclass
+class SamplingParams:
+    """How one stage samples.  The learner applies the same transform when it recomputes log-probs."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    cfg_scale: float = 1.0  # classifier-free guidance for image tokens; 1.0 = off
+    max_new_tokens: int = 64
+    greedy: bool = False
+
+
+@dataclass
+class PromptItem:
+    """A prompt with its GenEval-style metadata (``tag``, ``include``, ``exclude``, ...)."""
+
+    id: str
+    prompt: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+@dataclass
+class Segment:
+    """What a policy sampled in one stage, and how.
+
+    ``context`` is policy-specific and JSON-serialisable (the tiny policy stores ``input_ids``;
+    a Janus policy stores its prompt ids and the VQ tokens of any input image).  ``logprobs`` are the
+    per-token log-probabilities under the sampling distribution (temperature, top-k/top-p and CFG
+    included) and ``token_ids`` the sampled tokens, aligned one-to-one.
+    """
+
+    modality: Modality
+    context: dict[str, Any]
+    token_ids: list[int]
+    logprobs: list[float]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class Node:
+    """One stage output inside a tree."""
+
+    id: str
+    parent: str | None
+    stage: Stage
+    round: int  # 0 for reason/generate, k >= 1 for the k-th reflect/refine
+    group_id: str  # siblings sharing this id are compared for advantages
+    policy_version: int
+    segment: Segment | None = None  # None when nothing was sampled (e.g. refine after "no further edit")
+    text: str | None = None  # plan or critique
+    edit_instruction: str | None = None  # reflect: text after the last </think>
+    stop: bool | None = None  # reflect: True when the critique says no further edit is needed
+    image: np.ndarray | None = None  # generate/refine: decoded HxWx3 uint8 image
+    image_tokens: list[int] | None = None  # generate/refine: the discrete image tokens
+    rewards: dict[str, float] = field(default_factory=dict)  # per named reward (and components)
+    reward_failures: dict[str, str] = field(default_factory=dict)  # reward name -> why it failed
+    reward: float | None = None  # composed stage reward; None = failed / not scored
+    advantage: float | None = None  # None = excluded from the update
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Tree:
+    """All nodes grown from one prompt (or from one buffered parent image, for refine-stage roots)."""
+
+    id: str
+    prompt: PromptItem
+    nodes: dict[str, Node] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, node: Node) -> Node:
+        if node.id in self.nodes:
+            raise ValueError(f"duplicate node id {node.id!r} in tree {self.id!r}")
+        if node.parent is not None and node.parent not in self.nodes:
+            raise ValueError(f"node {node.id!r} has unknown parent {node.parent!r}")
+        self.nodes[node.id] = node
+        return node
+
+    def children(self, node_id: str | None) -> list[Node]:
+        return [n for n in self.nodes.values() if n.parent == node_id]
+
+    def path(self, node_id: str) -> list[Node]:
+        """Nodes from the root down to ``node_id`` inclusive: the R3 history a reward sees."""
+        out = []
+        cur: str | None = node_id
+        while cur is not None:
+            node = self.nodes[cur]
+            out.append(node)
+            cur = node.parent
+        return out[::-1]
+
+    def leaves(self) -> list[Node]:
+        parents = {n.parent for n in self.nodes.values()}
+        return [n for n in self.nodes.values() if n.id not in parents]
+
+
+# --------------------------------------------------------------------------------------------
+# Serialisation: JSONL + PNG
+# --------------------------------------------------------------------------------------------
+
+def _save_png(image: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(tmp)
+    os.replace(tmp, path)
+
+
+def _load_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def node_to_dict(node: Node, image_path: str | None) -> dict[str, Any]:
+    d = {f.name: getattr(node, f.name) for f in dataclasses.fields(Node) if f.name != "image"}
+    d["segment"] = dataclasses.asdict(node.segment) if node.segment is not None else None
+    d["image"] = image_path
+    return d
+
+
+def node_from_dict(d: dict[str, Any], image: np.ndarray | None) -> Node:
+    d = dict(d)
+    seg = d.pop("segment")
+    d.pop("image")
+    if seg is not None:
+        seg = dict(seg)
+        seg["sampling"] = SamplingParams(**seg["sampling"])
+        seg = Segment(**seg)
+    return Node(segment=seg, image=image, **d)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def tree_to_dict(tree: Tree, image_dir: Path, image_prefix: str) -> dict[str, Any]:
+    """Write the tree's images under ``image_dir`` and return its JSON-ready dict."""
+    nodes = []
+    for node in tree.nodes.values():
+        rel = None
+        if node.image is not None:
+            rel = f"{image_prefix}/{_safe(tree.id)}/{_safe(node.id)}.png"
+            _save_png(node.image, image_dir / rel)
+        nodes.append(node_to_dict(node, rel))
+    return {"id": tree.id, "prompt": dataclasses.asdict(tree.prompt), "meta": tree.meta, "nodes": nodes}
+
+
+def tree_from_dict(d: dict[str, Any], base_dir: Path) -> Tree:
+    tree = Tree(id=d["id"], prompt=PromptItem(**d["prompt"]), meta=d.get("meta", {}))
+    for nd in d["nodes"]:
+        img = _load_png(base_dir / nd["image"]) if nd.get("image") else None
+        node = node_from_dict(nd, img)
+        tree.nodes[node.id] = node  # stored in insertion (topological) order
+    return tree
+
+
+class _Encoder(json.JSONEncoder):
+    def default(self, o: Any) -> Any:  # numpy scalars sneak in from reward code
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        return super().default(o)
+
+
+def write_trees(trees: Iterable[Tree], jsonl_path: str | Path) -> Path:
+    """Write trees to ``jsonl_path`` (atomically) and their images to ``<stem>_images/`` beside it."""
+    jsonl_path = Path(jsonl_path)
+    jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f"{jsonl_path.stem}_images"
+    tmp = jsonl_path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w") as fh:
+        for tree in trees:
+            fh.write(json.dumps(tree_to_dict(tree, jsonl_path.parent, prefix), cls=_Encoder) + "\n")
+    os.replace(tmp, jsonl_path)
+    return jsonl_path
+
+
+def read_trees(jsonl_path: str | Path) -> Iterator[Tree]:
+    jsonl_path = Path(jsonl_path)
+    with open(jsonl_path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                from r3_rl.errors import UserError
+
+                raise UserError(f"{jsonl_path}:{lineno}: not valid JSON ({e.msg})") from None
+            yield tree_from_dict(d, jsonl_path.parent)

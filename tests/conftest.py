@@ -1,0 +1,38 @@
+"""Shared test set-up: offline hub, small thread count, tiny recipe helpers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` when it exists (compatibility tests only; the product never needs it)."""
+    path = SHARED / "data"
+    if not path.is_dir():
+        pytest.skip("../shared/data is not present")
+    return path
+
+
+def tiny_overrides(tmp_path: Path, steps: int = 2) -> list[str]:
+    """Overrides that make tiny_blocks.yaml a seconds-long run for tests."""
+    return [f"steps={steps}", f"out_dir={tmp_path}", "policy.tiny.hidden_size=32", "policy.tiny.num_layers=1",
+            "policy.tiny.num_heads=2", "policy.tiny.intermediate_size=64", "warmstart.steps=2",
+            "data.eval_size=8", "tree.group_size=2", "tree.prompts_per_step=2", "tree.refine_groups_per_step=2",
+            "eval.rounds=1", "log.trajectories_every=1", "log.console=false"]
