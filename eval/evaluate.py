@@ -61,10 +61,13 @@ def summarise(trees: list[Tree], correct: list[list[Any]], rounds: int) -> dict[
     everyone = list(range(n))
     report["accuracy"] = [acc(everyone, r) for r in range(rounds + 1)]
     report["per_tag"] = {tag: [acc(idx, r) for r in range(rounds + 1)] for tag, idx in sorted(tags.items())}
+    report["tag_counts"] = {tag: len(idx) for tag, idx in sorted(tags.items())}
     for r in range(1, rounds + 1):
-        imp = sum(1 for row in correct if row[r - 1] is False and row[r] is True)
-        worse = sum(1 for row in correct if row[r - 1] is True and row[r] is False)
-        report["transitions"].append({"round": r, "improved": imp, "worse": worse, "unchanged": n - imp - worse})
+        pairs = [(row[r - 1], row[r]) for row in correct if row[r - 1] is not None and row[r] is not None]
+        imp = sum(1 for a, b in pairs if not a and b)
+        worse = sum(1 for a, b in pairs if a and not b)
+        report["transitions"].append({"round": r, "improved": imp, "worse": worse,
+                                      "unchanged": len(pairs) - imp - worse})
     report["stop_rate"] = sum(stopped(t) for t in trees) / n if n else 0.0
     report["mean_rounds_used"] = sum(rounds_used(t) for t in trees) / n if n else 0.0
     return report
@@ -72,11 +75,14 @@ def summarise(trees: list[Tree], correct: list[list[Any]], rounds: int) -> dict[
 
 def markdown_table(report: dict[str, Any]) -> str:
     rounds = report["rounds"]
-    head = "| tag | " + " | ".join(f"round {r}" for r in range(rounds + 1)) + " |"
-    sep = "|---|" + "---|" * (rounds + 1)
-    rows = [f"| {tag} | " + " | ".join(f"{v:.3f}" for v in vals) + " |" for tag, vals in report["per_tag"].items()]
-    rows.append("| **overall** | " + " | ".join(f"**{v:.3f}**" for v in report["accuracy"]) + " |")
-    trans = "| improved / worse / unchanged | - | " + " | ".join(
+    counts = report.get("tag_counts", {})
+    head = "| tag | n | " + " | ".join(f"round {r}" for r in range(rounds + 1)) + " |"
+    sep = "|---|---|" + "---|" * (rounds + 1)
+    rows = [f"| {tag} | {counts.get(tag, '')} | " + " | ".join(f"{v:.3f}" for v in vals) + " |"
+            for tag, vals in report["per_tag"].items()]
+    rows.append(f"| **overall** | {report['prompts']} | " + " | ".join(f"**{v:.3f}**" for v in report["accuracy"])
+                + " |")
+    trans = "| improved / worse / unchanged | | - | " + " | ".join(
         f"{t['improved']} / {t['worse']} / {t['unchanged']}" for t in report["transitions"]) + " |"
     tail = f"\nstop rate {report['stop_rate']:.3f}, mean rounds used {report['mean_rounds_used']:.2f}, " \
            f"{report['prompts']} prompts"
@@ -90,8 +96,17 @@ def evaluate(policy: Policy, prompts: list[PromptItem], sampling: StageSampling,
     return summarise(trees, correct, rounds), trees
 
 
-def write_report(report: dict[str, Any], out_dir: str | Path, name: str) -> None:
+def write_report(report: dict[str, Any], out_dir: str | Path, name: str, trees: list[Tree] | None = None,
+                 dump: int = 0) -> None:
+    """``<name>.json`` + ``<name>.md``; with ``trees`` and ``dump > 0`` also the first ``dump`` chains as
+    ``<name>_trajectories.jsonl`` + PNGs (what ``r3-rl inspect --eval`` reads) and a static ``<name>.html``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=2))
     (out / f"{name}.md").write_text(markdown_table(report))
+    if trees and dump > 0:
+        from r3_rl.tracking.html import write_html
+        from r3_rl.trajectory import write_trees
+
+        write_trees(trees[:dump], out / f"{name}_trajectories.jsonl")
+        write_html(trees[:dump], out / f"{name}.html", title=f"eval {name}", max_paths=1)

@@ -22,8 +22,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from r3_rl.trainer import Trainer
 
     recipe = _recipe(args)
-    run_dir = make_run_dir(recipe, args.run_dir)
-    summary = Trainer(recipe, run_dir).train()
+    ckpt, resume_dir = None, None
+    if args.resume:
+        from r3_rl.learner.checkpoint import find_resume
+
+        ckpt, resume_dir = find_resume(args.resume, recipe, args.run_dir)
+    run_dir = make_run_dir(recipe, str(resume_dir) if resume_dir is not None else args.run_dir)
+    trainer = Trainer(recipe, run_dir)
+    if ckpt is not None:
+        trainer.resume(ckpt)
+    summary = trainer.train()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0
 
@@ -40,7 +48,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     recipe.name = f"{recipe.name}-eval"
     trainer = Trainer(recipe, make_run_dir(recipe, args.run_dir))
     report = trainer.run_eval("eval")
+    trainer.metrics.close()  # flush the TensorBoard event file
     print(markdown_table(report))
+    print(f"report: {trainer.run_dir / 'eval' / 'eval.json'} (+ .md, .html, TensorBoard in {trainer.run_dir / 'tb'})")
     return 0
 
 
@@ -64,6 +74,16 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from r3_rl.inspect import inspect_run
+
+    if args.limit < 0:
+        raise UserError(f"--limit {args.limit}: must be >= 0")
+    text, _ = inspect_run(args.run_dir, step=args.step, eval_name=args.eval, html=args.html, limit=args.limit)
+    print(text)
+    return 0
+
+
 def cmd_rewards(args: argparse.Namespace) -> int:
     from r3_rl.rewards.registry import available
 
@@ -73,7 +93,7 @@ def cmd_rewards(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": cmd_train, "eval": cmd_eval, "rollout": cmd_rollout, "rewards": cmd_rewards,
+    "train": cmd_train, "eval": cmd_eval, "rollout": cmd_rollout, "rewards": cmd_rewards, "inspect": cmd_inspect,
 }
 
 
@@ -88,12 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--run-dir", default=None, help="write here instead of <out_dir>/<name>-<timestamp>/")
         return sp
 
-    with_recipe(sub.add_parser("train", help="train a policy with R3 + Tree-RL"))
+    tr = with_recipe(sub.add_parser("train", help="train a policy with R3 + Tree-RL"))
+    tr.add_argument("--resume", default=None, metavar="auto|PATH",
+                    help="continue from a checkpoint: 'auto' = the latest complete one of --run-dir (or of the newest "
+                         "<out_dir>/<name>-* run; none = start fresh), or a checkpoint / run dir PATH")
     ev = with_recipe(sub.add_parser("eval", help="per-round evaluation of a checkpoint"))
     ev.add_argument("--checkpoint", required=True, help="directory written by save_pretrained")
     ro = with_recipe(sub.add_parser("rollout", help="sample R3 trajectories without training and dump them"))
     ro.add_argument("--num", type=int, default=16, help="number of prompts")
     sub.add_parser("rewards", help="list registered rewards")
+    ins = sub.add_parser("inspect", help="summarise a run directory; --html writes a page of trajectories")
+    ins.add_argument("run_dir", help="a run directory (written by train, eval or rollout)")
+    ins.add_argument("--step", type=int, default=None, help="training step dump to show (default: the latest)")
+    ins.add_argument("--eval", default=None, metavar="NAME", help="show an eval dump instead (before, after, ...)")
+    ins.add_argument("--html", nargs="?", const="", default=None, metavar="PATH",
+                     help="also write a static HTML page (default path: RUN_DIR/inspect/<dump>.html)")
+    ins.add_argument("--limit", type=int, default=3, help="trajectories printed as text (default 3)")
     return p
 
 

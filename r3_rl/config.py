@@ -75,8 +75,10 @@ class Data(Section):
     source: Literal["blocks", "geneval", "tiif", "hf"] = "blocks"
     train: str | None = None  # jsonl path or `datasets` name (hf)
     eval: str | None = None
-    prompt_column: str = "prompt"
-    eval_size: int = Field(192, ge=1)
+    prompt_column: str = "prompt"  # record field / dataset column with the prompt (tiif: short_description)
+    train_split: str = "train"  # `datasets` split for data.train (hf)
+    eval_split: str = "test"  # `datasets` split for data.eval, or of data.train when data.eval is unset (hf)
+    eval_size: int = Field(192, ge=1)  # held-out prompts per eval (a seeded subset when the file is larger)
     blocks: BlocksData = BlocksData()
 
 
@@ -119,6 +121,39 @@ class Rewards(Section):
     max_failure_fraction: float = Field(0.5, ge=0.0, le=1.0)
 
 
+class DeepSpeedCfg(Section):
+    """``learner.backend: deepspeed``: the engine is built from these plus the learner's own keys
+    (``micro_batch_size`` -> ``train_micro_batch_size_per_gpu``, ``grad_accum`` -> ``gradient_accumulation_steps``,
+    ``grad_clip`` -> ``gradient_clipping``).  CPU runs use ``DS_ACCELERATOR=cpu`` and gloo, GPU runs NCCL."""
+
+    zero_stage: int = Field(2, ge=0, le=3)
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    config: dict[str, Any] = Field(default_factory=dict)  # extra DeepSpeed config keys, merged last (expert use)
+
+
+class LoraCfg(Section):
+    """LoRA adapters through peft; the KL reference is then the base model with adapters disabled."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = 16.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class PpoCfg(Section):
+    """``learner.algorithm: ppo``: stage-level rewards along each R3 chain, GAE over stages, a value critic."""
+
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    vf_coef: float = Field(0.5, ge=0.0)
+    value_clip: float | None = Field(0.2, ge=0.0)  # null = unclipped value loss
+    normalize_advantages: bool = True  # whiten GAE advantages over the batch
+    critic: Literal["head", "separate"] = "head"  # value head on the policy, or a separate copy of the backbone
+
+
+StageFlags = dict[Literal["reason", "generate", "reflect", "refine"], bool]
+
+
 class Learner(Section):
     algorithm: Literal["grpo", "ppo"] = "grpo"
     backend: Literal["torch", "deepspeed"] = "torch"
@@ -130,13 +165,35 @@ class Learner(Section):
     clip_low: float = 0.2
     clip_high: float = 0.2
     loss_type: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
-    normalize_std: bool = False
+    # divide group advantages by the group std: one flag for all stages, or per stage ({reason: true, ...};
+    # stages not listed are not normalised)
+    normalize_std: bool | StageFlags = False
     kl_coef_text: float = 1e-3
     kl_coef_image: float = 1e-3
     kl_kind: Literal["k1", "k2", "k3"] = "k3"
     epochs: int = Field(1, ge=1)
-    micro_batch_size: int = Field(64, ge=1)
+    micro_batch_size: int = Field(64, ge=1)  # samples per forward/backward
+    grad_accum: int = Field(0, ge=0)  # micro-batches per optimiser step; 0 = the whole rollout batch in one step
     max_staleness: int = Field(0, ge=0)  # policy versions a sample may lag behind before it is refused
+    deepspeed: DeepSpeedCfg = DeepSpeedCfg()
+    lora: LoraCfg | None = None
+    ppo: PpoCfg = PpoCfg()
+
+    @field_validator("normalize_std", mode="before")
+    @classmethod
+    def _stage_keys(cls, v: Any) -> Any:
+        stages = ("reason", "generate", "reflect", "refine")
+        if isinstance(v, dict):
+            bad = [k for k in v if k not in stages]
+            if bad:
+                raise ValueError(f"unknown stage {bad[0]!r}{close_match(str(bad[0]), list(stages))} "
+                                 f"(valid: {', '.join(stages)})")
+            odd = [k for k, x in v.items() if not isinstance(x, bool)]
+            if odd:
+                raise ValueError(f"stage {odd[0]!r}: expected true/false, got {v[odd[0]]!r}")
+        elif not isinstance(v, bool):
+            raise ValueError("must be true/false or a mapping of stage -> true/false")
+        return v
 
 
 class Rollout(Section):
@@ -151,8 +208,13 @@ class Rollout(Section):
 class Eval(Section):
     every: int = Field(0, ge=0)  # steps between evals during training (0 = before and after only)
     rounds: int = Field(3, ge=0)  # refine rounds after the first image
-    temperature: float = Field(0.0, ge=0.0)  # 0 = greedy
+    # Texts (plans, critiques) are decoded greedily by default; images are sampled at this temperature
+    # with a fixed seed, as GenEval evaluates image generators (greedy per-cell decoding of image tokens
+    # collapses to the most frequent cell value, e.g. an empty grid).
+    text_temperature: float = Field(0.0, ge=0.0)  # 0 = greedy
+    image_temperature: float = Field(1.0, ge=0.0)  # 0 = greedy
     size: int | None = None  # defaults to data.eval_size
+    dump: int = Field(64, ge=0)  # eval chains written to eval/<name>_trajectories.jsonl + .html (0 = none)
 
 
 class Log(Section):

@@ -17,8 +17,7 @@ from r3_rl.config import Recipe
 from r3_rl.data import PromptSource
 from r3_rl.errors import UserError
 from r3_rl.eval.evaluate import evaluate, markdown_table, write_report
-from r3_rl.learner.batch import assign_advantages, collect_items
-from r3_rl.learner.torch_learner import TorchLearner
+from r3_rl.learner.build import build_learner, needs_frozen_reference, prepare_batch
 from r3_rl.policy.base import Policy
 from r3_rl.rewards.reward_set import RewardSet
 from r3_rl.rollout.buffer import BufferEntry, ParentBuffer
@@ -33,10 +32,10 @@ def stage_sampling(recipe: Recipe, eval_mode: bool = False) -> StageSampling:
     r = recipe.rollout
     sp = {k: getattr(r, k).params() for k in ("reason", "generate", "reflect", "refine")}
     if eval_mode:
-        for p in sp.values():
-            p.greedy = recipe.eval.temperature == 0
-            p.temperature = recipe.eval.temperature or 1.0
-            p.top_p, p.top_k = 1.0, 0
+        for stage, p in sp.items():
+            temp = recipe.eval.image_temperature if stage in ("generate", "refine") else recipe.eval.text_temperature
+            p.greedy = temp == 0
+            p.temperature = temp or 1.0
     return StageSampling(**sp)
 
 
@@ -60,7 +59,8 @@ class Trainer:
             torch.set_num_threads(recipe.threads)
         torch.manual_seed(recipe.seed)
         self.policy = build_policy_for(recipe, run_dir, self.console)
-        self.reference = self.policy.frozen_copy() if hasattr(self.policy, "frozen_copy") else None
+        self.reference = (self.policy.frozen_copy() if hasattr(self.policy, "frozen_copy")
+                          and needs_frozen_reference(recipe) else None)  # LoRA: base model, adapters off
         self.task_rewards = RewardSet.from_specs([s.model_dump() for s in recipe.rewards.task])
         self.eval_rewards = RewardSet.from_specs([s.model_dump() for s in recipe.rewards.eval])
         rw = recipe.rewards
@@ -68,7 +68,7 @@ class Trainer:
                                   rw.correct_threshold)
         self.buffer = ParentBuffer(recipe.tree.buffer_size)
         self.data = PromptSource(recipe)
-        self.learner = TorchLearner(self.policy, self.reference, recipe.learner)
+        self.learner = build_learner(self.policy, self.reference, recipe)
         self.metrics = MetricsLogger(run_dir, tensorboard=recipe.log.tensorboard)
         self.rng = random.Random(recipe.seed)
         self.step = 0
@@ -117,36 +117,58 @@ class Trainer:
                                             source=f"{tr.id}/{n.id}"))
 
     # ------------------------------------------------------------------ evaluation
-    def run_eval(self, name: str) -> dict[str, Any]:
+    def run_eval(self, name: str, step: int | None = None) -> dict[str, Any]:
+        """Evaluate, write ``eval/<name>.*`` and log at ``step`` (default ``self.step``): the number of updates
+        the evaluated weights have had, so before/periodic/after evals share one x-axis."""
         e = self.recipe.eval
         prompts = self.data.eval_prompts(e.size or self.recipe.data.eval_size)
         report, trees = evaluate(self.policy, prompts, self.eval_sampling, e.rounds,
                                  self.recipe.templates.stop_phrase, self.eval_rewards,
                                  self.recipe.rewards.correct_threshold, seed=self.recipe.seed)
-        write_report(report, self.run_dir / "eval", name)
-        write_trees(trees[:32], self.run_dir / "eval" / f"{name}_trajectories.jsonl")
-        self.metrics.log_eval(report, self.step)
+        write_report(report, self.run_dir / "eval", name, trees, e.dump)
+        self.metrics.log_eval(report, self.step if step is None else step, trees, name)
         return report
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int) -> Path:
+        """Full state after ``step`` completed steps -> ``checkpoints/step_NNNNNN`` (atomic, keeps the last K)."""
+        from r3_rl.learner.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, step, self.recipe.keep_last)
+
+    def resume(self, path: Path) -> None:
+        """Continue exactly where checkpoint ``path`` left off (same recipe; ``steps`` may be larger)."""
+        from r3_rl.learner.checkpoint import load_checkpoint
+
+        load_checkpoint(self, path)
+        self.console.print(f"resumed from {path}: step {self.step}, policy version {self.policy.version}")
+
+    def _eval_before(self) -> dict[str, Any]:
+        """The pre-RL eval; a resumed run reuses its run dir's, or evaluates the resumed weights."""
+        if self.step == 0:
+            return self.run_eval("before")
+        from r3_rl.learner.checkpoint import previous_report
+
+        return previous_report(self.run_dir, "before") or self.run_eval(f"resume_{self.step:06d}")
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
         r = self.recipe
         self.console.print(f"[bold]r3-rl[/] {r.name}: {r.steps} steps -> {self.run_dir}")
-        before = self.run_eval("before")
+        before = self._eval_before()
         self.console.print("eval before RL:\n" + markdown_table(before))
         t0 = time.time()
         for step in range(self.step, r.steps):
             self.step = step
             t_roll = time.time()
             trees = self.rollout(step)
-            adv_stats = assign_advantages(trees, r.learner.normalize_std)
-            items, batch_stats = collect_items(trees, self.policy.version, r.learner.max_staleness)
+            items, batch_stats, adv_stats = prepare_batch(trees, r, self.policy.version)
             t_learn = time.time()
             learn = self.learner.step(items)
             if "learner/loss" in learn:
                 self.policy.version += 1
             done = time.time()
-            m = rollout_metrics(trees, r.rewards.correct_threshold)
+            m = rollout_metrics(trees, r.rewards.correct_threshold, rollout_s=t_learn - t_roll)
             m.update(learn)
             m.update({f"advantage/{k}": float(v) for k, v in adv_stats.items()})
             m.update({"batch/items": batch_stats.items, "batch/stale_refused": batch_stats.stale_refused,
@@ -157,12 +179,16 @@ class Trainer:
             self.metrics.log(m, step)
             if r.log.trajectories_every and step % r.log.trajectories_every == 0:
                 write_trees(trees, self.run_dir / "trajectories" / f"step_{step:06d}.jsonl")
+                self.metrics.log_trajectories(trees, step)
             self.console.step(step, r.steps, m, time.time() - t0)
             if r.eval.every and (step + 1) % r.eval.every == 0 and step + 1 < r.steps:
-                rep = self.run_eval(f"step_{step + 1:06d}")
+                rep = self.run_eval(f"step_{step + 1:06d}", step + 1)
                 self.console.print(f"eval @ {step + 1}: accuracy per round " +
                                    " ".join(f"{a:.3f}" for a in rep["accuracy"]))
+            if r.save_every and (step + 1) % r.save_every == 0 and step + 1 < r.steps:
+                self.save_checkpoint(step + 1)
         self.step = r.steps
+        self.save_checkpoint(r.steps)
         after = self.run_eval("after")
         self.console.print("eval after RL:\n" + markdown_table(after))
         self.policy.save_pretrained(str(self.run_dir / "final"))

@@ -21,6 +21,9 @@ class Turn:
     round: int
     text: str | None = None
     image: np.ndarray | None = None
+    # The task reward already computed for this turn's image (None when not scored yet or failed).
+    # Lets rewards that judge a critique (verdict consistency) reuse it instead of re-scoring.
+    reward: float | None = None
 
 
 @dataclass
@@ -51,9 +54,20 @@ class RewardOutput:
 
 
 class Reward:
-    """Base class for rewards that hold models: override ``setup``/``teardown`` and ``__call__``."""
+    """Base class for rewards that hold models: override ``setup``/``teardown`` and ``__call__``.
+
+    Rewards that need the policy being trained (self-consistency asks it questions about its own
+    images) set ``needs_policy = True`` and implement :meth:`bind_policy`; the trainer binds the
+    policy through :meth:`RewardSet.bind_policy` before the first call.  Such rewards cannot be
+    served by ``r3-rl serve-reward`` (the server has no policy).
+    """
 
     name: str = "reward"
+    needs_policy: bool = False
+
+    def bind_policy(self, policy: Any) -> None:
+        """Give a ``needs_policy`` reward the live policy (called again after each weight sync is fine)."""
+        raise TypeError(f"reward {self.name!r} does not use the policy")
 
     def setup(self) -> None:
         """Load models; called once before the first call (in the process that scores)."""

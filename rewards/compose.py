@@ -11,6 +11,9 @@ the format weight.
 * a refine image after "no further edit" is a copy of its parent: it gets no image advantage.
 
 ``None`` (a failed task reward) propagates: the sample is excluded, never scored as 0.
+
+Extra per-stage rewards from the recipe (e.g. ``verdict_consistency`` on reflect nodes, scored by
+their own :class:`~r3_rl.rewards.reward_set.RewardSet`) are added with :func:`combine`.
 """
 from __future__ import annotations
 
@@ -46,3 +49,10 @@ def reflect_reward(r_old: float | None, r_new: float | None, stop: bool, fmt: bo
         return None
     f = 1.0 if fmt else 0.0
     return format_weight * f + d * f
+
+
+def combine(base: float | None, *extras: float | None) -> float | None:
+    """A stage reward plus the (already weighted) totals of extra reward sets; any ``None`` -> ``None``."""
+    if base is None or any(e is None for e in extras):
+        return None
+    return base + sum(extras)  # type: ignore[arg-type]

@@ -4,10 +4,17 @@ Advantages are computed per sibling group (``Node.group_id``) with
 :func:`r3_rl.algorithms.advantages.group_advantages`; a node whose reward failed (``None``) is excluded
 from its group's statistics and from the update.  Nodes sampled by a policy older than
 ``max_staleness`` versions are refused, never silently trained on.
+
+Groups with no learning signal -- every valid reward equal, fewer than two valid rewards, or every
+reward failed -- contribute no gradient at all: their members are left out of the learner batch
+(not merely given advantage 0, which would still move the weights through the KL term and dilute
+the ``token_mean`` denominator), and they are counted in the logs (``zero_signal_groups``,
+``single_valid_groups``, ``all_failed_groups``, ``zero_signal_items``), overall and per stage.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +29,10 @@ class TrainItem:
     advantage: float
     stage: str
     policy_version: int
+    # PPO only (see r3_rl.learner.ppo_learner.ppo_items): the stage reward and the item's place in its R3 chain
+    reward: float | None = None
+    episode: str = ""
+    t: int = 0
 
 
 @dataclass
@@ -31,46 +42,98 @@ class BatchStats:
     failed_rewards: int = 0
     groups: int = 0
     zero_signal_groups: int = 0
+    zero_signal_items: int = 0  # sampled nodes left out because their group had no signal
     advantage_mean: float = 0.0
     advantage_std: float = 0.0
     advantage_abs_max: float = 0.0
     per_stage: dict[str, int] = field(default_factory=dict)
 
 
-def assign_advantages(trees: list[Tree], normalize_std: bool = False) -> dict[str, float]:
-    """Fill ``node.advantage`` for every node that has a group of siblings; returns group statistics."""
-    nodes: list[Node] = [n for t in trees for n in t.nodes.values() if n.policy_version >= 0]
+def stage_flag(normalize_std: bool | Mapping[str, bool], stage: str) -> bool:
+    """``learner.normalize_std`` for one stage (a single flag, or a per-stage mapping; unlisted = False)."""
+    return bool(normalize_std) if isinstance(normalize_std, bool) else bool(normalize_std.get(stage, False))
+
+
+def _trainable_nodes(trees: list[Tree]) -> list[Node]:
+    return [n for t in trees for n in t.nodes.values() if n.policy_version >= 0]
+
+
+def _rewards(nodes: list[Node]) -> torch.Tensor:
+    return torch.tensor([n.reward if n.reward is not None else math.nan for n in nodes], dtype=torch.float64)
+
+
+def no_signal_groups(nodes: list[Node]) -> set[str]:
+    """Group ids whose valid rewards cannot rank the siblings: < 2 valid rewards, or all equal."""
+    valid: dict[str, list[float]] = {}
+    for n in nodes:
+        valid.setdefault(n.group_id, [])
+        if n.reward is not None:
+            valid[n.group_id].append(n.reward)
+    return {g for g, r in valid.items() if len(r) < 2 or max(r) == min(r)}
+
+
+def assign_advantages(trees: list[Tree], normalize_std: bool | Mapping[str, bool] = False) -> dict[str, float]:
+    """Fill ``node.advantage`` for every node that has a group of siblings; returns group statistics.
+
+    ``normalize_std`` may differ per stage; a group's stage is its first member's.  The statistics are
+    :func:`~r3_rl.algorithms.advantages.group_stats` over all groups plus ``<stage>/<count>`` per stage.
+    """
+    nodes = _trainable_nodes(trees)
     if not nodes:
         return {}
-    rewards = torch.tensor([n.reward if n.reward is not None else math.nan for n in nodes], dtype=torch.float64)
+    rewards = _rewards(nodes)
     groups = [n.group_id for n in nodes]
-    adv = group_advantages(rewards, groups, normalize_std=normalize_std)
-    for n, a in zip(nodes, adv.tolist()):
+    group_stage: dict[str, str] = {}
+    for n in nodes:
+        group_stage.setdefault(n.group_id, n.stage)
+    flags = {g: stage_flag(normalize_std, s) for g, s in group_stage.items()}
+    plain = group_advantages(rewards, groups, normalize_std=False) if not all(flags.values()) else None
+    scaled = group_advantages(rewards, groups, normalize_std=True) if any(flags.values()) else None
+    for i, n in enumerate(nodes):
+        a = float((scaled if flags[n.group_id] else plain)[i])  # type: ignore[index]
         n.advantage = None if math.isnan(a) else a
         if n.meta.get("copied"):  # "no further edit": the image is the parent's, nothing to credit
             n.advantage = 0.0 if n.advantage is not None else None
-    return group_stats(rewards, groups)
+    stats = group_stats(rewards, groups)
+    for stage in sorted({n.stage for n in nodes}):
+        idx = [i for i, n in enumerate(nodes) if n.stage == stage]
+        per = group_stats(rewards[idx], [groups[i] for i in idx])
+        stats.update({f"{stage}/{k}": v for k, v in per.items()
+                      if k in ("groups", "zero_signal_groups", "all_failed_groups", "single_valid_groups")})
+    return stats
 
 
-def collect_items(trees: list[Tree], current_version: int, max_staleness: int) -> tuple[list[TrainItem], BatchStats]:
+def collect_items(trees: list[Tree], current_version: int, max_staleness: int,
+                  drop_no_signal: bool = True) -> tuple[list[TrainItem], BatchStats]:
+    """Sampled nodes with an advantage -> :class:`TrainItem` s (see the module docstring for what is left out)."""
     stats = BatchStats()
     items: list[TrainItem] = []
-    for tree in trees:
-        for n in tree.nodes.values():
-            if n.segment is None or not n.segment.token_ids:
-                continue
-            if n.advantage is None:
-                stats.failed_rewards += n.reward is None
-                continue
-            if current_version - n.policy_version > max_staleness:
-                stats.stale_refused += 1
-                continue
-            items.append(TrainItem(n.segment, float(n.advantage), n.stage, n.policy_version))
-            stats.per_stage[n.stage] = stats.per_stage.get(n.stage, 0) + 1
+    nodes = _trainable_nodes(trees)
+    dead = no_signal_groups(nodes) if drop_no_signal else set()
+    stats.groups = len({n.group_id for n in nodes})
+    stats.zero_signal_groups = len(dead)
+    for n in nodes:
+        if n.segment is None or not n.segment.token_ids:
+            continue
+        if n.advantage is None:
+            stats.failed_rewards += n.reward is None
+            continue
+        if n.group_id in dead:
+            stats.zero_signal_items += 1
+            continue
+        if current_version - n.policy_version > max_staleness:
+            stats.stale_refused += 1
+            continue
+        items.append(TrainItem(n.segment, float(n.advantage), n.stage, n.policy_version))
+        stats.per_stage[n.stage] = stats.per_stage.get(n.stage, 0) + 1
+    summarize(items, stats)
+    return items, stats
+
+
+def summarize(items: list[TrainItem], stats: BatchStats) -> None:
     stats.items = len(items)
     if items:
         a = torch.tensor([it.advantage for it in items])
         stats.advantage_mean = float(a.mean())
         stats.advantage_std = float(a.std()) if len(items) > 1 else 0.0
         stats.advantage_abs_max = float(a.abs().max())
-    return items, stats

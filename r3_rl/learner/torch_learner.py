@@ -1,19 +1,27 @@
-"""The in-process learner: GRPO updates with a plain torch AdamW.
+"""The GRPO learner: clipped token-level surrogate + KL to a frozen reference, on any optimiser driver.
 
-One optimiser step per epoch over the whole rollout batch, accumulated over micro-batches (never one
-packed sequence).  Each micro-batch's loss is weighted by its share of the batch so the accumulated
-gradient equals the full-batch gradient for every loss aggregation.  A non-finite loss or gradient
-skips the step and leaves weights and optimiser state untouched.
+Each epoch walks the rollout batch in mini-batches of ``micro_batch_size * grad_accum`` items
+(``grad_accum: 0`` = the whole batch, one optimiser step per epoch), each accumulated over
+micro-batches -- never one packed sequence.  Each micro-batch's loss is weighted by its share of the
+mini-batch (tokens for ``token_mean``, rows otherwise) so the accumulated gradient equals the
+mini-batch gradient for every loss aggregation.  A non-finite loss or gradient skips the step and
+leaves weights, optimiser state and schedule untouched (counted in ``learner/nonfinite_skipped``).
+
+The driver (:mod:`r3_rl.learner.optim`) is a plain torch AdamW by default; ``build_learner`` swaps
+in DeepSpeed.  :class:`r3_rl.learner.ppo_learner.PPOLearner` overrides :meth:`TorchLearner._prepare`
+and :meth:`TorchLearner._micro_loss` to add a critic.
 """
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from r3_rl.algorithms.losses import clipped_policy_loss
 from r3_rl.learner.batch import TrainItem
+from r3_rl.learner.optim import TorchOptim
 from r3_rl.policy.base import Policy
 
 
@@ -21,81 +29,154 @@ def pad(rows: list[torch.Tensor], value: float = 0.0) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
 
 
-def micro_batch_inputs(policy: Policy, reference: Policy | None, items: list[TrainItem], kl_text: float,
-                       kl_image: float) -> dict[str, torch.Tensor]:
+def micro_batch_inputs(policy: Policy, reference: Any, items: list[TrainItem], kl_text: float,
+                       kl_image: float) -> dict[str, torch.Tensor | None]:
     """Current, old and reference log-probs ``[B, T]`` with mask, advantages and per-row KL weights."""
     segs = [it.segment for it in items]
     logp = pad(policy.segment_logprobs(segs))
-    old = pad([torch.tensor(s.logprobs, dtype=torch.float32) for s in segs])
-    mask = pad([torch.ones(len(s.token_ids)) for s in segs])
-    kl_coef = torch.tensor([kl_image if s.modality == "image" else kl_text for s in segs])
+    old = pad([torch.tensor(s.logprobs, dtype=torch.float32) for s in segs]).to(logp.device)
+    mask = pad([torch.ones(len(s.token_ids)) for s in segs]).to(logp.device)
+    use_kl = reference is not None and (kl_text > 0 or kl_image > 0)
+    kl_coef = torch.tensor([(kl_image if s.modality == "image" else kl_text) if use_kl else 0.0 for s in segs],
+                           device=logp.device)
     ref = None
-    if reference is not None and (kl_text > 0 or kl_image > 0):
+    if use_kl:
         with torch.no_grad():
-            ref = pad(reference.segment_logprobs(segs))
-    adv = torch.tensor([it.advantage for it in items], dtype=torch.float32)
+            ref = pad(reference.segment_logprobs(segs)).to(logp.device)
+    adv = torch.tensor([it.advantage for it in items], dtype=torch.float32, device=logp.device)
     return {"logp": logp, "old_logp": old, "mask": mask, "advantages": adv, "ref_logp": ref, "kl_coef": kl_coef}
 
 
+def _reduce(key: str, values: list[float]) -> float:
+    if key.endswith("min"):
+        return min(values)
+    if key.endswith("max"):
+        return max(values)
+    return sum(values) / len(values)
+
+
 class TorchLearner:
-    def __init__(self, policy: Policy, reference: Policy | None, cfg: Any) -> None:
+    """GRPO updates of ``policy`` (KL to ``reference``; ``None`` = no KL) through an optimiser driver."""
+
+    def __init__(self, policy: Policy, reference: Any, cfg: Any, optim: Any = None,
+                 modules: dict[str, torch.nn.Module] | None = None) -> None:
         self.policy, self.reference, self.cfg = policy, reference, cfg
-        params = [p for p in policy.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-        warm = max(cfg.warmup_steps, 0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        self.skipped_steps = 0
+        self.modules = modules or {}  # extra trainable modules (PPO critic), checkpointed with the learner
+        self.optim = optim if optim is not None else TorchOptim([policy.model, *self.modules.values()], cfg)
+        self.skipped_steps = 0  # optimiser steps skipped for a non-finite loss or gradient
+        self.updates = 0  # optimiser steps applied
 
-    def _weights(self, chunk: list[TrainItem], items: list[TrainItem]) -> float:
+    # ------------------------------------------------------------------ batching
+    def minibatches(self, n: int) -> list[range]:
+        size = n if self.cfg.grad_accum == 0 else self.cfg.micro_batch_size * self.cfg.grad_accum
+        return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+    def _weight(self, items: list[TrainItem], chunk: range, mini: range) -> float:
         if self.cfg.loss_type == "token_mean":
-            return sum(len(i.segment.token_ids) for i in chunk) / sum(len(i.segment.token_ids) for i in items)
-        return len(chunk) / len(items)
+            return (sum(len(items[i].segment.token_ids) for i in chunk)
+                    / sum(len(items[i].segment.token_ids) for i in mini))
+        return len(chunk) / len(mini)
 
+    # ------------------------------------------------------------------ objective (PPO overrides these)
+    def _prepare(self, items: list[TrainItem]) -> dict[str, Any]:
+        """Per-batch quantities computed once before the epochs (GRPO: nothing beyond the items)."""
+        return {}
+
+    def _micro_loss(self, items: list[TrainItem], chunk: range, mini: range, max_len: int,
+                    ctx: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
+        """Loss of micro-batch ``chunk`` weighted by its share of mini-batch ``mini``, its metrics, and its
+        differentiable outputs."""
+        cfg = self.cfg
+        weight = self._weight(items, chunk, mini)
+        inp = micro_batch_inputs(self.policy, self.reference, [items[i] for i in chunk], cfg.kl_coef_text,
+                                 cfg.kl_coef_image)
+        if "advantages" in ctx:  # computed per batch (PPO) rather than carried by the items
+            inp["advantages"] = ctx["advantages"][chunk.start:chunk.stop].to(inp["logp"].device)
+        loss, m = clipped_policy_loss(
+            inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"], clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high, loss_type=cfg.loss_type, max_len=max_len, ref_logp=inp["ref_logp"],
+            kl_coef=inp["kl_coef"], kl_kind=cfg.kl_kind)
+        return loss * weight, {k: float(v) for k, v in m.items()}, [inp["logp"]]
+
+    def _set_train(self, train: bool) -> None:
+        for m in (self.policy.model, *self.modules.values()):
+            m.train(train)
+
+    # ------------------------------------------------------------------ the update
     def step(self, items: list[TrainItem]) -> dict[str, float]:
         if not items:
             return {"learner/skipped_empty": 1.0}
+        self._set_train(True)
+        try:
+            return self._step(items)
+        finally:
+            self._set_train(False)
+
+    def _step(self, items: list[TrainItem]) -> dict[str, float]:
         cfg = self.cfg
-        self.policy.model.train()
         max_len = max(len(i.segment.token_ids) for i in items)
-        metrics: dict[str, float] = {}
+        ctx = self._prepare(items)
+        sums: dict[str, list[float]] = {}
+        losses: list[float] = []
+        norms: list[float] = []
+        skipped = 0
         for _ in range(cfg.epochs):
-            self.optimizer.zero_grad(set_to_none=True)
-            sums: dict[str, list[float]] = {}
-            total_loss = 0.0
-            for start in range(0, len(items), cfg.micro_batch_size):
-                chunk = items[start:start + cfg.micro_batch_size]
-                inp = micro_batch_inputs(self.policy, self.reference, chunk, cfg.kl_coef_text, cfg.kl_coef_image)
-                loss, m = clipped_policy_loss(
-                    inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"], clip_low=cfg.clip_low,
-                    clip_high=cfg.clip_high, loss_type=cfg.loss_type, max_len=max_len, ref_logp=inp["ref_logp"],
-                    kl_coef=inp["kl_coef"], kl_kind=cfg.kl_kind)
-                w = self._weights(chunk, items)
-                (loss * w).backward()
-                total_loss += float(loss.detach()) * w
-                for k, v in m.items():
-                    sums.setdefault(k, []).append(float(v))
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), cfg.grad_clip)
-            if not (math.isfinite(total_loss) and math.isfinite(float(grad_norm))):
-                self.optimizer.zero_grad(set_to_none=True)
-                self.skipped_steps += 1
-                metrics["learner/nonfinite_skipped"] = metrics.get("learner/nonfinite_skipped", 0.0) + 1
-                continue
-            self.optimizer.step()
-            self.scheduler.step()
-            metrics.update({f"learner/{k}": (min(v) if k.endswith("min") else max(v) if k.endswith("max")
-                                             else sum(v) / len(v)) for k, v in sums.items()})
-            metrics["learner/loss"] = total_loss
-            metrics["learner/grad_norm"] = float(grad_norm)
-        metrics["learner/lr"] = self.scheduler.get_last_lr()[0]
-        self.policy.model.eval()
+            for mini in self.minibatches(len(items)):
+                step_sums: dict[str, list[float]] = {}
+                total, finite = 0.0, True
+                self.optim.zero_grad()  # never accumulate onto gradients left by anything else (e.g. warm start)
+                for s in range(mini.start, mini.stop, cfg.micro_batch_size):
+                    chunk = range(s, min(s + cfg.micro_batch_size, mini.stop))
+                    loss, m, outputs = self.optim.forward(
+                        lambda: self._micro_loss(items, chunk, mini, max_len, ctx))  # noqa: B023
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        self.optim.discard(outputs)
+                        finite = False
+                        break
+                    self.optim.backward(loss)
+                    total += value
+                    for k, v in m.items():
+                        step_sums.setdefault(k, []).append(v)
+                applied, norm = self.optim.step() if finite else (False, math.nan)
+                if not applied:
+                    skipped += 1
+                    continue
+                self.updates += 1
+                losses.append(total)
+                norms.append(norm)
+                for k, v in step_sums.items():
+                    sums.setdefault(k, []).extend(v)
+        self.skipped_steps += skipped
+        metrics = {f"learner/{k}": _reduce(k, v) for k, v in sums.items()}
+        if losses:  # the trainer bumps the policy version only when the weights moved
+            metrics["learner/loss"] = sum(losses) / len(losses)
+            metrics["learner/grad_norm"] = sum(norms) / len(norms)
+        if skipped:
+            metrics["learner/nonfinite_skipped"] = float(skipped)
+        metrics["learner/optimizer_steps"] = float(len(losses))
+        metrics["learner/lr"] = self.optim.lr()
         return metrics
 
+    # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "skipped_steps": self.skipped_steps}
+        # a DeepSpeed engine checkpoints the modules it wraps itself (and under ZeRO-3 only it can)
+        own = getattr(self.optim, "kind", "torch") == "torch"
+        return {"skipped_steps": self.skipped_steps, "updates": self.updates,
+                "modules": {k: m.state_dict() for k, m in self.modules.items()} if own else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.skipped_steps = state.get("skipped_steps", 0)
+        self.updates = state.get("updates", 0)
+        for k, sd in state.get("modules", {}).items():
+            self.modules[k].load_state_dict(sd)
+
+    def save(self, path: Path) -> None:
+        """Optimiser, schedule, counters and extra modules into directory ``path``."""
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), path / "learner.pt")
+        self.optim.save(path)
+
+    def load(self, path: Path) -> None:
+        self.load_state_dict(torch.load(path / "learner.pt", weights_only=False))
+        self.optim.load(path)

@@ -1,0 +1,201 @@
+"""``r3-rl inspect RUN_DIR``: read a run directory back and say what happened, in words and (optionally) HTML.
+
+Reads only files a run writes (``recipe.yaml``, ``metrics.jsonl``, ``eval/*.json``,
+``trajectories/step_XXXXXX.jsonl`` + PNGs, ``eval/<name>_trajectories.jsonl``), so it works on a run
+that is still going, finished, or crashed, and on a copy without the model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from r3_rl.errors import UserError
+from r3_rl.tracking.metrics import rollout_metrics
+from r3_rl.tracking.views import fmt, image_caption, prompt_line, select_trajectories, text_label
+from r3_rl.trajectory import Node, Tree, read_trees
+
+_STEP_RE = re.compile(r"^step_(\d+)\.jsonl$")
+
+
+def trajectory_files(run_dir: Path) -> dict[int, Path]:
+    """Training trajectory dumps by step."""
+    d = run_dir / "trajectories"
+    out = {}
+    if d.is_dir():
+        for p in d.iterdir():
+            m = _STEP_RE.match(p.name)
+            if m:
+                out[int(m.group(1))] = p
+    return dict(sorted(out.items()))
+
+
+def eval_files(run_dir: Path) -> dict[str, Path]:
+    """Eval trajectory dumps by eval name (``before``, ``step_000050``, ``after``, ``eval``)."""
+    d = run_dir / "eval"
+    if not d.is_dir():
+        return {}
+    return {p.name[: -len("_trajectories.jsonl")]: p for p in sorted(d.glob("*_trajectories.jsonl"))}
+
+
+def _correct_threshold(run_dir: Path) -> float:
+    import yaml
+
+    p = run_dir / "recipe.yaml"
+    if p.is_file():
+        try:
+            rec = yaml.safe_load(p.read_text()) or {}
+            return float(rec.get("rewards", {}).get("correct_threshold", 1.0))
+        except (yaml.YAMLError, AttributeError, TypeError, ValueError):
+            pass
+    return 1.0
+
+
+def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    p = run_dir / "metrics.jsonl"
+    if not p.is_file():
+        return []
+    rows = []
+    lines = p.read_text().splitlines()
+    for lineno, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
+                if lineno != len(lines):
+                    raise UserError(f"{p}:{lineno}: not valid JSON") from None
+    return rows
+
+
+def run_overview(run_dir: Path) -> str:
+    """Recipe name, training progress and latest numbers, eval accuracy per round."""
+    lines = [f"run {run_dir}"]
+    rows = [r for r in _read_metrics(run_dir) if "reward/generate/mean" in r or "learner/loss" in r]
+    if rows:
+        last = rows[-1]
+        lines.append(f"  training: {len(rows)} steps logged, last step {last['step']}: "
+                     f"reward A {fmt(last.get('reward/generate/mean'))}, "
+                     f"acc A {fmt(last.get('accuracy/generate'))}, "
+                     f"refine dR {fmt(last.get('reward/refine/delta_mean'))}, "
+                     f"stop rate {fmt(last.get('rollout/stop_rate'))}")
+    else:
+        lines.append("  training: no steps logged")
+    for p in sorted((run_dir / "eval").glob("*.json")) if (run_dir / "eval").is_dir() else []:
+        try:
+            rep = json.loads(p.read_text())
+            acc = " ".join(fmt(a) for a in rep["accuracy"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        lines.append(f"  eval {p.stem}: accuracy per round {acc} (stop rate {fmt(rep.get('stop_rate'))}, "
+                     f"{rep.get('prompts')} prompts)")
+    steps = list(trajectory_files(run_dir))
+    if steps:
+        lines.append(f"  trajectory dumps: {len(steps)} (steps {steps[0]}..{steps[-1]})")
+    evals = list(eval_files(run_dir))
+    if evals:
+        lines.append(f"  eval dumps: {', '.join(evals)}")
+    return "\n".join(lines)
+
+
+def trajectory_text(tree: Tree, path: list[Node]) -> str:
+    """One trajectory as indented lines: prompt, then plan / image / critique / image ..."""
+    out = [f"  {prompt_line(tree)}   ({tree.id})"]
+    prev: Node | None = None
+    for n in path:
+        if n.image is not None:
+            out.append(f"    [image] {image_caption(n, prev)}")
+            prev = n
+        elif n.text is not None:
+            text = n.text.replace("\n", " ")
+            out.append(f"    [{text_label(n)}] {text[:200]}{'...' if len(text) > 200 else ''}")
+    return "\n".join(out)
+
+
+def trees_summary(trees: list[Tree], correct_threshold: float = 1.0) -> str:
+    """Counts and reward statistics of one dump (training step or eval)."""
+    m = rollout_metrics(trees, correct_threshold)
+    kinds: dict[str, int] = {}
+    for t in trees:
+        kinds[str(t.meta.get("kind", "?"))] = kinds.get(str(t.meta.get("kind", "?")), 0) + 1
+    lines = [f"  {len(trees)} trees ({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}), "
+             f"{int(m['rollout/trajectories'])} trajectories, {int(m['rollout/failed_rewards'])} failed rewards"]
+    for stage in ("reason", "generate", "reflect", "refine"):
+        if f"reward/{stage}/mean" in m:
+            acc = m.get(f"accuracy/{stage}")
+            lines.append(f"  {stage:8s} reward {fmt(m[f'reward/{stage}/mean'])} +- {fmt(m[f'reward/{stage}/std'])}"
+                         f" (n={int(m[f'reward/{stage}/count'])})" + (f", accuracy {fmt(acc)}" if acc is not None
+                                                                       else ""))
+    if not math.isnan(m["rollout/stop_rate"]):
+        lines.append(f"  stop rate {fmt(m['rollout/stop_rate'])}; refined images improved/worse/unchanged "
+                     f"{int(m['rollout/improved'])}/{int(m['rollout/worse'])}/{int(m['rollout/unchanged'])}")
+    return "\n".join(lines)
+
+
+def _eval_summary(path: Path) -> str:
+    rep_path = path.with_name(path.name[: -len("_trajectories.jsonl")] + ".md")
+    return rep_path.read_text() if rep_path.is_file() else ""
+
+
+def inspect_run(run_dir: str | Path, step: int | None = None, eval_name: str | None = None,
+                html: str | Path | None = None, limit: int = 3) -> tuple[str, Path | None]:
+    """The text summary of a run (and one dump: ``step``, else ``eval_name``, else the latest step), and the
+    HTML page written (when ``html`` is a path; ``""`` means ``RUN_DIR/inspect/<dump>.html``)."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file() and run_dir.suffix == ".jsonl":  # a bare dump, e.g. `r3-rl rollout`'s rollout.jsonl
+        return _inspect_dump(run_dir, html, limit)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    if not any((run_dir / f).exists() for f in ("recipe.yaml", "metrics.jsonl", "trajectories", "eval")):
+        raise UserError(f"{run_dir}: not an r3-rl run directory (no recipe.yaml, metrics.jsonl, trajectories/ "
+                        f"or eval/)")
+    text = [run_overview(run_dir)]
+    steps, evals = trajectory_files(run_dir), eval_files(run_dir)
+    dump: Path | None = None
+    label = ""
+    if eval_name is not None:
+        if eval_name not in evals:
+            raise UserError(f"--eval {eval_name}: no eval dump of that name in {run_dir / 'eval'} "
+                            f"(available: {', '.join(evals) or 'none'})")
+        dump, label = evals[eval_name], f"eval {eval_name}"
+    elif step is not None:
+        if step not in steps:
+            near = min(steps, key=lambda s: abs(s - step)) if steps else None
+            hint = f"; nearest is {near}" if near is not None else ""
+            raise UserError(f"--step {step}: no trajectories/step_{step:06d}.jsonl in {run_dir}{hint} "
+                            f"(trajectories are dumped every log.trajectories_every steps)")
+        dump, label = steps[step], f"step {step}"
+    elif steps:
+        dump, label = steps[max(steps)], f"step {max(steps)}"
+    html_path = None
+    if dump is not None:
+        trees = list(read_trees(dump))
+        text.append(f"\n{label}: {dump}")
+        if eval_name is not None:
+            text.append(_eval_summary(dump).rstrip())
+        text.append(trees_summary(trees, _correct_threshold(run_dir)))
+        for tree, path in select_trajectories(trees, limit):
+            text.append(trajectory_text(tree, path))
+        if html is not None:
+            from r3_rl.tracking.html import write_html
+
+            html_path = Path(html) if str(html) else run_dir / "inspect" / f"{dump.stem}.html"
+            write_html(trees, html_path, title=f"{run_dir.name}: {label}")
+            text.append(f"\nwrote {html_path}")
+    elif html is not None:
+        raise UserError(f"--html: {run_dir} has no trajectory dumps yet (trajectories/ or eval/*_trajectories.jsonl)")
+    return "\n".join(text), html_path
+
+
+def _inspect_dump(path: Path, html: str | Path | None, limit: int) -> tuple[str, Path | None]:
+    trees = list(read_trees(path))
+    text = [f"{path}", trees_summary(trees)]
+    text.extend(trajectory_text(t, p) for t, p in select_trajectories(trees, limit))
+    html_path = None
+    if html is not None:
+        from r3_rl.tracking.html import write_html
+
+        html_path = write_html(trees, Path(html) if str(html) else path.with_suffix(".html"), title=path.name)
+        text.append(f"\nwrote {html_path}")
+    return "\n".join(text), html_path

@@ -1,0 +1,266 @@
+"""Checkpoints for exact resume: ``<run_dir>/checkpoints/step_NNNNNN/``.
+
+Layout of one checkpoint::
+
+    model/                     policy weights (safetensors) + config + tokenizer: loadable by from_pretrained
+                               (LoRA: merged weights; the unmerged state is in state/policy.safetensors)
+    state/trainer.pt           step, policy version, RNG states (trainer, python, numpy, torch), data-sampler
+                               position, Tree-RL parent buffer, reward-failure counts
+    state/learner/             optimiser + LR schedule (torch: optimizer.pt; DeepSpeed: its own checkpoint),
+                               learner counters, critic weights (PPO)
+    state/reference.safetensors  the frozen KL reference (absent with LoRA: it is the base model)
+    checkpoint.json            written last: {"step", "policy_version", "complete": true, ...}
+
+Atomicity: everything is written into ``checkpoints/.tmp-step_NNNNNN-<pid>/`` and renamed into place only
+once complete, so a crash half-way leaves a ``.tmp-*`` folder that ``--resume auto`` never looks at
+(and the next save removes).  A ``step_*`` folder without ``checkpoint.json`` is ignored too.  Only the
+last ``keep_last`` complete checkpoints are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model, save_model
+
+from r3_rl.errors import UserError
+
+CKPT_DIR = "checkpoints"
+MARKER = "checkpoint.json"
+STEP_RE = re.compile(r"^step_(\d+)$")
+FORMAT = 1
+
+
+# ---------------------------------------------------------------------------------------------- finding
+def _meta(path: Path) -> dict[str, Any] | None:
+    try:
+        meta = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("complete") is True else None
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root`` (a ``checkpoints/`` folder), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if p.is_dir() and (m := STEP_RE.match(p.name)) and _meta(p) is not None]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = complete_checkpoints(Path(run_dir) / CKPT_DIR)
+    return done[-1] if done else None
+
+
+def find_resume(where: str, recipe: Any, run_dir: str | None) -> tuple[Path | None, Path | None]:
+    """``--resume auto|PATH`` -> (checkpoint to load or None, run dir to continue in or None for a new one).
+
+    ``auto``: the latest complete checkpoint of ``run_dir`` when given, else of the newest
+    ``<out_dir>/<name>-*`` run that has one; nothing found = a fresh run.  ``PATH``: a checkpoint folder,
+    a run dir or its ``checkpoints/`` folder (then its latest complete checkpoint); nothing there is an error.
+    """
+    if where == "auto":
+        if run_dir is not None:
+            return latest_checkpoint(Path(run_dir)), Path(run_dir)
+        runs = sorted(Path(recipe.out_dir).glob(f"{recipe.name}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for run in runs:
+            ckpt = latest_checkpoint(run)
+            if ckpt is not None:
+                return ckpt, run
+        return None, None
+    p = Path(where)
+    if (p / MARKER).is_file():
+        if _meta(p) is None:
+            raise UserError(f"--resume {where}: checkpoint is incomplete (interrupted while saving); use --resume auto")
+        ckpt = p
+    else:
+        root = p if p.name == CKPT_DIR else p / CKPT_DIR
+        done = complete_checkpoints(root)
+        if not done:
+            raise UserError(f"--resume {where}: no complete checkpoint there (expected a checkpoint folder with "
+                            f"{MARKER}, or a run dir with {CKPT_DIR}/step_*)")
+        ckpt = done[-1]
+    return ckpt, Path(run_dir) if run_dir is not None else ckpt.parent.parent
+
+
+def previous_report(run_dir: Path, name: str) -> dict[str, Any] | None:
+    """An eval report written earlier in this run dir (a resumed run reuses its ``before`` eval)."""
+    path = Path(run_dir) / "eval" / f"{name}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def _uses_lora(trainer: Any) -> bool:
+    return getattr(trainer.recipe.learner, "lora", None) is not None
+
+
+def _deepspeed_engine(trainer: Any) -> Any:
+    return getattr(getattr(trainer.learner, "optim", None), "engine", None)
+
+
+def load_exported(model: torch.nn.Module, folder: Path) -> None:
+    """Load ``save_pretrained`` safetensors (any number of shards) into ``model``, exactly.
+
+    Keys missing from the files are accepted only when they are tied to a loaded tensor (``lm_head``
+    tied to the embeddings is saved once); anything else missing or unexpected is an error.
+    """
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder}: no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    result = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    loaded = {own[k].data_ptr() for k in state if k in own}
+    bad = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]
+    if bad or result.unexpected_keys:
+        raise UserError(f"{folder}: weights do not match the policy (missing {bad[:3]}, unexpected "
+                        f"{result.unexpected_keys[:3]})")
+
+
+def _export_model(trainer: Any, folder: Path) -> None:
+    engine = _deepspeed_engine(trainer)
+    if engine is not None and engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(trainer.policy.model.parameters()), modifier_rank=None):
+            trainer.policy.save_pretrained(str(folder))
+        return
+    trainer.policy.save_pretrained(str(folder))
+
+
+# ---------------------------------------------------------------------------------------------- save
+def trainer_state(trainer: Any, step: int) -> dict[str, Any]:
+    f = trainer.scorer.failures
+    state = {
+        "format": FORMAT, "step": step, "policy_version": trainer.policy.version,
+        "rng": trainer.rng.getstate(), "python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "data_position": trainer.data.position, "buffer": trainer.buffer.state_dict(),
+        "scorer": {"scored": f.scored, "failed": f.failed, "reasons": list(trainer.scorer.failure_reasons)},
+    }
+    return state
+
+
+def _clean_partials(root: Path, keep: Path | None = None) -> None:
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith((".tmp-", ".old-")) and p != keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(trainer: Any, step: int, keep_last: int) -> Path:
+    """Write ``trainer``'s full state after ``step`` completed steps; returns the checkpoint folder."""
+    root = Path(trainer.run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    _clean_partials(root)
+    tmp.mkdir()
+    _export_model(trainer, tmp / "model")
+    state = tmp / "state"
+    state.mkdir()
+    if _uses_lora(trainer) and _deepspeed_engine(trainer) is None:  # DeepSpeed saves the unmerged module itself
+        save_model(trainer.policy.model, str(state / "policy.safetensors"))
+    ref = trainer.reference
+    if ref is not None and not _uses_lora(trainer):
+        save_model(ref.model, str(state / "reference.safetensors"))
+    trainer.learner.save(state / "learner")
+    torch.save(trainer_state(trainer, step), state / "trainer.pt")
+    meta = {"complete": True, "format": FORMAT, "step": step, "policy_version": trainer.policy.version,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "recipe": trainer.recipe.name,
+            "structure": structure(trainer.recipe)}
+    (tmp / MARKER).write_text(json.dumps(meta, indent=2))
+    if final.exists():  # re-saving a step (e.g. a finished run resumed): swap, never leave a gap
+        old = root / f".old-{final.name}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    prune(root, keep_last)
+    return final
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (incomplete ones are not counted)."""
+    for stale in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- load
+# Recipe keys that shape the saved state: resuming with a different value cannot restore it exactly.
+STRUCTURAL = ("policy.kind", "policy.model", "policy.tiny", "data.blocks", "learner.algorithm", "learner.backend",
+              "learner.lora", "learner.ppo.critic", "learner.deepspeed.zero_stage", "learner.deepspeed.dtype")
+
+
+def structure(recipe: Any) -> dict[str, Any]:
+    dump = recipe.model_dump(mode="json")
+    out = {}
+    for key in STRUCTURAL:
+        value: Any = dump
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        out[key] = value
+    return out
+
+
+def check_compatible(meta: dict[str, Any], recipe: Any, path: Path) -> None:
+    """One-line errors for a checkpoint the recipe cannot continue (before anything is loaded)."""
+    if meta.get("step", 0) > recipe.steps:
+        raise UserError(f"{path}: checkpoint is at step {meta['step']} but the recipe has steps={recipe.steps}; "
+                        f"raise steps to continue training")
+    now = structure(recipe)
+    for key, saved in (meta.get("structure") or {}).items():
+        if key in now and now[key] != saved:
+            raise UserError(f"{path}: recipe key '{key}' is {now[key]!r} but the checkpoint was written with "
+                            f"{saved!r}; resume with the same value")
+
+
+def load_checkpoint(trainer: Any, path: Path) -> dict[str, Any]:
+    """Restore ``trainer`` (built from the same recipe) to the state saved in ``path``; returns its meta."""
+    path = Path(path)
+    meta = _meta(path)
+    if meta is None:
+        raise UserError(f"{path}: not a complete checkpoint (no {MARKER} with complete: true)")
+    check_compatible(meta, trainer.recipe, path)
+    state = path / "state"
+    if _deepspeed_engine(trainer) is not None:
+        pass  # the engine restores the module weights (policy, adapters, critic) from its own checkpoint
+    elif _uses_lora(trainer):
+        load_model(trainer.policy.model, str(state / "policy.safetensors"))
+    else:
+        load_exported(trainer.policy.model, path / "model")
+    ref_file = state / "reference.safetensors"
+    if trainer.reference is not None and ref_file.is_file() and not _uses_lora(trainer):
+        load_model(trainer.reference.model, str(ref_file))
+    trainer.learner.load(state / "learner")
+    ts = torch.load(state / "trainer.pt", weights_only=False)
+    trainer.step = ts["step"]
+    trainer.policy.version = ts["policy_version"]
+    trainer.rng.setstate(ts["rng"])
+    random.setstate(ts["python_rng"])
+    np.random.set_state(ts["numpy_rng"])
+    torch.set_rng_state(ts["torch_rng"])
+    if ts.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ts["cuda_rng"])
+    trainer.data.position = ts["data_position"]
+    trainer.buffer.load_state_dict(ts["buffer"])
+    trainer.scorer.failures.scored = ts["scorer"]["scored"]
+    trainer.scorer.failures.failed = ts["scorer"]["failed"]
+    trainer.scorer.failure_reasons[:] = ts["scorer"]["reasons"]
+    return meta

@@ -1,0 +1,68 @@
+"""LoRA through peft: adapters injected into the policy's own module, reference = adapters switched off.
+
+``get_peft_model`` injects the LoRA layers *in place* into ``policy.model`` (the policy keeps calling the
+same module object, now with adapters) and freezes every base weight.  The KL reference is then the
+very same module under ``disable_adapter()`` -- the base model, with no second copy in memory.
+
+A module with injected adapters saved by ``save_pretrained`` has ``base_layer``/``lora_A`` keys that a
+plain ``from_pretrained`` silently drops (the projections come back randomly initialised).  So after
+:func:`apply_lora` the policy's ``save_pretrained`` writes *merged* weights (W + BA, computed on a copy,
+the live weights untouched): a normal checkpoint loadable by ``from_pretrained``.  Exact resume does not
+go through that export: :mod:`r3_rl.learner.checkpoint` stores the unmerged state.
+"""
+from __future__ import annotations
+
+import copy
+import types
+from typing import Any
+
+import torch
+
+from r3_rl.errors import UserError
+from r3_rl.policy.base import Policy
+from r3_rl.trajectory import Segment
+
+
+def apply_lora(policy: Policy, cfg: Any) -> Any:
+    """Inject LoRA adapters (``learner.lora``) into ``policy.model`` in place; returns the peft wrapper."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.target_modules
+    present = {name.rsplit(".", 1)[-1] for name, _ in policy.model.named_modules()}
+    wanted = [targets] if isinstance(targets, str) else list(targets)
+    missing = [t for t in wanted if t not in present and t != "all-linear"]
+    if missing:
+        raise UserError(f"learner.lora.target_modules: {missing[0]!r} is not a module of the policy "
+                        f"(e.g. {', '.join(sorted(n for n in present if n.endswith('proj'))[:6]) or 'all-linear'})")
+    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                        bias="none")
+    peft_model = get_peft_model(policy.model, config)
+    save = types.MethodType(_merged_save_pretrained(peft_model), policy)
+    policy.save_pretrained = save  # type: ignore[method-assign]
+    return peft_model
+
+
+def _merged_save_pretrained(peft_model: Any) -> Any:
+    def save_pretrained(policy: Policy, path: str) -> None:
+        if not hasattr(policy, "_model"):
+            raise UserError(f"learner.lora: cannot export merged weights of a {type(policy).__name__} policy")
+        merged = copy.deepcopy(peft_model).merge_and_unload()
+        plain = copy.copy(policy)
+        plain._model = merged  # type: ignore[attr-defined]
+        type(policy).save_pretrained(plain, path)
+    return save_pretrained
+
+
+class AdapterDisabledReference:
+    """The KL reference under LoRA: the policy's base weights, adapters switched off for the call."""
+
+    def __init__(self, policy: Policy, peft_model: Any) -> None:
+        self.policy, self.peft_model = policy, peft_model
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.policy.model
+
+    def segment_logprobs(self, segments: list[Segment]) -> list[torch.Tensor]:
+        with torch.no_grad(), self.peft_model.disable_adapter():
+            return self.policy.segment_logprobs(segments)

@@ -1,0 +1,100 @@
+"""Optimiser drivers: what turns accumulated gradients into a weight update.
+
+A learner (GRPO or PPO) computes micro-batch losses and hands them to a driver; the driver owns the
+optimiser, the learning-rate schedule and gradient clipping, and it decides whether a step is applied.
+:class:`TorchOptim` is a plain torch AdamW; :class:`r3_rl.learner.deepspeed_learner.DeepSpeedOptim`
+is the same contract on a DeepSpeed engine.  Contract:
+
+* ``forward(fn)`` runs a micro-batch's forward + loss ``fn() -> (loss, metrics, outputs)`` (DeepSpeed must see
+  the forward: ZeRO bookkeeping happens in its forward and backward hooks);
+* ``zero_grad()`` clears gradients before a mini-batch is accumulated;
+* ``backward(loss)`` accumulates the gradient of an already-weighted micro-batch loss;
+* ``step() -> (applied, grad_norm)`` clips and steps -- unless the gradient is non-finite, in which case
+  the accumulated gradient is dropped and weights, optimiser state and schedule are left exactly as
+  they were (``applied=False``);
+* ``discard(outputs)`` drops the accumulated gradient without stepping (a non-finite loss was seen;
+  ``outputs`` are differentiable outputs of the current graph, used by drivers that can only drop
+  gradients through their own overflow path);
+* ``save(dir)`` / ``load(dir)`` persist optimiser + schedule for exact resume.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup_steps`` optimiser steps, then constant (the reference's schedule)."""
+    warm = max(warmup_steps, 0)
+    return lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
+
+
+def trainable(modules: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad and id(p) not in seen:  # tied weights appear once
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def make_adamw(params: list[torch.nn.Parameter], cfg: Any) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+class TorchOptim:
+    """AdamW + linear warm-up + global-norm clipping, all in-process."""
+
+    kind = "torch"
+
+    def __init__(self, modules: list[torch.nn.Module], cfg: Any) -> None:
+        self.cfg = cfg
+        self.params = trainable(modules)
+        if not self.params:
+            raise ValueError("no trainable parameters")
+        self.optimizer = make_adamw(self.params, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(cfg.warmup_steps))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> tuple[bool, float]:
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if not math.isfinite(norm):
+            self.discard()
+            return False, norm
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True, norm
+
+    def forward(self, fn: Callable[[], Any]) -> Any:
+        return fn()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def discard(self, outputs: list[torch.Tensor] | None = None) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def save(self, path: Path) -> None:
+        torch.save(self.state_dict(), path / "optimizer.pt")
+
+    def load(self, path: Path) -> None:
+        self.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))

@@ -1,0 +1,189 @@
+"""PPO over R3 stages: stage-level rewards along each chain, GAE over stages, a value critic.
+
+Where GRPO compares siblings, PPO treats each sampled chain of stages in a tree (plan -> image, or
+critique -> refined image) as a short episode, one time step per stage, and learns a critic ``V(s_t)``
+of the context each stage was sampled from.
+
+Stage rewards are each stage's *own* contribution, so that the return of a chain is its outcome and
+nothing is counted twice (the GRPO plan reward, for instance, already contains its image's reward):
+
+* ``reason`` / ``reflect``: ``rewards.format_weight * format_ok``;
+* ``generate``: the image's task reward ``R``;
+* ``refine``: the improvement ``R_new - R_old`` over the parent image (over a whole R3 chain these
+  telescope to the final image's reward).
+
+A chain with any failed reward is dropped whole (its returns are undefined) and counted as failed; a
+chain with a stale node is refused whole.  A critique that stops ("no further edit") ends its chain.
+
+Critic (``learner.ppo.critic``): ``head`` -- a linear value head on the policy's last hidden state at the
+last context token (the backbone is shared, so the value loss shapes the policy's features, weighted by
+``vf_coef``); ``separate`` -- the same on a trainable copy of the backbone.  The value head starts at
+zero, so the first advantages are the plain returns.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from r3_rl.algorithms.ppo import gae, value_loss
+from r3_rl.errors import UserError
+from r3_rl.learner.batch import BatchStats, TrainItem, summarize
+from r3_rl.learner.torch_learner import TorchLearner
+from r3_rl.policy.base import Policy
+from r3_rl.trajectory import Node, Tree
+
+
+# ---------------------------------------------------------------------------------------------- episodes
+def stage_reward(tree: Tree, node: Node, format_weight: float) -> float | None:
+    """The stage's own reward (module docstring); ``None`` when it cannot be known (a failed reward)."""
+    if node.stage in ("reason", "reflect"):
+        ok = node.rewards.get("format")
+        return None if ok is None else format_weight * float(ok)
+    if node.reward is None:
+        return None
+    if node.stage == "refine":
+        parent = next((n for n in reversed(tree.path(node.id)[:-1]) if n.stage in ("generate", "refine")), None)
+        if parent is None or parent.reward is None:
+            return None
+        return node.reward - parent.reward
+    return node.reward
+
+
+def _sampled(node: Node) -> bool:
+    return node.segment is not None and bool(node.segment.token_ids) and node.policy_version >= 0
+
+
+def chains(tree: Tree) -> list[list[Node]]:
+    """Maximal chains of sampled nodes, each following its unique sampled descendant."""
+    sampled = {nid: n for nid, n in tree.nodes.items() if _sampled(n)}
+
+    def sampled_parent(n: Node) -> str | None:
+        cur = n.parent
+        while cur is not None and cur not in sampled:
+            cur = tree.nodes[cur].parent
+        return cur
+
+    parent_of = {nid: sampled_parent(n) for nid, n in sampled.items()}
+    kids: dict[str | None, list[Node]] = {}
+    for nid, n in sampled.items():
+        kids.setdefault(parent_of[nid], []).append(n)
+    out = []
+    for start in kids.get(None, []):
+        chain = [start]
+        while kids.get(chain[-1].id):
+            nxt = kids[chain[-1].id]
+            if len(nxt) > 1:
+                raise ValueError(f"tree {tree.id}: node {chain[-1].id!r} has {len(nxt)} sampled children; PPO "
+                                 f"episodes are chains")
+            chain.append(nxt[0])
+        out.append(chain)
+    return out
+
+
+def ppo_items(trees: list[Tree], current_version: int, max_staleness: int,
+              format_weight: float) -> tuple[list[TrainItem], BatchStats]:
+    stats = BatchStats()
+    items: list[TrainItem] = []
+    for tree in trees:
+        for chain in chains(tree):
+            rewards = [stage_reward(tree, n, format_weight) for n in chain]
+            if any(r is None for r in rewards):
+                stats.failed_rewards += len(chain)
+                continue
+            if any(current_version - n.policy_version > max_staleness for n in chain):
+                stats.stale_refused += len(chain)
+                continue
+            for t, (n, r) in enumerate(zip(chain, rewards)):
+                items.append(TrainItem(n.segment, 0.0, n.stage, n.policy_version,  # type: ignore[arg-type]
+                                       reward=r, episode=f"{tree.id}/{chain[0].id}", t=t))
+                stats.per_stage[n.stage] = stats.per_stage.get(n.stage, 0) + 1
+    summarize(items, stats)
+    return items, stats
+
+
+# ---------------------------------------------------------------------------------------------- critic
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer under a causal-LM head (``LlamaForCausalLM.model``), hidden states out."""
+    return getattr(model, "base_model", model)
+
+
+def critic_modules(policy: Policy, cfg: Any) -> dict[str, torch.nn.Module]:
+    hidden = getattr(getattr(policy.model, "config", None), "hidden_size", None)
+    if hidden is None:
+        raise UserError(f"learner.algorithm=ppo: cannot size a value head for {type(policy).__name__} "
+                        f"(its model has no config.hidden_size)")
+    head = torch.nn.Linear(hidden, 1)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    out: dict[str, torch.nn.Module] = {"value_head": head}
+    if cfg.ppo.critic == "separate":
+        out["critic"] = copy.deepcopy(policy.model).requires_grad_(True)
+    return out
+
+
+def context_values(body: torch.nn.Module, head: torch.nn.Module, items: list[TrainItem],
+                   pad_id: int = 0) -> torch.Tensor:
+    """``V(s)`` per item from the hidden state at the last token of its sampling context, ``[B]`` float32."""
+    try:
+        ctx = [it.segment.context["input_ids"] for it in items]
+    except KeyError:
+        raise UserError("learner.algorithm=ppo needs segments whose context holds 'input_ids' (the tiny policy "
+                        "does); this policy's segments do not") from None
+    width = max(len(c) for c in ctx)
+    device = next(head.parameters()).device
+    ids = torch.full((len(ctx), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(ctx), width), dtype=torch.long, device=device)
+    for i, c in enumerate(ctx):
+        ids[i, :len(c)] = torch.tensor(c, device=device)
+        mask[i, :len(c)] = 1
+    hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+    last = torch.tensor([len(c) - 1 for c in ctx], device=device)
+    h = hidden[torch.arange(len(ctx), device=device), last]
+    return head(h.to(head.weight.dtype)).squeeze(-1).float()
+
+
+class PPOLearner(TorchLearner):
+    """GRPO's clipped surrogate with GAE advantages, plus ``vf_coef`` times the clipped value loss."""
+
+    def __init__(self, policy: Policy, reference: Any, cfg: Any, optim: Any = None,
+                 modules: dict[str, torch.nn.Module] | None = None) -> None:
+        super().__init__(policy, reference, cfg, optim, modules if modules is not None else critic_modules(policy, cfg))
+        self.body = backbone(self.modules["critic"] if "critic" in self.modules else policy.model)
+        self.pad_id = int(getattr(policy, "pad_id", 0))
+
+    def values(self, items: list[TrainItem]) -> torch.Tensor:
+        return context_values(self.body, self.modules["value_head"], items, self.pad_id)
+
+    def _prepare(self, items: list[TrainItem]) -> dict[str, Any]:
+        p = self.cfg.ppo
+        with torch.no_grad():
+            old = torch.cat([self.values(items[s:s + self.cfg.micro_batch_size])
+                             for s in range(0, len(items), self.cfg.micro_batch_size)]).cpu()
+        adv = torch.zeros(len(items))
+        ret = torch.zeros(len(items))
+        episodes: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            episodes.setdefault(it.episode, []).append(i)
+        for idx in episodes.values():
+            idx.sort(key=lambda i: items[i].t)
+            r = torch.tensor([items[i].reward for i in idx], dtype=torch.float32)
+            a, R = gae(r, old[idx], gamma=p.gamma, lam=p.lam, last_value=0.0)
+            adv[idx], ret[idx] = a, R
+        if p.normalize_advantages and len(items) > 1:
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        for it, a in zip(items, adv.tolist()):
+            it.advantage = a
+        return {"advantages": adv, "returns": ret, "old_values": old}
+
+    def _micro_loss(self, items: list[TrainItem], chunk: range, mini: range, max_len: int,
+                    ctx: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
+        loss, m, outputs = super()._micro_loss(items, chunk, mini, max_len, ctx)
+        p = self.cfg.ppo
+        v = self.values([items[i] for i in chunk])
+        sl = slice(chunk.start, chunk.stop)
+        vl = value_loss(v, ctx["old_values"][sl].to(v.device), ctx["returns"][sl].to(v.device), clip=p.value_clip)
+        m.update({"value_loss": float(vl.detach()), "value_mean": float(v.detach().mean()),
+                  "return_mean": float(ctx["returns"][sl].mean())})
+        return loss + p.vf_coef * vl * (len(chunk) / len(mini)), m, outputs + [v]

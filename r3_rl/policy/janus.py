@@ -1,0 +1,346 @@
+"""Janus-Pro (1B / 7B) as an R3 policy, through transformers' ``JanusForConditionalGeneration``.
+
+* reason / reflect sample text with ``lm_head`` (reflect sees the image through SigLIP);
+* generate / refine sample VQ tokens with the generation head under classifier-free guidance (cond and
+  null streams batched, one KV cache) and decode them with the VQ decoder;
+* refine conditions on the previous image the only way Janus can take an image in: its understanding
+  path (SigLIP embedding in the prompt), followed by the edit instruction; Janus has no pixel-level
+  editing path, so the "edit" is a new image drawn with the old one in context;
+* :meth:`JanusPolicy.segment_logprobs` recomputes every sampled token's log-prob under exactly the
+  distribution that sampled it (CFG, temperature, top-k/top-p, text-vocabulary mask).
+
+Prompt layout: :mod:`r3_rl.policy.janus_prompts`; forward passes: :mod:`r3_rl.policy.janus_engine`.
+The VQ-VAE is always frozen (it only decodes); the SigLIP tower is frozen unless ``train_vision``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from r3_rl.errors import UserError
+from r3_rl.policy.base import ImageInput, ImageSample, Policy, TextSample
+from r3_rl.policy.janus_engine import JanusEngine
+from r3_rl.policy.janus_prompts import check_templates, image_ref, png_pixels, uncond_ids, user_content
+from r3_rl.policy.sampling import cfg_logits, sampling_logprobs
+from r3_rl.trajectory import PromptItem, SamplingParams, Segment
+
+STATE_FILE = "r3_policy.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+YES, NO = ("Yes", " Yes", "yes", " yes"), ("No", " No", "no", " no")
+
+
+class JanusPolicy(Policy):
+    def __init__(self, model: torch.nn.Module, processor: Any, templates: dict[str, str],
+                 train_vision: bool = False) -> None:
+        self._model = model
+        self.processor = processor
+        self.tok = processor.tokenizer
+        self.templates = check_templates(dict(templates))
+        self.version = 0
+        ids = self.tok.convert_tokens_to_ids
+        self.bos_id, self.eos_id, self.pad_id = self.tok.bos_token_id, self.tok.eos_token_id, self.tok.pad_token_id
+        self.image_token, self.boi = processor.image_token, processor.image_start_token
+        self.eoi = processor.image_end_token
+        self.image_token_id, self.boi_id, self.eoi_id = ids(self.image_token), ids(self.boi), ids(self.eoi)
+        if self.pad_id is None or self.bos_id is None or self.eos_id is None:
+            raise UserError("policy.model: the tokenizer needs BOS, EOS and pad tokens (Janus-Pro's have them)")
+        cfg = model.config
+        self.num_image_tokens = cfg.vq_config.num_patches ** 2
+        if processor.num_image_tokens != cfg.vision_config.num_image_tokens:
+            raise UserError(f"policy.model: processor expects {processor.num_image_tokens} image tokens but the "
+                            f"vision tower makes {cfg.vision_config.num_image_tokens}")
+        vocab = model.lm_head.out_features
+        text_mask = torch.arange(vocab) < len(self.tok)  # lm_head rows past the tokenizer are never text
+        text_mask[[self.bos_id, self.pad_id, self.image_token_id, self.boi_id, self.eoi_id]] = False
+        self.text_mask = text_mask.to(model.lm_head.weight.device)
+        ip = processor.image_processor
+        self._post = (list(ip.image_mean), list(ip.image_std), float(ip.rescale_factor))
+        self.engine = JanusEngine(model, ip, self.pad_id, self.image_token_id)
+        self._decoded: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        model.model.vqmodel.requires_grad_(False)
+        if not train_vision:
+            model.model.vision_model.requires_grad_(False)
+        system = self.templates.get("system") or ""
+        if not system and getattr(processor, "use_default_system_prompt", False):
+            from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
+            system = DEFAULT_SYSTEM_PROMPT
+        self.system = system.strip()
+
+    # ------------------------------------------------------------------ construction / persistence
+    @classmethod
+    def from_pretrained(cls, model: str, *, templates: dict[str, str], dtype: str = "float32", device: str = "cpu",
+                        image_token_count: int | None = None, train_vision: bool = False,
+                        **kw: Any) -> "JanusPolicy":
+        """Load a Janus checkpoint (hub id or local directory) and its processor.
+
+        ``image_token_count``: optional check that the checkpoint draws that many VQ tokens per image
+        (576 for Janus-Pro); extra ``kw`` go to ``JanusForConditionalGeneration.from_pretrained``.
+        """
+        if dtype not in DTYPES:
+            raise UserError(f"policy.dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+        source, local_only = _resolve(model)  # a missing model is the first thing a user needs to hear
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"policy.device: {device!r} but no CUDA device is available here (use cpu)")
+        from transformers import AutoConfig, AutoProcessor, JanusForConditionalGeneration
+
+        kw.setdefault("local_files_only", local_only)
+        try:
+            config = AutoConfig.from_pretrained(source, local_files_only=kw["local_files_only"])
+            if getattr(config, "model_type", None) != "janus":
+                raise UserError(f"policy.model: cannot load '{model}': it is a '{config.model_type}' model, not Janus; "
+                                f"give a local path or a hub id available offline")
+            net = JanusForConditionalGeneration.from_pretrained(source, dtype=DTYPES[dtype], **kw)
+            processor = AutoProcessor.from_pretrained(source, local_files_only=kw["local_files_only"])
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"policy.model: cannot load '{model}': {_short(e)}; give a local path or a hub id "
+                            f"available offline") from None
+        net.to(device).eval()
+        policy = cls(net, processor, templates, train_vision=train_vision)
+        if image_token_count is not None and image_token_count != policy.num_image_tokens:
+            raise UserError(f"policy.image_token_count: {image_token_count} but '{model}' draws "
+                            f"{policy.num_image_tokens} tokens per image")
+        state = Path(source) / STATE_FILE
+        if local_only and state.is_file():
+            policy.version = int(json.loads(state.read_text()).get("version", 0))
+        return policy
+
+    def save_pretrained(self, path: str) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self._model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+        (Path(path) / STATE_FILE).write_text(json.dumps({"version": self.version}))
+
+    def frozen_copy(self) -> "JanusPolicy":
+        """A detached copy (the KL reference): weights copied, no gradients.
+
+        Parameters frozen in the policy (VQ-VAE, SigLIP unless ``train_vision``) never change, so the
+        copy shares them instead of holding a second copy (hundreds of MB for Janus-Pro-7B).
+        """
+        other = copy.copy(self)
+        shared = {id(p): p for p in self._model.parameters() if not p.requires_grad}
+        other._model = copy.deepcopy(self._model, memo=shared).eval().requires_grad_(False)
+        other.engine = JanusEngine(other._model, self.engine.image_processor, self.pad_id, self.image_token_id)
+        return other  # shares the decoded-pixel cache too: same frozen VQ decoder, same pixels
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    # ------------------------------------------------------------------ prompts
+    def _ids(self, stage: str, values: dict[str, str], image: bool, image_mode: bool) -> list[int]:
+        template = self.templates[stage]
+        if stage == "generate" and values.get("plan") and "{plan}" not in template:
+            template = template + " " + values["plan"]  # the plan joins the user turn (T2I-R1 style)
+        return self._chat_ids(user_content(template, values, image), image_mode)
+
+    def _chat_ids(self, content: list[dict[str, Any]], image_mode: bool) -> list[int]:
+        """One user turn through the processor's chat template -> ids (layout: :mod:`janus_prompts`)."""
+        text = self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                  add_generation_prompt=True, tokenize=False)
+        if self.system and not image_mode:
+            text = f"{self.system}\n\n{text}"
+        if image_mode:
+            text += self.boi
+        text = text.replace(self.image_token, self.boi + self.image_token * self.num_image_tokens + self.eoi)
+        return [self.bos_id] + self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def _null(self, ids: list[int]) -> list[int]:
+        return uncond_ids(ids, {self.bos_id, self.boi_id, self.eoi_id, self.image_token_id}, self.pad_id)
+
+    def _pixels(self, ref: dict[str, Any] | None) -> np.ndarray | None:
+        """The uint8 pixels an image reference stands for (VQ tokens are decoded one image at a time and
+        cached, so sampling and training see bit-identical pixels)."""
+        if ref is None:
+            return None
+        if "png" in ref:
+            return png_pixels(ref)
+        key = tuple(ref["tokens"])
+        if key not in self._decoded:
+            self._decoded[key] = self._decode(torch.tensor([key]))[0]
+            if len(self._decoded) > 256:
+                self._decoded.popitem(last=False)
+        return self._decoded[key]
+
+    def _decode(self, tokens: torch.Tensor) -> np.ndarray:
+        return self.engine.decode_images(tokens, *self._post)
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.tok.decode([t for t in ids if t not in (self.eos_id, self.pad_id)],
+                               skip_special_tokens=True).strip()
+
+    # ------------------------------------------------------------------ sampling
+    def _sample(self, stage: str, ctx: list[list[int]], refs: list[dict[str, Any] | None], modality: str,
+                sp: SamplingParams, generator: torch.Generator | None) -> list[Segment]:
+        self._model.eval()
+        images = [self._pixels(r) for r in refs]
+        if modality == "image":
+            null = [self._null(c) for c in ctx] if sp.cfg_scale != 1.0 else None
+            toks, lps = self.engine.sample(ctx, images, "image", sp, self.num_image_tokens, generator, null_ids=null)
+        else:
+            null = None
+            toks, lps = self.engine.sample(ctx, images, "text", sp, sp.max_new_tokens, generator,
+                                           allowed=self.text_mask, stop_id=self.eos_id)
+        segs = []
+        for i in range(len(ctx)):
+            context: dict[str, Any] = {"stage": stage, "input_ids": ctx[i], "image": refs[i]}
+            if null is not None:
+                context["uncond_ids"] = null[i]
+            segs.append(Segment(modality=modality, context=context, token_ids=toks[i], logprobs=lps[i],
+                                sampling=copy.copy(sp)))
+        return segs
+
+    def _image_samples(self, segs: list[Segment]) -> list[ImageSample]:
+        pixels = self._decode(torch.tensor([s.token_ids for s in segs], dtype=torch.long))
+        return [ImageSample(image_tokens=list(s.token_ids), image=pixels[i], segment=s) for i, s in enumerate(segs)]
+
+    @staticmethod
+    def _refs(images: list[ImageInput]) -> list[dict[str, Any]]:
+        return [image_ref(im.image, im.image_tokens) for im in images]
+
+    # ------------------------------------------------------------------ R3 stages
+    def reason(self, prompts: list[PromptItem], sampling: SamplingParams,
+               generator: torch.Generator | None = None) -> list[TextSample]:
+        ctx = [self._ids("reason", {"prompt": p.prompt}, False, False) for p in prompts]
+        segs = self._sample("reason", ctx, [None] * len(ctx), "text", sampling, generator)
+        return [TextSample(text=self.decode_text(s.token_ids), segment=s) for s in segs]
+
+    def generate(self, prompts: list[PromptItem], plans: list[str | None], sampling: SamplingParams,
+                 generator: torch.Generator | None = None) -> list[ImageSample]:
+        ctx = [self._ids("generate", {"prompt": p.prompt, "plan": plan or ""}, False, True)
+               for p, plan in zip(prompts, plans)]
+        return self._image_samples(self._sample("generate", ctx, [None] * len(ctx), "image", sampling, generator))
+
+    def reflect(self, prompts: list[PromptItem], images: list[ImageInput], sampling: SamplingParams,
+                generator: torch.Generator | None = None) -> list[TextSample]:
+        ctx = [self._ids("reflect", {"prompt": p.prompt}, True, False) for p in prompts]
+        segs = self._sample("reflect", ctx, self._refs(images), "text", sampling, generator)
+        return [TextSample(text=self.decode_text(s.token_ids), segment=s) for s in segs]
+
+    def refine(self, prompts: list[PromptItem], images: list[ImageInput], instructions: list[str],
+               sampling: SamplingParams, generator: torch.Generator | None = None) -> list[ImageSample]:
+        ctx = [self._ids("refine", {"prompt": p.prompt, "instruction": ins}, True, True)
+               for p, ins in zip(prompts, instructions)]
+        return self._image_samples(self._sample("refine", ctx, self._refs(images), "image", sampling, generator))
+
+    # ------------------------------------------------------------------ training forward
+    def segment_logprobs(self, segments: list[Segment]) -> list[torch.Tensor]:
+        ids: list[list[int]] = []
+        images: list[np.ndarray | None] = []
+        targets: list[list[int]] = []
+        mods: list[str] = []
+        row_of: list[int] = []
+        null_row: dict[int, int] = {}
+        pixels = {}  # one array object per distinct reference: one vision forward per image
+        for i, s in enumerate(segments):
+            row_of.append(len(ids))
+            ref = s.context.get("image")
+            key = json.dumps(ref, sort_keys=True) if ref is not None else None
+            if key is not None and key not in pixels:
+                pixels[key] = self._pixels(ref)
+            rows = [s.context["input_ids"]]
+            if s.modality == "image" and "uncond_ids" in s.context:
+                null_row[i] = len(ids) + 1
+                rows.append(s.context["uncond_ids"])
+            for r in rows:
+                ids.append(r)
+                images.append(pixels[key] if key is not None else None)
+                targets.append(list(s.token_ids))
+                mods.append(s.modality)
+        hidden = self.engine.target_hidden(ids, images, targets, mods)
+        out: list[torch.Tensor] = []
+        for i, s in enumerate(segments):
+            keep = torch.tensor(s.token_ids, dtype=torch.long, device=self.engine.device)
+            if s.modality == "image":
+                head = self._model.model.generation_head
+                logits = head(hidden[row_of[i]]).float()
+                if i in null_row:
+                    logits = cfg_logits(logits, head(hidden[null_row[i]]).float(), s.sampling.cfg_scale)
+                lp = sampling_logprobs(logits, s.sampling, keep=keep)
+            else:
+                logits = self._model.lm_head(hidden[row_of[i]]).float()
+                lp = sampling_logprobs(logits, s.sampling, self.text_mask, keep=keep)
+            out.append(lp.gather(-1, keep.unsqueeze(-1)).squeeze(-1))
+        return out
+
+    # ------------------------------------------------------------------ understanding
+    @torch.no_grad()
+    def answer_yes_no(self, images: list[ImageInput], questions: list[str]) -> list[float]:
+        """P(yes) / (P(yes) + P(no)) of the first answer token after the question (no sampling)."""
+        self._model.eval()
+        yes, no = self._answer_ids(YES), self._answer_ids(NO)
+        yes, no = sorted(yes - no), sorted(no - yes)
+        ctx = [self._chat_ids(user_content("{image}{prompt}", {"prompt": q}, True), False) for q in questions]
+        emb, mask, pos = self.engine.embed(ctx, [np.asarray(im.image) for im in images], left=True)
+        hidden = self.engine._trunk(emb, mask, pos).last_hidden_state[:, -1]
+        probs = torch.softmax(self._model.lm_head(hidden).float(), dim=-1)
+        p_yes, p_no = probs[:, yes].sum(-1), probs[:, no].sum(-1)
+        return (p_yes / (p_yes + p_no).clamp_min(1e-30)).cpu().tolist()
+
+    def _answer_ids(self, words: tuple[str, ...]) -> set[int]:
+        return {self.tok(w, add_special_tokens=False)["input_ids"][0] for w in words}
+
+
+def _resolve(model: str) -> tuple[str, bool]:
+    """(what to pass to ``from_pretrained``, local files only?) -- failing fast with one line.
+
+    A hub id already in the local cache is loaded from it without touching the network; one that is
+    not fails at once when HF_HUB_OFFLINE is set or the hub host cannot be reached (instead of
+    huggingface_hub's retries, which take tens of seconds without a network).
+    """
+    def fail(reason: str) -> UserError:
+        return UserError(f"policy.model: cannot load '{model}': {reason}; give a local path or a hub id "
+                         f"available offline")
+
+    if not model:
+        raise UserError("policy.model: empty; give a local path or a hub id available offline")
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise fail("no config.json in that directory")
+        return str(path), True
+    if path.exists():
+        raise fail("not a directory")
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        raise fail("no such directory")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(model, "config.json")
+    except Exception:  # noqa: BLE001 - a malformed repo id is simply "not available"
+        cached = None
+    if isinstance(cached, str):
+        return model, True
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline:
+        raise fail("not a local directory and not in the hub cache (HF_HUB_OFFLINE is set)")
+    if not _hub_reachable(constants.ENDPOINT):
+        raise fail(f"not a local directory, not in the hub cache, and {constants.ENDPOINT} cannot be reached")
+    return model, False
+
+
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """A TCP connect to the hub host (skipped behind a proxy, where only the proxy can tell)."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _short(e: BaseException) -> str:
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return line[:200]

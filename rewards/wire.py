@@ -1,0 +1,120 @@
+"""JSON wire format for rewards over HTTP: samples with base64 PNG images in, outputs out.
+
+Why not pickle (as the Flow-GRPO reward server does): unpickling executes code chosen by the sender,
+and it ties client and server to the same library versions.  PNG is lossless, so a remote reward sees
+exactly the pixels a local one would.  Everything here is pure and tested on round trips.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import math
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from r3_rl.rewards.base import RewardOutput, RewardSample, Turn
+
+
+class WireError(ValueError):
+    """A request or reply that does not follow the wire format (one line, names the field)."""
+
+
+def image_to_png_bytes(image: np.ndarray) -> bytes:
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+        raise WireError(f"image must be an HxW or HxWxC uint8 array, got {arr.dtype} {arr.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_image(image: np.ndarray | None) -> str | None:
+    """HxWx3 uint8 array -> base64 PNG (``None`` stays ``None``)."""
+    if image is None:
+        return None
+    return base64.b64encode(image_to_png_bytes(image)).decode("ascii")
+
+
+def image_data_url(image: np.ndarray) -> str:
+    """``data:image/png;base64,...`` as OpenAI-compatible chat APIs take images."""
+    return "data:image/png;base64," + base64.b64encode(image_to_png_bytes(image)).decode("ascii")
+
+
+def decode_image(data: Any, where: str = "image") -> np.ndarray | None:
+    if data is None:
+        return None
+    if not isinstance(data, str):
+        raise WireError(f"{where}: expected a base64 PNG string, got {type(data).__name__}")
+    try:
+        raw = base64.b64decode(data, validate=True)
+        with Image.open(io.BytesIO(raw)) as im:
+            im.load()
+            if im.mode not in ("RGB", "L", "RGBA"):
+                im = im.convert("RGB")
+            return np.asarray(im).copy()
+    except Exception as e:  # noqa: BLE001 - binascii / PIL raise many types
+        raise WireError(f"{where}: not a base64-encoded image ({type(e).__name__})") from None
+
+
+def sample_to_json(sample: RewardSample, history: bool = True) -> dict[str, Any]:
+    return {
+        "prompt": sample.prompt, "metadata": sample.metadata, "stage": sample.stage, "round": sample.round,
+        "text": sample.text, "image": encode_image(sample.image),
+        "history": [{"stage": t.stage, "round": t.round, "text": t.text, "image": encode_image(t.image),
+                     "reward": t.reward} for t in sample.history] if history else [],
+    }
+
+
+def _get(d: dict[str, Any], key: str, kinds: tuple[type, ...], where: str, default: Any = ...) -> Any:
+    if key not in d:
+        if default is ...:
+            raise WireError(f"{where}: missing '{key}'")
+        return default
+    v = d[key]
+    if v is not None and not isinstance(v, kinds):
+        raise WireError(f"{where}.{key}: expected {'/'.join(k.__name__ for k in kinds)}, got {type(v).__name__}")
+    return v
+
+
+def sample_from_json(d: Any, where: str = "samples[0]") -> RewardSample:
+    if not isinstance(d, dict):
+        raise WireError(f"{where}: expected an object, got {type(d).__name__}")
+    hist = _get(d, "history", (list,), where, [])
+    turns = []
+    for j, t in enumerate(hist or []):
+        tw = f"{where}.history[{j}]"
+        if not isinstance(t, dict):
+            raise WireError(f"{tw}: expected an object")
+        turns.append(Turn(stage=_get(t, "stage", (str,), tw), round=int(_get(t, "round", (int,), tw, 0) or 0),
+                          text=_get(t, "text", (str,), tw, None), image=decode_image(t.get("image"), f"{tw}.image"),
+                          reward=_get(t, "reward", (int, float), tw, None)))
+    return RewardSample(
+        prompt=_get(d, "prompt", (str,), where), metadata=_get(d, "metadata", (dict,), where, {}) or {},
+        stage=_get(d, "stage", (str,), where, "generate") or "generate",
+        round=int(_get(d, "round", (int,), where, 0) or 0),
+        image=decode_image(d.get("image"), f"{where}.image"), history=turns, text=_get(d, "text", (str,), where, None))
+
+
+def output_to_json(out: RewardOutput) -> dict[str, Any]:
+    score = out.score
+    if out.failure is None and (score is None or not math.isfinite(float(score))):
+        return {"score": None, "components": {}, "reason": out.reason, "failure": f"non-finite score {score}"}
+    return {"score": None if score is None else float(score),
+            "components": {k: float(v) for k, v in out.components.items() if math.isfinite(float(v))},
+            "reason": out.reason, "failure": out.failure}
+
+
+def output_from_json(d: Any, where: str = "results[0]") -> RewardOutput:
+    if not isinstance(d, dict):
+        raise WireError(f"{where}: expected an object, got {type(d).__name__}")
+    score = _get(d, "score", (int, float), where, None)
+    comps = _get(d, "components", (dict,), where, {}) or {}
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in comps.values()):
+        raise WireError(f"{where}.components: values must be numbers")
+    failure = _get(d, "failure", (str,), where, None)
+    if failure is None and score is None:
+        failure = "server returned no score"
+    return RewardOutput(score=None if score is None else float(score), components={k: float(v) for k, v in comps.items()},
+                        reason=_get(d, "reason", (str,), where, None), failure=failure)

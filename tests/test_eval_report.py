@@ -1,0 +1,151 @@
+"""Per-round evaluation: exact report maths, and an end-to-end `r3-rl eval` of the tiny Blocks recipe whose table
+is checked against scoring the dumped PNGs independently (Blocks detector + GenEval rules, no eval code)."""
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import tiny_overrides
+from r3_rl.cli import main
+from r3_rl.eval.evaluate import markdown_table, score_chains, summarise
+from r3_rl.rewards.registry import FunctionReward
+from r3_rl.rewards.reward_set import RewardSet, WeightedReward
+from r3_rl.trajectory import read_trees
+from test_tracking_inspect import chain
+
+
+def test_summarise_exact() -> None:
+    trees = [chain(i, [0.0, 0.0, 1.0], None) for i in range(4)]
+    correct = [
+        [False, True, True],   # counting: improved in round 1
+        [True, False, None],   # colors: worse in round 1, eval reward failed in round 2
+        [False, False, True],  # counting: improved in round 2
+        [True, True, True],    # colors
+    ]
+    rep = summarise(trees, correct, 2)
+    assert rep["accuracy"] == pytest.approx([0.5, 0.5, 1.0])  # round 2: 3 of 3 scored
+    assert rep["per_tag"] == {"colors": pytest.approx([1.0, 0.5, 1.0]), "counting": pytest.approx([0.0, 0.5, 1.0])}
+    assert rep["tag_counts"] == {"colors": 2, "counting": 2}
+    assert rep["transitions"] == [{"round": 1, "improved": 1, "worse": 1, "unchanged": 2},
+                                  {"round": 2, "improved": 1, "worse": 0, "unchanged": 2}]
+    assert rep["failed"] == [0, 0, 1]
+    assert rep["stop_rate"] == 0.0 and rep["mean_rounds_used"] == 2.0
+    md = markdown_table(rep)
+    assert "| colors | 2 | 1.000 | 0.500 | 1.000 |" in md
+    assert "| **overall** | 4 | **0.500** | **0.500** | **1.000** |" in md
+    assert "| improved / worse / unchanged | | - | 1 / 1 / 2 | 1 / 0 / 2 |" in md
+
+
+def test_score_chains_carries_images_forward_after_a_stop() -> None:
+    seen: list[float] = []
+
+    def brightness(samples, **_):  # noqa: ANN001 - reward plug-in signature
+        out = [float(s.image.mean()) / 100 for s in samples]
+        seen.extend(out)
+        return out
+
+    rewards = RewardSet([WeightedReward(FunctionReward(brightness, "bright"), 1.0)])
+    t0 = chain(5, [0, 0, 0], None)  # img0 = 100, img1 = 101, img2 = 102 -> 1.00, 1.01, 1.02
+    t1 = chain(0, [0, 0, 0], 1)  # stops in round 1: img0 (= 0) stands for every round
+    correct = score_chains([t0, t1], 2, rewards, correct_threshold=1.005)
+    assert correct == [[False, True, True], [False, False, False]]
+    assert len(seen) == 4  # each distinct image scored once
+    assert t0.nodes["img2"].meta["eval_score"] == pytest.approx(1.02)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+def _table(md: str) -> dict[str, list[float]]:
+    rows = {}
+    for line in md.splitlines():
+        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        if len(cells) > 2 and re.fullmatch(r"[01]\.\d{3}", cells[2] or ""):
+            rows[cells[0]] = [float(c) for c in cells[2:]]
+    return rows
+
+
+@pytest.fixture()
+def mixed_critiques(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An untrained tiny policy almost always "stops"; make a third of the prompts stop and the rest ask for an
+    edit, so the eval exercises refinement, carried-forward images and transitions."""
+    from r3_rl.policy.base import TextSample
+    from r3_rl.policy.tiny import TinyUnifiedPolicy
+
+    original = TinyUnifiedPolicy.reflect
+
+    def reflect(self, prompts, images, sampling, generator=None):  # noqa: ANN001
+        out = original(self, prompts, images, sampling, generator)
+        fixed = []
+        for p, s in zip(prompts, out):
+            stop = zlib.crc32(p.prompt.encode()) % 3 == 0
+            fixed.append(TextSample("<think> look </think> " + ("no further edit needed" if stop else "move left"),
+                                    s.segment))
+        return fixed
+
+    monkeypatch.setattr(TinyUnifiedPolicy, "reflect", reflect)
+
+
+def test_eval_cli_table_matches_independent_scoring(tmp_path: Path, repo: Path, mixed_critiques: None,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from r3_rl.config import load_recipe
+    from r3_rl.policy.tiny import build_policy
+    from r3_rl.rewards.blocks import score_image
+
+    sets = [o for o in tiny_overrides(tmp_path, steps=0) if not o.startswith("eval.rounds")]
+    sets += ["eval.rounds=2", "data.eval_size=12"]
+    ckpt = tmp_path / "ckpt"
+    build_policy(load_recipe(repo / "recipes" / "tiny_blocks.yaml", sets)).save_pretrained(str(ckpt))
+    run = tmp_path / "evalrun"
+    argv = ["eval", str(repo / "recipes" / "tiny_blocks.yaml"), "--checkpoint", str(ckpt), "--run-dir", str(run)]
+    assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
+    printed = capsys.readouterr().out
+
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    assert report["prompts"] == 12 and report["rounds"] == 2
+    assert _table(printed) == _table((run / "eval" / "eval.md").read_text())
+
+    # independent re-scoring of the dumped PNGs: image standing after round r = latest img<k> with k <= r
+    trees = list(read_trees(run / "eval" / "eval_trajectories.jsonl"))
+    assert len(trees) == 12
+    correct, tags, stops = [], [], []
+    for t in trees:
+        row, cur = [], None
+        for r in range(3):
+            cur = t.nodes.get(f"img{r}", cur)
+            row.append(bool(score_image(cur.image, t.prompt.metadata).correct))
+        correct.append(row)
+        tags.append(t.prompt.metadata["tag"])
+        stops.append(any(n.stop for n in t.nodes.values()))
+    correct_arr = np.array(correct)
+    assert 0 < sum(stops) < 12  # both stopping and refining chains were evaluated
+    expected = {"overall": correct_arr.mean(0)}
+    for tag in set(tags):
+        expected[tag] = correct_arr[[i for i, g in enumerate(tags) if g == tag]].mean(0)
+    table = _table(printed)
+    assert set(table) == set(expected)
+    for key, vals in expected.items():
+        assert table[key] == pytest.approx(np.round(vals, 3).tolist(), abs=1e-9), key
+    assert report["accuracy"] == pytest.approx(expected["overall"].tolist())
+    for r in (1, 2):
+        imp = int(np.sum(~correct_arr[:, r - 1] & correct_arr[:, r]))
+        worse = int(np.sum(correct_arr[:, r - 1] & ~correct_arr[:, r]))
+        assert report["transitions"][r - 1] == {"round": r, "improved": imp, "worse": worse,
+                                                "unchanged": 12 - imp - worse}
+    assert report["stop_rate"] == pytest.approx(sum(stops) / 12)
+    assert report["mean_rounds_used"] == pytest.approx(
+        sum(sum(n.stage == "reflect" for n in t.nodes.values()) for t in trees) / 12)
+
+    # ... and the same numbers in TensorBoard
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
+    acc.Reload()
+    for r in range(3):
+        (ev,) = acc.Scalars(f"eval/accuracy/round{r}")
+        assert ev.value == pytest.approx(expected["overall"][r], abs=1e-6) and ev.step == 0
+    assert "eval/table/text_summary" in acc.Tags()["tensors"] and "eval_trajectories/0" in acc.Tags()["images"]
+    assert (run / "eval" / "eval.html").is_file()

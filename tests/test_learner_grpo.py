@@ -1,0 +1,170 @@
+"""GRPO learner: micro-batching is exact, ratio 1 before the update, KL per modality, non-finite steps skipped,
+no-signal groups excluded and counted, per-stage std normalisation."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from learner_helpers import clone, learner_cfg, sample_items, tiny_policy, weights
+
+from r3_rl.learner.batch import assign_advantages, collect_items
+from r3_rl.learner.torch_learner import TorchLearner
+from r3_rl.trajectory import Node, PromptItem, Segment, Tree
+
+
+@pytest.fixture(scope="module")
+def base():
+    policy = tiny_policy()
+    return policy, sample_items(policy)
+
+
+def _step_grads(learner: TorchLearner, items) -> list[torch.Tensor]:
+    """Run one learner step, returning the accumulated gradient it stepped with."""
+    seen: list[torch.Tensor] = []
+    real = learner.optim.step
+
+    def spy():
+        seen.extend(torch.zeros_like(q) if q.grad is None else q.grad.clone() for q in learner.optim.params)
+        return real()
+    learner.optim.step = spy
+    m = learner.step(items)
+    assert m["learner/optimizer_steps"] == 1.0
+    return seen
+
+
+@pytest.mark.parametrize("loss_type", ["token_mean", "seq_mean", "dr_grpo"])
+def test_micro_batches_give_the_full_batch_gradient(base, loss_type: str) -> None:
+    policy, items = base
+    grads = []
+    for mbs in (64, 1, 4):
+        p = clone(policy)
+        learner = TorchLearner(p, p.frozen_copy(), learner_cfg(micro_batch_size=mbs, loss_type=loss_type))
+        grads.append(_step_grads(learner, copy.deepcopy(items)))
+    assert sum(float(g.abs().sum()) for g in grads[0]) > 0
+    for other in grads[1:]:
+        for g, ref in zip(other, grads[0]):
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-7)
+
+
+def test_ratio_is_one_and_nothing_clipped_before_the_first_update(base) -> None:
+    policy, items = base
+    p = clone(policy)
+    m = TorchLearner(p, p.frozen_copy(), learner_cfg(micro_batch_size=2)).step(copy.deepcopy(items))
+    assert m["learner/ratio_min"] == pytest.approx(1.0, abs=1e-5)
+    assert m["learner/ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert m["learner/clip_frac"] == 0.0 and m["learner/kl_mean"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_grad_accum_splits_an_epoch_into_optimizer_steps(base) -> None:
+    policy, items = base
+    p = clone(policy)
+    learner = TorchLearner(p, None, learner_cfg(micro_batch_size=2, grad_accum=1, epochs=2))
+    m = learner.step(copy.deepcopy(items))
+    assert m["learner/optimizer_steps"] == 6.0 and learner.optim.optimizer.state_dict()["state"][0]["step"] == 6
+
+
+def test_kl_weight_applies_per_modality(base) -> None:
+    """Zero advantages leave only the KL term; a policy away from its reference gets KL gradient on image rows
+    only when only the image KL weight is set."""
+    policy, items = base
+    ref = clone(policy)
+    moved = clone(policy)
+    with torch.no_grad():
+        moved.model.model.norm.weight.mul_(1.5)  # the policy now differs from its reference
+    zero = [copy.deepcopy(it) for it in items]
+    for it in zero:
+        it.advantage = 0.0
+    text = [it for it in zero if it.segment.modality == "text"]
+    image = [it for it in zero if it.segment.modality == "image"]
+    cfg = learner_cfg(kl_coef_text=0.0, kl_coef_image=1.0)
+    m_text = TorchLearner(clone(moved), ref, cfg).step(copy.deepcopy(text))
+    m_image = TorchLearner(clone(moved), ref, cfg).step(copy.deepcopy(image))
+    assert m_text["learner/grad_norm"] == 0.0
+    assert m_image["learner/grad_norm"] > 0.0 and m_image["learner/kl_mean"] > 0.0
+
+
+def _state(learner: TorchLearner) -> dict:
+    return copy.deepcopy(learner.optim.state_dict())
+
+
+def _assert_untouched(policy, before_w, learner, before_opt) -> None:
+    for k, v in weights(policy).items():
+        assert torch.equal(v, before_w[k]), k
+    after = learner.optim.state_dict()
+    assert after["scheduler"] == before_opt["scheduler"]
+    for pid, st in before_opt["optimizer"]["state"].items():
+        for name, t in st.items():
+            assert torch.equal(after["optimizer"]["state"][pid][name], t), (pid, name)
+
+
+def test_nonfinite_loss_skips_the_step_and_leaves_everything_unchanged(base) -> None:
+    policy, items = base
+    p = clone(policy)
+    learner = TorchLearner(p, p.frozen_copy(), learner_cfg(micro_batch_size=2))
+    learner.step(copy.deepcopy(items))  # a real step first, so the optimiser has state to protect
+    w, opt = weights(p), _state(learner)
+    bad = copy.deepcopy(items)
+    bad[4].segment.logprobs[0] = math.nan  # a corrupt behaviour log-prob in the last micro-batch
+    m = learner.step(bad)
+    assert m["learner/nonfinite_skipped"] == 1.0 and "learner/loss" not in m
+    _assert_untouched(p, w, learner, opt)
+    assert learner.skipped_steps == 1
+    # the next good step is exactly the step a learner that never saw the bad batch takes
+    twin = TorchLearner(clone(policy), None, learner_cfg(micro_batch_size=2))
+    twin.policy.model.load_state_dict(p.model.state_dict())
+    twin.optim.load_state_dict(copy.deepcopy(learner.optim.state_dict()))
+    twin.reference = learner.reference
+    learner.step(copy.deepcopy(items))
+    twin.step(copy.deepcopy(items))
+    for k, v in weights(p).items():
+        assert torch.equal(v, weights(twin.policy)[k]), k
+
+
+def test_nonfinite_gradient_skips_the_step(base) -> None:
+    policy, items = base
+    p = clone(policy)
+    learner = TorchLearner(p, None, learner_cfg())
+    learner.step(copy.deepcopy(items))
+    w, opt = weights(p), _state(learner)
+    hook = p.model.model.norm.weight.register_hook(lambda g: torch.full_like(g, math.inf))
+    m = learner.step(copy.deepcopy(items))
+    hook.remove()
+    assert m["learner/nonfinite_skipped"] == 1.0 and "learner/loss" not in m
+    _assert_untouched(p, w, learner, opt)
+
+
+# ------------------------------------------------------------------ advantages / groups
+def _seg(n: int = 2) -> Segment:
+    return Segment(modality="text", context={"input_ids": [1]}, token_ids=list(range(n)), logprobs=[-1.0] * n)
+
+
+def _tree(groups: dict[str, tuple[str, list[float | None]]]) -> Tree:
+    tree = Tree(id="t", prompt=PromptItem(id="p", prompt="x"))
+    for gid, (stage, rewards) in groups.items():
+        for j, r in enumerate(rewards):
+            tree.add(Node(id=f"{gid}{j}", parent=None, stage=stage, round=0, group_id=gid, policy_version=0,
+                          segment=_seg(), reward=r))
+    return tree
+
+
+def test_no_signal_groups_are_left_out_and_counted() -> None:
+    tree = _tree({"live": ("reason", [1.0, 0.0, 0.5]), "flat": ("reason", [0.3, 0.3, 0.3]),
+                  "dead": ("generate", [None, None]), "single": ("generate", [0.7, None])})
+    stats = assign_advantages([tree])
+    assert stats["zero_signal_groups"] == 1 and stats["all_failed_groups"] == 1
+    assert stats["single_valid_groups"] == 1 and stats["failed_samples"] == 3
+    assert stats["reason/zero_signal_groups"] == 1 and stats["generate/all_failed_groups"] == 1
+    items, b = collect_items([tree], 0, 0)
+    assert [round(it.advantage, 6) for it in items] == [0.5, -0.5, 0.0]  # only the live group
+    assert b.zero_signal_items == 4 and b.failed_rewards == 3 and b.zero_signal_groups == 3 and b.groups == 4
+
+
+def test_normalize_std_per_stage() -> None:
+    tree = _tree({"plans": ("reason", [1.0, 0.0, 0.5]), "images": ("generate", [1.0, 0.0, 0.5])})
+    assign_advantages([tree], {"generate": True})
+    plans = [tree.nodes[f"plans{j}"].advantage for j in range(3)]
+    images = [tree.nodes[f"images{j}"].advantage for j in range(3)]
+    assert plans == pytest.approx([0.5, -0.5, 0.0])
+    assert images == pytest.approx([0.5 / (0.5 + 1e-6), -0.5 / (0.5 + 1e-6), 0.0])  # sample std of (1, 0, .5) = .5

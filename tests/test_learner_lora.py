@@ -1,0 +1,66 @@
+"""LoRA: only adapters train, the reference is the base model with adapters off (no copy), export is merged."""
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from learner_helpers import clone, learner_cfg, sample_items, tiny_policy, weights
+from transformers import LlamaForCausalLM
+
+from r3_rl.errors import UserError
+from r3_rl.learner.build import build_learner, needs_frozen_reference
+from r3_rl.learner.lora import AdapterDisabledReference
+from r3_rl.policy.tiny import TinyUnifiedPolicy
+
+
+def _recipe(**learner):
+    return SimpleNamespace(learner=learner_cfg(**learner))
+
+
+def test_lora_trains_adapters_only_against_the_base_model(tmp_path) -> None:
+    policy = tiny_policy()
+    items = sample_items(policy)
+    original = clone(policy)
+    recipe = _recipe(lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, kl_coef_text=0.5,
+                     kl_coef_image=0.5)
+    assert not needs_frozen_reference(recipe)
+    learner = build_learner(policy, None, recipe)
+    ref = learner.reference
+    assert isinstance(ref, AdapterDisabledReference) and ref.model is policy.model  # no second copy
+    trainable = {n for n, p in policy.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    base_before = {k: v.clone() for k, v in weights(policy).items() if "lora_" not in k}
+
+    for _ in range(3):
+        learner.step(copy.deepcopy(items))
+    after = weights(policy)
+    for k, v in base_before.items():
+        assert torch.equal(after[k], v), f"base weight {k} moved"
+    assert any(not torch.equal(after[k], torch.zeros_like(after[k])) for k in after if "lora_B" in k)
+
+    # the reference still computes the untouched base model's log-probs, while the policy has moved
+    segs = [it.segment for it in items]
+    with torch.no_grad():
+        base_lp = original.segment_logprobs(segs)
+        ref_lp = ref.segment_logprobs(segs)
+        pol_lp = policy.segment_logprobs(segs)
+    for b, r in zip(base_lp, ref_lp):
+        torch.testing.assert_close(r, b, rtol=0, atol=1e-6)
+    assert any(not torch.allclose(p, b, atol=1e-4) for p, b in zip(pol_lp, base_lp))
+
+    # save_pretrained writes merged weights that plain from_pretrained loads into the same model
+    policy.save_pretrained(str(tmp_path / "merged"))
+    plain = LlamaForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    assert not any("lora" in k or "base_layer" in k for k in plain.state_dict())
+    reloaded = TinyUnifiedPolicy.from_pretrained(str(tmp_path / "merged"), policy.templates)
+    with torch.no_grad():
+        for a, b in zip(reloaded.segment_logprobs(segs), pol_lp):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert "lora_A" in "".join(policy.model.state_dict())  # the live model kept its adapters
+
+
+def test_lora_unknown_target_module_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="learner.lora.target_modules: 'qproj'"):
+        build_learner(tiny_policy(), None, _recipe(lora={"target_modules": ["qproj"]}))

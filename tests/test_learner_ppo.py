@@ -1,0 +1,115 @@
+"""PPO: stage chains and stage rewards from trees, GAE advantages over stages, the critic learns."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from learner_helpers import clone, learner_cfg, sample_items, tiny_policy
+
+from r3_rl.learner.ppo_learner import PPOLearner, chains, ppo_items, stage_reward
+from r3_rl.trajectory import Node, PromptItem, Segment, Tree
+
+
+def _seg() -> Segment:
+    return Segment(modality="text", context={"input_ids": [1, 2]}, token_ids=[3, 4], logprobs=[-1.0, -1.0])
+
+
+def _a_tree(image_rewards: list[float | None], formats: list[float]) -> Tree:
+    tree = Tree(id="A", prompt=PromptItem(id="p", prompt="x"))
+    for j, (r, f) in enumerate(zip(image_rewards, formats)):
+        tree.add(Node(id=f"p{j}", parent=None, stage="reason", round=0, group_id="A/plan", policy_version=3,
+                      segment=_seg(), rewards={"format": f}, reward=0.0))
+        tree.add(Node(id=f"g{j}", parent=f"p{j}", stage="generate", round=0, group_id="A/image", policy_version=3,
+                      segment=_seg(), reward=r))
+    return tree
+
+
+def _bc_tree(parent_reward: float) -> Tree:
+    tree = Tree(id="BC", prompt=PromptItem(id="p", prompt="x"))
+    tree.add(Node(id="root", parent=None, stage="generate", round=0, group_id="BC/root", policy_version=-1,
+                  reward=parent_reward))
+    # c0 edits (refined image reward 0.9); c1 stops: its refine node is a copy with no tokens
+    tree.add(Node(id="c0", parent="root", stage="reflect", round=1, group_id="BC/reflect", policy_version=3,
+                  segment=_seg(), rewards={"format": 1.0}, stop=False))
+    tree.add(Node(id="r0", parent="c0", stage="refine", round=1, group_id="BC/refine", policy_version=3,
+                  segment=_seg(), reward=0.9))
+    tree.add(Node(id="c1", parent="root", stage="reflect", round=1, group_id="BC/reflect", policy_version=3,
+                  segment=_seg(), rewards={"format": 0.0}, stop=True))
+    tree.add(Node(id="r1", parent="c1", stage="refine", round=1, group_id="BC/refine", policy_version=3,
+                  reward=parent_reward, meta={"copied": True}))
+    return tree
+
+
+def test_chains_and_stage_rewards() -> None:
+    a, bc = _a_tree([1.0, 0.25], [1.0, 0.0]), _bc_tree(0.4)
+    assert [[n.id for n in c] for c in chains(a)] == [["p0", "g0"], ["p1", "g1"]]
+    assert [[n.id for n in c] for c in chains(bc)] == [["c0", "r0"], ["c1"]]
+    fw = 0.1
+    assert [stage_reward(a, a.nodes[i], fw) for i in ("p0", "g0", "p1", "g1")] == [0.1, 1.0, 0.0, 0.25]
+    assert stage_reward(bc, bc.nodes["c0"], fw) == 0.1 and stage_reward(bc, bc.nodes["c1"], fw) == 0.0
+    assert stage_reward(bc, bc.nodes["r0"], fw) == pytest.approx(0.5)  # improvement over the parent image
+
+
+def test_ppo_items_drop_failed_and_stale_chains_whole() -> None:
+    a = _a_tree([1.0, None], [1.0, 1.0])
+    items, stats = ppo_items([a, _bc_tree(0.4)], current_version=3, max_staleness=0, format_weight=0.1)
+    assert [(it.episode, it.t, it.stage) for it in items] == [
+        ("A/p0", 0, "reason"), ("A/p0", 1, "generate"), ("BC/c0", 0, "reflect"), ("BC/c0", 1, "refine"),
+        ("BC/c1", 0, "reflect")]
+    assert stats.failed_rewards == 2 and stats.items == 5
+    _, stale = ppo_items([a], current_version=5, max_staleness=1, format_weight=0.1)
+    assert stale.items == 0 and stale.stale_refused == 2 and stale.failed_rewards == 2
+
+
+@pytest.fixture(scope="module")
+def base():
+    policy = tiny_policy()
+    items = sample_items(policy)
+    # two 3-stage episodes: (plan a, image a, plan b) and (image b, plan c, image c)
+    for i, it in enumerate(items):
+        it.episode, it.t, it.reward = f"e{i // 3}", i % 3, [0.1, 1.0, 0.0, 0.5, 0.1, -0.2][i]
+    return policy, items
+
+
+def test_gae_advantages_with_a_fresh_critic_are_returns_to_go(base) -> None:
+    policy, items = base
+    cfg = learner_cfg(algorithm="ppo", ppo={"gamma": 0.9, "lam": 1.0, "normalize_advantages": False})
+    learner = PPOLearner(clone(policy), None, cfg)
+    ctx = learner._prepare(copy.deepcopy(items))
+    assert torch.equal(ctx["old_values"], torch.zeros(6))  # the value head starts at zero
+    r = [it.reward for it in items]
+    want = [r[0] + 0.9 * r[1] + 0.81 * r[2], r[1] + 0.9 * r[2], r[2],
+            r[3] + 0.9 * r[4] + 0.81 * r[5], r[4] + 0.9 * r[5], r[5]]
+    assert ctx["advantages"].tolist() == pytest.approx(want, abs=1e-6)
+    assert ctx["returns"].tolist() == pytest.approx(want, abs=1e-6)
+
+
+def test_ppo_step_trains_policy_and_critic(base) -> None:
+    policy, items = base
+    p = clone(policy)
+    cfg = learner_cfg(algorithm="ppo", micro_batch_size=2, epochs=2, ppo={"vf_coef": 1.0})
+    learner = PPOLearner(p, p.frozen_copy(), cfg)
+    before = learner.values(items).detach()
+    m = learner.step(copy.deepcopy(items))
+    assert m["learner/optimizer_steps"] == 2.0 and math.isfinite(m["learner/value_loss"])
+    after = learner.values(items).detach()
+    returns = learner._prepare(copy.deepcopy(items))["returns"]
+    # the critic moved towards the returns
+    assert float(((after - returns) ** 2).mean()) < float(((before - returns) ** 2).mean())
+    assert not torch.equal(p.model.model.norm.weight, policy.model.model.norm.weight)  # shared backbone moved
+
+
+def test_separate_critic_leaves_the_policy_backbone_to_the_policy_loss(base) -> None:
+    policy, items = base
+    zero_adv = copy.deepcopy(items)
+    p = clone(policy)
+    cfg = learner_cfg(algorithm="ppo", kl_coef_text=0.0, kl_coef_image=0.0,
+                      ppo={"critic": "separate", "normalize_advantages": False, "gamma": 0.0, "lam": 0.0})
+    learner = PPOLearner(p, None, cfg)
+    for it in zero_adv:
+        it.reward = 0.0  # zero rewards and a zero critic: zero advantages, so only the value loss is left
+    learner.step(zero_adv)
+    assert torch.equal(p.model.model.norm.weight, policy.model.model.norm.weight)
+    assert "critic" in learner.modules and learner.modules["critic"] is not p.model

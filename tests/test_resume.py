@@ -1,0 +1,172 @@
+"""Exact resume: 4 steps straight == 2 steps + resume + 2 steps, bit for bit, on the real trainer."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_overrides
+from safetensors.torch import load_model
+from transformers import LlamaForCausalLM
+
+from r3_rl.cli import main
+from r3_rl.config import load_recipe
+from r3_rl.errors import UserError
+from r3_rl.learner.checkpoint import MARKER, complete_checkpoints, find_resume, prune
+from r3_rl.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "tiny_blocks.yaml"
+
+
+def _overrides(tmp_path: Path, steps: int) -> list[str]:
+    # threads=1: the same matmul blocking in every run, whatever else the machine is doing
+    return tiny_overrides(tmp_path, steps) + ["threads=1", "eval.dump=0"]
+
+
+def _assert_same(a: object, b: object, where: str) -> None:
+    """Every tensor equal with torch.equal, recursively through dicts/lists/tuples; other leaves ==."""
+    if isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and np.array_equal(a, b), where
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_resume_is_bit_identical_and_skips_interrupted_checkpoints(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    straight = Trainer(load_recipe(RECIPE, _overrides(tmp_path, 4)), tmp_path / "straight")
+    straight.train()
+
+    first = Trainer(load_recipe(RECIPE, _overrides(tmp_path, 2)), tmp_path / "first")
+    first.train()
+    ckpts = tmp_path / "first" / "checkpoints"
+    assert [p.name for p in complete_checkpoints(ckpts)] == ["step_000002"]
+
+    # a save that dies half-way (model written, learner state not) and a step folder without its marker
+    def boom(path: Path) -> None:
+        raise RuntimeError("killed while saving")
+    monkeypatch.setattr(first.learner, "save", boom)
+    with pytest.raises(RuntimeError):
+        first.save_checkpoint(3)
+    assert [p.name for p in ckpts.glob(".tmp-step_000003-*")], "the interrupted save should leave its temp dir"
+    shutil.copytree(ckpts / "step_000002", ckpts / "step_000009")
+    (ckpts / "step_000009" / MARKER).unlink()
+    monkeypatch.undo()
+
+    # resume in a NEW run dir (no warm-start cache there) through the CLI; auto must pick step 2
+    ckpt, run_dir = find_resume(str(tmp_path / "first"), load_recipe(RECIPE, _overrides(tmp_path, 4)), None)
+    assert ckpt == ckpts / "step_000002" and run_dir == tmp_path / "first"
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(ckpts, resumed / "checkpoints")
+    args = ["train", str(RECIPE), "--run-dir", str(resumed), "--resume", "auto"]
+    for o in _overrides(tmp_path, 4):
+        args += ["--set", o]
+    assert main(args) == 0
+    assert not list((resumed / "checkpoints").glob(".tmp-*")), "a later save cleans up interrupted ones"
+    assert not (resumed / "trajectories" / "step_000001.jsonl").exists(), "steps 0-1 must not be re-run"
+
+    end = resumed / "checkpoints" / "step_000004"
+    assert json.loads((end / MARKER).read_text())["step"] == 4
+    # policy weights: the from_pretrained export and the straight run's live weights, tensor by tensor
+    exported = LlamaForCausalLM.from_pretrained(str(end / "model")).state_dict()
+    _assert_same(straight.policy.model.state_dict(), exported, "policy")
+    reference = copy.deepcopy(straight.reference.model)
+    for t in reference.parameters():
+        t.data.zero_()
+    load_model(reference, str(end / "state" / "reference.safetensors"))
+    _assert_same(straight.reference.model.state_dict(), reference.state_dict(), "reference")
+    opt = torch.load(end / "state" / "learner" / "optimizer.pt", weights_only=False)
+    _assert_same(straight.learner.optim.state_dict(), opt, "optimizer+scheduler")
+    # trainer state (RNGs, sampler position, Tree-RL buffer, version, failure counts) == the straight run's own
+    ts = torch.load(end / "state" / "trainer.pt", weights_only=False)
+    ts_straight = torch.load(tmp_path / "straight" / "checkpoints" / "step_000004" / "state" / "trainer.pt",
+                             weights_only=False)
+    _assert_same(ts_straight, ts, "trainer")
+    assert ts["policy_version"] == straight.policy.version == 4 and ts["data_position"] == straight.data.position
+
+
+def _fake_ckpt(root: Path, step: int, complete: bool = True) -> Path:
+    p = root / f"step_{step:06d}"
+    p.mkdir(parents=True)
+    if complete:
+        (p / MARKER).write_text(json.dumps({"complete": True, "step": step}))
+    return p
+
+
+def test_find_resume_and_prune(tmp_path: Path) -> None:
+    recipe = load_recipe(RECIPE, [f"out_dir={tmp_path}", "name=x"])
+    assert find_resume("auto", recipe, None) == (None, None)  # nothing yet: a fresh run
+    run = tmp_path / "x-20260101-000000"
+    root = run / "checkpoints"
+    for s in (1, 2, 3):
+        _fake_ckpt(root, s)
+    _fake_ckpt(root, 4, complete=False)
+    (root / ".tmp-step_000005-1").mkdir()
+    assert find_resume("auto", recipe, None) == (root / "step_000003", run)
+    assert find_resume(str(run), recipe, None) == (root / "step_000003", run)
+    assert find_resume(str(root / "step_000002"), recipe, str(tmp_path / "elsewhere")) == (
+        root / "step_000002", tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        find_resume(str(tmp_path / "nowhere"), recipe, None)
+    (root / "step_000004" / MARKER).write_text(json.dumps({"complete": False}))
+    with pytest.raises(UserError, match="incomplete"):
+        find_resume(str(root / "step_000004"), recipe, None)
+    prune(root, 2)
+    assert [p.name for p in complete_checkpoints(root)] == ["step_000002", "step_000003"]
+    assert (root / "step_000004").is_dir()  # incomplete ones are neither counted nor deleted by prune
+
+
+def test_cli_resume_path_without_checkpoint_is_one_line_error(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    code = main(["train", str(RECIPE), "--resume", str(tmp_path), "--set", f"out_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--resume" in err[0] and "no complete checkpoint" in err[0]
+
+
+def test_resume_is_bit_identical_with_deepspeed_lora_and_ppo(tmp_path: Path) -> None:
+    """The same guarantee through DeepSpeed's own checkpoint (ZeRO-2), LoRA adapters and the PPO critic."""
+    pytest.importorskip("deepspeed")
+    extra = ["learner.backend=deepspeed", "learner.lora={r: 4}", "learner.algorithm=ppo", "learner.micro_batch_size=8"]
+    straight = Trainer(load_recipe(RECIPE, _overrides(tmp_path, 4) + extra), tmp_path / "straight")
+    straight.train()
+    Trainer(load_recipe(RECIPE, _overrides(tmp_path, 2) + extra), tmp_path / "first").train()
+    resumed = Trainer(load_recipe(RECIPE, _overrides(tmp_path, 4) + extra), tmp_path / "second")
+    resumed.resume(tmp_path / "first" / "checkpoints" / "step_000002")
+    resumed.train()
+    assert resumed.policy.version == straight.policy.version == 4
+    _assert_same(straight.policy.model.state_dict(), resumed.policy.model.state_dict(), "policy (base + LoRA)")
+    _assert_same(straight.learner.modules["value_head"].state_dict(),
+                 resumed.learner.modules["value_head"].state_dict(), "value head")
+
+    def adam(t: Trainer) -> dict:
+        opt = t.learner.optim.engine.optimizer
+        return {i: s for i, s in enumerate(getattr(opt, "optimizer", opt).state.values())}
+    _assert_same(adam(straight), adam(resumed), "DeepSpeed optimiser state")
+    assert straight.learner.optim.engine.lr_scheduler.last_epoch == resumed.learner.optim.engine.lr_scheduler.last_epoch
+
+
+def test_resume_refuses_an_incompatible_recipe(tmp_path: Path) -> None:
+    from r3_rl.learner.checkpoint import check_compatible, structure
+
+    recipe = load_recipe(RECIPE, [f"out_dir={tmp_path}", "steps=4"])
+    meta = {"step": 2, "structure": structure(recipe)}
+    check_compatible(meta, recipe, tmp_path)  # same recipe, more steps: fine
+    with pytest.raises(UserError, match="recipe key 'learner.algorithm' is 'ppo'"):
+        check_compatible(meta, load_recipe(RECIPE, ["steps=4", "learner.algorithm=ppo"]), tmp_path)
+    with pytest.raises(UserError, match="checkpoint is at step 6 but the recipe has steps=4"):
+        check_compatible({"step": 6}, recipe, tmp_path)

@@ -1,0 +1,125 @@
+"""TensorBoard output read back with tensorboard's own EventAccumulator: tags, steps, image sizes."""
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from r3_rl.tracking.metrics import MetricsLogger
+from r3_rl.tracking.tensorboard import CAPTION_H, GAP, image_strip, trajectory_image, trajectory_markdown, upscale
+from r3_rl.tracking.views import select_trajectories
+from test_tracking_metrics import stage_a_tree, stage_bc_tree, trees
+
+
+def events(tb_dir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+def test_upscale_is_nearest_neighbour() -> None:
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    big = upscale(small, 128)
+    assert big.shape == (128, 128, 3)
+    assert np.array_equal(big[::4, ::4], small) and np.array_equal(big[3::4, 1::4], small)
+    assert upscale(np.zeros((200, 100, 3), np.uint8), 128).shape == (200, 100, 3)  # already large: unchanged
+
+
+def test_image_strip_layout_and_captions() -> None:
+    a = np.zeros((32, 32, 3), np.uint8)
+    b = np.full((32, 32, 3), 200, np.uint8)
+    grid = image_strip([a, b], ["r0 generate R=0.50", "r1 refine R=1.00 (+0.50)"])
+    assert grid.dtype == np.uint8 and grid.shape == (128 + CAPTION_H, 2 * 128 + GAP, 3)
+    assert np.array_equal(grid[:128, :128], np.zeros((128, 128, 3), np.uint8))
+    assert np.all(grid[:128, 128 + GAP:] == 200)
+    assert np.all(grid[:, 128:128 + GAP] == 255)  # white gap
+    caption = grid[128:, :128]
+    assert (caption < 128).any() and (caption == 255).mean() > 0.5  # dark text on white
+
+
+def test_trajectory_grid_and_text_follow_the_path() -> None:
+    bc = stage_bc_tree()
+    (tree, path), = select_trajectories([bc], 1)
+    grid = trajectory_image(path)
+    assert grid is not None and grid.shape == (128 + CAPTION_H, 2 * 128 + GAP, 3)  # parent image + refined image
+    md = trajectory_markdown(tree, path)
+    assert "a blue circle" in md and "&lt;think&gt;c0&lt;/think&gt; edit" in md  # survives TB's sanitiser
+    assert "r1 refine R=1.00 (+0.50)" in md and "critique 1" in md
+
+
+def test_selection_alternates_tree_kinds() -> None:
+    chosen = select_trajectories([stage_a_tree(), stage_a_tree(), stage_bc_tree()], 2)
+    assert [t.meta["kind"] for t, _ in chosen] == ["A", "BC"]
+
+
+def test_logger_writes_scalars_images_text_histograms(tmp_path: Path) -> None:
+    logger = MetricsLogger(tmp_path, tensorboard=True)
+    for step in range(3):
+        logger.log({"reward/generate/mean": 0.1 * step, "learner/kl_text": float("nan"), "flag": True}, step)
+    logger.log_trajectories(trees(), step=2, limit=4)
+    report = {"prompts": 4, "rounds": 1, "accuracy": [0.25, 0.5], "per_tag": {"colors": [0.0, 1.0]},
+              "tag_counts": {"colors": 4}, "stop_rate": 0.5, "mean_rounds_used": 1.0, "failed": [0, 0],
+              "transitions": [{"round": 1, "improved": 1, "worse": 0, "unchanged": 3}]}
+    logger.log_eval(report, 3, trees=[stage_bc_tree()], name="after")
+    logger.close()
+
+    acc = events(tmp_path / "tb")
+    tags = acc.Tags()
+    assert [e.step for e in acc.Scalars("reward/generate/mean")] == [0, 1, 2]
+    assert [e.value for e in acc.Scalars("reward/generate/mean")] == pytest.approx([0.0, 0.1, 0.2])
+    assert "learner/kl_text" not in tags["scalars"]  # NaN is kept out of TensorBoard ...
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert math.isnan(rows[0]["learner/kl_text"]) and rows[0]["flag"] == 1.0  # ... but not out of the JSONL
+    assert acc.Scalars("eval/accuracy/round1")[0].step == 3
+    assert acc.Scalars("eval_tag/colors/round1")[0].value == 1.0
+    assert acc.Scalars("eval/round1/improved")[0].value == 1.0
+
+    # two trees -> two trajectories (one per tree): A path has 1 image, BC path has 2
+    assert set(tags["images"]) == {"trajectories/0", "trajectories/1", "eval_trajectories/0"}
+    widths = {}
+    for tag in ("trajectories/0", "trajectories/1"):
+        (ev,) = acc.Images(tag)
+        assert ev.step == 2 and ev.height == 128 + CAPTION_H
+        with Image.open(io.BytesIO(ev.encoded_image_string)) as im:
+            assert im.size == (ev.width, ev.height)
+        widths[tag] = ev.width
+    assert sorted(widths.values()) == [128, 2 * 128 + GAP]
+    assert acc.Images("eval_trajectories/0")[0].step == 3
+
+    texts = set(tags["tensors"])
+    assert {"trajectories/0/text/text_summary", "trajectories/1/text/text_summary",
+            "eval/table/text_summary"} <= texts
+    table = acc.Tensors("eval/table/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| **overall** | 4 | **0.250** | **0.500** |" in table
+    for h in ("hist_reward/generate", "hist_reward/refine", "hist_advantage/generate"):
+        (ev,) = acc.Histograms(h)
+        assert ev.step == 2
+    assert acc.Histograms("hist_reward/generate")[0].histogram_value.num == 2  # failed reward left out
+
+
+def test_logger_without_tensorboard_writes_jsonl_only(tmp_path: Path) -> None:
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger.log({"a": 1}, 0)
+    logger.log_trajectories(trees(), 0)
+    logger.close()
+    assert not (tmp_path / "tb").exists()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 0, "a": 1.0}
+
+
+def test_labels_tell_failed_from_unscored() -> None:
+    from r3_rl.tracking.views import image_caption, text_label
+    from test_tracking_inspect import chain
+
+    a = stage_a_tree()
+    assert text_label(a.nodes["p2"]) == "plan R=failed"  # training plan whose image reward failed
+    assert image_caption(a.nodes["g2"]) == "r0 generate R=failed"
+    c = chain(1, [1.0, 0.0], None)
+    assert text_label(c.nodes["plan"]) == "plan"  # eval chains score images only
+    assert image_caption(c.nodes["img1"], c.nodes["img0"]) == "r1 refine R=0.00 (-1.00)"
