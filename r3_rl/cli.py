@@ -92,8 +92,21 @@ def cmd_rewards(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_reward(args: argparse.Namespace) -> int:
+    from r3_rl.rewards.server import parse_option_args, serve
+
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: must be 0-65535 (0 = any free port)")
+    if args.max_request_mb <= 0:
+        raise UserError(f"--max-request-mb {args.max_request_mb}: must be > 0")
+    serve(args.reward, host=args.host, port=args.port, options=parse_option_args(args.option),
+          max_request_bytes=int(args.max_request_mb * 2**20))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train, "eval": cmd_eval, "rollout": cmd_rollout, "rewards": cmd_rewards, "inspect": cmd_inspect,
+    "serve-reward": cmd_serve_reward,
 }
 
 
@@ -124,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--html", nargs="?", const="", default=None, metavar="PATH",
                      help="also write a static HTML page (default path: RUN_DIR/inspect/<dump>.html)")
     ins.add_argument("--limit", type=int, default=3, help="trajectories printed as text (default 3)")
+    sr = sub.add_parser("serve-reward", help="serve a reward over JSON HTTP (recipe reward name 'remote')")
+    sr.add_argument("--reward", required=True, help="reward name, pkg.mod:fn or path/to/file.py:fn")
+    sr.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 = any free port)")
+    sr.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default 127.0.0.1; the server has no authentication)")
+    sr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="reward option, e.g. --option detector=owlv2 (repeatable)")
+    sr.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body accepted (MiB)")
     return p
 
 

@@ -175,6 +175,10 @@ class Learner(Section):
     micro_batch_size: int = Field(64, ge=1)  # samples per forward/backward
     grad_accum: int = Field(0, ge=0)  # micro-batches per optimiser step; 0 = the whole rollout batch in one step
     max_staleness: int = Field(0, ge=0)  # policy versions a sample may lag behind before it is refused
+    # data-parallel learner ranks as Ray actors (one per GPU); 1 = the learner runs in the trainer process
+    ranks: int = Field(1, ge=1)
+    cpus_per_rank: float = Field(1.0, gt=0.0)
+    gpus_per_rank: float = Field(0.0, ge=0.0)
     deepspeed: DeepSpeedCfg = DeepSpeedCfg()
     lora: LoraCfg | None = None
     ppo: PpoCfg = PpoCfg()
@@ -197,12 +201,31 @@ class Learner(Section):
 
 
 class Rollout(Section):
+    """Who samples: in-process (``local``, for debugging) or ``rollout.workers`` Ray actors (``ray``)."""
+
     backend: Literal["local", "ray"] = "local"
-    workers: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1)  # Ray rollout actors, each holding a copy of the policy
+    # sibling groups per work unit: the unit a worker samples (and re-samples if it dies); the same
+    # split in local and Ray mode, so the same seeds give the same trajectories in both
+    groups_per_task: int = Field(4, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+    threads_per_worker: int = Field(0, ge=0)  # torch threads in a worker (0 = cpus_per_worker)
+    reward_workers: int = Field(0, ge=0)  # Ray actors scoring the task reward (0 = score in the trainer)
+    max_task_retries: int = Field(3, ge=0)  # times one task may lose its worker before the step fails
     reason: Sampling = Sampling(max_new_tokens=16)
     generate: Sampling = Sampling()
     reflect: Sampling = Sampling(max_new_tokens=24)
     refine: Sampling = Sampling()
+
+
+class RayCfg(Section):
+    """``address: auto`` joins a running cluster (``ray start --head``); unset starts a local Ray that the
+    run shuts down when it ends."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)  # a local Ray's CPUs (default: the machine's cores)
+    log_to_driver: bool = True  # print the actors' stdout/stderr in the trainer's console
 
 
 class Eval(Section):
@@ -239,6 +262,7 @@ class Recipe(Section):
     rewards: Rewards = Rewards()
     learner: Learner = Learner()
     rollout: Rollout = Rollout()
+    ray: RayCfg = RayCfg()
     eval: Eval = Eval()
     log: Log = Log()
 

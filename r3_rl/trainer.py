@@ -21,8 +21,9 @@ from r3_rl.learner.build import build_learner, needs_frozen_reference, prepare_b
 from r3_rl.policy.base import Policy
 from r3_rl.rewards.reward_set import RewardSet
 from r3_rl.rollout.buffer import BufferEntry, ParentBuffer
+from r3_rl.rollout.engine import RolloutEngine, build_engine, run_ordered
 from r3_rl.rollout.scoring import StageScorer
-from r3_rl.rollout.tree_rl import StageSampling, plan_tasks, run_task
+from r3_rl.rollout.tree_rl import StageSampling, plan_tasks
 from r3_rl.trajectory import Tree, write_trees
 from r3_rl.tracking.console import Console
 from r3_rl.tracking.metrics import MetricsLogger, rollout_metrics
@@ -63,9 +64,14 @@ class Trainer:
                           and needs_frozen_reference(recipe) else None)  # LoRA: base model, adapters off
         self.task_rewards = RewardSet.from_specs([s.model_dump() for s in recipe.rewards.task])
         self.eval_rewards = RewardSet.from_specs([s.model_dump() for s in recipe.rewards.eval])
+        for rewards in (self.task_rewards, self.eval_rewards):
+            if rewards.needs_policy:  # self-consistency asks the live policy about its own images
+                rewards.bind_policy(self.policy)
         rw = recipe.rewards
         self.scorer = StageScorer(self.task_rewards, rw.format_weight, rw.reason_format, rw.reflect_format,
                                   rw.correct_threshold)
+        self._engine: RolloutEngine | None = None  # started on the first rollout (eval-only runs need none)
+        self._remote_rewards: Any = None
         self.buffer = ParentBuffer(recipe.tree.buffer_size)
         self.data = PromptSource(recipe)
         self.learner = build_learner(self.policy, self.reference, recipe)
@@ -76,25 +82,63 @@ class Trainer:
         self.eval_sampling = stage_sampling(recipe, eval_mode=True)
 
     # ------------------------------------------------------------------ rollout
+    @property
+    def engine(self) -> RolloutEngine:
+        """The rollout engine (``rollout.backend``), started with the policy's current weights on first use."""
+        if self._engine is None:
+            self._engine = build_engine(self.recipe, self.policy, self.log_event)
+            if self.recipe.rollout.reward_workers:
+                from r3_rl.rollout.ray_engine import RayRewardSet
+
+                self._remote_rewards = RayRewardSet([s.model_dump() for s in self.recipe.rewards.task],
+                                                    self.recipe.rollout.reward_workers,
+                                                    self.recipe.rollout.threads_per_worker, self.log_event)
+                self.scorer.task = self._remote_rewards  # type: ignore[assignment]
+            if self.recipe.rollout.backend == "ray":
+                self.log_event(f"rollout: {self.recipe.rollout.workers} Ray workers ready")
+        return self._engine
+
+    def log_event(self, message: str) -> None:
+        """Something a user must be able to find later (worker restarts, reissued tasks): console + events.log."""
+        self.console.print(f"[yellow]event[/] {message}" if self.console.enabled else message)
+        with open(self.run_dir / "events.log", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} step {self.step} {message}\n")
+
     def rollout(self, step: int) -> list[Tree]:
+        """Sample the step's Tree-RL groups; each task's images are scored as soon as the task is back."""
         t = self.recipe.tree
         prompts = self.data.next_batch(t.prompts_per_step)
         parents = self.buffer.sample(t.refine_groups_per_step, t.correct_parent_fraction, self.rng)
-        tasks = plan_tasks(step, self.recipe.seed, prompts, parents, t.group_size, groups_per_task=max(
-            1, (len(prompts) + len(parents))))
-        trees: list[Tree] = []
-        for task in tasks:
-            trees.extend(run_task(self.policy, task, self.sampling, self.recipe.templates.stop_phrase))
-        self.score(trees)
+        tasks = plan_tasks(step, self.recipe.seed, prompts, parents, t.group_size,
+                           groups_per_task=self.recipe.rollout.groups_per_task)
+        trees = run_ordered(self.engine, tasks, self.sampling, on_task=self._score_task)
+        self._check_failures()
+        self._fill_buffer(trees)
         return trees
 
     def score(self, trees: list[Tree]) -> None:
+        """Score trees sampled elsewhere (all at once) and feed the parent buffer."""
+        self._score_task(trees)
+        self._check_failures()
+        self._fill_buffer(trees)
+
+    def _score_task(self, trees: list[Tree]) -> None:
         self.scorer.score_images((tr, n) for tr in trees for n in tr.nodes.values()
                                  if n.image is not None and n.reward is None and n.segment is not None)
         for tr in trees:
             self.scorer.compose(tr)
-        self._check_failures()
-        self._fill_buffer(trees)
+
+    def close(self) -> None:
+        """Stop rollout workers (and a Ray this run started), flush logs; safe to call twice."""
+        if self._remote_rewards is not None:
+            self._remote_rewards.close()
+            self._remote_rewards = None
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+        if hasattr(self.learner, "close"):  # learner ranks on Ray actors
+            self.learner.close()
+        self.metrics.close()
 
     def _check_failures(self) -> None:
         f = self.scorer.failures
@@ -141,6 +185,8 @@ class Trainer:
         from r3_rl.learner.checkpoint import load_checkpoint
 
         load_checkpoint(self, path)
+        if self._engine is not None:
+            self._engine.sync(self.policy)
         self.console.print(f"resumed from {path}: step {self.step}, policy version {self.policy.version}")
 
     def _eval_before(self) -> dict[str, Any]:
@@ -153,6 +199,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
+        """Run the recipe to the end; workers and Ray are shut down however it ends (Ctrl-C included)."""
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> dict[str, Any]:
         r = self.recipe
         self.console.print(f"[bold]r3-rl[/] {r.name}: {r.steps} steps -> {self.run_dir}")
         before = self._eval_before()
@@ -167,6 +220,7 @@ class Trainer:
             learn = self.learner.step(items)
             if "learner/loss" in learn:
                 self.policy.version += 1
+                self.engine.sync(self.policy)  # workers sample the next step with the new weights
             done = time.time()
             m = rollout_metrics(trees, r.rewards.correct_threshold, rollout_s=t_learn - t_roll)
             m.update(learn)
@@ -175,7 +229,8 @@ class Trainer:
                       "batch/failed_rewards": batch_stats.failed_rewards,
                       "advantage/mean": batch_stats.advantage_mean, "advantage/std": batch_stats.advantage_std,
                       "time/rollout_s": t_learn - t_roll, "time/learner_s": done - t_learn,
-                      "rewards/failed_total": self.scorer.failures.failed})
+                      "rewards/failed_total": self.scorer.failures.failed,
+                      "rollout/worker_restarts": self.engine.restarts})
             self.metrics.log(m, step)
             if r.log.trajectories_every and step % r.log.trajectories_every == 0:
                 write_trees(trees, self.run_dir / "trajectories" / f"step_{step:06d}.jsonl")
@@ -192,7 +247,6 @@ class Trainer:
         after = self.run_eval("after")
         self.console.print("eval after RL:\n" + markdown_table(after))
         self.policy.save_pretrained(str(self.run_dir / "final"))
-        self.metrics.close()
         summary = {"before": before["accuracy"], "after": after["accuracy"], "run_dir": str(self.run_dir)}
         self.console.print(f"final-round accuracy {before['accuracy'][-1]:.3f} -> {after['accuracy'][-1]:.3f}"
                            f" (first image {after['accuracy'][0]:.3f}); run dir {self.run_dir}")

@@ -36,3 +36,16 @@ def tiny_overrides(tmp_path: Path, steps: int = 2) -> list[str]:
             "policy.tiny.num_heads=2", "policy.tiny.intermediate_size=64", "warmstart.steps=2",
             "data.eval_size=8", "tree.group_size=2", "tree.prompts_per_step=2", "tree.refine_groups_per_step=2",
             "eval.rounds=1", "log.trajectories_every=1", "log.console=false"]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (about 5 s and 1 GB to start), shut down at the end.
+
+    Four logical CPUs on any machine: tests place two rollout actors and a reward actor at once.
+    """
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -384,3 +384,44 @@ def test_serve_option_parsing() -> None:
         "label_map": {"kitty": "cat"}, "model": "/x/y=z"}
     with pytest.raises(UserError, match="expected KEY=VALUE"):
         parse_option_args(["detector"])
+
+
+def test_serve_reward_cli_serves_blocks_and_stops_on_ctrl_c() -> None:
+    """`r3-rl serve-reward --reward blocks --port 0` in its own process: health, scores equal to local, Ctrl-C."""
+    import signal
+    import subprocess
+    import sys
+
+    from r3_rl.blocks.codec import encode
+    from r3_rl.data import BlocksPrompts
+
+    proc = subprocess.Popen([sys.executable, "-m", "r3_rl.cli", "serve-reward", "--reward", "blocks", "--port", "0",
+                             "--option", "binary=false"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert "serving reward 'blocks' on http://127.0.0.1:" in line, line
+        url = line.split(" on ", 1)[1].split()[0]
+        rr = load_reward("remote", url=url, timeout=30)
+        rr.setup()
+        assert rr.remote_name == "blocks"
+        prompts = BlocksPrompts(tags={"counting": 1, "position": 1, "colors": 1}, seed=3)
+        items = [prompts.train_prompt(k) for k in range(6)]
+        rng = np.random.default_rng(0)
+        batch = [RewardSample(prompt=p.prompt, metadata=p.metadata, stage="generate", round=0,
+                              image=encode(rng.integers(0, 7, size=(4, 4)))) for p in items]
+        local = load_reward("blocks", binary=False)(batch)
+        assert [o.score for o in rr(batch)] == [o.score for o in local]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serve_reward_cli_bad_reward_exits_2() -> None:
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "r3_rl.cli", "serve-reward", "--reward", "no_such_reward"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "no_such_reward" in res.stderr

@@ -22,6 +22,10 @@ def needs_frozen_reference(recipe: Any) -> bool:
 def build_learner(policy: Policy, reference: Any, recipe: Any) -> Any:
     """The learner for ``recipe.learner``; with LoRA the adapters are injected into ``policy`` here."""
     cfg = recipe.learner
+    if cfg.ranks > 1:  # data-parallel ranks on Ray actors, each building its own learner with this function
+        from r3_rl.learner.ray_ranks import RankedLearner
+
+        return RankedLearner(policy, reference, recipe)
     if cfg.lora is not None:
         from r3_rl.learner.lora import AdapterDisabledReference, apply_lora
 

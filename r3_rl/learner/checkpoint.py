@@ -205,7 +205,8 @@ def prune(root: Path, keep_last: int) -> None:
 # ---------------------------------------------------------------------------------------------- load
 # Recipe keys that shape the saved state: resuming with a different value cannot restore it exactly.
 STRUCTURAL = ("policy.kind", "policy.model", "policy.tiny", "data.blocks", "learner.algorithm", "learner.backend",
-              "learner.lora", "learner.ppo.critic", "learner.deepspeed.zero_stage", "learner.deepspeed.dtype")
+              "learner.lora", "learner.ppo.critic", "learner.deepspeed.zero_stage", "learner.deepspeed.dtype",
+              "learner.ranks")
 
 
 def structure(recipe: Any) -> dict[str, Any]:

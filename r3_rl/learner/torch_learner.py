@@ -65,11 +65,30 @@ class TorchLearner:
         self.optim = optim if optim is not None else TorchOptim([policy.model, *self.modules.values()], cfg)
         self.skipped_steps = 0  # optimiser steps skipped for a non-finite loss or gradient
         self.updates = 0  # optimiser steps applied
+        # data-parallel position (r3_rl.learner.ray_ranks): this rank takes every world-th micro-batch
+        self.rank, self.world = 0, 1
 
     # ------------------------------------------------------------------ batching
     def minibatches(self, n: int) -> list[range]:
         size = n if self.cfg.grad_accum == 0 else self.cfg.micro_batch_size * self.cfg.grad_accum
         return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+    def _my_chunks(self, mini: range) -> list[tuple[range, float]]:
+        """This rank's micro-batches of ``mini`` as (chunk, scale).
+
+        One rank: every micro-batch, scale 1.  Several: every ``world``-th micro-batch; a rank with fewer
+        than the others repeats its first chunk at scale 0, so every rank runs the same number of
+        forward/backward passes (DeepSpeed's collectives must line up).  Losses stay weighted by their
+        share of the whole mini-batch, so the ranks' gradients sum to the one-rank gradient.
+        """
+        mbs = self.cfg.micro_batch_size
+        chunks = [range(s, min(s + mbs, mini.stop)) for s in range(mini.start, mini.stop, mbs)]
+        if self.world == 1:
+            return [(c, 1.0) for c in chunks]
+        mine = chunks[self.rank::self.world]
+        slots = -(-len(chunks) // self.world)
+        filler = mine[0] if mine else chunks[0]
+        return [(c, 1.0) for c in mine] + [(filler, 0.0)] * (slots - len(mine))
 
     def _weight(self, items: list[TrainItem], chunk: range, mini: range) -> float:
         if self.cfg.loss_type == "token_mean":
@@ -125,19 +144,22 @@ class TorchLearner:
                 step_sums: dict[str, list[float]] = {}
                 total, finite = 0.0, True
                 self.optim.zero_grad()  # never accumulate onto gradients left by anything else (e.g. warm start)
-                for s in range(mini.start, mini.stop, cfg.micro_batch_size):
-                    chunk = range(s, min(s + cfg.micro_batch_size, mini.stop))
+                for chunk, scale in self._my_chunks(mini):
                     loss, m, outputs = self.optim.forward(
                         lambda: self._micro_loss(items, chunk, mini, max_len, ctx))  # noqa: B023
-                    value = float(loss.detach())
+                    value = float(loss.detach()) * scale
                     if not math.isfinite(value):
-                        self.optim.discard(outputs)
                         finite = False
-                        break
-                    self.optim.backward(loss)
-                    total += value
-                    for k, v in m.items():
-                        step_sums.setdefault(k, []).append(v)
+                        if self.world == 1:
+                            self.optim.discard(outputs)
+                            break
+                        # several ranks: stay in lockstep; a NaN gradient makes every rank skip the step
+                        loss = sum((o.float() * math.nan).sum() for o in outputs if o.requires_grad)
+                    self.optim.backward(loss * (scale * self.world))  # DeepSpeed averages over ranks
+                    if scale and finite:
+                        total += value
+                        for k, v in m.items():
+                            step_sums.setdefault(k, []).append(v)
                 applied, norm = self.optim.step() if finite else (False, math.nan)
                 if not applied:
                     skipped += 1

@@ -134,7 +134,7 @@ def warmstart(policy: TinyUnifiedPolicy, recipe: Any, log: Any = None) -> dict[s
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        loss_v = float(loss)
+        loss_v = float(loss.detach())
         if log is not None and (step % 100 == 0 or step + 1 == cfg.steps):
             log.print(f"warm start {step + 1:>4}/{cfg.steps}  loss {loss_v:.4f}  {time.time() - t0:5.1f}s")
     model.eval()

@@ -1,0 +1,104 @@
+"""Rollout throughput (R3 trajectories/s) of the tiny blocks recipe: local vs 1 and 2 Ray workers, one run.
+
+What is timed is what a training step's rollout costs: a weight sync (as after every learner step) and
+then the step's Tree-RL tasks -- ``tree.prompts_per_step`` reason->generate groups and
+``tree.refine_groups_per_step`` reflect->refine groups on buffered parents, ``group_size`` siblings each.
+Every mode runs the very same tasks with the very same weights (they give identical trees; see
+``tests/test_rollout_ray.py``), each sampler on one torch thread, so the ratios isolate Ray's cost
+(1 worker vs local) and its scaling (2 workers vs 1; the physical limit on 2 cores is 2.0).
+
+A trajectory is one Tree-RL tree (a prompt's group, or a parent's group).  The policy is the recipe's
+tiny model at its random initialisation (no warm start): texts run to ``max_new_tokens``, the costly case.
+
+    python benchmarks/rollout_throughput.py [--steps 4] [--groups-per-task 2] [--workers 1 2]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from r3_rl.config import load_recipe  # noqa: E402
+from r3_rl.data import PromptSource  # noqa: E402
+from r3_rl.policy.tiny import build_policy  # noqa: E402
+from r3_rl.rollout.buffer import BufferEntry  # noqa: E402
+from r3_rl.rollout.engine import LocalEngine, RolloutEngine, run_ordered  # noqa: E402
+from r3_rl.rollout.tree_rl import RolloutTask, plan_tasks  # noqa: E402
+from r3_rl.trainer import stage_sampling  # noqa: E402
+
+
+def step_tasks(recipe, policy, steps: int) -> list[list[RolloutTask]]:
+    t = recipe.tree
+    src = PromptSource(recipe)
+    seed_prompts = src.next_batch(t.refine_groups_per_step)
+    first = run_ordered(LocalEngine(policy, recipe.templates.stop_phrase),
+                        plan_tasks(0, 1, seed_prompts, [], 1, len(seed_prompts)), stage_sampling(recipe))
+    parents = [BufferEntry(prompt=tr.prompt, image=tr.nodes["g0"].image, image_tokens=tr.nodes["g0"].image_tokens,
+                           reward=0.0, correct=False, round=0, source=tr.id) for tr in first]
+    return [plan_tasks(s, recipe.seed, src.next_batch(t.prompts_per_step), parents, t.group_size,
+                       recipe.rollout.groups_per_task) for s in range(steps + 1)]
+
+
+def measure(engine: RolloutEngine, policy, recipe, steps: list[list[RolloutTask]]) -> float:
+    """Trajectories/s over all but the first (warm-up) step."""
+    sampling = stage_sampling(recipe)
+    run_ordered(engine, steps[0], sampling)
+    n, t0 = 0, time.perf_counter()
+    for tasks in steps[1:]:
+        engine.sync(policy)
+        n += len(run_ordered(engine, tasks, sampling))
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--groups-per-task", type=int, default=2)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = ap.parse_args()
+
+    recipe = load_recipe(REPO / "recipes" / "tiny_blocks.yaml", [
+        f"rollout.groups_per_task={args.groups_per_task}", "rollout.threads_per_worker=1",
+        f"ray.num_cpus={max(2, max(args.workers))}", "ray.log_to_driver=false"])
+    torch.manual_seed(0)
+    policy = build_policy(recipe)
+    torch.set_num_threads(1)  # local mode samples on one thread, like one worker
+    steps = step_tasks(recipe, policy, args.steps)
+    t = recipe.tree
+    print(f"tiny_blocks rollout: {args.steps} steps x ({t.prompts_per_step} + {t.refine_groups_per_step} groups of "
+          f"{t.group_size}), {len(steps[0])} tasks/step, {os.cpu_count()} cores")
+
+    results = {"local": measure(LocalEngine(policy, recipe.templates.stop_phrase), policy, recipe, steps)}
+    from r3_rl.rollout.ray_engine import RayEngine
+
+    for w in args.workers:
+        recipe.rollout.workers = w
+        engine = RayEngine(recipe, policy, lambda m: print("event:", m))
+        try:
+            results[f"ray x{w}"] = measure(engine, policy, recipe, steps)
+        finally:
+            engine.close()
+    import ray
+
+    ray.shutdown()
+    print(f"{'mode':10s} {'trajectories/s':>15s}")
+    for k, v in results.items():
+        print(f"{k:10s} {v:15.2f}")
+    if "ray x1" in results:
+        print(f"Ray overhead at 1 worker vs local: {100 * (results['local'] / results['ray x1'] - 1):+.1f}% "
+              f"(goal <= 15%)")
+    if "ray x1" in results and "ray x2" in results:
+        print(f"2 workers / 1 worker: {results['ray x2'] / results['ray x1']:.2f}x (physical limit 2.0; goal >= 1.6)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Learner ranks as Ray actors: data-parallel DeepSpeed over ``learner.ranks`` processes (one per GPU).
+
+Where it fits: with ``learner.ranks: N > 1`` the trainer's learner is a :class:`RankedLearner`.  It has
+the same calls as the in-process learners (``step``, ``save``, ``load``), so the loop, checkpoints and
+resume do not change; the trainer's own policy becomes a mirror that receives rank 0's weights after
+every update (it serves evaluation, rollout weight sync and ``save_pretrained``).
+
+Why it is exact: every rank gets the whole batch and takes every N-th micro-batch of each mini-batch;
+losses keep their weight relative to the whole mini-batch, and are multiplied by N because DeepSpeed
+averages gradients over ranks, so the summed gradient equals the one-rank gradient (tested).  Ranks
+with fewer micro-batches run zero-weighted repeats to keep DeepSpeed's collectives in lockstep.
+
+Gotchas: ZeRO-3 is refused here (rank 0 would hold only its shard of the weights to mirror; use ZeRO
+0-2, or one rank).  Checkpoints are written by all ranks into the same folder: on a multi-node
+cluster the run directory must be on a shared filesystem.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r3_rl.errors import UserError
+from r3_rl.policy.base import Policy
+
+
+class LearnerRank:
+    """One data-parallel rank: a policy copy, its KL reference and a DeepSpeed learner."""
+
+    def __init__(self, recipe_data: dict[str, Any], rank: int, world: int, threads: int) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+        self.recipe_data, self.rank, self.world = recipe_data, rank, world
+        self.learner: Any = None
+
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 listens for the rendezvous: this node's IP and a free port."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = int(s.getsockname()[1])
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master: tuple[str, int], policy_state: dict[str, Any], reference_state: dict[str, Any] | None,
+              version: int) -> bool:
+        """Join the process group; build policy (+ LoRA), reference and learner.  All ranks call this together."""
+        from r3_rl.config import Recipe
+        from r3_rl.learner.build import build_learner
+        from r3_rl.policy.tiny import build_policy
+
+        os.environ.update({"RANK": str(self.rank), "WORLD_SIZE": str(self.world), "LOCAL_RANK": "0",
+                           "MASTER_ADDR": master[0], "MASTER_PORT": str(master[1])})
+        if torch.cuda.is_available():
+            os.environ["LOCAL_RANK"] = str(torch.cuda.current_device())
+        recipe = Recipe.model_validate(self.recipe_data)
+        lora, recipe.learner.lora, recipe.learner.ranks = recipe.learner.lora, None, 1  # this process is one rank
+        policy = build_policy(recipe)
+        reference: Any = None
+        if lora is not None:  # adapters first, so the driver's parameter names match; reference = adapters off
+            from r3_rl.learner.lora import AdapterDisabledReference, apply_lora
+
+            reference = AdapterDisabledReference(policy, apply_lora(policy, lora))
+        policy.load_state_dict(policy_state, version)  # before DeepSpeed copies the weights into its partitions
+        if lora is None and reference_state is not None:
+            reference = policy.frozen_copy()
+            reference.model.load_state_dict(reference_state)
+        self.policy, self.reference_is_copy = policy, lora is None and reference is not None
+        self.reference = reference
+        self.learner = build_learner(policy, reference, recipe)
+        self.learner.rank, self.learner.world = self.rank, self.world
+        return True
+
+    def step(self, items: list[Any]) -> dict[str, float]:
+        return self.learner.step(items)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu") for k, v in self.policy.state_dict().items()}
+
+    def save(self, path: str) -> None:
+        if self.rank == 0:
+            self.learner.save(Path(path))
+        else:  # only the DeepSpeed state is per rank; counters are rank 0's
+            Path(path).mkdir(parents=True, exist_ok=True)
+            self.learner.optim.save(Path(path))
+
+    def load(self, path: str, reference_file: str | None) -> None:
+        self.learner.load(Path(path))
+        if reference_file and self.reference_is_copy:
+            from safetensors.torch import load_model
+
+            load_model(self.reference.model, reference_file)
+
+
+def _merge(rank_metrics: list[dict[str, float]]) -> dict[str, float]:
+    """Per-rank metrics -> one dict: losses add up (each rank holds its share), the rest is averaged."""
+    out: dict[str, float] = {}
+    for key in rank_metrics[0]:
+        vals = [m[key] for m in rank_metrics if key in m]
+        if key in ("learner/loss",):
+            out[key] = sum(vals)
+        elif key.endswith("min"):
+            out[key] = min(vals)
+        elif key.endswith("max"):
+            out[key] = max(vals)
+        else:
+            out[key] = sum(vals) / len(vals)
+    return out
+
+
+class RankedLearner:
+    """``learner.ranks`` :class:`LearnerRank` actors behind the in-process learner's interface."""
+
+    def __init__(self, policy: Policy, reference: Any, recipe: Any) -> None:
+        import ray
+
+        cfg = recipe.learner
+        if cfg.backend != "deepspeed":
+            raise UserError(f"learner.ranks: {cfg.ranks} ranks need learner.backend: deepspeed")
+        if cfg.deepspeed.zero_stage == 3:
+            raise UserError("learner.ranks: ZeRO-3 across Ray ranks is not supported; use "
+                            "learner.deepspeed.zero_stage 0-2 or learner.ranks: 1")
+        from r3_rl.rollout.ray_engine import start_ray
+
+        self._owns_ray = start_ray(recipe.ray)
+        self.policy = policy
+        if cfg.lora is not None:  # the mirror must have the ranks' parameter names
+            from r3_rl.learner.lora import apply_lora
+
+            apply_lora(policy, cfg.lora)
+        data = recipe.model_dump(mode="json")
+        actor = ray.remote(LearnerRank).options(num_cpus=cfg.cpus_per_rank, num_gpus=cfg.gpus_per_rank,
+                                                max_restarts=0)
+        threads = max(1, int(cfg.cpus_per_rank))
+        self.ranks = [actor.remote(data, r, cfg.ranks, threads) for r in range(cfg.ranks)]
+        try:
+            master = ray.get(self.ranks[0].address.remote())
+            state = {k: v.detach().to("cpu") for k, v in policy.state_dict().items()}
+            ref_state = None
+            if reference is not None and cfg.lora is None:
+                ref_state = {k: v.detach().to("cpu") for k, v in reference.model.state_dict().items()}
+            ray.get([r.setup.remote(master, state, ref_state, policy.version) for r in self.ranks])
+        except BaseException:
+            self.close()
+            raise
+
+    def step(self, items: list[Any]) -> dict[str, float]:
+        import ray
+
+        if not items:
+            return {"learner/skipped_empty": 1.0}
+        ref = ray.put(items)
+        metrics = _merge(ray.get([r.step.remote(ref) for r in self.ranks]))
+        if "learner/loss" in metrics:
+            self.policy.load_state_dict(ray.get(self.ranks[0].weights.remote()))
+        return metrics
+
+    def save(self, path: Path) -> None:
+        import ray
+
+        ray.get([r.save.remote(str(path)) for r in self.ranks])
+
+    def load(self, path: Path) -> None:
+        import ray
+
+        ref_file = Path(path).parent / "reference.safetensors"
+        ray.get([r.load.remote(str(path), str(ref_file) if ref_file.is_file() else None) for r in self.ranks])
+        self.policy.load_state_dict(ray.get(self.ranks[0].weights.remote()))
+
+    def close(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        for r in self.ranks:
+            try:
+                ray.kill(r, no_restart=True)
+            except Exception:
+                pass
+        self.ranks = []
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False
