@@ -18,7 +18,6 @@ so machine load hits them alike; the median of ``--repeats`` rounds is reported.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import statistics

@@ -25,6 +25,7 @@ import torch
 
 from r3_rl.errors import UserError
 from r3_rl.policy.base import Policy
+from r3_rl.ray_runtime import kill_actors, start_ray, stop_ray
 
 
 class LearnerRank:
@@ -125,8 +126,6 @@ class RankedLearner:
         if cfg.deepspeed.zero_stage == 3:
             raise UserError("learner.ranks: ZeRO-3 across Ray ranks is not supported; use "
                             "learner.deepspeed.zero_stage 0-2 or learner.ranks: 1")
-        from r3_rl.rollout.ray_engine import start_ray
-
         self._owns_ray = start_ray(recipe.ray)
         self.policy = policy
         if cfg.lora is not None:  # the mirror must have the ranks' parameter names
@@ -173,16 +172,6 @@ class RankedLearner:
         self.policy.load_state_dict(ray.get(self.ranks[0].weights.remote()))
 
     def close(self) -> None:
-        import ray
-
-        if not ray.is_initialized():
-            return
-        for r in self.ranks:
-            try:
-                ray.kill(r, no_restart=True)
-            except Exception:
-                pass
+        kill_actors(self.ranks)
         self.ranks = []
-        if self._owns_ray:
-            ray.shutdown()
-            self._owns_ray = False
+        self._owns_ray = stop_ray(self._owns_ray)

@@ -160,7 +160,9 @@ class TorchLearner:
                         total += value
                         for k, v in m.items():
                             step_sums.setdefault(k, []).append(v)
-                applied, norm = self.optim.step() if finite else (False, math.nan)
+                # several ranks always step together; the NaN gradient makes DeepSpeed skip it on every rank
+                applied, norm = self.optim.step() if finite or self.world > 1 else (False, math.nan)
+                applied = applied and finite
                 if not applied:
                     skipped += 1
                     continue

@@ -21,7 +21,7 @@ from r3_rl.blocks import codec, world
 from r3_rl.errors import UserError
 from r3_rl.policy.base import ImageInput, ImageSample, Policy, TextSample
 from r3_rl.policy.sampling import cfg_logits, sample_tokens, sampling_logprobs
-from r3_rl.policy.tiny_tokenizer import PLACEHOLDER, SPECIALS, build_tokenizer, image_token, template_words
+from r3_rl.policy.tiny_tokenizer import PLACEHOLDER, build_tokenizer, image_token, template_words
 from r3_rl.trajectory import PromptItem, SamplingParams, Segment
 
 GRID_FILE = "r3_grid.json"

@@ -28,31 +28,11 @@ import torch
 
 from r3_rl.errors import UserError
 from r3_rl.policy.base import Policy
+from r3_rl.ray_runtime import actor_died, kill_actors, start_ray, stop_ray
 from r3_rl.rewards.base import RewardSample
 from r3_rl.rewards.reward_set import RewardSet, ScoredSample
 from r3_rl.rollout.tree_rl import RolloutTask, StageSampling, run_task
 from r3_rl.trajectory import Tree
-
-
-def start_ray(ray_cfg: Any) -> bool:
-    """Start (or join) Ray for ``ray_cfg`` (the recipe's ``ray`` section); True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": ray_cfg.log_to_driver,
-                          "configure_logging": False}
-    if ray_cfg.address:
-        kw["address"] = ray_cfg.address
-    else:
-        kw["num_cpus"] = ray_cfg.num_cpus or os.cpu_count() or 1
-    try:
-        ray.init(**kw)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        where = f"ray.address: cannot join {ray_cfg.address!r}" if ray_cfg.address else "ray: cannot start a local Ray"
-        raise UserError(f"{where} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); start one with "
-                        f"`ray start --head` or remove ray.address to start a local Ray") from None
-    return True
 
 
 def worker_policy(recipe: Any) -> Policy:
@@ -103,12 +83,6 @@ class RewardWorker:
         return self.rewards.score(samples)
 
 
-def _actor_died(e: BaseException) -> bool:
-    import ray.exceptions as rex
-
-    return isinstance(e, (rex.RayActorError, getattr(rex, "ActorUnavailableError", rex.RayActorError)))
-
-
 class RayEngine:
     """``rollout.workers`` Ray actors sampling tasks; dead actors are replaced and their task reissued."""
 
@@ -141,18 +115,21 @@ class RayEngine:
 
         state = {k: v.detach().to("cpu") for k, v in policy.state_dict().items()}
         self._weights, self._version = ray.put(state), policy.version
-        loaded = ray.get([w.load.remote(self._weights, self._version) for w in self.workers])
-        assert all(v == self._version for v in loaded)
+        refs = [w.load.remote(self._weights, self._version) for w in self.workers]
+        for i, ref in enumerate(refs):
+            try:
+                ray.get(ref)
+            except Exception as e:  # died between steps: its replacement loads the new weights
+                if not actor_died(e):
+                    raise
+                self._replace(i, type(e).__name__)
 
     def _replace(self, index: int, why: str) -> None:
         import ray
 
         self.restarts += 1
         self.log_event(f"rollout worker {index} failed ({why}); restarted it with policy version {self._version}")
-        try:
-            ray.kill(self.workers[index], no_restart=True)
-        except Exception:  # already gone
-            pass
+        kill_actors([self.workers[index]])
         fresh = self._actor_cls.remote(self._recipe_data, self._threads)
         ray.get(fresh.load.remote(self._weights, self._version))
         self.workers[index] = fresh
@@ -176,7 +153,7 @@ class RayEngine:
             try:
                 trees = ray.get(ref)
             except Exception as e:
-                if not _actor_died(e):
+                if not actor_died(e):
                     raise
                 reissued[task.index] = reissued.get(task.index, 0) + 1
                 if reissued[task.index] > self.max_reissues:
@@ -198,19 +175,9 @@ class RayEngine:
 
     def close(self) -> None:
         """Kill our actors; shut Ray down if this engine started it (no orphaned processes)."""
-        import ray
-
-        if not ray.is_initialized():
-            return
-        for w in self.workers:
-            try:
-                ray.kill(w, no_restart=True)
-            except Exception:
-                pass
+        kill_actors(self.workers)
         self.workers = []
-        if self._owns_ray:
-            ray.shutdown()
-            self._owns_ray = False
+        self._owns_ray = stop_ray(self._owns_ray)
 
 
 class RayRewardSet:
@@ -247,7 +214,7 @@ class RayRewardSet:
             try:
                 got = ray.get(ref)
             except Exception as e:
-                if not _actor_died(e):
+                if not actor_died(e):
                     raise
                 self.restarts += 1
                 self.log_event(f"reward worker {i} failed ({type(e).__name__}); {len(chunk)} samples marked failed")
@@ -259,11 +226,5 @@ class RayRewardSet:
         return out  # type: ignore[return-value]
 
     def close(self) -> None:
-        import ray
-
-        for a in self.actors:
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:
-                pass
+        kill_actors(self.actors)
         self.actors = []
