@@ -220,7 +220,7 @@ class TinyUnifiedPolicy(Policy):
         for i, s in enumerate(seqs):
             input_ids[i, :len(s)] = torch.tensor(s)
             mask[i, :len(s)] = 1
-        logits = self._model(input_ids=input_ids, attention_mask=mask).logits.float()
+        logits = self._model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
         t_max = max(len(t) for t in targets)
         idx = torch.zeros((len(seqs), t_max), dtype=torch.long)
         for i, (c, t) in enumerate(zip(contexts, targets)):
@@ -238,14 +238,24 @@ class TinyUnifiedPolicy(Policy):
             logits = logits.clone()
             for j, i in enumerate(cfg_rows):
                 logits[i] = cfg_logits(logits[i], unc[j], segments[i].sampling.cfg_scale)
-        out: list[torch.Tensor] = []
+        # one sampling_logprobs call per (modality, distribution) group, not per segment: the same
+        # row-wise maths, far fewer small autograd ops (the learner's hot path)
+        groups: dict[tuple[Any, ...], list[int]] = {}
         for i, s in enumerate(segments):
-            n = len(s.token_ids)
-            allowed = self.image_mask if s.modality == "image" else self.text_mask
-            keep = torch.tensor(s.token_ids, dtype=torch.long)
-            lp = sampling_logprobs(logits[i, :n], s.sampling, allowed, keep=keep)
-            out.append(lp.gather(-1, keep.unsqueeze(-1)).squeeze(-1))
-        return out
+            groups.setdefault((s.modality, s.sampling.temperature, s.sampling.top_k, s.sampling.top_p), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(segments)
+        for (modality, *_), rows in groups.items():
+            width = max(len(targets[i]) for i in rows)
+            keep = torch.zeros((len(rows), width), dtype=torch.long)  # padding keeps token 0; sliced off below
+            for j, i in enumerate(rows):
+                keep[j, :len(targets[i])] = torch.tensor(targets[i], dtype=torch.long)
+            allowed = self.image_mask if modality == "image" else self.text_mask
+            idx = torch.tensor(rows, dtype=torch.long)
+            lp = sampling_logprobs(logits[idx, :width], segments[rows[0]].sampling, allowed, keep=keep)
+            picked = lp.gather(-1, keep.unsqueeze(-1)).squeeze(-1)
+            for j, i in enumerate(rows):
+                out[i] = picked[j, :len(targets[i])]
+        return out  # type: ignore[return-value]
 
 
 def build_policy(recipe: Any) -> Policy:
