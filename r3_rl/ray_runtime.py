@@ -33,6 +33,11 @@ def start_ray(ray_cfg: Any) -> bool:
     return True
 
 
+def cpu_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A state dict as detached CPU tensors: what goes through Ray's object store to other processes."""
+    return {k: v.detach().to("cpu") for k, v in state.items()}
+
+
 def stop_ray(owned: bool) -> bool:
     """Shut Ray down if ``owned`` (this run started it); returns the new ownership (always False)."""
     import ray

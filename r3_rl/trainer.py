@@ -116,12 +116,6 @@ class Trainer:
         self._fill_buffer(trees)
         return trees
 
-    def score(self, trees: list[Tree]) -> None:
-        """Score trees sampled elsewhere (all at once) and feed the parent buffer."""
-        self._score_task(trees)
-        self._check_failures()
-        self._fill_buffer(trees)
-
     def _score_task(self, trees: list[Tree]) -> None:
         self.scorer.score_images((tr, n) for tr in trees for n in tr.nodes.values()
                                  if n.image is not None and n.reward is None and n.segment is not None)

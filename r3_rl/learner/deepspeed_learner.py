@@ -30,9 +30,10 @@ import torch
 from r3_rl.learner.optim import make_adamw, trainable, warmup_lambda
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (``""`` = every interface), for a process-group rendezvous."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -44,7 +45,7 @@ def ensure_dist_env() -> str:
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     if "TORCH_EXTENSIONS_DIR" not in os.environ:  # the CPU shm comm op is compiled once, then cached here
         os.environ["TORCH_EXTENSIONS_DIR"] = str(Path.home() / ".cache" / "torch_extensions")
     return "nccl" if gpu else "gloo"

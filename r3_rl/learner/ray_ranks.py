@@ -17,7 +17,6 @@ cluster the run directory must be on a shared filesystem.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,9 @@ import torch
 
 from r3_rl.errors import UserError
 from r3_rl.policy.base import Policy
-from r3_rl.ray_runtime import kill_actors, start_ray, stop_ray
+from r3_rl.learner.deepspeed_learner import free_port
+from r3_rl.learner.torch_learner import reduce_metric
+from r3_rl.ray_runtime import cpu_state, kill_actors, start_ray, stop_ray
 
 
 class LearnerRank:
@@ -43,10 +44,7 @@ class LearnerRank:
         """Where rank 0 listens for the rendezvous: this node's IP and a free port."""
         import ray
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = int(s.getsockname()[1])
-        return ray.util.get_node_ip_address(), port
+        return ray.util.get_node_ip_address(), free_port("")
 
     def setup(self, master: tuple[str, int], policy_state: dict[str, Any], reference_state: dict[str, Any] | None,
               version: int) -> bool:
@@ -81,7 +79,7 @@ class LearnerRank:
         return self.learner.step(items)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu") for k, v in self.policy.state_dict().items()}
+        return cpu_state(self.policy.state_dict())
 
     def save(self, path: str) -> None:
         if self.rank == 0:
@@ -103,14 +101,7 @@ def _merge(rank_metrics: list[dict[str, float]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key in rank_metrics[0]:
         vals = [m[key] for m in rank_metrics if key in m]
-        if key in ("learner/loss",):
-            out[key] = sum(vals)
-        elif key.endswith("min"):
-            out[key] = min(vals)
-        elif key.endswith("max"):
-            out[key] = max(vals)
-        else:
-            out[key] = sum(vals) / len(vals)
+        out[key] = sum(vals) if key == "learner/loss" else reduce_metric(key, vals)
     return out
 
 
@@ -139,10 +130,8 @@ class RankedLearner:
         self.ranks = [actor.remote(data, r, cfg.ranks, threads) for r in range(cfg.ranks)]
         try:
             master = ray.get(self.ranks[0].address.remote())
-            state = {k: v.detach().to("cpu") for k, v in policy.state_dict().items()}
-            ref_state = None
-            if reference is not None and cfg.lora is None:
-                ref_state = {k: v.detach().to("cpu") for k, v in reference.model.state_dict().items()}
+            state = cpu_state(policy.state_dict())
+            ref_state = cpu_state(reference.model.state_dict()) if reference is not None and cfg.lora is None else None
             ray.get([r.setup.remote(master, state, ref_state, policy.version) for r in self.ranks])
         except BaseException:
             self.close()

@@ -47,7 +47,8 @@ def micro_batch_inputs(policy: Policy, reference: Any, items: list[TrainItem], k
     return {"logp": logp, "old_logp": old, "mask": mask, "advantages": adv, "ref_logp": ref, "kl_coef": kl_coef}
 
 
-def _reduce(key: str, values: list[float]) -> float:
+def reduce_metric(key: str, values: list[float]) -> float:
+    """One value for a metric logged per micro-batch (or per rank): *min -> min, *max -> max, else the mean."""
     if key.endswith("min"):
         return min(values)
     if key.endswith("max"):
@@ -172,7 +173,7 @@ class TorchLearner:
                 for k, v in step_sums.items():
                     sums.setdefault(k, []).extend(v)
         self.skipped_steps += skipped
-        metrics = {f"learner/{k}": _reduce(k, v) for k, v in sums.items()}
+        metrics = {f"learner/{k}": reduce_metric(k, v) for k, v in sums.items()}
         if losses:  # the trainer bumps the policy version only when the weights moved
             metrics["learner/loss"] = sum(losses) / len(losses)
             metrics["learner/grad_norm"] = sum(norms) / len(norms)

@@ -28,7 +28,7 @@ import torch
 
 from r3_rl.errors import UserError
 from r3_rl.policy.base import Policy
-from r3_rl.ray_runtime import actor_died, kill_actors, start_ray, stop_ray
+from r3_rl.ray_runtime import actor_died, cpu_state, kill_actors, start_ray, stop_ray
 from r3_rl.rewards.base import RewardSample
 from r3_rl.rewards.reward_set import RewardSet, ScoredSample
 from r3_rl.rollout.tree_rl import RolloutTask, StageSampling, run_task
@@ -113,8 +113,7 @@ class RayEngine:
         """Put the policy's weights in the object store once; every worker loads them before sampling."""
         import ray
 
-        state = {k: v.detach().to("cpu") for k, v in policy.state_dict().items()}
-        self._weights, self._version = ray.put(state), policy.version
+        self._weights, self._version = ray.put(cpu_state(policy.state_dict())), policy.version
         refs = [w.load.remote(self._weights, self._version) for w in self.workers]
         for i, ref in enumerate(refs):
             try:
