@@ -12,6 +12,12 @@ generation phase, so added here), ``compute_loss`` and ``accelerator.backward``,
 ``create_optimizer`` builds.  Generation is excluded on both sides.  Rounds interleave the three learners
 so machine load hits them alike; the median of ``--repeats`` rounds is reported.
 
+Two layouts of the same batch are measured.  *Siblings* is GRPO's: each prompt's ``group`` completions
+share the prompt, and our tiny policy runs each distinct context once and shares its KV cache among
+the siblings (TRL runs every row in full).  *Distinct* gives every completion its own prompt, so
+nothing is shared and our learner runs one forward over full rows like TRL.  The goal is for the
+sibling layout, the one GRPO and Tree-RL train on.
+
     python benchmarks/learner_step.py [--prompts 8] [--group 8] [--length 16] [--hidden 128] [--layers 4]
                                       [--repeats 10] [--threads 2]
 """
@@ -47,16 +53,29 @@ from r3_rl.trajectory import SamplingParams, Segment  # noqa: E402
 BETA, LR, CLIP = 1e-3, 1e-6, 0.2  # a tiny lr keeps the ratio near 1 over the repeats, like a real first epoch
 
 
-def make_items(policy: TinyUnifiedPolicy, prompts: int, group: int, length: int, seed: int = 0) -> list[TrainItem]:
-    """``prompts x group`` completions of exactly ``length`` text tokens with their behaviour log-probs."""
+NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+COLOURS = ["red", "blue", "green", "yellow", "purple", "orange"]
+SHAPES = ["squares", "circles", "triangles"]
+
+
+def prompt_text(i: int) -> str:
+    """The ``i``-th of 180 distinct prompts, all of the same length."""
+    return f"a photo of {NUMBERS[i % 10]} {COLOURS[i // 10 % 6]} {SHAPES[i // 60 % 3]}"
+
+
+def make_items(policy: TinyUnifiedPolicy, prompts: int, group: int, length: int, distinct: bool = False,
+               seed: int = 0) -> list[TrainItem]:
+    """``prompts x group`` completions of exactly ``length`` text tokens with their behaviour log-probs.
+
+    Siblings share their prompt unless ``distinct``, where every completion has a prompt of its own."""
     gen = torch.Generator().manual_seed(seed)
     allowed = policy.text_mask.nonzero().squeeze(-1)
     allowed = allowed[allowed != policy.stop_id]
     sp = SamplingParams(temperature=1.0, max_new_tokens=length)
     segs = []
     for i in range(prompts):
-        ctx = policy.render("reason", prompt=f"a photo of {i % 5 + 1} red squares")
-        for _ in range(group):
+        for j in range(group):
+            ctx = policy.render("reason", prompt=prompt_text(i * group + j if distinct else i))
             toks = allowed[torch.randint(len(allowed), (length,), generator=gen)].tolist()
             segs.append(Segment(modality="text", context={"input_ids": ctx}, token_ids=toks, logprobs=[], sampling=sp))
     with torch.no_grad():
@@ -121,6 +140,32 @@ def trl(path: str, items: list[TrainItem], group: int, length: int, out: str) ->
     return step
 
 
+def measure(path: str, items: list[TrainItem], a: argparse.Namespace, tmp: str) -> dict[str, list[float]]:
+    """Seconds per learner step of TRL, ours on torch and ours on DeepSpeed, interleaved round by round."""
+    steps = {"TRL GRPOTrainer": trl(path, items, a.group, a.length, tmp),
+             "ours, torch AdamW": ours(path, items, "torch"),
+             "ours, DeepSpeed ZeRO-2": ours(path, items, "deepspeed")}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(a.warmup + a.repeats):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            if r >= a.warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def report(title: str, times: dict[str, list[float]], goal: bool) -> None:
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    print(title)
+    for k, v in med.items():
+        print(f"  {k:24s} {v:8.1f} ms   (min {min(times[k]) * 1e3:.1f}, max {max(times[k]) * 1e3:.1f})")
+    print(f"  ours (DeepSpeed ZeRO-2) / TRL      = {med['ours, DeepSpeed ZeRO-2'] / med['TRL GRPOTrainer']:.2f}x"
+          + ("  (goal <= 1.0x)" if goal else ""))
+    print(f"  DeepSpeed ZeRO-2 / plain torch step = "
+          f"{med['ours, DeepSpeed ZeRO-2'] / med['ours, torch AdamW']:.2f}x" + ("  (goal <= 1.2x)" if goal else ""))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=8)
@@ -140,27 +185,14 @@ def main() -> None:
                                          num_layers=a.layers, num_heads=4, intermediate_size=2 * a.hidden,
                                          max_positions=160)
         policy.save_pretrained(tmp + "/model")
-        items = make_items(policy, a.prompts, a.group, a.length)
-        steps = {"TRL GRPOTrainer": trl(tmp + "/model", items, a.group, a.length, tmp + "/trl"),
-                 "ours, torch AdamW": ours(tmp + "/model", items, "torch"),
-                 "ours, DeepSpeed ZeRO-2": ours(tmp + "/model", items, "deepspeed")}
-        times: dict[str, list[float]] = {k: [] for k in steps}
-        for r in range(a.warmup + a.repeats):
-            for name, fn in steps.items():
-                t0 = time.perf_counter()
-                fn()
-                if r >= a.warmup:
-                    times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        siblings = measure(tmp + "/model", make_items(policy, a.prompts, a.group, a.length), a, tmp + "/trl")
+        distinct = measure(tmp + "/model", make_items(policy, a.prompts, a.group, a.length, distinct=True), a,
+                           tmp + "/trl_distinct")
     n = a.prompts * a.group
     print(f"learner step, {n} completions ({a.prompts} prompts x {a.group}) of {a.length} tokens, tiny Llama "
           f"hidden {a.hidden} x {a.layers} layers, {a.threads} threads, CPU; median of {a.repeats}:")
-    for k, v in med.items():
-        print(f"  {k:24s} {v:8.1f} ms   (min {min(times[k]) * 1e3:.1f}, max {max(times[k]) * 1e3:.1f})")
-    print(f"ours (DeepSpeed ZeRO-2) / TRL      = {med['ours, DeepSpeed ZeRO-2'] / med['TRL GRPOTrainer']:.2f}x"
-          "  (goal <= 1.0x)")
-    print(f"DeepSpeed ZeRO-2 / plain torch step = {med['ours, DeepSpeed ZeRO-2'] / med['ours, torch AdamW']:.2f}x"
-          "  (goal <= 1.2x)")
+    report(f"siblings share their prompt (GRPO groups of {a.group}):", siblings, goal=True)
+    report("every completion has its own prompt (nothing to share):", distinct, goal=False)
 
 
 if __name__ == "__main__":

@@ -89,3 +89,51 @@ def test_save_and_load_round_trip(policy: TinyUnifiedPolicy, tmp_path) -> None:
     with torch.no_grad():
         for a, b in zip(policy.segment_logprobs(segments), back.segment_logprobs(segments)):
             assert torch.allclose(a, b)
+
+
+def _sibling_segments(policy: TinyUnifiedPolicy, sp: SamplingParams, seed: int, group: int = 4):
+    """Like a Tree-RL step: every prompt's stage is sampled ``group`` times from the same context."""
+    prompts = [p for p in PROMPTS for _ in range(group)]
+    gen = torch.Generator().manual_seed(seed)
+    plans = policy.reason(prompts, sp, gen)
+    images = policy.generate(prompts, [None] * len(prompts), sp, gen)  # siblings share the plan-free context
+    first = [ImageInput(images[i].image, images[i].image_tokens) for i in range(0, len(prompts), group)]
+    parents = [im for im in first for _ in range(group)]
+    crits = policy.reflect(prompts, parents, sp, gen)
+    return [s.segment for s in plans + images + crits]
+
+
+def _logprobs_and_grads(policy: TinyUnifiedPolicy, segments):
+    policy.model.zero_grad()
+    lps = policy.segment_logprobs(segments)
+    sum(((lp - 0.1) ** 2).sum() for lp in lps).backward()
+    return [lp.detach() for lp in lps], [p.grad.clone() for p in policy.model.parameters()]
+
+
+def test_siblings_share_their_context_forward_with_the_same_logprobs_and_gradients(policy, monkeypatch) -> None:
+    segments = _sibling_segments(policy, SAMPLERS[2], seed=4)
+    distinct_contexts_run = []
+    real = TinyUnifiedPolicy._shared_context_logits
+    monkeypatch.setattr(TinyUnifiedPolicy, "_shared_context_logits",
+                        lambda self, prefixes, *a: distinct_contexts_run.append(len(prefixes)) or real(self, prefixes, *a))
+    shared_lp, shared_grad = _logprobs_and_grads(policy, segments)
+    assert distinct_contexts_run, "siblings with one context each did not take the shared-context forward"
+    assert all(n < len(segments) for n in distinct_contexts_run)
+
+    monkeypatch.setattr(TinyUnifiedPolicy, "_token_logits", TinyUnifiedPolicy._full_row_logits)  # one forward per row
+    full_lp, full_grad = _logprobs_and_grads(policy, segments)
+    for a, b, seg in zip(shared_lp, full_lp, segments):
+        assert a.shape == (len(seg.token_ids),)
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+    for a, b in zip(shared_grad, full_grad):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sp", SAMPLERS, ids=["plain", "temp_top_p", "topk_cfg"])
+def test_ratio_is_one_for_siblings_sharing_a_context(policy: TinyUnifiedPolicy, sp: SamplingParams) -> None:
+    segments = _sibling_segments(policy, sp, seed=8)
+    with torch.no_grad():
+        recomputed = policy.segment_logprobs(segments)
+    for seg, lp in zip(segments, recomputed):
+        ratio = torch.exp(lp - torch.tensor(seg.logprobs))
+        assert torch.all((ratio - 1).abs() < 1e-5), (seg.modality, ratio)

@@ -95,7 +95,7 @@ class JanusEngine:
 
     def _trunk(self, emb: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: object = None):
         return self.model.model.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
-                                                past_key_values=cache, use_cache=True)
+                                                cache=cache, use_cache=True)
 
     # ------------------------------------------------------------------ sampling
     def _decode_step(self, emb: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: object,
@@ -118,10 +118,10 @@ class JanusEngine:
             from transformers.masking_utils import create_causal_mask
 
             attn = create_causal_mask(config=lm.config, inputs_embeds=emb, attention_mask=mask,
-                                      past_key_values=cache, position_ids=pos)
+                                      cache=cache, position_ids=pos)
         h = emb
         for layer in lm.layers[:lm.config.num_hidden_layers]:
-            h = layer(h, attention_mask=attn, position_embeddings=rotary, position_ids=pos, past_key_values=cache,
+            h = layer(h, attention_mask=attn, position_embeddings=rotary, position_ids=pos, cache=cache,
                       use_cache=True)
         return lm.norm(h)[:, -1]
 
@@ -144,7 +144,7 @@ class JanusEngine:
         rows, row_images = (ids + null_ids, images + images) if cfg else (ids, images)  # type: ignore[operator]
         emb, mask, pos = self.embed(rows, row_images, left=True)
         out = self._trunk(emb, mask, pos)
-        hidden, cache = out.last_hidden_state[:, -1], out.past_key_values
+        hidden, cache = out.last_hidden_state[:, -1], out.cache
         r, width = mask.shape
         full_mask = torch.ones((r, width + steps), dtype=torch.bool, device=self.device)
         full_mask[:, :width] = mask.bool()

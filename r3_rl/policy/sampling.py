@@ -41,7 +41,8 @@ def sampling_logprobs(logits: torch.Tensor, sp: SamplingParams, allowed: torch.T
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     temperature = sp.temperature if sp.temperature > 0 else 1.0
-    logits = logits / temperature
+    if temperature != 1.0:  # x / 1.0 == x exactly; skipping it saves a [B, T, V] op and its backward
+        logits = logits / temperature
     if sp.top_k and sp.top_k > 0 and sp.top_k < logits.shape[-1]:
         kth = torch.topk(logits, sp.top_k, dim=-1).values[..., -1:]
         drop = logits < kth

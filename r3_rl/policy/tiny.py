@@ -117,16 +117,20 @@ class TinyUnifiedPolicy(Policy):
         return [self.bos_id] + self.encode(text)
 
     # ------------------------------------------------------------------ sampling core
-    def _forward_last(self, ids: list[list[int]]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+    def _left_padded(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``ids`` left-padded to one width: (input ids, attention mask, position ids), all ``[B, W]``."""
         width = max(len(x) for x in ids)
         input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):  # left padding
+        for i, x in enumerate(ids):
             input_ids[i, width - len(x):] = torch.tensor(x)
             mask[i, width - len(x):] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def _forward_last(self, ids: list[list[int]]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+        input_ids, mask, pos = self._left_padded(ids)
         out = self._model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        return out.logits[:, -1].float(), out.past_key_values, mask, pos[:, -1]
+        return out.logits[:, -1].float(), out.cache, mask, pos[:, -1]
 
     @torch.no_grad()
     def _sample(self, contexts: list[list[int]], modality: str, sp: SamplingParams,
@@ -160,8 +164,8 @@ class TinyUnifiedPolicy(Policy):
             mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
             last_pos = last_pos + 1
             out = self._model(input_ids=feed.unsqueeze(1), attention_mask=mask, position_ids=last_pos.unsqueeze(1),
-                              past_key_values=cache, use_cache=True)
-            logits, cache = out.logits[:, -1].float(), out.past_key_values
+                              cache=cache, use_cache=True)
+            logits, cache = out.logits[:, -1].float(), out.cache
         segs = []
         for i in range(n):
             k = int(lengths[i])
@@ -212,21 +216,60 @@ class TinyUnifiedPolicy(Policy):
 
     # ------------------------------------------------------------------ training forward
     def _token_logits(self, contexts: list[list[int]], targets: list[list[int]]) -> torch.Tensor:
-        """Logits ``[B, T, V]`` predicting each target token (right padding, one forward)."""
+        """Logits ``[B, T, V]`` predicting each target token (rows past a target's length are padding).
+
+        Tree-RL siblings share their context (the same prompt, the same parent image), so when contexts
+        repeat each distinct one is run once and its KV cache serves all its rows' targets: the same
+        maths as one forward over every ``context + target`` row, with fewer tokens through the model
+        (gradients flow back through the cache).  Without repeated contexts, or when sharing would not
+        save tokens, one right-padded forward over the full rows.
+        """
+        distinct: dict[tuple[int, ...], int] = {}
+        row_of = [distinct.setdefault(tuple(c), len(distinct)) for c in contexts]
+        t_max = max(len(t) for t in targets)
+        shared_tokens = len(distinct) * max(len(c) for c in distinct) + len(targets) * (t_max - 1)
+        full_tokens = len(targets) * max(len(c) + len(t) for c, t in zip(contexts, targets))
+        if len(distinct) < len(contexts) and shared_tokens < full_tokens:  # two forwards pay only with repeats
+            return self._shared_context_logits([list(c) for c in distinct], row_of, targets)
+        return self._full_row_logits(contexts, targets)
+
+    def _shared_context_logits(self, prefixes: list[list[int]], row_of: list[int],
+                               targets: list[list[int]]) -> torch.Tensor:
+        input_ids, mask, pos = self._left_padded(prefixes)
+        out = self._model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        rows = torch.tensor(row_of, dtype=torch.long)
+        first = out.logits[rows].float()  # [B, 1, V]: the context's last position predicts target token 0
+        t_max = max(len(t) for t in targets)
+        if t_max == 1:
+            return first
+        cache = out.cache
+        cache.reorder_cache(rows)  # each row gets its context's keys/values (a differentiable index_select)
+        feed = torch.full((len(targets), t_max - 1), self.pad_id, dtype=torch.long)
+        for i, t in enumerate(targets):
+            feed[i, :len(t) - 1] = torch.tensor(t[:-1], dtype=torch.long)
+        mask = torch.cat([mask[rows], torch.ones_like(feed)], dim=1)
+        positions = pos[rows, -1:] + 1 + torch.arange(t_max - 1)
+        rest = self._model(input_ids=feed, attention_mask=mask, position_ids=positions, cache=cache,
+                           use_cache=True).logits.float()
+        return torch.cat([first, rest], dim=1)
+
+    def _full_row_logits(self, contexts: list[list[int]], targets: list[list[int]]) -> torch.Tensor:
         seqs = [c + t for c, t in zip(contexts, targets)]
         width = max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
+        for i, s in enumerate(seqs):  # right padding: positions start at 0 without position ids
             input_ids[i, :len(s)] = torch.tensor(s)
             mask[i, :len(s)] = 1
-        logits = self._model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
+        hidden = self._model.get_decoder()(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
         t_max = max(len(t) for t in targets)
         idx = torch.zeros((len(seqs), t_max), dtype=torch.long)
         for i, (c, t) in enumerate(zip(contexts, targets)):
             idx[i, :len(t)] = torch.arange(len(c) - 1, len(c) - 1 + len(t))
             idx[i, len(t):] = len(c) - 1
-        return logits.gather(1, idx.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        # the head only on the positions that predict a target (contexts are most of a row in R3)
+        picked = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        return self._model.get_output_embeddings()(picked).float()
 
     def segment_logprobs(self, segments: list[Segment]) -> list[torch.Tensor]:
         targets = [s.token_ids for s in segments]
