@@ -281,3 +281,40 @@ def test_vq_token_equal_to_placeholder_id_is_not_an_image_slot(policy, rollout):
     odd = dataclasses.replace(seg, token_ids=[policy.image_token_id] * len(seg.token_ids))
     lp = policy.segment_logprobs([odd])[0]
     assert lp.shape == (len(seg.token_ids),) and bool(torch.isfinite(lp).all())
+
+
+def test_siblings_share_their_context_forward_with_the_same_logprobs_and_gradients(policy, monkeypatch):
+    """Tree-RL siblings (same prompt, same parent image) take the shared-context training forward,
+    which must give what each row gives alone (the full-row forward), log-probs and gradients."""
+    from r3_rl.policy.janus_engine import JanusEngine
+
+    g = torch.Generator().manual_seed(7)
+    prompts = [p for p in PROMPTS[:2] for _ in range(3)]
+    plans = policy.reason(prompts, TEXT_SP, g)
+    images = policy.generate(prompts, [None] * len(prompts), IMAGE_SP, g)
+    parents = [ImageInput(images[i].image, images[i].image_tokens) for i in (0, 0, 0, 3, 3, 3)]
+    critiques = policy.reflect(prompts, parents, TEXT_SP, g)
+    refined = policy.refine(prompts, parents, ["make it red"] * len(prompts), IMAGE_SP, g)
+    segs = [s.segment for stage in (plans, images, critiques, refined) for s in stage]
+    shared_calls = []
+    real = JanusEngine._shared_context_hidden
+    monkeypatch.setattr(JanusEngine, "_shared_context_hidden",
+                        lambda self, ids, *a: shared_calls.append(len(ids)) or real(self, ids, *a))
+
+    policy.model.zero_grad()
+    together = policy.segment_logprobs(segs)
+    sum(((lp - 0.1) ** 2).sum() for lp in together).backward()
+    shared_grad = [p.grad.clone() if p.grad is not None else None for p in policy.model.parameters()]
+    assert shared_calls, "siblings did not take the shared-context forward"
+    calls = len(shared_calls)
+    policy.model.zero_grad()
+    for s in segs:  # alone: nothing repeats, so the full-row forward
+        lp = policy.segment_logprobs([s])[0]
+        ((lp - 0.1) ** 2).sum().backward()
+    assert len(shared_calls) == calls
+    for s, lp in zip(segs, together):
+        torch.testing.assert_close(lp.detach(), torch.tensor(s.logprobs), atol=1e-5, rtol=0)
+    for (name, p), a in zip(policy.model.named_parameters(), shared_grad):
+        if a is not None:  # float32 sums in another order: equal to 1e-5 of the gradient's size
+            assert (a - p.grad).norm() <= 1e-5 * p.grad.norm() + 1e-7, (name, (a - p.grad).norm(), p.grad.norm())
+    policy.model.zero_grad(set_to_none=True)

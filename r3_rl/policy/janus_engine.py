@@ -10,8 +10,9 @@ Sampling and training reach the *same* logits through the same embedding path an
 :func:`r3_rl.policy.sampling.sampling_logprobs`, which is what makes the recorded log-probs equal the
 training log-probs.  Sampling batches rows of different lengths by left padding (position ids
 count real tokens only), the cond and null CFG streams of an image batch are one batch of 2B rows
-sharing one KV cache; training batches rows by right padding in a single forward.  Padding never
-changes a row's log-probs (tested).
+sharing one KV cache.  Training runs each distinct context once and feeds every row's targets on
+its KV cache when contexts repeat (siblings), else one right-padded forward over full rows.  Padding
+and sharing never change a row's log-probs (tested).
 
 Why our own loop instead of ``model.generate(generation_mode="image")``: that loop re-runs generic
 ``prepare_inputs_for_generation`` / logits-processor machinery on a static cache sized for the whole
@@ -190,16 +191,51 @@ class JanusEngine:
     # ------------------------------------------------------------------ training forward
     def target_hidden(self, ids: list[list[int]], images: list[np.ndarray | None], targets: list[list[int]],
                       modalities: list[str]) -> list[torch.Tensor]:
-        """Differentiable hidden states ``[T_i, D]`` predicting each target token (one forward).
+        """Differentiable hidden states ``[T_i, D]`` predicting each target token.
 
         Row i is ``ids[i] + targets[i][:-1]``: image targets are fed through the generation embedding
-        path, text targets through the text embeddings, exactly as during sampling.
+        path, text targets through the text embeddings, exactly as during sampling.  Rows that repeat
+        a context (Tree-RL siblings; the null CFG streams of one stage) run it once and share its KV
+        cache (:meth:`_shared_context_hidden`); otherwise one right-padded forward over full rows.
         """
+        distinct: dict[tuple[object, ...], int] = {}
+        row_of = [distinct.setdefault((tuple(c), None if im is None else id(im)), len(distinct))
+                  for c, im in zip(ids, images)]  # rows of one reference hold the same array object
+        t_max = max(len(t) for t in targets)
+        shared_tokens = len(distinct) * max(len(c) for c in ids) + len(ids) * (t_max - 1)
+        full_tokens = len(ids) * max(len(c) + len(t) - 1 for c, t in zip(ids, targets))
+        if len(distinct) < len(ids) and shared_tokens < full_tokens:
+            return self._shared_context_hidden(ids, images, targets, modalities, row_of)
         seqs = [c + t[:-1] for c, t in zip(ids, targets)]
         gen_from = [len(c) if m == "image" else len(s) for c, s, m in zip(ids, seqs, modalities)]
         emb, mask, pos = self.embed(seqs, images, gen_from=gen_from, left=False)
         hidden = self._trunk(emb, mask, pos).last_hidden_state
         return [hidden[i, len(c) - 1:len(c) - 1 + len(t)] for i, (c, t) in enumerate(zip(ids, targets))]
+
+    def _shared_context_hidden(self, ids: list[list[int]], images: list[np.ndarray | None],
+                               targets: list[list[int]], modalities: list[str],
+                               row_of: list[int]) -> list[torch.Tensor]:
+        """Each distinct context once (left-padded, cached), then every row's targets on its context's cache."""
+        first_row: dict[int, int] = {}
+        for i, d in enumerate(row_of):
+            first_row.setdefault(d, i)
+        reps = list(first_row.values())  # one row per distinct context, in ``row_of`` order
+        emb, mask, pos = self.embed([ids[i] for i in reps], [images[i] for i in reps], left=True)
+        out = self._trunk(emb, mask, pos)
+        rows = torch.tensor(row_of, dtype=torch.long, device=self.device)
+        first = out.last_hidden_state[rows, -1:]  # the context's last position predicts target token 0
+        t_max = max(len(t) for t in targets)
+        if t_max == 1:
+            return [first[i] for i in range(len(targets))]
+        cache = out.cache
+        cache.reorder_cache(rows)  # each row gets its context's keys/values (a differentiable index_select)
+        feeds = [t[:-1] for t in targets]
+        gen_from = [0 if m == "image" else len(f) for f, m in zip(feeds, modalities)]
+        feed_emb, feed_mask, _ = self.embed(feeds, [None] * len(feeds), gen_from=gen_from, left=False)
+        positions = pos[rows, -1:] + 1 + torch.arange(t_max - 1, device=self.device)
+        rest = self._trunk(feed_emb, torch.cat([mask[rows], feed_mask], dim=1), positions, cache).last_hidden_state
+        hidden = torch.cat([first, rest], dim=1)
+        return [hidden[i, :len(t)] for i, t in enumerate(targets)]
 
     @torch.no_grad()
     def decode_images(self, tokens: torch.Tensor, mean: Sequence[float], std: Sequence[float],
