@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from r3_rl.errors import UserError
+from r3_rl.jsonl import read_jsonl_objects
 from r3_rl.trajectory import PromptItem
 
 TIIF_ANSWERS = ("yes", "no")
@@ -69,25 +70,16 @@ def read_jsonl_prompts(path: str | Path, kind: str, prompt_column: str = "prompt
         raise UserError(f"{path}: unknown prompt file format {kind!r} (valid: geneval, tiif)")
     field = prompt_column if prompt_column != "prompt" or kind == "geneval" else "short_description"
     items: list[PromptItem] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            if kind == "tiif":
-                text, meta = _tiif_record(rec, where, field)
-            else:
-                _check_geneval(rec, where)
-                text, meta = rec.get(field), {k: v for k, v in rec.items() if k != field}
-            if not isinstance(text, str) or not text.strip():
-                raise UserError(f"{where}: missing prompt text (a non-empty string in {field!r})")
-            items.append(PromptItem(id=f"{path.stem}:{lineno}", prompt=text.strip(), metadata=meta, source=str(path)))
+    for lineno, rec in read_jsonl_objects(path):
+        where = f"{path}:{lineno}"
+        if kind == "tiif":
+            text, meta = _tiif_record(rec, where, field)
+        else:
+            _check_geneval(rec, where)
+            text, meta = rec.get(field), {k: v for k, v in rec.items() if k != field}
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{where}: missing prompt text (a non-empty string in {field!r})")
+        items.append(PromptItem(id=f"{path.stem}:{lineno}", prompt=text.strip(), metadata=meta, source=str(path)))
     if not items:
         raise UserError(f"{path}: no prompts")
     return items

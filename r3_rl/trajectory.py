@@ -22,6 +22,8 @@ from typing import Any, Iterable, Iterator, Literal
 
 import numpy as np
 
+from r3_rl.jsonl import read_jsonl_objects
+
 Stage = Literal["reason", "generate", "reflect", "refine"]
 Modality = Literal["text", "image"]
 STAGES: tuple[str, ...] = ("reason", "generate", "reflect", "refine")
@@ -211,14 +213,5 @@ def write_trees(trees: Iterable[Tree], jsonl_path: str | Path) -> Path:
 
 def read_trees(jsonl_path: str | Path) -> Iterator[Tree]:
     jsonl_path = Path(jsonl_path)
-    with open(jsonl_path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                from r3_rl.errors import UserError
-
-                raise UserError(f"{jsonl_path}:{lineno}: not valid JSON ({e.msg})") from None
-            yield tree_from_dict(d, jsonl_path.parent)
+    for _, d in read_jsonl_objects(jsonl_path):
+        yield tree_from_dict(d, jsonl_path.parent)

@@ -9,12 +9,12 @@ Phrasing is ours; what is asked follows GenEval's rules (see :mod:`r3_rl.rewards
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from r3_rl.errors import UserError
+from r3_rl.jsonl import read_jsonl_objects
 from r3_rl.rewards.geneval_rules import validate_metadata
 
 YES, NO = "yes", "no"
@@ -180,22 +180,13 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     records = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            meta = {k: v for k, v in rec.items() if k not in ("prompt", "tag")}
-            try:
-                questions_for(meta)
-                if "include" in meta:
-                    geneval_checklist(meta)
-            except UserError as e:
-                raise UserError(f"{path}:{lineno}: {e}") from None
-            records.append(rec)
+    for lineno, rec in read_jsonl_objects(path):
+        meta = {k: v for k, v in rec.items() if k not in ("prompt", "tag")}
+        try:
+            questions_for(meta)
+            if "include" in meta:
+                geneval_checklist(meta)
+        except UserError as e:
+            raise UserError(f"{path}:{lineno}: {e}") from None
+        records.append(rec)
     return records
