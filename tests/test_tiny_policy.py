@@ -137,3 +137,14 @@ def test_ratio_is_one_for_siblings_sharing_a_context(policy: TinyUnifiedPolicy, 
     for seg, lp in zip(segments, recomputed):
         ratio = torch.exp(lp - torch.tensor(seg.logprobs))
         assert torch.all((ratio - 1).abs() < 1e-5), (seg.modality, ratio)
+
+
+def test_shared_context_rows_decides_by_repeats_and_tokens() -> None:
+    from r3_rl.policy.shared_context import first_rows, shared_context_rows
+
+    # 2 distinct contexts of 10 tokens, 4 rows with 5-token targets: 2*10 + 4*4 = 36 < 4*15 = 60 tokens
+    assert shared_context_rows(["a", "a", "b", "b"], [10] * 4, [5] * 4, [15] * 4) == [0, 0, 1, 1]
+    assert first_rows([0, 1, 0, 2, 1]) == [0, 1, 3]
+    assert shared_context_rows(["a", "b", "c"], [10] * 3, [5] * 3, [15] * 3) is None  # nothing repeats
+    # repeats, but short contexts and long targets: 2*2 + 3*49 = 151 >= 3*50 = 150 tokens
+    assert shared_context_rows(["a", "a", "b"], [2] * 3, [50] * 3, [50] * 3) is None

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from r3_rl.policy.sampling import cfg_logits, sample_tokens, sampling_logprobs
+from r3_rl.policy.shared_context import first_rows, shared_context_rows
 from r3_rl.trajectory import SamplingParams
 
 
@@ -198,13 +199,11 @@ class JanusEngine:
         a context (Tree-RL siblings; the null CFG streams of one stage) run it once and share its KV
         cache (:meth:`_shared_context_hidden`); otherwise one right-padded forward over full rows.
         """
-        distinct: dict[tuple[object, ...], int] = {}
-        row_of = [distinct.setdefault((tuple(c), None if im is None else id(im)), len(distinct))
-                  for c, im in zip(ids, images)]  # rows of one reference hold the same array object
-        t_max = max(len(t) for t in targets)
-        shared_tokens = len(distinct) * max(len(c) for c in ids) + len(ids) * (t_max - 1)
-        full_tokens = len(ids) * max(len(c) + len(t) - 1 for c, t in zip(ids, targets))
-        if len(distinct) < len(ids) and shared_tokens < full_tokens:
+        # a context is its ids and its image; rows of one image reference hold the same array object
+        keys = [(tuple(c), None if im is None else id(im)) for c, im in zip(ids, images)]
+        row_of = shared_context_rows(keys, [len(c) for c in ids], [len(t) for t in targets],
+                                     [len(c) + len(t) - 1 for c, t in zip(ids, targets)])
+        if row_of is not None:
             return self._shared_context_hidden(ids, images, targets, modalities, row_of)
         seqs = [c + t[:-1] for c, t in zip(ids, targets)]
         gen_from = [len(c) if m == "image" else len(s) for c, s, m in zip(ids, seqs, modalities)]
@@ -216,10 +215,7 @@ class JanusEngine:
                                targets: list[list[int]], modalities: list[str],
                                row_of: list[int]) -> list[torch.Tensor]:
         """Each distinct context once (left-padded, cached), then every row's targets on its context's cache."""
-        first_row: dict[int, int] = {}
-        for i, d in enumerate(row_of):
-            first_row.setdefault(d, i)
-        reps = list(first_row.values())  # one row per distinct context, in ``row_of`` order
+        reps = first_rows(row_of)
         emb, mask, pos = self.embed([ids[i] for i in reps], [images[i] for i in reps], left=True)
         out = self._trunk(emb, mask, pos)
         rows = torch.tensor(row_of, dtype=torch.long, device=self.device)

@@ -21,6 +21,7 @@ from r3_rl.blocks import codec, world
 from r3_rl.errors import UserError
 from r3_rl.policy.base import ImageInput, ImageSample, Policy, TextSample
 from r3_rl.policy.sampling import cfg_logits, sample_tokens, sampling_logprobs
+from r3_rl.policy.shared_context import first_rows, shared_context_rows
 from r3_rl.policy.tiny_tokenizer import PLACEHOLDER, build_tokenizer, image_token, template_words
 from r3_rl.trajectory import PromptItem, SamplingParams, Segment
 
@@ -224,14 +225,11 @@ class TinyUnifiedPolicy(Policy):
         (gradients flow back through the cache).  Without repeated contexts, or when sharing would not
         save tokens, one right-padded forward over the full rows.
         """
-        distinct: dict[tuple[int, ...], int] = {}
-        row_of = [distinct.setdefault(tuple(c), len(distinct)) for c in contexts]
-        t_max = max(len(t) for t in targets)
-        shared_tokens = len(distinct) * max(len(c) for c in distinct) + len(targets) * (t_max - 1)
-        full_tokens = len(targets) * max(len(c) + len(t) for c, t in zip(contexts, targets))
-        if len(distinct) < len(contexts) and shared_tokens < full_tokens:  # two forwards pay only with repeats
-            return self._shared_context_logits([list(c) for c in distinct], row_of, targets)
-        return self._full_row_logits(contexts, targets)
+        row_of = shared_context_rows([tuple(c) for c in contexts], [len(c) for c in contexts],
+                                     [len(t) for t in targets], [len(c) + len(t) for c, t in zip(contexts, targets)])
+        if row_of is None:
+            return self._full_row_logits(contexts, targets)
+        return self._shared_context_logits([contexts[i] for i in first_rows(row_of)], row_of, targets)
 
     def _shared_context_logits(self, prefixes: list[list[int]], row_of: list[int],
                                targets: list[list[int]]) -> torch.Tensor:
