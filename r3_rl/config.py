@@ -92,6 +92,7 @@ class Warmstart(Section):
     fix_prob: float = Field(0.7, ge=0.0, le=1.0)  # refine targets apply the right fix this often
     rounds: int = 3
     seed: int = 0
+    questions: int = Field(1, ge=0)  # yes/no questions about each first image, answered with the truth
 
 
 class Tree(Section):
@@ -111,6 +112,18 @@ class RewardSpec(Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class ReflectRewards(Section):
+    """How a critique is rewarded (``rewards/compose.py``: ``CriticRule``); the defaults are the reference's."""
+
+    stop_correct: float = 1.0  # "no further edit needed" on a correct image
+    stop_flawed: float = 0.0  # "no further edit needed" on a flawed image (negative = a penalty)
+    edit_correct: float = 0.0  # added to the (<= 0) improvement of an edit of a correct image
+    extra: list[RewardSpec] = Field(default_factory=list)  # rewards scored on critiques, e.g. verdict_consistency
+    # the task reward's part that says whether an image is correct (e.g. blocks/correct: GenEval's verdict,
+    # as the eval judges, while training on partial credit); null = task reward >= correct_threshold
+    correct_part: str | None = None
+
+
 class Rewards(Section):
     task: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="blocks")])
     eval: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="blocks", options={"binary": True})])
@@ -119,6 +132,7 @@ class Rewards(Section):
     reflect_format: str = r"^<think>.*</think>.+$"
     correct_threshold: float = 1.0  # task reward at/above which an image counts as correct
     max_failure_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    reflect: ReflectRewards = ReflectRewards()
 
 
 class DeepSpeedCfg(Section):
@@ -228,6 +242,17 @@ class RayCfg(Section):
     log_to_driver: bool = True  # print the actors' stdout/stderr in the trainer's console
 
 
+class Understanding(Section):
+    """What every eval measures of the critic besides accuracy (``eval/understanding.py``)."""
+
+    yes_no: bool = True  # ask the policy the prompts' yes/no questions about its own images
+    max_questions: int | None = Field(None, ge=1)  # per image (first ones); None = all
+    # fixed reference images: "auto" = Blocks pairs (one correct, one flawed per held-out prompt) when
+    # data.source is blocks, else none; a jsonl of {prompt, metadata, image: png path}; null = none
+    reference: str | None = "auto"
+    reference_size: int = Field(96, ge=1)  # Blocks: held-out prompts, two images each
+
+
 class Eval(Section):
     every: int = Field(0, ge=0)  # steps between evals during training (0 = before and after only)
     rounds: int = Field(3, ge=0)  # refine rounds after the first image
@@ -238,11 +263,13 @@ class Eval(Section):
     image_temperature: float = Field(1.0, ge=0.0)  # 0 = greedy
     size: int | None = None  # defaults to data.eval_size
     dump: int = Field(64, ge=0)  # eval chains written to eval/<name>_trajectories.jsonl + .html (0 = none)
+    understanding: Understanding = Understanding()
 
 
 class Log(Section):
     tensorboard: bool = True
     trajectories_every: int = Field(10, ge=0)
+    chains: int = Field(2, ge=0)  # full R3 chains sampled for the logs at those steps (not trained on)
     console: bool = True
 
 

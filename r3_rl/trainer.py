@@ -17,8 +17,11 @@ from r3_rl.config import Recipe
 from r3_rl.data import PromptSource
 from r3_rl.errors import UserError
 from r3_rl.eval.evaluate import evaluate, markdown_table, write_report
+from r3_rl.eval.synergy import synergy_figures, synergy_lines
+from r3_rl.eval.understanding import build_references
 from r3_rl.learner.build import build_learner, needs_frozen_reference, prepare_batch
 from r3_rl.policy.base import Policy
+from r3_rl.rewards.compose import CriticRule
 from r3_rl.rewards.reward_set import RewardSet
 from r3_rl.rollout.buffer import BufferEntry, ParentBuffer
 from r3_rl.rollout.engine import RolloutEngine, build_engine, run_ordered
@@ -26,7 +29,7 @@ from r3_rl.rollout.scoring import StageScorer
 from r3_rl.rollout.tree_rl import StageSampling, plan_tasks
 from r3_rl.trajectory import Tree, write_trees
 from r3_rl.tracking.console import Console
-from r3_rl.tracking.metrics import MetricsLogger, rollout_metrics
+from r3_rl.tracking.metrics import MetricsLogger, step_metrics
 
 
 def stage_sampling(recipe: Recipe, eval_mode: bool = False) -> StageSampling:
@@ -68,18 +71,23 @@ class Trainer:
             if rewards.needs_policy:  # self-consistency asks the live policy about its own images
                 rewards.bind_policy(self.policy)
         rw = recipe.rewards
+        rule = CriticRule(rw.reflect.stop_correct, rw.reflect.stop_flawed, rw.reflect.edit_correct)
         self.scorer = StageScorer(self.task_rewards, rw.format_weight, rw.reason_format, rw.reflect_format,
-                                  rw.correct_threshold)
+                                  rw.correct_threshold, rule,
+                                  RewardSet.from_specs([s.model_dump() for s in rw.reflect.extra]),
+                                  rw.reflect.correct_part)
         self._engine: RolloutEngine | None = None  # started on the first rollout (eval-only runs need none)
         self._remote_rewards: Any = None
         self.buffer = ParentBuffer(recipe.tree.buffer_size)
         self.data = PromptSource(recipe)
         self.learner = build_learner(self.policy, self.reference, recipe)
-        self.metrics = MetricsLogger(run_dir, tensorboard=recipe.log.tensorboard)
+        self.metrics = MetricsLogger(run_dir, tensorboard=recipe.log.tensorboard,
+                                     slots=max(recipe.eval.rounds, recipe.tree.max_round) + 1)
         self.rng = random.Random(recipe.seed)
         self.step = 0
         self.sampling = stage_sampling(recipe)
         self.eval_sampling = stage_sampling(recipe, eval_mode=True)
+        self._references: list[Any] | None = None
 
     # ------------------------------------------------------------------ rollout
     @property
@@ -143,7 +151,6 @@ class Trainer:
                             f"{limit}); last failure: {reason}")
 
     def _fill_buffer(self, trees: list[Tree]) -> None:
-        thr = self.recipe.rewards.correct_threshold
         for tr in trees:
             for n in tr.nodes.values():
                 if n.image is None or n.reward is None or n.segment is None:
@@ -151,8 +158,25 @@ class Trainer:
                 if n.round >= self.recipe.tree.max_round:
                     continue
                 self.buffer.add(BufferEntry(prompt=tr.prompt, image=n.image, image_tokens=n.image_tokens,
-                                            reward=n.reward, correct=n.reward >= thr, round=n.round,
+                                            reward=n.reward, correct=bool(n.meta.get("correct")), round=n.round,
                                             source=f"{tr.id}/{n.id}"))
+
+    def _sample_chains(self, step: int, trees: list[Tree]) -> list[Tree]:
+        """A few full R3 chains (training sampling, up to ``tree.max_round`` rounds) on this step's prompts,
+        scored with the eval reward, for the logs: Tree-RL's groups hold one or two images each, a chain shows
+        what the policy does over all rounds now.  Not trained on."""
+        from r3_rl.eval.evaluate import score_chains
+        from r3_rl.rollout.chain import r3_chains
+
+        n = self.recipe.log.chains
+        if not n or self.recipe.tree.refine_groups_per_step == 0:
+            return []
+        prompts = [t.prompt for t in trees if t.meta.get("kind") == "A"][:n]  # this step's prompts
+        rounds = self.recipe.tree.max_round
+        chains = r3_chains(self.policy, prompts, self.sampling, rounds, self.recipe.templates.stop_phrase,
+                           seed=self.recipe.seed * 1_000_003 + step, tag=f"chain-s{step}")
+        score_chains(chains, rounds, self.eval_rewards, self.recipe.rewards.correct_threshold)
+        return chains
 
     # ------------------------------------------------------------------ evaluation
     def run_eval(self, name: str, step: int | None = None) -> dict[str, Any]:
@@ -160,9 +184,13 @@ class Trainer:
         the evaluated weights have had, so before/periodic/after evals share one x-axis."""
         e = self.recipe.eval
         prompts = self.data.eval_prompts(e.size or self.recipe.data.eval_size)
+        if self._references is None:  # the same reference images for every eval of the run
+            self._references = build_references(self.recipe, self.data.eval_prompts)
         report, trees = evaluate(self.policy, prompts, self.eval_sampling, e.rounds,
                                  self.recipe.templates.stop_phrase, self.eval_rewards,
-                                 self.recipe.rewards.correct_threshold, seed=self.recipe.seed)
+                                 self.recipe.rewards.correct_threshold, seed=self.recipe.seed,
+                                 references=self._references, yes_no=e.understanding.yes_no,
+                                 max_questions=e.understanding.max_questions)
         write_report(report, self.run_dir / "eval", name, trees, e.dump)
         self.metrics.log_eval(report, self.step if step is None else step, trees, name)
         return report
@@ -216,19 +244,12 @@ class Trainer:
                 self.policy.version += 1
                 self.engine.sync(self.policy)  # workers sample the next step with the new weights
             done = time.time()
-            m = rollout_metrics(trees, r.rewards.correct_threshold, rollout_s=t_learn - t_roll)
-            m.update(learn)
-            m.update({f"advantage/{k}": float(v) for k, v in adv_stats.items()})
-            m.update({"batch/items": batch_stats.items, "batch/stale_refused": batch_stats.stale_refused,
-                      "batch/failed_rewards": batch_stats.failed_rewards,
-                      "advantage/mean": batch_stats.advantage_mean, "advantage/std": batch_stats.advantage_std,
-                      "time/rollout_s": t_learn - t_roll, "time/learner_s": done - t_learn,
-                      "rewards/failed_total": self.scorer.failures.failed,
-                      "rollout/worker_restarts": self.engine.restarts})
+            m = step_metrics(trees, r.rewards.correct_threshold, learn, batch_stats, adv_stats,
+                             t_learn - t_roll, done - t_learn, self.engine.restarts)
             self.metrics.log(m, step)
             if r.log.trajectories_every and step % r.log.trajectories_every == 0:
                 write_trees(trees, self.run_dir / "trajectories" / f"step_{step:06d}.jsonl")
-                self.metrics.log_trajectories(trees, step)
+                self.metrics.log_trajectories(trees + self._sample_chains(step, trees), step)
             self.console.step(step, r.steps, m, time.time() - t0)
             if r.eval.every and (step + 1) % r.eval.every == 0 and step + 1 < r.steps:
                 rep = self.run_eval(f"step_{step + 1:06d}", step + 1)
@@ -241,7 +262,10 @@ class Trainer:
         after = self.run_eval("after")
         self.console.print("eval after RL:\n" + markdown_table(after))
         self.policy.save_pretrained(str(self.run_dir / "final"))
-        summary = {"before": before["accuracy"], "after": after["accuracy"], "run_dir": str(self.run_dir)}
-        self.console.print(f"final-round accuracy {before['accuracy'][-1]:.3f} -> {after['accuracy'][-1]:.3f}"
-                           f" (first image {after['accuracy'][0]:.3f}); run dir {self.run_dir}")
+        fig = synergy_figures(before, after)
+        summary = {"before": before["accuracy"], "after": after["accuracy"], "run_dir": str(self.run_dir),
+                   "synergy": fig}
+        self.console.print(f"run dir {self.run_dir}; R3 synergy on held-out prompts:")
+        for line in synergy_lines(fig):
+            self.console.print("  " + line)
         return summary

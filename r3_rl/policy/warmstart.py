@@ -26,6 +26,7 @@ from r3_rl.data import BlocksPrompts
 from r3_rl.policy.base import ImageInput
 from r3_rl.policy.tiny import TinyUnifiedPolicy
 from r3_rl.policy.tiny_tokenizer import image_token
+from r3_rl.rewards.checklists import YES, questions_for
 
 
 def _words(grid: np.ndarray) -> str:
@@ -83,6 +84,7 @@ def synthetic_examples(policy: TinyUnifiedPolicy, prompts: BlocksPrompts, start:
         out.append((ctx, policy.encode(plan) + [policy.stop_id]))
         out.append((ctx + policy.encode(plan) + [policy.stop_id] + policy.encode(policy.templates["generate"]),
                     policy.encode(_words(cur))))
+        out.extend(question_examples(policy, cur, meta, cfg.questions, rng))
         for _ in range(cfg.rounds):
             critique = edits.critique_text(cur, meta)
             image_words = policy.image_words(ImageInput(image=np.zeros(0), image_tokens=cur.reshape(-1).tolist()))
@@ -95,6 +97,22 @@ def synthetic_examples(policy: TinyUnifiedPolicy, prompts: BlocksPrompts, start:
             out.append((policy.render("refine", prompt=item.prompt, image=image_words,
                                       instruction=edits.edit_text(ops[0])), policy.encode(_words(target))))
             cur = target
+    return out
+
+
+def question_examples(policy: TinyUnifiedPolicy, grid: np.ndarray, meta: dict, n: int,
+                      rng: np.random.Generator) -> list[tuple[list[int], list[int]]]:
+    """``n`` yes/no questions about ``grid`` (drawn from the prompt's questions) answered with the truth
+    about this grid (GenEval's rules on the clause the question checks), not with the prompt's expectation."""
+    if n <= 0:
+        return []
+    questions = questions_for(meta)
+    image = ImageInput(image=np.zeros(0), image_tokens=grid.reshape(-1).tolist())
+    out = []
+    for k in rng.choice(len(questions), size=min(n, len(questions)), replace=False):
+        q = questions[int(k)]
+        truth = edits.judge(grid, q.check).correct if q.check is not None else q.answer == YES
+        out.append((policy.answer_context(image, q.question), policy.encode("yes" if truth else "no") + [policy.stop_id]))
     return out
 
 
