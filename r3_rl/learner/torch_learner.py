@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from r3_rl.algorithms.kl import kl_by_modality
 from r3_rl.algorithms.losses import clipped_policy_loss
 from r3_rl.learner.batch import TrainItem
 from r3_rl.learner.optim import TorchOptim
@@ -116,7 +117,11 @@ class TorchLearner:
             inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"], clip_low=cfg.clip_low,
             clip_high=cfg.clip_high, loss_type=cfg.loss_type, max_len=max_len, ref_logp=inp["ref_logp"],
             kl_coef=inp["kl_coef"], kl_kind=cfg.kl_kind)
-        return loss * weight, {k: float(v) for k, v in m.items()}, [inp["logp"]]
+        metrics = {k: float(v) for k, v in m.items()}
+        if inp["ref_logp"] is not None:  # KL per modality (text and image tokens weigh differently)
+            metrics.update(kl_by_modality(inp["logp"], inp["ref_logp"], inp["mask"],
+                                          [items[i].segment.modality for i in chunk], cfg.kl_kind))
+        return loss * weight, metrics, [inp["logp"]]
 
     def _set_train(self, train: bool) -> None:
         for m in (self.policy.model, *self.modules.values()):
