@@ -175,6 +175,8 @@ class Learner(Section):
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_decay_steps: int = Field(0, ge=0)  # linear decay to lr_final x lr by this optimiser step (0 = constant lr)
+    lr_final: float = Field(1.0, ge=0.0, le=1.0)
     grad_clip: float = 1.0
     clip_low: float = 0.2
     clip_high: float = 0.2

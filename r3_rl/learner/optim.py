@@ -26,10 +26,19 @@ from typing import Any, Callable
 import torch
 
 
-def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
-    """Linear warm-up over ``warmup_steps`` optimiser steps, then constant (the reference's schedule)."""
+def warmup_lambda(warmup_steps: int, decay_steps: int = 0, final: float = 1.0) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup_steps`` optimiser steps, then constant (the reference's schedule) or, with
+    ``decay_steps``, linear to ``final`` x lr at optimiser step ``decay_steps`` and constant after: the last
+    updates are small, so where a run ends does not depend on the phase of a late oscillation."""
     warm = max(warmup_steps, 0)
-    return lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
+
+    def factor(s: int) -> float:
+        if warm and s + 1 < warm:
+            return (s + 1) / warm
+        if decay_steps <= warm:
+            return 1.0
+        return 1.0 - (1.0 - final) * min(1.0, max(0, s + 1 - warm) / (decay_steps - warm))
+    return factor
 
 
 def trainable(modules: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
@@ -58,7 +67,8 @@ class TorchOptim:
         if not self.params:
             raise ValueError("no trainable parameters")
         self.optimizer = make_adamw(self.params, cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(cfg.warmup_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(
+            cfg.warmup_steps, cfg.lr_decay_steps, cfg.lr_final))
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
