@@ -93,6 +93,9 @@ class Warmstart(Section):
     rounds: int = 3
     seed: int = 0
     questions: int = Field(1, ge=0)  # yes/no questions about each first image, answered with the truth
+    random_layouts: float = Field(0.0, ge=0.0, le=1.0)  # critique chains on a randomly laid-out image this often
+    random_edits: float = Field(0.0, ge=0.0, le=1.0)  # + a random instruction applied exactly (no-op if it does not apply)
+    miss_prob: float = Field(0.0, ge=0.0, le=1.0)  # a flawed image's critique says "no further edit needed" (lenient)
 
 
 class Tree(Section):
