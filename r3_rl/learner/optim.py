@@ -15,7 +15,9 @@ is the same contract on a DeepSpeed engine.  Contract:
 * ``discard(outputs)`` drops the accumulated gradient without stepping (a non-finite loss was seen;
   ``outputs`` are differentiable outputs of the current graph, used by drivers that can only drop
   gradients through their own overflow path);
-* ``save(dir)`` / ``load(dir)`` persist optimiser + schedule for exact resume.
+* ``save(dir)`` / ``load(dir)`` persist optimiser + schedule (+ fp32 master weights) for exact resume.
+
+Both drivers train a bf16 policy through fp32 master weights (:mod:`r3_rl.learner.precision`).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from r3_rl.learner.precision import MasterWeights, check_precision, compute_dtype
 
 
 def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
@@ -48,13 +52,15 @@ def make_adamw(params: list[torch.nn.Parameter], cfg: Any) -> torch.optim.AdamW:
 
 
 class TorchOptim:
-    """AdamW + linear warm-up + global-norm clipping, all in-process."""
+    """AdamW + linear warm-up + global-norm clipping, all in-process; bf16 weights step through fp32 masters."""
 
     kind = "torch"
 
     def __init__(self, modules: list[torch.nn.Module], cfg: Any) -> None:
         self.cfg = cfg
-        self.params = trainable(modules)
+        check_precision(compute_dtype(modules[0]), cfg)
+        self.masters = MasterWeights(trainable(modules))
+        self.params = self.masters.params  # fp32: the masters of bf16 weights, fp32 weights themselves
         if not self.params:
             raise ValueError("no trainable parameters")
         self.optimizer = make_adamw(self.params, cfg)
@@ -70,28 +76,34 @@ class TorchOptim:
             self.discard()
             return False, norm
         self.optimizer.step()
+        self.masters.copy_to_model()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         return True, norm
 
     def forward(self, fn: Callable[[], Any]) -> Any:
         return fn()
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.masters.zero_grad()
 
     def discard(self, outputs: list[torch.Tensor] | None = None) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
 
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.masters.active:
+            state["master_weights"] = self.masters.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.masters.active:
+            self.masters.load_state_dict(state["master_weights"])
 
     def save(self, path: Path) -> None:
         torch.save(self.state_dict(), path / "optimizer.pt")
