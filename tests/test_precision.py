@@ -87,6 +87,7 @@ def test_torch_backend_bf16_layer_trains_like_fp32(fp32_update) -> None:
     lin = _layer(torch.bfloat16)
     w0 = lin.weight.detach().float().clone()
     opt = TorchOptim([lin], learner_cfg(lr=LR))
+    assert "masters" not in vars(opt)  # no fp32 copy until it trains (r3-rl eval builds a learner too)
     _train_layer(lin, lambda f: f(), opt.backward, opt.step)
     (master,) = opt.params
     assert master.dtype == torch.float32 and lin.weight.dtype == torch.bfloat16

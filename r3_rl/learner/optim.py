@@ -21,6 +21,7 @@ Both drivers train a bf16 policy through fp32 master weights (:mod:`r3_rl.learne
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -59,14 +60,30 @@ class TorchOptim:
     def __init__(self, modules: list[torch.nn.Module], cfg: Any) -> None:
         self.cfg = cfg
         check_precision(compute_dtype(modules[0]), cfg)
-        self.masters = MasterWeights(trainable(modules))
-        self.params = self.masters.params  # fp32: the masters of bf16 weights, fp32 weights themselves
-        if not self.params:
+        self._trainable = trainable(modules)
+        if not self._trainable:
             raise ValueError("no trainable parameters")
-        self.optimizer = make_adamw(self.params, cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(cfg.warmup_steps))
+
+    # built on first use, so a trainer that never trains (r3-rl eval / rollout) holds no fp32 copy of the model
+    @functools.cached_property
+    def masters(self) -> MasterWeights:
+        return MasterWeights(self._trainable)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        """What AdamW steps: the fp32 masters of bf16 weights, fp32 weights themselves."""
+        return self.masters.params
+
+    @functools.cached_property
+    def optimizer(self) -> torch.optim.AdamW:
+        return make_adamw(self.params, self.cfg)
+
+    @functools.cached_property
+    def scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(self.cfg.warmup_steps))
 
     def backward(self, loss: torch.Tensor) -> None:
+        _ = self.masters  # its gradient hooks must be in place before the first backward
         loss.backward()
 
     def step(self) -> tuple[bool, float]:
