@@ -152,6 +152,19 @@ def test_bf16_policy_trains_like_fp32(backend) -> None:
     assert_update_like_fp32(updates[torch.bfloat16], updates[torch.float32], POLICY_REL_ERR)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_warmup_applies_from_the_first_step(dtype) -> None:
+    """AdamW's first step moves every weight by exactly its lr: lr * 1/warmup_steps under a 4-step warm-up."""
+    lin = torch.nn.Linear(8, 8, bias=False).to(dtype)
+    opt = TorchOptim([lin], learner_cfg(lr=1e-2, warmup_steps=4))
+    opt.zero_grad()
+    w0 = lin.weight.detach().float().clone()
+    opt.backward(lin(torch.ones(2, 8, dtype=dtype)).float().sum())
+    assert opt.step()[0]
+    torch.testing.assert_close((opt.params[0].detach() - w0).abs(), torch.full((8, 8), 2.5e-3), rtol=1e-3, atol=0)
+    assert opt.lr() == pytest.approx(5e-3)
+
+
 def test_torch_master_weights_resume_exactly_and_skip_nonfinite_steps(tmp_path) -> None:
     def bf16_learner() -> TorchLearner:
         p = tiny_policy()

@@ -75,12 +75,17 @@ class TorchOptim:
         return self.masters.params
 
     @functools.cached_property
-    def optimizer(self) -> torch.optim.AdamW:
-        return make_adamw(self.params, self.cfg)
+    def _optimizer_and_schedule(self) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+        optimizer = make_adamw(self.params, self.cfg)  # the schedule sets the warm-up lr before any step
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(self.cfg.warmup_steps))
 
-    @functools.cached_property
+    @property
+    def optimizer(self) -> torch.optim.AdamW:
+        return self._optimizer_and_schedule[0]
+
+    @property
     def scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
-        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(self.cfg.warmup_steps))
+        return self._optimizer_and_schedule[1]
 
     def backward(self, loss: torch.Tensor) -> None:
         _ = self.masters  # its gradient hooks must be in place before the first backward
