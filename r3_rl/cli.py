@@ -104,6 +104,12 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from r3_rl.doctor import doctor
+
+    return doctor(args.recipe, args.set)
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from r3_rl.data import builtin_summary
 
@@ -127,7 +133,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train, "eval": cmd_eval, "rollout": cmd_rollout, "rewards": cmd_rewards, "inspect": cmd_inspect,
-    "serve-reward": cmd_serve_reward, "data": cmd_data,
+    "serve-reward": cmd_serve_reward, "doctor": cmd_doctor, "data": cmd_data,
 }
 
 
@@ -166,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="reward option, e.g. --option detector=owlv2 (repeatable)")
     sr.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body accepted (MiB)")
+    dr = sub.add_parser("doctor", help="preflight: check weights, GPUs, NCCL, Ray, rewards and disk before a run")
+    dr.add_argument("recipe", help="YAML recipe")
+    dr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe key, as for train (repeatable)")
     da = sub.add_parser("data", help="list the prompt sets shipped with r3-rl (sizes, tags)")
     da.add_argument("name", nargs="?", default=None, help="one set, with all its tags (e.g. tiif:train)")
     return p
