@@ -104,9 +104,36 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from r3_rl.doctor import doctor
+
+    return doctor(args.recipe, args.set)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from r3_rl.data import builtin_summary
+
+    rows = builtin_summary()
+    if args.name:
+        rows = [r for r in rows if r[0].name == args.name]
+        if not rows:
+            from r3_rl.errors import close_match
+            from r3_rl.prompt_sets import BUILTIN
+
+            raise UserError(f"no built-in prompt set {args.name!r}{close_match(args.name, BUILTIN)} "
+                            f"(built-in: {', '.join(BUILTIN)})")
+    for s, n, tags in rows:
+        shown = tags.most_common() if args.name else tags.most_common(8)
+        more = f", +{len(tags) - len(shown)} more (r3-rl data {s.name})" if len(tags) > len(shown) else ""
+        print(f"{s.name:16s} {n:>6,} prompts  format {s.format:8s} {s.about}")
+        print(f"{'':16s} {len(tags)} tags: " + ", ".join(f"{t} {c}" for t, c in shown) + more)
+    print("use in a recipe: data.train / data.eval (data.source follows); attribution: r3_rl/prompt_sets/README.md")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train, "eval": cmd_eval, "rollout": cmd_rollout, "rewards": cmd_rewards, "inspect": cmd_inspect,
-    "serve-reward": cmd_serve_reward,
+    "serve-reward": cmd_serve_reward, "doctor": cmd_doctor, "data": cmd_data,
 }
 
 
@@ -145,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="reward option, e.g. --option detector=owlv2 (repeatable)")
     sr.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body accepted (MiB)")
+    dr = sub.add_parser("doctor", help="preflight: check weights, GPUs, NCCL, Ray, rewards and disk before a run")
+    dr.add_argument("recipe", help="YAML recipe")
+    dr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe key, as for train (repeatable)")
+    da = sub.add_parser("data", help="list the prompt sets shipped with r3-rl (sizes, tags)")
+    da.add_argument("name", nargs="?", default=None, help="one set, with all its tags (e.g. tiif:train)")
     return p
 
 

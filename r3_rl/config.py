@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from r3_rl.errors import UserError, close_match
 from r3_rl.trajectory import SamplingParams
@@ -73,13 +73,21 @@ class BlocksData(Section):
 
 class Data(Section):
     source: Literal["blocks", "geneval", "tiif", "hf"] = "blocks"
-    train: str | None = None  # jsonl path or `datasets` name (hf)
+    train: str | None = None  # built-in set (geneval:train, ...; `r3-rl data`), jsonl path or `datasets` name (hf)
     eval: str | None = None
     prompt_column: str = "prompt"  # record field / dataset column with the prompt (tiif: short_description)
     train_split: str = "train"  # `datasets` split for data.train (hf)
     eval_split: str = "test"  # `datasets` split for data.eval, or of data.train when data.eval is unset (hf)
     eval_size: int = Field(192, ge=1)  # held-out prompts per eval (a seeded subset when the file is larger)
     blocks: BlocksData = BlocksData()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _builtin_sets(cls, v: Any) -> Any:
+        """Built-in names (``geneval:train``, ``r3-rl data``) set ``source`` when it is left out."""
+        from r3_rl.prompt_sets import infer_source
+
+        return infer_source(v) if isinstance(v, dict) else v
 
 
 class Warmstart(Section):
