@@ -103,6 +103,18 @@ def check_tiny_shape(recipe: Any, source: str) -> None:
                         f"{MAX_TINY_PARAMS:.0e} for the tiny CPU policy (use policy.kind: janus for real models)")
 
 
+def check_model(recipe: Any) -> None:
+    """``policy.model`` exists (a local folder with config.json, or a hub id in the local cache / reachable)."""
+    model = recipe.policy.model
+    if recipe.policy.kind == "janus":
+        from r3_rl.policy.janus import _resolve
+
+        _resolve(model or "")
+    elif model and not (Path(model).expanduser() / "config.json").is_file():
+        raise UserError(f"policy.model: cannot load '{model}': no config.json there; give a directory written by "
+                        f"save_pretrained (or leave policy.model empty to build the tiny model)")
+
+
 def check_device(recipe: Any, source: str) -> None:
     import torch
 
@@ -188,6 +200,7 @@ def validate_recipe(recipe: Any, path: str | Path, needs_eval: bool = True) -> N
     check_numbers(dump, source)
     if recipe.policy.kind == "tiny":
         check_tiny_shape(recipe, source)
+    check_model(recipe)
     check_device(recipe, source)
     check_templates(recipe, source)
     check_regexes(recipe, source)
