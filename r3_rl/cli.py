@@ -11,12 +11,15 @@ from typing import Any, Callable
 from r3_rl.errors import EXIT_USAGE, UserError
 
 
-def _recipe(args: argparse.Namespace) -> Any:
-    """Load the recipe and check all of it (data, rewards, sizes, run dir) before any work is done."""
+def _recipe(args: argparse.Namespace, model: str | None = None) -> Any:
+    """Load the recipe (``model`` replaces ``policy.model``) and check all of it -- data, rewards, sizes, run dir --
+    before any work is done."""
     from r3_rl.config import load_recipe
     from r3_rl.validate import check_run_dir, validate_recipe
 
     recipe = load_recipe(args.recipe, args.set)
+    if model is not None:
+        recipe.policy.model = model
     validate_recipe(recipe, args.recipe, needs_eval=args.command != "rollout")
     check_run_dir(recipe, getattr(args, "run_dir", None))
     return recipe
@@ -50,8 +53,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if not Path(args.checkpoint).is_dir():
         raise UserError(f"--checkpoint {args.checkpoint}: no such directory")
-    recipe = _recipe(args)
-    recipe.policy.model = str(args.checkpoint)
+    recipe = _recipe(args, model=str(args.checkpoint))
     recipe.name = f"{recipe.name}-eval"
     trainer = Trainer(recipe, make_run_dir(recipe, args.run_dir))
     report = trainer.run_eval("eval")
@@ -67,6 +69,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     from r3_rl.trainer import Trainer, stage_sampling
     from r3_rl.trajectory import write_trees
 
+    if not 1 <= args.num <= 100_000:
+        raise UserError(f"--num {args.num}: must be 1-100000")
     recipe = _recipe(args)
     recipe.name = f"{recipe.name}-rollout"
     trainer = Trainer(recipe, make_run_dir(recipe, args.run_dir))
