@@ -44,6 +44,9 @@ from r3_rl.rewards.remote import RemoteReward  # noqa: F401 - its import path be
 from r3_rl.rewards.wire import WireError, WireLimitError, count_images, output_to_json, sample_from_json
 
 DEFAULT_PORT = 8765
+# JSON values per body (counted from ',', '[' and '{' before parsing): a 64 MiB body of `{},{},...` would
+# otherwise become 20 M Python dicts (1.5 GB).  Real requests hold a few thousand.
+MAX_JSON_VALUES = 1_000_000
 log = logging.getLogger("r3_rl.serve_reward")
 
 
@@ -120,6 +123,10 @@ class ScoreService:
 
     def _score_body(self, raw: bytearray) -> tuple[int, dict[str, Any]]:
         """Parse, check limits, decode and score one request body: ``(status, JSON reply)``; never raises."""
+        values = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+        if values > MAX_JSON_VALUES:
+            return 413, {"error": f"request holds about {values} JSON values, over the server's limit of "
+                                  f"{MAX_JSON_VALUES}; send smaller batches"}
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError) as e:  # bad UTF-8 / JSON, 5,000-digit ints, 200,000-deep nesting

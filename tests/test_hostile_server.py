@@ -159,6 +159,14 @@ def test_hostile_json_gets_a_json_400(server: Server, body: bytes, needle: str) 
     assert server.health_ok()
 
 
+def test_many_small_json_values_are_refused_before_parsing(server: Server) -> None:
+    """A 3 MiB body of 1.5 M empty objects would parse to ~100 MB of dicts (a 64 MiB one to 1.5 GB)."""
+    before = server.status("VmRSS")
+    code, reply, _ = server.request("POST", "/score", b'{"samples": [' + b"{}," * 1_500_000 + b"{}]}")
+    assert code == 413 and "JSON values, over the server's limit" in reply["error"]
+    assert server.status("VmRSS") - before < 30 * MiB
+
+
 def test_png_bomb_is_refused_from_its_header(server: Server) -> None:
     """A ~7 KiB 1-bit PNG that decodes to 8000x8000 (64 M pixels): 413 at once, no memory spent on it."""
     bomb = png_b64(Image.new("1", (8000, 8000)))
