@@ -26,10 +26,10 @@ def _recipe(args: argparse.Namespace, model: str | None = None) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    recipe = _recipe(args)  # before the heavy imports below: a bad recipe fails in a second or two
     from r3_rl.run_dir import make_run_dir
     from r3_rl.trainer import Trainer
 
-    recipe = _recipe(args)
     ckpt, resume_dir = None, None
     if args.resume:
         from r3_rl.learner.checkpoint import check_resumable, find_resume
@@ -47,13 +47,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if not Path(args.checkpoint).is_dir():
+        raise UserError(f"--checkpoint {args.checkpoint}: no such directory")
+    recipe = _recipe(args, model=str(args.checkpoint))
     from r3_rl.eval.evaluate import markdown_table
     from r3_rl.run_dir import make_run_dir
     from r3_rl.trainer import Trainer
 
-    if not Path(args.checkpoint).is_dir():
-        raise UserError(f"--checkpoint {args.checkpoint}: no such directory")
-    recipe = _recipe(args, model=str(args.checkpoint))
     recipe.name = f"{recipe.name}-eval"
     trainer = Trainer(recipe, make_run_dir(recipe, args.run_dir))
     report = trainer.run_eval("eval")
@@ -64,14 +64,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
+    if not 1 <= args.num <= 100_000:
+        raise UserError(f"--num {args.num}: must be 1-100000")
+    recipe = _recipe(args)
     from r3_rl.rollout.chain import r3_chains
     from r3_rl.run_dir import make_run_dir
     from r3_rl.trainer import Trainer, stage_sampling
     from r3_rl.trajectory import write_trees
 
-    if not 1 <= args.num <= 100_000:
-        raise UserError(f"--num {args.num}: must be 1-100000")
-    recipe = _recipe(args)
     recipe.name = f"{recipe.name}-rollout"
     trainer = Trainer(recipe, make_run_dir(recipe, args.run_dir))
     prompts = trainer.data.next_batch(args.num)
