@@ -335,18 +335,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and type-check a recipe (the deeper checks are :func:`r3_rl.validate.validate_recipe`)."""
+    from r3_rl.textfiles import check_expanded_size, read_recipe_yaml
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: recipe file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(read_recipe_yaml(path), overrides or [])
+    check_expanded_size(data, str(path))
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:

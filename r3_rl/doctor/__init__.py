@@ -24,6 +24,7 @@ CheckFn = Callable[[Context], "Finding | list[Finding]"]
 
 # In order; each gets the shared Context.  "train" is last: the slowest, and only run when all above passed.
 CHECKS: list[tuple[str, CheckFn]] = [
+    ("values", checks.check_values),
     ("data", checks.check_data),
     ("weights", checks.check_weights),
     ("rewards", checks.check_rewards),

@@ -17,6 +17,21 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def check_values(ctx: Context) -> Finding:
+    """The recipe's numbers, sizes, templates and regexes pass ``r3-rl train``'s up-front validation.
+
+    The model, device, rewards and data parts of that validation are the checks below, with a fix each."""
+    from r3_rl import validate
+
+    source = str(ctx.recipe_path)
+    validate.check_numbers(ctx.recipe.model_dump(mode="python"), source)
+    if ctx.recipe.policy.kind == "tiny":
+        validate.check_tiny_shape(ctx.recipe, source)
+    validate.check_templates(ctx.recipe, source)
+    validate.check_regexes(ctx.recipe, source)
+    return ok("numbers finite and within bounds, templates and regexes valid")
+
+
 def check_data(ctx: Context) -> Finding:
     """The training and held-out prompts load and pass their format checks (every line)."""
     from r3_rl.data import PromptSource
