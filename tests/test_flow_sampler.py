@@ -126,6 +126,17 @@ def test_ode_steps_carry_nothing_and_match_a_hand_euler_loop(net):
     assert torch.allclose(out.latents, x, atol=1e-12, rtol=0)
 
 
+def test_sde_sampling_tends_to_the_ode_as_eta_goes_to_zero(net):
+    """Every step stochastic with eta = 1e-9 ends where the pure ODE run ends (same x_T, same CFG)."""
+    net = net.double()
+    c = torch.randn(3, COND, dtype=torch.float64)
+    ode = run(net, c, EDIT_CFG, [()] * 3, dtype=torch.float64)
+    sde = run(net, c, EDIT_CFG, [tuple(range(15))] * 3, dtype=torch.float64, eta=EtaSchedule("constant", 1e-9))
+    assert all(len(tr.steps) == 15 for tr in sde.traces)
+    assert torch.allclose(sde.latents, ode.latents, atol=1e-7, rtol=0)
+    assert not torch.equal(sde.latents, ode.latents)  # the noise did enter
+
+
 def test_eta_zero_is_not_an_sde_step(net):
     with pytest.raises(ValueError, match="eta is 0 at SDE step"):
         run(net, torch.zeros(1, COND), Guidance(), [(3,)], eta=EtaSchedule("constant", 0.0))

@@ -110,7 +110,7 @@ def sample_flow(velocity: FlowVelocity, x_T: torch.Tensor, *, grid: Sequence[flo
         x_next = euler_step(x, v, delta)
         rows = [b for b in range(n) if i in sets[b]]
         if rows:
-            # index_select / index_copy_: advanced indexing (x[idx]) is ~1000x slower on CPU for large rows
+            # index_select / index_copy_, not x[idx]: on CPU advanced indexing of wide rows measured 40x slower
             idx = torch.tensor(rows, device=x.device)
             x_in = x.index_select(0, idx).to(work)
             mean, std = sde_gaussian(x_in, v.index_select(0, idx), t, delta, etas[i])

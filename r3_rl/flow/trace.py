@@ -94,6 +94,8 @@ class DenoisingTrace:
         if missing:
             raise ValueError(f"denoising trace: missing key(s) {', '.join(missing)}")
         torch_dtype(body["latent_dtype"])  # a clear error for an unknown dtype name
+        if not (body["init_seed"] is None or isinstance(body["init_seed"], int)):
+            raise ValueError(f"denoising trace: init_seed must be an integer or null, got {body['init_seed']!r}")
         trace = cls(latent_shape=tuple(int(s) for s in body["latent_shape"]), latent_dtype=body["latent_dtype"],
                     grid=tuple(float(t) for t in body["grid"]), guidance=Guidance.from_dict(body["guidance"]),
                     eta=EtaSchedule.from_dict(body["eta"]), init_seed=body["init_seed"],
@@ -118,9 +120,9 @@ class StepBatch:
     x_t: torch.Tensor  # [N, *latent_shape] in the latent dtype the sampler fed the model
     x_next: torch.Tensor  # [N, *latent_shape] float32 (what was sampled)
     mean: torch.Tensor  # [N, *latent_shape] behaviour mean
-    t: torch.Tensor  # [N] float64
-    delta: torch.Tensor  # [N] float64
-    eta: torch.Tensor  # [N] float64
+    t: torch.Tensor  # [N] float64, on the CPU (sde_gaussian moves the coefficients it derives)
+    delta: torch.Tensor  # [N] float64, on the CPU
+    eta: torch.Tensor  # [N] float64, on the CPU
     logprob: torch.Tensor  # [N] behaviour log-prob (float64 copy of the recorded floats)
     image: torch.Tensor  # [N] long: position of the row's trace in the stacked list
     step: torch.Tensor  # [N] long: denoising step index
