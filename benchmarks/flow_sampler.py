@@ -59,7 +59,8 @@ def bare_euler(net: TokenVelocity, c: torch.Tensor, x: torch.Tensor, grid, cfg: 
         t = torch.full((x.shape[0],), grid[i])
         v = fv.cond(x, t)
         if cfg is not None and cfg.interval[0] < grid[i] <= cfg.interval[1]:
-            vt = fv.text_uncond(x, t) + cfg.text_scale * (v - fv.text_uncond(x, t))
+            vtu = fv.text_uncond(x, t)
+            vt = vtu + cfg.text_scale * (v - vtu)
             vt = vt * (v.norm(dim=-1, keepdim=True) / (vt.norm(dim=-1, keepdim=True) + 1e-8)).clamp(max=1.0)
             vi = fv.image_uncond(x, t)
             v = vi + cfg.image_scale * (vt - vi)

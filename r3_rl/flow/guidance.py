@@ -91,6 +91,8 @@ def guided_velocity(guidance: Guidance, t: torch.Tensor, v_cond: torch.Tensor,
         raise ValueError(f"guided_velocity: t must be [B={v_cond.shape[0]}], got {tuple(t.shape)}")
     dtype = torch.promote_types(v_cond.dtype, torch.float32)
     v_c = v_cond.to(dtype)
+    if guidance.text_scale <= 1.0:  # no guidance at any t
+        return v_c
     active = guidance.active(t).to(v_c.device)
     if not bool(active.any()):
         return v_c

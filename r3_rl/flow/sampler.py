@@ -118,9 +118,10 @@ def sample_flow(velocity: FlowVelocity, x_T: torch.Tensor, *, grid: Sequence[flo
             stored = (mean + std * xi.to(x.device)).to(x.dtype).to(work)  # what the next step continues from
             logp = gaussian_logprob(stored, mean, std)
             x_next.index_copy_(0, idx, stored)
-            for j, b in enumerate(rows):
+            std_value = float(std.reshape(-1)[0])  # one (t, delta, eta) per step: the same std on every row
+            for j, (b, lp) in enumerate(zip(rows, logp.tolist())):
                 traces[b].steps.append(SdeStep(
-                    index=i, t=t, delta=delta, eta=etas[i], std=float(std[j].reshape(-1)[0]),
-                    logprob=float(logp[j]), x_t=_own(x_in[j]), x_next=_own(stored[j]), mean=_own(mean[j])))
+                    index=i, t=t, delta=delta, eta=etas[i], std=std_value, logprob=lp,
+                    x_t=_own(x_in[j]), x_next=_own(stored[j]), mean=_own(mean[j])))
         x = x_next.to(x_T.dtype)
     return FlowSample(latents=x, traces=traces)

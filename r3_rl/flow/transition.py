@@ -57,6 +57,8 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, delta: float | torch.Tensor) ->
     """Deterministic ODE step ``x - delta * v`` (in :func:`compute_dtype`); it has no log-prob."""
     dtype = compute_dtype(x)
     x, v = x.to(dtype), v.to(dtype)
+    if isinstance(delta, float):  # the sampler's case: one step size for the whole batch
+        return x - delta * v
     return x - _per_row(_rows(delta, x.shape[0], "delta"), x) * v
 
 
