@@ -13,14 +13,21 @@ do with it:
 The table at the end is BAGEL-7B-MoT's parameter count per component, from its published config (the model is built
 on the meta device: no memory), next to the figure in the design notes.
 
+With ``--load-check`` it also saves that model in the published layout and loads it with ``load_bagel`` in a fresh
+process, printing the peak resident memory against the weight file's size (loading maps at most ``MAP_WINDOW``
+bytes of the file at a time, so the peak should be about the model plus one window, not twice the model).
+
     python benchmarks/bagel_model.py [--hidden 512] [--layers 2] [--image 256] [--context 128] [--vocab 16384]
-                                     [--dtype float32|bfloat16] [--repeats 5] [--threads 2]
+                                     [--dtype float32|bfloat16] [--repeats 5] [--threads 2] [--load-check]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,6 +93,40 @@ def step_times(args) -> None:
         print(f"{name:54s} {secs * 1e3:10.2f}  {extra}")
 
 
+# VmHWM, not ru_maxrss: a forked child inherits its parent's ru_maxrss, exec starts a fresh high-water mark
+PEAK = "int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024"
+LOAD_SCRIPT = f"""
+import sys, time, torch, diffusers
+from r3_rl.policy.bagel import load_bagel
+start = time.perf_counter()
+load_bagel(sys.argv[1], dtype=torch.float32)
+print(time.perf_counter() - start, {PEAK})
+"""
+
+
+def load_memory(args) -> None:
+    from r3_rl.policy.bagel import save_bagel
+    from r3_rl.policy.bagel.tiny import build_tiny_tokenizer, tiny_flux_vae
+
+    tok = build_tiny_tokenizer()
+    tokens = TokenIds(*(tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                                                              "<|vision_end|>")))
+    with tempfile.TemporaryDirectory() as tmp:
+        model = BagelModel(bagel_shaped_config(args.hidden, args.layers, args.vocab, tokens))
+        save_bagel(tmp, model, tiny_flux_vae(), tok)
+        del model
+        size = os.path.getsize(f"{tmp}/ema.safetensors")
+        base = subprocess.run([sys.executable, "-c", "import torch, diffusers, r3_rl.policy.bagel; "
+                               f"print({PEAK})"], capture_output=True, text=True, check=True, cwd=REPO)
+        run = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, tmp], capture_output=True, text=True, check=True,
+                             cwd=REPO)
+        secs, peak = run.stdout.split()
+        extra = int(peak) - int(base.stdout)
+        print(f"\nload_bagel of a {size / 1e9:.2f} GB ema.safetensors (fp32): {float(secs):.1f} s, peak RSS "
+              f"{int(peak) / 1e9:.2f} GB = imports {int(base.stdout) / 1e9:.2f} GB + {extra / 1e9:.2f} GB "
+              f"({extra / size:.2f}x the file)")
+
+
 def parameter_table() -> None:
     with torch.device("meta"):
         model = BagelModel(published_config())
@@ -123,11 +164,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--load-check", action="store_true", help="also measure load_bagel's peak memory")
     args = parser.parse_args()
     if args.image % 16:
         parser.error("--image must be a multiple of 16 px")
     torch.set_num_threads(args.threads)
     step_times(args)
+    if args.load_check:
+        load_memory(args)
     parameter_table()
 
 

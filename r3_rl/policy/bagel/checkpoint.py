@@ -29,6 +29,7 @@ from r3_rl.policy.bagel.vae import FluxVAE, load_flux_vae
 WEIGHT_FILES = ("ema.safetensors", "model.safetensors")
 WEIGHT_INDEX = "model.safetensors.index.json"
 VAE_FILE = "ae.safetensors"
+MAP_WINDOW = 1 << 30  # bytes of the weight file mapped at a time while loading
 
 
 @dataclass
@@ -142,15 +143,22 @@ def load_bagel(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     for key, file in files.items():
         by_file.setdefault(file, []).append(key)
     for file, keys in by_file.items():
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for key in keys:
-                value = f.get_tensor(key)
-                if value.is_floating_point() and value.dtype != dtype:
-                    value = value.to(dtype)
-                elif value.device.type == "cpu":
-                    # an owned, allocator-aligned copy: CPU GEMM kernels round differently on the file's offsets
-                    value = torch.empty_like(value).copy_(value)
-                _assign(model, key, value)
+        done = 0
+        while done < len(keys):
+            # safe_open maps the file; tensors are views of it until copied.  Reopening every MAP_WINDOW bytes
+            # unmaps the pages already copied, so resident memory stays near the model plus one window.
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                window = 0
+                while done < len(keys) and window < MAP_WINDOW:
+                    value = f.get_tensor(keys[done])
+                    window += value.numel() * value.element_size()
+                    if value.is_floating_point() and value.dtype != dtype:
+                        value = value.to(dtype)
+                    elif value.device.type == "cpu":
+                        # an owned, allocator-aligned copy: CPU GEMM kernels round differently on the file's offsets
+                        value = torch.empty_like(value).copy_(value)
+                    _assign(model, keys[done], value)
+                    done += 1
     rebuild_non_persistent(model, device)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
