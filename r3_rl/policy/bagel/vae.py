@@ -19,9 +19,29 @@ from r3_rl.errors import UserError
 from r3_rl.policy.bagel.config import VaeConfig
 from r3_rl.policy.bagel.state_check import check_state_keys
 
-_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_ATTN_BACK = {v: k for k, v in _ATTN.items()}
-_RESNET_BACK = {"conv_shortcut": "nin_shortcut"}
+# One table serves both directions: (BFL template, diffusers template) after the "encoder."/"decoder." prefix.
+# Fields: {u} is a decoder level (numbered in reverse in diffusers), the others are renamed through _RENAME.
+_RULES = (
+    ("down.{i}.block.{j}.{name}.{leaf}", "down_blocks.{i}.resnets.{j}.{name}.{leaf}"),
+    ("up.{u}.block.{j}.{name}.{leaf}", "up_blocks.{u}.resnets.{j}.{name}.{leaf}"),
+    ("down.{i}.downsample.conv.{leaf}", "down_blocks.{i}.downsamplers.0.conv.{leaf}"),
+    ("up.{u}.upsample.conv.{leaf}", "up_blocks.{u}.upsamplers.0.conv.{leaf}"),
+    ("mid.block_{mid}.{name}.{leaf}", "mid_block.resnets.{mid}.{name}.{leaf}"),
+    ("mid.attn_1.{attn}.{leaf}", "mid_block.attentions.0.{attn}.{leaf}"),
+    ("norm_out.{leaf}", "conv_norm_out.{leaf}"),
+)
+_RENAME = {"name": {"nin_shortcut": "conv_shortcut"}, "mid": {"1": "0", "2": "1"},
+           "attn": {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}}
+
+
+def _regex(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)
+    return re.compile("".join(re.escape(p) if i % 2 == 0 else
+                              (rf"(?P<{p}>to_out\.0|[^.]+)" if p == "attn" else rf"(?P<{p}>[^.]+)")
+                              for i, p in enumerate(parts)))
+
+
+_COMPILED = tuple((_regex(bfl), bfl, _regex(diff), diff) for bfl, diff in _RULES)
 
 
 def _levels(keys, part: str) -> int:
@@ -29,45 +49,31 @@ def _levels(keys, part: str) -> int:
     return max(found) + 1 if found else 0
 
 
+def _convert(key: str, num_levels: int, to_diffusers: bool) -> str:
+    side, _, rest = key.partition(".")
+    for bfl_re, bfl, diff_re, diff in _COMPILED:
+        m = (bfl_re if to_diffusers else diff_re).fullmatch(rest)
+        if m:
+            fields = {}
+            for name, value in m.groupdict().items():
+                if name == "u":
+                    value = str(num_levels - 1 - int(value))
+                elif name in _RENAME:
+                    table = _RENAME[name] if to_diffusers else {b: a for a, b in _RENAME[name].items()}
+                    value = table.get(value, value)
+                fields[name] = value
+            return f"{side}.{(diff if to_diffusers else bfl).format(**fields)}"
+    return key  # conv_in, conv_out
+
+
 def bfl_to_diffusers_key(key: str, num_levels: int) -> str:
     """One ``ae.safetensors`` key -> its ``AutoencoderKL`` key (decoder levels are numbered in reverse)."""
-    side, _, rest = key.partition(".")
-    if m := re.fullmatch(r"(down|up)\.(\d+)\.block\.(\d+)\.(\w+)\.(weight|bias)", rest):
-        kind, level, j, name, leaf = m.groups()
-        level = int(level) if kind == "down" else num_levels - 1 - int(level)
-        name = "conv_shortcut" if name == "nin_shortcut" else name
-        return f"{side}.{kind}_blocks.{level}.resnets.{j}.{name}.{leaf}"
-    if m := re.fullmatch(r"down\.(\d+)\.downsample\.conv\.(weight|bias)", rest):
-        return f"{side}.down_blocks.{m.group(1)}.downsamplers.0.conv.{m.group(2)}"
-    if m := re.fullmatch(r"up\.(\d+)\.upsample\.conv\.(weight|bias)", rest):
-        return f"{side}.up_blocks.{num_levels - 1 - int(m.group(1))}.upsamplers.0.conv.{m.group(2)}"
-    if m := re.fullmatch(r"mid\.block_([12])\.(.+)", rest):
-        return f"{side}.mid_block.resnets.{int(m.group(1)) - 1}.{m.group(2)}"
-    if m := re.fullmatch(r"mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)", rest):
-        return f"{side}.mid_block.attentions.0.{_ATTN[m.group(1)]}.{m.group(2)}"
-    if rest.startswith("norm_out."):
-        return f"{side}.conv_norm_out.{rest[len('norm_out.'):]}"
-    return key  # conv_in, conv_out
+    return _convert(key, num_levels, to_diffusers=True)
 
 
 def diffusers_to_bfl_key(key: str, num_levels: int) -> str:
     """The inverse of :func:`bfl_to_diffusers_key`."""
-    side, _, rest = key.partition(".")
-    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(weight|bias)", rest):
-        kind, level, j, name, leaf = m.groups()
-        level = int(level) if kind == "down" else num_levels - 1 - int(level)
-        return f"{side}.{kind}.{level}.block.{j}.{_RESNET_BACK.get(name, name)}.{leaf}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)", rest):
-        return f"{side}.down.{m.group(1)}.downsample.conv.{m.group(2)}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)", rest):
-        return f"{side}.up.{num_levels - 1 - int(m.group(1))}.upsample.conv.{m.group(2)}"
-    if m := re.fullmatch(r"mid_block\.resnets\.([01])\.(.+)", rest):
-        return f"{side}.mid.block_{int(m.group(1)) + 1}.{m.group(2)}"
-    if m := re.fullmatch(r"mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)", rest):
-        return f"{side}.mid.attn_1.{_ATTN_BACK[m.group(1)]}.{m.group(2)}"
-    if rest.startswith("conv_norm_out."):
-        return f"{side}.norm_out.{rest[len('conv_norm_out.'):]}"
-    return key
+    return _convert(key, num_levels, to_diffusers=False)
 
 
 def _is_attn_proj(diffusers_key: str) -> bool:
