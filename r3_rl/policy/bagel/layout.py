@@ -29,7 +29,7 @@ PAD, TOKEN, VIT, LATENT = 0, 1, 2, 3  # what fills a position
 
 @dataclass(frozen=True)
 class TextBlock:
-    """Token ids as given (the caller adds ``<|im_start|>``/``<|im_end|>``, see :func:`text_ids`)."""
+    """Token ids as given; BAGEL wraps text in ``<|im_start|>`` ... ``<|im_end|>`` (``model.text_block``)."""
     ids: Sequence[int]
 
 
