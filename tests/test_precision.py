@@ -219,5 +219,7 @@ def test_cli_refuses_before_loading_anything(tmp_path, capsys) -> None:
                  "--set", "learner.deepspeed.dtype=fp32"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "learner.deepspeed.dtype: fp32 disagrees with policy.dtype: bfloat16" in err[0]
-    assert not (run / "warmstart").exists()  # nothing was built
+    assert len(err) == 1 and err[0].endswith(
+        "tiny_blocks.yaml: learner.deepspeed.dtype: fp32 disagrees with policy.dtype: bfloat16 (the compute dtype of "
+        "rollout and learner); set learner.deepspeed.dtype: bf16 or leave it out")
+    assert not run.exists()  # refused in the preflight, before the run dir or any model
