@@ -105,7 +105,8 @@ def placed(actor: Any, need: dict[str, float]) -> bool:
             return True
         shape = {k: float(v) for k, v in need.items() if v > 0}
         demand = get_cluster_status(ray.get_runtime_context().gcs_address).resource_demands.ray_task_actor_demand
-        return not any({k: v for k, v in req.bundle.items() if v} == shape for d in demand for req in d.bundles_by_count)
+        waiting = [{k: v for k, v in req.bundle.items() if v} for d in demand for req in d.bundles_by_count]
+        return shape not in waiting
     except Exception:
         return False
 

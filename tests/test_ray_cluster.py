@@ -13,6 +13,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,8 +31,13 @@ def train(cluster: SimCluster, tmp: Path, run: str, steps: int, *extra: str, res
         "warmstart.steps=0", "rollout.backend=ray", "rollout.workers=2", "rollout.threads_per_worker=1",
         "rollout.max_task_retries=2", "threads=1", f"ray.address={cluster.address}"] + FAST_RAY + list(extra)
     cmd = [sys.executable, "-m", "r3_rl.cli", "train", str(REPO / "recipes" / "tiny_blocks.yaml"),
-           "--run-dir", str(tmp / run)] + [a for s in sets for a in ("--set", s)] + (["--resume", "auto"] if resume else [])
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=cluster.env)
+           "--run-dir", str(tmp / run)] + [a for s in sets for a in ("--set", s)]
+    cmd += ["--resume", "auto"] if resume else []
+    err = Path(tempfile.mkstemp(prefix=f"{run}-", suffix=".stderr", dir=tmp)[1])  # a file, not a pipe that
+    with open(err, "w") as f:                                                    # nobody reads while the run goes
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f, env=cluster.env)
+    proc.err_path = err  # type: ignore[attr-defined]
+    return proc
 
 
 def wait_for(proc: subprocess.Popen, check, what: str, timeout: float = 240.0):
@@ -39,7 +45,7 @@ def wait_for(proc: subprocess.Popen, check, what: str, timeout: float = 240.0):
     deadline = time.time() + timeout
     while not (got := check()):
         if proc.poll() is not None:
-            raise AssertionError(f"run ended (rc {proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}")
+            raise AssertionError(f"run ended (rc {proc.returncode}) before {what}: {proc.err_path.read_text()[-3000:]}")
         assert time.time() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
     return got
@@ -78,11 +84,11 @@ def error_line(err: str) -> str:
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, float]:
     t0 = time.time()
     try:
-        _, err = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
-    return proc.returncode, err, time.time() - t0
+    return proc.returncode, proc.err_path.read_text(), time.time() - t0
 
 
 def node_of(cluster_nodes: dict[str, str], prefix: str) -> str:

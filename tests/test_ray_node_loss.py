@@ -195,3 +195,11 @@ def test_learner_rank_lost_between_steps_stops_the_next_step_in_one_line(tmp_pat
         assert all(torch.equal(before[k], v) for k, v in learner.policy.state_dict().items())  # nothing half-applied
     finally:
         learner.close()
+
+
+def test_min_workers_above_workers_is_a_one_line_recipe_error(tmp_path: Path) -> None:
+    from r3_rl.errors import UserError
+
+    with pytest.raises(UserError, match=r"key 'rollout': .*min_workers=3 must be <= workers=2"):
+        load_recipe(REPO / "recipes" / "tiny_blocks.yaml", tiny_overrides(tmp_path) + [
+            "rollout.workers=2", "rollout.min_workers=3"])

@@ -179,7 +179,7 @@ class RankedLearner:
                 if isinstance(got, ActorLost):
                     waited = f" (waited {placement:g} s)" if isinstance(got, Unplaced) else ""
                     raise ClusterError(f"learner rank {r} could not be started: {got}{waited}")
-            master = self._get(self.ranks[0].address.remote(), "rank 0's address")
+            master = self._get(self.ranks[0].address.remote(), "rendezvous")
             state = cpu_state(policy.state_dict())
             ref_state = cpu_state(reference.model.state_dict()) if reference is not None and cfg.lora is None else None
             self._all([r.setup.remote(master, state, ref_state, policy.version) for r in self.ranks], "set-up")
@@ -187,18 +187,17 @@ class RankedLearner:
             self.close()
             raise
 
-    def _lost(self, rank: int | None, what: str, why: str) -> ClusterError:
+    def _lost(self, rank: int, what: str, why: str) -> ClusterError:
         self.close()
-        who = "a learner rank" if rank is None else f"learner rank {rank}"
-        return ClusterError(f"{who} was lost during the {what} ({why}); the {what} was abandoned and the ranks "
-                            f"stopped")
+        return ClusterError(f"learner rank {rank} was lost during the {what} ({why}); the {what} was abandoned and "
+                            f"the ranks stopped")
 
     def _get(self, ref: Any, what: str) -> Any:
-        """One rank's answer within ``ray.call_timeout_s``, or a one-line stop."""
+        """Rank 0's answer within ``ray.call_timeout_s``, or a one-line stop."""
         try:
             return get_within(ref, self.call_timeout_s, what)
         except ActorLost as e:
-            raise self._lost(None, what, str(e)) from None
+            raise self._lost(0, what, str(e)) from None
 
     def _dead_rank(self) -> int | None:
         """The first rank whose node Ray has marked dead, if any."""
@@ -226,7 +225,7 @@ class RankedLearner:
             for ref in done:
                 r = pending.pop(ref)
                 try:
-                    results[r] = ray.get(ref)
+                    results[r] = ray.get(ref, timeout=self.call_timeout_s)  # ready: returns at once
                 except Exception as e:
                     if actor_died(e):
                         raise self._lost(r, what, first_line(e)) from None
@@ -251,7 +250,7 @@ class RankedLearner:
         ref = ray.put(items)
         metrics = _merge(self._all([r.step.remote(ref) for r in self.ranks], "learner step"))
         if "learner/loss" in metrics:
-            self.policy.load_state_dict(self._get(self.ranks[0].weights.remote(), "weight copy from rank 0"))
+            self.policy.load_state_dict(self._get(self.ranks[0].weights.remote(), "weight copy"))
         return metrics
 
     def save(self, path: Path) -> None:
@@ -261,7 +260,7 @@ class RankedLearner:
         ref_file = Path(path).parent / "reference.safetensors"
         self._all([r.load.remote(str(path), str(ref_file) if ref_file.is_file() else None) for r in self.ranks],
                   "checkpoint load")
-        self.policy.load_state_dict(self._get(self.ranks[0].weights.remote(), "weight copy from rank 0"))
+        self.policy.load_state_dict(self._get(self.ranks[0].weights.remote(), "weight copy"))
 
     def close(self) -> None:
         kill_actors(self.ranks)
