@@ -188,7 +188,7 @@ class ActorGroup:
         deadline = time.monotonic() + self.call_timeout_s
         for i, ref in refs.items():
             try:
-                get_within(ref, deadline - time.monotonic(), f"{self.kind} {i}")
+                get_within(ref, deadline - time.monotonic(), "its set-up")
             except ActorLost as e:
                 failed[i] = str(e)
                 self._drop(i)

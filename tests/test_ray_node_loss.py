@@ -203,3 +203,24 @@ def test_min_workers_above_workers_is_a_one_line_recipe_error(tmp_path: Path) ->
     with pytest.raises(UserError, match=r"key 'rollout': .*min_workers=3 must be <= workers=2"):
         load_recipe(REPO / "recipes" / "tiny_blocks.yaml", tiny_overrides(tmp_path) + [
             "rollout.workers=2", "rollout.min_workers=3"])
+
+
+def test_token_authentication_refusal_is_named_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray 2.60 refuses a driver without the cluster's token; the error must say what to set."""
+    import ray
+
+    from r3_rl.errors import UserError
+    from r3_rl.ray_runtime import start_ray
+
+    def refused(**kw):
+        try:
+            raise RuntimeError("Failed to connect to GCS. ray.exceptions.AuthenticationError: InvalidAuthToken")
+        except RuntimeError as e:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379") from e
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)
+    with pytest.raises(UserError, match=r"^ray.address: cannot join '10.0.0.1:6379' \(Failed to connect to Ray cluster "
+                                        r"at 10.0.0.1:6379\); the cluster uses token authentication: set "
+                                        r"RAY_AUTH_MODE=token with its token in ~/.ray/auth_token$"):
+        start_ray(RayCfg(address="10.0.0.1:6379"))
