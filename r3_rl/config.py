@@ -235,7 +235,7 @@ class RayCfg(Section):
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)  # a local Ray's CPUs (default: the machine's cores)
     log_to_driver: bool = True  # print the actors' stdout/stderr in the trainer's console
-    # how long to wait for the cluster: an actor to be placed and start; one call (weight load, rollout task,
+    # how long to wait for the cluster: an actor to find a node with room; one call (weight load, rollout task,
     # reward batch, checkpoint); one collective between learner ranks (then a rank lost mid-step stops the run)
     placement_timeout_s: float = Field(60.0, gt=0)
     call_timeout_s: float = Field(900.0, gt=0)
