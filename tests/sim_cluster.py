@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,6 +117,7 @@ class SimCluster:
                 p.kill()  # psutil checks it is still the same process (no PID reuse)
             except psutil.NoSuchProcess:
                 pass
+        shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> "SimCluster":
         return self
