@@ -20,6 +20,7 @@ from r3_rl.eval.evaluate import evaluate, markdown_table, write_report
 from r3_rl.learner.build import build_learner, needs_frozen_reference, prepare_batch
 from r3_rl.learner.precision import check_recipe_precision
 from r3_rl.policy.base import Policy
+from r3_rl.ray_actors import ClusterError
 from r3_rl.rewards.reward_set import RewardSet
 from r3_rl.rollout.buffer import BufferEntry, ParentBuffer
 from r3_rl.rollout.engine import RolloutEngine, build_engine, run_ordered
@@ -93,14 +94,13 @@ class Trainer:
         if self._engine is None:
             self._engine = build_engine(self.recipe, self.policy, self.log_event)
             if self.recipe.rollout.reward_workers:
-                from r3_rl.rollout.ray_engine import RayRewardSet
+                from r3_rl.rollout.ray_rewards import RayRewardSet
 
                 self._remote_rewards = RayRewardSet([s.model_dump() for s in self.recipe.rewards.task],
                                                     self.recipe.rollout.reward_workers,
-                                                    self.recipe.rollout.threads_per_worker, self.log_event)
+                                                    self.recipe.rollout.threads_per_worker, self.log_event,
+                                                    self.recipe.ray, self.recipe.rollout.max_task_retries)
                 self.scorer.task = self._remote_rewards  # type: ignore[assignment]
-            if self.recipe.rollout.backend == "ray":
-                self.log_event(f"rollout: {self.recipe.rollout.workers} Ray workers ready")
         return self._engine
 
     def log_event(self, message: str) -> None:
@@ -202,8 +202,19 @@ class Trainer:
         """Run the recipe to the end; workers and Ray are shut down however it ends (Ctrl-C included)."""
         try:
             return self._train()
+        except ClusterError as e:  # a node lost beyond what the recipe allows: say where to continue from
+            self.log_event(f"stopped: {e}")
+            raise ClusterError(f"{e}; {self._resume_hint()}") from None
         finally:
             self.close()
+
+    def _resume_hint(self) -> str:
+        from r3_rl.learner.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return "no checkpoint to continue from yet (set save_every)"
+        return f"continue from {ckpt.name} with --run-dir {self.run_dir} --resume auto"
 
     def _train(self) -> dict[str, Any]:
         r = self.recipe
