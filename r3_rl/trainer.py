@@ -72,7 +72,8 @@ class Trainer:
                                   rw.correct_threshold)
         self._engine: RolloutEngine | None = None  # started on the first rollout (eval-only runs need none)
         self._remote_rewards: Any = None
-        self.buffer = ParentBuffer(recipe.tree.buffer_size)
+        # parents are kept as image tokens when the policy can rebuild pixels from them (else as PNG bytes)
+        self.buffer = ParentBuffer(recipe.tree.buffer_size, decode=getattr(self.policy, "decode_image_tokens", None))
         self.data = PromptSource(recipe)
         self.learner = build_learner(self.policy, self.reference, recipe)
         self.metrics = MetricsLogger(run_dir, tensorboard=recipe.log.tensorboard)

@@ -5,7 +5,8 @@ Layout of one checkpoint::
     model/                     policy weights (safetensors) + config + tokenizer: loadable by from_pretrained
                                (LoRA: merged weights; the unmerged state is in state/policy.safetensors)
     state/trainer.pt           step, policy version, RNG states (trainer, python, numpy, torch), data-sampler
-                               position, Tree-RL parent buffer, reward-failure counts
+                               position, reward-failure counts
+    state/buffer.safetensors   the Tree-RL parent buffer (image token ids / PNG bytes + JSON metadata)
     state/learner/             optimiser + LR schedule (torch: optimizer.pt; DeepSpeed: its own checkpoint),
                                learner counters, critic weights (PPO)
     state/reference.safetensors  the frozen KL reference (absent with LoRA: it is the base model)
@@ -151,7 +152,7 @@ def trainer_state(trainer: Any, step: int) -> dict[str, Any]:
         "rng": trainer.rng.getstate(), "python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "data_position": trainer.data.position, "buffer": trainer.buffer.state_dict(),
+        "data_position": trainer.data.position,
         "scorer": {"scored": f.scored, "failed": f.failed, "reasons": list(trainer.scorer.failure_reasons)},
     }
     return state
@@ -181,6 +182,7 @@ def save_checkpoint(trainer: Any, step: int, keep_last: int) -> Path:
         save_model(ref.model, str(state / "reference.safetensors"))
     trainer.learner.save(state / "learner")
     torch.save(trainer_state(trainer, step), state / "trainer.pt")
+    trainer.buffer.save(state / "buffer.safetensors")
     meta = {"complete": True, "format": FORMAT, "step": step, "policy_version": trainer.policy.version,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "recipe": trainer.recipe.name,
             "structure": structure(trainer.recipe)}
@@ -260,7 +262,7 @@ def load_checkpoint(trainer: Any, path: Path) -> dict[str, Any]:
     if ts.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ts["cuda_rng"])
     trainer.data.position = ts["data_position"]
-    trainer.buffer.load_state_dict(ts["buffer"])
+    trainer.buffer.load(state / "buffer.safetensors")
     trainer.scorer.failures.scored = ts["scorer"]["scored"]
     trainer.scorer.failures.failed = ts["scorer"]["failed"]
     trainer.scorer.failure_reasons[:] = ts["scorer"]["reasons"]

@@ -92,6 +92,9 @@ class Policy(ABC):
         """Probability that the answer to ``questions[i]`` about ``images[i]`` is "yes" (no sampling)."""
         raise NotImplementedError(f"{type(self).__name__} cannot answer questions about images")
 
+    # --- optional: ``decode_image_tokens(tokens) -> HxWx3 uint8`` rebuilds the pixels of an image this
+    # policy drew from its tokens; with it the Tree-RL parent buffer stores tokens instead of PNG bytes.
+
     # --- weights -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return self.model.state_dict()

@@ -168,6 +168,10 @@ class JanusPolicy(Policy):
                 self._decoded.popitem(last=False)
         return self._decoded[key]
 
+    def decode_image_tokens(self, tokens: list[int]) -> np.ndarray:
+        """Pixels of an image this policy drew, from its VQ tokens (decoded and cached as for training)."""
+        return self._pixels({"tokens": tokens})  # type: ignore[return-value]
+
     def _decode(self, tokens: torch.Tensor) -> np.ndarray:
         return self.engine.decode_images(tokens, *self._post)
 

@@ -181,9 +181,12 @@ class TinyUnifiedPolicy(Policy):
         out = []
         for seg in segs:
             cells = [t - self.image_offset for t in seg.token_ids]
-            grid = np.asarray(cells, dtype=np.int64).reshape(self.rows, self.cols)
-            out.append(ImageSample(image_tokens=cells, image=codec.encode(grid), segment=seg))
+            out.append(ImageSample(image_tokens=cells, image=self.decode_image_tokens(cells), segment=seg))
         return out
+
+    def decode_image_tokens(self, tokens: list[int]) -> np.ndarray:
+        """Pixels of a grid from its cell tokens (what ``ImageSample.image_tokens`` holds)."""
+        return codec.encode(np.asarray(tokens, dtype=np.int64).reshape(self.rows, self.cols))
 
     # ------------------------------------------------------------------ R3 stages
     def reason(self, prompts: list[PromptItem], sampling: SamplingParams,
