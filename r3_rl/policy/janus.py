@@ -282,7 +282,7 @@ class JanusPolicy(Policy):
         yes, no = sorted(yes - no), sorted(no - yes)
         ctx = [self._chat_ids(user_content("{image}{prompt}", {"prompt": q}, True), False) for q in questions]
         emb, mask, pos = self.engine.embed(ctx, [np.asarray(im.image) for im in images], left=True)
-        hidden = self.engine._trunk(emb, mask, pos).last_hidden_state[:, -1]
+        hidden = self.engine._trunk(emb, mask, pos, use_cache=False).last_hidden_state[:, -1]
         probs = torch.softmax(self._model.lm_head(hidden).float(), dim=-1)
         p_yes, p_no = probs[:, yes].sum(-1), probs[:, no].sum(-1)
         return (p_yes / (p_yes + p_no).clamp_min(1e-30)).cpu().tolist()
