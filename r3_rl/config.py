@@ -240,6 +240,7 @@ class Eval(Section):
     text_temperature: float = Field(0.0, ge=0.0)  # 0 = greedy
     image_temperature: float = Field(1.0, ge=0.0)  # 0 = greedy
     size: int | None = None  # defaults to data.eval_size
+    batch_size: int = Field(256, ge=1)  # prompts whose R3 chains are sampled together (GPU memory: `r3-rl plan`)
     dump: int = Field(64, ge=0)  # eval chains written to eval/<name>_trajectories.jsonl + .html (0 = none)
 
 

@@ -163,7 +163,7 @@ class Trainer:
         prompts = self.data.eval_prompts(e.size or self.recipe.data.eval_size)
         report, trees = evaluate(self.policy, prompts, self.eval_sampling, e.rounds,
                                  self.recipe.templates.stop_phrase, self.eval_rewards,
-                                 self.recipe.rewards.correct_threshold, seed=self.recipe.seed)
+                                 self.recipe.rewards.correct_threshold, seed=self.recipe.seed, batch_size=e.batch_size)
         write_report(report, self.run_dir / "eval", name, trees, e.dump)
         self.metrics.log_eval(report, self.step if step is None else step, trees, name)
         return report
