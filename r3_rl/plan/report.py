@@ -162,7 +162,8 @@ def make_plan(recipe: Any, gpus: int, gpu_memory: float, shape: ModelShape | Non
         trainer.notes["weights"] = "its policy copy (mirrors rank 0's weights, runs the evals)"
         kl = (cfg.kl_coef_text > 0 or cfg.kl_coef_image > 0) and cfg.lora is None
         trainer.resident["reference"] = b * shape.params if kl else 0.0
-        trainer.notes["reference"] = "kept to start the ranks' references and for checkpoints"
+        trainer.notes["reference"] = ("kept to start the ranks' references and for checkpoints" if kl else
+                                      "none (LoRA: adapters off)" if cfg.lora is not None else "none (KL weights 0)")
     if r.backend == "local":
         add_sampling(trainer, recipe, shape, group, "rollout sampling")
     add_sampling(trainer, recipe, shape, recipe.eval.batch_size, "eval sampling")

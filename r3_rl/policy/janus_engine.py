@@ -224,7 +224,8 @@ class JanusEngine:
         reps = first_rows(row_of)
         emb, mask, pos = self.embed([ids[i] for i in reps], [images[i] for i in reps], left=True)
         context_cache = ReplayCache(self.num_layers)  # replayable: safe under gradient checkpointing
-        out = self._trunk(emb, mask, pos, context_cache)
+        # use_cache=False: the cache is ours to fill (transformers would warn under gradient checkpointing)
+        out = self._trunk(emb, mask, pos, context_cache, use_cache=False)
         rows = torch.tensor(row_of, dtype=torch.long, device=self.device)
         first = out.last_hidden_state[rows, -1:]  # the context's last position predicts target token 0
         t_max = max(len(t) for t in targets)
@@ -235,7 +236,8 @@ class JanusEngine:
         gen_from = [0 if m == "image" else len(f) for f, m in zip(feeds, modalities)]
         feed_emb, feed_mask, _ = self.embed(feeds, [None] * len(feeds), gen_from=gen_from, left=False)
         positions = pos[rows, -1:] + 1 + torch.arange(t_max - 1, device=self.device)
-        rest = self._trunk(feed_emb, torch.cat([mask[rows], feed_mask], dim=1), positions, cache).last_hidden_state
+        rest = self._trunk(feed_emb, torch.cat([mask[rows], feed_mask], dim=1), positions, cache,
+                           use_cache=False).last_hidden_state
         hidden = torch.cat([first, rest], dim=1)
         return [hidden[i, :len(t)] for i, t in enumerate(targets)]
 

@@ -244,7 +244,7 @@ class TinyUnifiedPolicy(Policy):
         input_ids, mask, pos = self._left_padded(prefixes)
         context_cache = ReplayCache(self._model.config.num_hidden_layers)  # replayable under checkpointing
         out = self._model(input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=context_cache,
-                          use_cache=True, logits_to_keep=1)
+                          use_cache=False, logits_to_keep=1)  # the cache is ours to fill, checkpointing or not
         rows = torch.tensor(row_of, dtype=torch.long)
         first = out.logits[rows].float()  # [B, 1, V]: the context's last position predicts target token 0
         t_max = max(len(t) for t in targets)
@@ -257,7 +257,7 @@ class TinyUnifiedPolicy(Policy):
         mask = torch.cat([mask[rows], torch.ones_like(feed)], dim=1)
         positions = pos[rows, -1:] + 1 + torch.arange(t_max - 1)
         rest = self._model(input_ids=feed, attention_mask=mask, position_ids=positions, cache=cache,
-                           use_cache=True).logits.float()
+                           use_cache=False).logits.float()
         return torch.cat([first, rest], dim=1)
 
     def _full_row_logits(self, contexts: list[list[int]], targets: list[list[int]]) -> torch.Tensor:
