@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from r3_rl.errors import UserError, close_match
 from r3_rl.trajectory import SamplingParams
@@ -73,13 +73,21 @@ class BlocksData(Section):
 
 class Data(Section):
     source: Literal["blocks", "geneval", "tiif", "hf"] = "blocks"
-    train: str | None = None  # jsonl path or `datasets` name (hf)
+    train: str | None = None  # built-in set (geneval:train, ...; `r3-rl data`), jsonl path or `datasets` name (hf)
     eval: str | None = None
     prompt_column: str = "prompt"  # record field / dataset column with the prompt (tiif: short_description)
     train_split: str = "train"  # `datasets` split for data.train (hf)
     eval_split: str = "test"  # `datasets` split for data.eval, or of data.train when data.eval is unset (hf)
     eval_size: int = Field(192, ge=1)  # held-out prompts per eval (a seeded subset when the file is larger)
     blocks: BlocksData = BlocksData()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _builtin_sets(cls, v: Any) -> Any:
+        """Built-in names (``geneval:train``, ``r3-rl data``) set ``source`` when it is left out."""
+        from r3_rl.prompt_sets import infer_source
+
+        return infer_source(v) if isinstance(v, dict) else v
 
 
 class Warmstart(Section):
@@ -331,18 +339,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and type-check a recipe (the deeper checks are :func:`r3_rl.validate.validate_recipe`)."""
+    from r3_rl.textfiles import check_expanded_size, read_recipe_yaml
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: recipe file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(read_recipe_yaml(path), overrides or [])
+    check_expanded_size(data, str(path))
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:

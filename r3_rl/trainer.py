@@ -180,6 +180,7 @@ class Trainer:
         from r3_rl.learner.checkpoint import load_checkpoint
 
         load_checkpoint(self, path)
+        self.metrics.rewind(self.step)  # the steps after the checkpoint are run again: log them once
         if self._engine is not None:
             self._engine.sync(self.policy)
         self.console.print(f"resumed from {path}: step {self.step}, policy version {self.policy.version}")

@@ -12,6 +12,10 @@ Layout of one checkpoint::
     state/reference.safetensors  the frozen KL reference (absent with LoRA: it is the base model)
     checkpoint.json            written last: {"step", "policy_version", "complete": true, ...}
 
+Every ``.pt`` here is read with ``torch.load(weights_only=True)`` (:mod:`r3_rl.learner.safe_load`): a
+checkpoint cannot run code on ``--resume``.  Format 2 keeps the numpy RNG state as plain lists; format 1
+(numpy arrays) still loads.
+
 Atomicity: everything is written into ``checkpoints/.tmp-step_NNNNNN-<pid>/`` and renamed into place only
 once complete, so a crash half-way leaves a ``.tmp-*`` folder that ``--resume auto`` never looks at
 (and the next save removes).  A ``step_*`` folder without ``checkpoint.json`` is ignored too.  Only the
@@ -33,11 +37,12 @@ import torch
 from safetensors.torch import load_file, load_model, save_model
 
 from r3_rl.errors import UserError
+from r3_rl.learner.safe_load import safe_torch_load, scan_checkpoint
 
 CKPT_DIR = "checkpoints"
 MARKER = "checkpoint.json"
 STEP_RE = re.compile(r"^step_(\d+)$")
-FORMAT = 1
+FORMAT = 2  # 2: no numpy objects in trainer.pt (1 stored the numpy RNG state as an array)
 
 
 # ---------------------------------------------------------------------------------------------- finding
@@ -149,13 +154,19 @@ def trainer_state(trainer: Any, step: int) -> dict[str, Any]:
     f = trainer.scorer.failures
     state = {
         "format": FORMAT, "step": step, "policy_version": trainer.policy.version,
-        "rng": trainer.rng.getstate(), "python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
+        "rng": trainer.rng.getstate(), "python_rng": random.getstate(), "numpy_rng": _numpy_rng_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "data_position": trainer.data.position,
         "scorer": {"scored": f.scored, "failed": f.failed, "reasons": list(trainer.scorer.failure_reasons)},
     }
     return state
+
+
+def _numpy_rng_state() -> tuple[Any, ...]:
+    """numpy's global RNG state with its key array as a list: plain data for ``weights_only`` loading."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return kind, keys.tolist(), pos, has_gauss, gauss
 
 
 def _clean_partials(root: Path, keep: Path | None = None) -> None:
@@ -234,13 +245,20 @@ def check_compatible(meta: dict[str, Any], recipe: Any, path: Path) -> None:
                             f"{saved!r}; resume with the same value")
 
 
+def check_resumable(path: Path, recipe: Any) -> dict[str, Any]:
+    """The checks :func:`load_checkpoint` starts with, cheap enough to run before the trainer is built."""
+    meta = _meta(Path(path))
+    if meta is None:
+        raise UserError(f"{path}: not a complete checkpoint (no {MARKER} with complete: true)")
+    check_compatible(meta, recipe, Path(path))
+    scan_checkpoint(path)  # one line for a planted pickle, before anything is loaded
+    return meta
+
+
 def load_checkpoint(trainer: Any, path: Path) -> dict[str, Any]:
     """Restore ``trainer`` (built from the same recipe) to the state saved in ``path``; returns its meta."""
     path = Path(path)
-    meta = _meta(path)
-    if meta is None:
-        raise UserError(f"{path}: not a complete checkpoint (no {MARKER} with complete: true)")
-    check_compatible(meta, trainer.recipe, path)
+    meta = check_resumable(path, trainer.recipe)
     state = path / "state"
     if _deepspeed_engine(trainer) is not None:
         pass  # the engine restores the module weights (policy, adapters, critic) from its own checkpoint
@@ -252,12 +270,13 @@ def load_checkpoint(trainer: Any, path: Path) -> dict[str, Any]:
     if trainer.reference is not None and ref_file.is_file() and not _uses_lora(trainer):
         load_model(trainer.reference.model, str(ref_file))
     trainer.learner.load(state / "learner")
-    ts = torch.load(state / "trainer.pt", weights_only=False)
+    ts = safe_torch_load(state / "trainer.pt")
     trainer.step = ts["step"]
     trainer.policy.version = ts["policy_version"]
     trainer.rng.setstate(ts["rng"])
     random.setstate(ts["python_rng"])
-    np.random.set_state(ts["numpy_rng"])
+    kind, keys, *rest = ts["numpy_rng"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(ts["torch_rng"])
     if ts.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ts["cuda_rng"])

@@ -170,6 +170,9 @@ class DeepSpeedOptim:
         self.engine.save_checkpoint(str(path / "deepspeed"), tag="state", save_latest=False)
 
     def load(self, path: Path) -> None:
+        from r3_rl.learner.safe_load import make_deepspeed_loads_safe
+
+        make_deepspeed_loads_safe(self.engine)  # DeepSpeed's own engine would torch.load(weights_only=False)
         load_path, _ = self.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if load_path is None:

@@ -97,4 +97,6 @@ class TorchOptim:
         torch.save(self.state_dict(), path / "optimizer.pt")
 
     def load(self, path: Path) -> None:
-        self.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        from r3_rl.learner.safe_load import safe_torch_load
+
+        self.load_state_dict(safe_torch_load(path / "optimizer.pt"))

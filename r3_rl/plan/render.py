@@ -137,6 +137,8 @@ def render(plan: Plan) -> str:
         out.append(f"  {'peak':28s} {p.total / GB:9.2f}")
         out.append("")
     out.append(f"per GPU (fits under {USABLE:.0%} of {plan.gpu_memory:g} GB = {USABLE * plan.gpu_memory:.0f} GB):")
+    if not plan.gpu_totals():
+        out.append(f"  nothing runs on a GPU (policy.device: {r.policy.device})")
     for what, v in plan.gpu_totals():
         ok = "ok" if v <= USABLE * plan.gpu_memory * GB else "OVER"
         out.append(f"  {what:56s} {v / GB:7.1f} GB  {ok}")
