@@ -133,3 +133,19 @@ def test_plan_matches_measured_peak(width: int, layers: int, ckpt: bool | None) 
     assert checks
     for c in checks:
         _check(c)
+
+
+def test_eval_batch_size_bounds_the_prompts_sampled_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the plan sizes as the trainer's eval phase: ``eval.batch_size`` prompts per sampling call."""
+    from conftest import tiny_overrides
+
+    from r3_rl.policy.tiny import TinyUnifiedPolicy
+    from r3_rl.trainer import Trainer
+
+    sizes: list[int] = []
+    real = TinyUnifiedPolicy.reason
+    monkeypatch.setattr(TinyUnifiedPolicy, "reason", lambda self, prompts, *a: sizes.append(len(prompts))
+                        or real(self, prompts, *a))
+    recipe = load_recipe(REPO / "recipes" / "tiny_blocks.yaml", tiny_overrides(tmp_path) + ["eval.batch_size=3"])
+    Trainer(recipe, tmp_path / "run").run_eval("before")
+    assert sizes and max(sizes) == 3 and sum(sizes) == recipe.data.eval_size, sizes

@@ -76,6 +76,10 @@ def add_learner(p: Process, recipe: Any, shape: ModelShape, *, micro_batch: int 
     p.notes["gradients"] = f"{trained / 1e9:.3f} B trained" + (" (LoRA adapters)" if use_lora else "")
     p.notes["master weights"] = "fp32 copy of what trains" if b < 4 else "none (fp32 weights)"
     p.notes["optimizer (Adam)"] = "fp32 moments"
+    if cfg.algorithm == "ppo" and cfg.ppo.critic == "separate":  # a second trunk with its own optimiser state
+        p.resident["critic (separate)"] = sum(memory.model_states(shape, weight_bytes=b, trained=shape.params_trained,
+                                                                  zero_stage=zero, ranks=ranks).values())
+        p.notes["critic (separate)"] = "weights, gradients, master weights and Adam state of a policy-sized critic"
     kl = cfg.kl_coef_text > 0 or cfg.kl_coef_image > 0
     p.resident["reference"] = policy_b * shape.params if kl and not use_lora else 0.0
     p.notes["reference"] = ("frozen copy of the policy" if p.resident["reference"] else
