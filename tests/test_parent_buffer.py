@@ -114,3 +114,21 @@ def test_2048_janus_images_checkpoint_in_10s_and_200mb(tmp_path: Path) -> None:
     a, b = buf.sample(8, 0.15, random.Random(5)), back.sample(8, 0.15, random.Random(5))
     assert all(same(x, y) for x, y in zip(a, b)) and a[0].image.shape == (384, 384, 3)
     assert all(np.array_equal(x.image, vq_decode(x.image_tokens)) for x in b), "pixels rebuilt from the tokens"
+
+
+def test_checkpoints_of_formats_1_2_still_load() -> None:
+    """Before the safetensors file the buffer sat in trainer.pt as entries with pixel lists."""
+    from dataclasses import asdict
+
+    rng = np.random.default_rng(2)
+    added = [entry(i, rng, tokens=i % 2 == 0) for i in range(6)]
+    legacy = {"capacity": 4, "correct": [], "flawed": []}
+    for e in added:
+        d = asdict(e)
+        d["image"] = e.image.tolist()
+        legacy["correct" if e.correct else "flawed"].append(d)
+    buf = ParentBuffer(1, decode=vq_decode)
+    buf.load_legacy(legacy)
+    assert buf.correct.maxlen == 4 and len(buf) == 6
+    kept = {e.source: e for e in added}
+    assert all(same(x, kept[x.source]) for x in buf.sample(20, 0.5, random.Random(0)))

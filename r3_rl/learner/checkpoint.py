@@ -42,7 +42,9 @@ from r3_rl.learner.safe_load import safe_torch_load, scan_checkpoint
 CKPT_DIR = "checkpoints"
 MARKER = "checkpoint.json"
 STEP_RE = re.compile(r"^step_(\d+)$")
-FORMAT = 2  # 2: no numpy objects in trainer.pt (1 stored the numpy RNG state as an array)
+# 3: the parent buffer in state/buffer.safetensors (1-2: pixel lists in trainer.pt); 2: no numpy objects in
+# trainer.pt (1 stored the numpy RNG state as an array).  Older formats still load.
+FORMAT = 3
 
 
 # ---------------------------------------------------------------------------------------------- finding
@@ -281,7 +283,10 @@ def load_checkpoint(trainer: Any, path: Path) -> dict[str, Any]:
     if ts.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ts["cuda_rng"])
     trainer.data.position = ts["data_position"]
-    trainer.buffer.load(state / "buffer.safetensors")
+    if (state / "buffer.safetensors").is_file():
+        trainer.buffer.load(state / "buffer.safetensors")
+    else:  # formats 1-2
+        trainer.buffer.load_legacy(ts["buffer"])
     trainer.scorer.failures.scored = ts["scorer"]["scored"]
     trainer.scorer.failures.failed = ts["scorer"]["failed"]
     trainer.scorer.failure_reasons[:] = ts["scorer"]["reasons"]

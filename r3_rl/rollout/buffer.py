@@ -74,12 +74,14 @@ class ParentBuffer:
         return len(self.correct) + len(self.flawed)
 
     def add(self, entry: BufferEntry) -> None:
+        (self.correct if entry.correct else self.flawed).append(self._stored(entry))
+
+    def _stored(self, entry: BufferEntry) -> _Stored:
         decodable = entry.image_tokens is not None and self.decode is not None
-        stored = _Stored(prompt=entry.prompt,
-                         tokens=None if entry.image_tokens is None else np.asarray(entry.image_tokens, dtype=np.int32),
-                         png=None if decodable else _png(entry.image), reward=float(entry.reward),
-                         correct=bool(entry.correct), round=int(entry.round), source=entry.source)
-        (self.correct if entry.correct else self.flawed).append(stored)
+        return _Stored(prompt=entry.prompt,
+                       tokens=None if entry.image_tokens is None else np.asarray(entry.image_tokens, dtype=np.int32),
+                       png=None if decodable else _png(entry.image), reward=float(entry.reward),
+                       correct=bool(entry.correct), round=int(entry.round), source=entry.source)
 
     def sample(self, n: int, correct_fraction: float, rng: random.Random) -> list[BufferEntry]:
         """``n`` parents, each correct with probability ``correct_fraction`` when both kinds exist."""
@@ -148,6 +150,15 @@ class ParentBuffer:
                              png=png[span_p[0]:span_p[1]].tobytes() if span_p else None, reward=e["reward"],
                              correct=e["correct"], round=e["round"], source=e["source"])
             (self.correct if e["pool"] == "correct" else self.flawed).append(stored)
+
+    def load_legacy(self, state: dict[str, Any]) -> None:
+        """A buffer checkpointed before the safetensors file (formats 1-2: entries with pixel lists)."""
+        self.correct, self.flawed = deque(maxlen=state["capacity"]), deque(maxlen=state["capacity"])
+        for pool in ("correct", "flawed"):
+            for d in state[pool]:
+                entry = BufferEntry(**{**d, "prompt": PromptItem(**d["prompt"]),
+                                       "image": np.asarray(d["image"], dtype=np.uint8)})
+                (self.correct if pool == "correct" else self.flawed).append(self._stored(entry))
 
 
 def _png(image: np.ndarray) -> bytes:
