@@ -153,8 +153,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     check_args(args.gpus, args.gpu_memory)
     from r3_rl.config import load_recipe  # the recipe's keys only: a plan needs neither weights nor data
+    from r3_rl.learner.precision import check_recipe_precision
 
-    plan = make_plan(load_recipe(args.recipe, args.set), args.gpus, args.gpu_memory)
+    recipe = load_recipe(args.recipe, args.set)
+    check_recipe_precision(recipe)  # a precision the learner refuses is not planned
+    plan = make_plan(recipe, args.gpus, args.gpu_memory)
     print(render(plan))
     return 0 if plan.fits else 1
 

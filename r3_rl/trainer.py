@@ -18,6 +18,7 @@ from r3_rl.data import PromptSource
 from r3_rl.errors import UserError
 from r3_rl.eval.evaluate import evaluate, markdown_table, write_report
 from r3_rl.learner.build import build_learner, needs_frozen_reference, prepare_batch
+from r3_rl.learner.precision import check_recipe_precision
 from r3_rl.policy.base import Policy
 from r3_rl.rewards.reward_set import RewardSet
 from r3_rl.rollout.buffer import BufferEntry, ParentBuffer
@@ -47,7 +48,10 @@ def build_policy_for(recipe: Recipe, run_dir: Path, console: Console) -> Policy:
     if recipe.policy.kind == "tiny" and recipe.warmstart.steps > 0 and not recipe.policy.model:
         from r3_rl.policy.warmstart import warmstart_cached
 
+        dtype = policy.model.dtype
+        policy.model.float()  # the supervised warm start trains in fp32, then the policy computes in policy.dtype
         warmstart_cached(policy, recipe, run_dir / "warmstart", console)
+        policy.model.to(dtype)
     return policy
 
 
@@ -58,6 +62,7 @@ class Trainer:
         self.console = console or Console(enabled=recipe.log.console)
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
+        check_recipe_precision(recipe)  # a precision the learner cannot train fails before any model loads
         torch.manual_seed(recipe.seed)
         self.policy = build_policy_for(recipe, run_dir, self.console)
         self.reference = (self.policy.frozen_copy() if hasattr(self.policy, "frozen_copy")

@@ -15,9 +15,15 @@ from r3_rl.policy.base import Policy
 from r3_rl.trajectory import Tree
 
 
+def uses_kl(cfg: Any) -> bool:
+    """Whether ``learner`` settings ``cfg`` penalise the KL to a reference at all."""
+    return cfg.kl_coef_text > 0 or cfg.kl_coef_image > 0
+
+
 def needs_frozen_reference(recipe: Any) -> bool:
-    """Whether the trainer should keep a frozen copy of the policy as KL reference (not with LoRA)."""
-    return recipe.learner.lora is None
+    """Whether the trainer should keep a frozen copy of the policy as KL reference: not with LoRA (the base
+    model with adapters off is the reference), not when every KL weight is 0 (no reference at all)."""
+    return recipe.learner.lora is None and uses_kl(recipe.learner)
 
 
 def build_learner(policy: Policy, reference: Any, recipe: Any) -> Any:
@@ -37,7 +43,8 @@ def build_learner(policy: Policy, reference: Any, recipe: Any) -> Any:
     if cfg.lora is not None:
         from r3_rl.learner.lora import AdapterDisabledReference, apply_lora
 
-        reference = AdapterDisabledReference(policy, apply_lora(policy, cfg.lora))
+        peft_model = apply_lora(policy, cfg.lora)
+        reference = AdapterDisabledReference(policy, peft_model) if uses_kl(cfg) else None
     if cfg.algorithm == "ppo":
         from r3_rl.learner.ppo_learner import PPOLearner, critic_modules
 

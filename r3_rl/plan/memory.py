@@ -2,8 +2,8 @@
 
 Model states follow DeepSpeed's own accounting (``estimate_zero2/3_model_states_mem_needs``; tested equal):
 bf16/fp16 weights and gradients, fp32 master weights, fp32 gradients for the optimiser, fp32 Adam moments,
-sharded over ``ranks`` by ZeRO stage.  The torch backend keeps the same states unsharded (what the mixed-
-precision learner does: bf16 weights, fp32 master copy and fp32 Adam states).
+sharded over ``ranks`` by ZeRO stage.  The torch backend keeps the same states unsharded
+(:class:`r3_rl.learner.precision.MasterWeights`: bf16 weights, fp32 masters with fp32 gradients, fp32 Adam).
 
 Activations are those of transformers' Llama decoder layer as autograd keeps them (sdpa attention: no
 ``S x S`` matrix), counted op by op and checked on CPU against the torch profiler (``r3_rl.plan.validate``):
@@ -53,7 +53,9 @@ def model_states(shape: ModelShape, *, weight_bytes: int, trained: int, zero_sta
     fp32_grads = 4 * trained if mixed else 0  # the optimiser's fp32 copy of the gradients
     master = 4 * trained if mixed else 0
     adam = 8 * trained
-    if zero_stage is None or zero_stage == 0:
+    if zero_stage is None:  # torch: bf16 gradients are added into the fp32 masters' as soon as backward makes them
+        return {"weights": b * p, "gradients": 4 * trained, "master weights": master, "optimizer (Adam)": adam}
+    if zero_stage == 0:  # DeepSpeed ZeRO-0 (fp32 only: bf16 would accumulate in bf16)
         return {"weights": b * p, "gradients": b * trained + fp32_grads, "master weights": master,
                 "optimizer (Adam)": adam}
     if zero_stage == 1:

@@ -66,8 +66,7 @@ def add_learner(p: Process, recipe: Any, shape: ModelShape, *, micro_batch: int 
     ckpt = cfg.gradient_checkpointing if checkpointing is None else checkpointing
     use_lora = (cfg.lora is not None) if lora is None else lora
     zero = (cfg.deepspeed.zero_stage if cfg.backend == "deepspeed" else None) if zero_stage == -1 else zero_stage
-    policy_b = DTYPE_BYTES[recipe.policy.dtype]
-    b = DTYPE_BYTES[cfg.deepspeed.dtype] if zero is not None else policy_b
+    policy_b = b = DTYPE_BYTES[recipe.policy.dtype]  # the compute dtype of rollout and learner alike
     r, targets = (cfg.lora.r, cfg.lora.target_modules) if cfg.lora is not None else DEFAULT_LORA
     trained = shape.lora_params(r, targets) if use_lora else shape.params_trained
     p.resident.update(memory.model_states(shape, weight_bytes=b, trained=trained, zero_stage=zero, ranks=ranks))

@@ -112,7 +112,7 @@ def learner_check(path: str, shape: ModelShape, checkpointing: bool, micro_batch
     learner.step(items)  # allocates Adam's state; gradients are freed after the step
     adam = sum(t.nbytes for st in learner.optim.optimizer.state.values() for t in st.values()
                if isinstance(t, torch.Tensor))
-    before = _weights_bytes(policy.model) + 4 * shape.params_trained + adam  # reference: copies of what trains
+    before = 2 * _weights_bytes(policy.model) + adam  # the policy and its reference (a full copy)
     _, growth = measured_peak(lambda: learner.step(items))
     context = max(len(it.segment.context["input_ids"]) for it in items)
     stage = memory.Stage("refine", context, shape.image_tokens, 2, shape.image_vocab, True)

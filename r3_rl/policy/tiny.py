@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from r3_rl.blocks import codec, world
 from r3_rl.errors import UserError
-from r3_rl.policy.base import ImageInput, ImageSample, Policy, TextSample
+from r3_rl.policy.base import DTYPES, ImageInput, ImageSample, Policy, TextSample
 from r3_rl.policy.kv_cache import PreallocatedCache, ReplayCache
 from r3_rl.policy.sampling import cfg_logits, sample_tokens, sampling_logprobs
 from r3_rl.policy.shared_context import first_rows, shared_context_rows
@@ -90,10 +90,9 @@ class TinyUnifiedPolicy(Policy):
         (Path(path) / GRID_FILE).write_text(json.dumps({"rows": self.rows, "cols": self.cols,
                                                         "version": self.version}))
 
-    def frozen_copy(self) -> "TinyUnifiedPolicy":
-        """A detached copy (the KL reference): same tokenizer, weights copied, no gradients."""
-        other = copy.copy(self)
-        other._model = copy.deepcopy(self._model).eval().requires_grad_(False)
+    def with_model(self, model: torch.nn.Module) -> "TinyUnifiedPolicy":
+        other = copy.copy(self)  # same tokenizer and templates
+        other._model = model
         return other
 
     @property
@@ -278,6 +277,15 @@ class TinyUnifiedPolicy(Policy):
         picked = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         return self._model.get_output_embeddings()(picked).float()
 
+    def value_features(self, segments: list[Segment]) -> torch.Tensor:
+        input_ids, mask, pos = self._left_padded([s.context["input_ids"] for s in segments])
+        out = self._model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False)
+        return out.last_hidden_state[:, -1]
+
+    @property
+    def feature_size(self) -> int:
+        return int(self._model.config.hidden_size)
+
     def segment_logprobs(self, segments: list[Segment]) -> list[torch.Tensor]:
         targets = [s.token_ids for s in segments]
         logits = self._token_logits([s.context["input_ids"] for s in segments], targets)
@@ -313,12 +321,15 @@ def build_policy(recipe: Any) -> Policy:
     templates = recipe.templates.model_dump()
     if recipe.policy.kind == "tiny":
         if recipe.policy.model:
-            return TinyUnifiedPolicy.from_pretrained(recipe.policy.model, templates)
-        t = recipe.policy.tiny
-        return TinyUnifiedPolicy.build(templates, recipe.data.blocks.rows, recipe.data.blocks.cols,
-                                       hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads,
-                                       intermediate_size=t.intermediate_size, max_positions=t.max_positions,
-                                       seed=recipe.seed)
+            policy = TinyUnifiedPolicy.from_pretrained(recipe.policy.model, templates)
+        else:
+            t = recipe.policy.tiny
+            policy = TinyUnifiedPolicy.build(templates, recipe.data.blocks.rows, recipe.data.blocks.cols,
+                                             hidden_size=t.hidden_size, num_layers=t.num_layers,
+                                             num_heads=t.num_heads, intermediate_size=t.intermediate_size,
+                                             max_positions=t.max_positions, seed=recipe.seed)
+        policy.model.to(DTYPES[recipe.policy.dtype])  # policy.dtype: the compute dtype of rollout and learner
+        return policy
     from r3_rl.policy.janus import JanusPolicy  # imported lazily: only Janus recipes pay for it
 
     return JanusPolicy.from_pretrained(recipe.policy.model, templates=templates, dtype=recipe.policy.dtype,
