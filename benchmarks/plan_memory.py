@@ -8,7 +8,7 @@ from the same sizes.  Prints predicted / measured in total and above what existe
 Adam state), and the error.  See ``r3_rl/plan/validate.py``.
 
     python benchmarks/plan_memory.py [--configs 1024x2:off,1024x4:on,2048x2:on,2048x2:off] [--sampling 2048x4]
-                                     [--grid 8] [--micro-batch 2] [--sample-batch 4]
+                                     [--grid 8] [--micro-batch 2] [--sample-batch 4] [--dtype float32]
 """
 from __future__ import annotations
 
@@ -45,18 +45,20 @@ def main() -> None:
     ap.add_argument("--grid", type=int, default=8, help="image is grid x grid tokens (Janus-Pro: 24)")
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--sample-batch", type=int, default=4)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="policy dtype of the learner steps (bfloat16: fp32 master weights and Adam state)")
     a = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    print(f"Janus-Pro-shaped, float32, CPU, 1 thread, {a.grid * a.grid} tokens per image, CFG; peak measured with "
-          f"the torch profiler's memory events")
+    print(f"Janus-Pro-shaped, learner {a.dtype} (sampling float32), CPU, 1 thread, {a.grid * a.grid} tokens per "
+          f"image, CFG; peak measured with the torch profiler's memory events")
     print("| workload | width x layers | checkpointing | total: predicted / measured | above weights+states: "
           "predicted / measured |")
     print("|---|---|---|---|---|")
     for spec in filter(None, a.configs.split(",")):
         size, ckpt = spec.split(":")
         w, layers = map(int, size.split("x"))
-        for c in run(w, layers, ckpt == "on", sampling=False, grid=a.grid, micro_batch=a.micro_batch):
+        for c in run(w, layers, ckpt == "on", sampling=False, grid=a.grid, micro_batch=a.micro_batch, dtype=a.dtype):
             print(row(c), flush=True)
     for spec in filter(None, a.sampling.split(",")):
         w, layers = map(int, spec.split("x"))

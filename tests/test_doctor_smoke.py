@@ -100,7 +100,8 @@ def test_with_a_gpu_the_doctor_trains_a_random_janus_of_the_recipes_shape(tmp_pa
             f"rewards.task={clip}", f"rewards.eval={clip}",
             "tree.group_size=2", "tree.prompts_per_step=1", "tree.refine_groups_per_step=1",
             "rollout.reason.max_new_tokens=4", "rollout.reflect.max_new_tokens=4", "learner.micro_batch_size=2",
-            "learner.ranks=1", "rollout.backend=local"]  # not the recipe's 8 GPUs of Ray actors: one faked GPU
+            # not the recipe's 8 GPUs of Ray actors and bf16 DeepSpeed: one faked GPU, float32
+            "learner.ranks=1", "rollout.backend=local", "learner.deepspeed.dtype=fp32"]
     found = []
     assert doctor(REPO / "recipes" / "grpo_geneval.yaml", sets, emit=found.append) == 0, [f.line() for f in found]
     train = {f.check: f for f in found}["train"]

@@ -147,7 +147,7 @@ def render(plan: Plan) -> str:
     if plan.fits:
         out.append("verdict: fits")
     else:
-        out.append("verdict: does NOT fit; what to change:" if not plan.errors else "verdict: will not run as configured")
+        out.append("verdict: will not run as configured" if plan.errors else "verdict: does NOT fit; what to change:")
         if not plan.errors:
             out += [f"  {line}" for line in advice(plan)]
     return "\n".join(out)

@@ -152,7 +152,8 @@ def make_plan(recipe: Any, gpus: int, gpu_memory: float, shape: ModelShape | Non
         if on_gpu and not cfg.gpus_per_rank:
             errors.append("learner.gpus_per_rank is 0 with policy.device cuda: the ranks would see no GPU")
     if r.backend == "ray":
-        worker = Process("rollout worker", 1 / r.gpus_per_worker if r.gpus_per_worker else 0, {"weights": b * shape.params})
+        worker = Process("rollout worker", 1 / r.gpus_per_worker if r.gpus_per_worker else 0,
+                         {"weights": b * shape.params})
         worker.notes["weights"] = f"{recipe.policy.dtype}, {shape.params / 1e9:.2f} B parameters"
         processes.append(add_sampling(worker, recipe, shape, group, "sampling"))
         if on_gpu and not r.gpus_per_worker:

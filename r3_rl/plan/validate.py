@@ -3,7 +3,8 @@
 A Janus-Pro-shaped policy (head dim 128, as many KV heads as heads, MLP 2.75 x width, a 16,384-entry
 codebook) of a given width and depth, float32 on CPU with one thread, runs
 
-* a GRPO learner step (torch backend, AdamW, KL reference): two micro-batches of refine-stage image
+* a GRPO learner step (torch backend, AdamW; bf16 weights step through fp32 masters; KL reference): two
+  micro-batches of refine-stage image
   segments with CFG, contexts all distinct (one full-row forward: the plan's worst case); the peak of the
   second step (Adam state exists, and the second micro-batch runs on the first one's gradients);
 * image sampling with CFG (a batch of prompts, a whole image each).
@@ -97,30 +98,35 @@ def _refine_items(policy: Any, n: int, seed: int) -> list[Any]:
     return [TrainItem(s, float(a), "refine", 0) for s, a in zip(segs, rng.standard_normal(n))]
 
 
-def learner_check(path: str, shape: ModelShape, checkpointing: bool, micro_batch: int) -> Check:
-    """A second learner step (two micro-batches) on top of weights, reference and the first step's Adam state."""
+def learner_check(path: str, shape: ModelShape, checkpointing: bool, micro_batch: int,
+                  dtype: str = "float32") -> Check:
+    """A second learner step (two micro-batches) on top of weights, reference and the first step's fp32 masters
+    (bf16 weights) and Adam state."""
     from r3_rl.config import Learner
     from r3_rl.learner.build import build_learner
     from r3_rl.policy.janus import JanusPolicy
 
-    policy = JanusPolicy.from_pretrained(path, templates=TEMPLATES)
+    policy = JanusPolicy.from_pretrained(path, templates=TEMPLATES, dtype=dtype)
     items = _refine_items(policy, 2 * micro_batch, seed=0)
     cfg = Learner(backend="torch", lr=1e-6, micro_batch_size=micro_batch, gradient_checkpointing=checkpointing,
                   kl_coef_image=1e-3)
     reference = policy.frozen_copy()
     learner = build_learner(policy, reference, SimpleNamespace(learner=cfg))
-    learner.step(items)  # allocates Adam's state; gradients are freed after the step
+    learner.step(items)  # allocates the fp32 masters (bf16 weights) and Adam's state; gradients are freed after it
     adam = sum(t.nbytes for st in learner.optim.optimizer.state.values() for t in st.values()
                if isinstance(t, torch.Tensor))
-    before = 2 * _weights_bytes(policy.model) + adam  # the policy and its reference (a full copy)
+    model = {p.data_ptr() for p in policy.model.parameters()}
+    masters = sum(p.nbytes for p in learner.optim.params if p.data_ptr() not in model)
+    before = 2 * _weights_bytes(policy.model) + masters + adam  # the policy and its reference (a full copy)
     _, growth = measured_peak(lambda: learner.step(items))
     context = max(len(it.segment.context["input_ids"]) for it in items)
     stage = memory.Stage("refine", context, shape.image_tokens, 2, shape.image_vocab, True)
     tokens = micro_batch * stage.rows * (stage.context + stage.new_tokens - 1)
-    saved, backward = memory.activations(shape, tokens, 4, checkpointing)
-    states = memory.model_states(shape, weight_bytes=4, trained=shape.params_trained, zero_stage=None, ranks=1)
+    b = memory.DTYPE_BYTES[dtype]
+    saved, backward = memory.activations(shape, tokens, b, checkpointing)
+    states = memory.model_states(shape, weight_bytes=b, trained=shape.params_trained, zero_stage=None, ranks=1)
     parts = {"gradients": states["gradients"], "activations": saved,
-             "backward / reference forward": max(backward, memory.forward_temporaries(shape, tokens, 4)),
+             "backward / reference forward": max(backward, memory.forward_temporaries(shape, tokens, b)),
              "logits": memory.learner_logits(stage)}
     return Check("learner step", shape.hidden, shape.layers, checkpointing, before, sum(parts.values()), growth, parts)
 
@@ -142,7 +148,7 @@ def sampling_check(path: str, shape: ModelShape, batch: int) -> Check:
 
 
 def run(width: int, layers: int, checkpointing: bool | None = None, sampling: bool = True, grid: int = 8,
-        micro_batch: int = 2, sample_batch: int = 4) -> list[Check]:
+        micro_batch: int = 2, sample_batch: int = 4, dtype: str = "float32") -> list[Check]:
     """Checks for one Janus-shaped model (built in a temp dir, nothing downloaded): a learner step unless
     ``checkpointing`` is None, image sampling if ``sampling``."""
     from transformers import AutoConfig
@@ -151,5 +157,5 @@ def run(width: int, layers: int, checkpointing: bool | None = None, sampling: bo
     with tempfile.TemporaryDirectory() as tmp:
         path = janus_shaped(Path(tmp) / "janus", width, layers, grid)
         shape = shape_from_config(AutoConfig.from_pretrained(path), "validation")
-        checks = [] if checkpointing is None else [learner_check(path, shape, checkpointing, micro_batch)]
+        checks = [] if checkpointing is None else [learner_check(path, shape, checkpointing, micro_batch, dtype)]
         return checks + ([sampling_check(path, shape, sample_batch)] if sampling else [])
