@@ -78,7 +78,8 @@ class Trainer:
                                   rw.correct_threshold)
         self._engine: RolloutEngine | None = None  # started on the first rollout (eval-only runs need none)
         self._remote_rewards: Any = None
-        self.buffer = ParentBuffer(recipe.tree.buffer_size)
+        # parents are kept as image tokens when the policy can rebuild pixels from them (else as PNG bytes)
+        self.buffer = ParentBuffer(recipe.tree.buffer_size, decode=getattr(self.policy, "decode_image_tokens", None))
         self.data = PromptSource(recipe)
         self.learner = build_learner(self.policy, self.reference, recipe)
         self.metrics = MetricsLogger(run_dir, tensorboard=recipe.log.tensorboard)
@@ -167,7 +168,7 @@ class Trainer:
         prompts = self.data.eval_prompts(e.size or self.recipe.data.eval_size)
         report, trees = evaluate(self.policy, prompts, self.eval_sampling, e.rounds,
                                  self.recipe.templates.stop_phrase, self.eval_rewards,
-                                 self.recipe.rewards.correct_threshold, seed=self.recipe.seed)
+                                 self.recipe.rewards.correct_threshold, seed=self.recipe.seed, batch_size=e.batch_size)
         write_report(report, self.run_dir / "eval", name, trees, e.dump)
         self.metrics.log_eval(report, self.step if step is None else step, trees, name)
         return report

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from r3_rl.errors import UserError
 from r3_rl.learner.batch import BatchStats, TrainItem, assign_advantages, collect_items
 from r3_rl.policy.base import Policy
 from r3_rl.trajectory import Tree
@@ -32,6 +33,13 @@ def build_learner(policy: Policy, reference: Any, recipe: Any) -> Any:
         from r3_rl.learner.ray_ranks import RankedLearner
 
         return RankedLearner(policy, reference, recipe)
+    if cfg.gradient_checkpointing:  # before LoRA wraps the model; each learner rank enables its own
+        from r3_rl.policy.kv_cache import enable_gradient_checkpointing
+
+        try:
+            enable_gradient_checkpointing(policy.model)
+        except ValueError as e:
+            raise UserError(f"learner.gradient_checkpointing: {e}") from None
     if cfg.lora is not None:
         from r3_rl.learner.lora import AdapterDisabledReference, apply_lora
 

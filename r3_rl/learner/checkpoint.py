@@ -5,7 +5,8 @@ Layout of one checkpoint::
     model/                     policy weights (safetensors) + config + tokenizer: loadable by from_pretrained
                                (LoRA: merged weights; the unmerged state is in state/policy.safetensors)
     state/trainer.pt           step, policy version, RNG states (trainer, python, numpy, torch), data-sampler
-                               position, Tree-RL parent buffer, reward-failure counts
+                               position, reward-failure counts
+    state/buffer.safetensors   the Tree-RL parent buffer (image token ids / PNG bytes + JSON metadata)
     state/learner/             optimiser + LR schedule (torch: optimizer.pt; DeepSpeed: its own checkpoint),
                                learner counters, critic weights (PPO)
     state/reference.safetensors  the frozen KL reference (absent with LoRA: it is the base model)
@@ -41,7 +42,9 @@ from r3_rl.learner.safe_load import safe_torch_load, scan_checkpoint
 CKPT_DIR = "checkpoints"
 MARKER = "checkpoint.json"
 STEP_RE = re.compile(r"^step_(\d+)$")
-FORMAT = 2  # 2: no numpy objects in trainer.pt (1 stored the numpy RNG state as an array)
+# 3: the parent buffer in state/buffer.safetensors (1-2: pixel lists in trainer.pt); 2: no numpy objects in
+# trainer.pt (1 stored the numpy RNG state as an array).  Older formats still load.
+FORMAT = 3
 
 
 # ---------------------------------------------------------------------------------------------- finding
@@ -156,7 +159,7 @@ def trainer_state(trainer: Any, step: int) -> dict[str, Any]:
         "rng": trainer.rng.getstate(), "python_rng": random.getstate(), "numpy_rng": _numpy_rng_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "data_position": trainer.data.position, "buffer": trainer.buffer.state_dict(),
+        "data_position": trainer.data.position,
         "scorer": {"scored": f.scored, "failed": f.failed, "reasons": list(trainer.scorer.failure_reasons)},
     }
     return state
@@ -192,6 +195,7 @@ def save_checkpoint(trainer: Any, step: int, keep_last: int) -> Path:
         save_model(ref.model, str(state / "reference.safetensors"))
     trainer.learner.save(state / "learner")
     torch.save(trainer_state(trainer, step), state / "trainer.pt")
+    trainer.buffer.save(state / "buffer.safetensors")
     meta = {"complete": True, "format": FORMAT, "step": step, "policy_version": trainer.policy.version,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "recipe": trainer.recipe.name,
             "structure": structure(trainer.recipe)}
@@ -279,7 +283,10 @@ def load_checkpoint(trainer: Any, path: Path) -> dict[str, Any]:
     if ts.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ts["cuda_rng"])
     trainer.data.position = ts["data_position"]
-    trainer.buffer.load_state_dict(ts["buffer"])
+    if (state / "buffer.safetensors").is_file():
+        trainer.buffer.load(state / "buffer.safetensors")
+    else:  # formats 1-2
+        trainer.buffer.load_legacy(ts["buffer"])
     trainer.scorer.failures.scored = ts["scorer"]["scored"]
     trainer.scorer.failures.failed = ts["scorer"]["failed"]
     trainer.scorer.failure_reasons[:] = ts["scorer"]["reasons"]
