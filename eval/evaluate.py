@@ -125,8 +125,8 @@ def understanding_table(report: dict[str, Any]) -> str:
 def evaluate(policy: Policy, prompts: list[PromptItem], sampling: StageSampling, rounds: int, stop_phrase: str,
              rewards: RewardSet, correct_threshold: float = 1.0, seed: int = 0,
              references: list[ReferenceImage] | None = None, yes_no: bool = True,
-             max_questions: int | None = None) -> tuple[dict[str, Any], list[Tree]]:
-    trees = r3_chains(policy, prompts, sampling, rounds, stop_phrase, seed=seed)
+             max_questions: int | None = None, batch_size: int = 256) -> tuple[dict[str, Any], list[Tree]]:
+    trees = r3_chains(policy, prompts, sampling, rounds, stop_phrase, seed=seed, batch_size=batch_size)
     correct = score_chains(trees, rounds, rewards, correct_threshold)
     report = summarise(trees, correct, rounds)
     u: dict[str, Any] = {"verdict": verdict_report(chain_verdicts(trees, correct_threshold))}

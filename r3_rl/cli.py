@@ -11,22 +11,32 @@ from typing import Any, Callable
 from r3_rl.errors import EXIT_USAGE, UserError
 
 
-def _recipe(args: argparse.Namespace) -> Any:
+def _recipe(args: argparse.Namespace, model: str | None = None) -> Any:
+    """Load the recipe (``model`` replaces ``policy.model``) and check all of it -- data, rewards, sizes, run dir --
+    before any work is done."""
     from r3_rl.config import load_recipe
+    from r3_rl.validate import check_run_dir, validate_recipe
 
-    return load_recipe(args.recipe, args.set)
+    recipe = load_recipe(args.recipe, args.set)
+    if model is not None:
+        recipe.policy.model = model
+    validate_recipe(recipe, args.recipe, needs_eval=args.command != "rollout")
+    check_run_dir(recipe, getattr(args, "run_dir", None))
+    return recipe
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    recipe = _recipe(args)  # before the heavy imports below: a bad recipe fails in a second or two
     from r3_rl.run_dir import make_run_dir
     from r3_rl.trainer import Trainer
 
-    recipe = _recipe(args)
     ckpt, resume_dir = None, None
     if args.resume:
-        from r3_rl.learner.checkpoint import find_resume
+        from r3_rl.learner.checkpoint import check_resumable, find_resume
 
         ckpt, resume_dir = find_resume(args.resume, recipe, args.run_dir)
+        if ckpt is not None:
+            check_resumable(ckpt, recipe)  # incompatible recipe or a planted pickle: refused before any work
     run_dir = make_run_dir(recipe, str(resume_dir) if resume_dir is not None else args.run_dir)
     trainer = Trainer(recipe, run_dir)
     if ckpt is not None:
@@ -37,14 +47,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if not Path(args.checkpoint).is_dir():
+        raise UserError(f"--checkpoint {args.checkpoint}: no such directory")
+    recipe = _recipe(args, model=str(args.checkpoint))
     from r3_rl.eval.evaluate import markdown_table
     from r3_rl.run_dir import make_run_dir
     from r3_rl.trainer import Trainer
 
-    if not Path(args.checkpoint).is_dir():
-        raise UserError(f"--checkpoint {args.checkpoint}: no such directory")
-    recipe = _recipe(args)
-    recipe.policy.model = str(args.checkpoint)
     recipe.name = f"{recipe.name}-eval"
     trainer = Trainer(recipe, make_run_dir(recipe, args.run_dir))
     report = trainer.run_eval("eval")
@@ -55,17 +64,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
+    if not 1 <= args.num <= 100_000:
+        raise UserError(f"--num {args.num}: must be 1-100000")
+    recipe = _recipe(args)
     from r3_rl.rollout.chain import r3_chains
     from r3_rl.run_dir import make_run_dir
     from r3_rl.trainer import Trainer, stage_sampling
     from r3_rl.trajectory import write_trees
 
-    recipe = _recipe(args)
     recipe.name = f"{recipe.name}-rollout"
     trainer = Trainer(recipe, make_run_dir(recipe, args.run_dir))
     prompts = trainer.data.next_batch(args.num)
     trees = r3_chains(trainer.policy, prompts, stage_sampling(recipe), recipe.eval.rounds,
-                      recipe.templates.stop_phrase, seed=recipe.seed, tag="rollout")
+                      recipe.templates.stop_phrase, seed=recipe.seed, batch_size=recipe.eval.batch_size, tag="rollout")
     from r3_rl.eval.evaluate import score_chains
 
     score_chains(trees, recipe.eval.rounds, trainer.eval_rewards, recipe.rewards.correct_threshold)
@@ -93,20 +104,67 @@ def cmd_rewards(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_reward(args: argparse.Namespace) -> int:
-    from r3_rl.rewards.server import parse_option_args, serve
+    from r3_rl.rewards.server import Limits, parse_option_args, serve
 
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: must be 0-65535 (0 = any free port)")
-    if args.max_request_mb <= 0:
-        raise UserError(f"--max-request-mb {args.max_request_mb}: must be > 0")
-    serve(args.reward, host=args.host, port=args.port, options=parse_option_args(args.option),
-          max_request_bytes=int(args.max_request_mb * 2**20))
+    for flag in ("max_request_mb", "max_inflight_mb", "max_images", "max_image_pixels", "max_concurrency",
+                 "client_timeout"):
+        if not 0 < getattr(args, flag) < 2**40:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be > 0")
+    limits = Limits(max_request_bytes=int(args.max_request_mb * 2**20), max_inflight_bytes=int(args.max_inflight_mb * 2**20),
+                    max_images=args.max_images, max_image_pixels=args.max_image_pixels,
+                    max_concurrency=args.max_concurrency, client_timeout=args.client_timeout)
+    serve(args.reward, host=args.host, port=args.port, options=parse_option_args(args.option), limits=limits,
+          verbose=args.verbose)
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from r3_rl.doctor import doctor
+
+    return doctor(args.recipe, args.set)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from r3_rl.data import builtin_summary
+
+    rows = builtin_summary()
+    if args.name:
+        rows = [r for r in rows if r[0].name == args.name]
+        if not rows:
+            from r3_rl.errors import close_match
+            from r3_rl.prompt_sets import BUILTIN
+
+            raise UserError(f"no built-in prompt set {args.name!r}{close_match(args.name, BUILTIN)} "
+                            f"(built-in: {', '.join(BUILTIN)})")
+    for s, n, tags in rows:
+        shown = tags.most_common() if args.name else tags.most_common(8)
+        more = f", +{len(tags) - len(shown)} more (r3-rl data {s.name})" if len(tags) > len(shown) else ""
+        print(f"{s.name:16s} {n:>6,} prompts  format {s.format:8s} {s.about}")
+        print(f"{'':16s} {len(tags)} tags: " + ", ".join(f"{t} {c}" for t, c in shown) + more)
+    print("use in a recipe: data.train / data.eval (data.source follows); attribution: r3_rl/prompt_sets/README.md")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from r3_rl.plan.render import render
+    from r3_rl.plan.report import check_args, make_plan
+
+    check_args(args.gpus, args.gpu_memory)
+    from r3_rl.config import load_recipe  # the recipe's keys only: a plan needs neither weights nor data
+    from r3_rl.learner.precision import check_recipe_precision
+
+    recipe = load_recipe(args.recipe, args.set)
+    check_recipe_precision(recipe)  # a precision the learner refuses is not planned
+    plan = make_plan(recipe, args.gpus, args.gpu_memory)
+    print(render(plan))
+    return 0 if plan.fits else 1
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train, "eval": cmd_eval, "rollout": cmd_rollout, "rewards": cmd_rewards, "inspect": cmd_inspect,
-    "serve-reward": cmd_serve_reward,
+    "serve-reward": cmd_serve_reward, "doctor": cmd_doctor, "data": cmd_data, "plan": cmd_plan,
 }
 
 
@@ -137,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--html", nargs="?", const="", default=None, metavar="PATH",
                      help="also write a static HTML page (default path: RUN_DIR/inspect/<dump>.html)")
     ins.add_argument("--limit", type=int, default=3, help="trajectories printed as text (default 3)")
+    pl = sub.add_parser("plan", help="per-GPU memory of a recipe's processes, component by component; exit 1 if it "
+                                     "does not fit")
+    pl.add_argument("recipe", help="YAML recipe")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    pl.add_argument("--gpus", type=int, default=8, help="GPUs on the machine (default 8)")
+    pl.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB", help="memory per GPU in GB (default 80)")
     sr = sub.add_parser("serve-reward", help="serve a reward over JSON HTTP (recipe reward name 'remote')")
     sr.add_argument("--reward", required=True, help="reward name, pkg.mod:fn or path/to/file.py:fn")
     sr.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 = any free port)")
@@ -145,6 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="reward option, e.g. --option detector=owlv2 (repeatable)")
     sr.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body accepted (MiB)")
+    sr.add_argument("--max-inflight-mb", type=float, default=256.0,
+                    help="request bodies admitted at once, in MiB (more: 503 busy)")
+    sr.add_argument("--max-images", type=int, default=64, help="images per request (default 64)")
+    sr.add_argument("--max-image-pixels", type=int, default=1024 * 1024,
+                    help="decoded pixels per image, checked in the PNG header (default 1048576 = 1024x1024)")
+    sr.add_argument("--max-concurrency", type=int, default=64, help="scoring requests admitted at once (more: 503)")
+    sr.add_argument("--client-timeout", type=float, default=30.0,
+                    help="seconds a client has to send a request head, and again its body (default 30)")
+    sr.add_argument("--verbose", action="store_true", help="log every request")
+    dr = sub.add_parser("doctor", help="preflight: check weights, GPUs, NCCL, Ray, rewards and disk before a run")
+    dr.add_argument("recipe", help="YAML recipe")
+    dr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe key, as for train (repeatable)")
+    da = sub.add_parser("data", help="list the prompt sets shipped with r3-rl (sizes, tags)")
+    da.add_argument("name", nargs="?", default=None, help="one set, with all its tags (e.g. tiif:train)")
     return p
 
 

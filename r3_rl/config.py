@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from r3_rl.errors import UserError, close_match
 from r3_rl.trajectory import SamplingParams
@@ -73,13 +73,21 @@ class BlocksData(Section):
 
 class Data(Section):
     source: Literal["blocks", "geneval", "tiif", "hf"] = "blocks"
-    train: str | None = None  # jsonl path or `datasets` name (hf)
+    train: str | None = None  # built-in set (geneval:train, ...; `r3-rl data`), jsonl path or `datasets` name (hf)
     eval: str | None = None
     prompt_column: str = "prompt"  # record field / dataset column with the prompt (tiif: short_description)
     train_split: str = "train"  # `datasets` split for data.train (hf)
     eval_split: str = "test"  # `datasets` split for data.eval, or of data.train when data.eval is unset (hf)
     eval_size: int = Field(192, ge=1)  # held-out prompts per eval (a seeded subset when the file is larger)
     blocks: BlocksData = BlocksData()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _builtin_sets(cls, v: Any) -> Any:
+        """Built-in names (``geneval:train``, ``r3-rl data``) set ``source`` when it is left out."""
+        from r3_rl.prompt_sets import infer_source
+
+        return infer_source(v) if isinstance(v, dict) else v
 
 
 class Warmstart(Section):
@@ -144,7 +152,8 @@ class DeepSpeedCfg(Section):
     ``grad_clip`` -> ``gradient_clipping``).  CPU runs use ``DS_ACCELERATOR=cpu`` and gloo, GPU runs NCCL."""
 
     zero_stage: int = Field(2, ge=0, le=3)
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    # the engine's dtype; left out it follows policy.dtype (bf16: fp32 master weights), which it must agree with
+    dtype: Literal["fp32", "bf16"] | None = None
     config: dict[str, Any] = Field(default_factory=dict)  # extra DeepSpeed config keys, merged last (expert use)
 
 
@@ -155,6 +164,8 @@ class LoraCfg(Section):
     alpha: float = 16.0
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | str = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # adapters go into the language model only; true: into the vision tower (Janus' SigLIP) as well
+    train_vision: bool = False
 
 
 class PpoCfg(Section):
@@ -192,6 +203,9 @@ class Learner(Section):
     kl_kind: Literal["k1", "k2", "k3"] = "k3"
     epochs: int = Field(1, ge=1)
     micro_batch_size: int = Field(64, ge=1)  # samples per forward/backward
+    # recompute each decoder layer's activations in backward instead of keeping them: one more forward of
+    # compute for a fraction of the activation memory (`r3-rl plan` shows both); shared-context KV cache kept
+    gradient_checkpointing: bool = False
     grad_accum: int = Field(0, ge=0)  # micro-batches per optimiser step; 0 = the whole rollout batch in one step
     max_staleness: int = Field(0, ge=0)  # policy versions a sample may lag behind before it is refused
     # data-parallel learner ranks as Ray actors (one per GPU); 1 = the learner runs in the trainer process
@@ -232,10 +246,19 @@ class Rollout(Section):
     threads_per_worker: int = Field(0, ge=0)  # torch threads in a worker (0 = cpus_per_worker)
     reward_workers: int = Field(0, ge=0)  # Ray actors scoring the task reward (0 = score in the trainer)
     max_task_retries: int = Field(3, ge=0)  # times one task may lose its worker before the step fails
+    # (also the attempts at restarting a lost worker); a worker that cannot be restarted is dropped and the
+    # run carries on while at least min_workers remain, else it stops with one line (exit 2)
+    min_workers: int = Field(1, ge=1)
     reason: Sampling = Sampling(max_new_tokens=16)
     generate: Sampling = Sampling()
     reflect: Sampling = Sampling(max_new_tokens=24)
     refine: Sampling = Sampling()
+
+    @model_validator(mode="after")
+    def _min_workers(self) -> "Rollout":
+        if self.min_workers > self.workers:
+            raise ValueError(f"min_workers={self.min_workers} must be <= workers={self.workers}")
+        return self
 
 
 class RayCfg(Section):
@@ -245,6 +268,11 @@ class RayCfg(Section):
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)  # a local Ray's CPUs (default: the machine's cores)
     log_to_driver: bool = True  # print the actors' stdout/stderr in the trainer's console
+    # how long to wait for the cluster: an actor to find a node with room; one call (weight load, rollout task,
+    # reward batch, checkpoint); one collective between learner ranks (then a rank lost mid-step stops the run)
+    placement_timeout_s: float = Field(60.0, gt=0)
+    call_timeout_s: float = Field(900.0, gt=0)
+    collective_timeout_s: float = Field(600.0, gt=0)
 
 
 class Understanding(Section):
@@ -267,6 +295,7 @@ class Eval(Section):
     text_temperature: float = Field(0.0, ge=0.0)  # 0 = greedy
     image_temperature: float = Field(1.0, ge=0.0)  # 0 = greedy
     size: int | None = None  # defaults to data.eval_size
+    batch_size: int = Field(256, ge=1)  # prompts whose R3 chains are sampled together (GPU memory: `r3-rl plan`)
     dump: int = Field(64, ge=0)  # eval chains written to eval/<name>_trajectories.jsonl + .html (0 = none)
     understanding: Understanding = Understanding()
 
@@ -359,18 +388,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and type-check a recipe (the deeper checks are :func:`r3_rl.validate.validate_recipe`)."""
+    from r3_rl.textfiles import check_expanded_size, read_recipe_yaml
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: recipe file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(read_recipe_yaml(path), overrides or [])
+    check_expanded_size(data, str(path))
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:

@@ -16,16 +16,22 @@ Formats (one JSON object per line):
   to lower-case ``yes``/``no`` (the reference compared ``"Yes"`` with ``"yes"``).
 * ``hf`` -- any `datasets` dataset with a prompt column: a ``save_to_disk`` folder, a local
   ``.jsonl/.json/.csv/.parquet`` file, or a hub name (hub cache only when offline).
+
+``data.train`` / ``data.eval`` may also name a prompt set shipped with the package (``geneval:train``,
+``geneval:test553``, ``tiif:test``, ...; :mod:`r3_rl.prompt_sets`, ``r3-rl data``); ``.jsonl.gz`` files work
+wherever a ``.jsonl`` does.
 """
 from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
 from r3_rl.errors import UserError
 from r3_rl.jsonl import read_jsonl_objects
+from r3_rl.prompt_sets import BUILTIN, PromptSet, lookup
 from r3_rl.trajectory import PromptItem
 
 TIIF_ANSWERS = ("yes", "no")
@@ -61,9 +67,15 @@ def _tiif_record(rec: dict[str, Any], where: str, prompt_field: str) -> tuple[An
     return rec.get(prompt_field), meta
 
 
-def read_jsonl_prompts(path: str | Path, kind: str, prompt_column: str = "prompt") -> list[PromptItem]:
-    """Load a GenEval/GenEval++ (``kind="geneval"``) or TIIF (``kind="tiif"``) jsonl file, checking every line."""
+def read_jsonl_prompts(path: str | Path, kind: str, prompt_column: str = "prompt",
+                       label: str | None = None) -> list[PromptItem]:
+    """Load a GenEval/GenEval++ (``kind="geneval"``) or TIIF (``kind="tiif"``) jsonl file, checking every line.
+
+    Item ids are ``<label>:<line>`` and their source ``label`` (a built-in set's name); without a label, the
+    ids use the file's stem (``.gz`` dropped first) and the source is the path."""
     path = Path(path)
+    source = label or str(path)
+    label = label or Path(path.name.removesuffix(".gz")).stem
     if not path.is_file():
         raise UserError(f"{path}: prompt file not found")
     if kind not in ("geneval", "tiif"):
@@ -79,7 +91,7 @@ def read_jsonl_prompts(path: str | Path, kind: str, prompt_column: str = "prompt
             text, meta = rec.get(field), {k: v for k, v in rec.items() if k != field}
         if not isinstance(text, str) or not text.strip():
             raise UserError(f"{where}: missing prompt text (a non-empty string in {field!r})")
-        items.append(PromptItem(id=f"{path.stem}:{lineno}", prompt=text.strip(), metadata=meta, source=str(path)))
+        items.append(PromptItem(id=f"{label}:{lineno}", prompt=text.strip(), metadata=meta, source=source))
     if not items:
         raise UserError(f"{path}: no prompts")
     return items
@@ -139,10 +151,27 @@ def read_hf_prompts(name: str, column: str, split: str = "train") -> list[Prompt
 
 
 def load_prompts(source: str, name: str, prompt_column: str = "prompt", split: str = "train") -> list[PromptItem]:
-    """One entry point for file/dataset sources (``geneval``, ``tiif``, ``hf``)."""
+    """One entry point for file/dataset sources (``geneval``, ``tiif``, ``hf``) and the built-in sets."""
+    try:
+        builtin = lookup(name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if builtin is not None:
+        if builtin.format != source:
+            raise UserError(f"{name!r} is a {builtin.format}-format prompt set; set data.source: {builtin.format}")
+        return read_jsonl_prompts(builtin.path, builtin.format, prompt_column, label=builtin.name)
     if source == "hf":
         return read_hf_prompts(name, prompt_column, split)
     return read_jsonl_prompts(name, source, prompt_column)
+
+
+def builtin_summary() -> list[tuple[PromptSet, int, Counter[str]]]:
+    """``(set, number of prompts, prompts per tag)`` for every built-in set, read and checked from the files."""
+    out = []
+    for s in BUILTIN.values():
+        items = load_prompts(s.format, s.name)
+        out.append((s, len(items), Counter(str(it.metadata.get("tag", "")) for it in items)))
+    return out
 
 
 def held_out_subset(items: list[PromptItem], n: int, seed: int) -> list[PromptItem]:
@@ -190,7 +219,8 @@ class PromptSource:
             self.train_items: list[PromptItem] | None = None
         else:
             if not d.train:
-                raise UserError(f"data.train: required for data.source={d.source!r} (a jsonl path or dataset)")
+                raise UserError(f"data.train: required for data.source={d.source!r} (a built-in set such as "
+                                f"geneval:train, a jsonl path or a dataset)")
             self.train_items = load_prompts(d.source, d.train, d.prompt_column, d.train_split)
         self._eval_items: list[PromptItem] | None = None
         self.position = 0  # prompts consumed so far (checkpointed for exact resume)
@@ -207,8 +237,9 @@ class PromptSource:
             elif d.source == "hf":
                 self._eval_items = load_prompts("hf", d.train, d.prompt_column, d.eval_split)
             else:
-                raise UserError(f"data.eval: required for data.source={d.source!r} (a held-out jsonl, e.g. "
-                                f"test_geneval.jsonl); evaluating on training prompts would overstate accuracy")
+                raise UserError(f"data.eval: required for data.source={d.source!r} (a held-out set, e.g. "
+                                f"geneval:test553 or a jsonl path); evaluating on training prompts would overstate "
+                                f"accuracy")
         return held_out_subset(self._eval_items, n, self.recipe.seed)
 
     def next_batch(self, n: int) -> list[PromptItem]:

@@ -19,6 +19,14 @@ from r3_rl.tracking.views import fmt, image_caption, prompt_line, select_traject
 from r3_rl.trajectory import Node, Tree, read_trees
 
 _STEP_RE = re.compile(r"^step_(\d+)\.jsonl$")
+# C0/C1 control characters (ESC starts terminal escape sequences: window titles, screen clears, ...) and
+# Unicode bidi overrides, which reorder what a terminal shows; newlines and tabs are kept.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` without control characters: prompts and model outputs in a run dir are not trusted."""
+    return _CONTROL.sub("", text)
 
 
 def trajectory_files(run_dir: Path) -> dict[int, Path]:
@@ -234,7 +242,7 @@ def inspect_run(run_dir: str | Path, step: int | None = None, eval_name: str | N
             text.append(f"\nwrote {html_path}")
     elif html is not None:
         raise UserError(f"--html: {run_dir} has no trajectory dumps yet (trajectories/ or eval/*_trajectories.jsonl)")
-    return "\n".join(text), html_path
+    return printable("\n".join(text)), html_path
 
 
 def _inspect_dump(path: Path, html: str | Path | None, limit: int) -> tuple[str, Path | None]:
@@ -247,4 +255,4 @@ def _inspect_dump(path: Path, html: str | Path | None, limit: int) -> tuple[str,
 
         html_path = write_html(trees, Path(html) if str(html) else path.with_suffix(".html"), title=path.name)
         text.append(f"\nwrote {html_path}")
-    return "\n".join(text), html_path
+    return printable("\n".join(text)), html_path

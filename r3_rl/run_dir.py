@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 from r3_rl.config import Recipe, save_recipe
+from r3_rl.errors import UserError
 
 
 def make_run_dir(recipe: Recipe, run_dir: str | None = None) -> Path:
@@ -17,6 +18,9 @@ def make_run_dir(recipe: Recipe, run_dir: str | None = None) -> Path:
         while path.exists():  # two runs in the same second
             path = Path(recipe.out_dir) / f"{recipe.name}-{stamp}-{n}"
             n += 1
-    path.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, path / "recipe.yaml")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, path / "recipe.yaml")
+    except OSError as e:
+        raise UserError(f"run dir {path}: cannot write there ({e.strerror or e})") from None
     return path

@@ -20,7 +20,9 @@ from r3_rl.eval.evaluate import evaluate, markdown_table, write_report
 from r3_rl.eval.synergy import synergy_figures, synergy_lines
 from r3_rl.eval.understanding import build_references
 from r3_rl.learner.build import build_learner, needs_frozen_reference, prepare_batch
+from r3_rl.learner.precision import check_recipe_precision
 from r3_rl.policy.base import Policy
+from r3_rl.ray_actors import ClusterError
 from r3_rl.rewards.compose import CriticRule
 from r3_rl.rewards.reward_set import RewardSet
 from r3_rl.rollout.buffer import BufferEntry, ParentBuffer
@@ -50,7 +52,10 @@ def build_policy_for(recipe: Recipe, run_dir: Path, console: Console) -> Policy:
     if recipe.policy.kind == "tiny" and recipe.warmstart.steps > 0 and not recipe.policy.model:
         from r3_rl.policy.warmstart import warmstart_cached
 
+        dtype = policy.model.dtype
+        policy.model.float()  # the supervised warm start trains in fp32, then the policy computes in policy.dtype
         warmstart_cached(policy, recipe, run_dir / "warmstart", console)
+        policy.model.to(dtype)
     return policy
 
 
@@ -61,6 +66,7 @@ class Trainer:
         self.console = console or Console(enabled=recipe.log.console)
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
+        check_recipe_precision(recipe)  # a precision the learner cannot train fails before any model loads
         torch.manual_seed(recipe.seed)
         self.policy = build_policy_for(recipe, run_dir, self.console)
         self.reference = (self.policy.frozen_copy() if hasattr(self.policy, "frozen_copy")
@@ -78,7 +84,8 @@ class Trainer:
                                   rw.reflect.correct_part)
         self._engine: RolloutEngine | None = None  # started on the first rollout (eval-only runs need none)
         self._remote_rewards: Any = None
-        self.buffer = ParentBuffer(recipe.tree.buffer_size)
+        # parents are kept as image tokens when the policy can rebuild pixels from them (else as PNG bytes)
+        self.buffer = ParentBuffer(recipe.tree.buffer_size, decode=getattr(self.policy, "decode_image_tokens", None))
         self.data = PromptSource(recipe)
         self.learner = build_learner(self.policy, self.reference, recipe)
         self.metrics = MetricsLogger(run_dir, tensorboard=recipe.log.tensorboard,
@@ -96,14 +103,13 @@ class Trainer:
         if self._engine is None:
             self._engine = build_engine(self.recipe, self.policy, self.log_event)
             if self.recipe.rollout.reward_workers:
-                from r3_rl.rollout.ray_engine import RayRewardSet
+                from r3_rl.rollout.ray_rewards import RayRewardSet
 
                 self._remote_rewards = RayRewardSet([s.model_dump() for s in self.recipe.rewards.task],
                                                     self.recipe.rollout.reward_workers,
-                                                    self.recipe.rollout.threads_per_worker, self.log_event)
+                                                    self.recipe.rollout.threads_per_worker, self.log_event,
+                                                    self.recipe.ray, self.recipe.rollout.max_task_retries)
                 self.scorer.task = self._remote_rewards  # type: ignore[assignment]
-            if self.recipe.rollout.backend == "ray":
-                self.log_event(f"rollout: {self.recipe.rollout.workers} Ray workers ready")
         return self._engine
 
     def log_event(self, message: str) -> None:
@@ -190,7 +196,7 @@ class Trainer:
                                  self.recipe.templates.stop_phrase, self.eval_rewards,
                                  self.recipe.rewards.correct_threshold, seed=self.recipe.seed,
                                  references=self._references, yes_no=e.understanding.yes_no,
-                                 max_questions=e.understanding.max_questions)
+                                 max_questions=e.understanding.max_questions, batch_size=e.batch_size)
         write_report(report, self.run_dir / "eval", name, trees, e.dump)
         self.metrics.log_eval(report, self.step if step is None else step, trees, name)
         return report
@@ -207,6 +213,7 @@ class Trainer:
         from r3_rl.learner.checkpoint import load_checkpoint
 
         load_checkpoint(self, path)
+        self.metrics.rewind(self.step)  # the steps after the checkpoint are run again: log them once
         if self._engine is not None:
             self._engine.sync(self.policy)
         self.console.print(f"resumed from {path}: step {self.step}, policy version {self.policy.version}")
@@ -224,8 +231,19 @@ class Trainer:
         """Run the recipe to the end; workers and Ray are shut down however it ends (Ctrl-C included)."""
         try:
             return self._train()
+        except ClusterError as e:  # a node lost beyond what the recipe allows: say where to continue from
+            self.log_event(f"stopped: {e}")
+            raise ClusterError(f"{e}; {self._resume_hint()}") from None
         finally:
             self.close()
+
+    def _resume_hint(self) -> str:
+        from r3_rl.learner.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return "no checkpoint to continue from yet (set save_every)"
+        return f"continue from {ckpt.name} with --run-dir {self.run_dir} --resume auto"
 
     def _train(self) -> dict[str, Any]:
         r = self.recipe

@@ -72,6 +72,11 @@ class Reward:
     def setup(self) -> None:
         """Load models; called once before the first call (in the process that scores)."""
 
+    def weights(self) -> list[str]:
+        """Hub ids / folders whose weights :meth:`setup` loads: ``r3-rl doctor`` looks for them first, so a
+        missing model is reported with its download command (nothing is downloaded)."""
+        return []
+
     def teardown(self) -> None:
         """Release models."""
 

@@ -97,6 +97,9 @@ class ClipEncoder:
     def unload(self) -> None:
         self.model = None
 
+    def weights(self) -> list[str]:
+        return [self.model_name] if self.backend == "transformers" else []  # open_clip has its own cache
+
     @torch.no_grad()
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
         self.load()
@@ -148,6 +151,9 @@ class ClipReward(Reward):
 
     def teardown(self) -> None:
         self.encoder.unload()
+
+    def weights(self) -> list[str]:
+        return self.encoder.weights()
 
     def __call__(self, samples: list[RewardSample]) -> list[RewardOutput]:
         idx = [i for i, s in enumerate(samples) if s.image is not None]

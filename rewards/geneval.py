@@ -98,6 +98,9 @@ class GenevalReward(Reward):
         self.backend.unload()
         self.colors.encoder.unload()
 
+    def weights(self) -> list[str]:
+        return [self.backend.model_name, *self.colors.encoder.weights()]
+
     def threshold_for(self, metadata: dict[str, Any]) -> float:
         return self.counting_threshold if metadata.get("tag") in self.counting_tags else self.threshold
 

@@ -41,7 +41,7 @@ BUILTINS: dict[str, tuple[str, str]] = {
                             "1 when the reflect verdict (stop / edit) agrees with the task reward of the critiqued image"),
     "vlm_judge": ("r3_rl.rewards.vlm_judge:VlmJudgeReward",
                   "OpenAI-compatible VLM judge: GenEval++ checklist verdict or yes/no questions (TIIF)"),
-    "remote": ("r3_rl.rewards.server:RemoteReward", "any reward served by `r3-rl serve-reward` (JSON over HTTP)"),
+    "remote": ("r3_rl.rewards.remote:RemoteReward", "any reward served by `r3-rl serve-reward` (JSON over HTTP)"),
 }
 _REGISTERED: dict[str, tuple[Any, str]] = {}
 _FILE_MODULES: dict[Path, ModuleType] = {}

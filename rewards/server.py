@@ -1,133 +1,270 @@
-"""``r3-rl serve-reward``: any reward behind a small JSON HTTP server, and the ``remote`` client for it.
+"""``r3-rl serve-reward``: any reward behind a JSON HTTP server on uvicorn + Starlette, hardened for hostile clients.
 
-Why a server: detector/CLIP rewards want their own GPU process (and environment) apart from training.
+Why a server: detector/CLIP rewards want their own GPU process (and environment) apart from training.  The
+client is :class:`r3_rl.rewards.remote.RemoteReward` (recipe name ``remote``).
 Protocol (JSON only, images as base64 PNG, see :mod:`r3_rl.rewards.wire` -- never pickle):
-  * ``GET /health`` -> ``{"status": "ok", "reward": NAME, "max_request_bytes": N}``
-  * ``POST /score`` ``{"samples": [sample, ...]}`` -> ``{"results": [{score, components, reason, failure}, ...]}``
-    400 malformed request, 411 no Content-Length, 413 body over ``max_request_bytes`` (not read), 500
-    the reward raised (one line).  Per-sample failures travel as ``failure`` strings, never as 0.
-The server binds 127.0.0.1 unless told otherwise (it has no authentication) and scores one request
-at a time (models are not thread-safe); health checks are answered while a request is scored.
 
-The client (:class:`RemoteReward`, recipe name ``remote``) checks ``/health`` in ``setup`` and fails
-with one line when nothing answers, instead of retrying forever.
+* ``GET /health`` -> ``{"status": "ok", "reward": NAME, "max_request_bytes", "max_images", "max_image_pixels"}``
+* ``POST /score`` ``{"samples": [sample, ...]}`` -> ``{"results": [{score, components, reason, failure}, ...]}``
+
+Every answer is JSON, errors included: 400 malformed (any shape: 200,000-deep nesting, 5,000-digit numbers),
+404/405 unknown route or method, 408 body not sent within ``client_timeout``, 411 no Content-Length, 413 body,
+image count or image pixels over a limit (the PNG header is read before decoding: a 7 KiB PNG can decode to
+8000x8000), 415 not ``application/json`` (a web page cannot send a plain cross-site POST), 500 the reward
+raised (one line), 503 busy (``max_concurrency`` requests or ``max_inflight_bytes`` of bodies already
+admitted; ``Retry-After: 1``).  A client that does not finish its request head within ``client_timeout`` is
+disconnected; a client that disconnects is one log line.  The reward scores one request at a time in a worker
+thread (models are not thread-safe), so ``/health`` answers throughout.
+The server binds 127.0.0.1 unless told otherwise (it has no authentication).
 """
 from __future__ import annotations
 
 import json
+import logging
+import socket
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import asdict, dataclass
 from typing import Any
 
+import anyio
+import h11
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
 from r3_rl.errors import UserError
-from r3_rl.rewards.base import Reward, RewardOutput, RewardSample
-from r3_rl.rewards.http_json import HttpError, request_json
+from r3_rl.rewards.base import Reward
 from r3_rl.rewards.registry import load_reward, to_output
-from r3_rl.rewards.wire import WireError, output_from_json, output_to_json, sample_from_json, sample_to_json
+from r3_rl.rewards.remote import RemoteReward  # noqa: F401 - its import path before it had a module of its own
+from r3_rl.rewards.wire import WireError, WireLimitError, count_images, output_to_json, sample_from_json
 
 DEFAULT_PORT = 8765
-DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+# JSON values per body (counted from ',', '[' and '{' before parsing): a 64 MiB body of `{},{},...` would
+# otherwise become 20 M Python dicts (1.5 GB).  Real requests hold a few thousand.
+MAX_JSON_VALUES = 1_000_000
+log = logging.getLogger("r3_rl.serve_reward")
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: "RewardHTTPServer"
-    protocol_version = "HTTP/1.1"
+@dataclass
+class Limits:
+    """What one server accepts; the defaults keep it under 1 GB with the shipped rewards."""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        if self.server.verbose:
-            super().log_message(format, *args)
+    max_request_bytes: int = 64 << 20  # one request body
+    max_inflight_bytes: int = 256 << 20  # bodies admitted at once (Content-Length reserved before reading)
+    max_images: int = 64  # images per request (latest images and history)
+    max_image_pixels: int = 1024 * 1024  # decoded pixels per image: 1024x1024
+    max_concurrency: int = 64  # /score requests admitted at once (reading, waiting or scoring)
+    client_timeout: float = 30.0  # s to send a request head, and again to send its body
+    max_connections: int = 1024  # open connections; past it uvicorn answers 503
 
-    def _send(self, code: int, body: dict[str, Any], close: bool = False) -> None:
-        data = json.dumps(body, allow_nan=False).encode("utf-8")
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(data)
 
-    def _discard(self, n: int) -> None:
-        """Read and drop an oversize body in chunks (no memory use) so the client gets the 413, not a reset."""
-        self.connection.settimeout(30)
+def _error(code: int, message: str, close: bool = False, **headers: str) -> JSONResponse:
+    if close:
+        headers["Connection"] = "close"
+    return JSONResponse({"error": message}, status_code=code, headers=headers or None)
+
+
+class ScoreService:
+    """The two endpoints, with admission control; scoring runs in a worker thread, one request at a time."""
+
+    def __init__(self, reward: Reward, limits: Limits) -> None:
+        self.reward, self.limits = reward, limits
+        self.active = 0  # /score requests admitted
+        self.inflight = 0  # body bytes reserved by them
+        self.worker = anyio.CapacityLimiter(1)
+
+    async def health(self, request: Request) -> JSONResponse:
+        lim = self.limits
+        return JSONResponse({"status": "ok", "reward": self.reward.name, "max_request_bytes": lim.max_request_bytes,
+                             "max_images": lim.max_images, "max_image_pixels": lim.max_image_pixels,
+                             "active": self.active})
+
+    async def score(self, request: Request) -> Response:
+        lim = self.limits
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            return _error(415, f"Content-Type must be application/json, got {ctype or 'none'!r}", close=True)
+        length = request.headers.get("content-length", "")
+        if not length.isdigit():
+            return _error(411, "Content-Length header required", close=True)
+        size = int(length)
+        if size > lim.max_request_bytes:
+            return _error(413, f"request of {size} bytes exceeds the server limit of {lim.max_request_bytes}; "
+                               f"send smaller batches", close=True)
+        if self.active >= lim.max_concurrency or self.inflight + size > lim.max_inflight_bytes:
+            return _error(503, f"busy: {self.active} requests ({self.inflight} bytes) in flight; retry", close=True,
+                          **{"Retry-After": "1"})
+        self.active += 1
+        self.inflight += size
         try:
-            while n > 0:
-                chunk = self.rfile.read(min(n, 1 << 16))
-                if not chunk:
-                    break
-                n -= len(chunk)
-        except OSError:
-            pass
+            body = bytearray()
+            with anyio.fail_after(lim.client_timeout):
+                async for chunk in request.stream():
+                    body += chunk
+            if len(body) != size:
+                return _error(400, f"body is {len(body)} bytes, Content-Length said {size}", close=True)
+            code, reply = await anyio.to_thread.run_sync(self._score_body, body, limiter=self.worker)
+            return JSONResponse(reply, status_code=code)
+        except TimeoutError:
+            return _error(408, f"request body not received within {lim.client_timeout:g}s", close=True)
+        except ClientDisconnect:
+            host = request.client.host if request.client else "?"
+            log.warning("client %s:%s disconnected before sending its whole request", host,
+                        request.client.port if request.client else "?")
+            return Response(status_code=400)
+        finally:
+            self.active -= 1
+            self.inflight -= size
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
-        if self.path.rstrip("/") == "/health":
-            self._send(200, {"status": "ok", "reward": self.server.reward.name,
-                             "max_request_bytes": self.server.max_request_bytes})
-        else:
-            self._send(404, {"error": f"no such endpoint {self.path}; use GET /health or POST /score"})
-
-    def do_POST(self) -> None:  # noqa: N802
-        if self.path.rstrip("/") != "/score":
-            self._send(404, {"error": f"no such endpoint {self.path}; use POST /score"}, close=True)
-            return
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self._send(411, {"error": "Content-Length header required"}, close=True)
-            return
-        if int(length) > self.server.max_request_bytes:
-            self._send(413, {"error": f"request of {length} bytes exceeds the server limit of "
-                                      f"{self.server.max_request_bytes}; send smaller batches"}, close=True)
-            self._discard(int(length))
-            return
+    def _score_body(self, raw: bytearray) -> tuple[int, dict[str, Any]]:
+        """Parse, check limits, decode and score one request body: ``(status, JSON reply)``; never raises."""
+        values = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+        if values > MAX_JSON_VALUES:
+            return 413, {"error": f"request holds about {values} JSON values, over the server's limit of "
+                                  f"{MAX_JSON_VALUES}; send smaller batches"}
         try:
-            body = json.loads(self.rfile.read(int(length)))
+            body = json.loads(raw)
+        except (ValueError, RecursionError) as e:  # bad UTF-8 / JSON, 5,000-digit ints, 200,000-deep nesting
+            return 400, {"error": f"body is not JSON ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})"}
+        del raw
+        try:
             if not isinstance(body, dict) or not isinstance(body.get("samples"), list):
                 raise WireError("body must be {\"samples\": [...]}")
-            samples = [sample_from_json(s, f"samples[{i}]") for i, s in enumerate(body["samples"])]
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            self._send(400, {"error": f"body is not JSON ({e})"})
-            return
-        except WireError as e:
-            self._send(400, {"error": str(e)})
-            return
+            n = count_images(body["samples"])
+            if n > self.limits.max_images:
+                raise WireLimitError(f"request holds {n} images, over the server's limit of "
+                                     f"{self.limits.max_images} (--max-images); send smaller batches")
+            samples = [sample_from_json(s, f"samples[{i}]", self.limits.max_image_pixels)
+                       for i, s in enumerate(body["samples"])]
+        except WireLimitError as e:
+            return 413, {"error": str(e)}
+        except (WireError, ValueError, TypeError, RecursionError) as e:
+            return 400, {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
         try:
-            with self.server.lock:
-                results = [to_output(r) for r in self.server.reward(samples)] if samples else []
+            results = [to_output(r) for r in self.reward(samples)] if samples else []
             if len(results) != len(samples):
                 raise ValueError(f"reward returned {len(results)} results for {len(samples)} samples")
+            return 200, {"results": [output_to_json(r) for r in results]}
         except Exception as e:  # noqa: BLE001 - report the reward's error to the client in one line
-            self._send(500, {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"})
-            return
-        self._send(200, {"results": [output_to_json(r) for r in results]})
+            return 500, {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
 
 
-class RewardHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    hint = "; use GET /health or POST /score"
+    return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}{hint}"},
+                        status_code=exc.status_code, headers=exc.headers)
 
-    def __init__(self, reward: Reward, host: str, port: int, max_request_bytes: int, verbose: bool = False) -> None:
-        self.reward, self.max_request_bytes, self.verbose = reward, int(max_request_bytes), verbose
-        self.lock = threading.Lock()
-        super().__init__((host, port), _Handler)
+
+def build_app(reward: Reward, limits: Limits) -> Starlette:
+    svc = ScoreService(reward, limits)
+    app = Starlette(routes=[Route("/health", svc.health, methods=["GET"]), Route("/score", svc.score, methods=["POST"])],
+                    exception_handlers={HTTPException: _http_error})
+    app.state.service = svc
+    return app
+
+
+class _DeadlineH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request head.
+
+    uvicorn times out idle keep-alive connections but not a client that sends half a request line and stops
+    (one open connection each, forever).  ``head_timeout`` is set on a subclass per server."""
+
+    head_timeout = 30.0
+    _head_timer: Any = None
+
+    def _arm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_too_slow)
+
+    def _head_too_slow(self) -> None:
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            log.warning("client %s did not send a request within %gs; disconnected",
+                        "%s:%s" % self.client if self.client else "?", self.head_timeout)
+            self.transport.close()
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as e:
+        raise UserError(f"serve-reward: cannot listen on {host}:{port} ({e.strerror or e})") from None
+
+
+class RewardServer:
+    """A bound server for a set-up reward: ``serve_forever()`` in this thread or ``start()`` in a background one."""
+
+    def __init__(self, reward: Reward, host: str, port: int, limits: Limits, verbose: bool = False) -> None:
+        self.reward, self.limits = reward, limits
+        self.socket = _bind(host, port)
+        self.server_address = self.socket.getsockname()[:2]
+        protocol = type("DeadlineH11", (_DeadlineH11,), {"head_timeout": limits.client_timeout})
+        config = uvicorn.Config(build_app(reward, limits), http=protocol, ws="none", lifespan="off", log_config=None,
+                                access_log=verbose, limit_concurrency=limits.max_connections, backlog=2048,
+                                timeout_keep_alive=5, timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        host, port = self.server_address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def serve_forever(self) -> None:
+        self.server.run(sockets=[self.socket])
+
+    def start(self, timeout: float = 10.0) -> "RewardServer":
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True, name="reward-server")
+        self._thread.start()
+        for _ in range(int(timeout / 0.01)):
+            if self.server.started:
+                return self
+            self._thread.join(0.01)
+        raise RuntimeError("reward server did not start")
+
+    def shutdown(self) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def server_close(self) -> None:
+        self.socket.close()
 
 
-def make_server(reward: Reward, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, verbose: bool = False) -> RewardHTTPServer:
-    """A ready (bound, not yet serving) server for an already set-up reward; ``port=0`` picks a free port."""
+def make_server(reward: Reward, host: str = "127.0.0.1", port: int = DEFAULT_PORT, limits: Limits | None = None,
+                verbose: bool = False, **overrides: Any) -> RewardServer:
+    """A bound (not yet serving) server for an already set-up reward; ``port=0`` picks a free port.
+
+    ``overrides`` are :class:`Limits` fields, e.g. ``max_request_bytes=200_000``."""
     if getattr(reward, "needs_policy", False):
         raise UserError(f"reward {reward.name!r} needs the policy being trained and cannot be served")
-    if max_request_bytes < 1024:
-        raise UserError(f"--max-request-bytes must be at least 1024, got {max_request_bytes}")
-    try:
-        return RewardHTTPServer(reward, host, port, max_request_bytes, verbose)
-    except OSError as e:
-        raise UserError(f"serve-reward: cannot listen on {host}:{port} ({e.strerror or e})") from None
+    lim = Limits(**{**asdict(limits or Limits()), **overrides})
+    if lim.max_request_bytes < 1024:
+        raise UserError(f"--max-request-mb must allow at least 1024 bytes, got {lim.max_request_bytes}")
+    if min(lim.max_inflight_bytes - lim.max_request_bytes + 1, lim.max_images, lim.max_image_pixels,
+           lim.max_concurrency, lim.max_connections) < 1 or lim.client_timeout <= 0:
+        raise UserError("serve-reward: every limit must be positive, and --max-inflight-mb >= --max-request-mb")
+    return RewardServer(reward, host, port, lim, verbose)
 
 
 def parse_option_args(pairs: list[str]) -> dict[str, Any]:
@@ -147,79 +284,23 @@ def parse_option_args(pairs: list[str]) -> dict[str, Any]:
 
 
 def serve(reward: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, options: dict[str, Any] | None = None,
-          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
-    """Load ``reward`` with ``options``, set it up (models load now, not on the first request), serve forever."""
+          limits: Limits | None = None, verbose: bool = False) -> None:
+    """Load ``reward`` with ``options``, set it up (models load now, not on the first request), serve until Ctrl-C."""
     rw = load_reward(reward, **(options or {}))
+    srv = make_server(rw, host, port, limits, verbose)  # refuse a busy port before loading models
     rw.setup()
-    srv = make_server(rw, host, port, max_request_bytes)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("r3-rl serve-reward: %(message)s"))
+    for name in ("r3_rl.serve_reward", "uvicorn.error"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+        logging.getLogger(name).propagate = False
     where = "" if host in ("127.0.0.1", "localhost", "::1") else " -- reachable from other machines, no authentication"
     print(f"r3-rl: serving reward {rw.name!r} on {srv.url} (POST /score, GET /health){where}", file=sys.stderr, flush=True)
     try:
         srv.serve_forever()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled once it has shut down
         pass
     finally:
         srv.server_close()
         rw.teardown()
-
-
-class RemoteReward(Reward):
-    """A reward scored by ``r3-rl serve-reward`` at ``url``.
-
-    Options: ``url`` (e.g. http://127.0.0.1:8765), ``timeout`` (s per request), ``retries`` (extra
-    attempts on transient faults), ``backoff`` (s, doubled per retry), ``batch_size`` (samples per
-    request), ``send_history`` (send every earlier image too; off halves traffic for image-only rewards),
-    ``health_timeout`` (s for the start-up check), ``label`` (the name its scores are logged under, default
-    ``remote``; give one per server when a recipe uses several).
-    """
-
-    name = "remote"
-
-    def __init__(self, url: str, timeout: float = 300.0, retries: int = 2, backoff: float = 1.0, batch_size: int = 16,
-                 send_history: bool = True, health_timeout: float = 10.0, label: str = "remote") -> None:
-        if not url.startswith(("http://", "https://")):
-            raise UserError(f"remote option url must start with http:// or https://, got {url!r}")
-        self.name = label
-        self.url = url.rstrip("/")
-        self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
-        self.batch_size, self.send_history, self.health_timeout = max(1, int(batch_size)), bool(send_history), float(health_timeout)
-        self.remote_name: str | None = None
-        self.max_request_bytes: int | None = None
-
-    def setup(self) -> None:
-        try:
-            health = request_json("GET", self.url + "/health", timeout=self.health_timeout)
-        except HttpError as e:
-            raise UserError(f"remote reward: no reward server at {self.url} ({e}); start one with "
-                            f"`r3-rl serve-reward --reward NAME --port PORT`") from None
-        if not isinstance(health, dict) or health.get("status") != "ok":
-            raise UserError(f"remote reward: {self.url}/health did not answer {{\"status\": \"ok\"}}: {str(health)[:100]}")
-        self.remote_name = str(health.get("reward"))
-        limit = health.get("max_request_bytes")
-        self.max_request_bytes = int(limit) if isinstance(limit, int) and limit > 0 else None
-
-    def _score_batch(self, batch: list[RewardSample]) -> list[RewardOutput]:
-        body = json.dumps({"samples": [sample_to_json(s, history=self.send_history) for s in batch]},
-                          allow_nan=False).encode("utf-8")
-        if self.max_request_bytes is not None and len(body) > self.max_request_bytes:
-            if len(batch) > 1:  # split until each request fits the server's limit
-                half = len(batch) // 2
-                return self._score_batch(batch[:half]) + self._score_batch(batch[half:])
-            return [RewardOutput(failure=f"remote: sample is {len(body)} bytes as JSON, over the server's limit of "
-                                         f"{self.max_request_bytes} (send_history: false sends only the latest image)")]
-        try:
-            reply = request_json("POST", self.url + "/score", body, timeout=self.timeout,
-                                 retries=self.retries, backoff=self.backoff)
-            if not isinstance(reply, dict) or not isinstance(reply.get("results"), list):
-                raise WireError("reply must be {\"results\": [...]}")
-            if len(reply["results"]) != len(batch):
-                raise WireError(f"server returned {len(reply['results'])} results for {len(batch)} samples")
-            return [output_from_json(r, f"results[{i}]") for i, r in enumerate(reply["results"])]
-        except (HttpError, WireError) as e:
-            return [RewardOutput(failure=f"remote: {e}") for _ in batch]
-
-    def __call__(self, samples: list[RewardSample]) -> list[RewardOutput]:
-        out: list[RewardOutput] = []
-        for start in range(0, len(samples), self.batch_size):
-            out.extend(self._score_batch(samples[start:start + self.batch_size]))
-        return out

@@ -8,23 +8,25 @@ Two modes:
     with ``binary: true``.  A reply that does not parse, or gives a different number of answers, is a
     failure, never a zero.
   * ``checklist`` (GenEval++): prompt + checklist, the judge returns ``{"correct": 0|1, "reason": ...}``.
-Transport: one request per image, at most ``concurrency`` in flight, per-request ``timeout``, at most
-``retries`` retries with exponential backoff on transient faults.  The API key is read from the
-environment variable named by ``api_key_env`` (default: ``OPENAI_API_KEY`` when set) and is never
-logged: failure texts are scrubbed of it.
+Transport (httpx, :mod:`r3_rl.rewards.http_json`): one request per image, at most ``concurrency`` in flight,
+a true deadline of ``timeout`` seconds per attempt, at most ``retries`` retries with exponential backoff on
+transient faults, a ``Retry-After`` honoured up to ``max_retry_after`` seconds.  The API key is read from the
+environment variable named by ``api_key_env`` (default: ``OPENAI_API_KEY`` when set) and never reaches a run
+file: every reply string and error text is scrubbed of it (and of any 8-character piece of it) before it is
+parsed, cut, stored or logged.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from r3_rl.errors import UserError
 from r3_rl.rewards.base import Reward, RewardOutput, RewardSample
 from r3_rl.rewards.checklists import geneval_checklist, questions_for
-from r3_rl.rewards.http_json import HttpError, request_json
+from r3_rl.rewards.http_json import HttpError, arequest_json, make_client, one_line, request_json, run_sync, scrub
 from r3_rl.rewards.wire import image_data_url
 
 MODES = ("questions", "checklist")
@@ -136,7 +138,7 @@ class VlmJudgeReward(Reward):
     def __init__(self, url: str, model: str, mode: str = "questions", api_key_env: str | None = None,
                  timeout: float = 60.0, retries: int = 2, backoff: float = 1.0, max_backoff: float = 20.0,
                  concurrency: int = 8, temperature: float = 0.0, max_tokens: int = 512, binary: bool = False,
-                 system_prompt: str | None = None, check_at_start: bool = True) -> None:
+                 system_prompt: str | None = None, check_at_start: bool = True, max_retry_after: float = 60.0) -> None:
         if mode not in MODES:
             raise UserError(f"vlm_judge option mode: {mode!r} is not one of {', '.join(MODES)}")
         if not url.startswith(("http://", "https://")):
@@ -148,6 +150,7 @@ class VlmJudgeReward(Reward):
         self.models_url = self.endpoint.rsplit("/chat/completions", 1)[0] + "/models"
         self.model, self.mode, self.api_key_env = model, mode, api_key_env
         self.timeout, self.retries, self.backoff, self.max_backoff = float(timeout), int(retries), float(backoff), float(max_backoff)
+        self.max_retry_after = float(max_retry_after)
         self.concurrency, self.temperature, self.max_tokens = int(concurrency), float(temperature), int(max_tokens)
         self.binary, self.check_at_start = bool(binary), bool(check_at_start)
         self.system_prompt = system_prompt if system_prompt is not None else (CHECKLIST_SYSTEM if mode == "checklist" else None)
@@ -159,8 +162,12 @@ class VlmJudgeReward(Reward):
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._key}"} if self._key else {}
 
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+    @property
+    def _secrets(self) -> tuple[str, ...]:
+        return (self._key,) if self._key else ()
+
+    def _scrub(self, text: str | None) -> str | None:
+        return None if text is None else scrub(text, self._secrets)
 
     def setup(self) -> None:
         env = self.api_key_env or "OPENAI_API_KEY"
@@ -169,7 +176,8 @@ class VlmJudgeReward(Reward):
             raise UserError(f"vlm_judge: environment variable {self.api_key_env} (option api_key_env) is not set")
         if self.check_at_start:
             try:
-                request_json("GET", self.models_url, timeout=min(self.timeout, 10.0), headers=self._headers())
+                request_json("GET", self.models_url, timeout=min(self.timeout, 10.0), headers=self._headers(),
+                             secrets=self._secrets)
             except HttpError as e:
                 if e.status is None:  # any HTTP answer means something is listening
                     raise UserError(f"vlm_judge: judge server is down: {self._scrub(str(e))}") from None
@@ -188,7 +196,7 @@ class VlmJudgeReward(Reward):
         msgs.append({"role": "user", "content": [image, {"type": "text", "text": QUESTIONS_PROMPT.format(questions=listing, n=len(qs))}]})
         return msgs, len(qs)
 
-    def score_one(self, sample: RewardSample) -> RewardOutput:
+    async def score_one(self, client: Any, sample: RewardSample) -> RewardOutput:
         if sample.image is None:
             return RewardOutput(failure="no image to judge")
         try:
@@ -196,16 +204,19 @@ class VlmJudgeReward(Reward):
         except UserError as e:
             return RewardOutput(failure=f"cannot build the judge prompt: {e}")
         payload = {"model": self.model, "messages": msgs, "temperature": self.temperature, "max_tokens": self.max_tokens}
-        try:
-            reply = request_json("POST", self.endpoint, payload, timeout=self.timeout, headers=self._headers(),
-                                 retries=self.retries, backoff=self.backoff, max_backoff=self.max_backoff)
+        try:  # the reply arrives scrubbed of the key; the texts below are scrubbed again before they are cut
+            reply = await arequest_json(client, "POST", self.endpoint, payload, timeout=self.timeout,
+                                        headers=self._headers(), retries=self.retries, backoff=self.backoff,
+                                        max_backoff=self.max_backoff, max_retry_after=self.max_retry_after,
+                                        secrets=self._secrets)
             text = reply_text(reply)
             if n == 0:
                 correct, reason = parse_verdict(text)
-                return RewardOutput(score=float(correct), components={"correct": float(correct)}, reason=reason)
+                return RewardOutput(score=float(correct), components={"correct": float(correct)},
+                                    reason=None if reason is None else one_line(reason, self._secrets, 500))
             answers = parse_answers(text, n)
         except (HttpError, JudgeParseError) as e:
-            return RewardOutput(failure=self._scrub(f"{type(e).__name__}: {e}"))
+            return RewardOutput(failure=one_line(f"{type(e).__name__}: {e}", self._secrets, 400))
         expected = [q.answer for q in questions_for(sample.metadata)]
         matched = sum(a == b for a, b in zip(answers, expected))
         frac = matched / n
@@ -217,5 +228,12 @@ class VlmJudgeReward(Reward):
     def __call__(self, samples: list[RewardSample]) -> list[RewardOutput]:
         if self._key is None and self.api_key_env:
             self.setup()
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(samples)))) as pool:
-            return list(pool.map(self.score_one, samples))
+
+        async def score_all() -> list[RewardOutput]:
+            gate = asyncio.Semaphore(self.concurrency)
+            async with make_client(self.endpoint, self.concurrency) as client:
+                async def one(sample: RewardSample) -> RewardOutput:
+                    async with gate:
+                        return await self.score_one(client, sample)
+                return list(await asyncio.gather(*(one(s) for s in samples)))
+        return run_sync(score_all)

@@ -21,6 +21,31 @@ class WireError(ValueError):
     """A request or reply that does not follow the wire format (one line, names the field)."""
 
 
+class WireLimitError(WireError):
+    """A well-formed request over one of the server's limits (images per request, pixels per image): HTTP 413."""
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(raw: bytes, where: str = "image") -> tuple[int, int]:
+    """``(width, height)`` from a PNG's IHDR header, read before anything is decompressed."""
+    if raw[:8] != PNG_SIGNATURE or raw[12:16] != b"IHDR" or len(raw) < 24:
+        raise WireError(f"{where}: not a PNG image (the wire format sends images as base64 PNG)")
+    return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+
+
+def count_images(samples: list[Any]) -> int:
+    """Images in a decoded-JSON ``samples`` list (latest images and history), counted before any is decoded."""
+    n = 0
+    for s in samples:
+        if isinstance(s, dict):
+            n += s.get("image") is not None
+            hist = s.get("history")
+            n += sum(isinstance(t, dict) and t.get("image") is not None for t in hist) if isinstance(hist, list) else 0
+    return n
+
+
 def image_to_png_bytes(image: np.ndarray) -> bytes:
     arr = np.asarray(image)
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
@@ -42,14 +67,24 @@ def image_data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(image_to_png_bytes(image)).decode("ascii")
 
 
-def decode_image(data: Any, where: str = "image") -> np.ndarray | None:
+def decode_image(data: Any, where: str = "image", max_pixels: int | None = None) -> np.ndarray | None:
+    """A base64 PNG -> HxW(xC) uint8 array; with ``max_pixels`` the PNG header is checked before decoding (a
+    7 KiB PNG can decode to 8000x8000)."""
     if data is None:
         return None
     if not isinstance(data, str):
         raise WireError(f"{where}: expected a base64 PNG string, got {type(data).__name__}")
     try:
         raw = base64.b64decode(data, validate=True)
-        with Image.open(io.BytesIO(raw)) as im:
+    except ValueError:
+        raise WireError(f"{where}: not a base64-encoded image (bad base64)") from None
+    if max_pixels is not None:
+        w, h = png_size(raw, where)
+        if w * h > max_pixels:
+            raise WireLimitError(f"{where}: {w}x{h} = {w * h} pixels, over the server's limit of {max_pixels} "
+                                 f"(--max-image-pixels)")
+    try:
+        with Image.open(io.BytesIO(raw), formats=["PNG"]) as im:
             im.load()
             if im.mode not in ("RGB", "L", "RGBA"):
                 im = im.convert("RGB")
@@ -78,7 +113,7 @@ def _get(d: dict[str, Any], key: str, kinds: tuple[type, ...], where: str, defau
     return v
 
 
-def sample_from_json(d: Any, where: str = "samples[0]") -> RewardSample:
+def sample_from_json(d: Any, where: str = "samples[0]", max_pixels: int | None = None) -> RewardSample:
     if not isinstance(d, dict):
         raise WireError(f"{where}: expected an object, got {type(d).__name__}")
     hist = _get(d, "history", (list,), where, [])
@@ -88,13 +123,14 @@ def sample_from_json(d: Any, where: str = "samples[0]") -> RewardSample:
         if not isinstance(t, dict):
             raise WireError(f"{tw}: expected an object")
         turns.append(Turn(stage=_get(t, "stage", (str,), tw), round=int(_get(t, "round", (int,), tw, 0) or 0),
-                          text=_get(t, "text", (str,), tw, None), image=decode_image(t.get("image"), f"{tw}.image"),
+                          text=_get(t, "text", (str,), tw, None), image=decode_image(t.get("image"), f"{tw}.image", max_pixels),
                           reward=_get(t, "reward", (int, float), tw, None)))
     return RewardSample(
         prompt=_get(d, "prompt", (str,), where), metadata=_get(d, "metadata", (dict,), where, {}) or {},
         stage=_get(d, "stage", (str,), where, "generate") or "generate",
         round=int(_get(d, "round", (int,), where, 0) or 0),
-        image=decode_image(d.get("image"), f"{where}.image"), history=turns, text=_get(d, "text", (str,), where, None))
+        image=decode_image(d.get("image"), f"{where}.image", max_pixels), history=turns,
+        text=_get(d, "text", (str,), where, None))
 
 
 def output_to_json(out: RewardOutput) -> dict[str, Any]:

@@ -21,7 +21,8 @@ from r3_rl.errors import UserError
 from r3_rl.rewards.base import Reward, RewardOutput, RewardSample, Turn
 from r3_rl.rewards.registry import load_reward
 from r3_rl.rewards.reward_set import RewardSet
-from r3_rl.rewards.server import RemoteReward, make_server, parse_option_args, serve
+from r3_rl.rewards.remote import RemoteReward
+from r3_rl.rewards.server import make_server, parse_option_args, serve
 from r3_rl.rewards.vlm_judge import JudgeParseError, extract_json_object, parse_answers, parse_verdict
 from r3_rl.rewards.wire import decode_image, output_from_json, output_to_json, sample_from_json, sample_to_json
 
@@ -206,7 +207,7 @@ def test_judge_truncated_reply_is_retried_then_a_failure(judge: FakeJudge) -> No
     assert make_judge(judge.url)([sample(TIIF)])[0].score == 1.0 and judge.posts == 2
     judge.posts, judge.default = 0, ("truncate",)
     out = make_judge(judge.url, retries=1)([sample(TIIF)])[0]
-    assert out.failed and "IncompleteRead" in out.failure and judge.posts == 2
+    assert out.failed and "without sending complete message body" in out.failure and judge.posts == 2
 
 
 def test_judge_slow_reply_times_out(judge: FakeJudge) -> None:
@@ -276,8 +277,7 @@ class MeanRed(Reward):
 
 @pytest.fixture
 def reward_server() -> Iterator[Any]:
-    srv = make_server(MeanRed(), "127.0.0.1", 0, max_request_bytes=200_000)
-    start(srv)
+    srv = make_server(MeanRed(), "127.0.0.1", 0, max_request_bytes=200_000).start()
     yield srv
     srv.shutdown()
     srv.server_close()
@@ -340,6 +340,7 @@ def test_server_rejects_malformed_and_oversize_requests(reward_server: Any) -> N
     assert code == 413 and "exceeds the server limit of 200000" in body["error"]
     conn = http.client.HTTPConnection("127.0.0.1", reward_server.server_address[1], timeout=5)
     conn.putrequest("POST", "/score")
+    conn.putheader("Content-Type", "application/json")
     conn.endheaders()
     assert conn.getresponse().status == 411
     conn.close()

@@ -9,14 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from r3_rl.errors import UserError
 from r3_rl.learner.batch import BatchStats, TrainItem, assign_advantages, collect_items
 from r3_rl.policy.base import Policy
 from r3_rl.trajectory import Tree
 
 
+def uses_kl(cfg: Any) -> bool:
+    """Whether ``learner`` settings ``cfg`` penalise the KL to a reference at all."""
+    return cfg.kl_coef_text > 0 or cfg.kl_coef_image > 0
+
+
 def needs_frozen_reference(recipe: Any) -> bool:
-    """Whether the trainer should keep a frozen copy of the policy as KL reference (not with LoRA)."""
-    return recipe.learner.lora is None
+    """Whether the trainer should keep a frozen copy of the policy as KL reference: not with LoRA (the base
+    model with adapters off is the reference), not when every KL weight is 0 (no reference at all)."""
+    return recipe.learner.lora is None and uses_kl(recipe.learner)
 
 
 def build_learner(policy: Policy, reference: Any, recipe: Any) -> Any:
@@ -26,10 +33,18 @@ def build_learner(policy: Policy, reference: Any, recipe: Any) -> Any:
         from r3_rl.learner.ray_ranks import RankedLearner
 
         return RankedLearner(policy, reference, recipe)
+    if cfg.gradient_checkpointing:  # before LoRA wraps the model; each learner rank enables its own
+        from r3_rl.policy.kv_cache import enable_gradient_checkpointing
+
+        try:
+            enable_gradient_checkpointing(policy.model)
+        except ValueError as e:
+            raise UserError(f"learner.gradient_checkpointing: {e}") from None
     if cfg.lora is not None:
         from r3_rl.learner.lora import AdapterDisabledReference, apply_lora
 
-        reference = AdapterDisabledReference(policy, apply_lora(policy, cfg.lora))
+        peft_model = apply_lora(policy, cfg.lora)
+        reference = AdapterDisabledReference(policy, peft_model) if uses_kl(cfg) else None
     if cfg.algorithm == "ppo":
         from r3_rl.learner.ppo_learner import PPOLearner, critic_modules
 

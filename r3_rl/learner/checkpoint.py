@@ -5,11 +5,16 @@ Layout of one checkpoint::
     model/                     policy weights (safetensors) + config + tokenizer: loadable by from_pretrained
                                (LoRA: merged weights; the unmerged state is in state/policy.safetensors)
     state/trainer.pt           step, policy version, RNG states (trainer, python, numpy, torch), data-sampler
-                               position, Tree-RL parent buffer, reward-failure counts
+                               position, reward-failure counts
+    state/buffer.safetensors   the Tree-RL parent buffer (image token ids / PNG bytes + JSON metadata)
     state/learner/             optimiser + LR schedule (torch: optimizer.pt; DeepSpeed: its own checkpoint),
                                learner counters, critic weights (PPO)
     state/reference.safetensors  the frozen KL reference (absent with LoRA: it is the base model)
     checkpoint.json            written last: {"step", "policy_version", "complete": true, ...}
+
+Every ``.pt`` here is read with ``torch.load(weights_only=True)`` (:mod:`r3_rl.learner.safe_load`): a
+checkpoint cannot run code on ``--resume``.  Format 2 keeps the numpy RNG state as plain lists; format 1
+(numpy arrays) still loads.
 
 Atomicity: everything is written into ``checkpoints/.tmp-step_NNNNNN-<pid>/`` and renamed into place only
 once complete, so a crash half-way leaves a ``.tmp-*`` folder that ``--resume auto`` never looks at
@@ -32,11 +37,14 @@ import torch
 from safetensors.torch import load_file, load_model, save_model
 
 from r3_rl.errors import UserError
+from r3_rl.learner.safe_load import safe_torch_load, scan_checkpoint
 
 CKPT_DIR = "checkpoints"
 MARKER = "checkpoint.json"
 STEP_RE = re.compile(r"^step_(\d+)$")
-FORMAT = 1
+# 3: the parent buffer in state/buffer.safetensors (1-2: pixel lists in trainer.pt); 2: no numpy objects in
+# trainer.pt (1 stored the numpy RNG state as an array).  Older formats still load.
+FORMAT = 3
 
 
 # ---------------------------------------------------------------------------------------------- finding
@@ -148,13 +156,19 @@ def trainer_state(trainer: Any, step: int) -> dict[str, Any]:
     f = trainer.scorer.failures
     state = {
         "format": FORMAT, "step": step, "policy_version": trainer.policy.version,
-        "rng": trainer.rng.getstate(), "python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
+        "rng": trainer.rng.getstate(), "python_rng": random.getstate(), "numpy_rng": _numpy_rng_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "data_position": trainer.data.position, "buffer": trainer.buffer.state_dict(),
+        "data_position": trainer.data.position,
         "scorer": {"scored": f.scored, "failed": f.failed, "reasons": list(trainer.scorer.failure_reasons)},
     }
     return state
+
+
+def _numpy_rng_state() -> tuple[Any, ...]:
+    """numpy's global RNG state with its key array as a list: plain data for ``weights_only`` loading."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return kind, keys.tolist(), pos, has_gauss, gauss
 
 
 def _clean_partials(root: Path, keep: Path | None = None) -> None:
@@ -181,6 +195,7 @@ def save_checkpoint(trainer: Any, step: int, keep_last: int) -> Path:
         save_model(ref.model, str(state / "reference.safetensors"))
     trainer.learner.save(state / "learner")
     torch.save(trainer_state(trainer, step), state / "trainer.pt")
+    trainer.buffer.save(state / "buffer.safetensors")
     meta = {"complete": True, "format": FORMAT, "step": step, "policy_version": trainer.policy.version,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "recipe": trainer.recipe.name,
             "structure": structure(trainer.recipe)}
@@ -232,13 +247,20 @@ def check_compatible(meta: dict[str, Any], recipe: Any, path: Path) -> None:
                             f"{saved!r}; resume with the same value")
 
 
+def check_resumable(path: Path, recipe: Any) -> dict[str, Any]:
+    """The checks :func:`load_checkpoint` starts with, cheap enough to run before the trainer is built."""
+    meta = _meta(Path(path))
+    if meta is None:
+        raise UserError(f"{path}: not a complete checkpoint (no {MARKER} with complete: true)")
+    check_compatible(meta, recipe, Path(path))
+    scan_checkpoint(path)  # one line for a planted pickle, before anything is loaded
+    return meta
+
+
 def load_checkpoint(trainer: Any, path: Path) -> dict[str, Any]:
     """Restore ``trainer`` (built from the same recipe) to the state saved in ``path``; returns its meta."""
     path = Path(path)
-    meta = _meta(path)
-    if meta is None:
-        raise UserError(f"{path}: not a complete checkpoint (no {MARKER} with complete: true)")
-    check_compatible(meta, trainer.recipe, path)
+    meta = check_resumable(path, trainer.recipe)
     state = path / "state"
     if _deepspeed_engine(trainer) is not None:
         pass  # the engine restores the module weights (policy, adapters, critic) from its own checkpoint
@@ -250,17 +272,21 @@ def load_checkpoint(trainer: Any, path: Path) -> dict[str, Any]:
     if trainer.reference is not None and ref_file.is_file() and not _uses_lora(trainer):
         load_model(trainer.reference.model, str(ref_file))
     trainer.learner.load(state / "learner")
-    ts = torch.load(state / "trainer.pt", weights_only=False)
+    ts = safe_torch_load(state / "trainer.pt")
     trainer.step = ts["step"]
     trainer.policy.version = ts["policy_version"]
     trainer.rng.setstate(ts["rng"])
     random.setstate(ts["python_rng"])
-    np.random.set_state(ts["numpy_rng"])
+    kind, keys, *rest = ts["numpy_rng"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(ts["torch_rng"])
     if ts.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ts["cuda_rng"])
     trainer.data.position = ts["data_position"]
-    trainer.buffer.load_state_dict(ts["buffer"])
+    if (state / "buffer.safetensors").is_file():
+        trainer.buffer.load(state / "buffer.safetensors")
+    else:  # formats 1-2
+        trainer.buffer.load_legacy(ts["buffer"])
     trainer.scorer.failures.scored = ts["scorer"]["scored"]
     trainer.scorer.failures.failed = ts["scorer"]["failed"]
     trainer.scorer.failure_reasons[:] = ts["scorer"]["reasons"]

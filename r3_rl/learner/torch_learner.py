@@ -208,5 +208,7 @@ class TorchLearner:
         self.optim.save(path)
 
     def load(self, path: Path) -> None:
-        self.load_state_dict(torch.load(path / "learner.pt", weights_only=False))
+        from r3_rl.learner.safe_load import safe_torch_load
+
+        self.load_state_dict(safe_torch_load(path / "learner.pt"))
         self.optim.load(path)

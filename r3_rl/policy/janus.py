@@ -25,15 +25,15 @@ import numpy as np
 import torch
 
 from r3_rl.errors import UserError
-from r3_rl.policy.base import ImageInput, ImageSample, Policy, TextSample
+from r3_rl.policy.base import DTYPES, ImageInput, ImageSample, Policy, TextSample
 from r3_rl.policy.janus_engine import JanusEngine
 from r3_rl.policy.janus_prompts import check_templates, image_ref, png_pixels, uncond_ids, user_content
-from r3_rl.policy.sampling import cfg_logits, sampling_logprobs
+from r3_rl.policy.sampling import token_logprobs
 from r3_rl.trajectory import PromptItem, SamplingParams, Segment
 
 STATE_FILE = "r3_policy.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 YES, NO = ("Yes", " Yes", "yes", " yes"), ("No", " No", "no", " no")
+DECODE_CHUNK = 8  # images per VQ decode call
 
 
 class JanusPolicy(Policy):
@@ -53,6 +53,7 @@ class JanusPolicy(Policy):
             raise UserError("policy.model: the tokenizer needs BOS, EOS and pad tokens (Janus-Pro's have them)")
         cfg = model.config
         self.num_image_tokens = cfg.vq_config.num_patches ** 2
+        self.codebook_size = cfg.vq_config.num_embeddings
         if processor.num_image_tokens != cfg.vision_config.num_image_tokens:
             raise UserError(f"policy.model: processor expects {processor.num_image_tokens} image tokens but the "
                             f"vision tower makes {cfg.vision_config.num_image_tokens}")
@@ -117,21 +118,33 @@ class JanusPolicy(Policy):
         self.processor.save_pretrained(path)
         (Path(path) / STATE_FILE).write_text(json.dumps({"version": self.version}))
 
-    def frozen_copy(self) -> "JanusPolicy":
-        """A detached copy (the KL reference): weights copied, no gradients.
-
-        Parameters frozen in the policy (VQ-VAE, SigLIP unless ``train_vision``) never change, so the
-        copy shares them instead of holding a second copy (hundreds of MB for Janus-Pro-7B).
-        """
+    def with_model(self, model: torch.nn.Module) -> "JanusPolicy":
+        """On ``model`` (a copy: the KL reference, whose frozen SigLIP and VQ are copies too -- see
+        :meth:`Policy.frozen_copy` -- or a PPO critic's body)."""
         other = copy.copy(self)
-        shared = {id(p): p for p in self._model.parameters() if not p.requires_grad}
-        other._model = copy.deepcopy(self._model, memo=shared).eval().requires_grad_(False)
-        other.engine = JanusEngine(other._model, self.engine.image_processor, self.pad_id, self.image_token_id)
-        return other  # shares the decoded-pixel cache too: same frozen VQ decoder, same pixels
+        other._model = model
+        other.engine = JanusEngine(model, self.engine.image_processor, self.pad_id, self.image_token_id)
+        return other  # shares the decoded-pixel cache too: same frozen VQ decoder weights, same pixels
 
     @property
     def model(self) -> torch.nn.Module:
         return self._model
+
+    def lora_scope(self, train_vision: bool = False) -> list[str]:
+        """The Llama trunk; SigLIP only with ``train_vision``; never the VQ model, aligners or heads."""
+        return ["model.language_model"] + (["model.vision_model"] if train_vision else [])
+
+    @property
+    def feature_size(self) -> int:
+        return int(self._model.config.text_config.hidden_size)
+
+    def value_features(self, segments: list[Segment]) -> torch.Tensor:
+        """The trunk's last hidden state over each context, its image through SigLIP as in sampling."""
+        refs = [s.context.get("image") for s in segments]
+        pixels = {json.dumps(r, sort_keys=True): self._pixels(r) for r in refs if r is not None}
+        images = [None if r is None else pixels[json.dumps(r, sort_keys=True)] for r in refs]
+        emb, mask, pos = self.engine.embed([s.context["input_ids"] for s in segments], images, left=True)
+        return self.engine._trunk(emb, mask, pos, use_cache=False).last_hidden_state[:, -1]
 
     # ------------------------------------------------------------------ prompts
     def _ids(self, stage: str, values: dict[str, str], image: bool, image_mode: bool) -> list[int]:
@@ -168,6 +181,10 @@ class JanusPolicy(Policy):
                 self._decoded.popitem(last=False)
         return self._decoded[key]
 
+    def decode_image_tokens(self, tokens: list[int]) -> np.ndarray:
+        """Pixels of an image this policy drew, from its VQ tokens (decoded and cached as for training)."""
+        return self._pixels({"tokens": tokens})  # type: ignore[return-value]
+
     def _decode(self, tokens: torch.Tensor) -> np.ndarray:
         return self.engine.decode_images(tokens, *self._post)
 
@@ -197,7 +214,9 @@ class JanusPolicy(Policy):
         return segs
 
     def _image_samples(self, segs: list[Segment]) -> list[ImageSample]:
-        pixels = self._decode(torch.tensor([s.token_ids for s in segs], dtype=torch.long))
+        # a few images per VQ decode: its full-resolution feature maps take ~0.4 GB per 384x384 image in bf16
+        tokens = torch.tensor([s.token_ids for s in segs], dtype=torch.long)
+        pixels = np.concatenate([self._decode(tokens[i:i + DECODE_CHUNK]) for i in range(0, len(segs), DECODE_CHUNK)])
         return [ImageSample(image_tokens=list(s.token_ids), image=pixels[i], segment=s) for i, s in enumerate(segs)]
 
     @staticmethod
@@ -255,18 +274,14 @@ class JanusPolicy(Policy):
                 mods.append(s.modality)
         hidden = self.engine.target_hidden(ids, images, targets, mods)
         out: list[torch.Tensor] = []
-        for i, s in enumerate(segments):
+        for i, s in enumerate(segments):  # logits in chunks of rows, recomputed in backward: see token_logprobs
             keep = torch.tensor(s.token_ids, dtype=torch.long, device=self.engine.device)
             if s.modality == "image":
-                head = self._model.model.generation_head
-                logits = head(hidden[row_of[i]]).float()
-                if i in null_row:
-                    logits = cfg_logits(logits, head(hidden[null_row[i]]).float(), s.sampling.cfg_scale)
-                lp = sampling_logprobs(logits, s.sampling, keep=keep)
+                out.append(token_logprobs(hidden[row_of[i]], self._model.model.generation_head, self.codebook_size,
+                                          keep, s.sampling, uncond=hidden[null_row[i]] if i in null_row else None))
             else:
-                logits = self._model.lm_head(hidden[row_of[i]]).float()
-                lp = sampling_logprobs(logits, s.sampling, self.text_mask, keep=keep)
-            out.append(lp.gather(-1, keep.unsqueeze(-1)).squeeze(-1))
+                out.append(token_logprobs(hidden[row_of[i]], self._model.lm_head, self._model.lm_head.out_features,
+                                          keep, s.sampling, self.text_mask))
         return out
 
     # ------------------------------------------------------------------ understanding
@@ -278,7 +293,7 @@ class JanusPolicy(Policy):
         yes, no = sorted(yes - no), sorted(no - yes)
         ctx = [self._chat_ids(user_content("{image}{prompt}", {"prompt": q}, True), False) for q in questions]
         emb, mask, pos = self.engine.embed(ctx, [np.asarray(im.image) for im in images], left=True)
-        hidden = self.engine._trunk(emb, mask, pos).last_hidden_state[:, -1]
+        hidden = self.engine._trunk(emb, mask, pos, use_cache=False).last_hidden_state[:, -1]
         probs = torch.softmax(self._model.lm_head(hidden).float(), dim=-1)
         p_yes, p_no = probs[:, yes].sum(-1), probs[:, no].sum(-1)
         return (p_yes / (p_yes + p_no).clamp_min(1e-30)).cpu().tolist()

@@ -313,6 +313,42 @@ class MetricsLogger:
 
             self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
 
+    def rewind(self, step: int) -> None:
+        """Forget what was logged after the checkpoint at ``step``: a resumed run replays those steps.
+
+        ``metrics.jsonl`` keeps lines with ``step < step`` and the evals logged at ``step`` (before the
+        checkpoint was written; training line ``step`` is replayed), so no step appears twice.  TensorBoard
+        gets ``purge_step=step`` (it hides every older event at or past ``step``), and the kept evals at
+        ``step`` are logged again after the purge.
+        """
+        path = self.run_dir / "metrics.jsonl"
+        self.jsonl.close()
+        kept, evals = [], []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                at = int(row["step"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a run killed mid-write leaves a partial last line
+            is_eval = any(k.startswith(("eval/", "eval_tag/")) for k in row)
+            if at < step or (at == step and is_eval):
+                kept.append(line)
+                if at == step:
+                    evals.append(row)
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        tmp.replace(path)
+        self.jsonl = open(path, "a")
+        if self.tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb.close()
+            self.tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=step)
+            for row in evals:
+                for k, v in row.items():
+                    if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                        self.tb.add_scalar(k, v, step)
+
     def log(self, metrics: dict[str, Any], step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}  # bools become 0/1
         self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")

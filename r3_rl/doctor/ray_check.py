@@ -1,0 +1,126 @@
+"""Doctor check for Ray: the cluster at ``ray.address`` answers, and has the CPUs and GPUs that the recipe's
+rollout workers, reward workers and learner ranks request.
+
+Why it matters: Ray keeps an actor that asks for more than the cluster has *pending* forever, so a recipe
+with eight 1-GPU ranks on a six-GPU cluster looks like a hung run, not an error.  Joining runs in a child
+process with a timeout (``ray.init`` can block on an unreachable head), after a TCP probe that fails in
+milliseconds when nothing listens.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from r3_rl.doctor.base import Context, Finding, ok, problem, skipped
+
+PROBE = """
+import json, sys
+import ray
+ray.init(address=sys.argv[1], log_to_driver=False, configure_logging=False, logging_level="ERROR")
+alive = [n for n in ray.nodes() if n.get("Alive")]
+print(json.dumps({"total": ray.cluster_resources(), "available": ray.available_resources(), "nodes": len(alive)}))
+ray.shutdown()
+"""
+
+
+def uses_ray(recipe: Any) -> bool:
+    return recipe.rollout.backend == "ray" or recipe.learner.ranks > 1 or recipe.rollout.reward_workers > 0
+
+
+def ray_demand(recipe: Any) -> tuple[dict[str, float], list[str]]:
+    """CPUs and GPUs the run's Ray actors request (all alive at once), and where each comes from."""
+    need = {"CPU": 0.0, "GPU": 0.0}
+    why = []
+    r, lr = recipe.rollout, recipe.learner
+    if r.backend == "ray":
+        need["CPU"] += r.workers * r.cpus_per_worker
+        need["GPU"] += r.workers * r.gpus_per_worker
+        why.append(f"rollout.workers {r.workers} x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU)")
+    if r.reward_workers:
+        need["CPU"] += r.reward_workers  # reward actors ask for one CPU each
+        why.append(f"rollout.reward_workers {r.reward_workers} x 1 CPU")
+    if lr.ranks > 1:
+        need["CPU"] += lr.ranks * lr.cpus_per_rank
+        need["GPU"] += lr.ranks * lr.gpus_per_rank
+        why.append(f"learner.ranks {lr.ranks} x ({lr.cpus_per_rank:g} CPU, {lr.gpus_per_rank:g} GPU)")
+    return need, why
+
+
+def shortfall(need: dict[str, float], have: dict[str, float]) -> list[str]:
+    """``"4 GPU requested, 2 free"`` for each resource the cluster lacks (float slack for fractional GPUs)."""
+    return [f"{need[k]:g} {k} requested, {have.get(k, 0.0):g} free" for k in ("CPU", "GPU")
+            if need[k] > have.get(k, 0.0) + 1e-6]
+
+
+def host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``host:port`` or ``ray://host:port``; None for ``auto`` and other forms."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rpartition(":")
+    return (host.strip("[]"), int(port)) if sep and host and port.isdigit() else None
+
+
+def tcp_probe(host: str, port: int, timeout: float) -> str | None:
+    """Why nothing answers at ``host:port`` (refused, timed out, unknown host), or None when it accepts."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}" if e.strerror else f"{type(e).__name__}: {e}"
+
+
+def cluster_resources(address: str, timeout: float) -> dict[str, Any]:
+    """``{"total", "available", "nodes"}`` of the Ray cluster at ``address``, read by a short-lived driver
+    in a child process; :class:`RuntimeError` with one line when it cannot join within ``timeout`` s."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    try:
+        res = subprocess.run([sys.executable, "-c", PROBE, address], capture_output=True, text=True,
+                             timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"no answer from Ray at {address!r} within {timeout:g} s") from None
+    if res.returncode != 0:
+        lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "Error" in ln.split(":")[0]]
+        raise RuntimeError((errors or lines or [f"exit code {res.returncode}"])[-1].strip()[:300])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def check_ray(ctx: Context) -> Finding:
+    recipe = ctx.recipe
+    if not uses_ray(recipe):
+        return skipped("the recipe uses no Ray (rollout.backend local, learner.ranks 1, no reward workers)")
+    need, why = ray_demand(recipe)
+    asks = f"the recipe requests {need['CPU']:g} CPU, {need['GPU']:g} GPU ({'; '.join(why)})"
+    fix_size = "add nodes (`ray start --address=HEAD:6379` on each), or lower rollout.workers / learner.ranks"
+    address = recipe.ray.address
+    if not address:
+        cpus = recipe.ray.num_cpus or os.cpu_count() or 1
+        gpus = len(ctx.gpus())
+        lacks = shortfall(need, {"CPU": float(cpus), "GPU": float(gpus)})
+        where = f"a local Ray will start here with {cpus} CPU, {gpus} GPU"
+        if lacks:
+            return problem(f"{where}; {asks}: {', '.join(lacks)}",
+                           "set ray.address to a cluster with room (`ray start --head` there), ray.num_cpus, or "
+                           "lower rollout.workers / learner.ranks")
+        return ok(f"{where}; {asks}")
+    hp = host_port(address)
+    if hp is not None:
+        why_down = tcp_probe(*hp, timeout=ctx.timeout)
+        if why_down:
+            return problem(f"ray.address {address!r}: nothing answers ({why_down})",
+                           "start the head node with `ray start --head --port=PORT` or correct ray.address")
+    try:
+        info = cluster_resources(address, ctx.ray_timeout)
+    except RuntimeError as e:
+        return problem(f"ray.address {address!r}: cannot join ({e})",
+                       "check the cluster with `ray status`; the Ray and Python versions must match the cluster's")
+    total, free = info["total"], info["available"]
+    have = (f"cluster at {address}: {info['nodes']} node(s), {total.get('CPU', 0):g} CPU "
+            f"({free.get('CPU', 0):g} free), {total.get('GPU', 0):g} GPU ({free.get('GPU', 0):g} free)")
+    lacks = shortfall(need, free)
+    if lacks:
+        return problem(f"{have}; {asks}: {', '.join(lacks)} (pending actors would wait forever)", fix_size)
+    return ok(f"{have}; {asks}")

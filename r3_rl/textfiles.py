@@ -1,0 +1,94 @@
+"""Reading files a user hands us (recipes, prompt sets): one-line errors naming the file and line, and size caps.
+
+A hostile or broken file must not become a traceback, a hang or a memory blow-up: a FIFO or a directory is
+refused before it is opened, bytes that are not UTF-8 are reported as ``file:line``, and YAML aliases (which
+let 1.5 KB expand to hundreds of MB: "billion laughs") are limited by the size of the expanded document.
+"""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import Any, Iterator
+
+from r3_rl.errors import UserError
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; 1 MiB is far beyond any real one
+MAX_RECIPE_NODES = 100_000  # keys + values after expanding YAML aliases
+
+
+def open_regular(path: str | Path, what: str = "file") -> Any:
+    """``open(path, "rb")`` for a regular file, or a one-line :class:`UserError` (missing, FIFO, directory, denied)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: {what} not found")
+    if not p.is_file():
+        raise UserError(f"{p}: {what} is not a regular file")
+    try:
+        return open(p, "rb")
+    except OSError as e:
+        raise UserError(f"{p}: cannot read {what} ({e.strerror or e})") from None
+
+
+def utf8_lines(path: str | Path, what: str = "file") -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 file (gzip-compressed when its name ends in ``.gz``); a bad byte is
+    ``file:line: not valid UTF-8 (...)``."""
+    with open_regular(path, what) as raw_fh, (gzip.GzipFile(fileobj=raw_fh) if str(path).endswith(".gz")
+                                              else raw_fh) as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1}); save the file as UTF-8") from None
+
+
+def read_utf8(path: str | Path, what: str = "file", max_bytes: int | None = None) -> str:
+    p = Path(path)
+    if max_bytes is not None and p.is_file() and p.stat().st_size > max_bytes:
+        raise UserError(f"{p}: {what} is {p.stat().st_size} bytes, over the limit of {max_bytes}")
+    return "".join(line for _, line in utf8_lines(p, what))
+
+
+def expanded_size(obj: Any, limit: int) -> int:
+    """Nodes of ``obj`` counting every alias expansion (shared and self-referencing ones too), up to ``limit + 1``."""
+    count, stack = 0, [obj]
+    while stack and count <= limit:
+        x = stack.pop()
+        count += 1
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return count
+
+
+def check_expanded_size(data: Any, source: str) -> None:
+    if expanded_size(data, MAX_RECIPE_NODES) > MAX_RECIPE_NODES:
+        raise UserError(f"{source}: the recipe expands to more than {MAX_RECIPE_NODES} values (YAML aliases?); "
+                        f"write it out without '*alias' chains")
+
+
+def read_recipe_yaml(path: str | Path) -> dict[str, Any]:
+    """A recipe file -> its mapping; empty, non-UTF-8, unreadable, oversized or alias-bombed files are errors."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: recipe file not found" if not p.exists() else f"{p}: recipe is not a regular file")
+    text = read_utf8(p, "recipe", MAX_RECIPE_BYTES)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    except RecursionError:
+        raise UserError(f"{p}: YAML nested too deeply") from None
+    if data is None or data == {}:
+        raise UserError(f"{p}: recipe is empty; start from recipes/tiny_blocks.yaml (an empty recipe would "
+                        f"train on defaults)")
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    check_expanded_size(data, str(p))
+    return data

@@ -1,0 +1,236 @@
+"""Preflight: every recipe error found before any work (warm start, model load, run dir), in one line.
+
+:func:`load_recipe` checks keys and types; this module checks what a type cannot say, so a run does not die
+(or hang, or eat the machine) minutes or hours in: reward names and options, data files (opened, every record
+parsed), regexes, template placeholders per stage, devices, finite numbers, and sizes within bounds that a
+2-core machine or a GPU cluster could honour (the limit is named in the error).  The CLI calls
+:func:`validate_recipe` and :func:`check_run_dir` before it creates the run dir; both raise
+:class:`~r3_rl.errors.UserError` (exit 2) and have no side effects.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from r3_rl.errors import UserError
+
+# Upper bounds on sizes (dotted recipe key -> (limit, what it counts)).  Far above any real run, far below
+# what makes a run allocate terabytes or loop for days before it notices.
+LIMITS: dict[str, tuple[int, str]] = {
+    "steps": (10_000_000, "training steps"),
+    "keep_last": (1_000, "checkpoints kept"),
+    "threads": (1_024, "torch threads"),
+    "policy.tiny.hidden_size": (8_192, "width of the tiny CPU policy"),
+    "policy.tiny.num_layers": (128, "layers of the tiny CPU policy"),
+    "policy.tiny.num_heads": (256, "attention heads of the tiny CPU policy"),
+    "policy.tiny.intermediate_size": (32_768, "MLP width of the tiny CPU policy"),
+    "policy.tiny.max_positions": (131_072, "context length of the tiny CPU policy"),
+    "data.eval_size": (100_000, "held-out prompts per eval"),
+    "eval.size": (100_000, "held-out prompts per eval"),
+    "eval.rounds": (64, "refine rounds"),
+    "eval.dump": (100_000, "eval chains dumped"),
+    "warmstart.steps": (10_000_000, "warm-start steps"),
+    "warmstart.batch_size": (65_536, "warm-start batch"),
+    "warmstart.rounds": (64, "warm-start rounds"),
+    "tree.group_size": (1_024, "siblings per group"),
+    "tree.prompts_per_step": (65_536, "prompt groups per step"),
+    "tree.refine_groups_per_step": (65_536, "refine groups per step"),
+    "tree.buffer_size": (10_000_000, "buffered parent images"),
+    "tree.max_round": (64, "refine rounds"),
+    "learner.epochs": (1_000, "epochs per batch"),
+    "learner.micro_batch_size": (65_536, "samples per micro-batch"),
+    "learner.grad_accum": (65_536, "micro-batches per optimiser step"),
+    "learner.ranks": (4_096, "data-parallel ranks"),
+    "learner.lora.r": (4_096, "LoRA rank"),
+    "rollout.workers": (4_096, "rollout actors"),
+    "rollout.reward_workers": (4_096, "reward actors"),
+    "rollout.groups_per_task": (65_536, "groups per rollout task"),
+    "rollout.max_task_retries": (100, "retries of one rollout task"),
+    **{f"rollout.{s}.max_new_tokens": (65_536, "tokens per sample") for s in ("reason", "generate", "reflect", "refine")},
+    "ray.num_cpus": (1_048_576, "CPUs of a local Ray"),
+}
+MAX_SAMPLES_PER_STEP = 1 << 20  # group_size x (prompt groups + refine groups)
+MAX_TINY_PARAMS = 2_000_000_000  # fp32 weights + AdamW = 16 bytes a parameter: 32 GB already
+
+# Template placeholders each policy fills per stage; anything else in braces would be sent to the model verbatim.
+TINY_FIELDS: dict[str, set[str]] = {"reason": {"prompt"}, "reflect": {"prompt", "image"},
+                                    "refine": {"prompt", "image", "instruction"}}
+PLACEHOLDER = re.compile(r"\{([^{}\s]*)\}")
+
+
+def _get(dump: dict[str, Any], key: str) -> Any:
+    value: Any = dump
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _numbers(obj: Any, where: str = "") -> list[tuple[str, float]]:
+    if isinstance(obj, dict):
+        return [x for k, v in obj.items() for x in _numbers(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [x for i, v in enumerate(obj) for x in _numbers(v, f"{where}[{i}]")]
+    return [(where, obj)] if isinstance(obj, float) else []
+
+
+def check_numbers(dump: dict[str, Any], source: str) -> None:
+    """Every float finite (``1e999`` is inf in YAML), every size within :data:`LIMITS`."""
+    for key, value in _numbers(dump):
+        if not math.isfinite(value):
+            raise UserError(f"{source}: key '{key}': {value} is not a finite number")
+    for key, (limit, what) in LIMITS.items():
+        value = _get(dump, key)
+        if isinstance(value, (int, float)) and value > limit:
+            raise UserError(f"{source}: key '{key}': {value} is over the limit of {limit} ({what})")
+    t = dump["tree"]
+    per_step = t["group_size"] * (t["prompts_per_step"] + t["refine_groups_per_step"])
+    if per_step > MAX_SAMPLES_PER_STEP:
+        raise UserError(f"{source}: tree.group_size x (prompts_per_step + refine_groups_per_step) = {per_step} "
+                        f"samples a step, over the limit of {MAX_SAMPLES_PER_STEP}")
+
+
+def check_tiny_shape(recipe: Any, source: str) -> None:
+    t = recipe.policy.tiny
+    if t.hidden_size % t.num_heads:
+        raise UserError(f"{source}: key 'policy.tiny.hidden_size': {t.hidden_size} is not a multiple of "
+                        f"policy.tiny.num_heads={t.num_heads}")
+    params = t.num_layers * (4 * t.hidden_size ** 2 + 3 * t.hidden_size * t.intermediate_size)
+    if params > MAX_TINY_PARAMS:
+        raise UserError(f"{source}: policy.tiny: about {params:.3g} parameters, over the limit of "
+                        f"{MAX_TINY_PARAMS:.0e} for the tiny CPU policy (use policy.kind: janus for real models)")
+
+
+def check_model(recipe: Any) -> None:
+    """``policy.model`` exists (a local folder with config.json, or a hub id in the local cache / reachable)."""
+    model = recipe.policy.model
+    if recipe.policy.kind == "janus":
+        from r3_rl.policy.janus import _resolve
+
+        _resolve(model or "")
+    elif model and not (Path(model).expanduser() / "config.json").is_file():
+        raise UserError(f"policy.model: cannot load '{model}': no config.json there; give a directory written by "
+                        f"save_pretrained (or leave policy.model empty to build the tiny model)")
+
+
+DEVICE = re.compile(r"^(cpu|cuda|mps)(?::(\d+))?$")
+
+
+def check_device(recipe: Any, source: str) -> None:
+    """``policy.device`` names a device this machine has (torch is imported only to count CUDA devices)."""
+    name = recipe.policy.device
+    m = DEVICE.match(name)
+    if m is None:
+        raise UserError(f"{source}: key 'policy.device': {name!r} is not a device (cpu, cuda, cuda:N, mps)")
+    if recipe.policy.kind == "tiny" and m.group(1) != "cpu":
+        raise UserError(f"{source}: key 'policy.device': the tiny policy runs on the CPU only, got {name!r}")
+    if m.group(1) == "cuda":
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(m.group(2) or 0) >= count:
+            raise UserError(f"{source}: key 'policy.device': {name!r} but this machine has {count} CUDA device(s)")
+
+
+def check_templates(recipe: Any, source: str) -> None:
+    """Every ``{name}`` in a template must be one the policy fills at that stage."""
+    templates = recipe.templates.model_dump()
+    if recipe.policy.kind == "janus":
+        from r3_rl.policy.janus_prompts import STAGE_FIELDS
+
+        fields = STAGE_FIELDS
+    else:
+        fields = TINY_FIELDS
+    for stage, text in templates.items():
+        for name in PLACEHOLDER.findall(text):
+            allowed = fields.get(stage, set())
+            if name not in allowed:
+                avail = ", ".join("{" + f + "}" for f in sorted(allowed)) or "none"
+                raise UserError(f"{source}: key 'templates.{stage}': placeholder {{{name}}} is not filled at this "
+                                f"stage by the {recipe.policy.kind} policy (available: {avail})")
+
+
+def check_regexes(recipe: Any, source: str) -> None:
+    for key in ("reason_format", "reflect_format"):
+        pattern = getattr(recipe.rewards, key)
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise UserError(f"{source}: key 'rewards.{key}': not a valid regular expression ({e})") from None
+
+
+def check_rewards(recipe: Any, source: str) -> None:
+    """Names resolve and options match each reward's signature (constructs them; models load in ``setup``)."""
+    from r3_rl.rewards.reward_set import RewardSet
+
+    for key in ("task", "eval"):
+        specs = [s.model_dump() for s in getattr(recipe.rewards, key)]
+        try:
+            RewardSet.from_specs(specs)
+        except UserError as e:
+            raise UserError(f"{source}: rewards.{key}: {e}") from None
+
+
+def check_data(recipe: Any, source: str, needs_eval: bool = True) -> None:
+    """Prompt files opened and every record parsed (``file:line`` errors); local datasets exist."""
+    from r3_rl.data import read_jsonl_prompts
+
+    d = recipe.data
+    if d.source == "blocks":
+        return
+    if not d.train:
+        raise UserError(f"{source}: key 'data.train': required for data.source={d.source!r} (a jsonl path or dataset)")
+    for name in [d.train] + ([d.eval] if d.eval else []):
+        if d.source == "hf":
+            p = Path(name)
+            if p.suffix in (".jsonl", ".json", ".csv", ".parquet") and not p.is_file():
+                raise UserError(f"{source}: dataset file {name} not found")
+            continue
+        read_jsonl_prompts(name, d.source, d.prompt_column)
+    if needs_eval and not d.eval and d.source != "hf":
+        raise UserError(f"{source}: key 'data.eval': required for data.source={d.source!r} (a held-out jsonl); "
+                        f"evaluating on training prompts would overstate accuracy")
+
+
+def validate_recipe(recipe: Any, path: str | Path, needs_eval: bool = True) -> None:
+    """Everything a run would trip over later, checked now; raises :class:`UserError` with one line."""
+    source = str(path)
+    dump = recipe.model_dump(mode="python")
+    check_numbers(dump, source)
+    if recipe.policy.kind == "tiny":
+        check_tiny_shape(recipe, source)
+    check_model(recipe)
+    check_device(recipe, source)
+    check_templates(recipe, source)
+    check_regexes(recipe, source)
+    check_rewards(recipe, source)
+    check_data(recipe, source, needs_eval)
+    check_precision(recipe, source)
+
+
+def check_precision(recipe: Any, source: str) -> None:
+    """``policy.dtype`` and ``learner.deepspeed.*`` make a precision the learner trains in (last: it imports torch,
+    which a valid run imports next anyway)."""
+    from r3_rl.learner.precision import check_recipe_precision
+
+    try:
+        check_recipe_precision(recipe)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+def check_run_dir(recipe: Any, run_dir: str | None) -> None:
+    """The run dir (``--run-dir`` or ``out_dir``) can be created and written, without creating it."""
+    target = Path(run_dir) if run_dir else Path(recipe.out_dir)
+    flag = "--run-dir" if run_dir else "out_dir"
+    probe = target
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UserError(f"{flag} {target}: {probe} is not a directory")
+    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {target}: {probe} is not writable")

@@ -1,0 +1,178 @@
+"""Where a model's weights are -- a local folder or the Hugging Face hub cache, never the network -- and how
+big the run's checkpoints will be.
+
+Used by ``r3-rl doctor`` before hours of GPU time: a missing shard or a half-finished download must show
+up as one line with the command that fixes it, not as a traceback after the Ray cluster has started.
+Parameter counts come from the safetensors headers (a few KB read per file), so nothing is loaded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2}
+SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# The parent buffer (state/buffer.safetensors) keeps each image's tokens as int32 plus its entry's JSON
+# metadata (prompt, GenEval metadata, reward, source): measured 260-520 bytes per entry.
+BUFFER_ENTRY_BYTES = 512
+VQ_PATCH = 16  # pixels per image token side (Janus-Pro's VQ-16)
+
+
+class WeightsMissing(Exception):
+    """The weights are not where the recipe says; ``fix`` is the command or key that makes them so."""
+
+    def __init__(self, message: str, fix: str) -> None:
+        super().__init__(message)
+        self.fix = fix
+
+
+@dataclass
+class ModelFacts:
+    """What the doctor needs to know about the recipe's policy model."""
+
+    where: str  # a folder, or how the model is built
+    params: int
+    image_pixels: int  # height x width of one generated image
+    folder: Path | None = None  # the folder with config.json and weights (None: built from the recipe)
+
+
+def hub_cache() -> Path:
+    """The hub cache ``huggingface_hub`` reads (``HF_HUB_CACHE`` / ``HF_HOME`` respected)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
+
+
+def locate(model: str, key: str = "policy.model", cache_dir: str | Path | None = None,
+           local: str | None = None) -> Path:
+    """The local folder holding ``model`` (a folder path, or a hub id found in the hub cache).
+
+    ``key`` names the setting in messages; ``local`` says how to point it at a folder instead."""
+    local = local or f"--set {key}=/path/to/local/folder"
+    path = Path(model).expanduser()
+    if path.exists() or not _looks_like_repo_id(model):
+        if not path.is_dir():
+            raise WeightsMissing(f"{key} {model!r}: no such folder",
+                                 f"{local} (a folder with config.json and weights), or a hub id")
+        return path
+    from huggingface_hub import try_to_load_from_cache
+
+    cache = Path(cache_dir) if cache_dir is not None else hub_cache()
+    found = try_to_load_from_cache(model, "config.json", cache_dir=str(cache))
+    if not isinstance(found, str):
+        raise WeightsMissing(f"{key} {model!r} is not in the Hugging Face cache ({cache})",
+                             f"download it first: `hf download {model}`, or {local}")
+    return Path(found).parent
+
+
+def weight_files(folder: Path, key: str = "policy.model") -> list[Path]:
+    """The weight files of a ``save_pretrained`` folder, every shard of a sharded index present."""
+    if not (folder / "config.json").is_file():
+        raise WeightsMissing(f"{key}: {folder} has no config.json", "point it at a folder written by save_pretrained")
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise WeightsMissing(f"{key}: {folder} lacks {len(missing)} of {len(shards)} weight shards "
+                                     f"({missing[0]}, ...): an interrupted download?",
+                                     "download the model again (`hf download REPO` resumes)")
+            return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    files = [f for f in files if f.is_file()]  # a dangling hub-cache link is a file not downloaded
+    if not files:
+        raise WeightsMissing(f"{key}: {folder} has no weight files (*.safetensors / *.bin)",
+                             "download the model again, or point at a folder written by save_pretrained")
+    return files
+
+
+def safetensors_params(path: Path) -> int:
+    """Number of values stored in a safetensors file, from its header alone."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    return sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+
+
+def count_params(files: list[Path], config: dict[str, Any]) -> int:
+    """Parameters in ``files``: exact for safetensors, file size / dtype size for ``.bin``."""
+    total = 0
+    for f in files:
+        if f.suffix == ".safetensors":
+            total += safetensors_params(f)
+        else:
+            total += f.stat().st_size // DTYPE_BYTES.get(str(config.get("torch_dtype", "float32")), 4)
+    return total
+
+
+def image_side(config: dict[str, Any]) -> int:
+    """Side of a generated Janus image: VQ patches per side x the decoder's upsampling (384 for Janus-Pro)."""
+    vq = config.get("vq_config") or {}
+    return int(vq.get("num_patches", 24)) * 2 ** (len(vq.get("channel_multiplier", [1, 1, 2, 2, 4])) - 1)
+
+
+def policy_facts(recipe: Any, cache_dir: str | Path | None = None) -> ModelFacts:
+    """Size facts about the recipe's policy; :class:`WeightsMissing` when its weights are not on this machine."""
+    p = recipe.policy
+    if p.kind == "tiny":
+        from r3_rl.blocks.world import CELL
+
+        pixels = recipe.data.blocks.rows * recipe.data.blocks.cols * CELL * CELL
+        if not p.model:
+            from r3_rl.policy.tiny import build_policy
+
+            model = build_policy(recipe).model
+            return ModelFacts("built from policy.tiny (nothing to load)",
+                              sum(t.numel() for t in model.parameters()), pixels)
+    if not p.model:
+        raise WeightsMissing(f"policy.model: required for policy.kind {p.kind}",
+                             "--set policy.model=HUB_ID (e.g. deepseek-community/Janus-Pro-1B) or a local folder")
+    folder = locate(p.model, cache_dir=cache_dir)
+    files = weight_files(folder)
+    config = json.loads((folder / "config.json").read_text())
+    if p.kind != "tiny":
+        pixels = image_side(config) ** 2
+    return ModelFacts(str(folder), count_params(files, config), pixels, folder)
+
+
+def checkpoint_bytes(recipe: Any, params: int, image_pixels: int) -> dict[str, int]:
+    """Estimated bytes of one checkpoint, by part (an upper bound: every parameter counted as trainable).
+
+    model/ and the KL reference in ``policy.dtype``; AdamW's two moments in the parameter dtype (torch) or
+    fp32 plus fp32 master weights (DeepSpeed bf16); a separate PPO critic doubles model and optimiser; the
+    Tree-RL parent buffer holds up to ``buffer_size`` correct and as many flawed images.
+    """
+    learner = recipe.learner
+    w = params * DTYPE_BYTES[recipe.policy.dtype]
+    lora = learner.lora is not None
+    if learner.backend == "deepspeed":
+        optim = params * (12 if learner.deepspeed.dtype == "bf16" else 8)
+    else:
+        optim = params * 2 * DTYPE_BYTES[recipe.policy.dtype]
+    parts = {"model": w, "reference": 0 if lora else w, "optimiser": optim}
+    if lora:  # adapters are small; the unmerged policy is saved next to the merged export
+        parts["optimiser"] = 0
+        parts["unmerged policy"] = w
+    if learner.algorithm == "ppo" and learner.ppo.critic == "separate":
+        parts["critic"] = w + optim
+    tokens = (recipe.data.blocks.rows * recipe.data.blocks.cols if recipe.policy.kind == "tiny"
+              else image_pixels // VQ_PATCH ** 2)
+    parts["parent buffer"] = 2 * recipe.tree.buffer_size * (4 * tokens + BUFFER_ENTRY_BYTES)
+    return parts
+
+
+def checkpoints_on_disk(recipe: Any) -> int:
+    """Most checkpoints on disk at once: the ``keep_last`` kept plus the one being written."""
+    saves = (recipe.steps - 1) // recipe.save_every + 1 if recipe.save_every and recipe.steps else 1
+    return min(recipe.keep_last, saves - 1) + 1

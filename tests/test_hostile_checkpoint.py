@@ -1,0 +1,142 @@
+"""Checkpoints that cannot run code, and resumes that do not replay steps in the logs.
+
+A payload is a pickle whose ``__reduce__`` creates a marker file: the test first shows it *does* run with
+``torch.load(weights_only=False)`` (what `--resume` used to do), then that every way r3-rl reads a checkpoint
+refuses it in one line and the marker never appears.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import tiny_overrides
+from r3_rl.cli import main
+from r3_rl.errors import UserError
+from r3_rl.learner.safe_load import safe_torch_load, scan_checkpoint
+
+
+class Payload:
+    """Unpickling this calls ``open(marker, "w")``: a file appears if the pickle's code runs."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):  # noqa: ANN204
+        return (open, (self.marker, "w"))
+
+
+def plant(path: Path, marker: Path) -> None:
+    """Add a payload to a real checkpoint file, keeping everything else in it."""
+    state = safe_torch_load(path, deepspeed=True)
+    state["x"] = Payload(marker)
+    torch.save(state, path)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, repo: Path) -> tuple[Path, list[str]]:
+    """4 tiny steps, checkpoints at 2 and 4, an eval every 2 steps."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    sets = tiny_overrides(tmp, steps=4) + ["warmstart.steps=0", "data.eval_size=4", "save_every=2", "eval.every=2",
+                                           "eval.dump=0", "log.trajectories_every=0"]
+    args = ["train", str(repo / "recipes" / "tiny_blocks.yaml"), "--run-dir", str(tmp / "run")]
+    args += [a for s in sets for a in ("--set", s)]
+    assert main(args) == 0
+    return tmp / "run", args
+
+
+def test_a_planted_payload_never_runs_on_resume(run: tuple[Path, list[str]], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    run_dir, args = run
+    ckpt = tmp_path / "step_000004"
+    shutil.copytree(run_dir / "checkpoints" / "step_000004", ckpt)
+    marker = tmp_path / "pwned"
+    plant(ckpt / "state" / "trainer.pt", marker)
+    torch.load(ckpt / "state" / "trainer.pt", weights_only=False)  # the old loader: the payload runs
+    assert marker.exists()
+    marker.unlink()
+
+    new_run = tmp_path / "resumed"
+    argv = [a if a != str(run_dir) else str(new_run) for a in args] + ["--resume", str(ckpt)]
+    capsys.readouterr()
+    t0 = time.monotonic()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trainer.pt: refusing to load it: it references" in err[0] and "run code" in err[0], err
+    assert time.monotonic() - t0 < 10 and not new_run.exists() and not marker.exists()
+    with pytest.raises(UserError, match="refusing to load it"):  # without the scan: weights_only itself refuses
+        safe_torch_load(ckpt / "state" / "trainer.pt")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["learner/optimizer.pt", "learner/learner.pt"])
+def test_learner_files_with_a_payload_are_refused(run: tuple[Path, list[str]], tmp_path: Path, name: str) -> None:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run[0] / "checkpoints" / "step_000004", ckpt)
+    marker = tmp_path / "pwned"
+    plant(ckpt / "state" / name, marker)
+    with pytest.raises(UserError, match=f"{name}: refusing to load it"):
+        scan_checkpoint(ckpt)
+    with pytest.raises(UserError, match="refusing to load it"):
+        safe_torch_load(ckpt / "state" / name)
+    assert not marker.exists()
+
+
+def test_format_1_trainer_state_with_numpy_arrays_still_loads(run: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """Checkpoints written before this change stored numpy's RNG state as an array: still accepted."""
+    state = safe_torch_load(run[0] / "checkpoints" / "step_000004" / "state" / "trainer.pt")
+    assert isinstance(state["numpy_rng"][1], list)  # format 2: plain lists
+    old = dict(state, format=1, numpy_rng=np.random.get_state())
+    torch.save(old, tmp_path / "trainer.pt")
+    scan_checkpoint(tmp_path)
+    back = safe_torch_load(tmp_path / "trainer.pt")
+    assert np.array_equal(back["numpy_rng"][1], old["numpy_rng"][1]) and back["scorer"] == state["scorer"]
+
+
+def test_deepspeed_checkpoint_loads_go_through_weights_only(tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    from learner_helpers import clone, learner_cfg, sample_items, tiny_policy
+
+    from r3_rl.learner.deepspeed_learner import DeepSpeedOptim
+    from r3_rl.learner.torch_learner import TorchLearner
+
+    policy = tiny_policy()
+
+    def learner() -> TorchLearner:
+        p = clone(policy)
+        cfg = learner_cfg(backend="deepspeed", micro_batch_size=2, deepspeed={"zero_stage": 2})
+        return TorchLearner(p, p.frozen_copy(), cfg, DeepSpeedOptim({"policy": p.model}, cfg))
+    ds = learner()
+    ds.step(copy.deepcopy(sample_items(policy)))
+    ds.save(tmp_path / "learner")
+    twin = learner()
+    twin.load(tmp_path / "learner")  # a clean ZeRO-2 checkpoint loads with weights_only=True
+    for k, v in ds.policy.model.state_dict().items():
+        assert torch.equal(twin.policy.model.state_dict()[k], v), k
+    marker = tmp_path / "pwned"
+    for f in sorted((tmp_path / "learner" / "deepspeed").rglob("*.pt")):
+        plant(f, marker)
+    with pytest.raises(UserError, match="refusing to load it"):
+        twin.load(tmp_path / "learner")
+    assert not marker.exists()
+
+
+def test_resume_does_not_replay_steps_in_metrics_or_tensorboard(run: tuple[Path, list[str]]) -> None:
+    """Resume from step 2 in the same run dir (steps 2-3 and the final eval run again): each step logged once."""
+    run_dir, args = run
+    assert main(args + ["--resume", str(run_dir / "checkpoints" / "step_000002")]) == 0
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r["step"] for r in rows if "learner/lr" in r]
+    evals = [r["step"] for r in rows if "eval/accuracy/round0" in r]
+    assert train == [0, 1, 2, 3] and evals == [0, 2, 4]
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("learner/lr")] == [0, 1, 2, 3]
+    assert [e.step for e in acc.Scalars("eval/accuracy/round0")] == [0, 2, 4]
