@@ -12,8 +12,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from r3_rl.tracking.metrics import MetricsLogger
-from r3_rl.tracking.tensorboard import (CAPTION_H, CELL, EMPTY_RGB, HEADER_H, LINE_RGB, fit_cell, grid_size, image_strip,
-                                        trajectory_image, trajectory_markdown)
+from r3_rl.tracking.tensorboard import (CAPTION_H, CELL, EMPTY_RGB, HEADER_H, LINE, LINE_RGB, fit_cell, grid_size,
+                                        image_strip, trajectory_image, trajectory_markdown)
 from r3_rl.tracking.views import select_trajectories
 from test_tracking_metrics import stage_a_tree, stage_bc_tree, trees
 
@@ -39,19 +39,19 @@ def test_grid_is_framed_with_a_header_and_fixed_slots() -> None:
     grid = image_strip([blank, b], ["r0 generate R=0.50", "r1 refine R=1.00 (+0.50)"], header="a photo of x",
                        slots=4)
     h, w = grid_size(4)
-    assert grid.shape == (h, w, 3) and (h, w) == (HEADER_H + CELL + CAPTION_H + 4, 4 * CELL + 5)
-    y0 = 2 + HEADER_H  # header row, then the image row
-    for k in range(5):  # 1-px vertical grid lines left of, between and right of the four cells (under the header)
-        assert np.all(grid[1 + HEADER_H:, k * (CELL + 1)] == LINE_RGB)
-    assert np.all(grid[:, 0] == LINE_RGB) and np.all(grid[:, w - 1] == LINE_RGB)
-    for y in (0, 1 + HEADER_H, y0 + CELL, h - 1):  # horizontal lines: top, under the header, under images, bottom
-        assert np.all(grid[y] == LINE_RGB)
-    assert np.all(grid[y0:y0 + CELL, 1:1 + CELL] == 255)  # the blank image, inside its frame
-    assert np.all(grid[y0:y0 + CELL, CELL + 2:2 * CELL + 2] == 200)
-    assert np.all(grid[y0:y0 + CELL, 2 * CELL + 3:3 * CELL + 3] == EMPTY_RGB)  # unused slot: visibly empty
-    header = grid[1:1 + HEADER_H, 1:w - 1]
+    assert grid.shape == (h, w, 3) and (h, w) == (HEADER_H + CELL + CAPTION_H + 4 * LINE, 4 * CELL + 5 * LINE)
+    y0 = 2 * LINE + HEADER_H  # header row, then the image row
+    for k in range(5):  # vertical grid lines left of, between and right of the four cells (under the header)
+        assert np.all(grid[LINE + HEADER_H:, k * (CELL + LINE):k * (CELL + LINE) + LINE] == LINE_RGB)
+    assert np.all(grid[:, :LINE] == LINE_RGB) and np.all(grid[:, w - LINE:] == LINE_RGB)
+    for y in (0, LINE + HEADER_H, y0 + CELL, h - LINE):  # horizontal lines: top, under the header, under images, bottom
+        assert np.all(grid[y:y + LINE] == LINE_RGB)
+    assert np.all(grid[y0:y0 + CELL, LINE:LINE + CELL] == 255)  # the blank image, inside its frame
+    assert np.all(grid[y0:y0 + CELL, CELL + 2 * LINE:2 * CELL + 2 * LINE] == 200)
+    assert np.all(grid[y0:y0 + CELL, 2 * CELL + 3 * LINE:3 * CELL + 3 * LINE] == EMPTY_RGB)  # unused slot: visibly empty
+    header = grid[LINE:LINE + HEADER_H, LINE:w - LINE]
     assert (header < 128).any() and (header == 255).mean() > 0.5  # the prompt, dark on white
-    caption = grid[y0 + CELL + 1:y0 + CELL + 1 + CAPTION_H, 1:1 + CELL]
+    caption = grid[y0 + CELL + LINE:y0 + CELL + LINE + CAPTION_H, LINE:LINE + CELL]
     assert (caption < 128).any()
     assert image_strip([b], ["r0"], slots=4).shape == grid.shape  # one image or two: the same scale
 

@@ -8,8 +8,10 @@ A trajectory's grid is a small table drawn into the image itself (TensorBoard sh
   have the same number of slots (``slots``: rounds + 1), so grids of different lengths show at the same
   scale and an unused slot stays visibly empty;
 * a caption row under each image (round, stage, reward and its change);
-* 1-px grid lines around every cell, so a blank image is still a framed white square and two 4x4
-  images never read as one row of eight shapes.
+* grid lines around every cell, so a blank image is still a framed white square and two 4x4
+  images never read as one row of eight shapes.  They are 2 px wide: TensorBoard's image card shows a
+  4-slot grid at about 0.6 of its size, and a browser drops some 1-px lines at that scale (seen in
+  headless Chromium on the images tab).
 
 Images are resized to ``CELL`` x ``CELL`` (nearest neighbour: Blocks cells stay crisp).
 """
@@ -25,7 +27,7 @@ from r3_rl.tracking.views import image_caption, image_steps, prompt_line, select
 from r3_rl.trajectory import Node, Tree
 
 CELL = 128  # side of every image cell, in pixels
-LINE = 1  # grid line width
+LINE = 2  # grid line width (module docstring: why not 1)
 LINE_RGB = (96, 96, 96)
 EMPTY_RGB = (236, 236, 236)  # an unused slot
 HEADER_H = 16  # the prompt row
