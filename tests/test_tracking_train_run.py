@@ -45,7 +45,12 @@ def run(tmp_path_factory: pytest.TempPathFactory, repo: Path) -> Path:
 
     tmp = tmp_path_factory.mktemp("train")
     sets = tiny_overrides(tmp, steps=STEPS) + ["log.trajectories_every=2", "eval.every=2", "warmstart.steps=0",
-                                                "data.eval_size=4", "eval.understanding.reference_size=4"]
+                                                "data.eval_size=4", "eval.understanding.reference_size=4",
+                                                # the reference rule: with the demo's stop_flawed -1, the forced
+                                                # critiques on an untrained model's flawed parents gave a mean
+                                                # verdict term equal to the mean delta at every step (two
+                                                # quantities, one series by coincidence)
+                                                "rewards.reflect.stop_flawed=0.0", "rewards.reflect.edit_correct=0.0"]
     argv = ["train", str(repo / "recipes" / "tiny_blocks.yaml"), "--run-dir", str(tmp / "run")]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(TinyUnifiedPolicy, "reflect", reflect)
