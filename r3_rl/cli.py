@@ -46,20 +46,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_parts(recipe: Any, run_dir: str | None) -> tuple[Any, Any, Any]:
+    """What ``eval`` and ``rollout`` run on: the run dir, the parts builder (which will build the policy and
+    rewards, never an optimiser, a reference or learner ranks) and the prompt source."""
+    import torch
+
+    from r3_rl.components import Components
+    from r3_rl.data import PromptSource
+    from r3_rl.run_dir import make_run_dir
+    from r3_rl.tracking.console import Console
+
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    torch.manual_seed(recipe.seed)
+    out = make_run_dir(recipe, run_dir)
+    return out, Components(recipe, out, Console(enabled=recipe.log.console)), PromptSource(recipe)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     if not Path(args.checkpoint).is_dir():
         raise UserError(f"--checkpoint {args.checkpoint}: no such directory")
     recipe = _recipe(args, model=str(args.checkpoint))
     from r3_rl.eval.evaluate import markdown_table
-    from r3_rl.run_dir import make_run_dir
-    from r3_rl.trainer import Trainer
+    from r3_rl.eval.runner import Evaluator
+    from r3_rl.tracking.metrics import MetricsLogger
 
     recipe.name = f"{recipe.name}-eval"
-    trainer = Trainer(recipe, make_run_dir(recipe, args.run_dir))
-    report = trainer.run_eval("eval")
-    trainer.metrics.close()  # flush the TensorBoard event file
+    run_dir, parts, data = _sampling_parts(recipe, args.run_dir)
+    metrics = MetricsLogger(run_dir, tensorboard=recipe.log.tensorboard)
+    try:
+        report = Evaluator(recipe, parts.policy, parts.eval_rewards, data, metrics, run_dir).run("eval", 0)
+    finally:
+        parts.close()
+        metrics.close()  # flush the TensorBoard event file
     print(markdown_table(report))
-    print(f"report: {trainer.run_dir / 'eval' / 'eval.json'} (+ .md, .html, TensorBoard in {trainer.run_dir / 'tb'})")
+    print(f"report: {run_dir / 'eval' / 'eval.json'} (+ .md, .html, TensorBoard in {run_dir / 'tb'})")
     return 0
 
 
@@ -67,20 +88,20 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     if not 1 <= args.num <= 100_000:
         raise UserError(f"--num {args.num}: must be 1-100000")
     recipe = _recipe(args)
+    from r3_rl.eval.evaluate import score_chains
     from r3_rl.rollout.chain import r3_chains
-    from r3_rl.run_dir import make_run_dir
-    from r3_rl.trainer import Trainer, stage_sampling
+    from r3_rl.rollout.tree_rl import stage_sampling
     from r3_rl.trajectory import write_trees
 
     recipe.name = f"{recipe.name}-rollout"
-    trainer = Trainer(recipe, make_run_dir(recipe, args.run_dir))
-    prompts = trainer.data.next_batch(args.num)
-    trees = r3_chains(trainer.policy, prompts, stage_sampling(recipe), recipe.eval.rounds,
-                      recipe.templates.stop_phrase, seed=recipe.seed, tag="rollout")
-    from r3_rl.eval.evaluate import score_chains
-
-    score_chains(trees, recipe.eval.rounds, trainer.eval_rewards, recipe.rewards.correct_threshold)
-    out = write_trees(trees, trainer.run_dir / "rollout.jsonl")
+    run_dir, parts, data = _sampling_parts(recipe, args.run_dir)
+    try:
+        trees = r3_chains(parts.policy, data.next_batch(args.num), stage_sampling(recipe), recipe.eval.rounds,
+                          recipe.templates.stop_phrase, seed=recipe.seed, tag="rollout")
+        score_chains(trees, recipe.eval.rounds, parts.eval_rewards, recipe.rewards.correct_threshold)
+    finally:
+        parts.close()
+    out = write_trees(trees, run_dir / "rollout.jsonl")
     print(f"wrote {len(trees)} trajectories to {out}")
     return 0
 

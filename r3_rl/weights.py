@@ -129,7 +129,7 @@ def policy_facts(recipe: Any, cache_dir: str | Path | None = None) -> ModelFacts
 
         pixels = recipe.data.blocks.rows * recipe.data.blocks.cols * CELL * CELL
         if not p.model:
-            from r3_rl.policy.tiny import build_policy
+            from r3_rl.policy.registry import build_policy
 
             model = build_policy(recipe).model
             return ModelFacts("built from policy.tiny (nothing to load)",

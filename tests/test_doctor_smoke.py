@@ -45,7 +45,7 @@ def test_two_step_training_and_the_checkpoint_estimate(tmp_path: Path) -> None:
 
 
 def _tiny_model(recipe):
-    from r3_rl.policy.tiny import build_policy
+    from r3_rl.policy.registry import build_policy
 
     return build_policy(recipe).model
 

@@ -15,7 +15,7 @@ import torch
 
 from conftest import tiny_overrides
 from r3_rl.config import load_recipe
-from r3_rl.policy.tiny import build_policy
+from r3_rl.policy.registry import build_policy
 from r3_rl.rewards.base import RewardSample
 from r3_rl.rollout.buffer import BufferEntry
 from r3_rl.rollout.engine import LocalEngine, run_ordered

@@ -25,14 +25,12 @@ from r3_rl.trajectory import Node, Segment, Tree
 
 @dataclass
 class TrainItem:
+    """One sampled segment to train on; an algorithm may subclass it to carry more (PPO's ``ChainItem``)."""
+
     segment: Segment
     advantage: float
     stage: str
     policy_version: int
-    # PPO only (see r3_rl.learner.ppo_learner.ppo_items): the stage reward and the item's place in its R3 chain
-    reward: float | None = None
-    episode: str = ""
-    t: int = 0
 
 
 @dataclass
@@ -113,7 +111,7 @@ def collect_items(trees: list[Tree], current_version: int, max_staleness: int,
     stats.groups = len({n.group_id for n in nodes})
     stats.zero_signal_groups = len(dead)
     for n in nodes:
-        if n.segment is None or not n.segment.token_ids:
+        if n.segment is None or n.segment.num_actions == 0:
             continue
         if n.advantage is None:
             stats.failed_rewards += n.reward is None

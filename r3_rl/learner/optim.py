@@ -15,13 +15,15 @@ is the same contract on a DeepSpeed engine.  Contract:
 * ``discard(outputs)`` drops the accumulated gradient without stepping (a non-finite loss was seen;
   ``outputs`` are differentiable outputs of the current graph, used by drivers that can only drop
   gradients through their own overflow path);
-* ``save(dir)`` / ``load(dir)`` persist optimiser + schedule for exact resume.
+* ``save(dir)`` / ``load(dir)`` persist optimiser + schedule for exact resume;
+* ``gathered(modules)`` is a context in which the modules' full weights can be read (ZeRO-3 shards them).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 
@@ -85,6 +87,9 @@ class TorchOptim:
 
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
+
+    def gathered(self, modules: list[torch.nn.Module]) -> ContextManager[Any]:
+        return contextlib.nullcontext()
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

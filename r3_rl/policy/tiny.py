@@ -22,13 +22,14 @@ from r3_rl.errors import UserError
 from r3_rl.policy.base import ImageInput, ImageSample, Policy, TextSample
 from r3_rl.policy.sampling import cfg_logits, sample_tokens, sampling_logprobs
 from r3_rl.policy.shared_context import first_rows, shared_context_rows
+from r3_rl.policy.tiny_recipe import TinyRecipe
 from r3_rl.policy.tiny_tokenizer import PLACEHOLDER, build_tokenizer, image_token, template_words
 from r3_rl.trajectory import PromptItem, SamplingParams, Segment
 
 GRID_FILE = "r3_grid.json"
 
 
-class TinyUnifiedPolicy(Policy):
+class TinyUnifiedPolicy(TinyRecipe, Policy):
     def __init__(self, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, templates: dict[str, str],
                  rows: int, cols: int) -> None:
         self._model = model
@@ -51,6 +52,14 @@ class TinyUnifiedPolicy(Policy):
         self.version = 0
 
     # ------------------------------------------------------------------ construction / persistence
+    def warm_start(self, recipe: Any, folder: Path, log: Any = None) -> None:
+        """The supervised warm start on synthetic R3 trajectories (``warmstart.steps``), cached in ``folder``;
+        a policy loaded from ``policy.model`` is already trained."""
+        if recipe.warmstart.steps > 0 and not recipe.policy.model:
+            from r3_rl.policy.warmstart import warmstart_cached
+
+            warmstart_cached(self, recipe, folder, log)
+
     @classmethod
     def build(cls, templates: dict[str, str], rows: int, cols: int, hidden_size: int = 128, num_layers: int = 4,
               num_heads: int = 4, intermediate_size: int = 256, max_positions: int = 256,
@@ -89,10 +98,10 @@ class TinyUnifiedPolicy(Policy):
         (Path(path) / GRID_FILE).write_text(json.dumps({"rows": self.rows, "cols": self.cols,
                                                         "version": self.version}))
 
-    def frozen_copy(self) -> "TinyUnifiedPolicy":
-        """A detached copy (the KL reference): same tokenizer, weights copied, no gradients."""
+    def with_model(self, model: torch.nn.Module) -> "TinyUnifiedPolicy":
+        """The same tokenizer and templates on ``model`` (the reference copy, a merged LoRA export)."""
         other = copy.copy(self)
-        other._model = copy.deepcopy(self._model).eval().requires_grad_(False)
+        other._model = model
         return other
 
     @property
@@ -297,20 +306,3 @@ class TinyUnifiedPolicy(Policy):
             for j, i in enumerate(rows):
                 out[i] = picked[j, :len(targets[i])]
         return out  # type: ignore[return-value]
-
-
-def build_policy(recipe: Any) -> Policy:
-    """Policy factory from a recipe (``policy.kind`` selects the backend)."""
-    templates = recipe.templates.model_dump()
-    if recipe.policy.kind == "tiny":
-        if recipe.policy.model:
-            return TinyUnifiedPolicy.from_pretrained(recipe.policy.model, templates)
-        t = recipe.policy.tiny
-        return TinyUnifiedPolicy.build(templates, recipe.data.blocks.rows, recipe.data.blocks.cols,
-                                       hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads,
-                                       intermediate_size=t.intermediate_size, max_positions=t.max_positions,
-                                       seed=recipe.seed)
-    from r3_rl.policy.janus import JanusPolicy  # imported lazily: only Janus recipes pay for it
-
-    return JanusPolicy.from_pretrained(recipe.policy.model, templates=templates, dtype=recipe.policy.dtype,
-                                       device=recipe.policy.device)
