@@ -116,7 +116,7 @@ class Registry:
 
         def deco(obj: Any) -> Any:
             taken = self.registered.get(name, (None, ""))[0]
-            if name in self.builtins or (taken is not None and _qualname(taken) != _qualname(obj)):
+            if name in self.builtins or (taken is not None and _identity(taken) != _identity(obj)):
                 owner = self.builtins[name][0] if name in self.builtins else _qualname(taken)
                 raise UserError(f"{self.kind} name {name!r} is already registered ({owner}); register "
                                 f"{_qualname(obj)} under another name")
@@ -174,3 +174,12 @@ class Registry:
 
 def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+def _identity(obj: Any) -> tuple[str, str]:
+    """The same definition imported twice (a file named by path and by module) is the same plug-in."""
+    try:
+        where = str(Path(inspect.getfile(obj)).resolve())
+    except TypeError:  # an instance, a builtin
+        where = getattr(obj, "__module__", "?")
+    return getattr(obj, "__qualname__", type(obj).__name__), where
