@@ -115,3 +115,24 @@ def test_separate_critic_leaves_the_policy_backbone_to_the_policy_loss(base) -> 
     learner.step(zero_adv)
     assert torch.equal(p.model.model.norm.weight, policy.model.model.norm.weight)
     assert "critic" in learner.modules and learner.modules["critic"] is not p.model
+
+
+def test_ppo_logs_the_advantages_it_trains_on(tmp_path) -> None:
+    """``advantage/mean`` and ``advantage/std`` used to be summarised before PPO computed its GAE advantages, so
+    they always logged 0."""
+    import json
+    from pathlib import Path
+
+    from conftest import tiny_overrides
+
+    from r3_rl.config import load_recipe
+    from r3_rl.trainer import Trainer
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny_blocks.yaml",
+                         tiny_overrides(tmp_path, 1) + ["learner.algorithm=ppo", "log.tensorboard=false",
+                                                        "learner.ppo={normalize_advantages: false}", "eval.dump=0"])
+    Trainer(recipe, tmp_path / "run").train()
+    row = next(json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+               if "batch/items" in line)
+    assert row["batch/items"] >= 2 and row["learner/optimizer_steps"] == 1.0
+    assert row["advantage/std"] > 0 and row["advantage/mean"] != 0
