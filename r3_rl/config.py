@@ -154,7 +154,8 @@ class DeepSpeedCfg(Section):
     ``grad_clip`` -> ``gradient_clipping``).  CPU runs use ``DS_ACCELERATOR=cpu`` and gloo, GPU runs NCCL."""
 
     zero_stage: int = Field(2, ge=0, le=3)
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    # the engine's dtype; left out it follows policy.dtype (bf16: fp32 master weights), which it must agree with
+    dtype: Literal["fp32", "bf16"] | None = None
     config: dict[str, Any] = Field(default_factory=dict)  # extra DeepSpeed config keys, merged last (expert use)
 
 
@@ -165,6 +166,8 @@ class LoraCfg(Section):
     alpha: float = 16.0
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | str = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # adapters go into the language model only; true: into the vision tower (Janus' SigLIP) as well
+    train_vision: bool = False
 
 
 class PpoCfg(Section):

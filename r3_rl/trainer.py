@@ -19,6 +19,7 @@ from r3_rl.config import Recipe
 from r3_rl.data import PromptSource
 from r3_rl.eval.evaluate import markdown_table
 from r3_rl.eval.runner import Evaluator
+from r3_rl.learner.precision import check_recipe_precision
 from r3_rl.rollout.buffer import BufferEntry, ParentBuffer
 from r3_rl.rollout.engine import RolloutEngine, run_ordered
 from r3_rl.rollout.tree_rl import plan_tasks, stage_sampling
@@ -36,6 +37,7 @@ class Trainer:
         self.console = console or Console(enabled=recipe.log.console)
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
+        check_recipe_precision(recipe)  # a precision the learner cannot train fails before any model loads
         torch.manual_seed(recipe.seed)
         self.step = 0
         self.parts = Components(recipe, run_dir, self.console, self.log_event)

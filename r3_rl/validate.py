@@ -187,6 +187,18 @@ def validate_recipe(recipe: Any, path: str | Path, needs_eval: bool = True) -> N
     check_data(recipe, source, needs_eval)
     check_plugins(recipe, source)  # imports the policy's code (torch): after the checks that import none
     check_device(recipe, source)
+    check_precision(recipe, source)
+
+
+def check_precision(recipe: Any, source: str) -> None:
+    """``policy.dtype`` and ``learner.deepspeed.*`` make a precision the learner trains in (last: it imports torch,
+    which a valid run imports next anyway)."""
+    from r3_rl.learner.precision import check_recipe_precision
+
+    try:
+        check_recipe_precision(recipe)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
 
 
 def check_run_dir(recipe: Any, run_dir: str | None) -> None:

@@ -221,8 +221,9 @@ def test_save_and_reload_keeps_weights_and_version(policy, tmp_path):
     ref = policy.frozen_copy()
     assert all(not p.requires_grad for p in ref.model.parameters())
     assert any(p.requires_grad for p in policy.model.parameters())
-    assert ref.model.model.vqmodel.quantize.embedding.weight is policy.model.model.vqmodel.quantize.embedding.weight
-    assert ref.model.lm_head.weight is not policy.model.lm_head.weight
+    # nothing shared, frozen towers included (DeepSpeed may cast or partition every tensor of the policy)
+    assert not {t.data_ptr() for t in ref.model.state_dict().values()} & {
+        t.data_ptr() for t in policy.model.state_dict().values()}
     segs = [s.segment for s in policy.generate(PROMPTS[:2], [None, None], IMAGE_SP, torch.Generator().manual_seed(1))]
     for a, b in zip(ref.segment_logprobs(segs), policy.segment_logprobs(segs)):
         torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=0)

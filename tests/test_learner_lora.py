@@ -67,3 +67,34 @@ def test_lora_trains_adapters_only_against_the_base_model(tmp_path) -> None:
 def test_lora_unknown_target_module_is_a_user_error() -> None:
     with pytest.raises(UserError, match="learner.lora.target_modules: 'qproj'"):
         build_learner(tiny_policy(), None, _recipe(lora={"target_modules": ["qproj"]}))
+
+
+def test_lora_goes_into_the_language_model_of_janus_only(tmp_path) -> None:
+    """Janus' SigLIP has q/k/v_proj too: the default targets must not wrap it (nor the VQ, aligners, heads)."""
+    from test_janus_policy import TEMPLATES
+
+    from r3_rl.config import LoraCfg
+    from r3_rl.learner.lora import apply_lora
+    from r3_rl.policy.janus import JanusPolicy
+    from r3_rl.policy.janus_tiny import make_tiny_janus
+
+    path = make_tiny_janus(tmp_path / "janus")
+
+    def wrapped(**lora) -> list[str]:
+        policy = JanusPolicy.from_pretrained(path, templates=TEMPLATES)
+        apply_lora(policy, LoraCfg(**lora))
+        trainable = {n for n, p in policy.model.named_parameters() if p.requires_grad}
+        assert trainable and all("lora_" in n for n in trainable)
+        return sorted(n for n, m in policy.model.named_modules() if hasattr(m, "lora_A"))
+
+    lm = [f"model.language_model.layers.{i}.{m}" for i in (0, 1)
+          for m in ("self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj")]
+    assert wrapped() == lm
+    vision = [f"model.vision_model.encoder.layers.0.self_attn.{p}_proj" for p in "kqv"]
+    assert wrapped(train_vision=True) == sorted(lm + vision)
+    mlp = [f"model.language_model.layers.{i}.mlp.{m}_proj" for i in (0, 1) for m in ("down", "gate", "up")]
+    assert wrapped(target_modules="all-linear") == sorted(lm + mlp)  # not lm_head, aligners or the image head
+    with pytest.raises(UserError, match=r"'fc1' is not a module of the policy's language model"):
+        wrapped(target_modules=["fc1"])  # the aligner's: outside the language model
+    with pytest.raises(UserError, match="learner.lora.train_vision: a TinyUnifiedPolicy has no separate vision"):
+        build_learner(tiny_policy(), None, _recipe(lora={"train_vision": True}))

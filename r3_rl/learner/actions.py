@@ -13,6 +13,11 @@ import torch
 from r3_rl.learner.batch import TrainItem
 
 
+def uses_kl(cfg: Any) -> bool:
+    """Whether ``learner`` settings ``cfg`` penalise the KL to a reference at all."""
+    return cfg.kl_coef_text > 0 or cfg.kl_coef_image > 0
+
+
 def pad(rows: list[torch.Tensor], value: float = 0.0) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
 

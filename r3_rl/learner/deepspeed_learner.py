@@ -14,6 +14,16 @@ each choice:
   reports it through ``was_step_applied()``.  A non-finite *loss* is routed into that path by
   back-propagating NaN through the micro-batch's outputs.  ZeRO-0 fp32 has no overflow check, so the
   gradients are checked here.  On several ranks the decision is all-reduced.
+* **bf16 = bf16 weights, fp32 master weights, fp32 optimiser state, fp32 gradient accumulation**: the engine
+  runs in the policy's dtype (``policy.dtype``); for bf16 DeepSpeed's bf16 optimiser keeps the fp32 masters
+  and ``data_types.grad_accum_dtype: fp32`` makes micro-batches accumulate in fp32 (ZeRO-0 cannot; it is
+  refused in :func:`r3_rl.learner.precision.check_precision`).
+* **One gradient order on every rank**: DeepSpeed reduces gradients in buckets, in the order backward
+  produces them, and assumes every rank produces the same ones in the same order.  R3 ranks run different
+  micro-batches (a text stage without image on one, an image stage with an image context on another), so
+  on several ranks each micro-batch also adds a zero-weighted use of every trainable parameter, made
+  *before* the real forward: autograd runs it last, so every parameter's gradient completes there, in
+  the same order on every rank (:func:`gradient_anchor`).
 * **CPU**: ``DS_ACCELERATOR=cpu`` and gloo; the single-process rendezvous variables are filled in
   when absent (rank 0 of 1 on a free local port).  GPU runs use NCCL.
 """
@@ -29,6 +39,7 @@ from typing import Any, Callable, ContextManager
 import torch
 
 from r3_rl.learner.optim import make_adamw, trainable, warmup_lambda
+from r3_rl.learner.precision import check_precision, compute_dtype
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -52,9 +63,11 @@ def ensure_dist_env() -> str:
     return "nccl" if gpu else "gloo"
 
 
-def ds_config(cfg: Any, world_size: int = 1) -> dict[str, Any]:
-    """The DeepSpeed config dict for ``learner`` settings ``cfg`` (``learner.deepspeed.config`` merged last)."""
+def ds_config(cfg: Any, world_size: int = 1, dtype: str = "fp32") -> dict[str, Any]:
+    """The DeepSpeed config dict for ``learner`` settings ``cfg`` (``learner.deepspeed.config`` merged last);
+    ``dtype`` (``fp32``/``bf16``) is the policy's, used when ``learner.deepspeed.dtype`` is left out."""
     d = cfg.deepspeed
+    bf16 = (d.dtype or dtype) == "bf16"
     gas = max(cfg.grad_accum, 1)
     conf: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
@@ -63,18 +76,29 @@ def ds_config(cfg: Any, world_size: int = 1) -> dict[str, Any]:
         "gradient_clipping": cfg.grad_clip if cfg.grad_clip > 0 else 0.0,
         "managed_gradient_accumulation": False,
         "zero_optimization": {"stage": d.zero_stage},
-        "bf16": {"enabled": d.dtype == "bf16"},
+        "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2 ** 31 - 1,
         "wall_clock_breakdown": False,
     }
+    if bf16:  # micro-batches accumulate into fp32 gradients (DeepSpeed's default would be bf16)
+        conf["data_types"] = {"grad_accum_dtype": "fp32"}
     for key, value in d.config.items():
         if isinstance(value, dict) and isinstance(conf.get(key), dict):
             conf[key] = {**conf[key], **value}
         else:
             conf[key] = value
     return conf
+
+
+def gradient_anchor(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """``0 * (one element of every parameter)``, to be made before the forward and added to its loss.
+
+    Autograd runs the nodes of the earliest-made operations last, so every parameter's gradient then
+    completes at the end of backward, in this fixed order, whatever the forward used (multi-rank DeepSpeed
+    needs the same gradients in the same order on every rank)."""
+    return torch.stack([p.reshape(-1)[0].float() for p in params]).sum() * 0.0
 
 
 class _Closure(torch.nn.Module):
@@ -104,6 +128,7 @@ class DeepSpeedOptim:
         if not torch.distributed.is_initialized():
             deepspeed.init_distributed(dist_backend=backend, verbose=False)
         self.cfg = cfg
+        self.dtype = check_precision(compute_dtype(next(iter(modules.values()))), cfg)
         self.container = _Closure(modules)
         self.params = trainable(list(modules.values()))
         optimizer = make_adamw(self.params, cfg)
@@ -111,8 +136,8 @@ class DeepSpeedOptim:
         self.world_size = torch.distributed.get_world_size()
         self.engine, _, _, _ = deepspeed.initialize(model=self.container, optimizer=optimizer,
                                                     lr_scheduler=scheduler,
-                                                    config=ds_config(cfg, self.world_size))
-        self.manual_check = cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.dtype == "fp32"
+                                                    config=ds_config(cfg, self.world_size, self.dtype))
+        self.manual_check = cfg.deepspeed.zero_stage == 0 and self.dtype == "fp32"
 
     def _any_rank(self, flag: bool) -> bool:
         if self.world_size == 1:
@@ -125,9 +150,12 @@ class DeepSpeedOptim:
         box: dict[str, Any] = {}
 
         def run() -> Any:
+            anchor = gradient_anchor(self.params) if self.world_size > 1 else None  # made first: runs last
             loss, metrics, outputs = fn()
             box["metrics"] = metrics
-            return loss, outputs
+            if anchor is None:
+                return loss, outputs
+            return loss + anchor, outputs + [anchor]  # a NaN-poisoned backward (see discard) keeps the order too
         loss, outputs = self.engine(run)
         return loss, box["metrics"], outputs
 

@@ -3,6 +3,9 @@
 ``get_peft_model`` injects the LoRA layers *in place* into ``policy.model`` (the policy keeps calling the
 same module object, now with adapters) and freezes every base weight.  The KL reference is then the
 very same module under ``disable_adapter()`` -- the base model, with no second copy in memory.
+Adapters go into the language model only (:meth:`Policy.lora_scope`): Janus' SigLIP has ``q_proj``/
+``k_proj``/``v_proj`` too, and the default targets would otherwise train the frozen vision tower
+(``learner.lora.train_vision: true`` asks for it).
 
 A module with injected adapters saved by ``save_pretrained`` has ``base_layer``/``lora_A`` keys that a
 plain ``from_pretrained`` silently drops (the projections come back randomly initialised).  So the
@@ -23,19 +26,32 @@ from r3_rl.policy.base import Policy
 from r3_rl.trajectory import Segment
 
 
+def lora_targets(policy: Policy, cfg: Any) -> list[str]:
+    """Full names of the modules that get adapters: those named in ``target_modules`` (the last part of a
+    name, or ``all-linear``) inside :meth:`Policy.lora_scope` -- the language model, plus the vision tower
+    only with ``train_vision``.  A name matched nowhere in that scope is a one-line error."""
+    roots = policy.lora_scope(cfg.train_vision)
+    scope = [(n, m) for n, m in policy.model.named_modules()
+             if n and any(r == "" or n == r or n.startswith(r + ".") for r in roots)]
+    wanted = [cfg.target_modules] if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
+    present = {n.rsplit(".", 1)[-1] for n, _ in scope}
+    missing = [t for t in wanted if t not in present and t != "all-linear"]
+    where = "language model" + (" or vision tower" if cfg.train_vision else "")
+    if missing:
+        raise UserError(f"learner.lora.target_modules: {missing[0]!r} is not a module of the policy's {where} "
+                        f"(e.g. {', '.join(sorted(n for n in present if n.endswith('proj'))[:6]) or 'all-linear'})")
+    head = policy.model.get_output_embeddings() if hasattr(policy.model, "get_output_embeddings") else None
+    linear = "all-linear" in wanted
+    return [n for n, m in scope if n.rsplit(".", 1)[-1] in wanted
+            or (linear and isinstance(m, torch.nn.Linear) and m is not head)]
+
+
 def apply_lora(policy: Policy, cfg: Any) -> "LoraAdapters":
     """Inject LoRA adapters (``learner.lora``) into ``policy.model`` in place."""
     from peft import LoraConfig, get_peft_model
 
-    targets = cfg.target_modules
-    present = {name.rsplit(".", 1)[-1] for name, _ in policy.model.named_modules()}
-    wanted = [targets] if isinstance(targets, str) else list(targets)
-    missing = [t for t in wanted if t not in present and t != "all-linear"]
-    if missing:
-        raise UserError(f"learner.lora.target_modules: {missing[0]!r} is not a module of the policy "
-                        f"(e.g. {', '.join(sorted(n for n in present if n.endswith('proj'))[:6]) or 'all-linear'})")
-    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                        bias="none")
+    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                        target_modules=lora_targets(policy, cfg), bias="none")
     return LoraAdapters(policy, get_peft_model(policy.model, config))
 
 

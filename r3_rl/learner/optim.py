@@ -15,17 +15,22 @@ is the same contract on a DeepSpeed engine.  Contract:
 * ``discard(outputs)`` drops the accumulated gradient without stepping (a non-finite loss was seen;
   ``outputs`` are differentiable outputs of the current graph, used by drivers that can only drop
   gradients through their own overflow path);
-* ``save(dir)`` / ``load(dir)`` persist optimiser + schedule for exact resume;
+* ``save(dir)`` / ``load(dir)`` persist optimiser + schedule (+ fp32 master weights) for exact resume;
 * ``gathered(modules)`` is a context in which the modules' full weights can be read (ZeRO-3 shards them).
+
+Both drivers train a bf16 policy through fp32 master weights (:mod:`r3_rl.learner.precision`).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 import torch
+
+from r3_rl.learner.precision import MasterWeights, check_precision, compute_dtype
 
 
 def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
@@ -50,19 +55,42 @@ def make_adamw(params: list[torch.nn.Parameter], cfg: Any) -> torch.optim.AdamW:
 
 
 class TorchOptim:
-    """AdamW + linear warm-up + global-norm clipping, all in-process."""
+    """AdamW + linear warm-up + global-norm clipping, all in-process; bf16 weights step through fp32 masters."""
 
     kind = "torch"
 
     def __init__(self, modules: list[torch.nn.Module], cfg: Any) -> None:
         self.cfg = cfg
-        self.params = trainable(modules)
-        if not self.params:
+        check_precision(compute_dtype(modules[0]), cfg)
+        self._trainable = trainable(modules)
+        if not self._trainable:
             raise ValueError("no trainable parameters")
-        self.optimizer = make_adamw(self.params, cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(cfg.warmup_steps))
+
+    # built on first use, so a trainer that never trains (r3-rl eval / rollout) holds no fp32 copy of the model
+    @functools.cached_property
+    def masters(self) -> MasterWeights:
+        return MasterWeights(self._trainable)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        """What AdamW steps: the fp32 masters of bf16 weights, fp32 weights themselves."""
+        return self.masters.params
+
+    @functools.cached_property
+    def _optimizer_and_schedule(self) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+        optimizer = make_adamw(self.params, self.cfg)  # the schedule sets the warm-up lr before any step
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(self.cfg.warmup_steps))
+
+    @property
+    def optimizer(self) -> torch.optim.AdamW:
+        return self._optimizer_and_schedule[0]
+
+    @property
+    def scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
+        return self._optimizer_and_schedule[1]
 
     def backward(self, loss: torch.Tensor) -> None:
+        _ = self.masters  # its gradient hooks must be in place before the first backward
         loss.backward()
 
     def step(self) -> tuple[bool, float]:
@@ -72,18 +100,19 @@ class TorchOptim:
             self.discard()
             return False, norm
         self.optimizer.step()
+        self.masters.copy_to_model()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         return True, norm
 
     def forward(self, fn: Callable[[], Any]) -> Any:
         return fn()
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.masters.zero_grad()
 
     def discard(self, outputs: list[torch.Tensor] | None = None) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
 
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
@@ -92,11 +121,16 @@ class TorchOptim:
         return contextlib.nullcontext()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.masters.active:
+            state["master_weights"] = self.masters.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.masters.active:
+            self.masters.load_state_dict(state["master_weights"])
 
     def save(self, path: Path) -> None:
         torch.save(self.state_dict(), path / "optimizer.pt")

@@ -15,10 +15,12 @@ nothing is counted twice (the GRPO plan reward, for instance, already contains i
 A chain with any failed reward is dropped whole (its returns are undefined) and counted as failed; a
 chain with a stale node is refused whole.  A critique that stops ("no further edit") ends its chain.
 
-Critic (``learner.ppo.critic``): ``head`` -- a linear value head on the policy's last hidden state at the
-last context token (the backbone is shared, so the value loss shapes the policy's features, weighted by
-``vf_coef``); ``separate`` -- the same on a trainable copy of the backbone.  The value head starts at
-zero, so the first advantages are the plain returns.
+Critic (``learner.ppo.critic``): ``head`` -- a linear value head on :meth:`Policy.value_features`, the
+policy's last hidden state over the context (image features included: Janus reads its SigLIP features
+there, exactly as when it sampled); the backbone is shared, so the value loss shapes the policy's
+features, weighted by ``vf_coef``.  ``separate`` -- the same on a copy of the policy that trains what
+the policy trains (its frozen towers stay frozen).  The value head starts at zero, so the first
+advantages are the plain returns.
 """
 from __future__ import annotations
 
@@ -114,49 +116,33 @@ def ppo_items(trees: list[Tree], current_version: int, max_staleness: int,
 
 
 # ---------------------------------------------------------------------------------------------- critic
-def backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformer under a causal-LM head (``LlamaForCausalLM.model``), hidden states out."""
-    return getattr(model, "base_model", model)
-
-
 def critic_modules(policy: Policy, cfg: Any) -> dict[str, torch.nn.Module]:
-    hidden = getattr(getattr(policy.model, "config", None), "hidden_size", None)
-    if hidden is None:
-        raise UserError(f"learner.algorithm=ppo: cannot size a value head for {type(policy).__name__} "
-                        f"(its model has no config.hidden_size)")
-    head = torch.nn.Linear(hidden, 1)
+    """The critic's trainable modules: ``value_head`` (zero-initialised), plus ``critic`` (a copy of the policy's
+    module) for ``learner.ppo.critic: separate``."""
+    try:
+        hidden = policy.feature_size
+    except NotImplementedError:
+        raise UserError(f"learner.algorithm=ppo: a {type(policy).__name__} policy exposes no hidden states "
+                        f"for a critic (Policy.value_features)") from None
+    head = torch.nn.Linear(hidden, 1, device=next(policy.model.parameters()).device)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     out: dict[str, torch.nn.Module] = {"value_head": head}
     if cfg.ppo.critic == "separate":
-        out["critic"] = copy.deepcopy(policy.model).requires_grad_(True)
+        body = copy.deepcopy(policy.model)
+        for p, q in zip(policy.model.parameters(), body.parameters()):
+            q.requires_grad_(p.requires_grad)
+        out["critic"] = body
     return out
-
-
-def context_values(body: torch.nn.Module, head: torch.nn.Module, items: list[TrainItem],
-                   pad_id: int = 0) -> torch.Tensor:
-    """``V(s)`` per item from the hidden state at the last token of its sampling context, ``[B]`` float32."""
-    try:
-        ctx = [it.segment.context["input_ids"] for it in items]
-    except KeyError:
-        raise UserError("learner.algorithm=ppo needs segments whose context holds 'input_ids' (the tiny policy "
-                        "does); this policy's segments do not") from None
-    width = max(len(c) for c in ctx)
-    device = next(head.parameters()).device
-    ids = torch.full((len(ctx), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(ctx), width), dtype=torch.long, device=device)
-    for i, c in enumerate(ctx):
-        ids[i, :len(c)] = torch.tensor(c, device=device)
-        mask[i, :len(c)] = 1
-    hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
-    last = torch.tensor([len(c) - 1 for c in ctx], device=device)
-    h = hidden[torch.arange(len(ctx), device=device), last]
-    return head(h.to(head.weight.dtype)).squeeze(-1).float()
 
 
 class PPO(GRPO):
     """GRPO's clipped surrogate with GAE advantages over each chain's stages, plus ``vf_coef`` times the
     clipped value loss of a critic (``learner.ppo``)."""
+
+    def __init__(self, recipe: Any) -> None:
+        super().__init__(recipe)
+        self._critic: Any = None  # the policy computing with the separate critic's body (learner.ppo.critic)
 
     def batch(self, trees: list[Tree], version: int) -> tuple[list[TrainItem], BatchStats, dict[str, float]]:
         stats = self.advantages(trees)  # sibling-group counts are logged under PPO too
@@ -167,8 +153,17 @@ class PPO(GRPO):
         return critic_modules(policy, self.cfg)
 
     def values(self, models: LearnerModels, items: list[TrainItem]) -> torch.Tensor:
-        body = backbone(models.modules["critic"] if "critic" in models.modules else models.policy.model)
-        return context_values(body, models.modules["value_head"], items, int(getattr(models.policy, "pad_id", 0)))
+        """``V(s)`` per item from the critic's hidden state over the item's sampling context, ``[B]`` float32."""
+        body = models.modules.get("critic")
+        if body is None:
+            critic = models.policy
+        else:
+            if self._critic is None or self._critic.model is not body:
+                self._critic = models.policy.with_model(body)
+            critic = self._critic
+        head = models.modules["value_head"]
+        features = critic.value_features([it.segment for it in items])
+        return head(features.to(head.weight.dtype)).squeeze(-1).float()
 
     def prepare(self, models: LearnerModels, items: list[TrainItem]) -> dict[str, Any]:
         """GAE advantages and returns from the critic's values before the update; the advantages trained on

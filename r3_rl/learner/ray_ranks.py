@@ -10,8 +10,13 @@ losses keep their weight relative to the whole mini-batch, and are multiplied by
 averages gradients over ranks, so the summed gradient equals the one-rank gradient (tested).  Ranks
 with fewer micro-batches run zero-weighted repeats to keep DeepSpeed's collectives in lockstep.
 
-Gotchas: ZeRO-3 is refused here (rank 0 would hold only its shard of the weights to mirror; use ZeRO
-0-2, or one rank).  Checkpoints are written by all ranks into the same folder: on a multi-node
+Ranks run different micro-batches (a text stage on one, an image stage with an image context on
+another), so their graphs differ; DeepSpeed reduces gradients in the order backward produces them,
+which :class:`r3_rl.learner.deepspeed_learner.DeepSpeedOptim` pins to one order on every rank.
+
+Gotchas: ZeRO-3 is refused here: it gathers parameters with a collective in every module call, so every
+rank would have to call the same modules in the same order, and R3's stages do not (use ZeRO 0-2, or one
+rank).  Checkpoints are written by all ranks into the same folder: on a multi-node
 cluster the run directory must be on a shared filesystem.
 """
 from __future__ import annotations
@@ -50,6 +55,7 @@ class LearnerRank:
               version: int) -> bool:
         """Join the process group; build policy (+ LoRA), reference and learner.  All ranks call this together."""
         from r3_rl.config import Recipe
+        from r3_rl.learner.actions import uses_kl
         from r3_rl.policy.registry import build_policy
 
         os.environ.update({"RANK": str(self.rank), "WORLD_SIZE": str(self.world), "LOCAL_RANK": "0",
@@ -65,7 +71,7 @@ class LearnerRank:
             from r3_rl.learner.lora import apply_lora
 
             adapters = apply_lora(policy, lora)
-            reference = adapters.reference()
+            reference = adapters.reference() if uses_kl(recipe.learner) else None
         policy.load_state_dict(policy_state, version)  # before DeepSpeed copies the weights into its partitions
         if lora is None and reference_state is not None:
             reference = policy.frozen_copy()
@@ -116,7 +122,8 @@ class RankedLearner:
         if cfg.backend != "deepspeed":
             raise UserError(f"learner.ranks: {cfg.ranks} ranks need learner.backend: deepspeed")
         if cfg.deepspeed.zero_stage == 3:
-            raise UserError("learner.ranks: ZeRO-3 across Ray ranks is not supported; use "
+            raise UserError("learner.ranks: ZeRO-3 across Ray ranks is not supported (its per-module parameter "
+                            "gathers need the same modules called on every rank; R3 stages differ); use "
                             "learner.deepspeed.zero_stage 0-2 or learner.ranks: 1")
         self._owns_ray = start_ray(recipe.ray)
         self.policy = policy

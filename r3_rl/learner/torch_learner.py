@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from r3_rl.learner.actions import uses_kl
 from r3_rl.learner.algorithm import Algorithm, LearnerModels
 from r3_rl.learner.batch import TrainItem
 from r3_rl.learner.optim import TorchOptim
@@ -205,7 +206,7 @@ def learner_from_recipe(policy: Policy, reference: Any, recipe: Any, algorithm: 
         from r3_rl.learner.lora import apply_lora
 
         adapters = apply_lora(policy, cfg.lora)
-        reference = adapters.reference()
+        reference = adapters.reference() if uses_kl(cfg) else None
     modules = algorithm.modules(policy)
     optim = None
     if cfg.backend == "deepspeed":

@@ -25,7 +25,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from r3_rl.errors import UserError
 from r3_rl.trajectory import PromptItem, SamplingParams, Segment
+
+# ``policy.dtype`` -> torch dtype: the compute dtype of rollout and learner (r3_rl.learner.precision)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -116,6 +120,23 @@ class Policy(ABC):
     def model(self) -> torch.nn.Module:
         """The trainable module (what the learner optimises and checkpoints)."""
 
+    def value_features(self, segments: list[Segment]) -> torch.Tensor:
+        """``[B, D]`` differentiable hidden state at the last token of each segment's context: what the policy
+        reads just before it samples the segment (image features included), and what a PPO critic reads."""
+        raise NotImplementedError(f"{type(self).__name__} exposes no hidden states for a critic")
+
+    @property
+    def feature_size(self) -> int:
+        """``D`` of :meth:`value_features`."""
+        raise NotImplementedError(f"{type(self).__name__} exposes no hidden states for a critic")
+
+    def lora_scope(self, train_vision: bool = False) -> list[str]:
+        """Prefixes of ``model``'s module names that LoRA adapters may go into: the language model, and the
+        vision tower only with ``train_vision`` (this default: the whole model is the language model)."""
+        if train_vision:
+            raise UserError(f"learner.lora.train_vision: a {type(self).__name__} has no separate vision tower")
+        return [""]
+
     # --- copies --------------------------------------------------------------------------------
     def with_model(self, model: torch.nn.Module) -> "Policy":
         """This policy computing with ``model`` (same architecture) instead of its own: the KL reference,
@@ -123,7 +144,12 @@ class Policy(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot run on another module (define with_model)")
 
     def frozen_copy(self) -> "Policy":
-        """The KL reference: the weights copied, no gradients."""
+        """The KL reference: every weight copied, no gradients, nothing shared with the policy.
+
+        Nothing may be shared, frozen towers included: DeepSpeed casts (bf16), partitions (ZeRO-3) or
+        offloads every parameter of the module it wraps, and a shared tensor would then change under the
+        reference.  So take the copy before DeepSpeed wraps the policy.
+        """
         return self.with_model(copy.deepcopy(self.model).eval().requires_grad_(False))
 
     # --- understanding (used by the self-consistency reward) ----------------------------------
@@ -132,11 +158,30 @@ class Policy(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot answer questions about images")
 
     # --- weights -------------------------------------------------------------------------------
+    def _partitioned(self) -> list[torch.nn.Parameter]:
+        """Parameters DeepSpeed ZeRO-3 has partitioned: each rank holds a shard and ``p.data`` is empty."""
+        return [p for p in self.model.parameters() if hasattr(p, "ds_id")]
+
     def state_dict(self) -> dict[str, Any]:
-        return self.model.state_dict()
+        """The full weights.  Under ZeRO-3 they are gathered and copied to CPU (a collective: on several ranks
+        every rank calls this), so rollout workers and exports never receive the empty shards."""
+        params = self._partitioned()
+        if not params:
+            return self.model.state_dict()
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Any], version: int | None = None) -> None:
-        self.model.load_state_dict(state)
+        params = self._partitioned()
+        if params:  # ZeRO-3: rank 0's values go into every rank's shard
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                self.model.load_state_dict(state)
+        else:
+            self.model.load_state_dict(state)
         if version is not None:
             self.version = version
 

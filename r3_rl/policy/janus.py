@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from r3_rl.errors import UserError
-from r3_rl.policy.base import ImageInput, ImageSample, Policy, TextSample
+from r3_rl.policy.base import DTYPES, ImageInput, ImageSample, Policy, TextSample
 from r3_rl.policy.janus_engine import JanusEngine
 from r3_rl.policy.janus_prompts import check_templates, image_ref, png_pixels, uncond_ids, user_content
 from r3_rl.policy.janus_recipe import JanusRecipe, resolve_model
@@ -32,7 +32,6 @@ from r3_rl.policy.sampling import cfg_logits, sampling_logprobs
 from r3_rl.trajectory import PromptItem, SamplingParams, Segment
 
 STATE_FILE = "r3_policy.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 YES, NO = ("Yes", " Yes", "yes", " yes"), ("No", " No", "no", " no")
 
 
@@ -118,24 +117,32 @@ class JanusPolicy(JanusRecipe, Policy):
         (Path(path) / STATE_FILE).write_text(json.dumps({"version": self.version}))
 
     def with_model(self, model: torch.nn.Module) -> "JanusPolicy":
-        """The same processor and templates on ``model``; shares the decoded-pixel cache (same VQ decoder)."""
+        """On ``model`` (a copy: the KL reference, whose frozen SigLIP and VQ are copies too -- see
+        :meth:`Policy.frozen_copy` -- a PPO critic's body, or a merged LoRA export)."""
         other = copy.copy(self)
         other._model = model
         other.engine = JanusEngine(model, self.engine.image_processor, self.pad_id, self.image_token_id)
-        return other
-
-    def frozen_copy(self) -> "JanusPolicy":
-        """A detached copy (the KL reference): weights copied, no gradients.
-
-        Parameters frozen in the policy (VQ-VAE, SigLIP unless ``train_vision``) never change, so the
-        copy shares them instead of holding a second copy (hundreds of MB for Janus-Pro-7B).
-        """
-        shared = {id(p): p for p in self._model.parameters() if not p.requires_grad}
-        return self.with_model(copy.deepcopy(self._model, memo=shared).eval().requires_grad_(False))
+        return other  # shares the decoded-pixel cache too: same frozen VQ decoder weights, same pixels
 
     @property
     def model(self) -> torch.nn.Module:
         return self._model
+
+    def lora_scope(self, train_vision: bool = False) -> list[str]:
+        """The Llama trunk; SigLIP only with ``train_vision``; never the VQ model, aligners or heads."""
+        return ["model.language_model"] + (["model.vision_model"] if train_vision else [])
+
+    @property
+    def feature_size(self) -> int:
+        return int(self._model.config.text_config.hidden_size)
+
+    def value_features(self, segments: list[Segment]) -> torch.Tensor:
+        """The trunk's last hidden state over each context, its image through SigLIP as in sampling."""
+        refs = [s.context.get("image") for s in segments]
+        pixels = {json.dumps(r, sort_keys=True): self._pixels(r) for r in refs if r is not None}
+        images = [None if r is None else pixels[json.dumps(r, sort_keys=True)] for r in refs]
+        emb, mask, pos = self.engine.embed([s.context["input_ids"] for s in segments], images, left=True)
+        return self.engine._trunk(emb, mask, pos).last_hidden_state[:, -1]
 
     # ------------------------------------------------------------------ prompts
     def _ids(self, stage: str, values: dict[str, str], image: bool, image_mode: bool) -> list[int]:

@@ -58,7 +58,10 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
         if recipe.warmstart.steps > 0 and not recipe.policy.model:
             from r3_rl.policy.warmstart import warmstart_cached
 
+            dtype = self.model.dtype
+            self.model.float()  # the supervised warm start trains in fp32, then the policy computes in policy.dtype
             warmstart_cached(self, recipe, folder, log)
+            self.model.to(dtype)
 
     @classmethod
     def build(cls, templates: dict[str, str], rows: int, cols: int, hidden_size: int = 128, num_layers: int = 4,
@@ -277,6 +280,15 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
         # the head only on the positions that predict a target (contexts are most of a row in R3)
         picked = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         return self._model.get_output_embeddings()(picked).float()
+
+    def value_features(self, segments: list[Segment]) -> torch.Tensor:
+        input_ids, mask, pos = self._left_padded([s.context["input_ids"] for s in segments])
+        out = self._model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False)
+        return out.last_hidden_state[:, -1]
+
+    @property
+    def feature_size(self) -> int:
+        return int(self._model.config.hidden_size)
 
     def segment_logprobs(self, segments: list[Segment]) -> list[torch.Tensor]:
         targets = [s.token_ids for s in segments]

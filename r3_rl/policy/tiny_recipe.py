@@ -22,14 +22,21 @@ class TinyRecipe:
 
     @classmethod
     def from_recipe(cls, recipe: Any) -> Any:
-        """``policy.model`` (a ``save_pretrained`` folder), or a random model of ``policy.tiny``'s shape."""
+        """``policy.model`` (a ``save_pretrained`` folder), or a random model of ``policy.tiny``'s shape; in
+        ``policy.dtype``, the compute dtype of rollout and learner."""
+        from r3_rl.policy.base import DTYPES
+
         templates = recipe.templates.model_dump()
         if recipe.policy.model:
-            return cls.from_pretrained(recipe.policy.model, templates)  # type: ignore[attr-defined]
-        t = recipe.policy.tiny
-        return cls.build(templates, recipe.data.blocks.rows, recipe.data.blocks.cols,  # type: ignore[attr-defined]
-                         hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads,
-                         intermediate_size=t.intermediate_size, max_positions=t.max_positions, seed=recipe.seed)
+            policy = cls.from_pretrained(recipe.policy.model, templates)  # type: ignore[attr-defined]
+        else:
+            t = recipe.policy.tiny
+            policy = cls.build(templates, recipe.data.blocks.rows, recipe.data.blocks.cols,  # type: ignore[attr-defined]
+                               hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads,
+                               intermediate_size=t.intermediate_size, max_positions=t.max_positions,
+                               seed=recipe.seed)
+        policy.model.to(DTYPES[recipe.policy.dtype])
+        return policy
 
     @classmethod
     def check_recipe(cls, recipe: Any, source: str, weights: bool = True) -> None:
