@@ -112,7 +112,7 @@ class Components:
         """Stop what was started -- reward actors, rollout workers, learner ranks, then a Ray this started;
         safe to call twice."""
         for part in ("task_rewards", "engine", "learner"):
-            obj = self.__dict__.pop(part, None)
+            obj = self.__dict__.get(part)
             if obj is not None and hasattr(obj, "close"):
                 obj.close()
         if self._owns_ray:

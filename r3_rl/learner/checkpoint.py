@@ -227,9 +227,9 @@ def prune(root: Path, keep_last: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- load
 # Recipe keys that shape the saved state: resuming with a different value cannot restore it exactly.
-STRUCTURAL = ("policy.kind", "policy.model", "policy.tiny", "data.blocks", "learner.algorithm", "learner.backend",
-              "learner.lora", "learner.ppo.critic", "learner.deepspeed.zero_stage", "learner.deepspeed.dtype",
-              "learner.ranks")
+STRUCTURAL = ("policy.kind", "policy.options", "policy.model", "policy.tiny", "data.blocks", "learner.algorithm",
+              "learner.backend", "learner.lora", "learner.ppo.critic", "learner.deepspeed.zero_stage",
+              "learner.deepspeed.dtype", "learner.ranks")
 
 
 def structure(recipe: Any) -> dict[str, Any]:
