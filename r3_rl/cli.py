@@ -124,6 +124,19 @@ def cmd_rewards(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from r3_rl.learner.registry import ALGORITHMS
+    from r3_rl.policy.registry import POLICIES
+    from r3_rl.rewards.registry import REWARDS
+
+    for key, registry in (("policy.kind", POLICIES), ("learner.algorithm", ALGORITHMS), ("rewards[].name", REWARDS)):
+        print(f"{key} (or pkg.module:{registry.example}, path/file.py:{registry.example}; entry points "
+              f"{registry.group}):")
+        for name, desc in registry.available().items():
+            print(f"  {name:20s} {desc}")
+    return 0
+
+
 def cmd_serve_reward(args: argparse.Namespace) -> int:
     from r3_rl.rewards.server import Limits, parse_option_args, serve
 
@@ -169,7 +182,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": cmd_train, "eval": cmd_eval, "rollout": cmd_rollout, "rewards": cmd_rewards, "inspect": cmd_inspect,
+    "train": cmd_train, "eval": cmd_eval, "rollout": cmd_rollout, "rewards": cmd_rewards, "plugins": cmd_plugins,
+    "inspect": cmd_inspect,
     "serve-reward": cmd_serve_reward, "doctor": cmd_doctor, "data": cmd_data,
 }
 
@@ -194,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     ro = with_recipe(sub.add_parser("rollout", help="sample R3 trajectories without training and dump them"))
     ro.add_argument("--num", type=int, default=16, help="number of prompts")
     sub.add_parser("rewards", help="list registered rewards")
+    sub.add_parser("plugins", help="list registered policies, algorithms and rewards")
     ins = sub.add_parser("inspect", help="summarise a run directory; --html writes a page of trajectories")
     ins.add_argument("run_dir", help="a run directory (written by train, eval or rollout)")
     ins.add_argument("--step", type=int, default=None, help="training step dump to show (default: the latest)")

@@ -61,6 +61,13 @@ def test_builtins_resolve_lazily_by_name() -> None:
     assert isinstance(load_algorithm(Recipe(learner={"algorithm": "ppo"})), PPO)
 
 
+def test_plugins_command_lists_every_kind(capsys: pytest.CaptureFixture) -> None:
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    for line in ("policy.kind", "learner.algorithm", "rewards[].name", "  tiny ", "  ppo ", "  blocks "):
+        assert line in out, line
+
+
 def test_file_dotted_decorated_and_entry_point_names(plugin_dir: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     cls = policy_class(f"{plugin_dir / 'gaussian_policy.py'}:GaussianImagePolicy")
