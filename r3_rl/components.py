@@ -52,10 +52,7 @@ class Components:
         """Who samples the step's tasks (``rollout.backend``), started with the policy's current weights."""
         if self.recipe.rollout.backend == "ray":
             self._start_ray()
-        engine = build_engine(self.recipe, self.policy, self.log_event)
-        if self.recipe.rollout.backend == "ray":
-            self.log_event(f"rollout: {self.recipe.rollout.workers} Ray workers ready")
-        return engine
+        return build_engine(self.recipe, self.policy, self.log_event)
 
     # ------------------------------------------------------------------ rewards
     def _reward_set(self, specs: list[Any]) -> RewardSet:
@@ -70,11 +67,11 @@ class Components:
         r = self.recipe
         if not r.rollout.reward_workers:
             return self._reward_set(r.rewards.task)
-        from r3_rl.rollout.ray_engine import RayRewardSet
+        from r3_rl.rollout.ray_rewards import RayRewardSet
 
         self._start_ray()
         return RayRewardSet([s.model_dump() for s in r.rewards.task], r.rollout.reward_workers,
-                            r.rollout.threads_per_worker, self.log_event)
+                            r.rollout.threads_per_worker, self.log_event, r.ray, r.rollout.max_task_retries)
 
     @cached_property
     def eval_rewards(self) -> RewardSet:

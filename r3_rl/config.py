@@ -252,10 +252,19 @@ class Rollout(Section):
     threads_per_worker: int = Field(0, ge=0)  # torch threads in a worker (0 = cpus_per_worker)
     reward_workers: int = Field(0, ge=0)  # Ray actors scoring the task reward (0 = score in the trainer)
     max_task_retries: int = Field(3, ge=0)  # times one task may lose its worker before the step fails
+    # (also the attempts at restarting a lost worker); a worker that cannot be restarted is dropped and the
+    # run carries on while at least min_workers remain, else it stops with one line (exit 2)
+    min_workers: int = Field(1, ge=1)
     reason: Sampling = Sampling(max_new_tokens=16)
     generate: Sampling = Sampling()
     reflect: Sampling = Sampling(max_new_tokens=24)
     refine: Sampling = Sampling()
+
+    @model_validator(mode="after")
+    def _min_workers(self) -> "Rollout":
+        if self.min_workers > self.workers:
+            raise ValueError(f"min_workers={self.min_workers} must be <= workers={self.workers}")
+        return self
 
 
 class RayCfg(Section):
@@ -265,6 +274,11 @@ class RayCfg(Section):
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)  # a local Ray's CPUs (default: the machine's cores)
     log_to_driver: bool = True  # print the actors' stdout/stderr in the trainer's console
+    # how long to wait for the cluster: an actor to find a node with room; one call (weight load, rollout task,
+    # reward batch, checkpoint); one collective between learner ranks (then a rank lost mid-step stops the run)
+    placement_timeout_s: float = Field(60.0, gt=0)
+    call_timeout_s: float = Field(900.0, gt=0)
+    collective_timeout_s: float = Field(600.0, gt=0)
 
 
 class Eval(Section):

@@ -28,8 +28,10 @@ def start_ray(ray_cfg: Any) -> bool:
         ray.init(**kw)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"ray.address: cannot join {ray_cfg.address!r}" if ray_cfg.address else "ray: cannot start a local Ray"
-        raise UserError(f"{where} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); start one with "
-                        f"`ray start --head` or remove ray.address to start a local Ray") from None
+        hint = ("start one with `ray start --head` or remove ray.address to start a local Ray"
+                if "Authentication" not in f"{e} {e.__cause__}" else  # Ray >= 2.60 turns token auth on by itself
+                "the cluster uses token authentication: set RAY_AUTH_MODE=token with its token in ~/.ray/auth_token")
+        raise UserError(f"{where} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); {hint}") from None
     return True
 
 

@@ -20,6 +20,7 @@ from r3_rl.data import PromptSource
 from r3_rl.eval.evaluate import markdown_table
 from r3_rl.eval.runner import Evaluator
 from r3_rl.learner.precision import check_recipe_precision
+from r3_rl.ray_actors import ClusterError
 from r3_rl.rollout.buffer import BufferEntry, ParentBuffer
 from r3_rl.rollout.engine import RolloutEngine, run_ordered
 from r3_rl.rollout.tree_rl import plan_tasks, stage_sampling
@@ -168,8 +169,19 @@ class Trainer:
         """Run the recipe to the end; workers and Ray are shut down however it ends (Ctrl-C included)."""
         try:
             return self._train()
+        except ClusterError as e:  # a node lost beyond what the recipe allows: say where to continue from
+            self.log_event(f"stopped: {e}")
+            raise ClusterError(f"{e}; {self._resume_hint()}") from None
         finally:
             self.close()
+
+    def _resume_hint(self) -> str:
+        from r3_rl.learner.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return "no checkpoint to continue from yet (set save_every)"
+        return f"continue from {ckpt.name} with --run-dir {self.run_dir} --resume auto"
 
     def _train(self) -> dict[str, Any]:
         r = self.recipe

@@ -22,6 +22,8 @@ cluster the run directory must be on a shared filesystem.
 from __future__ import annotations
 
 import os
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +31,14 @@ import torch
 
 from r3_rl.errors import UserError
 from r3_rl.policy.base import Policy
-from r3_rl.learner.deepspeed_learner import free_port
+from r3_rl.learner.deepspeed_learner import ensure_dist_env, free_port
 from r3_rl.learner.torch_learner import learner_from_recipe, reduce_metric
-from r3_rl.ray_runtime import cpu_state, kill_actors, start_ray, stop_ray
+from r3_rl.ray_actors import (ActorLost, ClusterError, ReadyActor, Unplaced, first_line, get_within,
+                              start_actors)
+from r3_rl.ray_runtime import actor_died, cpu_state, kill_actors, start_ray, stop_ray
 
 
-class LearnerRank:
+class LearnerRank(ReadyActor):
     """One data-parallel rank: a policy copy, its KL reference and a DeepSpeed learner."""
 
     def __init__(self, recipe_data: dict[str, Any], rank: int, world: int, threads: int) -> None:
@@ -63,6 +67,7 @@ class LearnerRank:
         if torch.cuda.is_available():
             os.environ["LOCAL_RANK"] = str(torch.cuda.current_device())
         recipe = Recipe.model_validate(self.recipe_data)
+        join_process_group(recipe.ray.collective_timeout_s)
         lora, recipe.learner.lora, recipe.learner.ranks = recipe.learner.lora, None, 1  # this process is one rank
         policy = build_policy(recipe)
         reference: Any = None
@@ -79,6 +84,7 @@ class LearnerRank:
         self.policy, self.reference_is_copy = policy, lora is None and reference is not None
         self.reference = reference
         self.learner = learner_from_recipe(policy, reference, recipe, adapters=adapters)
+        bound_all_collectives(recipe.ray.collective_timeout_s)
         self.learner.rank, self.learner.world = self.rank, self.world
         return True
 
@@ -103,6 +109,32 @@ class LearnerRank:
             load_model(self.reference.model, reference_file)
 
 
+def join_process_group(timeout_s: float) -> None:
+    """Join the ranks' process group with a timeout on every collective (DeepSpeed's default is 30 min).
+
+    A rank whose peer was lost mid-collective then raises after ``timeout_s`` instead of waiting for
+    ever (gloo often sooner: a dead peer's closed socket fails the collective at once).
+    """
+    backend = ensure_dist_env()
+    import deepspeed  # after ensure_dist_env: DS_ACCELERATOR must be set before deepspeed picks an accelerator
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
+
+
+def bound_all_collectives(timeout_s: float) -> None:
+    """Put ``timeout_s`` on every process group, DeepSpeed's own included.
+
+    DeepSpeed clones the world group for data parallelism with ``new_group(ranks)`` and no timeout, so
+    its gradient all-reduce would wait torch's default (30 min gloo, 10 min NCCL) for a frozen peer;
+    ``_set_pg_timeout`` (private torch API, covered by tests/test_ray_node_loss.py) resets each one.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    for group in list(c10d._world.pg_map):
+        c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)
+
+
 def _merge(rank_metrics: list[dict[str, float]]) -> dict[str, float]:
     """Per-rank metrics -> one dict: losses add up (each rank holds its share), the rest is averaged."""
     out: dict[str, float] = {}
@@ -113,7 +145,13 @@ def _merge(rank_metrics: list[dict[str, float]]) -> dict[str, float]:
 
 
 class RankedLearner:
-    """``learner.ranks`` :class:`LearnerRank` actors behind the in-process learner's interface."""
+    """``learner.ranks`` :class:`LearnerRank` actors behind the in-process learner's interface.
+
+    A rank lost with its node is not rebuilt here: the ranks' optimiser state lives only on the ranks, so
+    the one exact restart point is the last checkpoint, and returning to it means rewinding the whole
+    trainer (prompts, parent buffer, RNGs), which ``--resume auto`` already does bit-identically.  The
+    step is abandoned, every rank killed, and a :class:`ClusterError` says where to continue from.
+    """
 
     def __init__(self, policy: Policy, reference: Any, recipe: Any) -> None:
         import ray
@@ -136,15 +174,82 @@ class RankedLearner:
         actor = ray.remote(LearnerRank).options(num_cpus=cfg.cpus_per_rank, num_gpus=cfg.gpus_per_rank,
                                                 max_restarts=0)
         threads = max(1, int(cfg.cpus_per_rank))
-        self.ranks = [actor.remote(data, r, cfg.ranks, threads) for r in range(cfg.ranks)]
+        self.call_timeout_s = recipe.ray.call_timeout_s
+        self.ranks: list[Any] = []
+        self.nodes: list[str] = []
         try:
-            master = ray.get(self.ranks[0].address.remote())
+            placement = recipe.ray.placement_timeout_s
+            started = start_actors(lambda r: actor.remote(data, r, cfg.ranks, threads), cfg.ranks,
+                                   {"CPU": cfg.cpus_per_rank, "GPU": cfg.gpus_per_rank}, placement,
+                                   self.call_timeout_s)
+            self.ranks = [got[0] for got in started if not isinstance(got, ActorLost)]
+            self.nodes = [got[1] for got in started if not isinstance(got, ActorLost)]
+            for r, got in enumerate(started):
+                if isinstance(got, ActorLost):
+                    waited = f" (waited {placement:g} s)" if isinstance(got, Unplaced) else ""
+                    raise ClusterError(f"learner rank {r} could not be started: {got}{waited}")
+            master = self._get(self.ranks[0].address.remote(), "rendezvous")
             state = cpu_state(policy.state_dict())
             ref_state = cpu_state(reference.model.state_dict()) if reference is not None and cfg.lora is None else None
-            ray.get([r.setup.remote(master, state, ref_state, policy.version) for r in self.ranks])
+            self._all([r.setup.remote(master, state, ref_state, policy.version) for r in self.ranks], "set-up")
         except BaseException:
             self.close()
             raise
+
+    def _lost(self, rank: int, what: str, why: str) -> ClusterError:
+        self.close()
+        return ClusterError(f"learner rank {rank} was lost during the {what} ({why}); the {what} was abandoned and "
+                            f"the ranks stopped")
+
+    def _get(self, ref: Any, what: str) -> Any:
+        """Rank 0's answer within ``ray.call_timeout_s``, or a one-line stop."""
+        try:
+            return get_within(ref, self.call_timeout_s, what)
+        except ActorLost as e:
+            raise self._lost(0, what, str(e)) from None
+
+    def _dead_rank(self) -> int | None:
+        """The first rank whose node Ray has marked dead, if any."""
+        import ray
+
+        dead = {n["NodeID"] for n in ray.nodes() if not n.get("Alive", True)}
+        return next((r for r, node in enumerate(self.nodes) if node in dead), None)
+
+    def _all(self, refs: list[Any], what: str) -> list[Any]:
+        """Every rank's answer to one call they make together (step, set-up, save, load), or a one-line stop.
+
+        A rank lost with its node leaves the others blocked in a collective until it fails on the closed
+        socket or after ``ray.collective_timeout_s``, and Ray fails the lost rank's own call once it marks
+        the node dead, often some seconds later.  So when a rank fails for another reason, its peers get
+        up to a minute to show whether a rank was lost or hangs: then a :class:`ClusterError` (continue from
+        the last checkpoint); if every rank answered, the rank's own error propagates unchanged (a bug).
+        """
+        import ray
+
+        pending, results = {ref: r for r, ref in enumerate(refs)}, [None] * len(refs)
+        first: BaseException | None = None
+        grace = float("inf")
+        while pending and time.monotonic() < grace:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            for ref in done:
+                r = pending.pop(ref)
+                try:
+                    results[r] = ray.get(ref, timeout=self.call_timeout_s)  # ready: returns at once
+                except Exception as e:
+                    if actor_died(e):
+                        raise self._lost(r, what, first_line(e)) from None
+                    if first is None:
+                        first, grace = e, time.monotonic() + min(self.call_timeout_s, 60.0)
+            if first is not None and (dead := self._dead_rank()) is not None:
+                raise self._lost(dead, what, "its node is dead") from None
+        if first is not None:
+            self.close()
+            if pending:  # a rank failed while another never answered: that one hangs or is cut off
+                r = min(pending.values())
+                raise ClusterError(f"learner rank {r} did not answer during the {what} while another rank failed "
+                                   f"({first_line(first)}); the {what} was abandoned and the ranks stopped")
+            raise first
+        return results
 
     def step(self, items: list[Any]) -> dict[str, float]:
         import ray
@@ -152,9 +257,9 @@ class RankedLearner:
         if not items:
             return {"learner/skipped_empty": 1.0}
         ref = ray.put(items)
-        metrics = _merge(ray.get([r.step.remote(ref) for r in self.ranks]))
+        metrics = _merge(self._all([r.step.remote(ref) for r in self.ranks], "learner step"))
         if "learner/loss" in metrics:
-            self.policy.load_state_dict(ray.get(self.ranks[0].weights.remote()))
+            self.policy.load_state_dict(self._get(self.ranks[0].weights.remote(), "weight copy"))
         return metrics
 
     # the ranks' DeepSpeed checkpoints hold the trained weights; the mirror exports them
@@ -168,16 +273,13 @@ class RankedLearner:
             self.policy.save_pretrained(str(folder))
 
     def save(self, path: Path) -> None:
-        import ray
-
-        ray.get([r.save.remote(str(path)) for r in self.ranks])
+        self._all([r.save.remote(str(path)) for r in self.ranks], "checkpoint save")
 
     def load(self, path: Path) -> None:
-        import ray
-
         ref_file = Path(path).parent / "reference.safetensors"
-        ray.get([r.load.remote(str(path), str(ref_file) if ref_file.is_file() else None) for r in self.ranks])
-        self.policy.load_state_dict(ray.get(self.ranks[0].weights.remote()))
+        self._all([r.load.remote(str(path), str(ref_file) if ref_file.is_file() else None) for r in self.ranks],
+                  "checkpoint load")
+        self.policy.load_state_dict(self._get(self.ranks[0].weights.remote(), "weight copy"))
 
     def close(self) -> None:
         kill_actors(self.ranks)
