@@ -1,0 +1,137 @@
+"""Image actions of BAGEL (generate, refine): flow-matching sampling with recorded SDE steps, and their log-probs
+recomputed for the learner -- both through :mod:`r3_rl.flow`, under one guidance rule.
+
+The velocity branches are the model's :meth:`~r3_rl.policy.bagel.model.BagelModel.predict_velocity` after three
+context caches (R3's, per stage):
+
+* generate: conditional = system prompt, prompt, plan; text-unconditional = the system prompt alone;
+* refine: conditional = VAE(image), ViT(image), instruction; text-unconditional = VAE(image), ViT(image);
+  image-unconditional = the instruction alone.
+
+The learner rebuilds the same caches with gradients on and rescores each recorded transition ``x_t -> x_next``
+with :func:`r3_rl.flow.step_logprobs` under the trace's own guidance (text and image CFG, interval, renorm), so the
+ratio is 1 before the first update -- CFG included, unlike the reference, which trains generation without it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from r3_rl.flow import (DenoisingTrace, EtaSchedule, FlowVelocity, Guidance, StochasticSteps, initial_noise,
+                        sample_flow, stack_steps, step_logprobs, timestep_grid)
+from r3_rl.policy.bagel.contexts import ContextBuilder, Record
+from r3_rl.policy.bagel.images import decode_latents, to_uint8
+from r3_rl.policy.bagel.layout import ContextCache
+from r3_rl.policy.bagel.model import BagelModel
+
+BRANCHES = ("cond", "text_uncond", "image_uncond")
+SEED_RANGE = 2 ** 62
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    """How one kind of image action is drawn: grid, noise schedule, which steps are SDE steps, guidance."""
+
+    grid: tuple[float, ...]
+    eta: EtaSchedule
+    steps: StochasticSteps
+    guidance: Guidance
+
+
+def flow_settings(options: Any, stage: str, text_cfg: float) -> FlowSettings:
+    """R3's settings of ``stage`` (generate / refine) from the policy options and the stage's text-CFG scale."""
+    edit = stage == "refine"
+    grid = timestep_grid(options.edit_steps if edit else options.gen_steps, options.timestep_shift)
+    eta = EtaSchedule("r3", options.edit_eta if edit else options.gen_eta)
+    steps = StochasticSteps("random", count=options.edit_sde_count if edit else options.gen_sde_count,
+                            max_index=options.edit_sde_max_index if edit else None)
+    guidance = Guidance(text_scale=float(text_cfg), image_scale=options.image_cfg if edit else 1.0,
+                        interval=options.cfg_interval, renorm=options.edit_renorm if edit else options.gen_renorm)
+    return FlowSettings(grid, eta, steps, guidance)
+
+
+def velocity_field(model: BagelModel, caches: dict[str, ContextCache], grid: tuple[int, int],
+                   rows: torch.Tensor | None = None) -> FlowVelocity:
+    """The branches as the sampler and the learner call them; ``rows`` picks each latent's context row."""
+    def branch(cache: ContextCache | None):
+        if cache is None:
+            return None
+        picked = cache if rows is None else cache.select(rows)
+        return lambda x, t: model.predict_velocity(picked, x, t, grid)
+    return FlowVelocity(*(branch(caches.get(name)) for name in BRANCHES))
+
+
+def encode_branches(builder: ContextBuilder, contexts: Sequence[dict[str, Any]], guidance: Guidance
+                    ) -> dict[str, ContextCache]:
+    """The caches of the branches ``guidance`` can need, one row per context record."""
+    needed = ["cond"] + (["text_uncond"] if guidance.text_scale > 1.0 else [])
+    needed += ["image_uncond"] if guidance.uses_image_branch else []
+    caches = {}
+    for name in needed:
+        rows = [builder.blocks(ctx[name], ctx.get("images", {})) for ctx in contexts]
+        caches[name] = builder.encode(rows)
+    return caches
+
+
+def group_seeds(keys: Sequence[Any], share: bool, generator: torch.Generator | None) -> tuple[list[int], list[int],
+                                                                                            list[int]]:
+    """(init-noise seeds, SDE-step-choice seeds, SDE-noise seeds) per image.  Consecutive images with the same key
+    are one sibling group: they share the step choice and, with ``share``, the initial noise (R3)."""
+    def draw() -> int:
+        return int(torch.randint(0, SEED_RANGE, (1,), generator=generator))
+    init, choice, noise = [], [], []
+    for k, key in enumerate(keys):
+        if k == 0 or key != keys[k - 1]:
+            group_init, group_choice = draw(), draw()
+        init.append(group_init if share else draw())
+        choice.append(group_choice)
+        noise.append(draw())
+    return init, choice, noise
+
+
+@torch.no_grad()
+def sample_images(model: BagelModel, vae: Any, builder: ContextBuilder, contexts: Sequence[dict[str, Any]],
+                  grid: tuple[int, int], settings: FlowSettings, keys: Sequence[Any], share_noise: bool,
+                  stochastic: bool, generator: torch.Generator | None) -> tuple[Any, list[DenoisingTrace]]:
+    """Draw one image per context record: uint8 images [B, H, W, 3] and their denoising traces.
+
+    ``stochastic=False`` (greedy / temperature 0) takes ODE steps only: the traces then hold no action.
+    """
+    n = len(contexts)
+    init, choice, noise = group_seeds(keys, share_noise, generator)
+    num_steps = len(settings.grid) - 1
+    sde = [settings.steps.choose(num_steps, seed=s) if stochastic else () for s in choice]
+    caches = encode_branches(builder, contexts, settings.guidance)
+    tokens = grid[0] * grid[1]
+    x_T = initial_noise((tokens, model.config.patch_latent_dim), init, device=model.device)
+    out = sample_flow(velocity_field(model, caches, grid), x_T, grid=settings.grid, sde_steps=sde, eta=settings.eta,
+                      guidance=settings.guidance, noise_seeds=noise, init_seeds=init)
+    pixels = decode_latents(vae, out.latents.to(model.device), grid, model.config.latent_patch_size)
+    assert pixels.shape[0] == n
+    return to_uint8(pixels), out.traces
+
+
+def image_step_outputs(model: BagelModel, builder: ContextBuilder, contexts: Sequence[Record],
+                       traces: Sequence[DenoisingTrace]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per image: (log-probs [k], means [k, ...], stds [k, 1, ...]) of its recorded SDE steps, recomputed
+    differentiably under the trace's guidance; images whose traces share guidance, shape and grid are batched."""
+    out: list[Any] = [None] * len(traces)
+    groups: dict[Any, list[int]] = {}
+    for i, (ctx, tr) in enumerate(zip(contexts, traces)):
+        if tr.steps:
+            key = (tr.guidance, tr.latent_shape, tr.latent_dtype, tuple(ctx["grid"]))
+            groups.setdefault(key, []).append(i)
+        else:
+            empty = torch.zeros(0, device=model.device)
+            out[i] = (empty, empty.new_zeros(0, *tr.latent_shape), empty.new_zeros(0, 1, 1))
+    for (guidance, _, _, grid), members in groups.items():
+        caches = encode_branches(builder, [contexts[i] for i in members], guidance)
+        batch = stack_steps([traces[i] for i in members], device=model.device)
+        velocity = velocity_field(model, caches, grid, rows=batch.image)
+        logp, mean, std = step_logprobs(velocity, guidance, batch.x_t, batch.x_next, batch.t, batch.delta, batch.eta)
+        for k, i in enumerate(members):
+            sel = (batch.image == k).nonzero().squeeze(1)
+            out[i] = (logp[sel], mean[sel], std[sel])
+    return out
