@@ -40,10 +40,12 @@ class FlowSettings:
     guidance: Guidance
 
 
-def flow_settings(options: Any, stage: str, text_cfg: float) -> FlowSettings:
-    """R3's settings of ``stage`` (generate / refine) from the policy options and the stage's text-CFG scale."""
+def flow_settings(options: Any, stage: str, text_cfg: float, stochastic: bool = True) -> FlowSettings:
+    """R3's settings of ``stage`` (generate / refine) from the policy options and the stage's text-CFG scale;
+    a draw without SDE steps (``stochastic=False``) walks the ``ode_steps`` grid."""
     edit = stage == "refine"
-    grid = timestep_grid(options.edit_steps if edit else options.gen_steps, options.timestep_shift)
+    points = (options.edit_steps if edit else options.gen_steps) if stochastic else options.ode_steps
+    grid = timestep_grid(points, options.timestep_shift)
     eta = EtaSchedule("r3", options.edit_eta if edit else options.gen_eta)
     steps = StochasticSteps("random", count=options.edit_sde_count if edit else options.gen_sde_count,
                             max_index=options.edit_sde_max_index if edit else None)

@@ -61,7 +61,7 @@ class BagelPolicy(BagelRecipe, Policy):
     # ------------------------------------------------------------------ construction / persistence
     @classmethod
     def from_pretrained(cls, model: str, *, templates: dict[str, str], dtype: str = "bfloat16", device: str = "cpu",
-                        options: BagelOptions | None = None, seed: int = 0) -> "BagelPolicy":
+                        options: BagelOptions | None = None) -> "BagelPolicy":
         """Load a checkpoint directory in the published layout (``policy.model``) in ``dtype`` on ``device``."""
         if dtype not in DTYPES:
             raise UserError(f"policy.dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -125,8 +125,8 @@ class BagelPolicy(BagelRecipe, Policy):
 
     def _sample_images(self, stage: str, contexts: list[dict[str, Any]], keys: list[Any], sp: SamplingParams,
                        generator: torch.Generator | None) -> list[ImageSample]:
-        settings = flow_settings(self.options, stage, sp.cfg_scale)
         stochastic = not (sp.greedy or sp.temperature == 0)
+        settings = flow_settings(self.options, stage, sp.cfg_scale, stochastic)
         out: list[ImageSample] = [None] * len(contexts)  # type: ignore[list-item]
         by_grid: dict[tuple, list[int]] = {}
         for i, c in enumerate(contexts):

@@ -13,16 +13,17 @@ inherits it.  What the recipe says, and where it goes:
   are not used: generation's contexts are the reason stage's blocks plus the plan;
 * ``rollout.<stage>``: text sampling (temperature, top-p, top-k, max_new_tokens) for reason/reflect; for
   generate/refine ``cfg_scale`` is the text-CFG scale and ``temperature: 0`` (or ``greedy``) draws the image with
-  ODE steps only (nothing to train);
+  ODE steps only, on ``ode_steps`` grid points (R3's eval: 50), with nothing to train;
 * ``policy.options`` (:meth:`BagelRecipe.from_recipe`): the flow-matching settings, R3's by default.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from r3_rl.errors import UserError
+from r3_rl.errors import UserError, close_match
 
 # R3's understanding system prompt (BAGEL's VLM_THINK_SYSTEM_PROMPT), used before the reflect stage's image
 R3_REFLECT_SYSTEM = ("You should first think about the reasoning process in the mind and then provide the user with "
@@ -30,6 +31,8 @@ R3_REFLECT_SYSTEM = ("You should first think about the reasoning process in the 
                      "reasoning process here </think> answer here")
 RENORMS = ("none", "global", "channel", "text_channel")
 MARKERS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
+WEIGHT_FILES = ("ema.safetensors", "model.safetensors")   # as published, then as saved by other trainers
+WEIGHT_INDEX = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class BagelOptions:
     image_size: int = 512                      # side of generated images (px; a multiple of 16)
     gen_steps: int = 16                        # grid points of generation (15 denoising steps)
     edit_steps: int = 21                       # grid points of editing (20 steps)
+    ode_steps: int = 50                        # grid points of a draw with no SDE step (temperature 0: R3's eval)
     timestep_shift: float = 3.0                # t = s u / (1 + (s - 1) u)
     gen_eta: float = 0.7                       # eta(t) = c sqrt(t / (1 - min(t, 0.95)))
     edit_eta: float = 1.0
@@ -57,7 +61,8 @@ class BagelOptions:
     vae_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "gen_steps", "edit_steps", "gen_sde_count", "edit_sde_count", "edit_sde_max_index"):
+        for name in ("image_size", "gen_steps", "edit_steps", "ode_steps", "gen_sde_count", "edit_sde_count",
+                     "edit_sde_max_index"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (2 if "steps" in name else 1):
                 raise UserError(f"policy.options.{name}: expected an integer >= {2 if 'steps' in name else 1}, "
@@ -93,27 +98,17 @@ class BagelRecipe:
     template_fields: dict[str, set[str]] = {"reason": {"prompt"}, "reflect": {"prompt"}, "refine": {"instruction"}}
 
     @classmethod
-    def from_recipe(cls, recipe: Any, image_size: int = 512, gen_steps: int = 16, edit_steps: int = 21,
-                    timestep_shift: float = 3.0, gen_eta: float = 0.7, edit_eta: float = 1.0, gen_sde_count: int = 1,
-                    edit_sde_count: int = 1, edit_sde_max_index: int = 2,
-                    cfg_interval: tuple[float, float] = (0.4, 1.0), image_cfg: float = 1.5,
-                    gen_renorm: str = "global", edit_renorm: str = "text_channel", share_initial_noise: bool = True,
-                    vit_size: tuple[int, int, int] = (504, 252, 14), vae_size: tuple[int, int, int] = (512, 256, 16),
-                    reflect_system: str = R3_REFLECT_SYSTEM, train_vit: bool = False,
-                    vae_dtype: str = "float32") -> Any:
-        """``policy.model`` in ``policy.dtype`` on ``policy.device``, with these flow/prompt options."""
-        options = BagelOptions(**{k: v for k, v in locals().items() if k not in ("cls", "recipe")})
+    def from_recipe(cls, recipe: Any, **options: Any) -> Any:
+        """``policy.model`` in ``policy.dtype`` on ``policy.device``; ``options``: :class:`BagelOptions`' fields."""
         p = recipe.policy
         return cls.from_pretrained(p.model, templates=recipe.templates.model_dump(),  # type: ignore[attr-defined]
-                                   dtype=p.dtype, device=p.device, options=options, seed=recipe.seed)
+                                   dtype=p.dtype, device=p.device, options=bagel_options(options))
 
     @classmethod
     def check_recipe(cls, recipe: Any, source: str, weights: bool = True) -> None:
         """Options valid, templates free of BAGEL's markers, ``policy.model`` a checkpoint directory."""
         try:
-            BagelOptions(**recipe.policy.options)
-        except TypeError as e:  # an unknown option is caught earlier by the signature check
-            raise UserError(f"{source}: policy.options: {e}") from None
+            bagel_options(recipe.policy.options)
         except UserError as e:
             raise UserError(f"{source}: {e}") from None
         for stage, text in recipe.templates.model_dump().items():
@@ -129,8 +124,18 @@ class BagelRecipe:
             check_model_dir(recipe.policy.model)
 
 
+def bagel_options(options: dict[str, Any]) -> BagelOptions:
+    """``policy.options`` as :class:`BagelOptions`; a misspelt name is a one-line error listing the valid ones."""
+    names = [f.name for f in fields(BagelOptions)]
+    for key in options:
+        if key not in names:
+            raise UserError(f"policy.options: unknown option {key!r}{close_match(str(key), names)} for policy 'bagel' "
+                            f"(valid: {', '.join(names)})")
+    return BagelOptions(**options)
+
+
 def check_model_dir(model: str) -> Path:
-    """The checkpoint directory's required files are present (one line naming the first missing one)."""
+    """The checkpoint directory, once its files are all present (one line naming the first missing one)."""
     path = Path(model).expanduser()
     if not path.is_dir():
         raise UserError(f"policy.model: cannot load '{model}': not a local directory (download BAGEL-7B-MoT first, "
@@ -138,10 +143,27 @@ def check_model_dir(model: str) -> Path:
     for name in ("llm_config.json", "vit_config.json", "ae.safetensors"):
         if not (path / name).is_file():
             raise UserError(f"policy.model: cannot load '{model}': {name} is missing (not a BAGEL checkpoint?)")
-    weights = ("ema.safetensors", "model.safetensors", "model.safetensors.index.json")
-    if not any((path / w).is_file() for w in weights):
-        raise UserError(f"policy.model: cannot load '{model}': no weights ({', '.join(weights)})")
+    weight_set(path)
     return path
+
+
+def weight_set(path: Path) -> list[Path]:
+    """The files of the directory's weight set: ``ema.safetensors``, else ``model.safetensors``, else the shards of
+    ``model.safetensors.index.json`` (the order :func:`~r3_rl.policy.bagel.checkpoint.load_bagel` reads them in)."""
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            return [path / name]
+    index = path / WEIGHT_INDEX
+    if not index.is_file():
+        raise UserError(f"policy.model: cannot load '{path}': no weights ({', '.join(WEIGHT_FILES)} or {WEIGHT_INDEX})")
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{index}: expected a JSON object with a 'weight_map'") from None
+    missing = [s for s in shards if not (path / s).is_file()]
+    if missing:
+        raise UserError(f"policy.model: {path} lacks {len(missing)} of {len(shards)} weight shards ({missing[0]}, ...)")
+    return [path / s for s in shards]
 
 
 @dataclass
