@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 BUILTINS: dict[str, tuple[str, str]] = {
     "tiny": ("r3_rl.policy.tiny:TinyUnifiedPolicy", "token-unified Llama on the Blocks world, trains on 2 CPU cores"),
+    "tiny_flow": ("r3_rl.policy.tiny_flow:TinyFlowPolicy",
+                  "the tiny policy's text path + a flow-matching image head (continuous latents), 2 CPU cores"),
     "janus": ("r3_rl.policy.janus:JanusPolicy", "Janus-Pro 1B / 7B (transformers), VQ image tokens with CFG"),
     "bagel": ("r3_rl.policy.bagel.policy:BagelPolicy",
               "BAGEL-7B-MoT (Mixture-of-Transformers), flow-matching images with text/image CFG, R3's prompts"),
