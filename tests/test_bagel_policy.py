@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from r3_rl.config import Recipe, apply_overrides
-from r3_rl.flow import DenoisingTrace, Guidance
+from r3_rl.flow import Guidance
+from r3_rl.flow.action import segment_trace
 from r3_rl.learner.batch import TrainItem
 from r3_rl.learner.torch_learner import TorchLearner
 from r3_rl.policy.bagel import make_tiny_bagel
@@ -48,11 +49,17 @@ def tiny_dir(tmp_path_factory):
     return make_tiny_bagel(tmp_path_factory.mktemp("bagel") / "tiny", seed=0)
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def policy(tiny_dir) -> BagelPolicy:
+    """Shared by the tests that leave its weights as they are (the GRPO test trains its own copy)."""
     policy = build_policy(bagel_recipe(tiny_dir))
     assert isinstance(policy, BagelPolicy)
     return policy
+
+
+@pytest.fixture(scope="module")
+def sampled(policy: BagelPolicy):
+    return rollout(policy, seed=1)
 
 
 def rollout(policy: BagelPolicy, seed: int = 0):
@@ -70,8 +77,8 @@ def segments(stages):
     return [s.segment for stage in stages for s in stage]
 
 
-def test_all_four_stages_run_with_r3_contexts(policy: BagelPolicy) -> None:
-    plans, images, critiques, edits = rollout(policy)
+def test_all_four_stages_run_with_r3_contexts(policy: BagelPolicy, sampled) -> None:
+    plans, images, critiques, edits = sampled
     tok = policy.tokens
     system = [tok.im_start, *policy.tokenizer.encode("think, then draw", add_special_tokens=False), tok.im_end]
     # reason: [system] [prompt], then text; generate: + [plan] as sampled, text-CFG against [system] alone
@@ -86,7 +93,7 @@ def test_all_four_stages_run_with_r3_contexts(policy: BagelPolicy) -> None:
     ref = edits[0].segment.context
     assert ref["cond"][:2] == ref["text_uncond"] == [{"vae": 0}, {"vit": 0}] and ref["image_uncond"] == ref["cond"][2:]
     # one SDE step per image, edits' among the first 2; siblings share x_T and the step, not the SDE noise
-    traces = [DenoisingTrace.from_dict(s.segment.action) for s in images + edits]
+    traces = [segment_trace(s.segment) for s in images + edits]
     assert all(len(t.steps) == 1 for t in traces) and all(t.steps[0].index < 2 for t in traces[4:])
     assert traces[0].init_seed == traces[1].init_seed != traces[2].init_seed == traces[3].init_seed
     assert traces[0].sde_indices == traces[1].sde_indices and traces[0].noise_seed != traces[1].noise_seed
@@ -97,8 +104,8 @@ def test_all_four_stages_run_with_r3_contexts(policy: BagelPolicy) -> None:
     assert greedy[0].segment.num_actions == 0 and greedy[0].image.shape == (32, 32, 3)
 
 
-def test_ratio_is_one_before_the_update_for_text_and_image_actions_with_cfg(policy: BagelPolicy) -> None:
-    stages = rollout(policy, seed=1)
+def test_ratio_is_one_before_the_update_for_text_and_image_actions_with_cfg(policy: BagelPolicy, sampled) -> None:
+    stages = sampled
     segs = segments(stages)
     with torch.no_grad():
         again = policy.segment_logprobs(segs)
@@ -108,10 +115,10 @@ def test_ratio_is_one_before_the_update_for_text_and_image_actions_with_cfg(poli
     # the guidance is part of the action's log-prob: every edit step lies in the CFG interval, and rescoring it
     # without CFG (what the reference does for generation) gives another number
     edit = stages[3][0].segment
-    trace = DenoisingTrace.from_dict(edit.action)
+    trace = segment_trace(edit)
     assert trace.steps[0].t > 0.4 and trace.guidance.uses_image_branch
     plain = copy.deepcopy(edit)
-    plain.action["guidance"] = Guidance().to_dict()
+    plain.action["trace"]["guidance"] = Guidance().to_dict()
     with torch.no_grad():
         no_cfg = policy.segment_logprobs([plain])[0]
     assert abs(float(no_cfg[0]) - edit.logprobs[0]) > 1e-3
@@ -123,8 +130,9 @@ def test_ratio_is_one_before_the_update_for_text_and_image_actions_with_cfg(poli
 
 
 def test_text_segments_give_the_generation_expert_no_gradient_and_images_none_to_the_text_head(
-        policy: BagelPolicy) -> None:
-    plans, images, critiques, edits = rollout(policy, seed=2)
+        policy: BagelPolicy, sampled) -> None:
+    plans, images, critiques, edits = sampled
+    policy.model.zero_grad(set_to_none=True)
     named = dict(policy.model.named_parameters())
     # text-only segments (reason, and reflect, whose context holds only text and ViT tokens)
     loss = sum(lp.sum() for lp in policy.segment_logprobs(segments([plans, critiques])))
@@ -145,6 +153,7 @@ def test_text_segments_give_the_generation_expert_no_gradient_and_images_none_to
     assert not silent, silent[:3]
     frozen = [n for n, p in named.items() if n.startswith("vit_model.")]
     assert frozen and all(not named[n].requires_grad and named[n].grad is None for n in frozen)
+    policy.model.zero_grad(set_to_none=True)
 
 
 def items_with_advantages(stages) -> list[TrainItem]:
@@ -156,7 +165,8 @@ def items_with_advantages(stages) -> list[TrainItem]:
     return items
 
 
-def test_two_grpo_steps_change_both_experts_and_the_reference_stays_frozen(policy: BagelPolicy) -> None:
+def test_two_grpo_steps_change_both_experts_and_the_reference_stays_frozen(tiny_dir) -> None:
+    policy = build_policy(bagel_recipe(tiny_dir))
     reference = policy.frozen_copy()
     assert all(not p.requires_grad for p in reference.model.parameters())
     before = {k: v.clone() for k, v in policy.model.state_dict().items()}
@@ -164,10 +174,14 @@ def test_two_grpo_steps_change_both_experts_and_the_reference_stays_frozen(polic
                                                           clip_low=0.2, clip_high=0.2))
     items = items_with_advantages(rollout(policy, seed=3))
     first = learner.step(copy.deepcopy(items))
-    assert first["learner/ratio_min"] == pytest.approx(1.0, abs=1e-4)
-    assert first["learner/ratio_max"] == pytest.approx(1.0, abs=1e-4) and first["learner/kl_mean"] < 1e-6
-    second = learner.step(items_with_advantages(rollout(policy, seed=4)))
-    assert math.isfinite(second["learner/loss"]) and second["learner/kl_mean"] > 0
+    # text tokens and denoising steps (the learner's flow loss, with its own clip and Gaussian KL) at ratio 1
+    for kind in ("", "flow_"):
+        assert first[f"learner/{kind}ratio_min"] == pytest.approx(1.0, abs=1e-4)
+        assert first[f"learner/{kind}ratio_max"] == pytest.approx(1.0, abs=1e-4)
+        assert first[f"learner/{kind}kl_mean"] < 1e-6
+    second = learner.step(copy.deepcopy(items))  # the same samples again: now off-policy, ratios move
+    assert math.isfinite(second["learner/loss"])
+    assert second["learner/kl_mean"] > 0 and second["learner/flow_kl_mean"] > 0
     after = policy.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     for name in ("language_model.model.layers.0.mlp.gate_proj.weight", "language_model.lm_head.weight",
@@ -183,8 +197,10 @@ def test_two_grpo_steps_change_both_experts_and_the_reference_stays_frozen(polic
         assert torch.allclose(lp.double(), torch.tensor(it.segment.logprobs, dtype=torch.float64), atol=2e-5)
 
 
-def test_save_and_load_round_trip_keeps_weights_version_and_logprobs(policy: BagelPolicy, tmp_path) -> None:
-    stages = rollout(policy, seed=5)
+def test_save_and_load_round_trip_keeps_weights_version_and_logprobs(policy: BagelPolicy, sampled,
+                                                                     tmp_path) -> None:
+    stages = sampled
+    policy = policy.with_model(copy.deepcopy(policy.model))
     with torch.no_grad():
         for p in policy.model.parameters():
             p.add_(0.01)

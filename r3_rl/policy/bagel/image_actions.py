@@ -9,7 +9,7 @@ context caches (R3's, per stage):
   image-unconditional = the instruction alone.
 
 The learner rebuilds the same caches with gradients on and rescores each recorded transition ``x_t -> x_next``
-with :func:`r3_rl.flow.step_logprobs` under the trace's own guidance (text and image CFG, interval, renorm), so the
+with :func:`r3_rl.flow.action.score_traces` under the trace's own guidance (text and image CFG, interval, renorm), so the
 ratio is 1 before the first update -- CFG included, unlike the reference, which trains generation without it.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any, Sequence
 import torch
 
 from r3_rl.flow import (DenoisingTrace, EtaSchedule, FlowVelocity, Guidance, StochasticSteps, initial_noise,
-                        sample_flow, stack_steps, step_logprobs, timestep_grid)
+                        sample_flow, timestep_grid)
+from r3_rl.flow.action import StepScores, score_traces
 from r3_rl.policy.bagel.contexts import ContextBuilder, Record
 from r3_rl.policy.bagel.images import decode_latents, to_uint8
 from r3_rl.policy.bagel.layout import ContextCache
@@ -115,25 +116,35 @@ def sample_images(model: BagelModel, vae: Any, builder: ContextBuilder, contexts
     return to_uint8(pixels), out.traces
 
 
-def image_step_outputs(model: BagelModel, builder: ContextBuilder, contexts: Sequence[Record],
-                       traces: Sequence[DenoisingTrace]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per image: (log-probs [k], means [k, ...], stds [k, 1, ...]) of its recorded SDE steps, recomputed
-    differentiably under the trace's guidance; images whose traces share guidance, shape and grid are batched."""
-    out: list[Any] = [None] * len(traces)
-    groups: dict[Any, list[int]] = {}
-    for i, (ctx, tr) in enumerate(zip(contexts, traces)):
-        if tr.steps:
-            key = (tr.guidance, tr.latent_shape, tr.latent_dtype, tuple(ctx["grid"]))
-            groups.setdefault(key, []).append(i)
-        else:
-            empty = torch.zeros(0, device=model.device)
-            out[i] = (empty, empty.new_zeros(0, *tr.latent_shape), empty.new_zeros(0, 1, 1))
-    for (guidance, _, _, grid), members in groups.items():
-        caches = encode_branches(builder, [contexts[i] for i in members], guidance)
-        batch = stack_steps([traces[i] for i in members], device=model.device)
-        velocity = velocity_field(model, caches, grid, rows=batch.image)
-        logp, mean, std = step_logprobs(velocity, guidance, batch.x_t, batch.x_next, batch.t, batch.delta, batch.eta)
-        for k, i in enumerate(members):
-            sel = (batch.image == k).nonzero().squeeze(1)
-            out[i] = (logp[sel], mean[sel], std[sel])
-    return out
+def denoising_scores(model: BagelModel, builder: ContextBuilder, contexts: Sequence[Record],
+                     traces: Sequence[DenoisingTrace]) -> list[StepScores]:
+    """Per image: its recorded SDE steps rescored differentiably under the trace's own guidance
+    (:func:`r3_rl.flow.action.score_traces` batches the images of one kind; each kind's contexts are encoded once)."""
+    def velocity_for(members: Sequence[int], batch: Any) -> FlowVelocity:
+        ctxs = [contexts[m] for m in members]
+        caches = encode_branches(builder, ctxs, batch.guidance)
+        grids = [tuple(ctxs[int(k)]["grid"]) for k in batch.image.tolist()]
+        if len(set(grids)) == 1:
+            return velocity_field(model, caches, grids[0], rows=batch.image)
+        return _mixed_grids(model, caches, grids, batch.image)
+
+    return score_traces(traces, velocity_for, device=model.device)
+
+
+def _mixed_grids(model: BagelModel, caches: dict[str, ContextCache], grids: list[tuple[int, int]],
+                 image: torch.Tensor) -> FlowVelocity:
+    """Rows whose images have as many tokens in different grids (2x8 and 4x4): one velocity call per grid."""
+    parts = {g: torch.tensor([r for r, h in enumerate(grids) if h == g], device=image.device) for g in set(grids)}
+
+    def branch(name: str):
+        if name not in caches:
+            return None
+
+        def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+            for g, rows in parts.items():
+                f = velocity_field(model, {name: caches[name]}, g, rows=image.index_select(0, rows))
+                out = out.index_copy(0, rows, getattr(f, name)(x.index_select(0, rows), t.index_select(0, rows)))
+            return out
+        return v
+    return FlowVelocity(*(branch(name) for name in BRANCHES))

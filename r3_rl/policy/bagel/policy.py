@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 from r3_rl.errors import UserError
-from r3_rl.flow import DenoisingTrace
+from r3_rl.flow.action import StepScores, flow_action, is_flow_segment, segment_trace
 from r3_rl.policy.bagel.checkpoint import LoadedBagel, load_bagel, save_bagel
 from r3_rl.policy.bagel.contexts import ContextBuilder, image_digest, store_images, text_record
-from r3_rl.policy.bagel.image_actions import flow_settings, image_step_outputs, sample_images
+from r3_rl.policy.bagel.image_actions import denoising_scores, flow_settings, sample_images
 from r3_rl.policy.bagel.images import latent_grid
 from r3_rl.policy.bagel.layout import TextBlock
 from r3_rl.policy.bagel.recipe import BagelOptions, BagelRecipe, StageTemplates, check_model_dir
@@ -138,7 +138,7 @@ class BagelPolicy(BagelRecipe, Policy):
             for k, i in enumerate(idx):
                 tr = traces[k]
                 seg = Segment("image", contexts[i], [], [s.logprob for s in tr.steps], copy.copy(sp),
-                              action=tr.to_dict())
+                              action=flow_action(tr))
                 out[i] = ImageSample(image=images[k], segment=seg)
         return out
 
@@ -183,16 +183,16 @@ class BagelPolicy(BagelRecipe, Policy):
         return self._sample_images("refine", contexts, keys, sampling, generator)
 
     # ------------------------------------------------------------------ learning
-    def image_step_outputs(self, segments: list[Segment]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per image segment: (log-probs, Gaussian means, stds) of its recorded SDE steps, differentiable (the
-        means give the closed-form KL to a reference's)."""
-        traces = [DenoisingTrace.from_dict(s.action) for s in segments]
-        return image_step_outputs(self._model, self.builder, [s.context for s in segments], traces)
+    def denoising_scores(self, segments: list[Segment]) -> list[StepScores]:
+        """Per image segment: differentiable log-probs and Gaussian means of its recorded SDE steps (the learner's
+        flow loss and closed-form KL read them)."""
+        traces = [segment_trace(s) for s in segments]
+        return denoising_scores(self._model, self.builder, [s.context for s in segments], traces)
 
     def segment_logprobs(self, segments: list[Segment]) -> list[torch.Tensor]:
         out: list[torch.Tensor] = [None] * len(segments)  # type: ignore[list-item]
-        text = [i for i, s in enumerate(segments) if s.modality == "text"]
-        image = [i for i, s in enumerate(segments) if s.modality == "image"]
+        text = [i for i, s in enumerate(segments) if not is_flow_segment(s)]
+        image = [i for i, s in enumerate(segments) if is_flow_segment(s)]
         if text:
             contexts = [self.builder.blocks(segments[i].context["blocks"], segments[i].context.get("images", {}))
                         for i in text]
@@ -201,8 +201,8 @@ class BagelPolicy(BagelRecipe, Policy):
             for i, lp in zip(text, lps):
                 out[i] = lp
         if image:
-            for i, (lp, _, _) in zip(image, self.image_step_outputs([segments[i] for i in image])):
-                out[i] = lp.float()
+            for i, scores in zip(image, self.denoising_scores([segments[i] for i in image])):
+                out[i] = scores.logp.float()
         return out
 
     # ------------------------------------------------------------------ understanding (self-consistency reward)
