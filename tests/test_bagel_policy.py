@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from r3_rl.config import Recipe, apply_overrides
-from r3_rl.flow import Guidance
+from r3_rl.flow import Guidance, timestep_grid
 from r3_rl.flow.action import segment_trace
 from r3_rl.learner.batch import TrainItem
 from r3_rl.learner.torch_learner import TorchLearner
@@ -24,7 +24,8 @@ from r3_rl.policy.registry import build_policy
 from r3_rl.trajectory import PromptItem, SamplingParams
 from learner_helpers import learner_cfg
 
-TINY_OPTIONS = ("{image_size: 32, gen_steps: 6, edit_steps: 6, vit_size: [32, 16, 4], vae_size: [32, 16, 16], "
+TINY_OPTIONS = ("{image_size: 32, gen_steps: 6, edit_steps: 6, ode_steps: 4, vit_size: [32, 16, 4], "
+                "vae_size: [32, 16, 16], "
                 "reflect_system: 'think first'}")
 TEMPLATES = ["templates.system=think, then draw", "templates.reason='{prompt}'",
              "templates.reflect=How to edit it to match: {prompt}?", "templates.refine='{instruction}'"]
@@ -102,6 +103,10 @@ def test_all_four_stages_run_with_r3_contexts(policy: BagelPolicy, sampled) -> N
     # temperature 0: ODE only, an image with no action to train
     greedy = policy.generate(PROMPTS[:1], [None], SamplingParams(temperature=0.0, cfg_scale=4.0))
     assert greedy[0].segment.num_actions == 0 and greedy[0].image.shape == (32, 32, 3)
+    assert segment_trace(greedy[0].segment).grid == timestep_grid(4, 3.0)  # ode_steps grid points
+    # understanding answers (the self-consistency reward's question) are probabilities
+    yes = policy.answer_yes_no([ImageInput(images[0].image), ImageInput(edits[0].image)], ["a cube?", "a cat?"])
+    assert len(yes) == 2 and all(0.0 <= p <= 1.0 for p in yes)
 
 
 def test_ratio_is_one_before_the_update_for_text_and_image_actions_with_cfg(policy: BagelPolicy, sampled) -> None:
@@ -214,3 +219,28 @@ def test_save_and_load_round_trip_keeps_weights_version_and_logprobs(policy: Bag
     with torch.no_grad():
         for x, y in zip(policy.segment_logprobs(segs), again.segment_logprobs(segs)):
             assert torch.equal(x, y)
+
+
+def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients(policy: BagelPolicy, sampled,
+                                                                       monkeypatch) -> None:
+    from r3_rl.policy.bagel import mot
+
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(mot, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    segs = segments(sampled)
+    grads = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(policy.model)
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        other = policy.with_model(model)
+        lps = other.segment_logprobs(segs)
+        sum(lp.sum() for lp in lps).backward()
+        grads.append(({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                      [lp.detach() for lp in lps]))
+    (g0, lp0), (g1, lp1) = grads
+    assert len(calls) >= 2 * policy.model.config.llm.num_hidden_layers  # every layer recomputed (text + image forwards)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(lp0, lp1))
+    assert g0.keys() == g1.keys() and all(torch.allclose(g0[k], g1[k], atol=1e-5, rtol=1e-4) for k in g0)
+

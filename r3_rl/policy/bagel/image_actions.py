@@ -9,8 +9,8 @@ context caches (R3's, per stage):
   image-unconditional = the instruction alone.
 
 The learner rebuilds the same caches with gradients on and rescores each recorded transition ``x_t -> x_next``
-with :func:`r3_rl.flow.action.score_traces` under the trace's own guidance (text and image CFG, interval, renorm), so the
-ratio is 1 before the first update -- CFG included, unlike the reference, which trains generation without it.
+with :func:`r3_rl.flow.action.score_traces` under the trace's own guidance (text and image CFG, interval, renorm), so
+the ratio is 1 before the first update -- CFG included, unlike the reference, which trains generation without it.
 """
 from __future__ import annotations
 
