@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import yaml
 from r3_rl.cli import main
 from r3_rl.config import load_recipe
 from r3_rl.errors import UserError
+from r3_rl.policy.registry import build_policy
 from r3_rl.policy.bagel import make_tiny_bagel
 from r3_rl.validate import validate_recipe
 
@@ -61,6 +63,36 @@ def test_shipped_recipe_has_the_reference_settings_and_validates(tiny_dir: str) 
     # pointed at a BAGEL checkpoint directory (a tiny one, on the CPU) everything passes
     validate_recipe(load_recipe(RECIPE, [f"policy.model={tiny_dir}", "policy.device=cpu", "rollout.gpus_per_worker=0",
                                          "learner.gpus_per_rank=0"]), RECIPE)
+
+
+@pytest.mark.parametrize("change, match", [
+    ("policy.options={image_sise: 32}", "policy.options: unknown option 'image_sise' \\(did you mean 'image_size'"),
+    ("policy.options={image_size: 40}", "policy.options.image_size: 40 is not a multiple of 16"),
+    ("policy.options={cfg_interval: [0.5, 0.4]}", "policy.options.cfg_interval: expected \\[lo, hi\\]"),
+    ("policy.options={edit_renorm: text_channe}", "policy.options.edit_renorm: 'text_channe' is not one of"),
+    ("templates.reason=<|im_start|> {prompt}", "templates.reason': remove <\\|im_start\\|>"),
+    ("templates.refine={instruction} {image}", "placeholder {image} is not filled at this stage"),
+])
+def test_bad_bagel_settings_are_one_line_errors_before_any_work(tiny_dir: str, change: str, match: str) -> None:
+    recipe = load_recipe(RECIPE, [f"policy.model={tiny_dir}", "policy.device=cpu", "rollout.gpus_per_worker=0",
+                                  "learner.gpus_per_rank=0", change])
+    with pytest.raises(UserError, match=match) as err:
+        validate_recipe(recipe, RECIPE)
+    assert "\n" not in str(err.value)
+
+
+def test_a_checkpoint_directory_missing_a_file_is_named(tiny_dir: str, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "ae.safetensors").unlink()
+    recipe = load_recipe(RECIPE, [f"policy.model={broken}", "policy.device=cpu", "rollout.gpus_per_worker=0",
+                                  "learner.gpus_per_rank=0"])
+    with pytest.raises(UserError, match="ae.safetensors is missing"):
+        validate_recipe(recipe, RECIPE)
+    recipe = load_recipe(RECIPE, [f"policy.model={tiny_dir}", "policy.device=cpu", "policy.dtype=float32",
+                                  "policy.options={image_size: 256}"])
+    with pytest.raises(UserError, match="image_size: 256 px exceeds what .* can generate \\(128 px"):
+        build_policy(recipe)
 
 
 def _losses(run: Path) -> list[dict]:
