@@ -17,9 +17,10 @@ from typing import Any
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2}
 SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-# The parent buffer goes into trainer.pt as nested Python lists of pixel values (torch.save, pickle
-# protocol 2): measured 4.67 bytes per uint8 value for 64x64 and 384x384 RGB images.
-PICKLED_BYTES_PER_PIXEL_VALUE = 4.7
+# The parent buffer (state/buffer.safetensors) keeps each image's tokens as int32 plus its entry's JSON
+# metadata (prompt, GenEval metadata, reward, source): measured 260-520 bytes per entry.
+BUFFER_ENTRY_BYTES = 512
+VQ_PATCH = 16  # pixels per image token side (Janus-Pro's VQ-16)
 
 
 class WeightsMissing(Exception):
@@ -165,7 +166,9 @@ def checkpoint_bytes(recipe: Any, params: int, image_pixels: int) -> dict[str, i
         parts["unmerged policy"] = w
     if learner.algorithm == "ppo" and learner.ppo.critic == "separate":
         parts["critic"] = w + optim
-    parts["parent buffer"] = int(2 * recipe.tree.buffer_size * image_pixels * 3 * PICKLED_BYTES_PER_PIXEL_VALUE)
+    tokens = (recipe.data.blocks.rows * recipe.data.blocks.cols if recipe.policy.kind == "tiny"
+              else image_pixels // VQ_PATCH ** 2)
+    parts["parent buffer"] = 2 * recipe.tree.buffer_size * (4 * tokens + BUFFER_ENTRY_BYTES)
     return parts
 
 
