@@ -43,12 +43,31 @@ class TinyModel(Section):
     max_positions: int = 256
 
 
+def _plugin_name(registry: Any, v: Any) -> Any:
+    """A plug-in name a registry knows, or a ``module:attr`` / ``file.py:attr`` path (imported later, in
+    :mod:`r3_rl.validate`); checked here without importing anything."""
+    try:
+        registry.check_name(v)
+    except UserError as e:
+        raise ValueError(str(e)) from None
+    return v
+
+
 class Policy(Section):
-    kind: Literal["tiny", "janus"] = "tiny"
+    # a registered policy (tiny, janus; `r3_rl.policy.registry`), `pkg.module:Class` or `path/file.py:Class`
+    kind: str = "tiny"
+    options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the policy's from_recipe
     model: str | None = None  # hub id or local path; None = build the tiny model from `tiny`
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     tiny: TinyModel = TinyModel()
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: Any) -> Any:
+        from r3_rl.policy.registry import POLICIES
+
+        return _plugin_name(POLICIES, v)
 
 
 class Templates(Section):
@@ -166,7 +185,9 @@ StageFlags = dict[Literal["reason", "generate", "reflect", "refine"], bool]
 
 
 class Learner(Section):
-    algorithm: Literal["grpo", "ppo"] = "grpo"
+    # a registered algorithm (grpo, ppo; `r3_rl.learner.registry`), `pkg.module:Class` or `path/file.py:Class`
+    algorithm: str = "grpo"
+    options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the algorithm's constructor
     backend: Literal["torch", "deepspeed"] = "torch"
     lr: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.95)
@@ -196,6 +217,13 @@ class Learner(Section):
     deepspeed: DeepSpeedCfg = DeepSpeedCfg()
     lora: LoraCfg | None = None
     ppo: PpoCfg = PpoCfg()
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, v: Any) -> Any:
+        from r3_rl.learner.registry import ALGORITHMS
+
+        return _plugin_name(ALGORITHMS, v)
 
     @field_validator("normalize_std", mode="before")
     @classmethod

@@ -125,16 +125,17 @@ def image_side(config: dict[str, Any]) -> int:
 def policy_facts(recipe: Any, cache_dir: str | Path | None = None) -> ModelFacts:
     """Size facts about the recipe's policy; :class:`WeightsMissing` when its weights are not on this machine."""
     p = recipe.policy
-    if p.kind == "tiny":
+    if p.kind != "janus":
         from r3_rl.blocks.world import CELL
 
         pixels = recipe.data.blocks.rows * recipe.data.blocks.cols * CELL * CELL
-        if not p.model:
-            from r3_rl.policy.tiny import build_policy
+        if not p.model:  # the tiny policy and plug-ins build their model from the recipe (policy.kind by name)
+            from r3_rl.policy.registry import build_policy
 
             model = build_policy(recipe).model
-            return ModelFacts("built from policy.tiny (nothing to load)",
-                              sum(t.numel() for t in model.parameters()), pixels)
+            what = "policy.tiny" if p.kind == "tiny" else f"policy {p.kind}"
+            return ModelFacts(f"built from {what} (nothing to load)", sum(t.numel() for t in model.parameters()),
+                              pixels)
     if not p.model:
         raise WeightsMissing(f"policy.model: required for policy.kind {p.kind}",
                              "--set policy.model=HUB_ID (e.g. deepseek-community/Janus-Pro-1B) or a local folder")

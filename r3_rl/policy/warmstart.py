@@ -16,7 +16,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,8 +24,10 @@ import torch
 from r3_rl.blocks import edits
 from r3_rl.data import BlocksPrompts
 from r3_rl.policy.base import ImageInput
-from r3_rl.policy.tiny import TinyUnifiedPolicy
 from r3_rl.policy.tiny_tokenizer import image_token
+
+if TYPE_CHECKING:  # the tiny policy calls this module from its warm_start: no import back at run time
+    from r3_rl.policy.tiny import TinyUnifiedPolicy
 
 
 def _words(grid: np.ndarray) -> str:
@@ -153,7 +155,7 @@ def warmstart_cached(policy: TinyUnifiedPolicy, recipe: Any, out_dir: Path, log:
     key = _key(recipe)
     marker = out_dir / "warmstart.json"
     if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
-        state = TinyUnifiedPolicy.from_pretrained(str(out_dir), policy.templates).model.state_dict()
+        state = type(policy).from_pretrained(str(out_dir), policy.templates).model.state_dict()
         policy.model.load_state_dict(state)
         if log is not None:
             log.print(f"warm start: reusing {out_dir}")

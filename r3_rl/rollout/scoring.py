@@ -5,42 +5,42 @@ they exist.  Stage rewards are composed with the pure functions of :mod:`r3_rl.r
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable
 
 from r3_rl.rewards.base import RewardSample, Turn
 from r3_rl.rewards.compose import format_ok, plan_reward, reflect_reward
-from r3_rl.rewards.reward_set import RewardSet
+from r3_rl.rewards.reward_set import FailureBudget, Scorer
 from r3_rl.trajectory import Node, Tree
 
 
 def reward_sample(tree: Tree, node: Node) -> RewardSample:
+    """What a reward sees of ``node``: the prompt and the R3 history down to it, each image with the task
+    reward it already has (``Turn.reward``; ``None`` when not scored yet or failed)."""
     path = tree.path(node.id)
-    history = [Turn(stage=n.stage, round=n.round, text=n.text, image=n.image) for n in path]
+    history = [Turn(stage=n.stage, round=n.round, text=n.text, image=n.image,
+                    reward=n.reward if n.image is not None else None) for n in path]
     image = next((n.image for n in reversed(path) if n.image is not None), None)
     text = next((n.text for n in reversed(path) if n.text is not None), None)
     return RewardSample(prompt=tree.prompt.prompt, metadata=tree.prompt.metadata, stage=node.stage,
                         round=node.round, image=image, history=history, text=text)
 
 
-@dataclass
-class FailureCount:
-    scored: int = 0
-    failed: int = 0
-
-
 class StageScorer:
-    """Scores image nodes with the task reward set and composes plan/critique rewards."""
+    """Scores image nodes with the task rewards and composes plan/critique rewards.
 
-    def __init__(self, task: RewardSet, format_weight: float, reason_format: str, reflect_format: str,
-                 correct_threshold: float = 1.0) -> None:
+    ``task`` is where the task reward is computed (a :class:`~r3_rl.rewards.reward_set.RewardSet` in this
+    process, or reward actors); every scored image is recorded in ``failures``, whose ``check()`` the
+    trainer calls after each rollout.
+    """
+
+    def __init__(self, task: Scorer, format_weight: float, reason_format: str, reflect_format: str,
+                 correct_threshold: float = 1.0, failures: FailureBudget | None = None) -> None:
         self.task = task
         self.format_weight = format_weight
         self.reason_format = reason_format
         self.reflect_format = reflect_format
         self.correct_threshold = correct_threshold
-        self.failures = FailureCount()
-        self.failure_reasons: list[str] = []
+        self.failures = failures if failures is not None else FailureBudget(1.0)
 
     def score_images(self, pairs: Iterable[tuple[Tree, Node]]) -> None:
         """Task reward -> ``node.reward`` (None on failure), parts -> ``node.rewards``."""
@@ -53,10 +53,7 @@ class StageScorer:
             node.reward_failures.update(res.failures)
             node.reward = res.total
             node.meta["correct"] = None if res.total is None else bool(res.total >= self.correct_threshold)
-            self.failures.scored += 1
-            if res.total is None:
-                self.failures.failed += 1
-                self.failure_reasons.extend(f"{k}: {v}" for k, v in res.failures.items())
+        self.failures.record(results, check=False)  # checked once per rollout, after every task is in
 
     def compose(self, tree: Tree) -> None:
         """Plan and critique rewards from the image rewards below/around them."""

@@ -1,0 +1,101 @@
+"""The algorithm plug-in contract (``learner.algorithm``) and GRPO, the default.
+
+An algorithm decides which sampled actions train, with which advantages, under which loss; the learner
+around it (:class:`~r3_rl.learner.torch_learner.TorchLearner`: mini/micro-batches, epochs, optimiser driver,
+non-finite skips, data-parallel ranks) is the same for all.  A new algorithm, or a GRPO variant, is one file:
+a subclass of :class:`Algorithm` (usually of :class:`GRPO`, overriding one method) registered under a name
+(:mod:`r3_rl.learner.registry`).  The two halves run in different places:
+
+* driver side, where the scored trees are (no model): :meth:`Algorithm.batch` -- trees to train items;
+* learner side, in every learner process: :meth:`Algorithm.modules` (extra trainable modules, e.g. a
+  critic), :meth:`Algorithm.prepare` (per-batch quantities before the epochs) and :meth:`Algorithm.loss`
+  (one micro-batch).
+
+Nothing here assumes tokens: a loss reads per-action log-probs (:mod:`r3_rl.learner.actions`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from r3_rl.algorithms.losses import clipped_policy_loss
+from r3_rl.learner.actions import max_actions, micro_batch_inputs, micro_share
+from r3_rl.learner.batch import BatchStats, TrainItem, assign_advantages, collect_items
+from r3_rl.trajectory import Tree
+
+
+@dataclass
+class LearnerModels:
+    """What an algorithm's learner side may use: the policy being trained, its KL reference (``None`` = no
+    KL) and the algorithm's own trainable modules (built by :meth:`Algorithm.modules`)."""
+
+    policy: Any
+    reference: Any = None
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+
+class Algorithm:
+    """Base of every ``learner.algorithm``.  ``recipe`` is the whole recipe (``recipe.learner`` holds the
+    shared learner settings).  A subclass with settings of its own takes them as keyword arguments of its
+    ``__init__`` (``def __init__(self, recipe, clip=0.5)``): the recipe's ``learner.options``, checked against
+    that signature before any work."""
+
+    def __init__(self, recipe: Any) -> None:
+        self.recipe, self.cfg = recipe, recipe.learner
+
+    # ------------------------------------------------------------------ driver side
+    def batch(self, trees: list[Tree], version: int) -> tuple[list[TrainItem], BatchStats, dict[str, float]]:
+        """Scored trees -> (train items, batch counts, group statistics for the logs)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define batch(trees, version)")
+
+    # ------------------------------------------------------------------ learner side
+    def modules(self, policy: Any) -> dict[str, torch.nn.Module]:
+        """Extra trainable modules (a critic), optimised and checkpointed with the policy; default none."""
+        return {}
+
+    def prepare(self, models: LearnerModels, items: list[TrainItem]) -> dict[str, Any]:
+        """Quantities computed once per batch, before the epochs; a ``"metrics"`` entry is logged."""
+        return {}
+
+    def loss(self, models: LearnerModels, items: list[TrainItem], chunk: range, mini: range,
+             ctx: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
+        """Loss of micro-batch ``items[chunk]`` weighted by its share of mini-batch ``mini``, its metrics
+        (means or extremes, averaged over micro-batches) and its differentiable outputs."""
+        raise NotImplementedError(f"{type(self).__name__} does not define loss(...)")
+
+
+class GRPO(Algorithm):
+    """Group-relative advantages among Tree-RL siblings; clipped surrogate with a KL penalty to the reference.
+
+    Variants override one step: :meth:`advantages` (the baseline), :meth:`batch` (which nodes train) or
+    :meth:`loss`.
+    """
+
+    def advantages(self, trees: list[Tree]) -> dict[str, float]:
+        """Fill ``node.advantage`` among siblings (``learner.normalize_std``); returns group statistics."""
+        return assign_advantages(trees, self.cfg.normalize_std)
+
+    def batch(self, trees: list[Tree], version: int) -> tuple[list[TrainItem], BatchStats, dict[str, float]]:
+        stats = self.advantages(trees)
+        items, counts = collect_items(trees, version, self.cfg.max_staleness)
+        stats["zero_signal_items"] = float(counts.zero_signal_items)
+        return items, counts, stats
+
+    def prepare(self, models: LearnerModels, items: list[TrainItem]) -> dict[str, Any]:
+        return {"max_len": max_actions(items)}
+
+    def loss(self, models: LearnerModels, items: list[TrainItem], chunk: range, mini: range,
+             ctx: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
+        cfg = self.cfg
+        weight = micro_share(items, chunk, mini, cfg.loss_type)
+        inp = micro_batch_inputs(models.policy, models.reference, [items[i] for i in chunk], cfg.kl_coef_text,
+                                 cfg.kl_coef_image)
+        if "advantages" in ctx:  # computed per batch (PPO) rather than carried by the items
+            inp["advantages"] = ctx["advantages"][chunk.start:chunk.stop].to(inp["logp"].device)
+        loss, m = clipped_policy_loss(
+            inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"], clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high, loss_type=cfg.loss_type, max_len=ctx["max_len"], ref_logp=inp["ref_logp"],
+            kl_coef=inp["kl_coef"], kl_kind=cfg.kl_kind)
+        return loss * weight, {k: float(v) for k, v in m.items()}, [inp["logp"]]
