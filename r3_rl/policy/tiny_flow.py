@@ -218,13 +218,7 @@ class TinyFlowPolicy(TinyUnifiedPolicy):
 
     def generate(self, prompts: list[PromptItem], plans: list[str | None], sampling: SamplingParams,
                  generator: torch.Generator | None = None) -> list[ImageSample]:
-        ctx = []
-        for p, plan in zip(prompts, plans):
-            ids = self.render("reason", prompt=p.prompt)
-            if plan is not None:
-                ids += self.encode(plan) + [self.stop_id]
-            ctx.append(ids + self.encode(self.templates["generate"]))
-        uncond = [[self.bos_id] + self.encode(self.templates["generate_uncond"]) for _ in prompts]
+        ctx, uncond = self.generate_contexts(prompts, plans)
         return self._draw(prompts, {"input_ids": ctx, "uncond_ids": uncond}, "generate", sampling, generator)
 
     def refine(self, prompts: list[PromptItem], images: list[ImageInput], instructions: list[str],
