@@ -171,3 +171,17 @@ def test_resume_gives_the_straight_runs_weights(run: Path, tmp_path: Path) -> No
     head = load_file(str(first / "final" / "flow_head.safetensors"))
     assert not torch.equal(head["flow_head.net.0.weight"],
                            load_file(str(run / "final" / "flow_head.safetensors"))["flow_head.net.0.weight"])
+
+
+def test_a_saved_policy_keeps_its_settings_unless_the_recipe_names_them(policy: TinyFlowPolicy,
+                                                                        tmp_path: Path) -> None:
+    from r3_rl.errors import UserError
+
+    policy.save_pretrained(str(tmp_path / "m"))
+    saved = SMALL + [f"policy.model={tmp_path / 'm'}", "policy.options={}"]  # no options named in the recipe
+    loaded = build_policy(load_recipe(RECIPE, saved))
+    assert loaded.flow == policy.flow and loaded.guidance["generate"].text_scale == 3.0
+    odd = build_policy(load_recipe(RECIPE, saved + ["policy.options.grid_points=5"]))
+    assert len(odd.grid) == 5 and odd.guidance == policy.guidance
+    with pytest.raises(UserError, match="latent_dim: 4 differs"):
+        build_policy(load_recipe(RECIPE, saved + ["policy.options.latent_dim=4"]))

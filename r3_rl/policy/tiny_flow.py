@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from r3_rl.blocks import codec, world
+from r3_rl.errors import UserError
 from r3_rl.flow import EtaSchedule, FlowVelocity, Guidance, StochasticSteps, derive_seed, initial_noise, sample_flow
 from r3_rl.flow import timestep_grid
 from r3_rl.flow.action import flow_action, is_flow_segment, score_traces, segment_trace
@@ -115,15 +116,23 @@ class TinyFlowPolicy(TinyUnifiedPolicy):
         StochasticSteps.from_dict(flow["sde_generate"]), StochasticSteps.from_dict(flow["sde_refine"])
         Guidance(cfg_text, cfg_image, interval=tuple(cfg_interval))
         EtaSchedule("r3", eta), timestep_grid(grid_points, shift)
-        if recipe.policy.model:
-            return cls.from_pretrained(recipe.policy.model, recipe.templates.model_dump())
+        if recipe.policy.model:  # the saved policy's settings, with the recipe's explicit options on top
+            return cls.from_pretrained(recipe.policy.model, recipe.templates.model_dump(),
+                                       {k: flow[k] for k in recipe.policy.options})
         base = TinyUnifiedPolicy.from_recipe(recipe)
         return cls(base.model, base.tok, base.templates, base.rows, base.cols, flow)
 
     @classmethod
-    def from_pretrained(cls, path: str, templates: dict[str, str]) -> "TinyFlowPolicy":
+    def from_pretrained(cls, path: str, templates: dict[str, str],
+                        options: dict[str, Any] | None = None) -> "TinyFlowPolicy":
+        """A ``save_pretrained`` folder; ``options`` change its sampling settings (not the head's shape)."""
         base = TinyUnifiedPolicy.from_pretrained(path, templates)
         flow = json.loads((Path(path) / FLOW_FILE).read_text())
+        for key in ("latent_dim", "head_width"):
+            if key in (options or {}) and options[key] != flow[key]:  # type: ignore[index]
+                raise UserError(f"policy.options.{key}: {options[key]} differs from the saved policy's "  # type: ignore[index]
+                                f"{flow[key]} ({path}); leave it out to use the saved one")
+        flow.update(options or {})
         policy = cls(base.model, base.tok, templates, base.rows, base.cols, flow)
         head = load_file(str(Path(path) / HEAD_FILE))
         policy.model.flow_head.load_state_dict({k.removeprefix("flow_head."): v for k, v in head.items()})
@@ -218,13 +227,7 @@ class TinyFlowPolicy(TinyUnifiedPolicy):
 
     def generate(self, prompts: list[PromptItem], plans: list[str | None], sampling: SamplingParams,
                  generator: torch.Generator | None = None) -> list[ImageSample]:
-        ctx = []
-        for p, plan in zip(prompts, plans):
-            ids = self.render("reason", prompt=p.prompt)
-            if plan is not None:
-                ids += self.encode(plan) + [self.stop_id]
-            ctx.append(ids + self.encode(self.templates["generate"]))
-        uncond = [[self.bos_id] + self.encode(self.templates["generate_uncond"]) for _ in prompts]
+        ctx, uncond = self.generate_contexts(prompts, plans)
         return self._draw(prompts, {"input_ids": ctx, "uncond_ids": uncond}, "generate", sampling, generator)
 
     def refine(self, prompts: list[PromptItem], images: list[ImageInput], instructions: list[str],
