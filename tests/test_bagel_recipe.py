@@ -38,7 +38,7 @@ def tiny_sets(tiny: str, tmp_path: Path, repo: Path) -> list[str]:
             f"out_dir={tmp_path}", "steps=2", "save_every=1", "data.eval_size=2", "tree.group_size=2",
             "tree.prompts_per_step=1", "tree.refine_groups_per_step=1", "rollout.reason.max_new_tokens=6",
             "rollout.reflect.max_new_tokens=6", "eval.rounds=1", "learner.micro_batch_size=2", "log.console=false",
-            "log.trajectories_every=1", "learner.deepspeed.dtype=fp32", f"rewards.task=[{{name: '{reward}'}}]",
+            "log.trajectories_every=1", "learner.deepspeed.dtype=fp32", "eval.batch_size=2", f"rewards.task=[{{name: '{reward}'}}]",
             f"rewards.eval=[{{name: '{reward}'}}]"]
 
 
@@ -55,7 +55,7 @@ def test_shipped_recipe_has_the_reference_settings_and_validates(tiny_dir: str) 
                                                                                                        "bf16", 3)
     assert (learner["lr"], learner["loss_weight_text"], learner["loss_weight_image"]) == (5e-6, 1.0, 2.0)
     assert (learner["kl_coef_text"], learner["kl_coef_image"], learner["flow"]["kl_kind"]) == (1e-3, 1e-3, "r3")
-    assert raw["tree"]["group_size"] == 16 and opts["train_vit"] is False
+    assert raw["tree"]["group_size"] == 16 and opts["train_vit"] is False and learner["gradient_checkpointing"]
     # as shipped it validates up to the weights, which are not on this machine
     recipe = load_recipe(RECIPE)
     with pytest.raises(UserError, match="policy.model: cannot load '/models/BAGEL-7B-MoT': not a local directory"):
