@@ -39,8 +39,8 @@ def is_gen(name: str) -> bool:
     return "_moe_gen" in name or name.startswith(GEN_PREFIXES)
 
 
-def bagel_recipe(path) -> Recipe:
-    sets = ["policy.kind=bagel", f"policy.model={path}", "policy.dtype=float32", "policy.device=cpu",
+def bagel_recipe(path, dtype: str = "float32") -> Recipe:
+    sets = ["policy.kind=bagel", f"policy.model={path}", f"policy.dtype={dtype}", "policy.device=cpu",
             f"policy.options={TINY_OPTIONS}", *TEMPLATES]
     return Recipe.model_validate(apply_overrides({}, sets))
 
@@ -243,4 +243,19 @@ def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients(policy: B
     assert len(calls) >= 2 * policy.model.config.llm.num_hidden_layers  # every layer recomputed (text + image forwards)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(lp0, lp1))
     assert g0.keys() == g1.keys() and all(torch.allclose(g0[k], g1[k], atol=1e-5, rtol=1e-4) for k in g0)
+
+
+def test_bf16_policy_samples_and_rescores_within_bf16_rounding(tiny_dir) -> None:
+    """At the precision users run: bf16 weights.  Image steps are rescored by the same batched computation (equal);
+    text is decoded token by token from a cache but rescored in one forward, which bf16 rounds differently."""
+    policy = build_policy(bagel_recipe(tiny_dir, "bfloat16"))
+    assert policy.model.llm2vae.weight.dtype == torch.bfloat16
+    assert next(policy.vae.parameters()).dtype == torch.float32  # options.vae_dtype
+    segs = segments(rollout(policy, seed=6))
+    with torch.no_grad():
+        again = policy.segment_logprobs(segs)
+    for seg, lp in zip(segs, again):
+        assert lp.dtype == torch.float32 and torch.isfinite(lp).all()
+        gap = (lp.double() - torch.tensor(seg.logprobs, dtype=torch.float64)).abs().max()
+        assert gap < (1e-2 if seg.modality == "text" else 1e-4), (seg.modality, float(gap))
 
