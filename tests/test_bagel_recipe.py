@@ -1,5 +1,5 @@
 """``recipes/grpo_geneval_bagel.yaml``: the reference's settings, validated as shipped, and run end to end on a tiny
-random BAGEL saved in the published layout (the GenEval detector swapped for the documented brightness reward).
+random BAGEL saved in the published layout (the GenEval detector swapped for a user's brightness reward file).
 
 The run as shipped -- Ray rollout workers, DeepSpeed ZeRO-3 learner with CPU-offloaded fp32 state -- takes minutes
 on 2 cores (DeepSpeed, Ray): it is marked slow; the default suite runs the same recipe with the in-process rollout
@@ -32,8 +32,18 @@ def tiny_dir(tmp_path_factory) -> str:
     return make_tiny_bagel(tmp_path_factory.mktemp("bagel") / "tiny", seed=0)
 
 
-def tiny_sets(tiny: str, tmp_path: Path, repo: Path) -> list[str]:
-    reward = f"{repo / 'docs' / 'examples' / 'brightness_reward.py'}:brightness"
+# a user's reward file (not docs/examples/brightness_reward.py: importing that registers its name in this process,
+# which test_plugins registers again from a copy)
+BRIGHTNESS = '''
+def brightness(samples):
+    """Mean brightness of the image: differs between siblings, so groups carry signal."""
+    return [float(s.image.mean()) / 255.0 for s in samples]
+'''
+
+
+def tiny_sets(tiny: str, tmp_path: Path) -> list[str]:
+    (tmp_path / "my_reward.py").write_text(BRIGHTNESS)
+    reward = f"{tmp_path / 'my_reward.py'}:brightness"
     return [f"policy.model={tiny}", "policy.device=cpu", "policy.dtype=float32", f"policy.options={TINY_OPTIONS}",
             f"out_dir={tmp_path}", "steps=2", "save_every=1", "data.eval_size=2", "tree.group_size=2",
             "tree.prompts_per_step=1", "tree.refine_groups_per_step=1", "rollout.reason.max_new_tokens=6",
@@ -103,9 +113,9 @@ def _losses(run: Path) -> list[dict]:
     return steps
 
 
-def test_recipe_trains_two_steps_on_a_tiny_bagel_in_process(tiny_dir: str, tmp_path: Path, repo: Path) -> None:
+def test_recipe_trains_two_steps_on_a_tiny_bagel_in_process(tiny_dir: str, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    sets = tiny_sets(tiny_dir, tmp_path, repo) + ["rollout.backend=local", "learner.backend=torch", "learner.ranks=1"]
+    sets = tiny_sets(tiny_dir, tmp_path) + ["rollout.backend=local", "learner.backend=torch", "learner.ranks=1"]
     assert main(["train", str(RECIPE), "--run-dir", str(run)] + [a for s in sets for a in ("--set", s)]) == 0
     steps = _losses(run)
     assert steps[0]["learner/flow_ratio_min"] == pytest.approx(1.0, abs=1e-4)
@@ -119,12 +129,12 @@ def test_recipe_trains_two_steps_on_a_tiny_bagel_in_process(tiny_dir: str, tmp_p
 
 @pytest.mark.slow
 def test_recipe_as_shipped_trains_with_ray_workers_and_a_deepspeed_zero3_learner(tiny_dir: str, tmp_path: Path,
-                                                                                 repo: Path, ray_session) -> None:
+                                                                                 ray_session) -> None:
     """Ray rollout, DeepSpeed ZeRO-3 with the fp32 state offloaded to the CPU, as shipped; on CPU: one worker, one
     in-process rank, fp32 (bf16 weights would need the reference isolated from DeepSpeed), as the other shipped
     recipes' tests do."""
     run = tmp_path / "run"
-    sets = tiny_sets(tiny_dir, tmp_path, repo) + [
+    sets = tiny_sets(tiny_dir, tmp_path) + [
         "rollout.workers=1", "rollout.gpus_per_worker=0", "rollout.cpus_per_worker=1", "learner.ranks=1",
         "learner.gpus_per_rank=0"]
     assert main(["train", str(RECIPE), "--run-dir", str(run)] + [a for s in sets for a in ("--set", s)]) == 0
