@@ -90,8 +90,9 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 
 def evaluate(policy: Policy, prompts: list[PromptItem], sampling: StageSampling, rounds: int, stop_phrase: str,
-             rewards: RewardSet, correct_threshold: float = 1.0, seed: int = 0) -> tuple[dict[str, Any], list[Tree]]:
-    trees = r3_chains(policy, prompts, sampling, rounds, stop_phrase, seed=seed)
+             rewards: RewardSet, correct_threshold: float = 1.0, seed: int = 0,
+             batch_size: int = 256) -> tuple[dict[str, Any], list[Tree]]:
+    trees = r3_chains(policy, prompts, sampling, rounds, stop_phrase, seed=seed, batch_size=batch_size)
     correct = score_chains(trees, rounds, rewards, correct_threshold)
     return summarise(trees, correct, rounds), trees
 

@@ -24,7 +24,8 @@ class Evaluator:
         e = self.recipe.eval
         prompts = self.data.eval_prompts(e.size or self.recipe.data.eval_size)
         report, trees = evaluate(self.policy, prompts, self.sampling, e.rounds, self.recipe.templates.stop_phrase,
-                                 self.rewards, self.recipe.rewards.correct_threshold, seed=self.recipe.seed)
+                                 self.rewards, self.recipe.rewards.correct_threshold, seed=self.recipe.seed,
+                                 batch_size=e.batch_size)
         write_report(report, self.run_dir / "eval", name, trees, e.dump)
         self.metrics.log_eval(report, step, trees, name)
         return report

@@ -97,7 +97,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     run_dir, parts, data = _sampling_parts(recipe, args.run_dir)
     try:
         trees = r3_chains(parts.policy, data.next_batch(args.num), stage_sampling(recipe), recipe.eval.rounds,
-                          recipe.templates.stop_phrase, seed=recipe.seed, tag="rollout")
+                          recipe.templates.stop_phrase, seed=recipe.seed, batch_size=recipe.eval.batch_size,
+                          tag="rollout")
         score_chains(trees, recipe.eval.rounds, parts.eval_rewards, recipe.rewards.correct_threshold)
     finally:
         parts.close()
@@ -181,10 +182,27 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from r3_rl.plan.render import render
+    from r3_rl.plan.report import check_args, make_plan
+
+    check_args(args.gpus, args.gpu_memory)
+    from r3_rl.config import load_recipe  # the recipe's keys only: a plan needs neither weights nor data
+    from r3_rl.learner.precision import check_recipe_precision
+    from r3_rl.validate import check_plugins
+
+    recipe = load_recipe(args.recipe, args.set)
+    check_plugins(recipe, args.recipe, weights=False)  # policy.kind / learner.algorithm by name, options checked
+    check_recipe_precision(recipe)  # a precision the learner refuses is not planned
+    plan = make_plan(recipe, args.gpus, args.gpu_memory)
+    print(render(plan))
+    return 0 if plan.fits else 1
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train, "eval": cmd_eval, "rollout": cmd_rollout, "rewards": cmd_rewards, "plugins": cmd_plugins,
     "inspect": cmd_inspect,
-    "serve-reward": cmd_serve_reward, "doctor": cmd_doctor, "data": cmd_data,
+    "serve-reward": cmd_serve_reward, "doctor": cmd_doctor, "data": cmd_data, "plan": cmd_plan,
 }
 
 
@@ -216,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--html", nargs="?", const="", default=None, metavar="PATH",
                      help="also write a static HTML page (default path: RUN_DIR/inspect/<dump>.html)")
     ins.add_argument("--limit", type=int, default=3, help="trajectories printed as text (default 3)")
+    pl = sub.add_parser("plan", help="per-GPU memory of a recipe's processes, component by component; exit 1 if it "
+                                     "does not fit")
+    pl.add_argument("recipe", help="YAML recipe")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    pl.add_argument("--gpus", type=int, default=8, help="GPUs on the machine (default 8)")
+    pl.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB", help="memory per GPU in GB (default 80)")
     sr = sub.add_parser("serve-reward", help="serve a reward over JSON HTTP (recipe reward name 'remote')")
     sr.add_argument("--reward", required=True, help="reward name, pkg.mod:fn or path/to/file.py:fn")
     sr.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 = any free port)")

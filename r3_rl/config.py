@@ -225,6 +225,9 @@ class Learner(Section):
     flow: FlowLearnerCfg = FlowLearnerCfg()  # images made of denoising steps: own clip range and KL units
     epochs: int = Field(1, ge=1)
     micro_batch_size: int = Field(64, ge=1)  # samples per forward/backward
+    # recompute each decoder layer's activations in backward instead of keeping them: one more forward of
+    # compute for a fraction of the activation memory (`r3-rl plan` shows both); shared-context KV cache kept
+    gradient_checkpointing: bool = False
     grad_accum: int = Field(0, ge=0)  # micro-batches per optimiser step; 0 = the whole rollout batch in one step
     max_staleness: int = Field(0, ge=0)  # policy versions a sample may lag behind before it is refused
     # data-parallel learner ranks as Ray actors (one per GPU); 1 = the learner runs in the trainer process
@@ -310,6 +313,7 @@ class Eval(Section):
     text_temperature: float = Field(0.0, ge=0.0)  # 0 = greedy
     image_temperature: float = Field(1.0, ge=0.0)  # 0 = greedy
     size: int | None = None  # defaults to data.eval_size
+    batch_size: int = Field(256, ge=1)  # prompts whose R3 chains are sampled together (GPU memory: `r3-rl plan`)
     dump: int = Field(64, ge=0)  # eval chains written to eval/<name>_trajectories.jsonl + .html (0 = none)
 
 

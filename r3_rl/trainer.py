@@ -48,7 +48,8 @@ class Trainer:
         self.eval_rewards = self.parts.eval_rewards
         self.failures = self.parts.failures
         self.scorer = self.parts.scorer
-        self.buffer = ParentBuffer(recipe.tree.buffer_size)
+        # parents are kept as image tokens when the policy can rebuild pixels from them (else as PNG bytes)
+        self.buffer = ParentBuffer(recipe.tree.buffer_size, decode=getattr(self.policy, "decode_image_tokens", None))
         self.data = PromptSource(recipe)
         self.algorithm = self.parts.algorithm
         self.learner = self.parts.learner
@@ -113,12 +114,12 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """The loop's own state (``state/trainer.pt``): steps done, policy version, RNGs, prompt-sampler position,
-        Tree-RL parent buffer, reward-failure counts.  Weights and optimiser belong to the learner."""
+        reward-failure counts.  Weights and optimiser belong to the learner, the parent buffer writes its own file."""
         from r3_rl.learner.checkpoint import FORMAT, global_rng_state
 
         return {"format": FORMAT, "step": self.step, "policy_version": self.policy.version,
                 "rng": self.rng.getstate(), **global_rng_state(), "data_position": self.data.position,
-                "buffer": self.buffer.state_dict(), "scorer": self.failures.state_dict()}
+                "scorer": self.failures.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from r3_rl.learner.checkpoint import set_global_rng_state
@@ -128,13 +129,15 @@ class Trainer:
         self.rng.setstate(state["rng"])
         set_global_rng_state(state)
         self.data.position = state["data_position"]
-        self.buffer.load_state_dict(state["buffer"])
+        if "buffer" in state:  # formats 1-2 kept the parent buffer here (3: state/buffer.safetensors)
+            self.buffer.load_legacy(state["buffer"])
         self.failures.load_state_dict(state["scorer"])
 
     def _checkpoint_parts(self) -> Any:
         from r3_rl.learner.checkpoint import CheckpointParts
 
-        return CheckpointParts(policy=self.policy, reference=self.reference, learner=self.learner, loop=self)
+        return CheckpointParts(policy=self.policy, reference=self.reference, learner=self.learner, loop=self,
+                               buffer=self.buffer)
 
     def save_checkpoint(self, step: int | None = None) -> Path:
         """Full state after ``step`` completed steps (default: ``self.step``) -> ``checkpoints/step_NNNNNN``

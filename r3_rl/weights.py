@@ -17,9 +17,10 @@ from typing import Any
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2}
 SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-# The parent buffer goes into trainer.pt as nested Python lists of pixel values (torch.save, pickle
-# protocol 2): measured 4.67 bytes per uint8 value for 64x64 and 384x384 RGB images.
-PICKLED_BYTES_PER_PIXEL_VALUE = 4.7
+# The parent buffer (state/buffer.safetensors) keeps each image's tokens as int32 plus its entry's JSON
+# metadata (prompt, GenEval metadata, reward, source): measured 260-520 bytes per entry.
+BUFFER_ENTRY_BYTES = 512
+VQ_PATCH = 16  # pixels per image token side (Janus-Pro's VQ-16)
 
 
 class WeightsMissing(Exception):
@@ -124,16 +125,17 @@ def image_side(config: dict[str, Any]) -> int:
 def policy_facts(recipe: Any, cache_dir: str | Path | None = None) -> ModelFacts:
     """Size facts about the recipe's policy; :class:`WeightsMissing` when its weights are not on this machine."""
     p = recipe.policy
-    if p.kind == "tiny":
+    if p.kind != "janus":
         from r3_rl.blocks.world import CELL
 
         pixels = recipe.data.blocks.rows * recipe.data.blocks.cols * CELL * CELL
-        if not p.model:
+        if not p.model:  # the tiny policy and plug-ins build their model from the recipe (policy.kind by name)
             from r3_rl.policy.registry import build_policy
 
             model = build_policy(recipe).model
-            return ModelFacts("built from policy.tiny (nothing to load)",
-                              sum(t.numel() for t in model.parameters()), pixels)
+            what = "policy.tiny" if p.kind == "tiny" else f"policy {p.kind}"
+            return ModelFacts(f"built from {what} (nothing to load)", sum(t.numel() for t in model.parameters()),
+                              pixels)
     if not p.model:
         raise WeightsMissing(f"policy.model: required for policy.kind {p.kind}",
                              "--set policy.model=HUB_ID (e.g. deepseek-community/Janus-Pro-1B) or a local folder")
@@ -165,7 +167,9 @@ def checkpoint_bytes(recipe: Any, params: int, image_pixels: int) -> dict[str, i
         parts["unmerged policy"] = w
     if learner.algorithm == "ppo" and learner.ppo.critic == "separate":
         parts["critic"] = w + optim
-    parts["parent buffer"] = int(2 * recipe.tree.buffer_size * image_pixels * 3 * PICKLED_BYTES_PER_PIXEL_VALUE)
+    tokens = (recipe.data.blocks.rows * recipe.data.blocks.cols if recipe.policy.kind == "tiny"
+              else image_pixels // VQ_PATCH ** 2)
+    parts["parent buffer"] = 2 * recipe.tree.buffer_size * (4 * tokens + BUFFER_ENTRY_BYTES)
     return parts
 
 

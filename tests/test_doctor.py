@@ -132,7 +132,9 @@ def test_geneval_recipe_with_local_tiny_models_passes(repo: Path, tmp_path: Path
            "clip_model": save_tiny_clip(tmp_path / "clip"), "device": "cpu"}
     sets = [f"out_dir={tmp_path}", f"policy.model={janus}", "policy.device=cpu", "policy.dtype=float32",
             f"rewards.task={json.dumps([{'name': 'geneval', 'options': det}])}",
-            f"rewards.eval={json.dumps([{'name': 'geneval', 'options': {**det, 'binary': True}}])}"]
+            f"rewards.eval={json.dumps([{'name': 'geneval', 'options': {**det, 'binary': True}}])}",
+            # the recipe's 4 GPU learner ranks + 4 GPU rollout workers, on this CPU machine
+            "learner.ranks=1", "rollout.workers=1", "rollout.gpus_per_worker=0"]
     rc, found = run_doctor(repo / "recipes" / "grpo_geneval.yaml", sets)
     assert rc == 0, [f.line() for f in found if f.status == "problem"]
     n = sum(p.numel() for p in JanusForConditionalGeneration.from_pretrained(janus).parameters())

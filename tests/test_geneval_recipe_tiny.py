@@ -36,7 +36,10 @@ def brightness(samples, *, scale=1.0):
 '''
 
 
-def test_grpo_geneval_recipe_trains_two_steps_on_tiny_models(repo: Path, tmp_path: Path) -> None:
+def test_grpo_geneval_recipe_trains_two_steps_on_tiny_models(repo: Path, tmp_path: Path, ray_session) -> None:
+    """The shipped recipe as it is -- Ray rollout workers, a DeepSpeed learner, gradient checkpointing -- on CPU:
+    one CPU worker instead of four GPU ones, one in-process learner rank (ranks on Ray actors are tested in
+    test_learner_ranks), fp32 instead of bf16 (bf16 weights need the reference isolated from DeepSpeed)."""
     janus = make_tiny_janus(tmp_path / "janus")
     m2f = save_tiny_mask2former(tmp_path / "m2f", ["cat", "dog"])
     clip = save_tiny_clip(tmp_path / "clip")
@@ -52,6 +55,8 @@ def test_grpo_geneval_recipe_trains_two_steps_on_tiny_models(repo: Path, tmp_pat
             "tree.group_size=2", "tree.prompts_per_step=1", "tree.refine_groups_per_step=1",
             "rollout.reason.max_new_tokens=6", "rollout.reflect.max_new_tokens=6", "eval.rounds=1",
             "learner.micro_batch_size=2", "log.trajectories_every=1", "log.console=false",
+            "rollout.workers=1", "rollout.gpus_per_worker=0", "rollout.cpus_per_worker=1", "learner.ranks=1",
+            "learner.deepspeed.dtype=fp32", "eval.batch_size=2",
             f"rewards.task={yaml.safe_dump(task, default_flow_style=True).strip()}",
             f"rewards.eval={yaml.safe_dump([{'name': 'geneval', 'options': {**det, 'binary': True}}], default_flow_style=True).strip()}"]
     run = tmp_path / "run"
@@ -66,5 +71,10 @@ def test_grpo_geneval_recipe_trains_two_steps_on_tiny_models(repo: Path, tmp_pat
     images = [n for t in dump for n in t["nodes"] if n["stage"] == "generate"]
     assert images and all({"geneval", "brightness"} <= set(n["rewards"]) for n in images)
     assert (run / "checkpoints" / "step_000002").is_dir() and (run / "final" / "config.json").is_file()
+    recipe = yaml.safe_load((repo / "recipes" / "grpo_geneval.yaml").read_text())  # the design's run, as shipped
+    assert (recipe["rollout"]["backend"], recipe["learner"]["backend"], recipe["learner"]["ranks"]) == ("ray",
+                                                                                                       "deepspeed", 4)
+    assert recipe["learner"]["gradient_checkpointing"] and recipe["learner"]["deepspeed"]["dtype"] == "bf16"
+    assert "rollout: 1 Ray workers ready" in (run / "events.log").read_text()
     report = json.loads((run / "eval" / "after.json").read_text())
     assert len(report["accuracy"]) == 2  # first image + one refine round

@@ -97,7 +97,7 @@ def test_format_1_trainer_state_with_numpy_arrays_still_loads(run: tuple[Path, l
     torch.save(old, tmp_path / "trainer.pt")
     scan_checkpoint(tmp_path)
     back = safe_torch_load(tmp_path / "trainer.pt")
-    assert np.array_equal(back["numpy_rng"][1], old["numpy_rng"][1]) and back["buffer"] == state["buffer"]
+    assert np.array_equal(back["numpy_rng"][1], old["numpy_rng"][1]) and back["scorer"] == state["scorer"]
 
 
 def test_deepspeed_checkpoint_loads_go_through_weights_only(tmp_path: Path) -> None:

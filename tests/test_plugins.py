@@ -140,6 +140,35 @@ def test_recipe_validation_refuses_bad_plugins_before_any_work(tmp_path: Path, c
     assert not (tmp_path / "runs").exists()
 
 
+def test_plan_resolves_plugins_by_name(plugin_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """``r3-rl plan`` checks policy.kind / learner.algorithm through the registries (one line, exit 2), and says
+    why it cannot size a plug-in policy that builds its own model, instead of asking for a Janus config."""
+    assert main(["plan", str(RECIPE), "--set", "policy.kind=tinyy"]) == 2
+    assert main(["plan", str(RECIPE), "--set", "learner.options={clip: 0.5}"]) == 2
+    toy = f"policy.kind={plugin_dir / 'gaussian_policy.py'}:GaussianImagePolicy"
+    assert main(["plan", str(RECIPE), "--set", toy]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("r3-rl: error:") for line in err), err
+    assert "unknown policy 'tinyy' (did you mean 'tiny'?)" in err[0]
+    assert "algorithm 'grpo': unknown option 'clip'" in err[1]
+    assert "builds its model itself" in err[2] and "GaussianImagePolicy" in err[2]
+    assert main(["plan", str(RECIPE)]) == 0  # the built-in tiny policy is planned
+    assert "verdict: fits" in capsys.readouterr().out
+
+
+def test_doctor_sizes_a_plugin_policy_that_builds_its_own_model(plugin_dir: Path, tmp_path: Path) -> None:
+    """No ``policy.model`` is needed by a plug-in that builds its model from the recipe: the doctor builds it
+    through the registry (as for the tiny policy) instead of reporting missing weights."""
+    from r3_rl.doctor import doctor
+
+    found: list = []
+    sets = [f"out_dir={tmp_path}", f"policy.kind={plugin_dir / 'gaussian_policy.py'}:GaussianImagePolicy"]
+    assert doctor(RECIPE, sets, emit=found.append) == 0, [f.line() for f in found if f.status == "problem"]
+    checks = {f.check: f for f in found}
+    assert checks["weights"].status == "ok" and "GaussianImagePolicy (nothing to load)" in checks["weights"].line()
+    assert checks["disk"].status == "ok"
+
+
 def test_plugin_options_are_checked_against_their_signatures(plugin_dir: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture) -> None:
     argv = ["train", str(RECIPE), "--set", f"out_dir={tmp_path / 'runs'}"]

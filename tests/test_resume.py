@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_overrides
+from safetensors import safe_open
 from safetensors.torch import load_model
 from transformers import LlamaForCausalLM
 
@@ -97,6 +98,11 @@ def test_resume_is_bit_identical_and_skips_interrupted_checkpoints(tmp_path: Pat
     ts_straight = torch.load(tmp_path / "straight" / "checkpoints" / "step_000004" / "state" / "trainer.pt",
                              weights_only=True)
     _assert_same(ts_straight, ts, "trainer")
+    buffers: list[tuple[dict, dict]] = []
+    for run in (end, tmp_path / "straight" / "checkpoints" / "step_000004"):  # the Tree-RL parent buffer
+        with safe_open(str(run / "state" / "buffer.safetensors"), framework="pt") as f:
+            buffers.append(({k: f.get_tensor(k) for k in f.keys()}, f.metadata()))
+    _assert_same(buffers[0], buffers[1], "buffer")
     assert ts["policy_version"] == straight.policy.version == 4 and ts["data_position"] == straight.data.position
 
 

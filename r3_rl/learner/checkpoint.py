@@ -5,7 +5,8 @@ Layout of one checkpoint::
     model/                     policy weights (safetensors) + config + tokenizer: loadable by from_pretrained
                                (LoRA: merged weights; the unmerged state is in state/policy.safetensors)
     state/trainer.pt           step, policy version, RNG states (trainer, python, numpy, torch), data-sampler
-                               position, Tree-RL parent buffer, reward-failure counts
+                               position, reward-failure counts
+    state/buffer.safetensors   the Tree-RL parent buffer (image token ids / PNG bytes + JSON metadata)
     state/learner/             optimiser + LR schedule (torch: optimizer.pt; DeepSpeed: its own checkpoint),
                                learner counters, critic weights (PPO)
     state/reference.safetensors  the frozen KL reference (absent with LoRA: it is the base model)
@@ -46,7 +47,9 @@ from r3_rl.learner.safe_load import safe_torch_load, scan_checkpoint
 CKPT_DIR = "checkpoints"
 MARKER = "checkpoint.json"
 STEP_RE = re.compile(r"^step_(\d+)$")
-FORMAT = 2  # 2: no numpy objects in trainer.pt (1 stored the numpy RNG state as an array)
+# 3: the parent buffer in state/buffer.safetensors (1-2: pixel lists in trainer.pt); 2: no numpy objects in
+# trainer.pt (1 stored the numpy RNG state as an array).  Older formats still load.
+FORMAT = 3
 
 
 # ---------------------------------------------------------------------------------------------- finding
@@ -128,13 +131,16 @@ class CheckpointParts:
     ``learner``: ``export(folder)`` (a ``from_pretrained`` folder), ``save(dir)`` / ``load(dir)``, and two facts:
     ``saves_weights`` (its own files hold the trained weights: DeepSpeed) and ``adapters`` (LoRA: the export is
     merged, so the unmerged weights are kept beside it).  ``reference``: the frozen KL copy or ``None``.
-    ``loop``: the run loop's own state (step, RNGs, sampler, parent buffer, failure counts).
+    ``loop``: the run loop's own state (step, RNGs, sampler, failure counts).  ``buffer``: the Tree-RL parent
+    buffer, ``save(file)`` / ``load(file)`` of its own safetensors file (formats 1-2 kept it in the loop's
+    state, which the loop still reads).
     """
 
     policy: Any
     reference: Any
     learner: Any
     loop: Stateful
+    buffer: Any = None
 
 
 def load_exported(model: torch.nn.Module, folder: Path) -> None:
@@ -205,6 +211,8 @@ def save_checkpoint(run_dir: Path, step: int, keep_last: int, parts: CheckpointP
         save_model(parts.reference.model, str(state / "reference.safetensors"))
     learner.save(state / "learner")
     torch.save(parts.loop.state_dict(), state / "trainer.pt")
+    if parts.buffer is not None:
+        parts.buffer.save(state / "buffer.safetensors")
     meta = {"complete": True, "format": FORMAT, "step": step, "policy_version": parts.policy.version,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "recipe": recipe.name, "structure": structure(recipe)}
     (tmp / MARKER).write_text(json.dumps(meta, indent=2))
@@ -281,5 +289,7 @@ def load_checkpoint(path: Path, parts: CheckpointParts, recipe: Any) -> dict[str
     if parts.reference is not None and ref_file.is_file():
         load_model(parts.reference.model, str(ref_file))
     learner.load(state / "learner")
-    parts.loop.load_state_dict(safe_torch_load(state / "trainer.pt"))
+    parts.loop.load_state_dict(safe_torch_load(state / "trainer.pt"))  # formats 1-2: the buffer too
+    if parts.buffer is not None and (state / "buffer.safetensors").is_file():
+        parts.buffer.load(state / "buffer.safetensors")
     return meta

@@ -32,7 +32,7 @@ import torch
 from r3_rl.errors import UserError
 from r3_rl.policy.base import Policy
 from r3_rl.learner.deepspeed_learner import ensure_dist_env, free_port
-from r3_rl.learner.torch_learner import learner_from_recipe, reduce_metric
+from r3_rl.learner.torch_learner import enable_checkpointing, learner_from_recipe, reduce_metric
 from r3_rl.ray_actors import (ActorLost, ClusterError, ReadyActor, Unplaced, first_line, get_within,
                               start_actors)
 from r3_rl.ray_runtime import actor_died, cpu_state, kill_actors, start_ray, stop_ray
@@ -75,6 +75,7 @@ class LearnerRank(ReadyActor):
         if lora is not None:  # adapters first, so the driver's parameter names match; reference = adapters off
             from r3_rl.learner.lora import apply_lora
 
+            enable_checkpointing(policy, recipe.learner)  # before LoRA wraps the model
             adapters = apply_lora(policy, lora)
             reference = adapters.reference() if uses_kl(recipe.learner) else None
         policy.load_state_dict(policy_state, version)  # before DeepSpeed copies the weights into its partitions

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from r3_rl.errors import UserError
 from r3_rl.learner.actions import uses_kl
 from r3_rl.learner.algorithm import Algorithm, LearnerModels
 from r3_rl.learner.batch import TrainItem
@@ -193,6 +194,19 @@ class TorchLearner:
         self.optim.load(path)
 
 
+def enable_checkpointing(policy: Policy, cfg: Any) -> None:
+    """``learner.gradient_checkpointing``: recompute decoder activations in backward.  Call it before LoRA
+    wraps the model; each learner rank enables its own."""
+    if not cfg.gradient_checkpointing:
+        return
+    from r3_rl.policy.kv_cache import enable_gradient_checkpointing
+
+    try:
+        enable_gradient_checkpointing(policy.model)
+    except ValueError as e:
+        raise UserError(f"learner.gradient_checkpointing: {e}") from None
+
+
 def learner_from_recipe(policy: Policy, reference: Any, recipe: Any, algorithm: Algorithm | None = None,
                         adapters: Any = None) -> TorchLearner:
     """The in-process learner for ``recipe.learner``: LoRA adapters injected into ``policy`` (the reference is
@@ -202,6 +216,8 @@ def learner_from_recipe(policy: Policy, reference: Any, recipe: Any, algorithm: 
 
     cfg = recipe.learner
     algorithm = algorithm if algorithm is not None else load_algorithm(recipe)
+    if adapters is None:  # a caller that injected adapters enabled checkpointing before (it must precede LoRA)
+        enable_checkpointing(policy, cfg)
     if adapters is None and cfg.lora is not None:
         from r3_rl.learner.lora import apply_lora
 

@@ -164,6 +164,9 @@ class Policy(ABC):
         """Probability that the answer to ``questions[i]`` about ``images[i]`` is "yes" (no sampling)."""
         raise NotImplementedError(f"{type(self).__name__} cannot answer questions about images")
 
+    # --- optional: ``decode_image_tokens(tokens) -> HxWx3 uint8`` rebuilds the pixels of an image this
+    # policy drew from its tokens; with it the Tree-RL parent buffer stores tokens instead of PNG bytes.
+
     # --- weights -------------------------------------------------------------------------------
     def _partitioned(self) -> list[torch.nn.Parameter]:
         """Parameters DeepSpeed ZeRO-3 has partitioned: each rank holds a shard and ``p.data`` is empty."""

@@ -28,11 +28,12 @@ from r3_rl.policy.base import DTYPES, ImageInput, ImageSample, Policy, TextSampl
 from r3_rl.policy.janus_engine import JanusEngine
 from r3_rl.policy.janus_prompts import check_templates, image_ref, png_pixels, uncond_ids, user_content
 from r3_rl.policy.janus_recipe import JanusRecipe, resolve_model
-from r3_rl.policy.sampling import cfg_logits, sampling_logprobs
+from r3_rl.policy.sampling import token_logprobs
 from r3_rl.trajectory import PromptItem, SamplingParams, Segment
 
 STATE_FILE = "r3_policy.json"
 YES, NO = ("Yes", " Yes", "yes", " yes"), ("No", " No", "no", " no")
+DECODE_CHUNK = 8  # images per VQ decode call
 
 
 class JanusPolicy(JanusRecipe, Policy):
@@ -52,6 +53,7 @@ class JanusPolicy(JanusRecipe, Policy):
             raise UserError("policy.model: the tokenizer needs BOS, EOS and pad tokens (Janus-Pro's have them)")
         cfg = model.config
         self.num_image_tokens = cfg.vq_config.num_patches ** 2
+        self.codebook_size = cfg.vq_config.num_embeddings
         if processor.num_image_tokens != cfg.vision_config.num_image_tokens:
             raise UserError(f"policy.model: processor expects {processor.num_image_tokens} image tokens but the "
                             f"vision tower makes {cfg.vision_config.num_image_tokens}")
@@ -142,7 +144,7 @@ class JanusPolicy(JanusRecipe, Policy):
         pixels = {json.dumps(r, sort_keys=True): self._pixels(r) for r in refs if r is not None}
         images = [None if r is None else pixels[json.dumps(r, sort_keys=True)] for r in refs]
         emb, mask, pos = self.engine.embed([s.context["input_ids"] for s in segments], images, left=True)
-        return self.engine._trunk(emb, mask, pos).last_hidden_state[:, -1]
+        return self.engine._trunk(emb, mask, pos, use_cache=False).last_hidden_state[:, -1]
 
     # ------------------------------------------------------------------ prompts
     def _ids(self, stage: str, values: dict[str, str], image: bool, image_mode: bool) -> list[int]:
@@ -179,6 +181,10 @@ class JanusPolicy(JanusRecipe, Policy):
                 self._decoded.popitem(last=False)
         return self._decoded[key]
 
+    def decode_image_tokens(self, tokens: list[int]) -> np.ndarray:
+        """Pixels of an image this policy drew, from its VQ tokens (decoded and cached as for training)."""
+        return self._pixels({"tokens": tokens})  # type: ignore[return-value]
+
     def _decode(self, tokens: torch.Tensor) -> np.ndarray:
         return self.engine.decode_images(tokens, *self._post)
 
@@ -208,7 +214,9 @@ class JanusPolicy(JanusRecipe, Policy):
         return segs
 
     def _image_samples(self, segs: list[Segment]) -> list[ImageSample]:
-        pixels = self._decode(torch.tensor([s.token_ids for s in segs], dtype=torch.long))
+        # a few images per VQ decode: its full-resolution feature maps take ~0.4 GB per 384x384 image in bf16
+        tokens = torch.tensor([s.token_ids for s in segs], dtype=torch.long)
+        pixels = np.concatenate([self._decode(tokens[i:i + DECODE_CHUNK]) for i in range(0, len(segs), DECODE_CHUNK)])
         return [ImageSample(image_tokens=list(s.token_ids), image=pixels[i], segment=s) for i, s in enumerate(segs)]
 
     @staticmethod
@@ -266,18 +274,14 @@ class JanusPolicy(JanusRecipe, Policy):
                 mods.append(s.modality)
         hidden = self.engine.target_hidden(ids, images, targets, mods)
         out: list[torch.Tensor] = []
-        for i, s in enumerate(segments):
+        for i, s in enumerate(segments):  # logits in chunks of rows, recomputed in backward: see token_logprobs
             keep = torch.tensor(s.token_ids, dtype=torch.long, device=self.engine.device)
             if s.modality == "image":
-                head = self._model.model.generation_head
-                logits = head(hidden[row_of[i]]).float()
-                if i in null_row:
-                    logits = cfg_logits(logits, head(hidden[null_row[i]]).float(), s.sampling.cfg_scale)
-                lp = sampling_logprobs(logits, s.sampling, keep=keep)
+                out.append(token_logprobs(hidden[row_of[i]], self._model.model.generation_head, self.codebook_size,
+                                          keep, s.sampling, uncond=hidden[null_row[i]] if i in null_row else None))
             else:
-                logits = self._model.lm_head(hidden[row_of[i]]).float()
-                lp = sampling_logprobs(logits, s.sampling, self.text_mask, keep=keep)
-            out.append(lp.gather(-1, keep.unsqueeze(-1)).squeeze(-1))
+                out.append(token_logprobs(hidden[row_of[i]], self._model.lm_head, self._model.lm_head.out_features,
+                                          keep, s.sampling, self.text_mask))
         return out
 
     # ------------------------------------------------------------------ understanding
@@ -289,7 +293,7 @@ class JanusPolicy(JanusRecipe, Policy):
         yes, no = sorted(yes - no), sorted(no - yes)
         ctx = [self._chat_ids(user_content("{image}{prompt}", {"prompt": q}, True), False) for q in questions]
         emb, mask, pos = self.engine.embed(ctx, [np.asarray(im.image) for im in images], left=True)
-        hidden = self.engine._trunk(emb, mask, pos).last_hidden_state[:, -1]
+        hidden = self.engine._trunk(emb, mask, pos, use_cache=False).last_hidden_state[:, -1]
         probs = torch.softmax(self._model.lm_head(hidden).float(), dim=-1)
         p_yes, p_no = probs[:, yes].sum(-1), probs[:, no].sum(-1)
         return (p_yes / (p_yes + p_no).clamp_min(1e-30)).cpu().tolist()

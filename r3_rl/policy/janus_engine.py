@@ -10,7 +10,7 @@ Sampling and training reach the *same* logits through the same embedding path an
 :func:`r3_rl.policy.sampling.sampling_logprobs`, which is what makes the recorded log-probs equal the
 training log-probs.  Sampling batches rows of different lengths by left padding (position ids
 count real tokens only), the cond and null CFG streams of an image batch are one batch of 2B rows
-sharing one KV cache.  Training runs each distinct context once and feeds every row's targets on
+sharing one KV cache, preallocated for the whole image and written in place (:mod:`r3_rl.policy.kv_cache`).  Training runs each distinct context once and feeds every row's targets on
 its KV cache when contexts repeat (siblings), else one right-padded forward over full rows.  Padding
 and sharing never change a row's log-probs (tested).
 
@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from r3_rl.policy.kv_cache import PreallocatedCache, ReplayCache
 from r3_rl.policy.sampling import cfg_logits, sample_tokens, sampling_logprobs
 from r3_rl.policy.shared_context import first_rows, shared_context_rows
 from r3_rl.trajectory import SamplingParams
@@ -95,9 +96,14 @@ class JanusEngine:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         return emb, mask, pos
 
-    def _trunk(self, emb: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: object = None):
+    def _trunk(self, emb: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: object = None,
+               use_cache: bool = True):
         return self.model.model.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
-                                                cache=cache, use_cache=True)
+                                                cache=cache, use_cache=use_cache)
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.model.language_model.config.num_hidden_layers
 
     # ------------------------------------------------------------------ sampling
     def _decode_step(self, emb: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: object,
@@ -145,9 +151,9 @@ class JanusEngine:
         cfg = null_ids is not None and modality == "image"
         rows, row_images = (ids + null_ids, images + images) if cfg else (ids, images)  # type: ignore[operator]
         emb, mask, pos = self.embed(rows, row_images, left=True)
-        out = self._trunk(emb, mask, pos)
-        hidden, cache = out.last_hidden_state[:, -1], out.cache
         r, width = mask.shape
+        cache = PreallocatedCache(self.num_layers, width + steps)  # written in place: no per-step concatenation
+        hidden = self._trunk(emb, mask, pos, cache).last_hidden_state[:, -1]
         full_mask = torch.ones((r, width + steps), dtype=torch.bool, device=self.device)
         full_mask[:, :width] = mask.bool()
         step_pos = pos[:, -1:] + torch.arange(1, steps + 1, device=self.device)  # [R, steps]
@@ -208,7 +214,7 @@ class JanusEngine:
         seqs = [c + t[:-1] for c, t in zip(ids, targets)]
         gen_from = [len(c) if m == "image" else len(s) for c, s, m in zip(ids, seqs, modalities)]
         emb, mask, pos = self.embed(seqs, images, gen_from=gen_from, left=False)
-        hidden = self._trunk(emb, mask, pos).last_hidden_state
+        hidden = self._trunk(emb, mask, pos, use_cache=False).last_hidden_state
         return [hidden[i, len(c) - 1:len(c) - 1 + len(t)] for i, (c, t) in enumerate(zip(ids, targets))]
 
     def _shared_context_hidden(self, ids: list[list[int]], images: list[np.ndarray | None],
@@ -217,19 +223,21 @@ class JanusEngine:
         """Each distinct context once (left-padded, cached), then every row's targets on its context's cache."""
         reps = first_rows(row_of)
         emb, mask, pos = self.embed([ids[i] for i in reps], [images[i] for i in reps], left=True)
-        out = self._trunk(emb, mask, pos)
+        context_cache = ReplayCache(self.num_layers)  # replayable: safe under gradient checkpointing
+        # use_cache=False: the cache is ours to fill (transformers would warn under gradient checkpointing)
+        out = self._trunk(emb, mask, pos, context_cache, use_cache=False)
         rows = torch.tensor(row_of, dtype=torch.long, device=self.device)
         first = out.last_hidden_state[rows, -1:]  # the context's last position predicts target token 0
         t_max = max(len(t) for t in targets)
         if t_max == 1:
             return [first[i] for i in range(len(targets))]
-        cache = out.cache
-        cache.reorder_cache(rows)  # each row gets its context's keys/values (a differentiable index_select)
+        cache = context_cache.select(rows)  # each row gets its context's keys/values (a differentiable index)
         feeds = [t[:-1] for t in targets]
         gen_from = [0 if m == "image" else len(f) for f, m in zip(feeds, modalities)]
         feed_emb, feed_mask, _ = self.embed(feeds, [None] * len(feeds), gen_from=gen_from, left=False)
         positions = pos[rows, -1:] + 1 + torch.arange(t_max - 1, device=self.device)
-        rest = self._trunk(feed_emb, torch.cat([mask[rows], feed_mask], dim=1), positions, cache).last_hidden_state
+        rest = self._trunk(feed_emb, torch.cat([mask[rows], feed_mask], dim=1), positions, cache,
+                           use_cache=False).last_hidden_state
         hidden = torch.cat([first, rest], dim=1)
         return [hidden[i, :len(t)] for i, t in enumerate(targets)]
 

@@ -87,8 +87,10 @@ def build_tiny_tokenizer():
 
 
 def tiny_janus_config(vocab_size: int, pad_id: int, bos_id: int, eos_id: int, image_token_id: int,
-                      hidden_size: int = 64, num_layers: int = 2, grid: int = 4, codebook: int = 512):
-    """A JanusConfig a few M parameters big.
+                      hidden_size: int = 64, num_layers: int = 2, grid: int = 4, codebook: int = 512,
+                      heads: int = 4, kv_heads: int = 2, intermediate: int | None = None):
+    """A JanusConfig a few M parameters big (or Janus-Pro-shaped: ``heads = hidden_size // 128``, ``kv_heads =
+    heads``, ``intermediate = 2.75 * hidden_size``, ``codebook = 16384``, at any width and depth).
 
     ``grid`` x ``grid`` image tokens per image (both the SigLIP patches of the understanding path and
     the VQ latent grid of the generation path); the VQ decoder upsamples 2x, so images are
@@ -97,8 +99,8 @@ def tiny_janus_config(vocab_size: int, pad_id: int, bos_id: int, eos_id: int, im
     from transformers import JanusConfig, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
 
     patch = 8
-    text = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                       num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate or 2 * hidden_size,
+                       num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                        max_position_embeddings=2048, pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id,
                        tie_word_embeddings=False)
     vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=grid * patch,
@@ -111,8 +113,10 @@ def tiny_janus_config(vocab_size: int, pad_id: int, bos_id: int, eos_id: int, im
 
 
 def make_tiny_janus(path: str | Path, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
-                    grid: int = 4) -> str:
-    """Build a tiny random Janus + processor and ``save_pretrained`` both to ``path``; returns ``str(path)``."""
+                    grid: int = 4, **shape: int) -> str:
+    """Build a tiny random Janus + processor and ``save_pretrained`` both to ``path``; returns ``str(path)``.
+
+    ``shape``: more :func:`tiny_janus_config` sizes (``heads``, ``kv_heads``, ``intermediate``, ``codebook``)."""
     from transformers import JanusForConditionalGeneration, JanusProcessor
     from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
 
@@ -121,7 +125,7 @@ def make_tiny_janus(path: str | Path, seed: int = 0, hidden_size: int = 64, num_
     tok = build_tiny_tokenizer()
     ids = tok.convert_tokens_to_ids
     config = tiny_janus_config(len(tok), ids(PAD), ids(BOS), ids(EOS), ids(IMAGE_TOKENS["image_token"]),
-                               hidden_size=hidden_size, num_layers=num_layers, grid=grid)
+                               hidden_size=hidden_size, num_layers=num_layers, grid=grid, **shape)
     torch.manual_seed(seed)
     model = JanusForConditionalGeneration(config)
     # what transformers' image-mode generate reads (as in the Janus-Pro hub checkpoints); a config not

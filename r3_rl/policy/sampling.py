@@ -13,7 +13,10 @@ log-prob would turn the clipped loss into NaN instead of a clipped ratio.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from r3_rl.trajectory import SamplingParams
 
@@ -56,6 +59,36 @@ def sampling_logprobs(logits: torch.Tensor, sp: SamplingParams, allowed: torch.T
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = _masked(logits, drop, keep)
     return torch.log_softmax(logits, dim=-1)
+
+
+# Logits per chunk of rows in token_logprobs: 2^24 float32 = 64 MB (164 positions of Janus' 102,400-token vocabulary)
+LOGIT_CHUNK_ELEMENTS = 1 << 24
+
+
+def token_logprobs(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], vocab: int,
+                   tokens: torch.Tensor, sp: SamplingParams, allowed: torch.Tensor | None = None,
+                   uncond: torch.Tensor | None = None, chunk_elements: int = LOGIT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """Log-probs ``[N]`` of ``tokens`` under the sampling distribution, from hidden states ``[N, D]``.
+
+    The head, the CFG mix with the null stream's hidden states ``uncond`` and :func:`sampling_logprobs` (top-k /
+    top-p exact, sampled tokens kept) run on chunks of rows holding at most ``chunk_elements`` logits; under
+    autograd each chunk is recomputed in backward (activation checkpointing), so no ``[N, vocab]`` float32
+    tensor is alive at once or kept for backward -- only the hidden states are.
+    """
+    rows = max(1, chunk_elements // max(vocab, 1))
+
+    def chunk(h: torch.Tensor, hu: torch.Tensor | None, tok: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        if hu is not None:
+            logits = cfg_logits(logits, head(hu).float(), sp.cfg_scale)
+        return sampling_logprobs(logits, sp, allowed, keep=tok).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    out = []
+    for s in range(0, hidden.shape[0], rows):
+        args = (hidden[s:s + rows], None if uncond is None else uncond[s:s + rows], tokens[s:s + rows])
+        out.append(checkpoint(chunk, *args, use_reentrant=False) if recompute else chunk(*args))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def _masked(logits: torch.Tensor, drop: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:

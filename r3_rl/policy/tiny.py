@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from r3_rl.blocks import codec, world
 from r3_rl.errors import UserError
 from r3_rl.policy.base import ImageInput, ImageSample, Policy, TextSample
+from r3_rl.policy.kv_cache import PreallocatedCache, ReplayCache
 from r3_rl.policy.sampling import cfg_logits, sample_tokens, sampling_logprobs
 from r3_rl.policy.shared_context import first_rows, shared_context_rows
 from r3_rl.policy.tiny_recipe import TinyRecipe
@@ -140,10 +141,14 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
             mask[i, width - len(x):] = 1
         return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
-    def _forward_last(self, ids: list[list[int]]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+    def _forward_last(self, ids: list[list[int]], steps: int) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+        """Prefill of left-padded ``ids`` -> (last logits, a KV cache with room for ``steps`` more tokens,
+        an attention mask ``[B, width + steps]`` to be sliced, last position ids)."""
         input_ids, mask, pos = self._left_padded(ids)
-        out = self._model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        return out.logits[:, -1].float(), out.cache, mask, pos[:, -1]
+        cache = PreallocatedCache(self._model.config.num_hidden_layers, input_ids.shape[1] + steps)
+        out = self._model(input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        full_mask = torch.cat([mask, torch.ones((mask.shape[0], steps), dtype=mask.dtype)], dim=1)
+        return out.logits[:, -1].float(), cache, full_mask, pos[:, -1]
 
     @torch.no_grad()
     def _sample(self, contexts: list[list[int]], modality: str, sp: SamplingParams,
@@ -152,9 +157,10 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
         n = len(contexts)
         use_cfg = modality == "image" and sp.cfg_scale != 1.0
         streams = contexts + (uncond or []) if use_cfg else contexts
-        logits, cache, mask, last_pos = self._forward_last(streams)
         allowed = self.image_mask if modality == "image" else self.text_mask
         steps = self.num_cells if modality == "image" else sp.max_new_tokens
+        logits, cache, full_mask, last_pos = self._forward_last(streams, steps)
+        width = full_mask.shape[1] - steps
         tokens = torch.full((n, steps), self.pad_id, dtype=torch.long)
         logps = torch.zeros((n, steps))
         done = torch.zeros(n, dtype=torch.bool)
@@ -174,11 +180,10 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
             if t == steps - 1:
                 break
             feed = torch.cat([tok, tok]) if use_cfg else tok
-            mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
             last_pos = last_pos + 1
-            out = self._model(input_ids=feed.unsqueeze(1), attention_mask=mask, position_ids=last_pos.unsqueeze(1),
-                              cache=cache, use_cache=True)
-            logits, cache = out.logits[:, -1].float(), out.cache
+            out = self._model(input_ids=feed.unsqueeze(1), attention_mask=full_mask[:, :width + t + 1],
+                              position_ids=last_pos.unsqueeze(1), cache=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
         segs = []
         for i in range(n):
             k = int(lengths[i])
@@ -193,9 +198,12 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
         out = []
         for seg in segs:
             cells = [t - self.image_offset for t in seg.token_ids]
-            grid = np.asarray(cells, dtype=np.int64).reshape(self.rows, self.cols)
-            out.append(ImageSample(image_tokens=cells, image=codec.encode(grid), segment=seg))
+            out.append(ImageSample(image_tokens=cells, image=self.decode_image_tokens(cells), segment=seg))
         return out
+
+    def decode_image_tokens(self, tokens: list[int]) -> np.ndarray:
+        """Pixels of a grid from its cell tokens (what ``ImageSample.image_tokens`` holds)."""
+        return codec.encode(np.asarray(tokens, dtype=np.int64).reshape(self.rows, self.cols))
 
     # ------------------------------------------------------------------ R3 stages
     def reason(self, prompts: list[PromptItem], sampling: SamplingParams,
@@ -252,21 +260,22 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
     def _shared_context_logits(self, prefixes: list[list[int]], row_of: list[int],
                                targets: list[list[int]]) -> torch.Tensor:
         input_ids, mask, pos = self._left_padded(prefixes)
-        out = self._model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        context_cache = ReplayCache(self._model.config.num_hidden_layers)  # replayable under checkpointing
+        out = self._model(input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=context_cache,
+                          use_cache=False, logits_to_keep=1)  # the cache is ours to fill, checkpointing or not
         rows = torch.tensor(row_of, dtype=torch.long)
         first = out.logits[rows].float()  # [B, 1, V]: the context's last position predicts target token 0
         t_max = max(len(t) for t in targets)
         if t_max == 1:
             return first
-        cache = out.cache
-        cache.reorder_cache(rows)  # each row gets its context's keys/values (a differentiable index_select)
+        cache = context_cache.select(rows)  # each row gets its context's keys/values (a differentiable index)
         feed = torch.full((len(targets), t_max - 1), self.pad_id, dtype=torch.long)
         for i, t in enumerate(targets):
             feed[i, :len(t) - 1] = torch.tensor(t[:-1], dtype=torch.long)
         mask = torch.cat([mask[rows], torch.ones_like(feed)], dim=1)
         positions = pos[rows, -1:] + 1 + torch.arange(t_max - 1)
         rest = self._model(input_ids=feed, attention_mask=mask, position_ids=positions, cache=cache,
-                           use_cache=True).logits.float()
+                           use_cache=False).logits.float()
         return torch.cat([first, rest], dim=1)
 
     def _full_row_logits(self, contexts: list[list[int]], targets: list[list[int]]) -> torch.Tensor:

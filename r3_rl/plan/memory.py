@@ -1,0 +1,125 @@
+"""Bytes per GPU of each memory component of a run: pure functions of a :class:`ModelShape` and sizes.
+
+Model states follow DeepSpeed's own accounting (``estimate_zero2/3_model_states_mem_needs``; tested equal):
+bf16/fp16 weights and gradients, fp32 master weights, fp32 gradients for the optimiser, fp32 Adam moments,
+sharded over ``ranks`` by ZeRO stage.  The torch backend keeps the same states unsharded
+(:class:`r3_rl.learner.precision.MasterWeights`: bf16 weights, fp32 masters with fp32 gradients, fp32 Adam).
+
+Activations are those of transformers' Llama decoder layer as autograd keeps them (sdpa attention: no
+``S x S`` matrix), counted op by op and checked on CPU against the torch profiler (``r3_rl.plan.validate``):
+per token and layer ``(8 + 6b)D + 2b*D_kv + 4b*I`` bytes for ``b``-byte activations; with gradient
+checkpointing each layer keeps only its input (measured: ``2bD``), and backward recomputes one layer at a
+time.  Backward also holds weight-sized gradient temporaries (two of the largest weight: the CFG streams use
+the head twice) and the gradients of one layer's activations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from r3_rl.plan.shapes import ModelShape
+from r3_rl.policy.sampling import LOGIT_CHUNK_ELEMENTS
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+# Token allowance for a stage's text around the variable parts: chat template, system prompt, the prompt itself
+PROMPT_TOKENS = 96
+# Peak of sampling_logprobs (+ sampling, or + backward in token_logprobs) in units of a float32 [rows, vocab]
+# tensor: top-p sorts (values and int64 indices), cumulative sums and masks; measured on CPU (CFG included):
+# 8.5 and 3.8 with and without top-p
+LOGIT_TEMPS_TOP_P, LOGIT_TEMPS = 9, 4
+# Activation-gradient temporaries in backward, as a fraction of one layer's saved activations (measured)
+BACKWARD_TEMPS, RECOMPUTE_TEMPS = 0.25, 0.75
+VQ_TEMPS = 6  # full-resolution feature maps alive at once in the VQ decoder (GroupNorm, SiLU, conv, residual, ...)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One sampling stage's sizes: context length, new tokens, rows per segment (2 with CFG), its vocabulary."""
+
+    name: str
+    context: int
+    new_tokens: int
+    rows: int
+    vocab: int
+    top_p: bool
+
+
+def model_states(shape: ModelShape, *, weight_bytes: int, trained: int, zero_stage: int | None,
+                 ranks: int) -> dict[str, float]:
+    """Weights, gradients, master weights and Adam state of one learner rank.
+
+    ``zero_stage`` None = the torch backend (no sharding); ``trained`` = trainable parameters (LoRA: adapters).
+    """
+    p, n, b = shape.params, max(ranks, 1), weight_bytes
+    mixed = b < 4
+    fp32_grads = 4 * trained if mixed else 0  # the optimiser's fp32 copy of the gradients
+    master = 4 * trained if mixed else 0
+    adam = 8 * trained
+    if zero_stage is None:  # torch: bf16 gradients are added into the fp32 masters' as soon as backward makes them
+        return {"weights": b * p, "gradients": 4 * trained, "master weights": master, "optimizer (Adam)": adam}
+    if zero_stage == 0:  # DeepSpeed ZeRO-0 (fp32 only: bf16 would accumulate in bf16)
+        return {"weights": b * p, "gradients": b * trained + fp32_grads, "master weights": master,
+                "optimizer (Adam)": adam}
+    if zero_stage == 1:
+        return {"weights": b * p, "gradients": b * trained + fp32_grads / n, "master weights": master / n,
+                "optimizer (Adam)": adam / n}
+    if zero_stage == 2:
+        return {"weights": b * p, "gradients": (b * trained + fp32_grads) / n, "master weights": master / n,
+                "optimizer (Adam)": adam / n}
+    gathered = b * shape.largest_layer  # ZeRO-3 gathers one layer's weights (and its gradients) at a time
+    grads = (fp32_grads if mixed else b * trained) / n + gathered
+    return {"weights": b * p / n + gathered, "gradients": grads, "master weights": master / n,  # frozen too
+            "optimizer (Adam)": adam / n}
+
+
+def layer_activations(shape: ModelShape, b: int) -> int:
+    """Bytes one decoder layer keeps for backward per token (no checkpointing)."""
+    d, dkv, i = shape.hidden, shape.kv_heads * shape.head_dim, shape.intermediate
+    return (8 + 6 * b) * d + 2 * b * dkv + 4 * b * i
+
+
+def activations(shape: ModelShape, tokens: int, b: int, checkpointing: bool,
+                weight_grads: bool = True) -> tuple[float, float]:
+    """(bytes kept for backward by a micro-batch of ``tokens`` positions, peak extra bytes during backward).
+
+    ``weight_grads``: the big weights train (not LoRA), so backward holds weight-sized gradient temporaries."""
+    per_layer = layer_activations(shape, b)
+    # a weight's gradient before it is added to .grad; CFG uses the image head twice
+    grad_temp = 2 * b * shape.largest_weight if weight_grads else 0
+    if checkpointing:
+        return tokens * (2 * shape.layers + 5) * b * shape.hidden, grad_temp + RECOMPUTE_TEMPS * per_layer * tokens
+    return tokens * (shape.layers * per_layer + 2 * b * shape.hidden), grad_temp + BACKWARD_TEMPS * per_layer * tokens
+
+
+def forward_temporaries(shape: ModelShape, tokens: int, b: int) -> float:
+    """Peak bytes of a forward without autograd (reference, sampling prefill): one layer's intermediates."""
+    return tokens * (3 * shape.intermediate + 5 * shape.hidden) * b
+
+
+def logits(rows: int, vocab: int, top_p: bool) -> float:
+    """float32 logits and their sampling temporaries for ``rows`` positions at once."""
+    return rows * vocab * 4 * (LOGIT_TEMPS_TOP_P if top_p else LOGIT_TEMPS)
+
+
+def learner_logits(stage: Stage) -> float:
+    """The training forward's logits: one chunk of ``token_logprobs`` at a time (CFG: both streams' heads)."""
+    rows = min(stage.new_tokens, max(1, LOGIT_CHUNK_ELEMENTS // stage.vocab))
+    return logits(rows, stage.vocab, stage.top_p)
+
+
+def kv_cache(shape: ModelShape, rows: int, length: int, b: int) -> float:
+    """A KV cache of ``rows`` x ``length`` positions (keys and values of every layer)."""
+    return rows * length * shape.layers * 2 * shape.kv_heads * shape.head_dim * b
+
+
+def vq_decode(shape: ModelShape, images: int, b: int) -> float:
+    """The VQ decoder's peak for ``images`` decoded at once (full-resolution feature maps)."""
+    return images * shape.image_side ** 2 * shape.vq_channels * b * VQ_TEMPS
+
+
+def sampling_peak(shape: ModelShape, stage: Stage, segments: int, b: int) -> dict[str, float]:
+    """What one sampling call of ``segments`` segments adds to the weights: its preallocated KV cache
+    (context + every new token, CFG rows included), the prefill's intermediates and a step's logits."""
+    rows = segments * stage.rows
+    return {"KV cache": kv_cache(shape, rows, stage.context + stage.new_tokens, b),
+            "prefill activations": forward_temporaries(shape, rows * stage.context, b),
+            "logits": logits(segments, stage.vocab, stage.top_p) + rows * stage.vocab * 4}

@@ -1,0 +1,188 @@
+"""``r3-rl plan``: a recipe's GPU memory, process by process and component by component, before launch.
+
+The processes a recipe starts: ``learner.ranks`` learner ranks (Ray actors with ``gpus_per_rank``; one rank
+is the trainer process itself), ``rollout.workers`` sampling actors with ``gpus_per_worker`` (``rollout.backend:
+ray``; local rollout samples in the trainer process), and the trainer process on ``policy.device`` -- which
+Ray does not know about, so it shares GPU 0 with an actor.  A process's peak is what it keeps (weights,
+optimiser state, reference) plus the largest of its phases (a learner micro-batch, a sampling call, an eval
+batch, a VQ decode).  Sizes come from :mod:`r3_rl.plan.memory`.  A GPU fits when its total stays under
+``USABLE`` of its memory (the rest: CUDA context, NCCL buffers, allocator fragmentation).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from r3_rl.errors import UserError
+from r3_rl.plan import memory
+from r3_rl.plan.memory import DTYPE_BYTES, PROMPT_TOKENS, Stage
+from r3_rl.plan.shapes import ModelShape, model_shape
+from r3_rl.policy.janus import DECODE_CHUNK
+
+GB = 1e9
+USABLE = 0.9
+DEFAULT_LORA = (16, ["q_proj", "k_proj", "v_proj", "o_proj"])  # what the advice proposes
+
+
+@dataclass
+class Process:
+    name: str
+    per_gpu: float  # processes of this kind on one GPU (0: not on a GPU)
+    resident: dict[str, float] = field(default_factory=dict)  # kept for the whole run: component -> bytes
+    phases: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> its components
+    notes: dict[str, str] = field(default_factory=dict)  # component -> how it was sized
+
+    def peak_phase(self) -> tuple[str, dict[str, float]]:
+        if not self.phases:
+            return "", {}
+        return max(self.phases.items(), key=lambda kv: sum(kv[1].values()))
+
+    @property
+    def total(self) -> float:
+        return sum(self.resident.values()) + sum(self.peak_phase()[1].values())
+
+
+def stages(recipe: Any, shape: ModelShape) -> list[Stage]:
+    """The four R3 stages' sizes (the text around their variable parts: a ``PROMPT_TOKENS`` allowance)."""
+    r, image = recipe.rollout, shape.vision_tokens + 2
+
+    def st(name: str, context: int, new: int, vocab: int) -> Stage:
+        sp = getattr(r, name)
+        rows = 2 if name in ("generate", "refine") and sp.cfg_scale != 1.0 else 1
+        return Stage(name, context, new, rows, vocab, sp.top_p < 1.0)
+    return [st("reason", PROMPT_TOKENS, r.reason.max_new_tokens, shape.text_vocab),
+            st("generate", PROMPT_TOKENS + r.reason.max_new_tokens, shape.image_tokens, shape.image_vocab),
+            st("reflect", PROMPT_TOKENS + image, r.reflect.max_new_tokens, shape.text_vocab),
+            st("refine", PROMPT_TOKENS + image + r.reflect.max_new_tokens, shape.image_tokens, shape.image_vocab)]
+
+
+def add_learner(p: Process, recipe: Any, shape: ModelShape, *, micro_batch: int | None = None,
+                zero_stage: int | None = -1, ranks: int | None = None, checkpointing: bool | None = None,
+                lora: bool | None = None) -> Process:
+    """One learner rank's states and micro-batch phase (keywords override the recipe, for the advice)."""
+    cfg = recipe.learner
+    mbs, ranks = micro_batch or cfg.micro_batch_size, ranks or cfg.ranks
+    ckpt = cfg.gradient_checkpointing if checkpointing is None else checkpointing
+    use_lora = (cfg.lora is not None) if lora is None else lora
+    zero = (cfg.deepspeed.zero_stage if cfg.backend == "deepspeed" else None) if zero_stage == -1 else zero_stage
+    policy_b = b = DTYPE_BYTES[recipe.policy.dtype]  # the compute dtype of rollout and learner alike
+    r, targets = (cfg.lora.r, cfg.lora.target_modules) if cfg.lora is not None else DEFAULT_LORA
+    trained = shape.lora_params(r, targets) if use_lora else shape.params_trained
+    p.resident.update(memory.model_states(shape, weight_bytes=b, trained=trained, zero_stage=zero, ranks=ranks))
+    how = "torch AdamW" if zero is None else f"DeepSpeed ZeRO-{zero}, {ranks} rank(s)"
+    p.notes["weights"] = f"{b}-byte, {shape.params / 1e9:.2f} B parameters ({how})"
+    p.notes["gradients"] = f"{trained / 1e9:.3f} B trained" + (" (LoRA adapters)" if use_lora else "")
+    p.notes["master weights"] = "fp32 copy of what trains" if b < 4 else "none (fp32 weights)"
+    p.notes["optimizer (Adam)"] = "fp32 moments"
+    if cfg.algorithm == "ppo" and cfg.ppo.critic == "separate":  # a second trunk with its own optimiser state
+        p.resident["critic (separate)"] = sum(memory.model_states(shape, weight_bytes=b, trained=shape.params_trained,
+                                                                  zero_stage=zero, ranks=ranks).values())
+        p.notes["critic (separate)"] = "weights, gradients, master weights and Adam state of a policy-sized critic"
+    kl = cfg.kl_coef_text > 0 or cfg.kl_coef_image > 0
+    p.resident["reference"] = policy_b * shape.params if kl and not use_lora else 0.0
+    p.notes["reference"] = ("frozen copy of the policy" if p.resident["reference"] else
+                            "none (LoRA: adapters off)" if use_lora else "none (KL weights 0)")
+    worst = max(stages(recipe, shape), key=lambda s: s.rows * (s.context + s.new_tokens))
+    tokens = mbs * worst.rows * (worst.context + worst.new_tokens - 1)
+    saved, backward = memory.activations(shape, tokens, b, ckpt, weight_grads=not use_lora)
+    other, _ = memory.activations(shape, tokens, b, not ckpt, weight_grads=not use_lora)
+    ref_forward = memory.forward_temporaries(shape, tokens, policy_b) if p.resident["reference"] else 0.0
+    p.phases["learner micro-batch"] = {"activations": saved, "backward temporaries": max(backward, ref_forward),
+                                       "logits": max(memory.learner_logits(s) for s in stages(recipe, shape))}
+    p.notes["activations"] = (f"{mbs} {worst.name} segment(s) x {worst.rows} x {worst.context + worst.new_tokens} "
+                              f"tokens, checkpointing {'on' if ckpt else 'off'} ({'off' if ckpt else 'on'}: "
+                              f"{other / GB:.1f} GB)")
+    p.notes["backward temporaries"] = "weight/activation gradients" + (", one recomputed layer" if ckpt else "")
+    p.notes["logits"] = "float32, one row chunk of token_logprobs at a time"
+    return p
+
+
+def add_sampling(p: Process, recipe: Any, shape: ModelShape, segments: int, what: str) -> Process:
+    """The phases of sampling ``segments`` segments per call: the largest stage, and the VQ decode."""
+    b = DTYPE_BYTES[recipe.policy.dtype]
+    best = max(((memory.sampling_peak(shape, s, segments, b), s) for s in stages(recipe, shape)),
+               key=lambda x: sum(x[0].values()))
+    parts, s = best
+    p.phases[f"{what} ({s.name}: {segments} x {s.rows} rows x {s.context + s.new_tokens} positions)"] = parts
+    if shape.image_side:
+        p.phases[f"VQ decode ({min(segments, DECODE_CHUNK)} images at a time)"] = {
+            "VQ decode": memory.vq_decode(shape, min(segments, DECODE_CHUNK), b)}
+    return p
+
+
+@dataclass
+class Plan:
+    recipe: Any
+    shape: ModelShape
+    gpus: int
+    gpu_memory: float
+    processes: list[Process]
+    gpus_needed: int
+    errors: list[str]
+
+    def gpu_totals(self) -> list[tuple[str, float]]:
+        """Per kind of GPU: (what it holds, bytes), the trainer process added to the fullest one."""
+        rows = [(f"{p.per_gpu:g} {p.name}{'s' if p.per_gpu > 1 else ''}", p.total * p.per_gpu)
+                for p in self.processes if p.per_gpu > 0 and p.name != "trainer process"]
+        trainer = self.processes[-1]
+        if trainer.per_gpu > 0:
+            if rows:
+                i = max(range(len(rows)), key=lambda k: rows[k][1])
+                rows[i] = (f"{rows[i][0]} + the trainer process (GPU 0, worst case)", rows[i][1] + trainer.total)
+            else:
+                rows.append(("the trainer process", trainer.total))
+        return rows
+
+    @property
+    def fits(self) -> bool:
+        return not self.errors and all(v <= USABLE * self.gpu_memory * GB for _, v in self.gpu_totals())
+
+
+def make_plan(recipe: Any, gpus: int, gpu_memory: float, shape: ModelShape | None = None) -> Plan:
+    shape = shape or model_shape(recipe)
+    cfg, r = recipe.learner, recipe.rollout
+    on_gpu = recipe.policy.device.startswith("cuda")
+    group = recipe.tree.group_size * r.groups_per_task
+    b = DTYPE_BYTES[recipe.policy.dtype]
+    errors, processes = [], []
+    if cfg.ranks > 1:
+        processes.append(add_learner(Process("learner rank", 1 / cfg.gpus_per_rank if cfg.gpus_per_rank else 0),
+                                     recipe, shape))
+        if on_gpu and not cfg.gpus_per_rank:
+            errors.append("learner.gpus_per_rank is 0 with policy.device cuda: the ranks would see no GPU")
+    if r.backend == "ray":
+        worker = Process("rollout worker", 1 / r.gpus_per_worker if r.gpus_per_worker else 0,
+                         {"weights": b * shape.params})
+        worker.notes["weights"] = f"{recipe.policy.dtype}, {shape.params / 1e9:.2f} B parameters"
+        processes.append(add_sampling(worker, recipe, shape, group, "sampling"))
+        if on_gpu and not r.gpus_per_worker:
+            errors.append("rollout.gpus_per_worker is 0 with policy.device cuda: the workers would see no GPU")
+    trainer = Process("trainer process", 1.0 if on_gpu else 0.0)
+    if cfg.ranks == 1:
+        add_learner(trainer, recipe, shape)
+    else:
+        trainer.resident["weights"] = b * shape.params
+        trainer.notes["weights"] = "its policy copy (mirrors rank 0's weights, runs the evals)"
+        kl = (cfg.kl_coef_text > 0 or cfg.kl_coef_image > 0) and cfg.lora is None
+        trainer.resident["reference"] = b * shape.params if kl else 0.0
+        trainer.notes["reference"] = ("kept to start the ranks' references and for checkpoints" if kl else
+                                      "none (LoRA: adapters off)" if cfg.lora is not None else "none (KL weights 0)")
+    if r.backend == "local":
+        add_sampling(trainer, recipe, shape, group, "rollout sampling")
+    add_sampling(trainer, recipe, shape, recipe.eval.batch_size, "eval sampling")
+    processes.append(trainer)
+    needed = math.ceil(cfg.ranks * cfg.gpus_per_rank - 1e-9) if cfg.ranks > 1 else 0
+    needed += math.ceil(r.workers * r.gpus_per_worker - 1e-9) if r.backend == "ray" else 0
+    needed = max(needed, 1 if on_gpu else 0)
+    if on_gpu and needed > gpus:
+        errors.append(f"the actors need {needed} GPUs (learner.ranks x gpus_per_rank + rollout.workers x "
+                      f"gpus_per_worker) but --gpus is {gpus}")
+    return Plan(recipe, shape, gpus, gpu_memory, processes, needed, errors)
+
+
+def check_args(gpus: int, gpu_memory: float) -> None:
+    if gpus < 1:
+        raise UserError(f"--gpus {gpus}: must be >= 1")
+    if not gpu_memory > 0:
+        raise UserError(f"--gpu-memory {gpu_memory}: must be > 0 (GB per GPU)")

@@ -1,0 +1,123 @@
+"""``learner.gradient_checkpointing``: really active in the training forward (the shared-context KV-cache
+path included), and the same log-probs and gradients as without it, on the tiny policy and on Janus."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from r3_rl.config import Learner, Templates
+from r3_rl.policy.base import ImageInput
+from r3_rl.policy.kv_cache import checkpointing_enabled, enable_gradient_checkpointing
+from r3_rl.trajectory import PromptItem, SamplingParams, Segment
+
+TEXT_SP = SamplingParams(temperature=0.9, top_k=30, top_p=0.9, max_new_tokens=8)
+IMAGE_SP = SamplingParams(temperature=1.0, top_p=0.95, cfg_scale=3.0)
+JANUS_TEMPLATES = {"system": "", "reason": "Plan: {prompt}", "generate": "{prompt}", "generate_uncond": "",
+                   "reflect": "Target: {prompt}. Edit?", "refine": "{prompt}. Edit: {instruction}"}
+
+
+def _run(policy: Any, segs: list[Segment], mlps: list[torch.nn.Module]) -> dict[str, Any]:
+    """Log-probs, gradients, decoder-MLP calls in forward / in backward (pre-hooks: a recompute stops early, inside
+    the MLP), and bytes autograd saved outside
+    checkpointed regions, for one training forward + backward over ``segs``."""
+    calls = {"forward": 0, "backward": 0}
+    phase = ["forward"]
+    hooks = [m.register_forward_pre_hook(lambda *a: calls.__setitem__(phase[0], calls[phase[0]] + 1)) for m in mlps]
+    saved = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[0] += t.numel() * t.element_size()
+        return t
+    policy.model.train()
+    policy.model.zero_grad(set_to_none=True)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            lps = policy.segment_logprobs(segs)
+        phase[0] = "backward"
+        sum(((lp - 0.1) ** 2).sum() for lp in lps).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        policy.model.eval()
+    grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+    return {"lp": [lp.detach() for lp in lps], "grads": grads, "saved": saved[0], **calls}
+
+
+def _check(policy: Any, batches: dict[str, list[Segment]], mlps: list[torch.nn.Module],
+           path_calls: Callable[[], int]) -> None:
+    plain = {k: _run(policy, segs, mlps) for k, segs in batches.items()}
+    shared_before = path_calls()
+    enable_gradient_checkpointing(policy.model)
+    assert checkpointing_enabled(policy.model)
+    ckpt = {k: _run(policy, segs, mlps) for k, segs in batches.items()}
+    assert path_calls() > shared_before, "the shared-context path was not exercised with checkpointing on"
+    for k in batches:
+        a, b = plain[k], ckpt[k]
+        assert a["backward"] == 0 and b["backward"] == b["forward"] > 0, (k, a, b)  # every layer recomputed
+        assert b["saved"] < 0.75 * a["saved"], (k, a["saved"], b["saved"])  # activations not kept
+        for x, y, seg in zip(a["lp"], b["lp"], batches[k]):
+            torch.testing.assert_close(y, x, atol=1e-6, rtol=0)
+            torch.testing.assert_close(y, torch.tensor(seg.logprobs), atol=2e-5, rtol=0)  # == sampling
+        assert a["grads"].keys() == b["grads"].keys() and a["grads"]
+        for name in a["grads"]:
+            torch.testing.assert_close(b["grads"][name], a["grads"][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_tiny_policy_checkpointing_is_active_and_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    from r3_rl.policy.tiny import TinyUnifiedPolicy
+
+    torch.manual_seed(0)
+    policy = TinyUnifiedPolicy.build(Templates().model_dump(), rows=3, cols=3, hidden_size=32, num_layers=2,
+                                     num_heads=2, intermediate_size=64)
+    prompts = [PromptItem(str(i), p) for i in range(2) for p in ["two red squares"] * 3] + \
+        [PromptItem("x", "one blue circle")]
+    g = torch.Generator().manual_seed(1)
+    plans = policy.reason(prompts, TEXT_SP, g)
+    images = policy.generate(prompts, [p.text for p in plans], IMAGE_SP, g)
+    siblings = [s.segment for s in (*plans, *images)]
+    shared = []
+    real = TinyUnifiedPolicy._shared_context_logits
+    monkeypatch.setattr(TinyUnifiedPolicy, "_shared_context_logits",
+                        lambda self, *a: shared.append(1) or real(self, *a))
+    mlps = [layer.mlp for layer in policy.model.model.layers]
+    _check(policy, {"shared context": siblings, "full rows": [plans[0].segment, images[-1].segment]}, mlps,
+           lambda: len(shared))
+
+
+def test_janus_checkpointing_is_active_and_exact(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from r3_rl.policy.janus import JanusPolicy
+    from r3_rl.policy.janus_engine import JanusEngine
+    from r3_rl.policy.janus_tiny import make_tiny_janus
+
+    torch.set_num_threads(1)
+    policy = JanusPolicy.from_pretrained(make_tiny_janus(tmp_path / "janus"), templates=JANUS_TEMPLATES)
+    prompts = [PromptItem(str(i), p) for i, p in enumerate(["a red cube", "two dogs"]) for _ in range(2)]
+    g = torch.Generator().manual_seed(2)
+    plans = policy.reason(prompts, TEXT_SP, g)
+    images = policy.generate(prompts, [None] * 4, IMAGE_SP, g)
+    parents = [ImageInput(images[i].image, images[i].image_tokens) for i in (0, 0, 2, 2)]
+    critiques = policy.reflect(prompts, parents, TEXT_SP, g)
+    refined = policy.refine(prompts, parents, ["make it blue"] * 4, IMAGE_SP, g)
+    siblings = [s.segment for stage in (plans, images, critiques, refined) for s in stage]
+    shared = []
+    real = JanusEngine._shared_context_hidden
+    monkeypatch.setattr(JanusEngine, "_shared_context_hidden", lambda self, *a: shared.append(1) or real(self, *a))
+    mlps = [layer.mlp for layer in policy.model.model.language_model.layers]
+    _check(policy, {"shared context": siblings, "full rows": [critiques[0].segment, refined[3].segment]}, mlps,
+           lambda: len(shared))
+
+
+def test_recipe_key_turns_it_on_through_build_learner() -> None:
+    from r3_rl.learner.build import build_learner
+    from r3_rl.policy.tiny import TinyUnifiedPolicy
+
+    policy = TinyUnifiedPolicy.build(Templates().model_dump(), rows=3, cols=3, hidden_size=32, num_layers=2,
+                                     num_heads=2, intermediate_size=64)
+    build_learner(policy, None, SimpleNamespace(learner=Learner(gradient_checkpointing=False)))
+    assert not checkpointing_enabled(policy.model)
+    build_learner(policy, None, SimpleNamespace(learner=Learner(gradient_checkpointing=True)))
+    assert checkpointing_enabled(policy.model)
+    assert Learner.model_fields["gradient_checkpointing"].default is False

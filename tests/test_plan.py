@@ -1,0 +1,151 @@
+"""``r3-rl plan``: shapes without downloads, DeepSpeed's own model-state accounting, computed advice, the CLI,
+and the memory model against measurement on CPU (Janus-shaped models; torch profiler memory events)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from r3_rl.cli import main
+from r3_rl.config import load_recipe
+from r3_rl.errors import UserError
+from r3_rl.plan import memory
+from r3_rl.plan.render import _with, advice
+from r3_rl.plan.report import make_plan
+from r3_rl.plan.shapes import model_shape
+
+REPO = Path(__file__).resolve().parents[1]
+GENEVAL = REPO / "recipes" / "grpo_geneval.yaml"
+
+
+def test_builtin_janus_pro_shapes_match_the_published_checkpoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    one = model_shape(load_recipe(GENEVAL))
+    seven = model_shape(load_recipe(GENEVAL, ["policy.model=deepseek-community/Janus-Pro-7B"]))
+    # bf16 checkpoints of 4.18 GB and 14.84 GB (2.09 B / 7.42 B, with SigLIP's 12.6 M attention-pool head that
+    # transformers' Janus drops)
+    assert abs(one.params + 12.6e6 - 2.09e9) < 0.01 * 2.09e9 and abs(seven.params + 12.6e6 - 7.42e9) < 0.01 * 7.42e9
+    assert (one.hidden, one.layers, one.intermediate, one.image_tokens) == (2048, 24, 5632, 576)
+    assert (seven.hidden, seven.layers, seven.heads, seven.image_vocab) == (4096, 30, 32, 16384)
+    assert one.params_trained == one.params - one.params_vision - 71_883_403  # VQ-VAE and SigLIP are frozen
+
+
+def test_shape_from_a_local_config_is_exact(tmp_path: Path) -> None:
+    from r3_rl.plan.validate import TEMPLATES
+    from r3_rl.policy.janus import JanusPolicy
+    from r3_rl.policy.janus_tiny import make_tiny_janus
+
+    path = make_tiny_janus(tmp_path / "janus", hidden_size=64, num_layers=3)
+    shape = model_shape(load_recipe(GENEVAL, [f"policy.model={path}"]))
+    policy = JanusPolicy.from_pretrained(path, templates=TEMPLATES)
+    params = list(policy.model.parameters())
+    assert shape.params == sum(p.numel() for p in params) and shape.layers == 3
+    assert shape.params_trained == sum(p.numel() for p in params if p.requires_grad)
+    assert shape.largest_weight == max(p.numel() for p in params)
+
+
+def test_unknown_model_is_a_one_line_error_and_nothing_is_downloaded(monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("tried to download"))
+    with pytest.raises(UserError, match="no config.json for 'someone/NotAModel'.*deepseek-community/Janus-Pro-1B"):
+        model_shape(load_recipe(GENEVAL, ["policy.model=someone/NotAModel"]))
+    assert main(["plan", str(GENEVAL), "--set", "policy.model=someone/NotAModel"]) == 2
+    assert main(["plan", str(GENEVAL), "--gpus", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("r3-rl: error:") for line in err)
+
+
+@pytest.mark.parametrize("params, ranks", [(1_700_000_000, 4), (7_000_000_000, 8), (123_456_789, 3)])
+def test_model_states_equal_deepspeeds_own_estimators(params: int, ranks: int) -> None:
+    """ZeRO-2/3 model states of a bf16 run (everything trains) = DeepSpeed's estimate_zero*_model_states_mem_needs."""
+    from dataclasses import replace
+
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    shape = replace(model_shape(load_recipe(GENEVAL)), params=params, largest_layer=params // 20)
+    z2 = memory.model_states(shape, weight_bytes=2, trained=params, zero_stage=2, ranks=ranks)
+    z3 = memory.model_states(shape, weight_bytes=2, trained=params, zero_stage=3, ranks=ranks)
+    _, ds2 = estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=ranks, cpu_offload=False)
+    _, ds3, _ = estimate_zero3_model_states_mem_needs(params, params // 20, num_gpus_per_node=ranks,
+                                                      cpu_offload=False)
+    assert sum(z2.values()) == pytest.approx(ds2, abs=2) and sum(z3.values()) == pytest.approx(ds3, abs=2)
+
+
+def test_shipped_recipes_fit_8_gpus_of_80gb_and_print_every_component(capsys: pytest.CaptureFixture) -> None:
+    for recipe in ("grpo_geneval.yaml", "grpo_geneval_7b.yaml"):
+        assert main(["plan", str(REPO / "recipes" / recipe), "--gpus", "8", "--gpu-memory", "80"]) == 0, recipe
+        out = capsys.readouterr().out
+        for part in ("weights", "gradients", "master weights", "optimizer (Adam)", "reference", "activations",
+                     "KV cache", "logits", "learner rank", "rollout worker", "trainer process", "verdict: fits"):
+            assert part in out, (recipe, part)
+
+
+def test_advice_is_computed_and_applying_it_fits() -> None:
+    recipe = load_recipe(GENEVAL, ["learner.backend=torch", "learner.ranks=1", "rollout.backend=local",
+                                   "learner.micro_batch_size=16", "learner.gradient_checkpointing=false"])
+    plan = make_plan(recipe, 8, 80)
+    assert not plan.fits
+    lines = advice(plan)
+    assert lines
+    text = lines[0].split("together: ")[-1].split("  -> ")[0]
+    changes = {}
+    for item in text.split(", "):
+        key, _, value = item.partition(": ")
+        changes[key] = {"true": True, "false": False}.get(value, int(value) if value.isdigit() else value)
+    assert make_plan(_with(recipe, changes), 8, 80).fits, lines
+    on = make_plan(_with(recipe, {"learner.gradient_checkpointing": True}), 8, 80)
+    act = {p.name: p.phases.get("learner micro-batch", {}).get("activations", 0) for p in plan.processes}
+    act_on = {p.name: p.phases.get("learner micro-batch", {}).get("activations", 0) for p in on.processes}
+    assert act_on["trainer process"] < act["trainer process"] / 5  # checkpointing keeps one input per layer
+
+
+def test_layout_errors_are_reported() -> None:
+    plan = make_plan(load_recipe(GENEVAL), 2, 80)
+    assert not plan.fits and any("need" in e and "--gpus is 2" in e for e in plan.errors)
+
+
+def _check(c) -> None:
+    assert abs(c.error) <= 0.25, (c.what, c.width, c.layers, c.checkpointing, c.predicted, c.measured)
+    assert abs(c.growth_error) <= 0.25, (c.what, c.predicted_growth, c.measured_growth, c.parts)
+
+
+def test_plan_matches_measured_peak_fast_representative() -> None:
+    """Width 1024, 2 layers: a learner step (no checkpointing) and image sampling, within 25% of the torch
+    profiler's measured peak -- in total, and above the weights and optimiser state."""
+    from r3_rl.plan.validate import run
+
+    for c in run(1024, 2, False, grid=4, micro_batch=1, sample_batch=2):
+        _check(c)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("width, layers, ckpt", [(1024, 2, False), (1024, 4, True), (2048, 2, True), (2048, 2, False),
+                                                 (2048, 4, None)])
+def test_plan_matches_measured_peak(width: int, layers: int, ckpt: bool | None) -> None:
+    """Widths 1024 and 2048, 2 and 4 layers, checkpointing on and off (2048 x 4: sampling only, its float32
+    learner states would not fit this machine's share), Janus-Pro's image grid of 8 x 8."""
+    from r3_rl.plan.validate import run
+
+    checks = run(width, layers, ckpt, sampling=ckpt is None or width == 1024)
+    assert checks
+    for c in checks:
+        _check(c)
+
+
+def test_eval_batch_size_bounds_the_prompts_sampled_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the plan sizes as the trainer's eval phase: ``eval.batch_size`` prompts per sampling call."""
+    from conftest import tiny_overrides
+
+    from r3_rl.policy.tiny import TinyUnifiedPolicy
+    from r3_rl.trainer import Trainer
+
+    sizes: list[int] = []
+    real = TinyUnifiedPolicy.reason
+    monkeypatch.setattr(TinyUnifiedPolicy, "reason", lambda self, prompts, *a: sizes.append(len(prompts))
+                        or real(self, prompts, *a))
+    recipe = load_recipe(REPO / "recipes" / "tiny_blocks.yaml", tiny_overrides(tmp_path) + ["eval.batch_size=3"])
+    Trainer(recipe, tmp_path / "run").run_eval("before")
+    assert sizes and max(sizes) == 3 and sum(sizes) == recipe.data.eval_size, sizes
