@@ -185,3 +185,13 @@ def test_a_saved_policy_keeps_its_settings_unless_the_recipe_names_them(policy: 
     assert len(odd.grid) == 5 and odd.guidance == policy.guidance
     with pytest.raises(UserError, match="latent_dim: 4 differs"):
         build_policy(load_recipe(RECIPE, saved + ["policy.options.latent_dim=4"]))
+
+
+@pytest.mark.parametrize("option, needle", [("policy.options.sde_generate={mode: bogus}", "mode 'bogus' is unknown"),
+                                            ("policy.options.cfg_interval=[0.5, 0.2]", "guidance interval"),
+                                            ("policy.options.grid_points=1", "num_points must be >= 2")])
+def test_bad_options_are_one_line_errors(option: str, needle: str) -> None:
+    from r3_rl.errors import UserError
+
+    with pytest.raises(UserError, match=needle):
+        build_policy(load_recipe(RECIPE, SMALL + [option]))

@@ -112,10 +112,15 @@ class TinyFlowPolicy(TinyUnifiedPolicy):
                     sde_refine=sde_refine or {"mode": "random", "count": 1, "max_index": 2}, cfg_text=cfg_text,
                     cfg_image=cfg_image, cfg_interval=list(cfg_interval), share_initial_noise=share_initial_noise,
                     seed=recipe.seed)
-        # one-line errors for bad options before any model is built
-        StochasticSteps.from_dict(flow["sde_generate"]), StochasticSteps.from_dict(flow["sde_refine"])
-        Guidance(cfg_text, cfg_image, interval=tuple(cfg_interval))
-        EtaSchedule("r3", eta), timestep_grid(grid_points, shift)
+        try:  # one-line errors for bad options before any model is built
+            EtaSchedule("r3", eta), timestep_grid(grid_points, shift)
+            for key in ("sde_generate", "sde_refine"):
+                StochasticSteps.from_dict(flow[key]).limit(grid_points - 1)
+            Guidance(cfg_text, cfg_image, interval=tuple(cfg_interval))
+            if latent_dim < 1 or head_width < 1:
+                raise ValueError(f"latent_dim and head_width must be >= 1, got {latent_dim}, {head_width}")
+        except (ValueError, TypeError) as e:
+            raise UserError(f"policy.options (tiny_flow): {e}") from None
         if recipe.policy.model:  # the saved policy's settings, with the recipe's explicit options on top
             return cls.from_pretrained(recipe.policy.model, recipe.templates.model_dump(),
                                        {k: flow[k] for k in recipe.policy.options})
