@@ -6,6 +6,7 @@ holds ``num_actions`` of them.  Nothing here knows what an action is: the policy
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ def max_actions(items: list[TrainItem]) -> int:
     return max(it.segment.num_actions for it in items)
 
 
-def micro_share(items: list[TrainItem], chunk: range, mini: range, loss_type: str) -> float:
+def micro_share(items: list[TrainItem], chunk: Sequence[int], mini: Sequence[int], loss_type: str) -> float:
     """Weight of micro-batch ``chunk`` within mini-batch ``mini``: its share of actions for ``token_mean``, of
     rows otherwise, so the accumulated gradient equals the mini-batch gradient for every aggregation."""
     if loss_type == "token_mean":

@@ -11,7 +11,8 @@ a subclass of :class:`Algorithm` (usually of :class:`GRPO`, overriding one metho
   critic), :meth:`Algorithm.prepare` (per-batch quantities before the epochs) and :meth:`Algorithm.loss`
   (one micro-batch).
 
-Nothing here assumes tokens: a loss reads per-action log-probs (:mod:`r3_rl.learner.actions`).
+Nothing here assumes tokens: a loss reads per-action log-probs (:mod:`r3_rl.learner.actions`), and image actions
+made of denoising steps train with their own clip range, weight and Gaussian KL (:mod:`r3_rl.learner.flow_loss`).
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from typing import Any
 import torch
 
 from r3_rl.algorithms.losses import clipped_policy_loss
+from r3_rl.flow.action import is_flow_segment
 from r3_rl.learner.actions import max_actions, micro_batch_inputs, micro_share
 from r3_rl.learner.batch import BatchStats, TrainItem, assign_advantages, collect_items
+from r3_rl.learner.flow_loss import flow_loss, flow_share
 from r3_rl.trajectory import Tree
 
 
@@ -84,18 +87,44 @@ class GRPO(Algorithm):
         return items, counts, stats
 
     def prepare(self, models: LearnerModels, items: list[TrainItem]) -> dict[str, Any]:
-        return {"max_len": max_actions(items)}
+        tokens = [it for it in items if not is_flow_segment(it.segment)]
+        return {"max_len": max_actions(tokens) if tokens else 1}
 
     def loss(self, models: LearnerModels, items: list[TrainItem], chunk: range, mini: range,
              ctx: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
+        """Token rows: the clipped surrogate with per-row modality weights and the per-token KL.  Image rows made
+        of denoising steps: the flow loss (:mod:`r3_rl.learner.flow_loss`).  The two kinds' means add."""
         cfg = self.cfg
-        weight = micro_share(items, chunk, mini, cfg.loss_type)
-        inp = micro_batch_inputs(models.policy, models.reference, [items[i] for i in chunk], cfg.kl_coef_text,
-                                 cfg.kl_coef_image)
-        if "advantages" in ctx:  # computed per batch (PPO) rather than carried by the items
-            inp["advantages"] = ctx["advantages"][chunk.start:chunk.stop].to(inp["logp"].device)
-        loss, m = clipped_policy_loss(
-            inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"], clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high, loss_type=cfg.loss_type, max_len=ctx["max_len"], ref_logp=inp["ref_logp"],
-            kl_coef=inp["kl_coef"], kl_kind=cfg.kl_kind)
-        return loss * weight, {k: float(v) for k, v in m.items()}, [inp["logp"]]
+        flow = [is_flow_segment(items[i].segment) for i in range(len(items))]
+        tok_chunk, tok_mini = [i for i in chunk if not flow[i]], [i for i in mini if not flow[i]]
+        flow_chunk, flow_mini = [i for i in chunk if flow[i]], [i for i in mini if flow[i]]
+
+        def advantage(i: int) -> float:  # computed per batch (PPO) rather than carried by the items
+            return float(ctx["advantages"][i]) if "advantages" in ctx else items[i].advantage
+
+        total: torch.Tensor | float = 0.0
+        metrics: dict[str, float] = {}
+        outputs: list[torch.Tensor] = []
+        if tok_chunk:
+            rows = [items[i] for i in tok_chunk]
+            inp = micro_batch_inputs(models.policy, models.reference, rows, cfg.kl_coef_text, cfg.kl_coef_image)
+            dev = inp["logp"].device
+            adv = torch.tensor([advantage(i) for i in tok_chunk], dtype=torch.float32, device=dev)
+            weight = torch.tensor([cfg.loss_weight_image if it.segment.modality == "image" else cfg.loss_weight_text
+                                   for it in rows], device=dev)
+            loss, m = clipped_policy_loss(
+                inp["logp"], inp["old_logp"], adv, inp["mask"], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                loss_type=cfg.loss_type, max_len=ctx["max_len"], ref_logp=inp["ref_logp"], kl_coef=inp["kl_coef"],
+                kl_kind=cfg.kl_kind, row_weight=weight)
+            total = loss * micro_share(items, tok_chunk, tok_mini, cfg.loss_type)
+            metrics.update({k: float(v) for k, v in m.items()})
+            outputs.append(inp["logp"])
+        if flow_chunk:
+            loss, m, out = flow_loss(models.policy, models.reference, [items[i] for i in flow_chunk],
+                                     [advantage(i) for i in flow_chunk], cfg)
+            total = total + loss * flow_share(items, flow_chunk, flow_mini, cfg.flow.ratio_unit)
+            metrics.update(m)
+            outputs.extend(out)
+        if not outputs:
+            raise ValueError("GRPO.loss: an empty micro-batch")
+        return total, metrics, outputs  # type: ignore[return-value]

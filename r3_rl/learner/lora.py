@@ -84,3 +84,7 @@ class AdapterDisabledReference:
     def segment_logprobs(self, segments: list[Segment]) -> list[torch.Tensor]:
         with torch.no_grad(), self.peft_model.disable_adapter():
             return self.policy.segment_logprobs(segments)
+
+    def denoising_scores(self, segments: list[Segment]) -> list[Any]:
+        with torch.no_grad(), self.peft_model.disable_adapter():
+            return self.policy.denoising_scores(segments)

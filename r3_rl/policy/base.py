@@ -115,6 +115,13 @@ class Policy(ABC):
         a denoising step, a latent).
         """
 
+    def denoising_scores(self, segments: list[Segment]) -> list[Any]:
+        """For segments whose action is a denoising trace (:func:`r3_rl.flow.action.is_flow_segment`): one
+        :class:`~r3_rl.flow.action.StepScores` each (differentiable log-probs and Gaussian means of the recorded
+        SDE steps), which the learner needs for the image's closed-form KL.  A flow policy implements it with
+        :func:`r3_rl.flow.action.score_traces`; a policy that draws no such image has nothing to score."""
+        raise NotImplementedError(f"{type(self).__name__} samples no images made of denoising steps")
+
     @property
     @abstractmethod
     def model(self) -> torch.nn.Module:

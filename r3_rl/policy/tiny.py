@@ -211,15 +211,21 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
         segs = self._sample([self.render("reason", prompt=p.prompt) for p in prompts], "text", sampling, generator)
         return [TextSample(text=self.decode(s.token_ids), segment=s) for s in segs]
 
-    def generate(self, prompts: list[PromptItem], plans: list[str | None], sampling: SamplingParams,
-                 generator: torch.Generator | None = None) -> list[ImageSample]:
+    def generate_contexts(self, prompts: list[PromptItem], plans: list[str | None]) -> tuple[list[list[int]],
+                                                                                              list[list[int]]]:
+        """(conditional, unconditional) context ids of first images: prompt (+ plan) + image marker, and the
+        prompt-free context CFG contrasts them with."""
         ctx = []
         for p, plan in zip(prompts, plans):
             ids = self.render("reason", prompt=p.prompt)
             if plan is not None:
                 ids += self.encode(plan) + [self.stop_id]
             ctx.append(ids + self.encode(self.templates["generate"]))
-        uncond = [[self.bos_id] + self.encode(self.templates["generate_uncond"]) for _ in prompts]
+        return ctx, [[self.bos_id] + self.encode(self.templates["generate_uncond"]) for _ in prompts]
+
+    def generate(self, prompts: list[PromptItem], plans: list[str | None], sampling: SamplingParams,
+                 generator: torch.Generator | None = None) -> list[ImageSample]:
+        ctx, uncond = self.generate_contexts(prompts, plans)
         return self._image_samples(self._sample(ctx, "image", sampling, generator, uncond))
 
     def reflect(self, prompts: list[PromptItem], images: list[ImageInput], sampling: SamplingParams,
