@@ -29,11 +29,11 @@ import torch  # noqa: E402
 
 from r3_rl.config import load_recipe  # noqa: E402
 from r3_rl.data import PromptSource  # noqa: E402
-from r3_rl.policy.tiny import build_policy  # noqa: E402
+from r3_rl.policy.registry import build_policy  # noqa: E402
 from r3_rl.rollout.buffer import BufferEntry  # noqa: E402
 from r3_rl.rollout.engine import LocalEngine, RolloutEngine, run_ordered  # noqa: E402
 from r3_rl.rollout.tree_rl import RolloutTask, plan_tasks  # noqa: E402
-from r3_rl.trainer import stage_sampling  # noqa: E402
+from r3_rl.rollout.tree_rl import stage_sampling  # noqa: E402
 
 
 def step_tasks(recipe, policy, steps: int) -> list[list[RolloutTask]]:

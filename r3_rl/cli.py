@@ -46,20 +46,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_parts(recipe: Any, run_dir: str | None) -> tuple[Any, Any, Any]:
+    """What ``eval`` and ``rollout`` run on: the run dir, the parts builder (which will build the policy and
+    rewards, never an optimiser, a reference or learner ranks) and the prompt source."""
+    import torch
+
+    from r3_rl.components import Components
+    from r3_rl.data import PromptSource
+    from r3_rl.run_dir import make_run_dir
+    from r3_rl.tracking.console import Console
+
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    torch.manual_seed(recipe.seed)
+    out = make_run_dir(recipe, run_dir)
+    return out, Components(recipe, out, Console(enabled=recipe.log.console)), PromptSource(recipe)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     if not Path(args.checkpoint).is_dir():
         raise UserError(f"--checkpoint {args.checkpoint}: no such directory")
     recipe = _recipe(args, model=str(args.checkpoint))
     from r3_rl.eval.evaluate import markdown_table
-    from r3_rl.run_dir import make_run_dir
-    from r3_rl.trainer import Trainer
+    from r3_rl.eval.runner import Evaluator
+    from r3_rl.tracking.metrics import MetricsLogger
 
     recipe.name = f"{recipe.name}-eval"
-    trainer = Trainer(recipe, make_run_dir(recipe, args.run_dir))
-    report = trainer.run_eval("eval")
-    trainer.metrics.close()  # flush the TensorBoard event file
+    run_dir, parts, data = _sampling_parts(recipe, args.run_dir)
+    metrics = MetricsLogger(run_dir, tensorboard=recipe.log.tensorboard)
+    try:
+        report = Evaluator(recipe, parts.policy, parts.eval_rewards, data, metrics, run_dir).run("eval", 0)
+    finally:
+        parts.close()
+        metrics.close()  # flush the TensorBoard event file
     print(markdown_table(report))
-    print(f"report: {trainer.run_dir / 'eval' / 'eval.json'} (+ .md, .html, TensorBoard in {trainer.run_dir / 'tb'})")
+    print(f"report: {run_dir / 'eval' / 'eval.json'} (+ .md, .html, TensorBoard in {run_dir / 'tb'})")
     return 0
 
 
@@ -67,20 +88,21 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     if not 1 <= args.num <= 100_000:
         raise UserError(f"--num {args.num}: must be 1-100000")
     recipe = _recipe(args)
+    from r3_rl.eval.evaluate import score_chains
     from r3_rl.rollout.chain import r3_chains
-    from r3_rl.run_dir import make_run_dir
-    from r3_rl.trainer import Trainer, stage_sampling
+    from r3_rl.rollout.tree_rl import stage_sampling
     from r3_rl.trajectory import write_trees
 
     recipe.name = f"{recipe.name}-rollout"
-    trainer = Trainer(recipe, make_run_dir(recipe, args.run_dir))
-    prompts = trainer.data.next_batch(args.num)
-    trees = r3_chains(trainer.policy, prompts, stage_sampling(recipe), recipe.eval.rounds,
-                      recipe.templates.stop_phrase, seed=recipe.seed, batch_size=recipe.eval.batch_size, tag="rollout")
-    from r3_rl.eval.evaluate import score_chains
-
-    score_chains(trees, recipe.eval.rounds, trainer.eval_rewards, recipe.rewards.correct_threshold)
-    out = write_trees(trees, trainer.run_dir / "rollout.jsonl")
+    run_dir, parts, data = _sampling_parts(recipe, args.run_dir)
+    try:
+        trees = r3_chains(parts.policy, data.next_batch(args.num), stage_sampling(recipe), recipe.eval.rounds,
+                          recipe.templates.stop_phrase, seed=recipe.seed, batch_size=recipe.eval.batch_size,
+                          tag="rollout")
+        score_chains(trees, recipe.eval.rounds, parts.eval_rewards, recipe.rewards.correct_threshold)
+    finally:
+        parts.close()
+    out = write_trees(trees, run_dir / "rollout.jsonl")
     print(f"wrote {len(trees)} trajectories to {out}")
     return 0
 
@@ -100,6 +122,19 @@ def cmd_rewards(args: argparse.Namespace) -> int:
 
     for name, desc in available().items():
         print(f"{name:20s} {desc}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from r3_rl.learner.registry import ALGORITHMS
+    from r3_rl.policy.registry import POLICIES
+    from r3_rl.rewards.registry import REWARDS
+
+    for key, registry in (("policy.kind", POLICIES), ("learner.algorithm", ALGORITHMS), ("rewards[].name", REWARDS)):
+        print(f"{key} (or pkg.module:{registry.example}, path/file.py:{registry.example}; entry points "
+              f"{registry.group}):")
+        for name, desc in registry.available().items():
+            print(f"  {name:20s} {desc}")
     return 0
 
 
@@ -154,8 +189,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     check_args(args.gpus, args.gpu_memory)
     from r3_rl.config import load_recipe  # the recipe's keys only: a plan needs neither weights nor data
     from r3_rl.learner.precision import check_recipe_precision
+    from r3_rl.validate import check_plugins
 
     recipe = load_recipe(args.recipe, args.set)
+    check_plugins(recipe, args.recipe, weights=False)  # policy.kind / learner.algorithm by name, options checked
     check_recipe_precision(recipe)  # a precision the learner refuses is not planned
     plan = make_plan(recipe, args.gpus, args.gpu_memory)
     print(render(plan))
@@ -163,7 +200,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": cmd_train, "eval": cmd_eval, "rollout": cmd_rollout, "rewards": cmd_rewards, "inspect": cmd_inspect,
+    "train": cmd_train, "eval": cmd_eval, "rollout": cmd_rollout, "rewards": cmd_rewards, "plugins": cmd_plugins,
+    "inspect": cmd_inspect,
     "serve-reward": cmd_serve_reward, "doctor": cmd_doctor, "data": cmd_data, "plan": cmd_plan,
 }
 
@@ -188,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     ro = with_recipe(sub.add_parser("rollout", help="sample R3 trajectories without training and dump them"))
     ro.add_argument("--num", type=int, default=16, help="number of prompts")
     sub.add_parser("rewards", help="list registered rewards")
+    sub.add_parser("plugins", help="list registered policies, algorithms and rewards")
     ins = sub.add_parser("inspect", help="summarise a run directory; --html writes a page of trajectories")
     ins.add_argument("run_dir", help="a run directory (written by train, eval or rollout)")
     ins.add_argument("--step", type=int, default=None, help="training step dump to show (default: the latest)")

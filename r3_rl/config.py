@@ -43,12 +43,31 @@ class TinyModel(Section):
     max_positions: int = 256
 
 
+def _plugin_name(registry: Any, v: Any) -> Any:
+    """A plug-in name a registry knows, or a ``module:attr`` / ``file.py:attr`` path (imported later, in
+    :mod:`r3_rl.validate`); checked here without importing anything."""
+    try:
+        registry.check_name(v)
+    except UserError as e:
+        raise ValueError(str(e)) from None
+    return v
+
+
 class Policy(Section):
-    kind: Literal["tiny", "janus"] = "tiny"
+    # a registered policy (tiny, janus; `r3_rl.policy.registry`), `pkg.module:Class` or `path/file.py:Class`
+    kind: str = "tiny"
+    options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the policy's from_recipe
     model: str | None = None  # hub id or local path; None = build the tiny model from `tiny`
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     tiny: TinyModel = TinyModel()
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: Any) -> Any:
+        from r3_rl.policy.registry import POLICIES
+
+        return _plugin_name(POLICIES, v)
 
 
 class Templates(Section):
@@ -179,11 +198,28 @@ class PpoCfg(Section):
     critic: Literal["head", "separate"] = "head"  # value head on the policy, or a separate copy of the backbone
 
 
+class FlowLearnerCfg(Section):
+    """Image actions made of denoising steps (flow-matching policies; ``r3_rl.learner.flow_loss``).
+
+    A step's log-prob is a *mean* per-element log-density, so its log-ratios are tiny: flow RL clips at about
+    1e-4 (Flow-GRPO), not at the text's 0.2.  ``kl_kind``: ``exact`` (mu - mu_ref)^2 / (2 s^2), ``r3`` twice that
+    (R3's 1e-3), ``flow_grpo`` delta times that; its coefficient is ``learner.kl_coef_image``.
+    """
+
+    clip_low: float = Field(1e-4, gt=0.0, lt=1.0)
+    clip_high: float | None = Field(None, gt=0.0)  # null = clip_low
+    adv_clip: float | None = Field(5.0, gt=0.0)  # clamp advantages to +-adv_clip (Flow-GRPO 5); null = off
+    ratio_unit: Literal["step", "image"] = "step"  # one ratio per SDE step (Flow-GRPO) or per image (mean log-prob)
+    kl_kind: Literal["exact", "r3", "flow_grpo"] = "exact"
+
+
 StageFlags = dict[Literal["reason", "generate", "reflect", "refine"], bool]
 
 
 class Learner(Section):
-    algorithm: Literal["grpo", "ppo"] = "grpo"
+    # a registered algorithm (grpo, ppo; `r3_rl.learner.registry`), `pkg.module:Class` or `path/file.py:Class`
+    algorithm: str = "grpo"
+    options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the algorithm's constructor
     backend: Literal["torch", "deepspeed"] = "torch"
     lr: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.95)
@@ -201,6 +237,11 @@ class Learner(Section):
     kl_coef_text: float = 1e-3
     kl_coef_image: float = 1e-3
     kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    # modality weights of the policy loss (not of the KL): R3 uses 1.0 text + 2.0 image; they cover image
+    # tokens and image denoising steps alike
+    loss_weight_text: float = Field(1.0, ge=0.0)
+    loss_weight_image: float = Field(1.0, ge=0.0)
+    flow: FlowLearnerCfg = FlowLearnerCfg()  # images made of denoising steps: own clip range and KL units
     epochs: int = Field(1, ge=1)
     micro_batch_size: int = Field(64, ge=1)  # samples per forward/backward
     # recompute each decoder layer's activations in backward instead of keeping them: one more forward of
@@ -215,6 +256,13 @@ class Learner(Section):
     deepspeed: DeepSpeedCfg = DeepSpeedCfg()
     lora: LoraCfg | None = None
     ppo: PpoCfg = PpoCfg()
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, v: Any) -> Any:
+        from r3_rl.learner.registry import ALGORITHMS
+
+        return _plugin_name(ALGORITHMS, v)
 
     @field_validator("normalize_std", mode="before")
     @classmethod

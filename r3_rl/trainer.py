@@ -1,8 +1,9 @@
 """The training loop: prompts -> rollout -> rewards -> advantages -> learner -> new weights -> rollout.
 
-The loop itself holds no maths and no I/O detail: sampling lives in :mod:`r3_rl.rollout`, rewards
-in :mod:`r3_rl.rewards`, advantages and losses in :mod:`r3_rl.algorithms`, the update in
-:mod:`r3_rl.learner`, files in :mod:`r3_rl.run_dir`.
+The loop itself holds no maths and no I/O detail: its parts are built by :class:`r3_rl.components.Components`
+(the same builder eval and rollout use), sampling lives in :mod:`r3_rl.rollout`, rewards in
+:mod:`r3_rl.rewards`, advantages and losses in the algorithm (:mod:`r3_rl.learner.algorithm`), the update in
+:mod:`r3_rl.learner`, files in :mod:`r3_rl.run_dir` and :mod:`r3_rl.learner.checkpoint`.
 """
 from __future__ import annotations
 
@@ -13,53 +14,25 @@ from typing import Any
 
 import torch
 
+from r3_rl.components import Components
 from r3_rl.config import Recipe
 from r3_rl.data import PromptSource
-from r3_rl.errors import UserError
-from r3_rl.eval.evaluate import evaluate, markdown_table, write_report
+from r3_rl.eval.evaluate import markdown_table
+from r3_rl.eval.runner import Evaluator
 from r3_rl.eval.synergy import synergy_figures, synergy_lines
-from r3_rl.eval.understanding import build_references
-from r3_rl.learner.build import build_learner, needs_frozen_reference, prepare_batch
 from r3_rl.learner.precision import check_recipe_precision
-from r3_rl.policy.base import Policy
 from r3_rl.ray_actors import ClusterError
-from r3_rl.rewards.compose import CriticRule
-from r3_rl.rewards.reward_set import RewardSet
 from r3_rl.rollout.buffer import BufferEntry, ParentBuffer
-from r3_rl.rollout.engine import RolloutEngine, build_engine, run_ordered
-from r3_rl.rollout.scoring import StageScorer
-from r3_rl.rollout.tree_rl import StageSampling, plan_tasks
+from r3_rl.rollout.engine import RolloutEngine, run_ordered
+from r3_rl.rollout.tree_rl import plan_tasks, stage_sampling
 from r3_rl.trajectory import Tree, write_trees
 from r3_rl.tracking.console import Console
 from r3_rl.tracking.metrics import MetricsLogger, step_metrics
 
 
-def stage_sampling(recipe: Recipe, eval_mode: bool = False) -> StageSampling:
-    r = recipe.rollout
-    sp = {k: getattr(r, k).params() for k in ("reason", "generate", "reflect", "refine")}
-    if eval_mode:
-        for stage, p in sp.items():
-            temp = recipe.eval.image_temperature if stage in ("generate", "refine") else recipe.eval.text_temperature
-            p.greedy = temp == 0
-            p.temperature = temp or 1.0
-    return StageSampling(**sp)
-
-
-def build_policy_for(recipe: Recipe, run_dir: Path, console: Console) -> Policy:
-    from r3_rl.policy.tiny import build_policy
-
-    policy = build_policy(recipe)
-    if recipe.policy.kind == "tiny" and recipe.warmstart.steps > 0 and not recipe.policy.model:
-        from r3_rl.policy.warmstart import warmstart_cached
-
-        dtype = policy.model.dtype
-        policy.model.float()  # the supervised warm start trains in fp32, then the policy computes in policy.dtype
-        warmstart_cached(policy, recipe, run_dir / "warmstart", console)
-        policy.model.to(dtype)
-    return policy
-
-
 class Trainer:
+    """Runs a recipe's training; ``policy``, ``reference``, ``learner``, ... are the parts it was built from."""
+
     def __init__(self, recipe: Recipe, run_dir: Path, console: Console | None = None) -> None:
         self.recipe = recipe
         self.run_dir = run_dir
@@ -68,49 +41,30 @@ class Trainer:
             torch.set_num_threads(recipe.threads)
         check_recipe_precision(recipe)  # a precision the learner cannot train fails before any model loads
         torch.manual_seed(recipe.seed)
-        self.policy = build_policy_for(recipe, run_dir, self.console)
-        self.reference = (self.policy.frozen_copy() if hasattr(self.policy, "frozen_copy")
-                          and needs_frozen_reference(recipe) else None)  # LoRA: base model, adapters off
-        self.task_rewards = RewardSet.from_specs([s.model_dump() for s in recipe.rewards.task])
-        self.eval_rewards = RewardSet.from_specs([s.model_dump() for s in recipe.rewards.eval])
-        for rewards in (self.task_rewards, self.eval_rewards):
-            if rewards.needs_policy:  # self-consistency asks the live policy about its own images
-                rewards.bind_policy(self.policy)
-        rw = recipe.rewards
-        rule = CriticRule(rw.reflect.stop_correct, rw.reflect.stop_flawed, rw.reflect.edit_correct)
-        self.scorer = StageScorer(self.task_rewards, rw.format_weight, rw.reason_format, rw.reflect_format,
-                                  rw.correct_threshold, rule,
-                                  RewardSet.from_specs([s.model_dump() for s in rw.reflect.extra]),
-                                  rw.reflect.correct_part)
-        self._engine: RolloutEngine | None = None  # started on the first rollout (eval-only runs need none)
-        self._remote_rewards: Any = None
+        self.step = 0
+        self.parts = Components(recipe, run_dir, self.console, self.log_event)
+        self.policy = self.parts.policy
+        self.reference = self.parts.reference
+        self.task_rewards = self.parts.task_rewards
+        self.eval_rewards = self.parts.eval_rewards
+        self.failures = self.parts.failures
+        self.scorer = self.parts.scorer
         # parents are kept as image tokens when the policy can rebuild pixels from them (else as PNG bytes)
         self.buffer = ParentBuffer(recipe.tree.buffer_size, decode=getattr(self.policy, "decode_image_tokens", None))
         self.data = PromptSource(recipe)
-        self.learner = build_learner(self.policy, self.reference, recipe)
+        self.algorithm = self.parts.algorithm
+        self.learner = self.parts.learner
         self.metrics = MetricsLogger(run_dir, tensorboard=recipe.log.tensorboard,
                                      slots=max(recipe.eval.rounds, recipe.tree.max_round) + 1)
+        self.evaluator = Evaluator(recipe, self.policy, self.eval_rewards, self.data, self.metrics, run_dir)
         self.rng = random.Random(recipe.seed)
-        self.step = 0
         self.sampling = stage_sampling(recipe)
-        self.eval_sampling = stage_sampling(recipe, eval_mode=True)
-        self._references: list[Any] | None = None
 
     # ------------------------------------------------------------------ rollout
     @property
     def engine(self) -> RolloutEngine:
         """The rollout engine (``rollout.backend``), started with the policy's current weights on first use."""
-        if self._engine is None:
-            self._engine = build_engine(self.recipe, self.policy, self.log_event)
-            if self.recipe.rollout.reward_workers:
-                from r3_rl.rollout.ray_rewards import RayRewardSet
-
-                self._remote_rewards = RayRewardSet([s.model_dump() for s in self.recipe.rewards.task],
-                                                    self.recipe.rollout.reward_workers,
-                                                    self.recipe.rollout.threads_per_worker, self.log_event,
-                                                    self.recipe.ray, self.recipe.rollout.max_task_retries)
-                self.scorer.task = self._remote_rewards  # type: ignore[assignment]
-        return self._engine
+        return self.parts.engine
 
     def log_event(self, message: str) -> None:
         """Something a user must be able to find later (worker restarts, reissued tasks): console + events.log."""
@@ -126,7 +80,7 @@ class Trainer:
         tasks = plan_tasks(step, self.recipe.seed, prompts, parents, t.group_size,
                            groups_per_task=self.recipe.rollout.groups_per_task)
         trees = run_ordered(self.engine, tasks, self.sampling, on_task=self._score_task)
-        self._check_failures()
+        self.failures.check()  # a run whose rewards keep failing stops here (rewards.max_failure_fraction)
         self._fill_buffer(trees)
         return trees
 
@@ -137,24 +91,10 @@ class Trainer:
             self.scorer.compose(tr)
 
     def close(self) -> None:
-        """Stop rollout workers (and a Ray this run started), flush logs; safe to call twice."""
-        if self._remote_rewards is not None:
-            self._remote_rewards.close()
-            self._remote_rewards = None
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
-        if hasattr(self.learner, "close"):  # learner ranks on Ray actors
-            self.learner.close()
+        """Stop rollout workers, reward actors, learner ranks (and a Ray this run started), flush logs; safe to
+        call twice."""
+        self.parts.close()
         self.metrics.close()
-
-    def _check_failures(self) -> None:
-        f = self.scorer.failures
-        limit = self.recipe.rewards.max_failure_fraction
-        if f.scored >= 16 and f.failed / f.scored > limit:
-            reason = self.scorer.failure_reasons[-1] if self.scorer.failure_reasons else "unknown"
-            raise UserError(f"rewards: {f.failed}/{f.scored} reward calls failed (> rewards.max_failure_fraction="
-                            f"{limit}); last failure: {reason}")
 
     def _fill_buffer(self, trees: list[Tree]) -> None:
         for tr in trees:
@@ -186,36 +126,55 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def run_eval(self, name: str, step: int | None = None) -> dict[str, Any]:
-        """Evaluate, write ``eval/<name>.*`` and log at ``step`` (default ``self.step``): the number of updates
-        the evaluated weights have had, so before/periodic/after evals share one x-axis."""
-        e = self.recipe.eval
-        prompts = self.data.eval_prompts(e.size or self.recipe.data.eval_size)
-        if self._references is None:  # the same reference images for every eval of the run
-            self._references = build_references(self.recipe, self.data.eval_prompts)
-        report, trees = evaluate(self.policy, prompts, self.eval_sampling, e.rounds,
-                                 self.recipe.templates.stop_phrase, self.eval_rewards,
-                                 self.recipe.rewards.correct_threshold, seed=self.recipe.seed,
-                                 references=self._references, yes_no=e.understanding.yes_no,
-                                 max_questions=e.understanding.max_questions, batch_size=e.batch_size)
-        write_report(report, self.run_dir / "eval", name, trees, e.dump)
-        self.metrics.log_eval(report, self.step if step is None else step, trees, name)
-        return report
+        """Evaluate the current weights (``eval/<name>.*``), logged at ``step`` (default ``self.step``)."""
+        return self.evaluator.run(name, self.step if step is None else step)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, step: int) -> Path:
-        """Full state after ``step`` completed steps -> ``checkpoints/step_NNNNNN`` (atomic, keeps the last K)."""
+    def state_dict(self) -> dict[str, Any]:
+        """The loop's own state (``state/trainer.pt``): steps done, policy version, RNGs, prompt-sampler position,
+        reward-failure counts.  Weights and optimiser belong to the learner, the parent buffer writes its own file."""
+        from r3_rl.learner.checkpoint import FORMAT, global_rng_state
+
+        return {"format": FORMAT, "step": self.step, "policy_version": self.policy.version,
+                "rng": self.rng.getstate(), **global_rng_state(), "data_position": self.data.position,
+                "scorer": self.failures.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from r3_rl.learner.checkpoint import set_global_rng_state
+
+        self.step = state["step"]
+        self.policy.version = state["policy_version"]
+        self.rng.setstate(state["rng"])
+        set_global_rng_state(state)
+        self.data.position = state["data_position"]
+        if "buffer" in state:  # formats 1-2 kept the parent buffer here (3: state/buffer.safetensors)
+            self.buffer.load_legacy(state["buffer"])
+        self.failures.load_state_dict(state["scorer"])
+
+    def _checkpoint_parts(self) -> Any:
+        from r3_rl.learner.checkpoint import CheckpointParts
+
+        return CheckpointParts(policy=self.policy, reference=self.reference, learner=self.learner, loop=self,
+                               buffer=self.buffer)
+
+    def save_checkpoint(self, step: int | None = None) -> Path:
+        """Full state after ``step`` completed steps (default: ``self.step``) -> ``checkpoints/step_NNNNNN``
+        (atomic, keeps the last ``keep_last``)."""
         from r3_rl.learner.checkpoint import save_checkpoint
 
-        return save_checkpoint(self, step, self.recipe.keep_last)
+        if step is not None:
+            self.step = step
+        return save_checkpoint(self.run_dir, self.step, self.recipe.keep_last, self._checkpoint_parts(),
+                               self.recipe)
 
     def resume(self, path: Path) -> None:
         """Continue exactly where checkpoint ``path`` left off (same recipe; ``steps`` may be larger)."""
         from r3_rl.learner.checkpoint import load_checkpoint
 
-        load_checkpoint(self, path)
+        load_checkpoint(path, self._checkpoint_parts(), self.recipe)
         self.metrics.rewind(self.step)  # the steps after the checkpoint are run again: log them once
-        if self._engine is not None:
-            self._engine.sync(self.policy)
+        if self.parts.built("engine"):
+            self.engine.sync(self.policy)
         self.console.print(f"resumed from {path}: step {self.step}, policy version {self.policy.version}")
 
     def _eval_before(self) -> dict[str, Any]:
@@ -255,13 +214,14 @@ class Trainer:
             self.step = step
             t_roll = time.time()
             trees = self.rollout(step)
-            items, batch_stats, adv_stats = prepare_batch(trees, r, self.policy.version)
+            items, batch_stats, adv_stats = self.algorithm.batch(trees, self.policy.version)
             t_learn = time.time()
             learn = self.learner.step(items)
             if "learner/loss" in learn:
                 self.policy.version += 1
                 self.engine.sync(self.policy)  # workers sample the next step with the new weights
             done = time.time()
+            # the learner's numbers pass through: PPO logs the advantages it trains on (its GAE) there
             m = step_metrics(trees, r.rewards.correct_threshold, learn, batch_stats, adv_stats,
                              t_learn - t_roll, done - t_learn, self.engine.restarts)
             self.metrics.log(m, step)
@@ -269,17 +229,18 @@ class Trainer:
                 write_trees(trees, self.run_dir / "trajectories" / f"step_{step:06d}.jsonl")
                 self.metrics.log_trajectories(trees + self._sample_chains(step, trees), step)
             self.console.step(step, r.steps, m, time.time() - t0)
-            if r.eval.every and (step + 1) % r.eval.every == 0 and step + 1 < r.steps:
-                rep = self.run_eval(f"step_{step + 1:06d}", step + 1)
-                self.console.print(f"eval @ {step + 1}: accuracy per round " +
+            self.step = step + 1  # steps completed: what evals and checkpoints from here on describe
+            if r.eval.every and self.step % r.eval.every == 0 and self.step < r.steps:
+                rep = self.run_eval(f"step_{self.step:06d}")
+                self.console.print(f"eval @ {self.step}: accuracy per round " +
                                    " ".join(f"{a:.3f}" for a in rep["accuracy"]))
-            if r.save_every and (step + 1) % r.save_every == 0 and step + 1 < r.steps:
-                self.save_checkpoint(step + 1)
+            if r.save_every and self.step % r.save_every == 0 and self.step < r.steps:
+                self.save_checkpoint()
         self.step = r.steps
-        self.save_checkpoint(r.steps)
+        self.save_checkpoint()
         after = self.run_eval("after")
         self.console.print("eval after RL:\n" + markdown_table(after))
-        self.policy.save_pretrained(str(self.run_dir / "final"))
+        self.learner.export(self.run_dir / "final")  # LoRA merged, ZeRO-3 gathered
         fig = synergy_figures(before, after)
         summary = {"before": before["accuracy"], "after": after["accuracy"], "run_dir": str(self.run_dir),
                    "synergy": fig}

@@ -4,9 +4,9 @@ A tree starts at a prompt.  Stage A is ``reason`` (plan text) -> ``generate`` (f
 round is ``reflect`` (critique + verdict) -> ``refine`` (edited image).  Tree-RL branches sibling
 groups at a stage: every node carries the ``group_id`` of the siblings its advantage is computed
 among.  Each sampled node keeps a :class:`Segment` with everything needed to recompute the
-log-probabilities of its tokens under exactly the distribution that sampled them, so the learner
-never trains on a different distribution than the one the rollout used (a weak point of the
-reference implementation).
+log-probabilities of its actions (tokens, or a continuous image action) under exactly the distribution
+that sampled them, so the learner never trains on a different distribution than the one the rollout
+used (a weak point of the reference implementation).
 
 Trees serialise to JSON lines (one tree per line) with images as PNG files beside them; reading
 them back gives equal objects (floats are written with ``repr`` precision, images are lossless PNG).
@@ -22,6 +22,7 @@ from typing import Any, Iterable, Iterator, Literal
 
 import numpy as np
 
+from r3_rl.errors import UserError
 from r3_rl.jsonl import read_jsonl_objects
 
 Stage = Literal["reason", "generate", "reflect", "refine"]
@@ -53,12 +54,15 @@ class PromptItem:
 
 @dataclass
 class Segment:
-    """What a policy sampled in one stage, and how.
+    """What a policy sampled in one stage, and how: the record its algorithm recomputes log-probs from.
 
-    ``context`` is policy-specific and JSON-serialisable (the tiny policy stores ``input_ids``;
-    a Janus policy stores its prompt ids and the VQ tokens of any input image).  ``logprobs`` are the
-    per-token log-probabilities under the sampling distribution (temperature, top-k/top-p and CFG
-    included) and ``token_ids`` the sampled tokens, aligned one-to-one.
+    ``logprobs`` holds one log-probability per *action* under the sampling distribution (temperature,
+    top-k/top-p, CFG, noise level included); the learner counts actions by it and never looks further.
+    An action is a token (``token_ids``, aligned one-to-one with ``logprobs``) or something continuous
+    whose JSON-safe record the policy keeps in ``action`` (a Gaussian latent; the denoising steps of a
+    flow-matching image head, ``DenoisingTrace.to_dict()``), with ``token_ids`` empty.  ``context`` is
+    policy-specific and JSON-serialisable (the tiny policy stores ``input_ids``; a Janus policy stores its
+    prompt ids and the VQ tokens of any input image).
     """
 
     modality: Modality
@@ -66,6 +70,12 @@ class Segment:
     token_ids: list[int]
     logprobs: list[float]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    action: dict[str, Any] | None = None  # a continuous action's record; None for tokens
+
+    @property
+    def num_actions(self) -> int:
+        """How many actions the segment took (tokens, denoising steps, ...): the learner's unit of weight."""
+        return len(self.logprobs)
 
 
 @dataclass
@@ -83,7 +93,7 @@ class Node:
     edit_instruction: str | None = None  # reflect: text after the last </think>
     stop: bool | None = None  # reflect: True when the critique says no further edit is needed
     image: np.ndarray | None = None  # generate/refine: decoded HxWx3 uint8 image
-    image_tokens: list[int] | None = None  # generate/refine: the discrete image tokens
+    image_tokens: list[int] | None = None  # generate/refine: the discrete image tokens (None: a continuous head)
     rewards: dict[str, float] = field(default_factory=dict)  # per named reward (and components)
     reward_failures: dict[str, str] = field(default_factory=dict)  # reward name -> why it failed
     reward: float | None = None  # composed stage reward; None = failed / not scored
@@ -154,6 +164,7 @@ def node_to_dict(node: Node, image_path: str | None) -> dict[str, Any]:
 
 
 def node_from_dict(d: dict[str, Any], image: np.ndarray | None) -> Node:
+    """The inverse of :func:`node_to_dict`; files written before ``Segment.action`` existed read the same."""
     d = dict(d)
     seg = d.pop("segment")
     d.pop("image")
@@ -212,6 +223,12 @@ def write_trees(trees: Iterable[Tree], jsonl_path: str | Path) -> Path:
 
 
 def read_trees(jsonl_path: str | Path) -> Iterator[Tree]:
+    """Trees of a JSONL file; a line that is not a tree this version can read is a one-line ``file:line`` error."""
     jsonl_path = Path(jsonl_path)
-    for _, d in read_jsonl_objects(jsonl_path):
-        yield tree_from_dict(d, jsonl_path.parent)
+    for line, d in read_jsonl_objects(jsonl_path):
+        try:
+            tree = tree_from_dict(d, jsonl_path.parent)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{jsonl_path}:{line}: not a trajectory tree r3-rl can read "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        yield tree

@@ -2,8 +2,10 @@
 
 :func:`load_recipe` checks keys and types; this module checks what a type cannot say, so a run does not die
 (or hang, or eat the machine) minutes or hours in: reward names and options, data files (opened, every record
-parsed), regexes, template placeholders per stage, devices, finite numbers, and sizes within bounds that a
-2-core machine or a GPU cluster could honour (the limit is named in the error).  The CLI calls
+parsed), regexes, devices, finite numbers, sizes within bounds that a 2-core machine or a GPU cluster could
+honour (the limit is named in the error), and the plug-ins: the policy (``policy.kind``: class found, options
+match ``from_recipe``, template placeholders per stage, the family's own ``check_recipe``) and the algorithm
+(``learner.algorithm``: class found, ``learner.options`` match its constructor).  The CLI calls
 :func:`validate_recipe` and :func:`check_run_dir` before it creates the run dir; both raise
 :class:`~r3_rl.errors.UserError` (exit 2) and have no side effects.
 """
@@ -53,11 +55,6 @@ LIMITS: dict[str, tuple[int, str]] = {
     "ray.num_cpus": (1_048_576, "CPUs of a local Ray"),
 }
 MAX_SAMPLES_PER_STEP = 1 << 20  # group_size x (prompt groups + refine groups)
-MAX_TINY_PARAMS = 2_000_000_000  # fp32 weights + AdamW = 16 bytes a parameter: 32 GB already
-
-# Template placeholders each policy fills per stage; anything else in braces would be sent to the model verbatim.
-TINY_FIELDS: dict[str, set[str]] = {"reason": {"prompt"}, "reflect": {"prompt", "image"},
-                                    "refine": {"prompt", "image", "instruction"}}
 PLACEHOLDER = re.compile(r"\{([^{}\s]*)\}")
 
 
@@ -92,41 +89,17 @@ def check_numbers(dump: dict[str, Any], source: str) -> None:
                         f"samples a step, over the limit of {MAX_SAMPLES_PER_STEP}")
 
 
-def check_tiny_shape(recipe: Any, source: str) -> None:
-    t = recipe.policy.tiny
-    if t.hidden_size % t.num_heads:
-        raise UserError(f"{source}: key 'policy.tiny.hidden_size': {t.hidden_size} is not a multiple of "
-                        f"policy.tiny.num_heads={t.num_heads}")
-    params = t.num_layers * (4 * t.hidden_size ** 2 + 3 * t.hidden_size * t.intermediate_size)
-    if params > MAX_TINY_PARAMS:
-        raise UserError(f"{source}: policy.tiny: about {params:.3g} parameters, over the limit of "
-                        f"{MAX_TINY_PARAMS:.0e} for the tiny CPU policy (use policy.kind: janus for real models)")
-
-
-def check_model(recipe: Any) -> None:
-    """``policy.model`` exists (a local folder with config.json, or a hub id in the local cache / reachable)."""
-    model = recipe.policy.model
-    if recipe.policy.kind == "janus":
-        from r3_rl.policy.janus import _resolve
-
-        _resolve(model or "")
-    elif model and not (Path(model).expanduser() / "config.json").is_file():
-        raise UserError(f"policy.model: cannot load '{model}': no config.json there; give a directory written by "
-                        f"save_pretrained (or leave policy.model empty to build the tiny model)")
-
-
 DEVICE = re.compile(r"^(cpu|cuda|mps)(?::(\d+))?$")
 
 
-def check_device(recipe: Any, source: str) -> None:
-    """``policy.device`` names a device this machine has (torch is imported only to count CUDA devices)."""
+def check_device(recipe: Any, source: str, count_gpus: bool = True) -> None:
+    """``policy.device`` names a device (and, with ``count_gpus``, one this machine has: torch is imported only
+    to count CUDA devices)."""
     name = recipe.policy.device
     m = DEVICE.match(name)
     if m is None:
         raise UserError(f"{source}: key 'policy.device': {name!r} is not a device (cpu, cuda, cuda:N, mps)")
-    if recipe.policy.kind == "tiny" and m.group(1) != "cpu":
-        raise UserError(f"{source}: key 'policy.device': the tiny policy runs on the CPU only, got {name!r}")
-    if m.group(1) == "cuda":
+    if count_gpus and m.group(1) == "cuda":
         import torch
 
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -134,15 +107,9 @@ def check_device(recipe: Any, source: str) -> None:
             raise UserError(f"{source}: key 'policy.device': {name!r} but this machine has {count} CUDA device(s)")
 
 
-def check_templates(recipe: Any, source: str) -> None:
-    """Every ``{name}`` in a template must be one the policy fills at that stage."""
+def check_templates(recipe: Any, fields: dict[str, set[str]], source: str) -> None:
+    """Every ``{name}`` in a template must be one the policy fills at that stage (``Policy.template_fields``)."""
     templates = recipe.templates.model_dump()
-    if recipe.policy.kind == "janus":
-        from r3_rl.policy.janus_prompts import STAGE_FIELDS
-
-        fields = STAGE_FIELDS
-    else:
-        fields = TINY_FIELDS
     for stage, text in templates.items():
         for name in PLACEHOLDER.findall(text):
             allowed = fields.get(stage, set())
@@ -150,6 +117,21 @@ def check_templates(recipe: Any, source: str) -> None:
                 avail = ", ".join("{" + f + "}" for f in sorted(allowed)) or "none"
                 raise UserError(f"{source}: key 'templates.{stage}': placeholder {{{name}}} is not filled at this "
                                 f"stage by the {recipe.policy.kind} policy (available: {avail})")
+
+
+def check_plugins(recipe: Any, source: str, weights: bool = True) -> None:
+    """``policy.kind`` and ``learner.algorithm`` import, take their options, and accept the recipe (``weights``:
+    the policy's weights are on this machine too).  Built-ins are checked without importing torch."""
+    from r3_rl.learner.registry import check_algorithm
+    from r3_rl.policy.registry import check_policy_options
+
+    try:
+        policy = check_policy_options(recipe)
+        check_algorithm(recipe)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+    check_templates(recipe, policy.template_fields, source)
+    policy.check_recipe(recipe, source, weights)
 
 
 def check_regexes(recipe: Any, source: str) -> None:
@@ -175,7 +157,7 @@ def check_rewards(recipe: Any, source: str) -> None:
 
 def check_data(recipe: Any, source: str, needs_eval: bool = True) -> None:
     """Prompt files opened and every record parsed (``file:line`` errors); local datasets exist."""
-    from r3_rl.data import read_jsonl_prompts
+    from r3_rl.data import load_prompts
 
     d = recipe.data
     if d.source == "blocks":
@@ -188,7 +170,7 @@ def check_data(recipe: Any, source: str, needs_eval: bool = True) -> None:
             if p.suffix in (".jsonl", ".json", ".csv", ".parquet") and not p.is_file():
                 raise UserError(f"{source}: dataset file {name} not found")
             continue
-        read_jsonl_prompts(name, d.source, d.prompt_column)
+        load_prompts(d.source, name, d.prompt_column)  # built-in set names (geneval:train) included
     if needs_eval and not d.eval and d.source != "hf":
         raise UserError(f"{source}: key 'data.eval': required for data.source={d.source!r} (a held-out jsonl); "
                         f"evaluating on training prompts would overstate accuracy")
@@ -199,14 +181,12 @@ def validate_recipe(recipe: Any, path: str | Path, needs_eval: bool = True) -> N
     source = str(path)
     dump = recipe.model_dump(mode="python")
     check_numbers(dump, source)
-    if recipe.policy.kind == "tiny":
-        check_tiny_shape(recipe, source)
-    check_model(recipe)
-    check_device(recipe, source)
-    check_templates(recipe, source)
+    check_device(recipe, source, count_gpus=False)
     check_regexes(recipe, source)
     check_rewards(recipe, source)
     check_data(recipe, source, needs_eval)
+    check_plugins(recipe, source)  # imports the policy's code (torch): after the checks that import none
+    check_device(recipe, source)
     check_precision(recipe, source)
 
 

@@ -5,17 +5,16 @@ sample, the sample's total is ``None`` (excluded from its group's advantage, cou
 0: silent zeros were the reference implementation's worst bug.  An exception inside a reward fails
 that reward's whole batch, with the exception text as the reason; a non-finite score is a failure.
 
-:class:`FailureBudget` is what the trainer calls after each scoring round: it keeps running counts
-(per reward too, for logging) and raises a one-line :class:`RewardFailureError` once more than
-``max_fraction`` of the scored samples failed, so a dead reward server stops the run instead of
-training on nothing.
+:class:`FailureBudget` counts what the rollout scorer scored (per reward too) and, checked by the trainer
+after each rollout, raises a one-line :class:`RewardFailureError` once more than ``max_fraction`` of the
+scored samples failed, so a dead reward server stops the run instead of training on nothing.
 """
 from __future__ import annotations
 
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol
 
 from r3_rl.errors import UserError
 from r3_rl.rewards.base import Reward, RewardOutput, RewardSample
@@ -55,6 +54,13 @@ def _check_spec(i: int, spec: Any) -> None:
         raise UserError(f"rewards[{i}] ({spec['name']}): 'weight' must be a finite number, got {w!r}")
     if not isinstance(spec.get("options", {}) or {}, dict):
         raise UserError(f"rewards[{i}] ({spec['name']}): 'options' must be a mapping")
+
+
+class Scorer(Protocol):
+    """Anything that scores samples like a :class:`RewardSet` (one in this process, or reward actors)."""
+
+    def score(self, samples: list[RewardSample]) -> list[ScoredSample]:
+        ...
 
 
 class RewardSet:
@@ -176,6 +182,17 @@ class FailureBudget:
         raise RewardFailureError(
             f"rewards: {self.failed}/{self.scored} samples failed ({self.fraction:.0%} > {self.key}="
             f"{self.max_fraction:g}); failing: {worst or 'unknown'}{last}".replace("\n", " "))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counts for a checkpoint: a resumed run keeps its budget."""
+        return {"scored": self.scored, "failed": self.failed, "by_reward": dict(self.by_reward),
+                "last_reason": dict(self.last_reason)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`; checkpoints from before it kept only ``scored`` / ``failed``."""
+        self.scored, self.failed = int(state["scored"]), int(state["failed"])
+        self.by_reward = Counter(state.get("by_reward", {}))
+        self.last_reason = dict(state.get("last_reason", {}))
 
     def metrics(self) -> dict[str, float]:
         """Scalars for the tracker: totals, fraction and per-reward failure counts."""

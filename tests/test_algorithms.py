@@ -338,3 +338,33 @@ def test_value_loss_clipping():
     assert value_loss(v, old, ret, mask, clip=0.2).item() == pytest.approx(0.5 * 1.69)
     with pytest.raises(ValueError, match="same shape"):
         value_loss(v, old[:1], ret)
+
+
+def test_one_definition_of_a_group_with_no_signal_everywhere() -> None:
+    """Advantages, the learner batch and the logs agree on which groups carry no signal, rounding included:
+    0.1 + 0.2 and 0.3 are the same reward (the batch used exact equality, the logs a tolerance)."""
+    from r3_rl.algorithms.signal import has_signal
+    from r3_rl.learner.batch import collect_items, no_signal_groups
+    from r3_rl.tracking.metrics import group_metrics
+    from r3_rl.trajectory import Node, PromptItem, Segment, Tree
+
+    near, real = [0.1 + 0.2, 0.3], [0.3, 0.4]
+    assert near[0] != near[1] and not has_signal(near) and has_signal(real)
+    tree = Tree(id="t", prompt=PromptItem("p", "p"))
+    for gid, rewards in (("near", near), ("real", real)):
+        for j, r in enumerate(rewards):
+            seg = Segment("text", {"input_ids": [1]}, [3], [-1.0])
+            tree.add(Node(id=f"{gid}{j}", parent=None, stage="reason", round=0, group_id=gid, policy_version=0,
+                          segment=seg, reward=r))
+    nodes = list(tree.nodes.values())
+    rewards = torch.tensor([n.reward for n in nodes], dtype=torch.float64)
+    groups = [n.group_id for n in nodes]
+    assert group_advantages(rewards, groups)[:2].tolist() == [0.0, 0.0]  # exactly 0, no rounding residue
+    assert group_stats(rewards, groups)["zero_signal_groups"] == 1.0
+    assert no_signal_groups(nodes) == {"near"}
+    assert group_metrics([tree])["groups/zero_signal"] == 1.0
+    for n, a in zip(nodes, group_advantages(rewards, groups).tolist()):
+        n.advantage = a
+    items, stats = collect_items([tree], 0, 0)
+    assert [it.segment for it in items] == [tree.nodes["real0"].segment, tree.nodes["real1"].segment]
+    assert stats.zero_signal_groups == 1 and stats.zero_signal_items == 2

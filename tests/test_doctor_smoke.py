@@ -47,7 +47,7 @@ def test_two_step_training_and_the_checkpoint_estimate(tmp_path: Path) -> None:
 
 
 def _tiny_model(recipe):
-    from r3_rl.policy.tiny import build_policy
+    from r3_rl.policy.registry import build_policy
 
     return build_policy(recipe).model
 
@@ -87,10 +87,11 @@ def test_with_a_gpu_the_doctor_trains_a_random_janus_of_the_recipes_shape(tmp_pa
     tested above on gloo); the 2-step training runs for real on a random model shaped like a tiny Janus."""
     import json
 
-    from r3_rl.doctor import doctor, gpu
+    from r3_rl.doctor import devices, doctor, gpu
     from r3_rl.policy.janus_tiny import make_tiny_janus
 
-    monkeypatch.setattr(gpu, "visible_gpus", lambda: [gpu.GpuInfo(0, "fake", 80 * gpu.GIB, 79 * gpu.GIB)])
+    monkeypatch.setattr(devices, "visible_gpus", lambda: [devices.GpuInfo(0, "fake", 80 * devices.GIB,
+                                                                             79 * devices.GIB)])
     monkeypatch.setattr(gpu, "all_reduce_check", lambda world, backend="nccl", timeout=120.0: 0.1)
     from tiny_vision import save_tiny_clip
 

@@ -95,7 +95,7 @@ def mixed_critiques(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_eval_cli_table_matches_independent_scoring(tmp_path: Path, repo: Path, mixed_critiques: None,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     from r3_rl.config import load_recipe
-    from r3_rl.policy.tiny import build_policy
+    from r3_rl.policy.registry import build_policy
     from r3_rl.rewards.blocks import score_image
 
     sets = [o for o in tiny_overrides(tmp_path, steps=0) if not o.startswith("eval.rounds")]

@@ -26,6 +26,7 @@ def test_lora_trains_adapters_only_against_the_base_model(tmp_path) -> None:
     recipe = _recipe(lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, kl_coef_text=0.5,
                      kl_coef_image=0.5)
     assert not needs_frozen_reference(recipe)
+    original_module = policy.model
     learner = build_learner(policy, None, recipe)
     ref = learner.reference
     assert isinstance(ref, AdapterDisabledReference) and ref.model is policy.model  # no second copy
@@ -50,8 +51,10 @@ def test_lora_trains_adapters_only_against_the_base_model(tmp_path) -> None:
         torch.testing.assert_close(r, b, rtol=0, atol=1e-6)
     assert any(not torch.allclose(p, b, atol=1e-4) for p, b in zip(pol_lp, base_lp))
 
-    # save_pretrained writes merged weights that plain from_pretrained loads into the same model
-    policy.save_pretrained(str(tmp_path / "merged"))
+    # the learner's export writes merged weights that plain from_pretrained loads into the same model; the policy
+    # itself is untouched by LoRA (no patched save_pretrained, no module swapped in behind its back)
+    assert "save_pretrained" not in vars(policy) and policy.model is original_module
+    learner.export(tmp_path / "merged")
     plain = LlamaForCausalLM.from_pretrained(str(tmp_path / "merged"))
     assert not any("lora" in k or "base_layer" in k for k in plain.state_dict())
     reloaded = TinyUnifiedPolicy.from_pretrained(str(tmp_path / "merged"), policy.templates)

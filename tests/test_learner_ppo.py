@@ -8,7 +8,8 @@ import pytest
 import torch
 from learner_helpers import clone, learner_cfg, sample_items, tiny_policy
 
-from r3_rl.learner.ppo_learner import PPOLearner, chains, ppo_items, stage_reward
+from r3_rl.learner.ppo_learner import PPO, chains, ppo_items, stage_reward
+from r3_rl.learner.torch_learner import TorchLearner
 from r3_rl.trajectory import Node, PromptItem, Segment, Tree
 
 
@@ -76,8 +77,9 @@ def base():
 def test_gae_advantages_with_a_fresh_critic_are_returns_to_go(base) -> None:
     policy, items = base
     cfg = learner_cfg(algorithm="ppo", ppo={"gamma": 0.9, "lam": 1.0, "normalize_advantages": False})
-    learner = PPOLearner(clone(policy), None, cfg)
-    ctx = learner._prepare(copy.deepcopy(items))
+    learner = TorchLearner(clone(policy), None, cfg)
+    assert isinstance(learner.algorithm, PPO)  # learner.algorithm: ppo picks the registered algorithm
+    ctx = learner.algorithm.prepare(learner.models, copy.deepcopy(items))
     assert torch.equal(ctx["old_values"], torch.zeros(6))  # the value head starts at zero
     r = [it.reward for it in items]
     want = [r[0] + 0.9 * r[1] + 0.81 * r[2], r[1] + 0.9 * r[2], r[2],
@@ -90,12 +92,12 @@ def test_ppo_step_trains_policy_and_critic(base) -> None:
     policy, items = base
     p = clone(policy)
     cfg = learner_cfg(algorithm="ppo", micro_batch_size=2, epochs=2, ppo={"vf_coef": 1.0})
-    learner = PPOLearner(p, p.frozen_copy(), cfg)
-    before = learner.values(items).detach()
+    learner = TorchLearner(p, p.frozen_copy(), cfg)
+    before = learner.algorithm.values(learner.models, items).detach()
     m = learner.step(copy.deepcopy(items))
     assert m["learner/optimizer_steps"] == 2.0 and math.isfinite(m["learner/value_loss"])
-    after = learner.values(items).detach()
-    returns = learner._prepare(copy.deepcopy(items))["returns"]
+    after = learner.algorithm.values(learner.models, items).detach()
+    returns = learner.algorithm.prepare(learner.models, copy.deepcopy(items))["returns"]
     # the critic moved towards the returns
     assert float(((after - returns) ** 2).mean()) < float(((before - returns) ** 2).mean())
     assert not torch.equal(p.model.model.norm.weight, policy.model.model.norm.weight)  # shared backbone moved
@@ -107,9 +109,30 @@ def test_separate_critic_leaves_the_policy_backbone_to_the_policy_loss(base) -> 
     p = clone(policy)
     cfg = learner_cfg(algorithm="ppo", kl_coef_text=0.0, kl_coef_image=0.0,
                       ppo={"critic": "separate", "normalize_advantages": False, "gamma": 0.0, "lam": 0.0})
-    learner = PPOLearner(p, None, cfg)
+    learner = TorchLearner(p, None, cfg)
     for it in zero_adv:
         it.reward = 0.0  # zero rewards and a zero critic: zero advantages, so only the value loss is left
     learner.step(zero_adv)
     assert torch.equal(p.model.model.norm.weight, policy.model.model.norm.weight)
     assert "critic" in learner.modules and learner.modules["critic"] is not p.model
+
+
+def test_ppo_logs_the_advantages_it_trains_on(tmp_path) -> None:
+    """``advantage/mean`` and ``advantage/std`` used to be summarised before PPO computed its GAE advantages, so
+    they always logged 0."""
+    import json
+    from pathlib import Path
+
+    from conftest import tiny_overrides
+
+    from r3_rl.config import load_recipe
+    from r3_rl.trainer import Trainer
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny_blocks.yaml",
+                         tiny_overrides(tmp_path, 1) + ["learner.algorithm=ppo", "log.tensorboard=false",
+                                                        "learner.ppo={normalize_advantages: false}", "eval.dump=0"])
+    Trainer(recipe, tmp_path / "run").train()
+    row = next(json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+               if "batch/items" in line)
+    assert row["batch/items"] >= 2 and row["learner/optimizer_steps"] == 1.0
+    assert row["advantage/std"] > 0 and row["advantage/mean"] != 0

@@ -16,7 +16,7 @@ from r3_rl.config import load_recipe  # noqa: E402
 from r3_rl.errors import UserError  # noqa: E402
 from r3_rl.learner.build import build_learner  # noqa: E402
 from r3_rl.learner.ray_ranks import RankedLearner  # noqa: E402
-from r3_rl.policy.tiny import build_policy  # noqa: E402
+from r3_rl.policy.registry import build_policy  # noqa: E402
 from r3_rl.trainer import Trainer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -132,3 +132,42 @@ def test_checkpoints_of_formats_1_2_still_load() -> None:
     assert buf.correct.maxlen == 4 and len(buf) == 6
     kept = {e.source: e for e in added}
     assert all(same(x, kept[x.source]) for x in buf.sample(20, 0.5, random.Random(0)))
+
+
+def test_a_format_2_checkpoint_resumes_with_its_buffer(tmp_path: Path) -> None:
+    """Through the trainer: a checkpoint written before buffer.safetensors (the buffer as pixel lists inside
+    trainer.pt) restores the same parents, read by the loop's own ``load_state_dict``."""
+    import json
+    from dataclasses import asdict
+
+    import torch
+    from conftest import REPO, tiny_overrides
+
+    from r3_rl.config import load_recipe
+    from r3_rl.learner.checkpoint import latest_checkpoint
+    from r3_rl.trainer import Trainer
+
+    recipe = load_recipe(REPO / "recipes" / "tiny_blocks.yaml", tiny_overrides(tmp_path, steps=1) + ["eval.size=2"])
+    first = Trainer(recipe, tmp_path / "run")
+    first.train()
+    ckpt = latest_checkpoint(tmp_path / "run")
+    state = ckpt / "state"
+    saved = ParentBuffer(1, decode=first.buffer.decode)
+    saved.load(state / "buffer.safetensors")
+    assert len(saved) > 0
+    legacy: dict = {"capacity": saved.correct.maxlen, "correct": [], "flawed": []}
+    for pool in ("correct", "flawed"):  # what formats 1-2 wrote: every entry with its pixels as lists
+        for s in getattr(saved, pool):
+            e = saved._entry(s)
+            legacy[pool].append({**asdict(e), "image": e.image.tolist()})
+    old = torch.load(state / "trainer.pt", weights_only=True)
+    torch.save({**old, "format": 2, "buffer": legacy}, state / "trainer.pt")
+    (state / "buffer.safetensors").unlink()
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    (ckpt / "checkpoint.json").write_text(json.dumps({**meta, "format": 2}))
+    back = Trainer(recipe, tmp_path / "run2")
+    back.resume(ckpt)
+    assert len(back.buffer) == len(saved)
+    a, b = back.buffer.sample(16, 0.5, random.Random(3)), saved.sample(16, 0.5, random.Random(3))
+    assert [x.source for x in a] == [y.source for y in b]
+    assert all(np.array_equal(x.image, y.image) and x.image_tokens == y.image_tokens for x, y in zip(a, b))

@@ -21,7 +21,7 @@ from test_learner_reference import janus_items
 
 from r3_rl.config import Learner
 from r3_rl.learner.build import build_learner
-from r3_rl.learner.ppo_learner import PPOLearner
+from r3_rl.learner.ppo_learner import PPO, ChainItem
 from r3_rl.policy.janus import JanusPolicy
 from r3_rl.policy.janus_tiny import make_tiny_janus
 from r3_rl.policy.sampling import sampling_logprobs
@@ -37,7 +37,8 @@ def janus_path(tmp_path_factory) -> str:
 def episodes(janus_path):
     """Two R3 chains of four stages (plan -> image -> critique -> refined image) with stage rewards."""
     by_stage = janus_items(JanusPolicy.from_pretrained(janus_path, templates=TEMPLATES))  # stage-major, 2 prompts
-    return [dataclasses.replace(by_stage[2 * t + e], reward=[0.1, 0.7, 0.1, -0.3][t] * (e + 1), episode=f"e{e}", t=t)
+    return [ChainItem(**{f.name: getattr(by_stage[2 * t + e], f.name) for f in dataclasses.fields(by_stage[0])},
+                      reward=[0.1, 0.7, 0.1, -0.3][t] * (e + 1), episode=f"e{e}", t=t)
             for e in range(2) for t in range(4)]
 
 
@@ -62,19 +63,19 @@ def test_ppo_trains_two_steps_on_tiny_janus(janus_path, episodes, critic) -> Non
     cfg = Learner(algorithm="ppo", lr=1e-3, micro_batch_size=4, kl_coef_text=0.01, kl_coef_image=0.01,
                   ppo={"critic": critic, "vf_coef": 1.0})
     learner = build_learner(policy, policy.frozen_copy(), type("R", (), {"learner": cfg}))
-    assert isinstance(learner, PPOLearner)
+    assert isinstance(learner.algorithm, PPO)
     if critic == "separate":  # a copy of the policy's module that trains what the policy trains
         body = learner.modules["critic"]
         assert body is not policy.model and not any(p.requires_grad for p in body.model.vision_model.parameters())
         assert any(p.requires_grad for p in body.model.language_model.parameters())
-    returns = learner._prepare(copy.deepcopy(episodes))["returns"]
-    before = learner.values(episodes).detach()
+    returns = learner.algorithm.prepare(learner.models, copy.deepcopy(episodes))["returns"]
+    before = learner.algorithm.values(learner.models, episodes).detach()
     lm_head = policy.model.lm_head.weight.detach().clone()
     for _ in range(2):
         m = learner.step(copy.deepcopy(episodes))
         assert m["learner/optimizer_steps"] == 1.0 and math.isfinite(m["learner/value_loss"])
         assert math.isfinite(m["learner/loss"]) and math.isfinite(m["learner/kl_mean"])
-    after = learner.values(episodes).detach()
+    after = learner.algorithm.values(learner.models, episodes).detach()
     assert float(((after - returns) ** 2).mean()) < float(((before - returns) ** 2).mean())
     assert not torch.equal(policy.model.lm_head.weight, lm_head)
 

@@ -84,7 +84,7 @@ def test_restart_is_logged_once_the_replacement_answers() -> None:
 
 @pytest.mark.timeout(180)
 def test_initial_workers_that_cannot_be_placed_stop_in_one_line(repo: Path, tmp_path: Path) -> None:
-    from r3_rl.policy.tiny import build_policy
+    from r3_rl.policy.registry import build_policy
     from r3_rl.rollout.ray_engine import RayEngine
 
     recipe = load_recipe(repo / "recipes" / "tiny_blocks.yaml", tiny_overrides(tmp_path) + [
@@ -102,10 +102,10 @@ def test_worker_that_cannot_be_restarted_is_dropped_and_its_task_runs_elsewhere(
     """Same trees as without the loss: the lost task runs again on the surviving worker."""
     import ray
 
-    from r3_rl.policy.tiny import build_policy
+    from r3_rl.policy.registry import build_policy
     from r3_rl.rollout.engine import run_ordered
     from r3_rl.rollout.ray_engine import RayEngine
-    from r3_rl.trainer import stage_sampling
+    from r3_rl.rollout.tree_rl import stage_sampling
     from test_rollout_ray import assert_same_trees, local_trees, step_tasks
 
     recipe = load_recipe(repo / "recipes" / "tiny_blocks.yaml", tiny_overrides(tmp_path) + [
@@ -138,7 +138,7 @@ def ranked(tmp_path: Path, *extra: str):
     from learner_helpers import sample_items
 
     from r3_rl.learner.build import build_learner
-    from r3_rl.policy.tiny import build_policy
+    from r3_rl.policy.registry import build_policy
 
     recipe = load_recipe(REPO / "recipes" / "tiny_blocks.yaml", tiny_overrides(tmp_path) + [
         "learner.backend=deepspeed", "learner.micro_batch_size=2", "learner.ranks=2", *extra])

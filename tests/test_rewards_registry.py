@@ -225,3 +225,24 @@ def test_stage_composition_exact_values() -> None:
     assert reflect_reward(0.25, 0.75, False, False, 0.1) == 0.0
     assert combine(0.6, 0.2, 0.1) == pytest.approx(0.9) and combine(0.6, None) is None and combine(None) is None
 
+
+
+def test_the_trainer_stops_through_the_failure_budget(tmp_path: Path) -> None:
+    """A run whose task reward keeps failing stops with :class:`RewardFailureError` (the budget counts per reward
+    and names the failing one), not with a check of its own."""
+    from conftest import tiny_overrides
+
+    from r3_rl.config import load_recipe
+    from r3_rl.trainer import Trainer
+
+    broken = tmp_path / "broken.py"
+    broken.write_text("def dead(samples):\n    raise ConnectionError('reward server gone')\n")
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny_blocks.yaml",
+                         tiny_overrides(tmp_path, 2) + [f"rewards.task=[{{name: '{broken}:dead'}}]",
+                                                        "tree.group_size=8", "log.tensorboard=false"])
+    trainer = Trainer(recipe, tmp_path / "run")
+    with pytest.raises(RewardFailureError) as e:
+        trainer.train()
+    msg = str(e.value)
+    assert "16/16 samples failed" in msg and "failing: dead x16" in msg and "reward server gone" in msg
+    assert trainer.failures.by_reward == {"dead": 16} and "\n" not in msg

@@ -116,3 +116,20 @@ def test_verdict_consistency_scores_missing_rewards_with_task(tmp_path: Path) ->
     assert [o.score for o in out] == [1.0, 1.0]
     with pytest.raises(UserError, match="task must be"):
         load_reward("verdict_consistency", task="geneval")
+
+
+def test_the_rollout_scorer_fills_turn_reward_for_verdict_consistency() -> None:
+    """``Turn.reward`` is documented as the task reward the scorer already computed: the sample built from a
+    scored tree carries it, so verdict_consistency needs no ``task`` option to re-score the image."""
+    from r3_rl.rollout.scoring import reward_sample
+    from r3_rl.trajectory import Node, PromptItem, Tree
+
+    tree = Tree(id="t", prompt=PromptItem("p", "a red square"))
+    tree.add(Node(id="root", parent=None, stage="generate", round=0, group_id="g0", policy_version=-1, image=RED,
+                  reward=1.0))
+    tree.add(Node(id="c0", parent="root", stage="reflect", round=1, group_id="g1", policy_version=0,
+                  text="<think>fine</think> no further edit needed"))
+    sample = reward_sample(tree, tree.nodes["c0"])
+    assert [t.reward for t in sample.history] == [1.0, None]  # images carry their reward, texts none
+    out = load_reward("verdict_consistency")([sample])
+    assert not out[0].failed and out[0].score == 1.0  # a stop on a correct image

@@ -15,12 +15,12 @@ import torch
 
 from conftest import tiny_overrides
 from r3_rl.config import load_recipe
-from r3_rl.policy.tiny import build_policy
+from r3_rl.policy.registry import build_policy
 from r3_rl.rewards.base import RewardSample
 from r3_rl.rollout.buffer import BufferEntry
 from r3_rl.rollout.engine import LocalEngine, run_ordered
 from r3_rl.rollout.tree_rl import plan_tasks
-from r3_rl.trainer import stage_sampling
+from r3_rl.rollout.tree_rl import stage_sampling
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

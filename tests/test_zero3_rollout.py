@@ -14,8 +14,7 @@ from conftest import REPO, tiny_overrides
 pytest.importorskip("deepspeed")
 
 from r3_rl.config import load_recipe  # noqa: E402
-from r3_rl.learner.build import prepare_batch  # noqa: E402
-from r3_rl.policy.tiny import build_policy  # noqa: E402
+from r3_rl.policy.registry import build_policy  # noqa: E402
 from r3_rl.trainer import Trainer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -30,7 +29,7 @@ def test_ray_worker_samples_with_the_weights_of_a_zero3_update(tmp_path) -> None
         assert all(p.numel() == 0 for p in trainer.policy.model.parameters())  # partitioned by ZeRO-3
         initial = trainer.policy.state_dict()  # gathered
         trees = trainer.rollout(0)  # starts the Ray worker with the gathered weights
-        items, _, _ = prepare_batch(trees, recipe, trainer.policy.version)
+        items, _, _ = trainer.algorithm.batch(trees, trainer.policy.version)
         assert trainer.learner.step(items)["learner/optimizer_steps"] == 1.0
         trainer.policy.version += 1
         trainer.engine.sync(trainer.policy)

@@ -15,7 +15,8 @@ Conventions, and why:
   (``trl/trainer/utils.py``).  TRL adds ``1e-4`` to the std; our default ``eps`` is ``1e-6`` -- pass
   ``eps=1e-4`` to reproduce TRL's numbers.
 * **No-signal groups get exactly 0** for their valid members: groups whose valid rewards are all equal
-  (``r - mean`` could otherwise be a rounding residue like 1e-17, blown up by the std division) and groups
+  to float rounding (:mod:`r3_rl.algorithms.signal`, the one definition the batch and the logs use too;
+  ``r - mean`` could otherwise be a rounding residue like 1e-17, blown up by the std division) and groups
   with fewer than 2 valid members (a single sample has no sibling to be compared with; TRL's ``nanstd`` is
   NaN there and ``nan_to_num`` makes it 0 too).
 * **+-inf rewards raise** ``ValueError``: an infinite reward is a broken reward function, and letting it
@@ -27,6 +28,8 @@ import math
 from collections.abc import Hashable, Sequence
 
 import torch
+
+from r3_rl.algorithms.signal import SIGNAL_ATOL
 
 
 def _group_index(group_ids: Sequence[Hashable], n: int) -> tuple[torch.Tensor, int]:
@@ -50,7 +53,8 @@ def _check_rewards(rewards: torch.Tensor) -> None:
 
 
 def _per_group(rewards: torch.Tensor, gidx: torch.Tensor, n_groups: int) -> dict[str, torch.Tensor]:
-    """Per-group valid count, mean, unbiased std and 'all valid rewards equal' flag (NaNs excluded)."""
+    """Per-group valid count, mean, unbiased std and 'all valid rewards equal' flag (NaNs excluded; equal to
+    ``SIGNAL_ATOL``, as :func:`r3_rl.algorithms.signal.has_signal`)."""
     gidx = gidx.to(rewards.device)
     kw = {"dtype": rewards.dtype, "device": rewards.device}
     valid = ~torch.isnan(rewards)
@@ -65,7 +69,7 @@ def _per_group(rewards: torch.Tensor, gidx: torch.Tensor, n_groups: int) -> dict
         0, gidx, torch.where(valid, rewards, small), reduce="amax")
     gmin = torch.full((n_groups,), math.inf, **kw).scatter_reduce(
         0, gidx, torch.where(valid, rewards, big), reduce="amin")
-    return {"count": count, "mean": mean, "std": std, "flat": gmax == gmin}
+    return {"count": count, "mean": mean, "std": std, "flat": (gmax - gmin) <= SIGNAL_ATOL}
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: Sequence[Hashable], *, normalize_std: bool = False,

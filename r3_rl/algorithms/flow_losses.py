@@ -88,8 +88,12 @@ def flow_policy_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, *, clip_low: float = 1e-4,
     clip_high: float | None = None, adv_clip: float | None = 5.0, ratio_unit: str = "step",
     image: torch.Tensor | None = None, kl: torch.Tensor | None = None, kl_coef: float = 0.0,
+    policy_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate (+ ``kl_coef`` * mean KL) over SDE-step rows; returns ``(loss, metrics)``.
+    """``policy_weight`` * clipped surrogate + ``kl_coef`` * mean KL over SDE-step rows; returns ``(loss, metrics)``.
+
+    ``policy_weight`` is the image modality weight (R3: ``loss = 1.0 text + 2.0 image + 1e-3 image KL``: the
+    weight does not multiply the KL).
 
     Shapes: ``logp``, ``old_logp``, ``advantages`` (the image's advantage on each of its rows; NaN drops the
     row), ``kl`` (per row, from :func:`flow_gaussian_kl`) and ``image`` (which image a row belongs to; needed
@@ -107,6 +111,8 @@ def flow_policy_loss(
         raise ValueError(f"flow_policy_loss: unknown ratio_unit {ratio_unit!r}; valid: {', '.join(RATIO_UNITS)}")
     if adv_clip is not None and not adv_clip > 0:
         raise ValueError(f"flow_policy_loss: adv_clip must be > 0 or None, got {adv_clip}")
+    if not policy_weight >= 0:
+        raise ValueError(f"flow_policy_loss: policy_weight must be >= 0, got {policy_weight}")
     if kl_coef != 0 and kl is None:
         raise ValueError("flow_policy_loss: kl_coef is non-zero but no kl was given")
 
@@ -129,6 +135,7 @@ def flow_policy_loss(
     mask = torch.ones(logp.shape[0], 1, dtype=torch.bool, device=logp.device)
     loss, metrics = clipped_policy_loss(logp.unsqueeze(1), old.unsqueeze(1), adv, mask, clip_low=clip_low,
                                         clip_high=clip_high, loss_type="token_mean")
+    loss = loss * policy_weight
     metrics["adv_clip_frac"] = adv_clip_frac.detach()
     if kl is not None:
         kept = ~torch.isnan(adv)

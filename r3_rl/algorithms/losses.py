@@ -90,13 +90,17 @@ def clipped_policy_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
     clip_low: float = 0.2, clip_high: float = 0.2, loss_type: LossType = "token_mean", max_len: int | None = None,
     ref_logp: torch.Tensor | None = None, kl_coef: float | torch.Tensor = 0.0, kl_kind: str = "k3",
-    kl_importance_weight: bool = False,
+    kl_importance_weight: bool = False, row_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO-clip loss with KL penalty, aggregated by ``loss_type``; returns ``(loss, metrics)``.
 
     Shapes: ``logp``, ``old_logp``, ``ref_logp``, ``mask`` ``[B, T]``; ``advantages`` ``[B]`` (NaN = drop the
     row); ``kl_coef`` a float or a ``[B]`` tensor of per-row weights (text and image rows differ).  ``ref_logp``
     is required when any ``kl_coef`` is non-zero; when given with ``kl_coef == 0`` the KL is only reported.
+
+    ``row_weight`` ``[B]`` (>= 0) multiplies each row's clipped term, not its KL: the recipe's modality weights
+    (``learner.loss_weight_text`` / ``loss_weight_image``; R3 weighs image rows 2.0).  ``policy_loss`` is reported
+    unweighted.
 
     ``kl_importance_weight`` multiplies each token's KL by the (differentiable) ratio ``r``, which makes the KL
     gradient the unbiased reverse-KL gradient when tokens were sampled by the old policy (DeepSeek-V3.2;
@@ -139,6 +143,10 @@ def clipped_policy_loss(
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     pg = -torch.minimum(ratio * adv, clipped * adv)
     per_token = pg
+    if row_weight is not None:
+        if row_weight.shape != (logp.shape[0],):
+            raise ValueError(f"row_weight must be [B={logp.shape[0]}], got {tuple(row_weight.shape)}")
+        per_token = pg * row_weight.to(device=logp.device, dtype=logp.dtype).unsqueeze(1)
     kl = None
     if ref_logp is not None:
         kl = kl_estimate(lp, torch.where(m, ref_logp.to(logp.dtype), zero), kl_kind)
@@ -146,7 +154,7 @@ def clipped_policy_loss(
             kl = kl * ratio
         if use_kl:
             row_coef = coef.unsqueeze(1) if coef.dim() == 1 else coef
-            per_token = pg + row_coef * kl
+            per_token = per_token + row_coef * kl
 
     loss = aggregate(per_token, m, loss_type, max_len, rows=rows)
 

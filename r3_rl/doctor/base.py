@@ -66,9 +66,9 @@ class Context:
         return value
 
     def gpus(self) -> list[Any]:
-        from r3_rl.doctor.gpu import visible_gpus
+        from r3_rl.doctor import devices
 
-        return self.memo("gpus", visible_gpus)
+        return self.memo("gpus", devices.visible_gpus)
 
     def model(self) -> Any:
         """:class:`r3_rl.weights.ModelFacts` of the policy; raises :class:`r3_rl.weights.WeightsMissing`."""

@@ -18,18 +18,17 @@ def human_bytes(n: float) -> str:
 
 
 def check_values(ctx: Context) -> Finding:
-    """The recipe's numbers, sizes, templates and regexes pass ``r3-rl train``'s up-front validation.
+    """The recipe's numbers, sizes, regexes, policy and algorithm pass ``r3-rl train``'s up-front validation.
 
-    The model, device, rewards and data parts of that validation are the checks below, with a fix each."""
+    The model, rewards and data parts of that validation are the checks below, with a fix each."""
     from r3_rl import validate
 
     source = str(ctx.recipe_path)
     validate.check_numbers(ctx.recipe.model_dump(mode="python"), source)
-    if ctx.recipe.policy.kind == "tiny":
-        validate.check_tiny_shape(ctx.recipe, source)
-    validate.check_templates(ctx.recipe, source)
     validate.check_regexes(ctx.recipe, source)
-    return ok("numbers finite and within bounds, templates and regexes valid")
+    validate.check_plugins(ctx.recipe, source, weights=False)
+    return ok(f"numbers finite and within bounds, regexes valid, policy {ctx.recipe.policy.kind} and algorithm "
+              f"{ctx.recipe.learner.algorithm} accept the recipe")
 
 
 def check_data(ctx: Context) -> Finding:

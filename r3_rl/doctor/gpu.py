@@ -13,36 +13,13 @@ import multiprocessing as mp
 import queue
 import tempfile
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from r3_rl.doctor.base import Context, Finding, ok, problem, skipped
+from r3_rl.doctor.devices import GIB, GpuInfo
 from r3_rl.doctor.ray_check import ray_demand, uses_ray
-
-GIB = 1024**3
-
-
-@dataclass
-class GpuInfo:
-    index: int
-    name: str
-    total: int  # bytes
-    free: int  # bytes
-
-
-def visible_gpus() -> list[GpuInfo]:
-    import torch
-
-    if not torch.cuda.is_available():
-        return []
-    out = []
-    for i in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(i)
-        out.append(GpuInfo(i, torch.cuda.get_device_properties(i).name, int(total), int(free)))
-    return out
-
 
 def describe(gpus: list[GpuInfo]) -> str:
     names = sorted({g.name for g in gpus})

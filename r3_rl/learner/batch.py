@@ -5,8 +5,8 @@ Advantages are computed per sibling group (``Node.group_id``) with
 from its group's statistics and from the update.  Nodes sampled by a policy older than
 ``max_staleness`` versions are refused, never silently trained on.
 
-Groups with no learning signal -- every valid reward equal, fewer than two valid rewards, or every
-reward failed -- contribute no gradient at all: their members are left out of the learner batch
+Groups with no learning signal (:func:`r3_rl.algorithms.signal.has_signal`: every valid reward equal,
+fewer than two valid rewards, or every reward failed) contribute no gradient at all: their members are left out of the learner batch
 (not merely given advantage 0, which would still move the weights through the KL term and dilute
 the ``token_mean`` denominator), and they are counted in the logs (``zero_signal_groups``,
 ``single_valid_groups``, ``all_failed_groups``, ``zero_signal_items``), overall and per stage.
@@ -20,19 +20,18 @@ from dataclasses import dataclass, field
 import torch
 
 from r3_rl.algorithms.advantages import group_advantages, group_stats
+from r3_rl.algorithms.signal import has_signal
 from r3_rl.trajectory import Node, Segment, Tree
 
 
 @dataclass
 class TrainItem:
+    """One sampled segment to train on; an algorithm may subclass it to carry more (PPO's ``ChainItem``)."""
+
     segment: Segment
     advantage: float
     stage: str
     policy_version: int
-    # PPO only (see r3_rl.learner.ppo_learner.ppo_items): the stage reward and the item's place in its R3 chain
-    reward: float | None = None
-    episode: str = ""
-    t: int = 0
 
 
 @dataclass
@@ -69,7 +68,7 @@ def no_signal_groups(nodes: list[Node]) -> set[str]:
         valid.setdefault(n.group_id, [])
         if n.reward is not None:
             valid[n.group_id].append(n.reward)
-    return {g for g, r in valid.items() if len(r) < 2 or max(r) == min(r)}
+    return {g for g, r in valid.items() if not has_signal(r)}
 
 
 def assign_advantages(trees: list[Tree], normalize_std: bool | Mapping[str, bool] = False) -> dict[str, float]:
@@ -113,7 +112,7 @@ def collect_items(trees: list[Tree], current_version: int, max_staleness: int,
     stats.groups = len({n.group_id for n in nodes})
     stats.zero_signal_groups = len(dead)
     for n in nodes:
-        if n.segment is None or not n.segment.token_ids:
+        if n.segment is None or n.segment.num_actions == 0:
             continue
         if n.advantage is None:
             stats.failed_rewards += n.reward is None

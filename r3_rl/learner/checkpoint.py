@@ -12,6 +12,10 @@ Layout of one checkpoint::
     state/reference.safetensors  the frozen KL reference (absent with LoRA: it is the base model)
     checkpoint.json            written last: {"step", "policy_version", "complete": true, ...}
 
+Each component writes and reads its own part (:class:`CheckpointParts`): the learner exports the policy and
+saves its optimiser state (and, under DeepSpeed, the trained weights), the run loop hands over its
+``state_dict()``; nothing here reaches into a component.
+
 Every ``.pt`` here is read with ``torch.load(weights_only=True)`` (:mod:`r3_rl.learner.safe_load`): a
 checkpoint cannot run code on ``--resume``.  Format 2 keeps the numpy RNG state as plain lists; format 1
 (numpy arrays) still loads.
@@ -29,8 +33,9 @@ import random
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -110,13 +115,32 @@ def previous_report(run_dir: Path, name: str) -> dict[str, Any] | None:
         return None
 
 
-# ---------------------------------------------------------------------------------------------- weights
-def _uses_lora(trainer: Any) -> bool:
-    return getattr(trainer.recipe.learner, "lora", None) is not None
+# ---------------------------------------------------------------------------------------------- parts
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]:
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ...
 
 
-def _deepspeed_engine(trainer: Any) -> Any:
-    return getattr(getattr(trainer.learner, "optim", None), "engine", None)
+@dataclass
+class CheckpointParts:
+    """The components a checkpoint holds, each saving and loading its own state.
+
+    ``learner``: ``export(folder)`` (a ``from_pretrained`` folder), ``save(dir)`` / ``load(dir)``, and two facts:
+    ``saves_weights`` (its own files hold the trained weights: DeepSpeed) and ``adapters`` (LoRA: the export is
+    merged, so the unmerged weights are kept beside it).  ``reference``: the frozen KL copy or ``None``.
+    ``loop``: the run loop's own state (step, RNGs, sampler, failure counts).  ``buffer``: the Tree-RL parent
+    buffer, ``save(file)`` / ``load(file)`` of its own safetensors file (formats 1-2 kept it in the loop's
+    state, which the loop still reads).
+    """
+
+    policy: Any
+    reference: Any
+    learner: Any
+    loop: Stateful
+    buffer: Any = None
 
 
 def load_exported(model: torch.nn.Module, folder: Path) -> None:
@@ -140,29 +164,21 @@ def load_exported(model: torch.nn.Module, folder: Path) -> None:
                         f"{result.unexpected_keys[:3]})")
 
 
-def _export_model(trainer: Any, folder: Path) -> None:
-    engine = _deepspeed_engine(trainer)
-    if engine is not None and engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(trainer.policy.model.parameters()), modifier_rank=None):
-            trainer.policy.save_pretrained(str(folder))
-        return
-    trainer.policy.save_pretrained(str(folder))
-
-
 # ---------------------------------------------------------------------------------------------- save
-def trainer_state(trainer: Any, step: int) -> dict[str, Any]:
-    f = trainer.scorer.failures
-    state = {
-        "format": FORMAT, "step": step, "policy_version": trainer.policy.version,
-        "rng": trainer.rng.getstate(), "python_rng": random.getstate(), "numpy_rng": _numpy_rng_state(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "data_position": trainer.data.position,
-        "scorer": {"scored": f.scored, "failed": f.failed, "reasons": list(trainer.scorer.failure_reasons)},
-    }
-    return state
+def global_rng_state() -> dict[str, Any]:
+    """The process-wide RNGs (python, numpy, torch, CUDA) as plain data for ``weights_only`` loading."""
+    return {"python_rng": random.getstate(), "numpy_rng": _numpy_rng_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_global_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`global_rng_state` (format 1's numpy array key state too)."""
+    random.setstate(state["python_rng"])
+    kind, keys, *rest = state["numpy_rng"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
 def _numpy_rng_state() -> tuple[Any, ...]:
@@ -177,28 +193,28 @@ def _clean_partials(root: Path, keep: Path | None = None) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def save_checkpoint(trainer: Any, step: int, keep_last: int) -> Path:
-    """Write ``trainer``'s full state after ``step`` completed steps; returns the checkpoint folder."""
-    root = Path(trainer.run_dir) / CKPT_DIR
+def save_checkpoint(run_dir: Path, step: int, keep_last: int, parts: CheckpointParts, recipe: Any) -> Path:
+    """Write every part's state after ``step`` completed steps; returns the checkpoint folder."""
+    root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     _clean_partials(root)
     tmp.mkdir()
-    _export_model(trainer, tmp / "model")
+    learner = parts.learner
+    learner.export(tmp / "model")
     state = tmp / "state"
     state.mkdir()
-    if _uses_lora(trainer) and _deepspeed_engine(trainer) is None:  # DeepSpeed saves the unmerged module itself
-        save_model(trainer.policy.model, str(state / "policy.safetensors"))
-    ref = trainer.reference
-    if ref is not None and not _uses_lora(trainer):
-        save_model(ref.model, str(state / "reference.safetensors"))
-    trainer.learner.save(state / "learner")
-    torch.save(trainer_state(trainer, step), state / "trainer.pt")
-    trainer.buffer.save(state / "buffer.safetensors")
-    meta = {"complete": True, "format": FORMAT, "step": step, "policy_version": trainer.policy.version,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "recipe": trainer.recipe.name,
-            "structure": structure(trainer.recipe)}
+    if learner.adapters is not None and not learner.saves_weights:  # the export is merged: keep the adapters
+        save_model(parts.policy.model, str(state / "policy.safetensors"))
+    if parts.reference is not None:
+        save_model(parts.reference.model, str(state / "reference.safetensors"))
+    learner.save(state / "learner")
+    torch.save(parts.loop.state_dict(), state / "trainer.pt")
+    if parts.buffer is not None:
+        parts.buffer.save(state / "buffer.safetensors")
+    meta = {"complete": True, "format": FORMAT, "step": step, "policy_version": parts.policy.version,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "recipe": recipe.name, "structure": structure(recipe)}
     (tmp / MARKER).write_text(json.dumps(meta, indent=2))
     if final.exists():  # re-saving a step (e.g. a finished run resumed): swap, never leave a gap
         old = root / f".old-{final.name}-{os.getpid()}"
@@ -219,9 +235,9 @@ def prune(root: Path, keep_last: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- load
 # Recipe keys that shape the saved state: resuming with a different value cannot restore it exactly.
-STRUCTURAL = ("policy.kind", "policy.model", "policy.tiny", "data.blocks", "learner.algorithm", "learner.backend",
-              "learner.lora", "learner.ppo.critic", "learner.deepspeed.zero_stage", "learner.deepspeed.dtype",
-              "learner.ranks")
+STRUCTURAL = ("policy.kind", "policy.options", "policy.model", "policy.tiny", "data.blocks", "learner.algorithm",
+              "learner.backend", "learner.lora", "learner.ppo.critic", "learner.deepspeed.zero_stage",
+              "learner.deepspeed.dtype", "learner.ranks")
 
 
 def structure(recipe: Any) -> dict[str, Any]:
@@ -257,37 +273,23 @@ def check_resumable(path: Path, recipe: Any) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(trainer: Any, path: Path) -> dict[str, Any]:
-    """Restore ``trainer`` (built from the same recipe) to the state saved in ``path``; returns its meta."""
+def load_checkpoint(path: Path, parts: CheckpointParts, recipe: Any) -> dict[str, Any]:
+    """Restore every part (built from the same recipe) to the state saved in ``path``; returns its meta."""
     path = Path(path)
-    meta = check_resumable(path, trainer.recipe)
+    meta = check_resumable(path, recipe)
     state = path / "state"
-    if _deepspeed_engine(trainer) is not None:
-        pass  # the engine restores the module weights (policy, adapters, critic) from its own checkpoint
-    elif _uses_lora(trainer):
-        load_model(trainer.policy.model, str(state / "policy.safetensors"))
+    learner = parts.learner
+    if learner.saves_weights:
+        pass  # the learner's own checkpoint restores the module weights (policy, adapters, critic)
+    elif learner.adapters is not None:
+        load_model(parts.policy.model, str(state / "policy.safetensors"))
     else:
-        load_exported(trainer.policy.model, path / "model")
+        load_exported(parts.policy.model, path / "model")
     ref_file = state / "reference.safetensors"
-    if trainer.reference is not None and ref_file.is_file() and not _uses_lora(trainer):
-        load_model(trainer.reference.model, str(ref_file))
-    trainer.learner.load(state / "learner")
-    ts = safe_torch_load(state / "trainer.pt")
-    trainer.step = ts["step"]
-    trainer.policy.version = ts["policy_version"]
-    trainer.rng.setstate(ts["rng"])
-    random.setstate(ts["python_rng"])
-    kind, keys, *rest = ts["numpy_rng"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(ts["torch_rng"])
-    if ts.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ts["cuda_rng"])
-    trainer.data.position = ts["data_position"]
-    if (state / "buffer.safetensors").is_file():
-        trainer.buffer.load(state / "buffer.safetensors")
-    else:  # formats 1-2
-        trainer.buffer.load_legacy(ts["buffer"])
-    trainer.scorer.failures.scored = ts["scorer"]["scored"]
-    trainer.scorer.failures.failed = ts["scorer"]["failed"]
-    trainer.scorer.failure_reasons[:] = ts["scorer"]["reasons"]
+    if parts.reference is not None and ref_file.is_file():
+        load_model(parts.reference.model, str(ref_file))
+    learner.load(state / "learner")
+    parts.loop.load_state_dict(safe_torch_load(state / "trainer.pt"))  # formats 1-2: the buffer too
+    if parts.buffer is not None and (state / "buffer.safetensors").is_file():
+        parts.buffer.load(state / "buffer.safetensors")
     return meta

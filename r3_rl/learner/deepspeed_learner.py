@@ -29,11 +29,12 @@ each choice:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 
@@ -193,6 +194,14 @@ class DeepSpeedOptim:
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
+
+    def gathered(self, modules: list[torch.nn.Module]) -> ContextManager[Any]:
+        """Under ZeRO-3 each rank holds a shard of every weight: gather them (read-only) for an export."""
+        if self.engine.zero_optimization_stage() != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([p for m in modules for p in m.parameters()], modifier_rank=None)
 
     def save(self, path: Path) -> None:
         self.engine.save_checkpoint(str(path / "deepspeed"), tag="state", save_latest=False)

@@ -8,15 +8,15 @@ Adapters go into the language model only (:meth:`Policy.lora_scope`): Janus' Sig
 (``learner.lora.train_vision: true`` asks for it).
 
 A module with injected adapters saved by ``save_pretrained`` has ``base_layer``/``lora_A`` keys that a
-plain ``from_pretrained`` silently drops (the projections come back randomly initialised).  So after
-:func:`apply_lora` the policy's ``save_pretrained`` writes *merged* weights (W + BA, computed on a copy,
-the live weights untouched): a normal checkpoint loadable by ``from_pretrained``.  Exact resume does not
-go through that export: :mod:`r3_rl.learner.checkpoint` stores the unmerged state.
+plain ``from_pretrained`` silently drops (the projections come back randomly initialised).  So the
+learner exports through :meth:`LoraAdapters.export`: *merged* weights (W + BA, computed on a copy, the live
+weights untouched) saved by the policy running on that copy (:meth:`Policy.with_model`), a normal
+checkpoint loadable by ``from_pretrained``.  Exact resume does not go through that export:
+:mod:`r3_rl.learner.checkpoint` stores the unmerged state.
 """
 from __future__ import annotations
 
 import copy
-import types
 from typing import Any
 
 import torch
@@ -46,27 +46,29 @@ def lora_targets(policy: Policy, cfg: Any) -> list[str]:
             or (linear and isinstance(m, torch.nn.Linear) and m is not head)]
 
 
-def apply_lora(policy: Policy, cfg: Any) -> Any:
-    """Inject LoRA adapters (``learner.lora``) into ``policy.model`` in place; returns the peft wrapper."""
+def apply_lora(policy: Policy, cfg: Any) -> "LoraAdapters":
+    """Inject LoRA adapters (``learner.lora``) into ``policy.model`` in place."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                         target_modules=lora_targets(policy, cfg), bias="none")
-    peft_model = get_peft_model(policy.model, config)
-    save = types.MethodType(_merged_save_pretrained(peft_model), policy)
-    policy.save_pretrained = save  # type: ignore[method-assign]
-    return peft_model
+    return LoraAdapters(policy, get_peft_model(policy.model, config))
 
 
-def _merged_save_pretrained(peft_model: Any) -> Any:
-    def save_pretrained(policy: Policy, path: str) -> None:
-        if not hasattr(policy, "_model"):
-            raise UserError(f"learner.lora: cannot export merged weights of a {type(policy).__name__} policy")
-        merged = copy.deepcopy(peft_model).merge_and_unload()
-        plain = copy.copy(policy)
-        plain._model = merged  # type: ignore[attr-defined]
-        type(policy).save_pretrained(plain, path)
-    return save_pretrained
+class LoraAdapters:
+    """The adapters injected into ``policy``'s module (``peft_model`` wraps it): the KL reference is the
+    module with them switched off, the export the module with them merged."""
+
+    def __init__(self, policy: Policy, peft_model: Any) -> None:
+        self.policy, self.peft_model = policy, peft_model
+
+    def reference(self) -> "AdapterDisabledReference":
+        return AdapterDisabledReference(self.policy, self.peft_model)
+
+    def export(self, path: str) -> None:
+        """Merged weights into ``path``, loadable by ``from_pretrained`` (the live adapters stay unmerged)."""
+        merged = copy.deepcopy(self.peft_model).merge_and_unload()
+        self.policy.with_model(merged).save_pretrained(path)
 
 
 class AdapterDisabledReference:
@@ -82,3 +84,7 @@ class AdapterDisabledReference:
     def segment_logprobs(self, segments: list[Segment]) -> list[torch.Tensor]:
         with torch.no_grad(), self.peft_model.disable_adapter():
             return self.policy.segment_logprobs(segments)
+
+    def denoising_scores(self, segments: list[Segment]) -> list[Any]:
+        with torch.no_grad(), self.peft_model.disable_adapter():
+            return self.policy.denoising_scores(segments)

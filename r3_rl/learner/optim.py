@@ -15,16 +15,18 @@ is the same contract on a DeepSpeed engine.  Contract:
 * ``discard(outputs)`` drops the accumulated gradient without stepping (a non-finite loss was seen;
   ``outputs`` are differentiable outputs of the current graph, used by drivers that can only drop
   gradients through their own overflow path);
-* ``save(dir)`` / ``load(dir)`` persist optimiser + schedule (+ fp32 master weights) for exact resume.
+* ``save(dir)`` / ``load(dir)`` persist optimiser + schedule (+ fp32 master weights) for exact resume;
+* ``gathered(modules)`` is a context in which the modules' full weights can be read (ZeRO-3 shards them).
 
 Both drivers train a bf16 policy through fp32 master weights (:mod:`r3_rl.learner.precision`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 
@@ -124,6 +126,9 @@ class TorchOptim:
 
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
+
+    def gathered(self, modules: list[torch.nn.Module]) -> ContextManager[Any]:
+        return contextlib.nullcontext()
 
     def state_dict(self) -> dict[str, Any]:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

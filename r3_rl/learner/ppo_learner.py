@@ -28,17 +28,27 @@ advantages are the plain returns.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from r3_rl.algorithms.ppo import gae, value_loss
 from r3_rl.errors import UserError
+from r3_rl.learner.algorithm import GRPO, LearnerModels
 from r3_rl.learner.batch import BatchStats, TrainItem, summarize
-from r3_rl.learner.torch_learner import TorchLearner
 from r3_rl.policy.base import Policy
 from r3_rl.rewards.compose import reflect_own_reward
 from r3_rl.trajectory import Node, Tree
+
+
+@dataclass
+class ChainItem(TrainItem):
+    """A train item that knows its place in its R3 chain: the stage's own reward, the episode, the time step."""
+
+    reward: float | None = None
+    episode: str = ""
+    t: int = 0
 
 
 # ---------------------------------------------------------------------------------------------- episodes
@@ -60,7 +70,7 @@ def stage_reward(tree: Tree, node: Node, format_weight: float) -> float | None:
 
 
 def _sampled(node: Node) -> bool:
-    return node.segment is not None and bool(node.segment.token_ids) and node.policy_version >= 0
+    return node.segment is not None and node.segment.num_actions > 0 and node.policy_version >= 0
 
 
 def chains(tree: Tree) -> list[list[Node]]:
@@ -104,7 +114,7 @@ def ppo_items(trees: list[Tree], current_version: int, max_staleness: int,
                 stats.stale_refused += len(chain)
                 continue
             for t, (n, r) in enumerate(zip(chain, rewards)):
-                items.append(TrainItem(n.segment, 0.0, n.stage, n.policy_version,  # type: ignore[arg-type]
+                items.append(ChainItem(n.segment, 0.0, n.stage, n.policy_version,  # type: ignore[arg-type]
                                        reward=r, episode=f"{tree.id}/{chain[0].id}", t=t))
                 stats.per_stage[n.stage] = stats.per_stage.get(n.stage, 0) + 1
     summarize(items, stats)
@@ -132,46 +142,68 @@ def critic_modules(policy: Policy, cfg: Any) -> dict[str, torch.nn.Module]:
     return out
 
 
-class PPOLearner(TorchLearner):
-    """GRPO's clipped surrogate with GAE advantages, plus ``vf_coef`` times the clipped value loss."""
+class PPO(GRPO):
+    """GRPO's clipped surrogate with GAE advantages over each chain's stages, plus ``vf_coef`` times the
+    clipped value loss of a critic (``learner.ppo``)."""
 
-    def __init__(self, policy: Policy, reference: Any, cfg: Any, optim: Any = None,
-                 modules: dict[str, torch.nn.Module] | None = None) -> None:
-        super().__init__(policy, reference, cfg, optim, modules if modules is not None else critic_modules(policy, cfg))
-        self.critic = policy.with_model(self.modules["critic"]) if "critic" in self.modules else policy
+    def __init__(self, recipe: Any) -> None:
+        super().__init__(recipe)
+        self._critic: Any = None  # the policy computing with the separate critic's body (learner.ppo.critic)
 
-    def values(self, items: list[TrainItem]) -> torch.Tensor:
+    def batch(self, trees: list[Tree], version: int) -> tuple[list[TrainItem], BatchStats, dict[str, float]]:
+        stats = self.advantages(trees)  # sibling-group counts are logged under PPO too
+        items, counts = ppo_items(trees, version, self.cfg.max_staleness, self.recipe.rewards.format_weight)
+        return items, counts, stats
+
+    def modules(self, policy: Any) -> dict[str, torch.nn.Module]:
+        return critic_modules(policy, self.cfg)
+
+    def values(self, models: LearnerModels, items: list[TrainItem]) -> torch.Tensor:
         """``V(s)`` per item from the critic's hidden state over the item's sampling context, ``[B]`` float32."""
-        head = self.modules["value_head"]
-        features = self.critic.value_features([it.segment for it in items])
+        body = models.modules.get("critic")
+        if body is None:
+            critic = models.policy
+        else:
+            if self._critic is None or self._critic.model is not body:
+                self._critic = models.policy.with_model(body)
+            critic = self._critic
+        head = models.modules["value_head"]
+        features = critic.value_features([it.segment for it in items])
         return head(features.to(head.weight.dtype)).squeeze(-1).float()
 
-    def _prepare(self, items: list[TrainItem]) -> dict[str, Any]:
+    def prepare(self, models: LearnerModels, items: list[TrainItem]) -> dict[str, Any]:
+        """GAE advantages and returns from the critic's values before the update; the advantages trained on
+        (after ``normalize_advantages``) are logged as ``advantage/mean`` and ``advantage/std``."""
         p = self.cfg.ppo
+        ctx = super().prepare(models, items)
         with torch.no_grad():
-            old = torch.cat([self.values(items[s:s + self.cfg.micro_batch_size])
+            old = torch.cat([self.values(models, items[s:s + self.cfg.micro_batch_size])
                              for s in range(0, len(items), self.cfg.micro_batch_size)]).cpu()
         adv = torch.zeros(len(items))
         ret = torch.zeros(len(items))
         episodes: dict[str, list[int]] = {}
         for i, it in enumerate(items):
-            episodes.setdefault(it.episode, []).append(i)
+            episodes.setdefault(it.episode, []).append(i)  # type: ignore[attr-defined]
         for idx in episodes.values():
-            idx.sort(key=lambda i: items[i].t)
-            r = torch.tensor([items[i].reward for i in idx], dtype=torch.float32)
+            idx.sort(key=lambda i: items[i].t)  # type: ignore[attr-defined]
+            r = torch.tensor([items[i].reward for i in idx], dtype=torch.float32)  # type: ignore[attr-defined]
             a, R = gae(r, old[idx], gamma=p.gamma, lam=p.lam, last_value=0.0)
             adv[idx], ret[idx] = a, R
         if p.normalize_advantages and len(items) > 1:
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
         for it, a in zip(items, adv.tolist()):
             it.advantage = a
-        return {"advantages": adv, "returns": ret, "old_values": old}
+        summary = BatchStats()
+        summarize(items, summary)
+        ctx.update(advantages=adv, returns=ret, old_values=old,
+                   metrics={"advantage/mean": summary.advantage_mean, "advantage/std": summary.advantage_std})
+        return ctx
 
-    def _micro_loss(self, items: list[TrainItem], chunk: range, mini: range, max_len: int,
-                    ctx: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
-        loss, m, outputs = super()._micro_loss(items, chunk, mini, max_len, ctx)
+    def loss(self, models: LearnerModels, items: list[TrainItem], chunk: range, mini: range,
+             ctx: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
+        loss, m, outputs = super().loss(models, items, chunk, mini, ctx)
         p = self.cfg.ppo
-        v = self.values([items[i] for i in chunk])
+        v = self.values(models, [items[i] for i in chunk])
         sl = slice(chunk.start, chunk.stop)
         vl = value_loss(v, ctx["old_values"][sl].to(v.device), ctx["returns"][sl].to(v.device), clip=p.value_clip)
         m.update({"value_loss": float(vl.detach()), "value_mean": float(v.detach().mean()),

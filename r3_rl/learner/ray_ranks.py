@@ -32,7 +32,7 @@ import torch
 from r3_rl.errors import UserError
 from r3_rl.policy.base import Policy
 from r3_rl.learner.deepspeed_learner import ensure_dist_env, free_port
-from r3_rl.learner.torch_learner import reduce_metric
+from r3_rl.learner.torch_learner import enable_checkpointing, learner_from_recipe, reduce_metric
 from r3_rl.ray_actors import (ActorLost, ClusterError, ReadyActor, Unplaced, first_line, get_within,
                               start_actors)
 from r3_rl.ray_runtime import actor_died, cpu_state, kill_actors, start_ray, stop_ray
@@ -59,8 +59,8 @@ class LearnerRank(ReadyActor):
               version: int) -> bool:
         """Join the process group; build policy (+ LoRA), reference and learner.  All ranks call this together."""
         from r3_rl.config import Recipe
-        from r3_rl.learner.build import build_learner, uses_kl
-        from r3_rl.policy.tiny import build_policy
+        from r3_rl.learner.actions import uses_kl
+        from r3_rl.policy.registry import build_policy
 
         os.environ.update({"RANK": str(self.rank), "WORLD_SIZE": str(self.world), "LOCAL_RANK": "0",
                            "MASTER_ADDR": master[0], "MASTER_PORT": str(master[1])})
@@ -71,18 +71,20 @@ class LearnerRank(ReadyActor):
         lora, recipe.learner.lora, recipe.learner.ranks = recipe.learner.lora, None, 1  # this process is one rank
         policy = build_policy(recipe)
         reference: Any = None
+        adapters = None
         if lora is not None:  # adapters first, so the driver's parameter names match; reference = adapters off
-            from r3_rl.learner.lora import AdapterDisabledReference, apply_lora
+            from r3_rl.learner.lora import apply_lora
 
-            peft_model = apply_lora(policy, lora)
-            reference = AdapterDisabledReference(policy, peft_model) if uses_kl(recipe.learner) else None
+            enable_checkpointing(policy, recipe.learner)  # before LoRA wraps the model
+            adapters = apply_lora(policy, lora)
+            reference = adapters.reference() if uses_kl(recipe.learner) else None
         policy.load_state_dict(policy_state, version)  # before DeepSpeed copies the weights into its partitions
         if lora is None and reference_state is not None:
             reference = policy.frozen_copy()
             reference.model.load_state_dict(reference_state)
         self.policy, self.reference_is_copy = policy, lora is None and reference is not None
         self.reference = reference
-        self.learner = build_learner(policy, reference, recipe)
+        self.learner = learner_from_recipe(policy, reference, recipe, adapters=adapters)
         bound_all_collectives(recipe.ray.collective_timeout_s)
         self.learner.rank, self.learner.world = self.rank, self.world
         return True
@@ -164,10 +166,11 @@ class RankedLearner:
                             "learner.deepspeed.zero_stage 0-2 or learner.ranks: 1")
         self._owns_ray = start_ray(recipe.ray)
         self.policy = policy
+        self.adapters = None
         if cfg.lora is not None:  # the mirror must have the ranks' parameter names
             from r3_rl.learner.lora import apply_lora
 
-            apply_lora(policy, cfg.lora)
+            self.adapters = apply_lora(policy, cfg.lora)
         data = recipe.model_dump(mode="json")
         actor = ray.remote(LearnerRank).options(num_cpus=cfg.cpus_per_rank, num_gpus=cfg.gpus_per_rank,
                                                 max_restarts=0)
@@ -259,6 +262,16 @@ class RankedLearner:
         if "learner/loss" in metrics:
             self.policy.load_state_dict(self._get(self.ranks[0].weights.remote(), "weight copy"))
         return metrics
+
+    # the ranks' DeepSpeed checkpoints hold the trained weights; the mirror exports them
+    saves_weights = True
+
+    def export(self, folder: Path) -> None:
+        """The mirror (rank 0's weights after every update) as a ``from_pretrained`` folder, LoRA merged."""
+        if self.adapters is not None:
+            self.adapters.export(str(folder))
+        else:
+            self.policy.save_pretrained(str(folder))
 
     def save(self, path: Path) -> None:
         self._all([r.save.remote(str(path)) for r in self.ranks], "checkpoint save")

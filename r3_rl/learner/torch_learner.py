@@ -1,15 +1,15 @@
-"""The GRPO learner: clipped token-level surrogate + KL to a frozen reference, on any optimiser driver.
+"""The learner: an algorithm's micro-batch losses turned into weight updates, on any optimiser driver.
 
 Each epoch walks the rollout batch in mini-batches of ``micro_batch_size * grad_accum`` items
 (``grad_accum: 0`` = the whole batch, one optimiser step per epoch), each accumulated over
-micro-batches -- never one packed sequence.  Each micro-batch's loss is weighted by its share of the
-mini-batch (tokens for ``token_mean``, rows otherwise) so the accumulated gradient equals the
-mini-batch gradient for every loss aggregation.  A non-finite loss or gradient skips the step and
-leaves weights, optimiser state and schedule untouched (counted in ``learner/nonfinite_skipped``).
+micro-batches -- never one packed sequence.  The algorithm (:mod:`r3_rl.learner.algorithm`,
+``learner.algorithm``) weights each micro-batch's loss by its share of the mini-batch, so the accumulated
+gradient equals the mini-batch gradient.  A non-finite loss or gradient skips the step and leaves
+weights, optimiser state and schedule untouched (counted in ``learner/nonfinite_skipped``).
 
 The driver (:mod:`r3_rl.learner.optim`) is a plain torch AdamW by default; ``build_learner`` swaps
-in DeepSpeed.  :class:`r3_rl.learner.ppo_learner.PPOLearner` overrides :meth:`TorchLearner._prepare`
-and :meth:`TorchLearner._micro_loss` to add a critic.
+in DeepSpeed.  Checkpoints go through :meth:`TorchLearner.save` / :meth:`TorchLearner.load` (optimiser,
+schedule, counters, the algorithm's modules) and :meth:`TorchLearner.export` (the loadable policy folder).
 """
 from __future__ import annotations
 
@@ -19,33 +19,12 @@ from typing import Any
 
 import torch
 
-from r3_rl.algorithms.kl import kl_by_modality
-from r3_rl.algorithms.losses import clipped_policy_loss
+from r3_rl.errors import UserError
+from r3_rl.learner.actions import uses_kl
+from r3_rl.learner.algorithm import Algorithm, LearnerModels
 from r3_rl.learner.batch import TrainItem
 from r3_rl.learner.optim import TorchOptim
 from r3_rl.policy.base import Policy
-
-
-def pad(rows: list[torch.Tensor], value: float = 0.0) -> torch.Tensor:
-    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
-
-
-def micro_batch_inputs(policy: Policy, reference: Any, items: list[TrainItem], kl_text: float,
-                       kl_image: float) -> dict[str, torch.Tensor | None]:
-    """Current, old and reference log-probs ``[B, T]`` with mask, advantages and per-row KL weights."""
-    segs = [it.segment for it in items]
-    logp = pad(policy.segment_logprobs(segs))
-    old = pad([torch.tensor(s.logprobs, dtype=torch.float32) for s in segs]).to(logp.device)
-    mask = pad([torch.ones(len(s.token_ids)) for s in segs]).to(logp.device)
-    use_kl = reference is not None and (kl_text > 0 or kl_image > 0)
-    kl_coef = torch.tensor([(kl_image if s.modality == "image" else kl_text) if use_kl else 0.0 for s in segs],
-                           device=logp.device)
-    ref = None
-    if use_kl:
-        with torch.no_grad():
-            ref = pad(reference.segment_logprobs(segs)).to(logp.device)
-    adv = torch.tensor([it.advantage for it in items], dtype=torch.float32, device=logp.device)
-    return {"logp": logp, "old_logp": old, "mask": mask, "advantages": adv, "ref_logp": ref, "kl_coef": kl_coef}
 
 
 def reduce_metric(key: str, values: list[float]) -> float:
@@ -58,17 +37,35 @@ def reduce_metric(key: str, values: list[float]) -> float:
 
 
 class TorchLearner:
-    """GRPO updates of ``policy`` (KL to ``reference``; ``None`` = no KL) through an optimiser driver."""
+    """Updates of ``policy`` (KL to ``reference``; ``None`` = no KL) by ``algorithm`` through an optimiser driver.
+
+    ``algorithm`` defaults to the one ``cfg.algorithm`` names; ``modules`` to the algorithm's own
+    (:meth:`Algorithm.modules`; pass them when the driver was built around them).  ``adapters`` are the LoRA
+    adapters when only they train (:mod:`r3_rl.learner.lora`): the export then merges them.
+    """
 
     def __init__(self, policy: Policy, reference: Any, cfg: Any, optim: Any = None,
-                 modules: dict[str, torch.nn.Module] | None = None) -> None:
-        self.policy, self.reference, self.cfg = policy, reference, cfg
-        self.modules = modules or {}  # extra trainable modules (PPO critic), checkpointed with the learner
+                 modules: dict[str, torch.nn.Module] | None = None, algorithm: Algorithm | None = None,
+                 adapters: Any = None) -> None:
+        if algorithm is None:
+            from r3_rl.config import Recipe
+            from r3_rl.learner.registry import load_algorithm
+
+            algorithm = load_algorithm(Recipe(learner=cfg))
+        self.policy, self.reference, self.cfg, self.algorithm = policy, reference, cfg, algorithm
+        # extra trainable modules (a critic), checkpointed with the learner
+        self.modules = modules if modules is not None else algorithm.modules(policy)
+        self.adapters = adapters
         self.optim = optim if optim is not None else TorchOptim([policy.model, *self.modules.values()], cfg)
         self.skipped_steps = 0  # optimiser steps skipped for a non-finite loss or gradient
         self.updates = 0  # optimiser steps applied
         # data-parallel position (r3_rl.learner.ray_ranks): this rank takes every world-th micro-batch
         self.rank, self.world = 0, 1
+
+    @property
+    def models(self) -> LearnerModels:
+        """What the algorithm's learner side sees: policy, reference, its modules."""
+        return LearnerModels(self.policy, self.reference, self.modules)
 
     # ------------------------------------------------------------------ batching
     def minibatches(self, n: int) -> list[range]:
@@ -92,37 +89,6 @@ class TorchLearner:
         filler = mine[0] if mine else chunks[0]
         return [(c, 1.0) for c in mine] + [(filler, 0.0)] * (slots - len(mine))
 
-    def _weight(self, items: list[TrainItem], chunk: range, mini: range) -> float:
-        if self.cfg.loss_type == "token_mean":
-            return (sum(len(items[i].segment.token_ids) for i in chunk)
-                    / sum(len(items[i].segment.token_ids) for i in mini))
-        return len(chunk) / len(mini)
-
-    # ------------------------------------------------------------------ objective (PPO overrides these)
-    def _prepare(self, items: list[TrainItem]) -> dict[str, Any]:
-        """Per-batch quantities computed once before the epochs (GRPO: nothing beyond the items)."""
-        return {}
-
-    def _micro_loss(self, items: list[TrainItem], chunk: range, mini: range, max_len: int,
-                    ctx: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
-        """Loss of micro-batch ``chunk`` weighted by its share of mini-batch ``mini``, its metrics, and its
-        differentiable outputs."""
-        cfg = self.cfg
-        weight = self._weight(items, chunk, mini)
-        inp = micro_batch_inputs(self.policy, self.reference, [items[i] for i in chunk], cfg.kl_coef_text,
-                                 cfg.kl_coef_image)
-        if "advantages" in ctx:  # computed per batch (PPO) rather than carried by the items
-            inp["advantages"] = ctx["advantages"][chunk.start:chunk.stop].to(inp["logp"].device)
-        loss, m = clipped_policy_loss(
-            inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"], clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high, loss_type=cfg.loss_type, max_len=max_len, ref_logp=inp["ref_logp"],
-            kl_coef=inp["kl_coef"], kl_kind=cfg.kl_kind)
-        metrics = {k: float(v) for k, v in m.items()}
-        if inp["ref_logp"] is not None:  # KL per modality (text and image tokens weigh differently)
-            metrics.update(kl_by_modality(inp["logp"], inp["ref_logp"], inp["mask"],
-                                          [items[i].segment.modality for i in chunk], cfg.kl_kind))
-        return loss * weight, metrics, [inp["logp"]]
-
     def _set_train(self, train: bool) -> None:
         for m in (self.policy.model, *self.modules.values()):
             m.train(train)
@@ -139,8 +105,8 @@ class TorchLearner:
 
     def _step(self, items: list[TrainItem]) -> dict[str, float]:
         cfg = self.cfg
-        max_len = max(len(i.segment.token_ids) for i in items)
-        ctx = self._prepare(items)
+        models = self.models
+        ctx = self.algorithm.prepare(models, items)
         sums: dict[str, list[float]] = {}
         losses: list[float] = []
         norms: list[float] = []
@@ -152,7 +118,7 @@ class TorchLearner:
                 self.optim.zero_grad()  # never accumulate onto gradients left by anything else (e.g. warm start)
                 for chunk, scale in self._my_chunks(mini):
                     loss, m, outputs = self.optim.forward(
-                        lambda: self._micro_loss(items, chunk, mini, max_len, ctx))  # noqa: B023
+                        lambda: self.algorithm.loss(models, items, chunk, mini, ctx))  # noqa: B023
                     value = float(loss.detach()) * scale
                     if not math.isfinite(value):
                         finite = False
@@ -186,12 +152,26 @@ class TorchLearner:
             metrics["learner/nonfinite_skipped"] = float(skipped)
         metrics["learner/optimizer_steps"] = float(len(losses))
         metrics["learner/lr"] = self.optim.lr()
+        metrics.update(ctx.get("metrics", {}))
         return metrics
 
     # ------------------------------------------------------------------ persistence
+    @property
+    def saves_weights(self) -> bool:
+        """Whether :meth:`save` holds the trained weights too: a DeepSpeed engine checkpoints the modules it
+        wraps itself (and under ZeRO-3 only it can)."""
+        return getattr(self.optim, "kind", "torch") != "torch"
+
+    def export(self, folder: Path) -> None:
+        """The policy as a folder ``from_pretrained`` loads: LoRA adapters merged, ZeRO-3 shards gathered."""
+        with self.optim.gathered([self.policy.model]):
+            if self.adapters is not None:
+                self.adapters.export(str(folder))
+            else:
+                self.policy.save_pretrained(str(folder))
+
     def state_dict(self) -> dict[str, Any]:
-        # a DeepSpeed engine checkpoints the modules it wraps itself (and under ZeRO-3 only it can)
-        own = getattr(self.optim, "kind", "torch") == "torch"
+        own = not self.saves_weights
         return {"skipped_steps": self.skipped_steps, "updates": self.updates,
                 "modules": {k: m.state_dict() for k, m in self.modules.items()} if own else {}}
 
@@ -212,3 +192,41 @@ class TorchLearner:
 
         self.load_state_dict(safe_torch_load(path / "learner.pt"))
         self.optim.load(path)
+
+
+def enable_checkpointing(policy: Policy, cfg: Any) -> None:
+    """``learner.gradient_checkpointing``: recompute decoder activations in backward.  Call it before LoRA
+    wraps the model; each learner rank enables its own."""
+    if not cfg.gradient_checkpointing:
+        return
+    from r3_rl.policy.kv_cache import enable_gradient_checkpointing
+
+    try:
+        enable_gradient_checkpointing(policy.model)
+    except ValueError as e:
+        raise UserError(f"learner.gradient_checkpointing: {e}") from None
+
+
+def learner_from_recipe(policy: Policy, reference: Any, recipe: Any, algorithm: Algorithm | None = None,
+                        adapters: Any = None) -> TorchLearner:
+    """The in-process learner for ``recipe.learner``: LoRA adapters injected into ``policy`` (the reference is
+    then the base model with adapters off), the algorithm's modules, the optimiser driver (``learner.backend``).
+    ``adapters``: LoRA adapters the caller injected already (a learner rank, before it loads the weights)."""
+    from r3_rl.learner.registry import load_algorithm
+
+    cfg = recipe.learner
+    algorithm = algorithm if algorithm is not None else load_algorithm(recipe)
+    if adapters is None:  # a caller that injected adapters enabled checkpointing before (it must precede LoRA)
+        enable_checkpointing(policy, cfg)
+    if adapters is None and cfg.lora is not None:
+        from r3_rl.learner.lora import apply_lora
+
+        adapters = apply_lora(policy, cfg.lora)
+        reference = adapters.reference() if uses_kl(cfg) else None
+    modules = algorithm.modules(policy)
+    optim = None
+    if cfg.backend == "deepspeed":
+        from r3_rl.learner.deepspeed_learner import DeepSpeedOptim
+
+        optim = DeepSpeedOptim({"policy": policy.model, **modules}, cfg)
+    return TorchLearner(policy, reference, cfg, optim, modules, algorithm, adapters)

@@ -124,6 +124,9 @@ def model_shape(recipe: Any) -> ModelShape:
         cells = recipe.data.blocks.rows * recipe.data.blocks.cols
         return replace(shape, image_tokens=cells, vision_tokens=cells + 2)
     name = pol.model or ""
+    if not name and pol.kind != "janus":  # a plug-in family: only a transformers config.json gives its shape
+        raise UserError(f"policy.model: empty; r3-rl plan reads a model's shape from its config.json, and policy "
+                        f"{pol.kind!r} builds its model itself (plannable: tiny, janus, or a policy.model folder)")
     path = Path(name).expanduser()
     config_file: str | None = str(path / "config.json") if (path / "config.json").is_file() else None
     if config_file is None and not path.exists() and name.count("/") == 1:

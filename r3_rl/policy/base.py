@@ -3,16 +3,24 @@
 Rollout calls the four stage methods; the learner calls :meth:`Policy.segment_logprobs`.  The one
 contract that matters most: ``segment_logprobs(segments)`` under the *same* weights returns exactly
 the ``Segment.logprobs`` recorded at sampling time (same temperature, top-k/top-p, CFG, modality
-mask), so the policy ratio is 1 before the first update.
+mask, or the same denoising steps), so the policy ratio is 1 before the first update.
 
-Prompt templates come from the recipe (``templates``), never from code.
+Actions are whatever the policy samples: discrete tokens (``Segment.token_ids``), or a continuous action
+whose JSON-safe record (a Gaussian latent, a flow-matching :class:`~r3_rl.flow.trace.DenoisingTrace`) is
+kept in ``Segment.action``.  The learner only counts actions (``len(Segment.logprobs)``) and compares
+log-probabilities; it never looks inside an action.
+
+A policy family is one file: a subclass registered under a name (:mod:`r3_rl.policy.registry`,
+``policy.kind``) that builds itself with :meth:`Policy.from_recipe`.  Prompt templates come from the
+recipe (``templates``), never from code.
 """
 from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -34,11 +42,12 @@ class TextSample:
 
 @dataclass
 class ImageSample:
-    """A sampled image (generate/refine): its discrete tokens and the decoded pixels."""
+    """A sampled image (generate/refine): the decoded pixels, how it was sampled, and its discrete tokens
+    when the policy draws tokens (``None`` for a continuous image head)."""
 
-    image_tokens: list[int]
     image: np.ndarray  # HxWx3 uint8
     segment: Segment
+    image_tokens: list[int] | None = None
 
 
 @dataclass
@@ -57,6 +66,24 @@ class Policy(ABC):
     """
 
     version: int = 0
+    # template placeholders each stage fills (``{prompt}``, ``{image}``, ...): the recipe check refuses others
+    template_fields: ClassVar[dict[str, set[str]]] = {}
+
+    # --- construction (the plug-in contract of ``policy.kind``) ----------------------------------
+    @classmethod
+    def from_recipe(cls, recipe: Any, **options: Any) -> "Policy":
+        """Build the policy the recipe describes (random weights, or ``policy.model``'s); ``options`` are the
+        recipe's ``policy.options``, checked against this signature before any work."""
+        raise NotImplementedError(f"{cls.__name__} does not define from_recipe(recipe, **options)")
+
+    @classmethod
+    def check_recipe(cls, recipe: Any, source: str, weights: bool = True) -> None:
+        """Policy-specific recipe checks run before any work (raise a one-line ``UserError``); ``weights``:
+        also that ``policy.model`` is on this machine (``r3-rl doctor`` checks that itself, with a fix)."""
+
+    def warm_start(self, recipe: Any, folder: Path, log: Any = None) -> None:
+        """Initialise the weights before the first rollout, in the process that owns the run (workers and
+        learner ranks receive the weights instead); ``folder`` may cache the result.  Default: nothing."""
 
     # --- rollout -------------------------------------------------------------------------------
     @abstractmethod
@@ -82,10 +109,18 @@ class Policy(ABC):
     # --- learning ------------------------------------------------------------------------------
     @abstractmethod
     def segment_logprobs(self, segments: list[Segment]) -> list[torch.Tensor]:
-        """Differentiable per-token log-probs of each segment's tokens under its own sampling params.
+        """Differentiable log-probs of each segment's actions under the distribution that sampled them.
 
-        Returns one 1-D tensor per segment, aligned with ``segment.token_ids``.
+        Returns one 1-D tensor per segment, aligned with ``segment.logprobs`` (one entry per action: a token,
+        a denoising step, a latent).
         """
+
+    def denoising_scores(self, segments: list[Segment]) -> list[Any]:
+        """For segments whose action is a denoising trace (:func:`r3_rl.flow.action.is_flow_segment`): one
+        :class:`~r3_rl.flow.action.StepScores` each (differentiable log-probs and Gaussian means of the recorded
+        SDE steps), which the learner needs for the image's closed-form KL.  A flow policy implements it with
+        :func:`r3_rl.flow.action.score_traces`; a policy that draws no such image has nothing to score."""
+        raise NotImplementedError(f"{type(self).__name__} samples no images made of denoising steps")
 
     @property
     @abstractmethod
@@ -111,8 +146,9 @@ class Policy(ABC):
 
     # --- copies --------------------------------------------------------------------------------
     def with_model(self, model: torch.nn.Module) -> "Policy":
-        """This policy computing with ``model`` (same architecture) instead of its own."""
-        raise NotImplementedError(f"{type(self).__name__} cannot run on another module")
+        """This policy computing with ``model`` (same architecture) instead of its own: the KL reference,
+        the merged LoRA export."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run on another module (define with_model)")
 
     def frozen_copy(self) -> "Policy":
         """The KL reference: every weight copied, no gradients, nothing shared with the policy.

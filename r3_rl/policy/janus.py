@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from r3_rl.errors import UserError
 from r3_rl.policy.base import DTYPES, ImageInput, ImageSample, Policy, TextSample
 from r3_rl.policy.janus_engine import JanusEngine
 from r3_rl.policy.janus_prompts import check_templates, image_ref, png_pixels, uncond_ids, user_content
+from r3_rl.policy.janus_recipe import JanusRecipe, resolve_model
 from r3_rl.policy.sampling import token_logprobs
 from r3_rl.trajectory import PromptItem, SamplingParams, Segment
 
@@ -36,7 +36,7 @@ YES, NO = ("Yes", " Yes", "yes", " yes"), ("No", " No", "no", " no")
 DECODE_CHUNK = 8  # images per VQ decode call
 
 
-class JanusPolicy(Policy):
+class JanusPolicy(JanusRecipe, Policy):
     def __init__(self, model: torch.nn.Module, processor: Any, templates: dict[str, str],
                  train_vision: bool = False) -> None:
         self._model = model
@@ -86,7 +86,7 @@ class JanusPolicy(Policy):
         """
         if dtype not in DTYPES:
             raise UserError(f"policy.dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-        source, local_only = _resolve(model)  # a missing model is the first thing a user needs to hear
+        source, local_only = resolve_model(model)  # a missing model is the first thing a user needs to hear
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"policy.device: {device!r} but no CUDA device is available here (use cpu)")
         from transformers import AutoConfig, AutoProcessor, JanusForConditionalGeneration
@@ -120,7 +120,7 @@ class JanusPolicy(Policy):
 
     def with_model(self, model: torch.nn.Module) -> "JanusPolicy":
         """On ``model`` (a copy: the KL reference, whose frozen SigLIP and VQ are copies too -- see
-        :meth:`Policy.frozen_copy` -- or a PPO critic's body)."""
+        :meth:`Policy.frozen_copy` -- a PPO critic's body, or a merged LoRA export)."""
         other = copy.copy(self)
         other._model = model
         other.engine = JanusEngine(model, self.engine.image_processor, self.pad_id, self.image_token_id)
@@ -300,60 +300,6 @@ class JanusPolicy(Policy):
 
     def _answer_ids(self, words: tuple[str, ...]) -> set[int]:
         return {self.tok(w, add_special_tokens=False)["input_ids"][0] for w in words}
-
-
-def _resolve(model: str) -> tuple[str, bool]:
-    """(what to pass to ``from_pretrained``, local files only?) -- failing fast with one line.
-
-    A hub id already in the local cache is loaded from it without touching the network; one that is
-    not fails at once when HF_HUB_OFFLINE is set or the hub host cannot be reached (instead of
-    huggingface_hub's retries, which take tens of seconds without a network).
-    """
-    def fail(reason: str) -> UserError:
-        return UserError(f"policy.model: cannot load '{model}': {reason}; give a local path or a hub id "
-                         f"available offline")
-
-    if not model:
-        raise UserError("policy.model: empty; give a local path or a hub id available offline")
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise fail("no config.json in that directory")
-        return str(path), True
-    if path.exists():
-        raise fail("not a directory")
-    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
-        raise fail("no such directory")
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    try:
-        cached = try_to_load_from_cache(model, "config.json")
-    except Exception:  # noqa: BLE001 - a malformed repo id is simply "not available"
-        cached = None
-    if isinstance(cached, str):
-        return model, True
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if offline:
-        raise fail("not a local directory and not in the hub cache (HF_HUB_OFFLINE is set)")
-    if not _hub_reachable(constants.ENDPOINT):
-        raise fail(f"not a local directory, not in the hub cache, and {constants.ENDPOINT} cannot be reached")
-    return model, False
-
-
-def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    """A TCP connect to the hub host (skipped behind a proxy, where only the proxy can tell)."""
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(endpoint)
-    try:
-        socket.create_connection((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)),
-                                 timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _short(e: BaseException) -> str:

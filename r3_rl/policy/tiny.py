@@ -20,10 +20,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from r3_rl.blocks import codec, world
 from r3_rl.errors import UserError
-from r3_rl.policy.base import DTYPES, ImageInput, ImageSample, Policy, TextSample
+from r3_rl.policy.base import ImageInput, ImageSample, Policy, TextSample
 from r3_rl.policy.kv_cache import PreallocatedCache, ReplayCache
 from r3_rl.policy.sampling import cfg_logits, sample_tokens, sampling_logprobs
 from r3_rl.policy.shared_context import first_rows, shared_context_rows
+from r3_rl.policy.tiny_recipe import TinyRecipe
 from r3_rl.policy.tiny_tokenizer import PLACEHOLDER, build_tokenizer, image_token, template_words
 from r3_rl.trajectory import PromptItem, SamplingParams, Segment
 
@@ -38,7 +39,7 @@ def question_words(question: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9 ]", " ", question.lower()).split())
 
 
-class TinyUnifiedPolicy(Policy):
+class TinyUnifiedPolicy(TinyRecipe, Policy):
     def __init__(self, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, templates: dict[str, str],
                  rows: int, cols: int) -> None:
         self._model = model
@@ -61,6 +62,17 @@ class TinyUnifiedPolicy(Policy):
         self.version = 0
 
     # ------------------------------------------------------------------ construction / persistence
+    def warm_start(self, recipe: Any, folder: Path, log: Any = None) -> None:
+        """The supervised warm start on synthetic R3 trajectories (``warmstart.steps``), cached in ``folder``;
+        a policy loaded from ``policy.model`` is already trained."""
+        if recipe.warmstart.steps > 0 and not recipe.policy.model:
+            from r3_rl.policy.warmstart import warmstart_cached
+
+            dtype = self.model.dtype
+            self.model.float()  # the supervised warm start trains in fp32, then the policy computes in policy.dtype
+            warmstart_cached(self, recipe, folder, log)
+            self.model.to(dtype)
+
     @classmethod
     def build(cls, templates: dict[str, str], rows: int, cols: int, hidden_size: int = 128, num_layers: int = 4,
               num_heads: int = 4, intermediate_size: int = 256, max_positions: int = 256,
@@ -100,7 +112,8 @@ class TinyUnifiedPolicy(Policy):
                                                         "version": self.version}))
 
     def with_model(self, model: torch.nn.Module) -> "TinyUnifiedPolicy":
-        other = copy.copy(self)  # same tokenizer and templates
+        """The same tokenizer and templates on ``model`` (the reference copy, a merged LoRA export)."""
+        other = copy.copy(self)
         other._model = model
         return other
 
@@ -207,15 +220,21 @@ class TinyUnifiedPolicy(Policy):
         segs = self._sample([self.render("reason", prompt=p.prompt) for p in prompts], "text", sampling, generator)
         return [TextSample(text=self.decode(s.token_ids), segment=s) for s in segs]
 
-    def generate(self, prompts: list[PromptItem], plans: list[str | None], sampling: SamplingParams,
-                 generator: torch.Generator | None = None) -> list[ImageSample]:
+    def generate_contexts(self, prompts: list[PromptItem], plans: list[str | None]) -> tuple[list[list[int]],
+                                                                                              list[list[int]]]:
+        """(conditional, unconditional) context ids of first images: prompt (+ plan) + image marker, and the
+        prompt-free context CFG contrasts them with."""
         ctx = []
         for p, plan in zip(prompts, plans):
             ids = self.render("reason", prompt=p.prompt)
             if plan is not None:
                 ids += self.encode(plan) + [self.stop_id]
             ctx.append(ids + self.encode(self.templates["generate"]))
-        uncond = [[self.bos_id] + self.encode(self.templates["generate_uncond"]) for _ in prompts]
+        return ctx, [[self.bos_id] + self.encode(self.templates["generate_uncond"]) for _ in prompts]
+
+    def generate(self, prompts: list[PromptItem], plans: list[str | None], sampling: SamplingParams,
+                 generator: torch.Generator | None = None) -> list[ImageSample]:
+        ctx, uncond = self.generate_contexts(prompts, plans)
         return self._image_samples(self._sample(ctx, "image", sampling, generator, uncond))
 
     def reflect(self, prompts: list[PromptItem], images: list[ImageInput], sampling: SamplingParams,
@@ -340,23 +359,3 @@ class TinyUnifiedPolicy(Policy):
             for j, i in enumerate(rows):
                 out[i] = picked[j, :len(targets[i])]
         return out  # type: ignore[return-value]
-
-
-def build_policy(recipe: Any) -> Policy:
-    """Policy factory from a recipe (``policy.kind`` selects the backend)."""
-    templates = recipe.templates.model_dump()
-    if recipe.policy.kind == "tiny":
-        if recipe.policy.model:
-            policy = TinyUnifiedPolicy.from_pretrained(recipe.policy.model, templates)
-        else:
-            t = recipe.policy.tiny
-            policy = TinyUnifiedPolicy.build(templates, recipe.data.blocks.rows, recipe.data.blocks.cols,
-                                             hidden_size=t.hidden_size, num_layers=t.num_layers,
-                                             num_heads=t.num_heads, intermediate_size=t.intermediate_size,
-                                             max_positions=t.max_positions, seed=recipe.seed)
-        policy.model.to(DTYPES[recipe.policy.dtype])  # policy.dtype: the compute dtype of rollout and learner
-        return policy
-    from r3_rl.policy.janus import JanusPolicy  # imported lazily: only Janus recipes pay for it
-
-    return JanusPolicy.from_pretrained(recipe.policy.model, templates=templates, dtype=recipe.policy.dtype,
-                                       device=recipe.policy.device)

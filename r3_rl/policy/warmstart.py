@@ -21,7 +21,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -29,9 +29,11 @@ import torch
 from r3_rl.blocks import edits
 from r3_rl.data import BlocksPrompts
 from r3_rl.policy.base import ImageInput
-from r3_rl.policy.tiny import TinyUnifiedPolicy
 from r3_rl.policy.tiny_tokenizer import image_token
 from r3_rl.rewards.checklists import YES, questions_for
+
+if TYPE_CHECKING:  # the tiny policy calls this module from its warm_start: no import back at run time
+    from r3_rl.policy.tiny import TinyUnifiedPolicy
 
 
 def _words(grid: np.ndarray) -> str:
@@ -175,7 +177,10 @@ def sft_loss(policy: TinyUnifiedPolicy, batch: list[tuple[list[int], list[int]]]
                                              ignore_index=-100)
 
 
-def warmstart(policy: TinyUnifiedPolicy, recipe: Any, log: Any = None) -> dict[str, float]:
+def warmstart(policy: TinyUnifiedPolicy, recipe: Any, log: Any = None,
+              loss_fn: Callable[[Any, list[tuple[list[int], list[int]]]], torch.Tensor] = sft_loss) -> dict[str, float]:
+    """``warmstart.steps`` optimiser steps of ``loss_fn`` (default: cross-entropy on every target; the tiny flow
+    policy trains its image targets by flow matching instead) on synthetic trajectories."""
     cfg = recipe.warmstart
     d = recipe.data.blocks
     prompts = BlocksPrompts(tags=d.tags, seed=recipe.seed + 1000 + cfg.seed)
@@ -189,7 +194,7 @@ def warmstart(policy: TinyUnifiedPolicy, recipe: Any, log: Any = None) -> dict[s
     for step in range(cfg.steps):
         examples = synthetic_examples(policy, prompts, step * trajectories_per_step, trajectories_per_step, cfg, rng)
         rng.shuffle(examples)
-        loss = sft_loss(policy, examples[:cfg.batch_size])
+        loss = loss_fn(policy, examples[:cfg.batch_size])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -202,23 +207,26 @@ def warmstart(policy: TinyUnifiedPolicy, recipe: Any, log: Any = None) -> dict[s
     return {"loss": loss_v, "seconds": time.time() - t0}
 
 
-def _key(recipe: Any) -> str:
-    blob = json.dumps({"warmstart": recipe.warmstart.model_dump(), "tiny": recipe.policy.tiny.model_dump(),
+def _key(recipe: Any, tag: str = "") -> str:
+    blob = json.dumps({**({"tag": tag} if tag else {}), "warmstart": recipe.warmstart.model_dump(), "tiny": recipe.policy.tiny.model_dump(),
                        "blocks": recipe.data.blocks.model_dump(), "templates": recipe.templates.model_dump(),
                        "seed": recipe.seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def warmstart_cached(policy: TinyUnifiedPolicy, recipe: Any, out_dir: Path, log: Any = None) -> None:
-    """Warm-start ``policy`` in place, reusing ``out_dir`` when it holds a result for the same settings."""
-    key = _key(recipe)
+def warmstart_cached(policy: TinyUnifiedPolicy, recipe: Any, out_dir: Path, log: Any = None,
+                     loss_fn: Callable[[Any, list[tuple[list[int], list[int]]]], torch.Tensor] = sft_loss,
+                     tag: str = "") -> None:
+    """Warm-start ``policy`` in place, reusing ``out_dir`` when it holds a result for the same settings (and
+    ``tag``: what else decides the result, e.g. a policy's options)."""
+    key = _key(recipe, tag)
     marker = out_dir / "warmstart.json"
     if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
-        state = TinyUnifiedPolicy.from_pretrained(str(out_dir), policy.templates).model.state_dict()
+        state = type(policy).from_pretrained(str(out_dir), policy.templates).model.state_dict()
         policy.model.load_state_dict(state)
         if log is not None:
             log.print(f"warm start: reusing {out_dir}")
         return
-    stats = warmstart(policy, recipe, log)
+    stats = warmstart(policy, recipe, log, loss_fn)
     policy.save_pretrained(str(out_dir))
     marker.write_text(json.dumps({"key": key, **stats}))

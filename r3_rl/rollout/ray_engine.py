@@ -39,7 +39,7 @@ from r3_rl.trajectory import Tree
 
 def worker_policy(recipe: Any) -> Policy:
     """The policy a worker samples with: the recipe's architecture (+ LoRA adapters), weights synced later."""
-    from r3_rl.policy.tiny import build_policy
+    from r3_rl.policy.registry import build_policy
 
     policy = build_policy(recipe)
     if recipe.learner.lora is not None:

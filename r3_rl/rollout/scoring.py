@@ -5,17 +5,18 @@ they exist.  Stage rewards are composed with the pure functions of :mod:`r3_rl.r
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Iterable
 
 from r3_rl.errors import UserError
 from r3_rl.rewards.base import RewardSample, Turn
 from r3_rl.rewards.compose import REFERENCE_RULE, CriticRule, combine, format_ok, plan_reward, reflect_reward, verdict_term
-from r3_rl.rewards.reward_set import RewardSet
+from r3_rl.rewards.reward_set import FailureBudget, RewardSet, Scorer
 from r3_rl.trajectory import Node, Tree
 
 
 def reward_sample(tree: Tree, node: Node) -> RewardSample:
+    """What a reward sees of ``node``: the prompt and the R3 history down to it, each image with the task
+    reward it already has (``Turn.reward``; ``None`` when not scored yet or failed)."""
     path = tree.path(node.id)
     history = [Turn(stage=n.stage, round=n.round, text=n.text, image=n.image,
                     reward=n.reward if n.image is not None else None) for n in path]
@@ -25,25 +26,23 @@ def reward_sample(tree: Tree, node: Node) -> RewardSample:
                         round=node.round, image=image, history=history, text=text)
 
 
-@dataclass
-class FailureCount:
-    scored: int = 0
-    failed: int = 0
-
-
 class StageScorer:
-    """Scores image nodes with the task reward set and composes plan/critique rewards.
+    """Scores image nodes with the task rewards and composes plan/critique rewards.
 
-    ``rule`` is the critic's verdict reward (:class:`~r3_rl.rewards.compose.CriticRule`); ``reflect_extra``
-    optional rewards scored on critiques (e.g. ``verdict_consistency``), weighted and added.  An image is
-    correct (``node.meta["correct"]``: what the critic's verdict is judged against, and the parent buffer's
-    split) when the reward part ``correct_part`` (e.g. ``blocks/correct``: GenEval's verdict, while the task
-    reward is partial credit) or else the task reward reaches ``correct_threshold``.
+    ``task`` is where the task reward is computed (a :class:`~r3_rl.rewards.reward_set.RewardSet` in this
+    process, or reward actors); every scored image (and extra critique reward) is recorded in ``failures``,
+    whose ``check()`` the trainer calls after each rollout.  ``rule`` is the critic's verdict reward
+    (:class:`~r3_rl.rewards.compose.CriticRule`); ``reflect_extra`` optional rewards scored on critiques
+    (e.g. ``verdict_consistency``), weighted and added.  An image is correct (``node.meta["correct"]``: what
+    the critic's verdict is judged against, and the parent buffer's split) when the reward part
+    ``correct_part`` (e.g. ``blocks/correct``: GenEval's verdict, while the task reward is partial credit) or
+    else the task reward reaches ``correct_threshold``.
     """
 
-    def __init__(self, task: RewardSet, format_weight: float, reason_format: str, reflect_format: str,
+    def __init__(self, task: Scorer, format_weight: float, reason_format: str, reflect_format: str,
                  correct_threshold: float = 1.0, rule: CriticRule = REFERENCE_RULE,
-                 reflect_extra: RewardSet | None = None, correct_part: str | None = None) -> None:
+                 reflect_extra: RewardSet | None = None, correct_part: str | None = None,
+                 failures: FailureBudget | None = None) -> None:
         self.task = task
         self.correct_part = correct_part
         self.rule = rule
@@ -52,8 +51,7 @@ class StageScorer:
         self.reason_format = reason_format
         self.reflect_format = reflect_format
         self.correct_threshold = correct_threshold
-        self.failures = FailureCount()
-        self.failure_reasons: list[str] = []
+        self.failures = failures if failures is not None else FailureBudget(1.0)
 
     def score_images(self, pairs: Iterable[tuple[Tree, Node]]) -> None:
         """Task reward -> ``node.reward`` (None on failure), parts -> ``node.rewards``."""
@@ -66,10 +64,7 @@ class StageScorer:
             node.reward_failures.update(res.failures)
             node.reward = res.total
             node.meta["correct"] = self._correct(res)
-            self.failures.scored += 1
-            if res.total is None:
-                self.failures.failed += 1
-                self.failure_reasons.extend(f"{k}: {v}" for k, v in res.failures.items())
+        self.failures.record(results, check=False)  # checked once per rollout, after every task is in
 
     def _correct(self, res: Any) -> bool | None:
         if res.total is None:
@@ -122,9 +117,5 @@ class StageScorer:
         if not nodes:
             return {}
         results = self.reflect_extra.score([reward_sample(tree, n) for n in nodes])
-        for res in results:
-            self.failures.scored += 1
-            if res.total is None:
-                self.failures.failed += 1
-                self.failure_reasons.extend(f"{k}: {v}" for k, v in res.failures.items())
+        self.failures.record(results, check=False)
         return {n.id: r for n, r in zip(nodes, results)}

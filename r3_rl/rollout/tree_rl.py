@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -26,6 +27,18 @@ class StageSampling:
     generate: SamplingParams
     reflect: SamplingParams
     refine: SamplingParams
+
+
+def stage_sampling(recipe: Any, eval_mode: bool = False) -> StageSampling:
+    """Per-stage sampling from ``rollout.<stage>``; ``eval_mode`` applies the eval temperatures (0 = greedy)."""
+    r = recipe.rollout
+    sp = {k: getattr(r, k).params() for k in ("reason", "generate", "reflect", "refine")}
+    if eval_mode:
+        for stage, p in sp.items():
+            temp = recipe.eval.image_temperature if stage in ("generate", "refine") else recipe.eval.text_temperature
+            p.greedy = temp == 0
+            p.temperature = temp or 1.0
+    return StageSampling(**sp)
 
 
 @dataclass

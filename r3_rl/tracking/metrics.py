@@ -30,11 +30,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from r3_rl.algorithms.signal import SIGNAL_ATOL, has_signal
 from r3_rl.trajectory import Node, Tree
 
-_EPS = 1e-9
 EVAL, REWARD, ACCURACY, UNDERSTANDING, KL, ENTROPY, REFINE = (
     "0_eval", "1_reward", "2_accuracy", "3_understanding", "4_kl", "5_entropy", "6_refine")
+_EPS = 1e-9  # two logged series closer than this at every step are the same quantity
 
 
 def _mean(xs: list[float]) -> float:
@@ -42,7 +43,8 @@ def _mean(xs: list[float]) -> float:
 
 
 def _std(xs: list[float]) -> float:
-    """Population standard deviation (the one GRPO groups are normalised with)."""
+    """Population standard deviation of the logged values: a description of this step's batch (the group
+    normalisation of GRPO is another quantity, with Bessel's correction: :mod:`r3_rl.algorithms.advantages`)."""
     if not xs:
         return float("nan")
     m = _mean(xs)
@@ -155,7 +157,7 @@ def refine_metrics(trees: list[Tree]) -> dict[str, float]:
                 continue
             d = n.reward - prev.reward
             deltas.append(d)
-            kind = "improved" if d > _EPS else "worse" if d < -_EPS else "unchanged"
+            kind = "improved" if d > SIGNAL_ATOL else "worse" if d < -SIGNAL_ATOL else "unchanged"
             moves[kind] += 1
             per_round[n.round][kind] += 1
     if not stops and not deltas:
@@ -171,8 +173,9 @@ def refine_metrics(trees: list[Tree]) -> dict[str, float]:
 def group_metrics(trees: list[Tree]) -> dict[str, float]:
     """Advantage statistics per stage and sibling groups that carry no learning signal.
 
-    A group is "zero-signal" when it has at least two scored members and all their rewards are equal:
-    every advantage is then zero and the group contributes no gradient.
+    A group is "zero-signal" when it has at least two scored members and all their rewards are equal
+    (:func:`r3_rl.algorithms.signal.has_signal`): every advantage is then zero and the group contributes no
+    gradient.
     """
     groups: dict[str, list[Node]] = defaultdict(list)
     advs: dict[str, list[float]] = defaultdict(list)
@@ -191,7 +194,7 @@ def group_metrics(trees: list[Tree]) -> dict[str, float]:
         if len(rewards) < 2:
             continue
         stage = members[0].stage
-        flat = max(rewards) - min(rewards) <= _EPS
+        flat = not has_signal(rewards)
         per_stage[stage][0] += 1
         per_stage[stage][1] += flat
         total += 1

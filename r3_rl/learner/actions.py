@@ -1,0 +1,55 @@
+"""Per-action log-probabilities of a micro-batch, padded to ``[B, A]``: what every policy-gradient loss reads.
+
+An action is whatever the policy sampled one log-prob for (a token, a denoising step, a latent); a segment
+holds ``num_actions`` of them.  Nothing here knows what an action is: the policy recomputes the log-probs
+(:meth:`~r3_rl.policy.base.Policy.segment_logprobs`) and the recorded ones come from the segment.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from r3_rl.learner.batch import TrainItem
+
+
+def uses_kl(cfg: Any) -> bool:
+    """Whether ``learner`` settings ``cfg`` penalise the KL to a reference at all."""
+    return cfg.kl_coef_text > 0 or cfg.kl_coef_image > 0
+
+
+def pad(rows: list[torch.Tensor], value: float = 0.0) -> torch.Tensor:
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
+
+
+def max_actions(items: list[TrainItem]) -> int:
+    """The most actions any item of the batch took (``dr_grpo``'s constant normaliser)."""
+    return max(it.segment.num_actions for it in items)
+
+
+def micro_share(items: list[TrainItem], chunk: Sequence[int], mini: Sequence[int], loss_type: str) -> float:
+    """Weight of micro-batch ``chunk`` within mini-batch ``mini``: its share of actions for ``token_mean``, of
+    rows otherwise, so the accumulated gradient equals the mini-batch gradient for every aggregation."""
+    if loss_type == "token_mean":
+        return (sum(items[i].segment.num_actions for i in chunk)
+                / sum(items[i].segment.num_actions for i in mini))
+    return len(chunk) / len(mini)
+
+
+def micro_batch_inputs(policy: Any, reference: Any, items: list[TrainItem], kl_text: float,
+                       kl_image: float) -> dict[str, torch.Tensor | None]:
+    """Current, old and reference log-probs ``[B, A]`` with mask, advantages and per-row KL weights."""
+    segs = [it.segment for it in items]
+    logp = pad(policy.segment_logprobs(segs))
+    old = pad([torch.tensor(s.logprobs, dtype=torch.float32) for s in segs]).to(logp.device)
+    mask = pad([torch.ones(s.num_actions) for s in segs]).to(logp.device)
+    use_kl = reference is not None and (kl_text > 0 or kl_image > 0)
+    kl_coef = torch.tensor([(kl_image if s.modality == "image" else kl_text) if use_kl else 0.0 for s in segs],
+                           device=logp.device)
+    ref = None
+    if use_kl:
+        with torch.no_grad():
+            ref = pad(reference.segment_logprobs(segs)).to(logp.device)
+    adv = torch.tensor([it.advantage for it in items], dtype=torch.float32, device=logp.device)
+    return {"logp": logp, "old_logp": old, "mask": mask, "advantages": adv, "ref_logp": ref, "kl_coef": kl_coef}

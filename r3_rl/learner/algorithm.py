@@ -1,0 +1,134 @@
+"""The algorithm plug-in contract (``learner.algorithm``) and GRPO, the default.
+
+An algorithm decides which sampled actions train, with which advantages, under which loss; the learner
+around it (:class:`~r3_rl.learner.torch_learner.TorchLearner`: mini/micro-batches, epochs, optimiser driver,
+non-finite skips, data-parallel ranks) is the same for all.  A new algorithm, or a GRPO variant, is one file:
+a subclass of :class:`Algorithm` (usually of :class:`GRPO`, overriding one method) registered under a name
+(:mod:`r3_rl.learner.registry`).  The two halves run in different places:
+
+* driver side, where the scored trees are (no model): :meth:`Algorithm.batch` -- trees to train items;
+* learner side, in every learner process: :meth:`Algorithm.modules` (extra trainable modules, e.g. a
+  critic), :meth:`Algorithm.prepare` (per-batch quantities before the epochs) and :meth:`Algorithm.loss`
+  (one micro-batch).
+
+Nothing here assumes tokens: a loss reads per-action log-probs (:mod:`r3_rl.learner.actions`), and image actions
+made of denoising steps train with their own clip range, weight and Gaussian KL (:mod:`r3_rl.learner.flow_loss`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from r3_rl.algorithms.kl import kl_by_modality
+from r3_rl.algorithms.losses import clipped_policy_loss
+from r3_rl.flow.action import is_flow_segment
+from r3_rl.learner.actions import max_actions, micro_batch_inputs, micro_share
+from r3_rl.learner.batch import BatchStats, TrainItem, assign_advantages, collect_items
+from r3_rl.learner.flow_loss import flow_loss, flow_share
+from r3_rl.trajectory import Tree
+
+
+@dataclass
+class LearnerModels:
+    """What an algorithm's learner side may use: the policy being trained, its KL reference (``None`` = no
+    KL) and the algorithm's own trainable modules (built by :meth:`Algorithm.modules`)."""
+
+    policy: Any
+    reference: Any = None
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+
+class Algorithm:
+    """Base of every ``learner.algorithm``.  ``recipe`` is the whole recipe (``recipe.learner`` holds the
+    shared learner settings).  A subclass with settings of its own takes them as keyword arguments of its
+    ``__init__`` (``def __init__(self, recipe, clip=0.5)``): the recipe's ``learner.options``, checked against
+    that signature before any work."""
+
+    def __init__(self, recipe: Any) -> None:
+        self.recipe, self.cfg = recipe, recipe.learner
+
+    # ------------------------------------------------------------------ driver side
+    def batch(self, trees: list[Tree], version: int) -> tuple[list[TrainItem], BatchStats, dict[str, float]]:
+        """Scored trees -> (train items, batch counts, group statistics for the logs)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define batch(trees, version)")
+
+    # ------------------------------------------------------------------ learner side
+    def modules(self, policy: Any) -> dict[str, torch.nn.Module]:
+        """Extra trainable modules (a critic), optimised and checkpointed with the policy; default none."""
+        return {}
+
+    def prepare(self, models: LearnerModels, items: list[TrainItem]) -> dict[str, Any]:
+        """Quantities computed once per batch, before the epochs; a ``"metrics"`` entry is logged."""
+        return {}
+
+    def loss(self, models: LearnerModels, items: list[TrainItem], chunk: range, mini: range,
+             ctx: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
+        """Loss of micro-batch ``items[chunk]`` weighted by its share of mini-batch ``mini``, its metrics
+        (means or extremes, averaged over micro-batches) and its differentiable outputs."""
+        raise NotImplementedError(f"{type(self).__name__} does not define loss(...)")
+
+
+class GRPO(Algorithm):
+    """Group-relative advantages among Tree-RL siblings; clipped surrogate with a KL penalty to the reference.
+
+    Variants override one step: :meth:`advantages` (the baseline), :meth:`batch` (which nodes train) or
+    :meth:`loss`.
+    """
+
+    def advantages(self, trees: list[Tree]) -> dict[str, float]:
+        """Fill ``node.advantage`` among siblings (``learner.normalize_std``); returns group statistics."""
+        return assign_advantages(trees, self.cfg.normalize_std)
+
+    def batch(self, trees: list[Tree], version: int) -> tuple[list[TrainItem], BatchStats, dict[str, float]]:
+        stats = self.advantages(trees)
+        items, counts = collect_items(trees, version, self.cfg.max_staleness)
+        stats["zero_signal_items"] = float(counts.zero_signal_items)
+        return items, counts, stats
+
+    def prepare(self, models: LearnerModels, items: list[TrainItem]) -> dict[str, Any]:
+        tokens = [it for it in items if not is_flow_segment(it.segment)]
+        return {"max_len": max_actions(tokens) if tokens else 1}
+
+    def loss(self, models: LearnerModels, items: list[TrainItem], chunk: range, mini: range,
+             ctx: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
+        """Token rows: the clipped surrogate with per-row modality weights and the per-token KL.  Image rows made
+        of denoising steps: the flow loss (:mod:`r3_rl.learner.flow_loss`).  The two kinds' means add."""
+        cfg = self.cfg
+        flow = [is_flow_segment(items[i].segment) for i in range(len(items))]
+        tok_chunk, tok_mini = [i for i in chunk if not flow[i]], [i for i in mini if not flow[i]]
+        flow_chunk, flow_mini = [i for i in chunk if flow[i]], [i for i in mini if flow[i]]
+
+        def advantage(i: int) -> float:  # computed per batch (PPO) rather than carried by the items
+            return float(ctx["advantages"][i]) if "advantages" in ctx else items[i].advantage
+
+        total: torch.Tensor | float = 0.0
+        metrics: dict[str, float] = {}
+        outputs: list[torch.Tensor] = []
+        if tok_chunk:
+            rows = [items[i] for i in tok_chunk]
+            inp = micro_batch_inputs(models.policy, models.reference, rows, cfg.kl_coef_text, cfg.kl_coef_image)
+            dev = inp["logp"].device
+            adv = torch.tensor([advantage(i) for i in tok_chunk], dtype=torch.float32, device=dev)
+            weight = torch.tensor([cfg.loss_weight_image if it.segment.modality == "image" else cfg.loss_weight_text
+                                   for it in rows], device=dev)
+            loss, m = clipped_policy_loss(
+                inp["logp"], inp["old_logp"], adv, inp["mask"], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                loss_type=cfg.loss_type, max_len=ctx["max_len"], ref_logp=inp["ref_logp"], kl_coef=inp["kl_coef"],
+                kl_kind=cfg.kl_kind, row_weight=weight)
+            total = loss * micro_share(items, tok_chunk, tok_mini, cfg.loss_type)
+            metrics.update({k: float(v) for k, v in m.items()})
+            if inp["ref_logp"] is not None:  # KL per modality (text and image tokens weigh differently)
+                metrics.update(kl_by_modality(inp["logp"], inp["ref_logp"], inp["mask"],
+                                              [it.segment.modality for it in rows], cfg.kl_kind))
+            outputs.append(inp["logp"])
+        if flow_chunk:
+            loss, m, out = flow_loss(models.policy, models.reference, [items[i] for i in flow_chunk],
+                                     [advantage(i) for i in flow_chunk], cfg)
+            total = total + loss * flow_share(items, flow_chunk, flow_mini, cfg.flow.ratio_unit)
+            metrics.update(m)
+            outputs.extend(out)
+        if not outputs:
+            raise ValueError("GRPO.loss: an empty micro-batch")
+        return total, metrics, outputs  # type: ignore[return-value]

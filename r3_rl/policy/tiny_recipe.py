@@ -1,0 +1,58 @@
+"""The recipe-facing half of the tiny policy: template placeholders, recipe checks, construction from a recipe.
+
+Kept apart from :mod:`r3_rl.policy.tiny` (torch, transformers) so that checking a recipe imports neither:
+``r3-rl train`` rejects a bad recipe in about a second.  :class:`~r3_rl.policy.tiny.TinyUnifiedPolicy`
+inherits it, so the class is still the whole policy family.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from r3_rl.errors import UserError
+
+MAX_PARAMS = 2_000_000_000  # fp32 weights + AdamW = 16 bytes a parameter: 32 GB already
+
+
+class TinyRecipe:
+    """Mixin of :class:`~r3_rl.policy.tiny.TinyUnifiedPolicy` (``from_recipe`` builds that class)."""
+
+    template_fields: dict[str, set[str]] = {"reason": {"prompt"}, "reflect": {"prompt", "image"},
+                                            "refine": {"prompt", "image", "instruction"}}
+
+    @classmethod
+    def from_recipe(cls, recipe: Any) -> Any:
+        """``policy.model`` (a ``save_pretrained`` folder), or a random model of ``policy.tiny``'s shape; in
+        ``policy.dtype``, the compute dtype of rollout and learner."""
+        from r3_rl.policy.base import DTYPES
+
+        templates = recipe.templates.model_dump()
+        if recipe.policy.model:
+            policy = cls.from_pretrained(recipe.policy.model, templates)  # type: ignore[attr-defined]
+        else:
+            t = recipe.policy.tiny
+            policy = cls.build(templates, recipe.data.blocks.rows, recipe.data.blocks.cols,  # type: ignore[attr-defined]
+                               hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads,
+                               intermediate_size=t.intermediate_size, max_positions=t.max_positions,
+                               seed=recipe.seed)
+        policy.model.to(DTYPES[recipe.policy.dtype])
+        return policy
+
+    @classmethod
+    def check_recipe(cls, recipe: Any, source: str, weights: bool = True) -> None:
+        """CPU only; a head count that divides the width; a size a CPU can hold; ``policy.model`` is a folder."""
+        if not recipe.policy.device.startswith("cpu"):
+            raise UserError(f"{source}: key 'policy.device': the tiny policy runs on the CPU only, "
+                            f"got {recipe.policy.device!r}")
+        t = recipe.policy.tiny
+        if t.hidden_size % t.num_heads:
+            raise UserError(f"{source}: key 'policy.tiny.hidden_size': {t.hidden_size} is not a multiple of "
+                            f"policy.tiny.num_heads={t.num_heads}")
+        params = t.num_layers * (4 * t.hidden_size ** 2 + 3 * t.hidden_size * t.intermediate_size)
+        if params > MAX_PARAMS:
+            raise UserError(f"{source}: policy.tiny: about {params:.3g} parameters, over the limit of "
+                            f"{MAX_PARAMS:.0e} for the tiny CPU policy (use policy.kind: janus for real models)")
+        model = recipe.policy.model
+        if weights and model and not (Path(model).expanduser() / "config.json").is_file():
+            raise UserError(f"policy.model: cannot load '{model}': no config.json there; give a directory written "
+                            f"by save_pretrained (or leave policy.model empty to build the tiny model)")
