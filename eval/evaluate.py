@@ -6,7 +6,9 @@ each round is scored with the recipe's eval rewards; a sample is correct when th
 ``correct_threshold`` (GenEval's binary ``correct`` for the ``blocks``/``geneval`` rewards).
 
 Reports overall and per-tag accuracy per round, improved / worse / unchanged counts between
-consecutive rounds, stop rate and mean rounds used, as a JSON-ready dict and a markdown table.
+consecutive rounds, stop rate and mean rounds used, and understanding (the critic's verdicts and yes/no
+answers against the eval reward's ground truth, on the chains' images and on a fixed reference set:
+:mod:`r3_rl.eval.understanding`), as a JSON-ready dict and a markdown table.
 """
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from r3_rl.policy.base import Policy
+from r3_rl.eval.understanding import (
+    JudgedImage, ReferenceImage, ask_yes_no, chain_verdicts, reference_report, verdict_report,
+)
+from r3_rl.policy.base import ImageInput, Policy
 from r3_rl.rewards.reward_set import RewardSet
 from r3_rl.rollout.chain import images_by_round, r3_chains, rounds_used, stopped
 from r3_rl.rollout.scoring import reward_sample
@@ -86,15 +91,65 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"{t['improved']} / {t['worse']} / {t['unchanged']}" for t in report["transitions"]) + " |"
     tail = f"\nstop rate {report['stop_rate']:.3f}, mean rounds used {report['mean_rounds_used']:.2f}, " \
            f"{report['prompts']} prompts"
-    return "\n".join([head, sep, *rows, trans]) + "\n" + tail + "\n"
+    under = understanding_table(report)
+    return "\n".join([head, sep, *rows, trans]) + "\n" + tail + "\n" + (f"\n{under}" if under else "")
+
+
+def _f(x: Any) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) and x == x else "-"
+
+
+def understanding_table(report: dict[str, Any]) -> str:
+    """The critic's verdicts per round (chains) and on the reference set, and yes/no accuracy, as markdown."""
+    u = report.get("understanding")
+    if not u:
+        return ""
+    cols = [("all", u["verdict"]["overall"])] + [(f"round {r}", v) for r, v in u["verdict"]["per_round"].items()]
+    ref = u.get("reference")
+    if ref:
+        cols.append(("reference set", ref["verdict"]["overall"]))
+    lines = ["| understanding (critic vs eval reward) | " + " | ".join(c for c, _ in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for key, label in (("stop_on_correct", "stop on a correct image"), ("edit_on_flawed", "edit on a flawed image"),
+                       ("balanced_accuracy", "**verdict balanced accuracy**")):
+        lines.append(f"| {label} | " + " | ".join(_f(v[key]) for _, v in cols) + " |")
+    lines.append("| images critiqued (correct / flawed) | " + " | ".join(
+        f"{v['correct_images']} / {v['flawed_images']}" for _, v in cols) + " |")
+    for name, yn in (("own images", u.get("yes_no")), ("reference set", (ref or {}).get("yes_no"))):
+        if yn and yn.get("available"):
+            lines.append(f"\nyes/no accuracy on {name}: {_f(yn['accuracy'])} ({yn['questions']} questions; "
+                         f"{_f(yn['accuracy_on_yes'])} where the truth is yes, {_f(yn['accuracy_on_no'])} where no)")
+    return "\n".join(lines) + "\n"
 
 
 def evaluate(policy: Policy, prompts: list[PromptItem], sampling: StageSampling, rounds: int, stop_phrase: str,
              rewards: RewardSet, correct_threshold: float = 1.0, seed: int = 0,
-             batch_size: int = 256) -> tuple[dict[str, Any], list[Tree]]:
+             references: list[ReferenceImage] | None = None, yes_no: bool = True,
+             max_questions: int | None = None, batch_size: int = 256) -> tuple[dict[str, Any], list[Tree]]:
     trees = r3_chains(policy, prompts, sampling, rounds, stop_phrase, seed=seed, batch_size=batch_size)
     correct = score_chains(trees, rounds, rewards, correct_threshold)
-    return summarise(trees, correct, rounds), trees
+    report = summarise(trees, correct, rounds)
+    u: dict[str, Any] = {"verdict": verdict_report(chain_verdicts(trees, correct_threshold))}
+    if yes_no:
+        u["yes_no"] = ask_yes_no(policy, chain_images(trees, correct_threshold), rewards, correct_threshold,
+                                 max_questions)
+    if references:
+        u["reference"] = reference_report(policy, references, sampling.reflect, stop_phrase, rewards,
+                                          correct_threshold, seed=seed, yes_no=yes_no)
+    report["understanding"] = u
+    return report, trees
+
+
+def chain_images(trees: list[Tree], correct_threshold: float) -> list[JudgedImage]:
+    """Every distinct image of the eval chains, with the eval reward's verdict (after :func:`score_chains`)."""
+    out = []
+    for t in trees:
+        for n in t.nodes.values():
+            if n.image is not None and "eval_score" in n.meta:
+                s = n.meta["eval_score"]
+                out.append(JudgedImage(t.prompt, ImageInput(n.image, n.image_tokens),
+                                       None if s is None else bool(s >= correct_threshold)))
+    return out
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path, name: str, trees: list[Tree] | None = None,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from r3_rl.eval.evaluate import evaluate, write_report
+from r3_rl.eval.understanding import build_references
 from r3_rl.rollout.tree_rl import stage_sampling
 
 
@@ -17,15 +18,19 @@ class Evaluator:
         self.recipe, self.policy, self.rewards, self.data, self.metrics = recipe, policy, rewards, data, metrics
         self.run_dir = Path(run_dir)
         self.sampling = stage_sampling(recipe, eval_mode=True)
+        self._references: list[Any] | None = None
 
     def run(self, name: str, step: int) -> dict[str, Any]:
         """Evaluate, write ``eval/<name>.*`` and log at ``step``: the number of updates the evaluated weights
         have had, so before/periodic/after evals share one x-axis."""
         e = self.recipe.eval
         prompts = self.data.eval_prompts(e.size or self.recipe.data.eval_size)
+        if self._references is None:  # the same reference images for every eval of the run
+            self._references = build_references(self.recipe, self.data.eval_prompts)
         report, trees = evaluate(self.policy, prompts, self.sampling, e.rounds, self.recipe.templates.stop_phrase,
                                  self.rewards, self.recipe.rewards.correct_threshold, seed=self.recipe.seed,
-                                 batch_size=e.batch_size)
+                                 references=self._references, yes_no=e.understanding.yes_no,
+                                 max_questions=e.understanding.max_questions, batch_size=e.batch_size)
         write_report(report, self.run_dir / "eval", name, trees, e.dump)
         self.metrics.log_eval(report, step, trees, name)
         return report

@@ -84,9 +84,13 @@ class Components:
 
     @cached_property
     def scorer(self) -> StageScorer:
+        from r3_rl.rewards.compose import CriticRule
+
         rw = self.recipe.rewards
+        rule = CriticRule(rw.reflect.stop_correct, rw.reflect.stop_flawed, rw.reflect.edit_correct)
         return StageScorer(self.task_rewards, rw.format_weight, rw.reason_format, rw.reflect_format,
-                           rw.correct_threshold, self.failures)
+                           rw.correct_threshold, rule, self._reward_set(rw.reflect.extra), rw.reflect.correct_part,
+                           failures=self.failures)
 
     # ------------------------------------------------------------------ learning
     @cached_property

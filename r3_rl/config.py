@@ -119,6 +119,10 @@ class Warmstart(Section):
     fix_prob: float = Field(0.7, ge=0.0, le=1.0)  # refine targets apply the right fix this often
     rounds: int = 3
     seed: int = 0
+    questions: int = Field(1, ge=0)  # yes/no questions about each first image, answered with the truth
+    random_layouts: float = Field(0.0, ge=0.0, le=1.0)  # critique chains on a randomly laid-out image this often
+    random_edits: float = Field(0.0, ge=0.0, le=1.0)  # + a random instruction applied exactly (no-op if it does not apply)
+    miss_prob: float = Field(0.0, ge=0.0, le=1.0)  # a flawed image's critique says "no further edit needed" (lenient)
 
 
 class Tree(Section):
@@ -138,6 +142,18 @@ class RewardSpec(Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class ReflectRewards(Section):
+    """How a critique is rewarded (``rewards/compose.py``: ``CriticRule``); the defaults are the reference's."""
+
+    stop_correct: float = 1.0  # "no further edit needed" on a correct image
+    stop_flawed: float = 0.0  # "no further edit needed" on a flawed image (negative = a penalty)
+    edit_correct: float = 0.0  # added to the (<= 0) improvement of an edit of a correct image
+    extra: list[RewardSpec] = Field(default_factory=list)  # rewards scored on critiques, e.g. verdict_consistency
+    # the task reward's part that says whether an image is correct (e.g. blocks/correct: GenEval's verdict,
+    # as the eval judges, while training on partial credit); null = task reward >= correct_threshold
+    correct_part: str | None = None
+
+
 class Rewards(Section):
     task: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="blocks")])
     eval: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="blocks", options={"binary": True})])
@@ -146,6 +162,7 @@ class Rewards(Section):
     reflect_format: str = r"^<think>.*</think>.+$"
     correct_threshold: float = 1.0  # task reward at/above which an image counts as correct
     max_failure_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    reflect: ReflectRewards = ReflectRewards()
 
 
 class DeepSpeedCfg(Section):
@@ -208,6 +225,8 @@ class Learner(Section):
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_decay_steps: int = Field(0, ge=0)  # linear decay to lr_final x lr by this optimiser step (0 = constant lr)
+    lr_final: float = Field(1.0, ge=0.0, le=1.0)
     grad_clip: float = 1.0
     clip_low: float = 0.2
     clip_high: float = 0.2
@@ -304,6 +323,17 @@ class RayCfg(Section):
     collective_timeout_s: float = Field(600.0, gt=0)
 
 
+class Understanding(Section):
+    """What every eval measures of the critic besides accuracy (``eval/understanding.py``)."""
+
+    yes_no: bool = True  # ask the policy the prompts' yes/no questions about its own images
+    max_questions: int | None = Field(None, ge=1)  # per image (first ones); None = all
+    # fixed reference images: "auto" = Blocks pairs (one correct, one flawed per held-out prompt) when
+    # data.source is blocks, else none; a jsonl of {prompt, metadata, image: png path}; null = none
+    reference: str | None = "auto"
+    reference_size: int = Field(96, ge=1)  # Blocks: held-out prompts, two images each
+
+
 class Eval(Section):
     every: int = Field(0, ge=0)  # steps between evals during training (0 = before and after only)
     rounds: int = Field(3, ge=0)  # refine rounds after the first image
@@ -315,11 +345,13 @@ class Eval(Section):
     size: int | None = None  # defaults to data.eval_size
     batch_size: int = Field(256, ge=1)  # prompts whose R3 chains are sampled together (GPU memory: `r3-rl plan`)
     dump: int = Field(64, ge=0)  # eval chains written to eval/<name>_trajectories.jsonl + .html (0 = none)
+    understanding: Understanding = Understanding()
 
 
 class Log(Section):
     tensorboard: bool = True
     trajectories_every: int = Field(10, ge=0)
+    chains: int = Field(2, ge=0)  # full R3 chains sampled for the logs at those steps (not trained on)
     console: bool = True
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from r3_rl.errors import UserError
+from r3_rl.eval.understanding import headline
 from r3_rl.tracking.metrics import rollout_metrics
 from r3_rl.tracking.views import fmt, image_caption, prompt_line, select_trajectories, text_label
 from r3_rl.trajectory import Node, Tree, read_trees
@@ -78,16 +79,17 @@ def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def run_overview(run_dir: Path) -> str:
-    """Recipe name, training progress and latest numbers, eval accuracy per round."""
+    """Recipe name, training progress and latest numbers, eval accuracy per round and understanding."""
     lines = [f"run {run_dir}"]
-    rows = [r for r in _read_metrics(run_dir) if "reward/generate/mean" in r or "learner/loss" in r]
+    rows = [r for r in _read_metrics(run_dir) if "1_reward/generate" in r or "learner/loss" in r]
     if rows:
         last = rows[-1]
         lines.append(f"  training: {len(rows)} steps logged, last step {last['step']}: "
-                     f"reward A {fmt(last.get('reward/generate/mean'))}, "
-                     f"acc A {fmt(last.get('accuracy/generate'))}, "
-                     f"refine dR {fmt(last.get('reward/refine/delta_mean'))}, "
-                     f"stop rate {fmt(last.get('rollout/stop_rate'))}")
+                     f"reward A {fmt(last.get('1_reward/generate'))}, "
+                     f"acc A {fmt(last.get('2_accuracy/round0'))}, "
+                     f"refine dR {fmt(last.get('6_refine/delta_mean'))}, "
+                     f"verdict {fmt(last.get('3_understanding/verdict_balanced_accuracy'))}, "
+                     f"stop rate {fmt(last.get('6_refine/stop_rate'))}")
     else:
         lines.append("  training: no steps logged")
     for p in sorted((run_dir / "eval").glob("*.json")) if (run_dir / "eval").is_dir() else []:
@@ -96,8 +98,12 @@ def run_overview(run_dir: Path) -> str:
             acc = " ".join(fmt(a) for a in rep["accuracy"])
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
+        under = headline(rep)
         lines.append(f"  eval {p.stem}: accuracy per round {acc} (stop rate {fmt(rep.get('stop_rate'))}, "
-                     f"{rep.get('prompts')} prompts)")
+                     f"{rep.get('prompts')} prompts); verdict balanced accuracy "
+                     f"{fmtn(under['verdict_balanced_accuracy'])}"
+                     + (f", reference set {fmtn(under['reference_balanced_accuracy'])}"
+                        if "reference_balanced_accuracy" in under else ""))
     steps = list(trajectory_files(run_dir))
     if steps:
         lines.append(f"  trajectory dumps: {len(steps)} (steps {steps[0]}..{steps[-1]})")
@@ -105,6 +111,11 @@ def run_overview(run_dir: Path) -> str:
     if evals:
         lines.append(f"  eval dumps: {', '.join(evals)}")
     return "\n".join(lines)
+
+
+def fmtn(x: float | None) -> str:
+    """A measured rate, or "-" where it is undefined (e.g. no correct image was critiqued)."""
+    return "-" if x is None or not math.isfinite(x) else f"{x:.3f}"
 
 
 def trajectory_text(tree: Tree, path: list[Node]) -> str:
@@ -122,7 +133,9 @@ def trajectory_text(tree: Tree, path: list[Node]) -> str:
 
 
 def trees_summary(trees: list[Tree], correct_threshold: float = 1.0) -> str:
-    """Counts and reward statistics of one dump (training step or eval)."""
+    """Counts and reward statistics of one dump (training step, or eval chains: :func:`chains_summary`)."""
+    if trees and all(t.meta.get("kind") == "chain" for t in trees):
+        return chains_summary(trees, correct_threshold)
     m = rollout_metrics(trees, correct_threshold)
     kinds: dict[str, int] = {}
     for t in trees:
@@ -130,14 +143,50 @@ def trees_summary(trees: list[Tree], correct_threshold: float = 1.0) -> str:
     lines = [f"  {len(trees)} trees ({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}), "
              f"{int(m['rollout/trajectories'])} trajectories, {int(m['rollout/failed_rewards'])} failed rewards"]
     for stage in ("reason", "generate", "reflect", "refine"):
-        if f"reward/{stage}/mean" in m:
-            acc = m.get(f"accuracy/{stage}")
-            lines.append(f"  {stage:8s} reward {fmt(m[f'reward/{stage}/mean'])} +- {fmt(m[f'reward/{stage}/std'])}"
-                         f" (n={int(m[f'reward/{stage}/count'])})" + (f", accuracy {fmt(acc)}" if acc is not None
-                                                                       else ""))
-    if not math.isnan(m["rollout/stop_rate"]):
-        lines.append(f"  stop rate {fmt(m['rollout/stop_rate'])}; refined images improved/worse/unchanged "
-                     f"{int(m['rollout/improved'])}/{int(m['rollout/worse'])}/{int(m['rollout/unchanged'])}")
+        if f"1_reward/{stage}" in m:
+            lines.append(f"  {stage:8s} reward {fmt(m[f'1_reward/{stage}'])} +- "
+                         f"{fmt(m[f'reward_detail/{stage}/std'])} (n={int(m[f'reward_detail/{stage}/count'])})")
+    acc = [f"round {k[len('2_accuracy/round'):]} {fmt(v)}" for k, v in m.items() if k.startswith("2_accuracy/")]
+    if acc:
+        lines.append("  accuracy " + ", ".join(acc))
+    if "6_refine/stop_rate" in m:
+        lines.append(f"  stop rate {fmt(m['6_refine/stop_rate'])}; refined images improved/worse/unchanged "
+                     f"{int(m['6_refine/improved'])}/{int(m['6_refine/worse'])}/{int(m['6_refine/unchanged'])}")
+    if "3_understanding/verdict_balanced_accuracy" in m:
+        lines.append(f"  critic: stop on correct parents {fmtn(m['3_understanding/stop_on_correct'])}, edit on "
+                     f"flawed parents {fmtn(m['3_understanding/edit_on_flawed'])}, balanced accuracy "
+                     f"{fmtn(m['3_understanding/verdict_balanced_accuracy'])}")
+    return "\n".join(lines)
+
+
+def chains_summary(trees: list[Tree], correct_threshold: float = 1.0) -> str:
+    """Eval chains are scored after the fact (``node.meta["eval_score"]``, not ``node.reward``): images scored
+    and failed, improved / worse / unchanged per round, stop rate and the critic's verdicts."""
+    from r3_rl.eval.understanding import chain_verdicts, verdict_report
+    from r3_rl.rollout.chain import stopped
+
+    scores = [n.meta.get("eval_score") for t in trees for n in t.nodes.values() if n.image is not None]
+    failed = sum(1 for x in scores if x is None)
+    lines = [f"  {len(trees)} eval chains, {len(scores)} images scored by the eval reward ({failed} failed), "
+             f"stop rate {fmt(sum(stopped(t) for t in trees) / len(trees))}"]
+    moves: dict[int, list[int]] = {}
+    for t in trees:
+        for n in t.nodes.values():
+            if n.stage != "refine" or n.parent is None:
+                continue
+            prev = t.nodes[t.nodes[n.parent].parent] if t.nodes[n.parent].parent else None
+            a, b = (prev.meta.get("eval_score") if prev else None), n.meta.get("eval_score")
+            if a is None or b is None:
+                continue
+            ok_a, ok_b = a >= correct_threshold, b >= correct_threshold
+            counts = moves.setdefault(n.round, [0, 0, 0])
+            counts[0 if (ok_b and not ok_a) else 1 if (ok_a and not ok_b) else 2] += 1
+    for r, (imp, worse, same) in sorted(moves.items()):
+        lines.append(f"  round {r}: refined images improved/worse/unchanged {imp}/{worse}/{same}")
+    v = verdict_report(chain_verdicts(trees, correct_threshold))["overall"]
+    lines.append(f"  critic: stop on correct images {fmtn(v['stop_on_correct'])} (of {v['correct_images']}), "
+                 f"edit on flawed images {fmtn(v['edit_on_flawed'])} (of {v['flawed_images']}), "
+                 f"balanced accuracy {fmtn(v['balanced_accuracy'])}")
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ from r3_rl.config import Recipe
 from r3_rl.data import PromptSource
 from r3_rl.eval.evaluate import markdown_table
 from r3_rl.eval.runner import Evaluator
+from r3_rl.eval.synergy import synergy_figures, synergy_lines
 from r3_rl.learner.precision import check_recipe_precision
 from r3_rl.ray_actors import ClusterError
 from r3_rl.rollout.buffer import BufferEntry, ParentBuffer
@@ -26,7 +27,7 @@ from r3_rl.rollout.engine import RolloutEngine, run_ordered
 from r3_rl.rollout.tree_rl import plan_tasks, stage_sampling
 from r3_rl.trajectory import Tree, write_trees
 from r3_rl.tracking.console import Console
-from r3_rl.tracking.metrics import MetricsLogger, rollout_metrics
+from r3_rl.tracking.metrics import MetricsLogger, step_metrics
 
 
 class Trainer:
@@ -53,7 +54,8 @@ class Trainer:
         self.data = PromptSource(recipe)
         self.algorithm = self.parts.algorithm
         self.learner = self.parts.learner
-        self.metrics = MetricsLogger(run_dir, tensorboard=recipe.log.tensorboard)
+        self.metrics = MetricsLogger(run_dir, tensorboard=recipe.log.tensorboard,
+                                     slots=max(recipe.eval.rounds, recipe.tree.max_round) + 1)
         self.evaluator = Evaluator(recipe, self.policy, self.eval_rewards, self.data, self.metrics, run_dir)
         self.rng = random.Random(recipe.seed)
         self.sampling = stage_sampling(recipe)
@@ -95,7 +97,6 @@ class Trainer:
         self.metrics.close()
 
     def _fill_buffer(self, trees: list[Tree]) -> None:
-        thr = self.recipe.rewards.correct_threshold
         for tr in trees:
             for n in tr.nodes.values():
                 if n.image is None or n.reward is None or n.segment is None:
@@ -103,8 +104,25 @@ class Trainer:
                 if n.round >= self.recipe.tree.max_round:
                     continue
                 self.buffer.add(BufferEntry(prompt=tr.prompt, image=n.image, image_tokens=n.image_tokens,
-                                            reward=n.reward, correct=n.reward >= thr, round=n.round,
+                                            reward=n.reward, correct=bool(n.meta.get("correct")), round=n.round,
                                             source=f"{tr.id}/{n.id}"))
+
+    def _sample_chains(self, step: int, trees: list[Tree]) -> list[Tree]:
+        """A few full R3 chains (training sampling, up to ``tree.max_round`` rounds) on this step's prompts,
+        scored with the eval reward, for the logs: Tree-RL's groups hold one or two images each, a chain shows
+        what the policy does over all rounds now.  Not trained on."""
+        from r3_rl.eval.evaluate import score_chains
+        from r3_rl.rollout.chain import r3_chains
+
+        n = self.recipe.log.chains
+        if not n or self.recipe.tree.refine_groups_per_step == 0:
+            return []
+        prompts = [t.prompt for t in trees if t.meta.get("kind") == "A"][:n]  # this step's prompts
+        rounds = self.recipe.tree.max_round
+        chains = r3_chains(self.policy, prompts, self.sampling, rounds, self.recipe.templates.stop_phrase,
+                           seed=self.recipe.seed * 1_000_003 + step, tag=f"chain-s{step}")
+        score_chains(chains, rounds, self.eval_rewards, self.recipe.rewards.correct_threshold)
+        return chains
 
     # ------------------------------------------------------------------ evaluation
     def run_eval(self, name: str, step: int | None = None) -> dict[str, Any]:
@@ -203,21 +221,13 @@ class Trainer:
                 self.policy.version += 1
                 self.engine.sync(self.policy)  # workers sample the next step with the new weights
             done = time.time()
-            m = rollout_metrics(trees, r.rewards.correct_threshold, rollout_s=t_learn - t_roll)
-            m.update(learn)
-            m.update({f"advantage/{k}": float(v) for k, v in adv_stats.items()})
-            m.update({"batch/items": batch_stats.items, "batch/stale_refused": batch_stats.stale_refused,
-                      "batch/failed_rewards": batch_stats.failed_rewards,
-                      # the advantages trained on: the learner's when its algorithm computes them (PPO's GAE)
-                      "advantage/mean": learn.get("advantage/mean", batch_stats.advantage_mean),
-                      "advantage/std": learn.get("advantage/std", batch_stats.advantage_std),
-                      "time/rollout_s": t_learn - t_roll, "time/learner_s": done - t_learn,
-                      "rewards/failed_total": self.failures.failed,
-                      "rollout/worker_restarts": self.engine.restarts})
+            # the learner's numbers pass through: PPO logs the advantages it trains on (its GAE) there
+            m = step_metrics(trees, r.rewards.correct_threshold, learn, batch_stats, adv_stats,
+                             t_learn - t_roll, done - t_learn, self.engine.restarts)
             self.metrics.log(m, step)
             if r.log.trajectories_every and step % r.log.trajectories_every == 0:
                 write_trees(trees, self.run_dir / "trajectories" / f"step_{step:06d}.jsonl")
-                self.metrics.log_trajectories(trees, step)
+                self.metrics.log_trajectories(trees + self._sample_chains(step, trees), step)
             self.console.step(step, r.steps, m, time.time() - t0)
             self.step = step + 1  # steps completed: what evals and checkpoints from here on describe
             if r.eval.every and self.step % r.eval.every == 0 and self.step < r.steps:
@@ -231,7 +241,10 @@ class Trainer:
         after = self.run_eval("after")
         self.console.print("eval after RL:\n" + markdown_table(after))
         self.learner.export(self.run_dir / "final")  # LoRA merged, ZeRO-3 gathered
-        summary = {"before": before["accuracy"], "after": after["accuracy"], "run_dir": str(self.run_dir)}
-        self.console.print(f"final-round accuracy {before['accuracy'][-1]:.3f} -> {after['accuracy'][-1]:.3f}"
-                           f" (first image {after['accuracy'][0]:.3f}); run dir {self.run_dir}")
+        fig = synergy_figures(before, after)
+        summary = {"before": before["accuracy"], "after": after["accuracy"], "run_dir": str(self.run_dir),
+                   "synergy": fig}
+        self.console.print(f"run dir {self.run_dir}; R3 synergy on held-out prompts:")
+        for line in synergy_lines(fig):
+            self.console.print("  " + line)
         return summary

@@ -9,7 +9,7 @@ Phrasing is ours; what is asked follows GenEval's rules (see :mod:`r3_rl.rewards
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,16 @@ _REGION = {"left": "left half", "right": "right half", "above": "top half", "bel
 
 @dataclass(frozen=True)
 class YesNo:
-    """A question about an image and the answer a faithful image gives (``"yes"`` or ``"no"``)."""
+    """A question about an image and the answer a faithful image gives (``"yes"`` or ``"no"``).
+
+    ``check``: for questions derived from a GenEval clause, GenEval metadata holding that clause alone,
+    phrased so the truth about *any* image is "yes" exactly when a GenEval-style reward judges the image
+    correct on it (what understanding metrics compare answers with); ``None`` for TIIF's own questions.
+    """
 
     question: str
     answer: str
+    check: dict[str, Any] | None = field(default=None, compare=False)
 
 
 def number_word(n: int) -> str:
@@ -79,6 +85,11 @@ def _exact_classes(metadata: dict[str, Any]) -> set[tuple[str, int]]:
     return {(e["class"], e["count"] - 1) for e in metadata.get("exclude", [])}
 
 
+def _clause(req: dict[str, Any]) -> dict[str, Any]:
+    """An include clause's object alone: class, count and colour (no position / region / size)."""
+    return {k: req[k] for k in ("class", "count", "color") if k in req}
+
+
 def geneval_questions(metadata: dict[str, Any]) -> list[YesNo]:
     """Yes/no questions for GenEval / GenEval++ metadata (validated first: bad keys raise UserError)."""
     validate_metadata(metadata)
@@ -87,34 +98,41 @@ def geneval_questions(metadata: dict[str, Any]) -> list[YesNo]:
     out: list[YesNo] = []
     for req in include:
         n = req["count"]
+        plain = _clause(req)
+        presence = {"include": [plain]}
+        if (req["class"], n) in exact:
+            presence["exclude"] = [{"class": req["class"], "count": n + 1}]
         if n == 1 and (req["class"], 1) in exact:
-            out.append(YesNo(f"Is there exactly one {_noun(req)} in the image?", YES))
+            out.append(YesNo(f"Is there exactly one {_noun(req)} in the image?", YES, presence))
         elif n == 1:
-            out.append(YesNo(f"Is there {article(_noun(req))} in the image?", YES))
+            out.append(YesNo(f"Is there {article(_noun(req))} in the image?", YES, presence))
         else:
             how = "exactly " if (req["class"], n) in exact else ""
-            out.append(YesNo(f"Are there {how}{number_word(n)} {plural(_noun(req))} in the image?", YES))
+            out.append(YesNo(f"Are there {how}{number_word(n)} {plural(_noun(req))} in the image?", YES, presence))
     for req in include:
         verb, subj = _the(req)
         if "position" in req:
             rel, j = req["position"]
-            out.append(YesNo(f"{verb} {subj} {_RELATION[rel]} the {_noun(include[j])}?", YES))
+            check = {"include": [_clause(include[j]), {**_clause(req), "position": [rel, 0]}]}
+            out.append(YesNo(f"{verb} {subj} {_RELATION[rel]} the {_noun(include[j])}?", YES, check))
         if "region" in req:
-            out.append(YesNo(f"{verb} {subj} in the {_REGION[req['region']]} of the image?", YES))
+            check = {"include": [{**_clause(req), "region": req["region"]}]}
+            out.append(YesNo(f"{verb} {subj} in the {_REGION[req['region']]} of the image?", YES, check))
     for req in include:
         if req.get("size") != "larger":
             continue
         verb, subj = _the(req)
         for other in include:
             if other.get("size") == "smaller":
-                out.append(YesNo(f"{verb} {subj} larger than the {_noun(other)}?", YES))
+                check = {"include": [{**_clause(req), "size": "larger"}, {**_clause(other), "size": "smaller"}]}
+                out.append(YesNo(f"{verb} {subj} larger than the {_noun(other)}?", YES, check))
     for req in exclude:
         if any(r["class"] == req["class"] and r["count"] == req["count"] - 1 for r in include):
             continue  # already asked as an exact count
         k = req["count"]
         q = (f"Is there {article(req['class'])} in the image?" if k == 1
              else f"Are there {number_word(k)} or more {plural(req['class'])} in the image?")
-        out.append(YesNo(q, NO))
+        out.append(YesNo(q, NO, {"include": [{"class": req["class"], "count": k}]}))
     if not out:
         raise UserError("metadata has no include/exclude clauses to ask about")
     return out

@@ -109,7 +109,7 @@ def _losses(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "learner/loss" in r]
     assert [r["step"] for r in steps] == [0, 1] and all(math.isfinite(r["learner/loss"]) for r in steps)
-    assert all(r["rewards/failed_total"] == 0 and r["batch/items"] > 0 for r in steps)
+    assert all(r["rollout/failed_rewards"] == 0 and r["batch/items"] > 0 for r in steps)
     return steps
 
 

@@ -62,8 +62,9 @@ def test_score_chains_carries_images_forward_after_a_stop() -> None:
 # ---------------------------------------------------------------------------------------------- end to end
 
 def _table(md: str) -> dict[str, list[float]]:
+    """The accuracy table (the first table of the report) as {row label: values}."""
     rows = {}
-    for line in md.splitlines():
+    for line in md.strip().split("\n\n")[0].splitlines():
         cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
         if len(cells) > 2 and re.fullmatch(r"[01]\.\d{3}", cells[2] or ""):
             rows[cells[0]] = [float(c) for c in cells[2:]]
@@ -141,11 +142,29 @@ def test_eval_cli_table_matches_independent_scoring(tmp_path: Path, repo: Path, 
     assert report["mean_rounds_used"] == pytest.approx(
         sum(sum(n.stage == "reflect" for n in t.nodes.values()) for t in trees) / 12)
 
+    # understanding: every critique against the independent verdict on the image it critiqued
+    tally = {"stop_ok": 0, "correct": 0, "edit_ok": 0, "flawed": 0}
+    for t in trees:
+        for n in t.nodes.values():
+            if n.stage == "reflect":
+                ok = bool(score_image(t.nodes[n.parent].image, t.prompt.metadata).correct)
+                tally["correct" if ok else "flawed"] += 1
+                tally["stop_ok" if ok else "edit_ok"] += (n.stop if ok else not n.stop)
+    v = report["understanding"]["verdict"]["overall"]
+    assert (v["correct_images"], v["flawed_images"]) == (tally["correct"], tally["flawed"])
+    assert v["balanced_accuracy"] == pytest.approx((tally["stop_ok"] / tally["correct"]
+                                                    + tally["edit_ok"] / tally["flawed"]) / 2)
+    ref = report["understanding"]["reference"]
+    assert ref["images"] == 2 * 96 and ref["failed"] == 0  # eval.understanding.reference_size pairs
+    assert ref["verdict"]["overall"]["correct_images"] == ref["verdict"]["overall"]["flawed_images"] == 96
+    assert report["understanding"]["yes_no"]["available"] and report["understanding"]["yes_no"]["questions"] > 12
+    assert "**verdict balanced accuracy**" in printed
+
     # ... and the same numbers in TensorBoard
     acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
     acc.Reload()
     for r in range(3):
-        (ev,) = acc.Scalars(f"eval/accuracy/round{r}")
+        (ev,) = acc.Scalars(f"0_eval/accuracy_round{r}")
         assert ev.value == pytest.approx(expected["overall"][r], abs=1e-6) and ev.step == 0
     assert "eval/table/text_summary" in acc.Tags()["tensors"] and "eval_trajectories/0" in acc.Tags()["images"]
     assert (run / "eval" / "eval.html").is_file()

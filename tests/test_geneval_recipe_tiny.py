@@ -66,7 +66,7 @@ def test_grpo_geneval_recipe_trains_two_steps_on_tiny_models(repo: Path, tmp_pat
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "learner/loss" in r]
     assert [r["step"] for r in steps] == [0, 1] and all(math.isfinite(r["learner/loss"]) for r in steps)
-    assert all(r["rewards/failed_total"] == 0 and r["batch/items"] > 0 for r in steps)
+    assert all(r["rollout/failed_rewards"] == 0 and r["batch/items"] > 0 for r in steps)
     dump = [json.loads(line) for line in (run / "trajectories" / "step_000000.jsonl").read_text().splitlines()]
     images = [n for t in dump for n in t["nodes"] if n["stage"] == "generate"]
     assert images and all({"geneval", "brightness"} <= set(n["rewards"]) for n in images)

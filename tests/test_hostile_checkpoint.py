@@ -134,9 +134,9 @@ def test_resume_does_not_replay_steps_in_metrics_or_tensorboard(run: tuple[Path,
     assert main(args + ["--resume", str(run_dir / "checkpoints" / "step_000002")]) == 0
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r["step"] for r in rows if "learner/lr" in r]
-    evals = [r["step"] for r in rows if "eval/accuracy/round0" in r]
+    evals = [r["step"] for r in rows if "0_eval/accuracy_round0" in r]
     assert train == [0, 1, 2, 3] and evals == [0, 2, 4]
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("learner/lr")] == [0, 1, 2, 3]
-    assert [e.step for e in acc.Scalars("eval/accuracy/round0")] == [0, 2, 4]
+    assert [e.step for e in acc.Scalars("0_eval/accuracy_round0")] == [0, 2, 4]

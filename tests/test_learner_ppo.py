@@ -33,11 +33,11 @@ def _bc_tree(parent_reward: float) -> Tree:
                   reward=parent_reward))
     # c0 edits (refined image reward 0.9); c1 stops: its refine node is a copy with no tokens
     tree.add(Node(id="c0", parent="root", stage="reflect", round=1, group_id="BC/reflect", policy_version=3,
-                  segment=_seg(), rewards={"format": 1.0}, stop=False))
+                  segment=_seg(), rewards={"format": 1.0, "verdict_term": 0.0}, stop=False, reward=0.6))
     tree.add(Node(id="r0", parent="c0", stage="refine", round=1, group_id="BC/refine", policy_version=3,
                   segment=_seg(), reward=0.9))
     tree.add(Node(id="c1", parent="root", stage="reflect", round=1, group_id="BC/reflect", policy_version=3,
-                  segment=_seg(), rewards={"format": 0.0}, stop=True))
+                  segment=_seg(), rewards={"format": 0.0, "verdict_term": 0.0}, stop=True, reward=0.0))
     tree.add(Node(id="r1", parent="c1", stage="refine", round=1, group_id="BC/refine", policy_version=3,
                   reward=parent_reward, meta={"copied": True}))
     return tree

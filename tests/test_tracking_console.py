@@ -5,8 +5,8 @@ import io
 
 from r3_rl.tracking.console import Console, fmt_seconds, status_line
 
-M = {"reward/generate/mean": 0.5, "accuracy/generate": 0.25, "reward/refine/delta_mean": 0.125,
-     "rollout/stop_rate": 0.5, "learner/loss": -0.01}
+M = {"1_reward/generate": 0.5, "2_accuracy/round0": 0.25, "6_refine/delta_mean": 0.125,
+     "6_refine/stop_rate": 0.5, "3_understanding/verdict_balanced_accuracy": 0.75, "learner/loss": -0.01}
 
 
 def test_plain_lines_every_n_steps_with_eta() -> None:
@@ -18,7 +18,7 @@ def test_plain_lines_every_n_steps_with_eta() -> None:
     # first step, every 5th step, and the last step
     assert [line.split()[1] for line in lines] == ["1/12", "5/12", "10/12", "12/12"]
     assert "\x1b" not in buf.getvalue()  # no control codes in a log file
-    assert "reward A 0.500" in lines[0] and "refine dR +0.125" in lines[0]
+    assert "reward A 0.500" in lines[0] and "refine dR +0.125" in lines[0] and "verdict 0.75" in lines[0]
     assert lines[1].endswith("elapsed 0:10  eta 0:14")  # 2 s/step, 7 steps left
 
 

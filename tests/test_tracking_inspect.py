@@ -45,7 +45,7 @@ def run_dir(tmp_path: Path) -> Path:
     (rd / "recipe.yaml").write_text("name: demo\nrewards: {correct_threshold: 1.0}\n")
     with open(rd / "metrics.jsonl", "w") as fh:
         for step in range(11):
-            fh.write(json.dumps({"step": step, "reward/generate/mean": step / 10, "accuracy/generate": 0.5}) + "\n")
+            fh.write(json.dumps({"step": step, "1_reward/generate": step / 10, "2_accuracy/round0": 0.5}) + "\n")
         fh.write('{"step": 11, "rew')  # a run killed mid-write
     write_trees(trees(), rd / "trajectories" / "step_000000.jsonl")
     write_trees([stage_a_tree(), stage_bc_tree()], rd / "trajectories" / "step_000010.jsonl")
@@ -63,7 +63,8 @@ def test_inspect_latest_step_summary(run_dir: Path) -> None:
     assert "trajectory dumps: 2 (steps 0..10)" in text and "eval dumps: after" in text
     assert "step 10:" in text
     assert "2 trees (1 A, 1 BC), 6 trajectories, 1 failed rewards" in text
-    assert "generate reward 0.750 +- 0.250 (n=2), accuracy 0.500" in text
+    assert "generate reward 0.750 +- 0.250 (n=2)" in text and "accuracy round 0 0.500, round 1 0.333" in text
+    assert "critic: stop on correct parents -, edit on flawed parents 0.667, balanced accuracy -" in text
     assert "improved/worse/unchanged 1/1/1" in text
     assert "two red squares  [tag: counting]" in text and "[critique 1 R=0.60] <think>c0</think> edit" in text
 
@@ -77,6 +78,10 @@ def test_inspect_step_eval_and_html(run_dir: Path, tmp_path: Path) -> None:
 
     text, html = inspect_run(run_dir, eval_name="after", html=tmp_path / "after.html")
     assert "| **overall** | 2 | **0.500** | **1.000** |" in text
+    # eval scores live in node.meta["eval_score"]: none of them is a failed reward
+    assert "2 eval chains, 3 images scored by the eval reward (0 failed), stop rate 0.500" in text
+    assert "round 1: refined images improved/worse/unchanged 1/0/0" in text
+    assert "critic: stop on correct images 1.000 (of 1), edit on flawed images 1.000 (of 1)" in text
     assert "prompt <1> & co" in text and "[critique 1 (stop)] <think>look</think> no further" in text  # eval texts are unscored
     page = html.read_text()
     assert "prompt &lt;1&gt; &amp; co" in page and "fix &lt;1&gt;" in page

@@ -12,7 +12,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from r3_rl.tracking.metrics import MetricsLogger
-from r3_rl.tracking.tensorboard import CAPTION_H, GAP, image_strip, trajectory_image, trajectory_markdown, upscale
+from r3_rl.tracking.tensorboard import (CAPTION_H, CELL, EMPTY_RGB, HEADER_H, LINE, LINE_RGB, fit_cell, grid_size,
+                                        image_strip, trajectory_image, trajectory_markdown)
 from r3_rl.tracking.views import select_trajectories
 from test_tracking_metrics import stage_a_tree, stage_bc_tree, trees
 
@@ -23,32 +24,44 @@ def events(tb_dir: Path) -> EventAccumulator:
     return acc
 
 
-def test_upscale_is_nearest_neighbour() -> None:
+def test_fit_cell_is_nearest_neighbour() -> None:
     rng = np.random.default_rng(0)
     small = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    big = upscale(small, 128)
+    big = fit_cell(small, 128)
     assert big.shape == (128, 128, 3)
     assert np.array_equal(big[::4, ::4], small) and np.array_equal(big[3::4, 1::4], small)
-    assert upscale(np.zeros((200, 100, 3), np.uint8), 128).shape == (200, 100, 3)  # already large: unchanged
+    assert fit_cell(np.zeros((200, 100, 3), np.uint8), 128).shape == (128, 128, 3)  # any size: one cell size
 
 
-def test_image_strip_layout_and_captions() -> None:
-    a = np.zeros((32, 32, 3), np.uint8)
+def test_grid_is_framed_with_a_header_and_fixed_slots() -> None:
+    blank = np.full((32, 32, 3), 255, np.uint8)  # a blank image: only its frame shows it is there
     b = np.full((32, 32, 3), 200, np.uint8)
-    grid = image_strip([a, b], ["r0 generate R=0.50", "r1 refine R=1.00 (+0.50)"])
-    assert grid.dtype == np.uint8 and grid.shape == (128 + CAPTION_H, 2 * 128 + GAP, 3)
-    assert np.array_equal(grid[:128, :128], np.zeros((128, 128, 3), np.uint8))
-    assert np.all(grid[:128, 128 + GAP:] == 200)
-    assert np.all(grid[:, 128:128 + GAP] == 255)  # white gap
-    caption = grid[128:, :128]
-    assert (caption < 128).any() and (caption == 255).mean() > 0.5  # dark text on white
+    grid = image_strip([blank, b], ["r0 generate R=0.50", "r1 refine R=1.00 (+0.50)"], header="a photo of x",
+                       slots=4)
+    h, w = grid_size(4)
+    assert grid.shape == (h, w, 3) and (h, w) == (HEADER_H + CELL + CAPTION_H + 4 * LINE, 4 * CELL + 5 * LINE)
+    y0 = 2 * LINE + HEADER_H  # header row, then the image row
+    for k in range(5):  # vertical grid lines left of, between and right of the four cells (under the header)
+        assert np.all(grid[LINE + HEADER_H:, k * (CELL + LINE):k * (CELL + LINE) + LINE] == LINE_RGB)
+    assert np.all(grid[:, :LINE] == LINE_RGB) and np.all(grid[:, w - LINE:] == LINE_RGB)
+    for y in (0, LINE + HEADER_H, y0 + CELL, h - LINE):  # horizontal lines: top, under the header, under images, bottom
+        assert np.all(grid[y:y + LINE] == LINE_RGB)
+    assert np.all(grid[y0:y0 + CELL, LINE:LINE + CELL] == 255)  # the blank image, inside its frame
+    assert np.all(grid[y0:y0 + CELL, CELL + 2 * LINE:2 * CELL + 2 * LINE] == 200)
+    assert np.all(grid[y0:y0 + CELL, 2 * CELL + 3 * LINE:3 * CELL + 3 * LINE] == EMPTY_RGB)  # unused slot: visibly empty
+    header = grid[LINE:LINE + HEADER_H, LINE:w - LINE]
+    assert (header < 128).any() and (header == 255).mean() > 0.5  # the prompt, dark on white
+    caption = grid[y0 + CELL + LINE:y0 + CELL + LINE + CAPTION_H, LINE:LINE + CELL]
+    assert (caption < 128).any()
+    assert image_strip([b], ["r0"], slots=4).shape == grid.shape  # one image or two: the same scale
 
 
 def test_trajectory_grid_and_text_follow_the_path() -> None:
     bc = stage_bc_tree()
     (tree, path), = select_trajectories([bc], 1)
-    grid = trajectory_image(path)
-    assert grid is not None and grid.shape == (128 + CAPTION_H, 2 * 128 + GAP, 3)  # parent image + refined image
+    grid = trajectory_image(tree, path, slots=4)
+    assert grid is not None and grid.shape == (*grid_size(4), 3)
+    assert trajectory_image(tree, path).shape == (*grid_size(2), 3)  # parent image + refined image
     md = trajectory_markdown(tree, path)
     assert "a blue circle" in md and "&lt;think&gt;c0&lt;/think&gt; edit" in md  # survives TB's sanitiser
     assert "r1 refine R=1.00 (+0.50)" in md and "critique 1" in md
@@ -60,9 +73,9 @@ def test_selection_alternates_tree_kinds() -> None:
 
 
 def test_logger_writes_scalars_images_text_histograms(tmp_path: Path) -> None:
-    logger = MetricsLogger(tmp_path, tensorboard=True)
+    logger = MetricsLogger(tmp_path, tensorboard=True, slots=3)
     for step in range(3):
-        logger.log({"reward/generate/mean": 0.1 * step, "learner/kl_text": float("nan"), "flag": True}, step)
+        logger.log({"1_reward/generate": 0.1 * step, "learner/kl_text": float("nan"), "flag": True}, step)
     logger.log_trajectories(trees(), step=2, limit=4)
     report = {"prompts": 4, "rounds": 1, "accuracy": [0.25, 0.5], "per_tag": {"colors": [0.0, 1.0]},
               "tag_counts": {"colors": 4}, "stop_rate": 0.5, "mean_rounds_used": 1.0, "failed": [0, 0],
@@ -72,25 +85,22 @@ def test_logger_writes_scalars_images_text_histograms(tmp_path: Path) -> None:
 
     acc = events(tmp_path / "tb")
     tags = acc.Tags()
-    assert [e.step for e in acc.Scalars("reward/generate/mean")] == [0, 1, 2]
-    assert [e.value for e in acc.Scalars("reward/generate/mean")] == pytest.approx([0.0, 0.1, 0.2])
+    assert [e.step for e in acc.Scalars("1_reward/generate")] == [0, 1, 2]
+    assert [e.value for e in acc.Scalars("1_reward/generate")] == pytest.approx([0.0, 0.1, 0.2])
     assert "learner/kl_text" not in tags["scalars"]  # NaN is kept out of TensorBoard ...
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert math.isnan(rows[0]["learner/kl_text"]) and rows[0]["flag"] == 1.0  # ... but not out of the JSONL
-    assert acc.Scalars("eval/accuracy/round1")[0].step == 3
+    assert acc.Scalars("0_eval/accuracy_round1")[0].step == 3
     assert acc.Scalars("eval_tag/colors/round1")[0].value == 1.0
     assert acc.Scalars("eval/round1/improved")[0].value == 1.0
 
     # two trees -> two trajectories (one per tree): A path has 1 image, BC path has 2
     assert set(tags["images"]) == {"trajectories/0", "trajectories/1", "eval_trajectories/0"}
-    widths = {}
     for tag in ("trajectories/0", "trajectories/1"):
         (ev,) = acc.Images(tag)
-        assert ev.step == 2 and ev.height == 128 + CAPTION_H
+        assert ev.step == 2 and (ev.height, ev.width) == grid_size(3)  # the logger's 3 slots, whatever the path
         with Image.open(io.BytesIO(ev.encoded_image_string)) as im:
             assert im.size == (ev.width, ev.height)
-        widths[tag] = ev.width
-    assert sorted(widths.values()) == [128, 2 * 128 + GAP]
     assert acc.Images("eval_trajectories/0")[0].step == 3
 
     texts = set(tags["tensors"])

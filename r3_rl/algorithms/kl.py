@@ -33,3 +33,18 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLKind = "k3")
         d = ref_logp - logp  # written as TRL writes it, so parity is bit-for-bit in practice
         return torch.exp(d) - d - 1.0
     raise ValueError(f"kl_estimate: unknown kind {kind!r}; valid: {', '.join(KL_KINDS)}")
+
+
+def kl_by_modality(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, modalities: list[str],
+                   kind: KLKind = "k3") -> dict[str, float]:
+    """Mean per-token KL over the valid tokens of each modality's rows: ``{"kl_text": .., "kl_image": ..}``
+    (a modality with no rows is left out, not reported as 0).  ``logp``/``ref_logp``/``mask`` are ``[B, T]``."""
+    with torch.no_grad():
+        kl = kl_estimate(logp.detach(), ref_logp.detach(), kind)
+        out = {}
+        for modality in sorted(set(modalities)):
+            rows = torch.tensor([m == modality for m in modalities], device=mask.device).unsqueeze(1)
+            m = mask.to(torch.bool) & rows
+            if bool(m.any()):
+                out[f"kl_{modality}"] = float(torch.where(m, kl, torch.zeros_like(kl)).sum() / m.sum())
+        return out

@@ -114,10 +114,12 @@ _FUNCTION_WORDS = (
     "a", "an", "the", "of", "photo", "and", "but", "not", "is", "are", "has", "it", "no", "with",
     "left", "right", "above", "below", "exactly", "many",
 )
+# yes/no questions about an image (r3_rl.rewards.checklists phrasing, lowercased, punctuation dropped)
+_QUESTION_WORDS = ("yes", "there", "in", "to", "or", "more")
 _EDIT_WORDS = ("add", "remove", "make", "move", "swap", "further", "edit", "needed")
 _OBSERVATION_WORDS = ("image", "needs", "matches", "prompt", "grid", "too", "full", "first", "empty")
 
 WORDS: tuple[str, ...] = tuple(dict.fromkeys(
-    _MARKUP + _FUNCTION_WORDS + _EDIT_WORDS + _OBSERVATION_WORDS
+    _MARKUP + _FUNCTION_WORDS + _EDIT_WORDS + _OBSERVATION_WORDS + _QUESTION_WORDS
     + SHAPES + tuple(PLURALS[s] for s in SHAPES) + COLORS + NUMBER_WORDS
 ))

@@ -85,7 +85,7 @@ def smoke_train(recipe: Any, workdir: Path, model_dir: Path | None = None) -> li
     steps = [row for row in rows if "batch/items" in row]
     losses = [row.get("learner/loss") for row in steps]
     if len(steps) != 2 or not all(isinstance(v, float) and math.isfinite(v) for v in losses):
-        failed = steps[-1].get("rewards/failed_total") if steps else None
+        failed = sum(row.get("rollout/failed_rewards", 0) for row in steps)
         raise RuntimeError(f"2-step training did not give two finite losses (got {losses}; failed rewards so far: "
                            f"{failed}): with no loss, every group's rewards were equal or failed")
     if not any((run / "checkpoints").glob("step_*")):

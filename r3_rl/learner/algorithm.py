@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from r3_rl.algorithms.kl import kl_by_modality
 from r3_rl.algorithms.losses import clipped_policy_loss
 from r3_rl.flow.action import is_flow_segment
 from r3_rl.learner.actions import max_actions, micro_batch_inputs, micro_share
@@ -118,6 +119,9 @@ class GRPO(Algorithm):
                 kl_kind=cfg.kl_kind, row_weight=weight)
             total = loss * micro_share(items, tok_chunk, tok_mini, cfg.loss_type)
             metrics.update({k: float(v) for k, v in m.items()})
+            if inp["ref_logp"] is not None:  # KL per modality (text and image tokens weigh differently)
+                metrics.update(kl_by_modality(inp["logp"], inp["ref_logp"], inp["mask"],
+                                              [it.segment.modality for it in rows], cfg.kl_kind))
             outputs.append(inp["logp"])
         if flow_chunk:
             loss, m, out = flow_loss(models.policy, models.reference, [items[i] for i in flow_chunk],

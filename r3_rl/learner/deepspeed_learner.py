@@ -132,7 +132,7 @@ class DeepSpeedOptim:
         self.container = _Closure(modules)
         self.params = trainable(list(modules.values()))
         optimizer = make_adamw(self.params, cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.warmup_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.warmup_steps, cfg.lr_decay_steps, cfg.lr_final))
         self.world_size = torch.distributed.get_world_size()
         self.engine, _, _, _ = deepspeed.initialize(model=self.container, optimizer=optimizer,
                                                     lr_scheduler=scheduler,

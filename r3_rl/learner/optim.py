@@ -33,10 +33,19 @@ import torch
 from r3_rl.learner.precision import MasterWeights, check_precision, compute_dtype
 
 
-def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
-    """Linear warm-up over ``warmup_steps`` optimiser steps, then constant (the reference's schedule)."""
+def warmup_lambda(warmup_steps: int, decay_steps: int = 0, final: float = 1.0) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup_steps`` optimiser steps, then constant (the reference's schedule) or, with
+    ``decay_steps``, linear to ``final`` x lr at optimiser step ``decay_steps`` and constant after: the last
+    updates are small, so where a run ends does not depend on the phase of a late oscillation."""
     warm = max(warmup_steps, 0)
-    return lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
+
+    def factor(s: int) -> float:
+        if warm and s + 1 < warm:
+            return (s + 1) / warm
+        if decay_steps <= warm:
+            return 1.0
+        return 1.0 - (1.0 - final) * min(1.0, max(0, s + 1 - warm) / (decay_steps - warm))
+    return factor
 
 
 def trainable(modules: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
@@ -79,7 +88,8 @@ class TorchOptim:
     @functools.cached_property
     def _optimizer_and_schedule(self) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
         optimizer = make_adamw(self.params, self.cfg)  # the schedule sets the warm-up lr before any step
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(self.cfg.warmup_steps))
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(
+            self.cfg.warmup_steps, self.cfg.lr_decay_steps, self.cfg.lr_final))
 
     @property
     def optimizer(self) -> torch.optim.AdamW:

@@ -7,7 +7,10 @@ of the context each stage was sampled from.
 Stage rewards are each stage's *own* contribution, so that the return of a chain is its outcome and
 nothing is counted twice (the GRPO plan reward, for instance, already contains its image's reward):
 
-* ``reason`` / ``reflect``: ``rewards.format_weight * format_ok``;
+* ``reason``: ``rewards.format_weight * format_ok``;
+* ``reflect``: the same, plus the verdict's own reward and any extra reflect rewards
+  (:func:`r3_rl.rewards.compose.reflect_own_reward`: a correct "no further edit" scores
+  ``rewards.reflect.stop_correct`` as under GRPO);
 * ``generate``: the image's task reward ``R``;
 * ``refine``: the improvement ``R_new - R_old`` over the parent image (over a whole R3 chain these
   telescope to the final image's reward).
@@ -35,6 +38,7 @@ from r3_rl.errors import UserError
 from r3_rl.learner.algorithm import GRPO, LearnerModels
 from r3_rl.learner.batch import BatchStats, TrainItem, summarize
 from r3_rl.policy.base import Policy
+from r3_rl.rewards.compose import reflect_own_reward
 from r3_rl.trajectory import Node, Tree
 
 
@@ -50,7 +54,9 @@ class ChainItem(TrainItem):
 # ---------------------------------------------------------------------------------------------- episodes
 def stage_reward(tree: Tree, node: Node, format_weight: float) -> float | None:
     """The stage's own reward (module docstring); ``None`` when it cannot be known (a failed reward)."""
-    if node.stage in ("reason", "reflect"):
+    if node.stage == "reflect":  # None when its GRPO reward failed too (e.g. the parent's reward failed)
+        return None if node.reward is None else reflect_own_reward(node.rewards, format_weight)
+    if node.stage == "reason":
         ok = node.rewards.get("format")
         return None if ok is None else format_weight * float(ok)
     if node.reward is None:

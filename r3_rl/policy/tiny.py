@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,14 @@ from r3_rl.policy.tiny_tokenizer import PLACEHOLDER, build_tokenizer, image_toke
 from r3_rl.trajectory import PromptItem, SamplingParams, Segment
 
 GRID_FILE = "r3_grid.json"
+# How the tiny model is asked a yes/no question about an image (its own convention, like Janus's chat
+# template): the answer is the next word, "yes" or "no".
+ANSWER_TEMPLATE = "<|im_start|> <image> {image} </image> {question} <|im_end|> <|im_start|>"
+
+
+def question_words(question: str) -> str:
+    """A question in the tiny vocabulary's form: lowercase words, punctuation dropped."""
+    return " ".join(re.sub(r"[^a-z0-9 ]", " ", question.lower()).split())
 
 
 class TinyUnifiedPolicy(TinyRecipe, Policy):
@@ -240,6 +249,23 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
                for p, im, ins in zip(prompts, images, instructions)]
         uncond = [self.render("refine", prompt="", image=self.image_words(im), instruction="") for im in images]
         return self._image_samples(self._sample(ctx, "image", sampling, generator, uncond))
+
+    # ------------------------------------------------------------------ understanding
+    def answer_context(self, image: ImageInput, question: str) -> list[int]:
+        text = ANSWER_TEMPLATE.replace("{image}", self.image_words(image)).replace("{question}",
+                                                                                question_words(question))
+        return [self.bos_id] + self.encode(text)
+
+    @torch.no_grad()
+    def answer_yes_no(self, images: list[ImageInput], questions: list[str]) -> list[float]:
+        """P(yes) / (P(yes) + P(no)) of the next word after the question (no sampling)."""
+        vocab = self.tok.get_vocab()
+        if "yes" not in vocab or "no" not in vocab:
+            raise NotImplementedError("this tiny model's vocabulary has no 'yes'/'no' (built before questions)")
+        self._model.eval()
+        logits = self._forward_last([self.answer_context(im, q) for im, q in zip(images, questions)], 0)[0]
+        pair = logits[:, [vocab["yes"], vocab["no"]]].log_softmax(-1)
+        return pair[:, 0].exp().tolist()
 
     # ------------------------------------------------------------------ training forward
     def _token_logits(self, contexts: list[list[int]], targets: list[list[int]]) -> torch.Tensor:

@@ -4,8 +4,13 @@ A real unified model arrives pretrained: it can already plan, draw, critique and
 The tiny model gets there with a short supervised stage on generated trajectories:
 
     plan -> first image (correct, or deliberately flawed with probability ``flaw_prob``)
-         -> critique (what is wrong, or "no further edit needed")
+         -> critique (what is wrong, or "no further edit needed"; with probability ``random_layouts`` of
+            the same image content in a random layout, so the critic learns to see flaws rather than the
+            canonical layout the generator is taught)
          -> refined image (the right fix with probability ``fix_prob``, else left unchanged) -> ...
+    (a flawed image's critique is the lenient "no further edit needed" with probability ``miss_prob``, as
+     pretrained critics tend to be; + with probability ``random_edits``: a random instruction applied exactly, a no-op when it does
+       not apply; + ``questions`` yes/no questions about the first image, answered with the truth)
 
 so the warm-started policy is non-trivial but imperfect, leaving RL something real to improve.  The
 result is saved in the run directory (``warmstart/``) and reused when present with the same settings.
@@ -25,6 +30,7 @@ from r3_rl.blocks import edits
 from r3_rl.data import BlocksPrompts
 from r3_rl.policy.base import ImageInput
 from r3_rl.policy.tiny_tokenizer import image_token
+from r3_rl.rewards.checklists import YES, questions_for
 
 if TYPE_CHECKING:  # the tiny policy calls this module from its warm_start: no import back at run time
     from r3_rl.policy.tiny import TinyUnifiedPolicy
@@ -34,6 +40,7 @@ def _words(grid: np.ndarray) -> str:
     return " ".join(image_token(int(k)) for k in grid.reshape(-1))
 
 
+LENIENT = f"<think> the image matches the prompt </think> {edits.STOP_TEXT}"  # what a correct image gets
 _OFFSETS = {"right of": (0, 1), "left of": (0, -1), "above": (-1, 0), "below": (1, 0)}
 
 
@@ -80,23 +87,77 @@ def synthetic_examples(policy: TinyUnifiedPolicy, prompts: BlocksPrompts, start:
         meta = item.metadata
         plan = edits.plan_text(meta)
         good = canonical_grid(meta, rng, rows, cols)
-        cur = edits.perturb(good, meta, rng) if rng.random() < cfg.flaw_prob else good
+        flawed = rng.random() < cfg.flaw_prob
+        cur = edits.perturb(good, meta, rng) if flawed else good
         ctx = policy.render("reason", prompt=item.prompt)
         out.append((ctx, policy.encode(plan) + [policy.stop_id]))
         out.append((ctx + policy.encode(plan) + [policy.stop_id] + policy.encode(policy.templates["generate"]),
                     policy.encode(_words(cur))))
+        if cfg.random_layouts and rng.random() < cfg.random_layouts:  # judge content, not layout: critique a randomly laid-out image
+            alt = edits.random_correct_grid(meta, rng, rows, cols)
+            cur = edits.perturb(alt, meta, rng) if flawed else alt
+        out.extend(question_examples(policy, cur, meta, cfg.questions, rng))
+        if cfg.random_edits and rng.random() < cfg.random_edits:
+            out.append(instruction_example(policy, item.prompt, cur, rng))
         for _ in range(cfg.rounds):
-            critique = edits.critique_text(cur, meta)
+            ops = edits.diagnose(cur, meta)
+            missed = bool(ops) and cfg.miss_prob > 0 and rng.random() < cfg.miss_prob
+            critique = LENIENT if missed else edits.critique_text(cur, meta)  # a lenient critic misses the flaw
             image_words = policy.image_words(ImageInput(image=np.zeros(0), image_tokens=cur.reshape(-1).tolist()))
             out.append((policy.render("reflect", prompt=item.prompt, image=image_words),
                         policy.encode(critique) + [policy.stop_id]))
-            ops = edits.diagnose(cur, meta)
-            if not ops:
+            if not ops or missed:
                 break
             target = edits.apply_edit(cur, ops[0], rng) if rng.random() < cfg.fix_prob else cur
             out.append((policy.render("refine", prompt=item.prompt, image=image_words,
                                       instruction=edits.edit_text(ops[0])), policy.encode(_words(target))))
             cur = target
+    return out
+
+
+def random_instruction(rng: np.random.Generator) -> edits.EditOp:
+    """Any edit instruction of the Blocks language (it may well not apply to a given image)."""
+    from r3_rl.blocks.world import COLORS, RELATIONS, SHAPES
+
+    def pick(xs: tuple[str, ...]) -> str:
+        return xs[int(rng.integers(len(xs)))]
+
+    kind, shape = pick(edits.KINDS), pick(SHAPES)
+    color = pick(COLORS) if rng.random() < 0.5 else None
+    other = pick(tuple(x for x in SHAPES if x != shape))
+    if kind == "recolor":
+        return edits.EditOp("recolor", shape, color, new_color=pick(COLORS))
+    if kind == "move":
+        return edits.EditOp("move", shape, relation=pick(RELATIONS), target=other)
+    if kind == "swap":
+        return edits.EditOp("swap", shape, target=other)
+    return edits.EditOp(kind, shape, color)
+
+
+def instruction_example(policy: TinyUnifiedPolicy, prompt: str, grid: np.ndarray,
+                        rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """A refine example with a random instruction applied exactly (:func:`edits.apply_edit`): the refiner
+    learns to do what it is told, and to leave the image as it is when the instruction does not apply, so
+    a critic's mistaken edit of a correct image need not break it."""
+    op = random_instruction(rng)
+    words = policy.image_words(ImageInput(image=np.zeros(0), image_tokens=grid.reshape(-1).tolist()))
+    return (policy.render("refine", prompt=prompt, image=words, instruction=edits.edit_text(op)),
+            policy.encode(_words(edits.apply_edit(grid, op, rng))))
+
+
+def question_examples(policy: TinyUnifiedPolicy, grid: np.ndarray, meta: dict, n: int,
+                      rng: np.random.Generator) -> list[tuple[list[int], list[int]]]:
+    """``n`` yes/no questions about ``grid`` (drawn from the prompt's questions) answered with the truth
+    about this grid (GenEval's rules on the clause the question checks), not with the prompt's expectation."""
+    if n <= 0:
+        return []
+    questions = questions_for(meta)
+    image = ImageInput(image=np.zeros(0), image_tokens=grid.reshape(-1).tolist())
+    out = []
+    for k in rng.choice(len(questions), size=min(n, len(questions)), replace=False):
+        q = questions[int(k)]
+        truth = edits.judge(grid, q.check).correct if q.check is not None else q.answer == YES
+        out.append((policy.answer_context(image, q.question), policy.encode("yes" if truth else "no") + [policy.stop_id]))
     return out
 
 

@@ -5,11 +5,12 @@ they exist.  Stage rewards are composed with the pure functions of :mod:`r3_rl.r
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
+from r3_rl.errors import UserError
 from r3_rl.rewards.base import RewardSample, Turn
-from r3_rl.rewards.compose import format_ok, plan_reward, reflect_reward
-from r3_rl.rewards.reward_set import FailureBudget, Scorer
+from r3_rl.rewards.compose import REFERENCE_RULE, CriticRule, combine, format_ok, plan_reward, reflect_reward, verdict_term
+from r3_rl.rewards.reward_set import FailureBudget, RewardSet, Scorer
 from r3_rl.trajectory import Node, Tree
 
 
@@ -29,13 +30,23 @@ class StageScorer:
     """Scores image nodes with the task rewards and composes plan/critique rewards.
 
     ``task`` is where the task reward is computed (a :class:`~r3_rl.rewards.reward_set.RewardSet` in this
-    process, or reward actors); every scored image is recorded in ``failures``, whose ``check()`` the
-    trainer calls after each rollout.
+    process, or reward actors); every scored image (and extra critique reward) is recorded in ``failures``,
+    whose ``check()`` the trainer calls after each rollout.  ``rule`` is the critic's verdict reward
+    (:class:`~r3_rl.rewards.compose.CriticRule`); ``reflect_extra`` optional rewards scored on critiques
+    (e.g. ``verdict_consistency``), weighted and added.  An image is correct (``node.meta["correct"]``: what
+    the critic's verdict is judged against, and the parent buffer's split) when the reward part
+    ``correct_part`` (e.g. ``blocks/correct``: GenEval's verdict, while the task reward is partial credit) or
+    else the task reward reaches ``correct_threshold``.
     """
 
     def __init__(self, task: Scorer, format_weight: float, reason_format: str, reflect_format: str,
-                 correct_threshold: float = 1.0, failures: FailureBudget | None = None) -> None:
+                 correct_threshold: float = 1.0, rule: CriticRule = REFERENCE_RULE,
+                 reflect_extra: RewardSet | None = None, correct_part: str | None = None,
+                 failures: FailureBudget | None = None) -> None:
         self.task = task
+        self.correct_part = correct_part
+        self.rule = rule
+        self.reflect_extra = reflect_extra if reflect_extra is not None and reflect_extra.members else None
         self.format_weight = format_weight
         self.reason_format = reason_format
         self.reflect_format = reflect_format
@@ -52,11 +63,22 @@ class StageScorer:
             node.rewards.update(res.parts)
             node.reward_failures.update(res.failures)
             node.reward = res.total
-            node.meta["correct"] = None if res.total is None else bool(res.total >= self.correct_threshold)
+            node.meta["correct"] = self._correct(res)
         self.failures.record(results, check=False)  # checked once per rollout, after every task is in
+
+    def _correct(self, res: Any) -> bool | None:
+        if res.total is None:
+            return None
+        if self.correct_part is None:
+            return bool(res.total >= self.correct_threshold)
+        if self.correct_part not in res.parts:
+            raise UserError(f"rewards.reflect.correct_part: {self.correct_part!r} is not a part of the task reward "
+                            f"(parts: {', '.join(sorted(res.parts)) or 'none'})")
+        return bool(res.parts[self.correct_part] >= self.correct_threshold)
 
     def compose(self, tree: Tree) -> None:
         """Plan and critique rewards from the image rewards below/around them."""
+        extra = self._reflect_extra(tree)
         for node in tree.nodes.values():
             if node.stage == "reason":
                 child = next((c for c in tree.children(node.id) if c.stage == "generate"), None)
@@ -70,7 +92,30 @@ class StageScorer:
                 node.rewards["format"] = float(ok)
                 r_old = parent.reward if parent is not None else None
                 r_new = child.reward if child is not None else None
+                pc = parent.meta.get("correct") if parent is not None else None
+                if pc is None and r_old is not None:
+                    pc = r_old >= self.correct_threshold
                 node.reward = reflect_reward(r_old, r_new, bool(node.stop), ok, self.format_weight,
-                                             self.correct_threshold)
+                                             self.correct_threshold, self.rule, pc)
                 if r_old is not None and r_new is not None:
                     node.rewards["delta"] = r_new - r_old
+                if pc is not None and r_old is not None:
+                    node.rewards["verdict_term"] = verdict_term(bool(pc), bool(node.stop), self.rule)
+                if node.id in extra:
+                    res = extra[node.id]
+                    node.rewards.update(res.parts)
+                    node.reward_failures.update(res.failures)
+                    if res.total is not None:
+                        node.rewards["extra"] = res.total
+                    node.reward = combine(node.reward, res.total)
+
+    def _reflect_extra(self, tree: Tree) -> dict[str, Any]:
+        """``rewards.reflect.extra`` scored on the tree's sampled critiques (one batch), by node id."""
+        if self.reflect_extra is None:
+            return {}
+        nodes = [n for n in tree.nodes.values() if n.stage == "reflect" and n.segment is not None]
+        if not nodes:
+            return {}
+        results = self.reflect_extra.score([reward_sample(tree, n) for n in nodes])
+        self.failures.record(results, check=False)
+        return {n.id: r for n, r in zip(nodes, results)}

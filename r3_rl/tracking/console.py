@@ -20,10 +20,12 @@ def _f(metrics: dict[str, Any], key: str, spec: str = ".3f") -> str:
 
 
 def status_line(metrics: dict[str, Any]) -> str:
-    """The per-step numbers worth watching: first-image reward/accuracy, refinement gain, stop rate, loss."""
-    return (f"reward A {_f(metrics, 'reward/generate/mean')}  acc A {_f(metrics, 'accuracy/generate')}  "
-            f"refine dR {_f(metrics, 'reward/refine/delta_mean', '+.3f')}  "
-            f"stop {_f(metrics, 'rollout/stop_rate', '.2f')}  loss {_f(metrics, 'learner/loss', '+.4f')}")
+    """The per-step numbers worth watching: first-image reward/accuracy, refinement gain, the critic's verdict
+    balanced accuracy, stop rate, loss (names: :mod:`r3_rl.tracking.metrics`)."""
+    return (f"reward A {_f(metrics, '1_reward/generate')}  acc A {_f(metrics, '2_accuracy/round0')}  "
+            f"refine dR {_f(metrics, '6_refine/delta_mean', '+.3f')}  "
+            f"verdict {_f(metrics, '3_understanding/verdict_balanced_accuracy', '.2f')}  "
+            f"stop {_f(metrics, '6_refine/stop_rate', '.2f')}  loss {_f(metrics, 'learner/loss', '+.4f')}")
 
 
 def fmt_seconds(s: float) -> str:

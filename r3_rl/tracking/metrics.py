@@ -1,17 +1,26 @@
-"""Scalar metrics of a training step, computed from scored trees (pure), written to metrics.jsonl + TensorBoard.
+"""Scalar metrics of a training step, computed from scored trees (pure), one name per quantity.
 
 Everything here is a pure function of the trees (and timings) so it can be tested on hand-built trees.
-Names are grouped by TensorBoard section (the part before the first ``/``):
+TensorBoard groups scalars by the part of the name before the first ``/`` and sorts the groups by name,
+so the groups a reader looks at first carry a numeric prefix:
 
-* ``reward/<stage>/{mean,std,count}``, ``reward_round/<stage>/round<r>/{mean,std}``,
-  ``reward_component/<stage>/<reward name>``, ``accuracy/<stage>``
-* ``advantage/<stage>/{mean,std,abs_max}``; ``groups/<stage>/{total,zero_signal}`` and
-  ``groups/zero_signal_fraction`` -- sibling groups whose rewards are all equal give every member a
-  zero advantage and so no gradient (the "silent zero" failure of UniRL PR #141 shows up here first)
-* ``rollout/{failed_rewards,stop_rate,improved,worse,unchanged,trajectories,image_tokens,text_tokens}``
-  and ``rollout/round<r>/{improved,worse,unchanged}`` (refined image vs the image it refined)
-* ``throughput/{trajectories_per_s,image_tokens_per_s,text_tokens_per_s}``
-* ``learner/*``: whatever the learner's ``step()`` returned, passed through unchanged.
+* ``0_eval/``: held-out accuracy per round, verdict balanced accuracy (chains and reference set),
+  yes/no accuracy, stop rate (``eval/`` and ``eval_tag/`` hold the details)
+* ``1_reward/<stage>``: mean reward of the step's sampled nodes per stage
+* ``2_accuracy/round<r>``: share of correct images per round (round 0: first images, r >= 1: the image
+  standing after a refine round, a "no further edit" copy included)
+* ``3_understanding/``: the critic's verdicts on this step's refine-stage parents, against the task
+  reward's verdict on the parent (``verdict_balanced_accuracy``, ``stop_on_correct``, ``edit_on_flawed``)
+* ``4_kl/{text,image}``: KL to the reference per modality (from the learner)
+* ``5_entropy/{text,image}``: mean negative log-prob of the sampled tokens per modality, an unbiased
+  estimate of the sampling distribution's entropy
+* ``6_refine/``: stop rate, improved / worse / unchanged refined images, mean improvement
+
+then ``advantage/<stage>/{mean,std,abs_max}``, ``groups/`` (sibling groups with no learning signal: the
+"silent zero" of UniRL PR #141 shows up here first), ``learner/``, ``reward_component/<stage>/<part>``,
+``reward_detail/`` (std, count, per round), ``rollout/`` (``failed_rewards``: failed image rewards, counted
+here only; token counts), ``throughput/``, ``time/``.  A reward component that equals a quantity already
+logged (the stage reward itself, the accuracy, another component) on every node of the step is left out.
 """
 from __future__ import annotations
 
@@ -23,6 +32,10 @@ from typing import Any
 
 from r3_rl.algorithms.signal import SIGNAL_ATOL, has_signal
 from r3_rl.trajectory import Node, Tree
+
+EVAL, REWARD, ACCURACY, UNDERSTANDING, KL, ENTROPY, REFINE = (
+    "0_eval", "1_reward", "2_accuracy", "3_understanding", "4_kl", "5_entropy", "6_refine")
+_EPS = 1e-9  # two logged series closer than this at every step are the same quantity
 
 
 def _mean(xs: list[float]) -> float:
@@ -54,35 +67,71 @@ def previous_image(tree: Tree, node: Node) -> Node | None:
     return None
 
 
+def _distinct_components(nodes: list[Node], taken: list[list[float]]) -> dict[str, float]:
+    """Mean of each reward component over the ``nodes`` that carry it, leaving out a component whose values
+    equal, node for node, a series in ``taken`` (the stage reward, the accuracy) or an earlier component."""
+    out: dict[str, float] = {}
+    for k in sorted({k for n in nodes for k in n.rewards}):
+        idx = [i for i, n in enumerate(nodes) if k in n.rewards]
+        series = [float(nodes[i].rewards[k]) for i in idx]
+        if any(all(abs(s[i] - v) <= _EPS for i, v in zip(idx, series)) for s in taken):
+            continue
+        taken.append([float(n.rewards.get(k, math.nan)) for n in nodes])  # NaN never equals: absent = different
+        out[k] = _mean(series)
+    return out
+
+
 def reward_metrics(trees: list[Tree], correct_threshold: float = 1.0) -> dict[str, float]:
-    """Reward mean/std per stage and per (stage, round), reward components, accuracy per image stage."""
-    by_stage: dict[str, list[float]] = defaultdict(list)
-    by_round: dict[str, list[float]] = defaultdict(list)
-    comps: dict[str, list[float]] = defaultdict(list)
-    correct: dict[str, list[float]] = defaultdict(list)
+    """Reward per stage, accuracy per round, reward components (deduplicated), std/count/per-round details."""
+    by_stage: dict[str, list[Node]] = defaultdict(list)
     for t in trees:
         for n in t.nodes.values():
-            if not sampled(n) or n.reward is None:
-                continue
-            by_stage[n.stage].append(n.reward)
-            by_round[f"{n.stage}/round{n.round}"].append(n.reward)
-            for k, v in n.rewards.items():
-                comps[f"{n.stage}/{k}"].append(float(v))
-            if n.stage in ("generate", "refine"):
-                correct[n.stage].append(float(n.reward >= correct_threshold))
+            if sampled(n) and n.reward is not None:
+                by_stage[n.stage].append(n)
     out: dict[str, float] = {}
-    for stage, xs in sorted(by_stage.items()):
-        out[f"reward/{stage}/mean"] = _mean(xs)
-        out[f"reward/{stage}/std"] = _std(xs)
-        out[f"reward/{stage}/count"] = float(len(xs))
-    for key, xs in sorted(by_round.items()):
-        out[f"reward_round/{key}/mean"] = _mean(xs)
-        out[f"reward_round/{key}/std"] = _std(xs)
-    for key, xs in sorted(comps.items()):
-        out[f"reward_component/{key}"] = _mean(xs)
-    for stage, xs in sorted(correct.items()):
-        out[f"accuracy/{stage}"] = _mean(xs)
+    correct_by_round: dict[int, list[float]] = defaultdict(list)
+    for stage, nodes in sorted(by_stage.items()):
+        rewards = [float(n.reward) for n in nodes]  # type: ignore[arg-type]
+        out[f"{REWARD}/{stage}"] = _mean(rewards)
+        out[f"reward_detail/{stage}/std"] = _std(rewards)
+        out[f"reward_detail/{stage}/count"] = float(len(rewards))
+        rounds = sorted({n.round for n in nodes})
+        if len(rounds) > 1:  # with one round the per-round mean is the stage mean
+            for r in rounds:
+                out[f"reward_detail/{stage}/round{r}"] = _mean([float(n.reward) for n in nodes if n.round == r])
+        taken = [rewards]
+        if stage in ("generate", "refine"):
+            correct = [float(n.reward >= correct_threshold) for n in nodes]  # type: ignore[operator]
+            taken.append(correct)
+            for n, c in zip(nodes, correct):
+                correct_by_round[n.round].append(c)
+        for k, v in _distinct_components(nodes, taken).items():
+            out[f"reward_component/{stage}/{k}"] = v
+    for r, xs in sorted(correct_by_round.items()):
+        out[f"{ACCURACY}/round{r}"] = _mean(xs)
     return out
+
+
+def understanding_metrics(trees: list[Tree], correct_threshold: float = 1.0) -> dict[str, float]:
+    """The critic's verdicts on this step's refine-stage parents (judged by their task reward)."""
+    from r3_rl.eval.understanding import VerdictTally
+
+    tally = VerdictTally()
+    for t in trees:
+        for n in t.nodes.values():
+            if n.stage == "reflect" and sampled(n) and n.parent is not None:
+                parent = t.nodes[n.parent]
+                ok = parent.meta.get("correct")  # the scorer's verdict (rewards.reflect.correct_part), if any
+                if ok is None and parent.reward is not None:
+                    ok = parent.reward >= correct_threshold
+                if ok is not None:
+                    tally.add(bool(ok), bool(n.stop))
+    if tally.correct + tally.flawed == 0:
+        return {}
+    s = tally.summary()
+    return {f"{UNDERSTANDING}/verdict_balanced_accuracy": s["balanced_accuracy"],
+            f"{UNDERSTANDING}/stop_on_correct": s["stop_on_correct"],
+            f"{UNDERSTANDING}/edit_on_flawed": s["edit_on_flawed"]}
 
 
 def refine_metrics(trees: list[Tree]) -> dict[str, float]:
@@ -111,12 +160,13 @@ def refine_metrics(trees: list[Tree]) -> dict[str, float]:
             kind = "improved" if d > SIGNAL_ATOL else "worse" if d < -SIGNAL_ATOL else "unchanged"
             moves[kind] += 1
             per_round[n.round][kind] += 1
-    out = {"rollout/stop_rate": _mean(stops), "reward/refine/delta_mean": _mean(deltas),
-           # kept for the console line and older dashboards: same number as reward/refine/delta_mean
-           "reward/reflect/delta_mean": _mean(deltas)}
-    out.update({f"rollout/{k}": float(v) for k, v in moves.items()})
-    for r, m in sorted(per_round.items()):
-        out.update({f"rollout/round{r}/{k}": float(v) for k, v in m.items()})
+    if not stops and not deltas:
+        return {}
+    out = {f"{REFINE}/stop_rate": _mean(stops), f"{REFINE}/delta_mean": _mean(deltas)}
+    out.update({f"{REFINE}/{k}": float(v) for k, v in moves.items()})
+    if len(per_round) > 1:  # with one round the per-round counts are the totals
+        for r, m in sorted(per_round.items()):
+            out.update({f"refine_round/round{r}/{k}": float(v) for k, v in m.items()})
     return out
 
 
@@ -152,7 +202,6 @@ def group_metrics(trees: list[Tree]) -> dict[str, float]:
     for stage, (n_groups, n_zero) in sorted(per_stage.items()):
         out[f"groups/{stage}/total"] = float(n_groups)
         out[f"groups/{stage}/zero_signal"] = float(n_zero)
-    out["groups/zero_signal"] = float(zero)
     out["groups/zero_signal_fraction"] = zero / total if total else float("nan")
     for stage, xs in sorted(advs.items()):
         out[f"advantage/{stage}/mean"] = _mean(xs)
@@ -162,22 +211,28 @@ def group_metrics(trees: list[Tree]) -> dict[str, float]:
 
 
 def throughput_metrics(trees: list[Tree], rollout_s: float) -> dict[str, float]:
-    """Trajectories (sampled root-to-leaf paths) and sampled tokens, in total and per second of rollout."""
-    trajectories = image_tokens = text_tokens = 0
+    """Trajectories (sampled root-to-leaf paths), sampled tokens in total and per second, and the entropy
+    estimate per modality (mean ``-log p`` of the sampled tokens under the distribution that sampled them)."""
+    trajectories = 0
+    tokens: dict[str, int] = {"image": 0, "text": 0}
+    neg_logp: dict[str, float] = {"image": 0.0, "text": 0.0}
     for t in trees:
         trajectories += sum(1 for leaf in t.leaves() if sampled(leaf))
         for n in t.nodes.values():
-            if sampled(n) and n.segment is not None:
-                if n.segment.modality == "image":
-                    image_tokens += len(n.segment.token_ids)
-                else:
-                    text_tokens += len(n.segment.token_ids)
-    out = {"rollout/trajectories": float(trajectories), "rollout/image_tokens": float(image_tokens),
-           "rollout/text_tokens": float(text_tokens)}
+            if sampled(n) and n.segment is not None and n.segment.token_ids:
+                mod = "image" if n.segment.modality == "image" else "text"
+                tokens[mod] += len(n.segment.token_ids)
+                if not n.segment.sampling.greedy:  # greedy tokens have log-prob 0: no entropy to estimate
+                    neg_logp[mod] -= sum(n.segment.logprobs)
+    out = {"rollout/trajectories": float(trajectories), "rollout/image_tokens": float(tokens["image"]),
+           "rollout/text_tokens": float(tokens["text"])}
+    for mod, n_tok in tokens.items():
+        if n_tok and neg_logp[mod]:
+            out[f"{ENTROPY}/{mod}"] = neg_logp[mod] / n_tok
     if rollout_s > 0:
         out.update({"throughput/trajectories_per_s": trajectories / rollout_s,
-                    "throughput/image_tokens_per_s": image_tokens / rollout_s,
-                    "throughput/text_tokens_per_s": text_tokens / rollout_s})
+                    "throughput/image_tokens_per_s": tokens["image"] / rollout_s,
+                    "throughput/text_tokens_per_s": tokens["text"] / rollout_s})
     return out
 
 
@@ -190,6 +245,7 @@ def failed_reward_count(trees: list[Tree]) -> int:
 def rollout_metrics(trees: list[Tree], correct_threshold: float = 1.0, rollout_s: float = 0.0) -> dict[str, float]:
     """All per-step scalars that can be computed from the scored trees (see the module docstring)."""
     out = reward_metrics(trees, correct_threshold)
+    out.update(understanding_metrics(trees, correct_threshold))
     out.update(refine_metrics(trees))
     out.update(group_metrics(trees))
     out.update(throughput_metrics(trees, rollout_s))
@@ -197,17 +253,48 @@ def rollout_metrics(trees: list[Tree], correct_threshold: float = 1.0, rollout_s
     return out
 
 
+_LEARNER_RENAMES = {"learner/kl_text": f"{KL}/text", "learner/kl_image": f"{KL}/image"}
+
+
+def step_metrics(trees: list[Tree], correct_threshold: float, learn: dict[str, float], batch: Any,
+                 groups: dict[str, float], rollout_s: float, learner_s: float, restarts: int) -> dict[str, float]:
+    """Everything the trainer logs for one step: :func:`rollout_metrics`, the learner's numbers (per-modality
+    KL renamed to ``4_kl/``), batch and group counts not already counted, timings, worker restarts."""
+    m = rollout_metrics(trees, correct_threshold, rollout_s=rollout_s)
+    m.update({_LEARNER_RENAMES.get(k, k): v for k, v in learn.items()})
+    for stage in ("reason", "generate", "reflect", "refine"):  # beyond groups/<stage>/{total,zero_signal}
+        for k in ("single_valid_groups", "all_failed_groups"):
+            if groups.get(f"{stage}/{k}"):
+                m[f"groups/{stage}/{k[:-7]}"] = float(groups[f"{stage}/{k}"])
+    if "zero_signal_items" in groups:
+        m["groups/zero_signal_items"] = float(groups["zero_signal_items"])
+    m.update({"batch/items": float(batch.items), "batch/stale_refused": float(batch.stale_refused),
+              "time/rollout_s": rollout_s, "time/learner_s": learner_s, "rollout/worker_restarts": float(restarts)})
+    return m
+
+
 def eval_metrics(report: dict[str, Any]) -> dict[str, float]:
     """TensorBoard scalars of an evaluation report (see :func:`r3_rl.eval.evaluate.summarise`)."""
-    m = {f"eval/accuracy/round{r}": a for r, a in enumerate(report["accuracy"])}
+    from r3_rl.eval.understanding import headline
+
+    m = {f"{EVAL}/accuracy_round{r}": a for r, a in enumerate(report["accuracy"])}
+    m[f"{EVAL}/stop_rate"] = report["stop_rate"]
+    m.update({f"{EVAL}/{k}": v for k, v in headline(report).items()})
     for tag, vals in report["per_tag"].items():
         m.update({f"eval_tag/{tag}/round{r}": a for r, a in enumerate(vals)})
     for t in report["transitions"]:
         m.update({f"eval/round{t['round']}/{k}": float(t[k]) for k in ("improved", "worse", "unchanged")})
     for r, f in enumerate(report.get("failed", [])):
         m[f"eval/failed/round{r}"] = float(f)
-    m["eval/stop_rate"] = report["stop_rate"]
     m["eval/mean_rounds_used"] = report["mean_rounds_used"]
+    u = report.get("understanding") or {}
+    for where, block in (("verdict", u.get("verdict")), ("reference", (u.get("reference") or {}).get("verdict"))):
+        if not block:
+            continue
+        m.update({f"eval/{where}/{k}": block["overall"][k] for k in ("stop_on_correct", "edit_on_flawed")})
+        if where == "verdict":
+            m.update({f"eval/verdict/round{r}": v["balanced_accuracy"] for r, v in block["per_round"].items()})
+            m.update({f"eval_tag/{tag}/verdict": v["balanced_accuracy"] for tag, v in block["per_tag"].items()})
     return m
 
 
@@ -218,9 +305,10 @@ class MetricsLogger:
     TensorBoard, whose charts break on them.
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, slots: int | None = None) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
+        self.slots = slots  # image cells per trajectory grid (rounds + 1): every grid at the same scale
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         self.tb = None
         if tensorboard:
@@ -274,12 +362,13 @@ class MetricsLogger:
                     self.tb.add_scalar(k, v, step)
 
     def log_trajectories(self, trees: list[Tree], step: int, prefix: str = "trajectories", limit: int = 4) -> None:
-        """A few full trajectories as captioned image grids + markdown text, and reward/advantage histograms."""
+        """A few full trajectories as framed image grids + markdown text (full R3 chains first, longest first),
+        and reward/advantage histograms of the step's sampled nodes."""
         if self.tb is None:
             return
         from r3_rl.tracking.tensorboard import add_histograms, add_trajectories
 
-        add_trajectories(self.tb, trees, step, prefix=prefix, limit=limit)
+        add_trajectories(self.tb, trees, step, prefix=prefix, limit=limit, slots=self.slots)
         if prefix == "trajectories":
             add_histograms(self.tb, trees, step)
         self.tb.flush()

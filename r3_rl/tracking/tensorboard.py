@@ -1,9 +1,19 @@
-"""Rich TensorBoard summaries: captioned trajectory image grids, trajectory text, reward/advantage histograms.
+"""Rich TensorBoard summaries: framed trajectory image grids, trajectory text, reward/advantage histograms.
 
 Scalars go through :class:`r3_rl.tracking.metrics.MetricsLogger`; this module draws the pictures.
-Tiny Blocks images are 32x32: they are upscaled with nearest-neighbour (``np.kron``) so a cell is at
-least ``MIN_CELL`` pixels and stays crisp.  Captions are drawn into the image itself because
-TensorBoard shows no per-image caption.
+A trajectory's grid is a small table drawn into the image itself (TensorBoard shows no per-image caption):
+
+* a header row with the prompt (and tag);
+* one fixed-size cell per slot, left to right: first image, then each refined image; every run's grids
+  have the same number of slots (``slots``: rounds + 1), so grids of different lengths show at the same
+  scale and an unused slot stays visibly empty;
+* a caption row under each image (round, stage, reward and its change);
+* grid lines around every cell, so a blank image is still a framed white square and two 4x4
+  images never read as one row of eight shapes.  They are 2 px wide: TensorBoard's image card shows a
+  4-slot grid at about 0.6 of its size, and a browser drops some 1-px lines at that scale (seen in
+  headless Chromium on the images tab).
+
+Images are resized to ``CELL`` x ``CELL`` (nearest neighbour: Blocks cells stay crisp).
 """
 from __future__ import annotations
 
@@ -16,60 +26,79 @@ import numpy as np
 from r3_rl.tracking.views import image_caption, image_steps, prompt_line, select_trajectories, text_label
 from r3_rl.trajectory import Node, Tree
 
-MIN_CELL = 128  # smallest image side in a grid, in pixels
-GAP = 4  # white pixels between cells
+CELL = 128  # side of every image cell, in pixels
+LINE = 2  # grid line width (module docstring: why not 1)
+LINE_RGB = (96, 96, 96)
+EMPTY_RGB = (236, 236, 236)  # an unused slot
+HEADER_H = 16  # the prompt row
 CAPTION_H = 28  # two caption lines under each image
 
 
-def upscale(image: np.ndarray, min_side: int = MIN_CELL) -> np.ndarray:
-    """Nearest-neighbour upscale by the smallest integer factor that makes the longer side >= ``min_side``."""
-    h, w = image.shape[:2]
-    k = max(1, math.ceil(min_side / max(h, w)))
-    return np.kron(image, np.ones((k, k, 1), dtype=np.uint8)) if k > 1 else image
+def fit_cell(image: np.ndarray, side: int = CELL) -> np.ndarray:
+    """``image`` as ``side x side`` RGB: an integer nearest-neighbour upscale when it divides, else a PIL resize."""
+    im = np.asarray(image, dtype=np.uint8)[..., :3]
+    h, w = im.shape[:2]
+    if h == w and side % h == 0:
+        k = side // h
+        return np.kron(im, np.ones((k, k, 1), dtype=np.uint8)) if k > 1 else im.copy()
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(np.ascontiguousarray(im)).resize((side, side), Image.NEAREST), dtype=np.uint8)
 
 
-def _draw_caption(width: int, lines: list[str]) -> np.ndarray:
+def _text_band(width: int, height: int, lines: list[str]) -> np.ndarray:
+    """Dark text on white, each line cut to fit (the default bitmap font is ~6 px per character)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    band = Image.new("RGB", (width, CAPTION_H), (255, 255, 255))
+    band = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(band)
     font = ImageFont.load_default()
-    for i, line in enumerate(lines[:2]):
-        draw.text((2, 1 + 13 * i), line, fill=(0, 0, 0), font=font)
+    fit = max(1, (width - 4) // 6)
+    for i, line in enumerate(lines[: max(1, height // 13)]):
+        draw.text((2, 1 + 13 * i), line if len(line) <= fit else line[:fit - 1] + "~", fill=(0, 0, 0), font=font)
     return np.asarray(band, dtype=np.uint8)
 
 
-def image_strip(images: list[np.ndarray], captions: list[str], min_side: int = MIN_CELL) -> np.ndarray:
-    """Images left to right, each upscaled and captioned underneath; HxWx3 uint8.
+def grid_size(slots: int) -> tuple[int, int]:
+    """(height, width) of a grid with ``slots`` cells."""
+    return (HEADER_H + CELL + CAPTION_H + 4 * LINE, slots * CELL + (slots + 1) * LINE)
 
-    Height is ``max(scaled heights) + CAPTION_H``; width is the sum of scaled widths plus ``GAP`` between cells.
-    A caption's first line is split from the rest at its first ``" R="``.
+
+def image_strip(images: list[np.ndarray], captions: list[str], header: str = "", slots: int | None = None
+                ) -> np.ndarray:
+    """The framed grid of one trajectory (module docstring); HxWx3 uint8 of :func:`grid_size` ``(slots)``.
+
+    ``slots`` defaults to ``len(images)``; later images than ``slots`` are dropped.  A caption's first line is
+    split from the rest at its first ``" R="``.
     """
     if not images:
         raise ValueError("image_strip needs at least one image")
-    cells = [upscale(np.asarray(im, dtype=np.uint8)[..., :3], min_side) for im in images]
-    height = max(c.shape[0] for c in cells)
-    cols = []
-    for cell, cap in zip(cells, captions):
-        pad = np.full((height - cell.shape[0], cell.shape[1], 3), 255, dtype=np.uint8)
-        head, sep, tail = cap.partition(" R=")
-        lines = [head, ("R=" + tail) if sep else ""]
-        cols.append(np.concatenate([cell, pad, _draw_caption(cell.shape[1], lines)], axis=0))
-    gap = np.full((height + CAPTION_H, GAP, 3), 255, dtype=np.uint8)
-    out: list[np.ndarray] = []
-    for i, c in enumerate(cols):
-        if i:
-            out.append(gap)
-        out.append(c)
-    return np.concatenate(out, axis=1)
+    slots = slots or len(images)
+    height, width = grid_size(slots)
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    out[:] = LINE_RGB  # everything not painted over below is a grid line
+    y_img = 2 * LINE + HEADER_H
+    y_cap = y_img + CELL + LINE
+    out[LINE:LINE + HEADER_H, LINE:width - LINE] = _text_band(width - 2 * LINE, HEADER_H, [header])
+    for k in range(slots):
+        x = LINE + k * (CELL + LINE)
+        if k < len(images):
+            out[y_img:y_img + CELL, x:x + CELL] = fit_cell(images[k])
+            head, sep, tail = captions[k].partition(" R=")
+            out[y_cap:y_cap + CAPTION_H, x:x + CELL] = _text_band(CELL, CAPTION_H, [head, ("R=" + tail) if sep else ""])
+        else:
+            out[y_img:y_img + CELL, x:x + CELL] = EMPTY_RGB
+            out[y_cap:y_cap + CAPTION_H, x:x + CELL] = 255
+    return out
 
 
-def trajectory_image(path: list[Node]) -> np.ndarray | None:
+def trajectory_image(tree: Tree, path: list[Node], slots: int | None = None) -> np.ndarray | None:
     """The grid of one trajectory: first image, then each refined image, captioned with round and reward."""
     steps = list(image_steps(path))
     if not steps:
         return None
-    return image_strip([n.image for n, _ in steps], [image_caption(n, p) for n, p in steps])
+    return image_strip([n.image for n, _ in steps], [image_caption(n, p) for n, p in steps],
+                       header=prompt_line(tree), slots=max(slots or 0, len(steps)) if slots else None)
 
 
 def _md(text: str | None) -> str:
@@ -91,11 +120,11 @@ def trajectory_markdown(tree: Tree, path: list[Node]) -> str:
 
 
 def add_trajectories(writer: Any, trees: list[Tree], step: int, prefix: str = "trajectories",
-                     limit: int = 4) -> int:
+                     limit: int = 4, slots: int | None = None) -> int:
     """Log up to ``limit`` trajectories as ``<prefix>/<i>`` (image grid) and ``<prefix>/<i>/text``; returns count."""
     chosen = select_trajectories(trees, limit)
     for i, (tree, path) in enumerate(chosen):
-        grid = trajectory_image(path)
+        grid = trajectory_image(tree, path, slots)
         if grid is not None:
             writer.add_image(f"{prefix}/{i}", grid, step, dataformats="HWC")
         writer.add_text(f"{prefix}/{i}/text", trajectory_markdown(tree, path), step)

@@ -40,14 +40,22 @@ def trajectory_paths(tree: Tree) -> list[list[Node]]:
 
 
 def select_trajectories(trees: list[Tree], limit: int) -> list[tuple[Tree, list[Node]]]:
-    """Up to ``limit`` trajectories, one per tree, alternating between tree kinds (A, BC, chain)
-    so a dashboard shows both first images and refinements.  Deterministic: the first path of each tree
-    (siblings are independent draws, so the first is as representative as any)."""
+    """Up to ``limit`` trajectories, one per tree: full R3 chains first (those with most images first), then
+    alternating between the other tree kinds (A, BC) so a dashboard shows first images and refinements.
+    Deterministic: the first path of each tree (siblings are independent draws, so the first is as
+    representative as any)."""
     by_kind: dict[str, list[Tree]] = {}
     for t in trees:
         by_kind.setdefault(str(t.meta.get("kind", "")), []).append(t)
-    queues = [iter(v) for v in by_kind.values()]
+    if "chain" in by_kind:
+        by_kind["chain"].sort(key=lambda t: -sum(1 for n in t.nodes.values() if n.image is not None))
     out: list[tuple[Tree, list[Node]]] = []
+    chains = by_kind.pop("chain", [])
+    for t in chains[:limit if not by_kind else max(1, limit // 2)]:  # chains first, half the grids at most
+        paths = trajectory_paths(t)
+        if paths and len(out) < limit:
+            out.append((t, paths[0]))
+    queues = [iter(v) for v in by_kind.values()]
     while queues and len(out) < limit:
         alive = []
         for q in queues:

@@ -1,0 +1,110 @@
+"""R3's claim is not luck: the demo recipe with several seeds and torch thread counts, the three figures of each.
+
+Runs ``r3-rl train RECIPE --set seed=S --set threads=T`` for every seed and thread count (default 3 seeds x
+{1, 2} threads = 6 runs, at most ``--parallel`` at once), reads each run's ``summary.json`` and prints, per run
+and as mean / standard deviation / minimum over the runs:
+
+* first-image accuracy after RL minus before RL (goal >= +10 points),
+* after RL, final-round minus first-image accuracy (goal >= +5 points),
+* the critic's verdict balanced accuracy after RL minus before RL (goal >= +10 points),
+
+and whether each goal holds on *every* run (the claim), not only on the mean.  Wall times are per run and
+include the warm start and every eval; runs that share the machine are slower than one run alone.
+
+    python benchmarks/r3_synergy.py [--seeds 0 1 2] [--threads 1 2] [--parallel 2] [--out runs/synergy]
+                                    [--set key=value ...]
+
+A run directory that already holds a ``summary.json`` is read, not run again (``--fresh`` to redo).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from r3_rl.eval.synergy import GOALS  # noqa: E402
+
+FIGURES = ("first_image_gain", "refinement_after", "verdict_gain")
+EXTRA = ("reference_verdict_gain", "stop_rate_after")
+
+
+def run_one(recipe: str, out: Path, seed: int, threads: int, sets: list[str], fresh: bool) -> tuple[dict, float]:
+    """Train one configuration (or read its finished run); returns (synergy figures, wall seconds)."""
+    run_dir = out / f"seed{seed}-threads{threads}"
+    summary = run_dir / "summary.json"
+    if summary.is_file() and not fresh:
+        data = json.loads(summary.read_text())
+        return data["synergy"], float(data.get("wall_s", math.nan))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "r3_rl.cli", "train", recipe, "--run-dir", str(run_dir),
+           "--set", f"seed={seed}", "--set", f"threads={threads}", "--set", "log.console=false"]
+    for s in sets:
+        cmd += ["--set", s]
+    t0 = time.time()
+    with open(out / f"seed{seed}-threads{threads}.log", "w") as log:
+        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    wall = time.time() - t0
+    if rc != 0:
+        raise SystemExit(f"run seed={seed} threads={threads} failed (exit {rc}); see {log.name}")
+    data = json.loads(summary.read_text())
+    data["wall_s"] = wall
+    summary.write_text(json.dumps(data, indent=2))
+    return data["synergy"], wall
+
+
+def stats(xs: list[float]) -> tuple[float, float, float]:
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd, min(xs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipe", default=str(REPO / "recipes" / "tiny_blocks.yaml"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--parallel", type=int, default=2, help="runs at once (each uses its own thread count)")
+    ap.add_argument("--out", default=str(REPO / "runs" / "synergy"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override for every run")
+    ap.add_argument("--fresh", action="store_true", help="rerun configurations that already have a summary")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = [(s, t) for s in args.seeds for t in args.threads]
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        results = list(pool.map(lambda c: run_one(args.recipe, out, c[0], c[1], args.set, args.fresh), configs))
+
+    def pts(x: float) -> str:
+        return f"{100 * x:+6.1f}" if math.isfinite(x) else "   nan"
+
+    head = "| seed | threads | first image | refinement after RL | verdict | (reference set) | stop rate after | wall |"
+    print(f"R3 synergy, {args.recipe}: figures in accuracy points (after RL minus before RL, except refinement)\n")
+    print(head + "\n|" + "---|" * 8)
+    for (seed, threads), (fig, wall) in zip(configs, results):
+        print(f"| {seed} | {threads} | {pts(fig['first_image_gain'])} | {pts(fig['refinement_after'])} | "
+              f"{pts(fig['verdict_gain'])} | {pts(fig['reference_verdict_gain'])} | {fig['stop_rate_after']:.3f} | "
+              f"{wall / 60:.1f} min |")
+    print()
+    every = {}
+    for k in FIGURES + EXTRA[:1]:
+        xs = [fig[k] for fig, _ in results]
+        m, sd, lo = stats(xs)
+        goal = GOALS.get(k)
+        every[k] = goal is not None and all(x >= goal for x in xs)
+        verdict = f"goal >= {100 * goal:+.0f}: {'met on every run' if every[k] else 'NOT met on every run'}" \
+            if goal is not None else "no goal"
+        print(f"{k:24s} mean {pts(m)}  sd {100 * sd:5.1f}  min {pts(lo)}   ({verdict})")
+    print("\nall goals met on every run" if all(every[k] for k in FIGURES) else "\nsome goal missed on some run")
+
+
+if __name__ == "__main__":
+    main()

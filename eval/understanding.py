@@ -1,0 +1,260 @@
+"""Understanding, measured in every evaluation: does the critic see what the eval reward sees?
+
+R3's claim is that the loop improves generation *and* understanding.  Accuracy per round measures the
+first; these measure the second, always against the eval reward's ground truth (for any policy and any
+eval reward):
+
+* **verdict** -- every reflect node's verdict ("no further edit needed" or an edit) against the eval
+  reward's judgement of the image it critiqued: the stop rate on correct images, the edit rate on flawed
+  images and their mean, the *balanced accuracy* (0.5 = a critic that cannot tell them apart, whatever
+  its stop rate), overall, per round and per tag.  A critic that always stops scores 0.5, not its stop
+  rate on a mostly-correct eval set.
+* **yes/no** -- where the prompt carries yes/no questions (TIIF lists, questions derived from GenEval /
+  Blocks metadata by :mod:`r3_rl.rewards.checklists`), the policy's answers about its *own* images
+  against the truth about that image.  A question derived from a GenEval clause carries that clause
+  (``YesNo.check``), and its truth is the eval reward's verdict on the clause alone; a question without
+  one (TIIF) is only counted on images the eval reward judges correct, where the expected answers hold.
+* **reference** -- both measures on a fixed set of reference images, correct and deliberately flawed
+  (:func:`r3_rl.blocks.reference.reference_pairs`, or a user's jsonl), so that understanding is measured
+  on the same images before and after RL, not only on images the model happened to draw.
+
+All maths here is pure (:func:`verdict_report`, :func:`yes_no_summary`); the functions that ask the
+policy (:func:`ask_yes_no`, :func:`reference_report`) batch their calls and never sample beyond the
+eval's own reflect settings.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from r3_rl.errors import UserError
+from r3_rl.policy.base import ImageInput, Policy, parse_critique
+from r3_rl.rewards.base import RewardSample
+from r3_rl.rewards.checklists import YES, questions_for
+from r3_rl.rewards.reward_set import RewardSet
+from r3_rl.trajectory import PromptItem, SamplingParams, Tree
+
+
+def _rate(hits: int, n: int) -> float:
+    return hits / n if n else float("nan")
+
+
+@dataclass
+class VerdictTally:
+    """Counts of critiques by (critiqued image correct?, verdict)."""
+
+    correct: int = 0
+    stop_on_correct: int = 0
+    flawed: int = 0
+    edit_on_flawed: int = 0
+
+    def add(self, image_correct: bool, stop: bool) -> None:
+        if image_correct:
+            self.correct += 1
+            self.stop_on_correct += stop
+        else:
+            self.flawed += 1
+            self.edit_on_flawed += not stop
+
+    def summary(self) -> dict[str, float]:
+        stop_ok, edit_ok = _rate(self.stop_on_correct, self.correct), _rate(self.edit_on_flawed, self.flawed)
+        n = self.correct + self.flawed
+        stops = self.stop_on_correct + (self.flawed - self.edit_on_flawed)
+        return {"correct_images": self.correct, "flawed_images": self.flawed,
+                "stop_on_correct": stop_ok, "edit_on_flawed": edit_ok,
+                "balanced_accuracy": (stop_ok + edit_ok) / 2,  # NaN unless both kinds were critiqued
+                "accuracy": _rate(self.stop_on_correct + self.edit_on_flawed, n), "stop_rate": _rate(stops, n)}
+
+
+Verdict = tuple[bool, bool, int, str]  # (critiqued image correct, stop, round, tag)
+
+
+def verdict_report(verdicts: Iterable[Verdict]) -> dict[str, Any]:
+    """``{"overall": summary, "per_round": {round: summary}, "per_tag": {tag: summary}}``."""
+    overall = VerdictTally()
+    per_round: dict[int, VerdictTally] = defaultdict(VerdictTally)
+    per_tag: dict[str, VerdictTally] = defaultdict(VerdictTally)
+    for correct, stop, rnd, tag in verdicts:
+        for tally in (overall, per_round[rnd], per_tag[tag]):
+            tally.add(correct, stop)
+    return {"overall": overall.summary(),
+            "per_round": {str(r): t.summary() for r, t in sorted(per_round.items())},
+            "per_tag": {tag: t.summary() for tag, t in sorted(per_tag.items())}}
+
+
+def tag_of(prompt: PromptItem) -> str:
+    return str(prompt.metadata.get("tag", "all"))
+
+
+def chain_verdicts(trees: list[Tree], correct_threshold: float) -> list[Verdict]:
+    """Every critique of an eval chain against the eval score of the image it critiqued (set by
+    :func:`r3_rl.eval.evaluate.score_chains`); critiques of an image whose eval reward failed are left out."""
+    out: list[Verdict] = []
+    for t in trees:
+        for n in t.nodes.values():
+            if n.stage != "reflect" or n.parent is None:
+                continue
+            score = t.nodes[n.parent].meta.get("eval_score")
+            if isinstance(score, (int, float)):
+                out.append((score >= correct_threshold, bool(n.stop), n.round, tag_of(t.prompt)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- yes/no
+@dataclass
+class JudgedImage:
+    """An image to ask questions about: its prompt, pixels (+ tokens) and the eval reward's verdict."""
+
+    prompt: PromptItem
+    image: ImageInput
+    correct: bool | None  # None: the eval reward failed on it
+
+
+def yes_no_summary(answers: list[tuple[float, bool, str]]) -> dict[str, float]:
+    """``answers``: (P(yes), truth is yes, tag) per question -> accuracy overall, on yes- and no-truths,
+    their balanced mean, and per tag."""
+    def acc(rows: list[tuple[float, bool, str]]) -> float:
+        return _rate(sum((p > 0.5) == truth for p, truth, _ in rows), len(rows))
+
+    yes = [a for a in answers if a[1]]
+    no = [a for a in answers if not a[1]]
+    out: dict[str, Any] = {"questions": len(answers), "accuracy": acc(answers), "yes_truths": len(yes),
+                           "accuracy_on_yes": acc(yes), "accuracy_on_no": acc(no),
+                           "balanced_accuracy": (acc(yes) + acc(no)) / 2}
+    tags = sorted({t for _, _, t in answers})
+    out["per_tag"] = {t: acc([a for a in answers if a[2] == t]) for t in tags}
+    return out
+
+
+def ask_yes_no(policy: Policy, images: list[JudgedImage], rewards: RewardSet, correct_threshold: float,
+               max_questions: int | None = None, batch_size: int = 256) -> dict[str, Any]:
+    """The policy's yes/no answers about ``images`` against their truth (module docstring); a policy that
+    cannot answer questions gives ``{"available": False, "why": ...}``."""
+    asks: list[tuple[int, str, bool | None]] = []  # (image index, question, truth if known now)
+    checks: list[tuple[int, RewardSample]] = []  # (position in asks, sample judging the question's clause)
+    for i, im in enumerate(images):
+        try:
+            questions = questions_for(im.prompt.metadata)[:max_questions]
+        except UserError:
+            continue  # a prompt without questions
+        for q in questions:
+            if q.check is not None:
+                checks.append((len(asks), RewardSample(prompt=im.prompt.prompt, metadata=q.check, stage="generate",
+                                                       round=0, image=im.image.image)))
+                asks.append((i, q.question, None))
+            elif im.correct:  # no clause to judge: the expected answers hold on a correct image only
+                asks.append((i, q.question, q.answer == YES))
+    if not asks:
+        return {"available": False, "why": "no yes/no questions for these prompts"}
+    truths: list[bool | None] = [t for _, _, t in asks]
+    for (k, _), res in zip(checks, rewards.score([s for _, s in checks]) if checks else []):
+        truths[k] = None if res.total is None else bool(res.total >= correct_threshold)
+    keep = [k for k, t in enumerate(truths) if t is not None]
+    probs: list[float] = []
+    try:
+        for start in range(0, len(keep), batch_size):
+            chunk = keep[start:start + batch_size]
+            probs.extend(policy.answer_yes_no([images[asks[k][0]].image for k in chunk], [asks[k][1] for k in chunk]))
+    except NotImplementedError as e:
+        return {"available": False, "why": str(e)}
+    rows = [(float(p), bool(truths[k]), tag_of(images[asks[k][0]].prompt)) for k, p in zip(keep, probs)]
+    return {"available": True, **yes_no_summary(rows)}
+
+
+# ---------------------------------------------------------------------------------------------- reference set
+@dataclass
+class ReferenceImage:
+    """A fixed image to critique: built as ``kind`` ("correct" / "flawed"); the eval reward has the last word."""
+
+    prompt: PromptItem
+    image: np.ndarray
+    image_tokens: list[int] | None
+    kind: str
+
+
+def reference_report(policy: Policy, refs: list[ReferenceImage], reflect: SamplingParams, stop_phrase: str,
+                     rewards: RewardSet, correct_threshold: float, seed: int = 0, yes_no: bool = True,
+                     batch_size: int = 256) -> dict[str, Any]:
+    """Verdicts (and yes/no answers) of ``policy`` on the reference images, judged by the eval reward."""
+    scored = rewards.score([RewardSample(prompt=r.prompt.prompt, metadata=r.prompt.metadata, stage="generate",
+                                         round=0, image=r.image) for r in refs])
+    correct = [None if s.total is None else bool(s.total >= correct_threshold) for s in scored]
+    inputs = [ImageInput(r.image, r.image_tokens) for r in refs]
+    gen = torch.Generator().manual_seed(seed)
+    verdicts: list[Verdict] = []
+    for start in range(0, len(refs), batch_size):
+        idx = range(start, min(start + batch_size, len(refs)))
+        crits = policy.reflect([refs[i].prompt for i in idx], [inputs[i] for i in idx], reflect, gen)
+        for i, c in zip(idx, crits):
+            if correct[i] is not None:
+                verdicts.append((bool(correct[i]), parse_critique(c.text, stop_phrase)[1], 1, tag_of(refs[i].prompt)))
+    out: dict[str, Any] = {"images": len(refs), "failed": sum(c is None for c in correct),
+                           "verdict": verdict_report(verdicts)}
+    if yes_no:
+        out["yes_no"] = ask_yes_no(policy, [JudgedImage(r.prompt, x, c) for r, x, c in zip(refs, inputs, correct)],
+                                   rewards, correct_threshold)
+    return out
+
+
+def headline(report: dict[str, Any]) -> dict[str, float]:
+    """The understanding figures a reader looks at first, flat (NaN where not measured)."""
+    u = report.get("understanding", {})
+    nan = float("nan")
+    out = {"verdict_balanced_accuracy": u.get("verdict", {}).get("overall", {}).get("balanced_accuracy", nan)}
+    yn = u.get("yes_no", {})
+    out["yes_no_accuracy"] = yn.get("accuracy", nan) if yn.get("available") else nan
+    ref = u.get("reference")
+    if ref:
+        out["reference_balanced_accuracy"] = ref["verdict"]["overall"]["balanced_accuracy"]
+        ryn = ref.get("yes_no", {})
+        out["reference_yes_no_accuracy"] = ryn.get("accuracy", nan) if ryn.get("available") else nan
+    return {k: (float(v) if isinstance(v, (int, float)) and math.isfinite(v) else nan) for k, v in out.items()}
+
+
+def load_references(path: str) -> list[ReferenceImage]:
+    """A user's reference set: jsonl lines ``{"prompt", "image": PNG path (relative to the file), "kind"?,
+    "metadata"?}`` (without ``metadata`` the line's other keys are the metadata, as in GenEval files)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from r3_rl.jsonl import read_jsonl_objects
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"eval.understanding.reference: {path}: file not found (a jsonl of {{prompt, image}} lines, "
+                        f"'auto' or null)")
+    out = []
+    for lineno, rec in read_jsonl_objects(p):
+        if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("image"), str):
+            raise UserError(f"{p}:{lineno}: needs string fields 'prompt' and 'image' (a PNG path)")
+        img_path = p.parent / rec["image"]
+        try:
+            with Image.open(img_path) as im:
+                pixels = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except OSError as e:
+            raise UserError(f"{p}:{lineno}: cannot read image {img_path}: {e}") from None
+        meta = rec.get("metadata") or {k: v for k, v in rec.items() if k not in ("prompt", "image", "kind")}
+        out.append(ReferenceImage(PromptItem(id=f"ref-{lineno}", prompt=rec["prompt"], metadata=meta), pixels, None,
+                                  str(rec.get("kind", "unknown"))))
+    return out
+
+
+def build_references(recipe: Any, eval_prompts: Any) -> list[ReferenceImage]:
+    """The reference set ``eval.understanding.reference`` names (``eval_prompts(n)`` gives held-out prompts)."""
+    u = recipe.eval.understanding
+    if u.reference is None:
+        return []
+    if u.reference != "auto":
+        return load_references(u.reference)
+    if recipe.data.source != "blocks":
+        return []
+    from r3_rl.blocks.reference import reference_pairs
+
+    b = recipe.data.blocks
+    return reference_pairs(eval_prompts(u.reference_size), recipe.seed, b.rows, b.cols)

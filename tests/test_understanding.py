@@ -1,0 +1,180 @@
+"""Understanding metrics: critic verdicts and yes/no answers against the eval reward's ground truth, exact on
+hand-built cases, and the fixed Blocks reference set."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from r3_rl.blocks import codec, edits
+from r3_rl.blocks.prompts import heldout_prompts
+from r3_rl.blocks.reference import reference_pairs
+from r3_rl.eval.evaluate import markdown_table, summarise
+from r3_rl.eval.synergy import goals_met, synergy_figures, synergy_lines
+from r3_rl.eval.understanding import (
+    JudgedImage, ask_yes_no, chain_verdicts, headline, verdict_report, yes_no_summary,
+)
+from r3_rl.policy.base import ImageInput, Policy
+from r3_rl.rewards.checklists import geneval_questions
+from r3_rl.rewards.reward_set import RewardSet
+from r3_rl.trajectory import PromptItem
+from test_tracking_inspect import chain
+
+BLOCKS_BINARY = [{"name": "blocks", "options": {"binary": True}}]
+
+
+def test_verdict_report_counts_rates_and_balanced_accuracy() -> None:
+    # correct images: 3 critiques, 2 stop; flawed: 4 critiques, 1 edits
+    verdicts = [(True, True, 1, "a"), (True, True, 1, "a"), (True, False, 2, "b"),
+                (False, True, 1, "a"), (False, True, 1, "b"), (False, True, 2, "b"), (False, False, 2, "b")]
+    rep = verdict_report(verdicts)
+    o = rep["overall"]
+    assert (o["correct_images"], o["flawed_images"]) == (3, 4)
+    assert o["stop_on_correct"] == pytest.approx(2 / 3) and o["edit_on_flawed"] == pytest.approx(1 / 4)
+    assert o["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 4) / 2)
+    assert o["accuracy"] == pytest.approx(3 / 7) and o["stop_rate"] == pytest.approx(5 / 7)
+    r1 = rep["per_round"]["1"]
+    assert (r1["correct_images"], r1["flawed_images"], r1["stop_on_correct"], r1["edit_on_flawed"]) == (2, 2, 1.0, 0.0)
+    assert rep["per_round"]["2"]["balanced_accuracy"] == pytest.approx((0.0 + 0.5) / 2)
+    assert rep["per_tag"]["a"]["flawed_images"] == 1 and rep["per_tag"]["b"]["correct_images"] == 1
+    # a critic that always stops is at chance, however many images are correct
+    always = verdict_report([(True, True, 1, "t")] * 9 + [(False, True, 1, "t")])["overall"]
+    assert always["accuracy"] == pytest.approx(0.9) and always["balanced_accuracy"] == pytest.approx(0.5)
+    # one kind missing: the balanced accuracy is undefined, not a number that looks measured
+    assert math.isnan(verdict_report([(True, True, 1, "t")])["overall"]["balanced_accuracy"])
+
+
+def test_chain_verdicts_judge_the_critiqued_image() -> None:
+    trees = [chain(0, [0.0, 1.0, 1.0], 2),  # edits a flawed image, then stops on the (correct) refined one
+             chain(1, [1.0, 1.0], 1),  # stops on a correct first image
+             chain(2, [1.0, 0.0, 0.0], None)]  # edits a correct image (breaks it), edits the flawed result
+    v = chain_verdicts(trees, correct_threshold=1.0)
+    assert sorted(v) == sorted([(False, False, 1, "counting"), (True, True, 2, "counting"),
+                                (True, True, 1, "colors"), (True, False, 1, "counting"),
+                                (False, False, 2, "counting")])
+    trees[0].nodes["img0"].meta["eval_score"] = None  # the eval reward failed on it: its critique is left out
+    assert len(chain_verdicts(trees, 1.0)) == 4
+
+
+def test_yes_no_summary_exact() -> None:
+    rows = [(0.9, True, "a"), (0.2, True, "a"), (0.1, False, "b"), (0.7, False, "b"), (0.3, False, "b")]
+    s = yes_no_summary(rows)
+    assert s["questions"] == 5 and s["yes_truths"] == 2
+    assert s["accuracy"] == pytest.approx(3 / 5)
+    assert s["accuracy_on_yes"] == pytest.approx(0.5) and s["accuracy_on_no"] == pytest.approx(2 / 3)
+    assert s["balanced_accuracy"] == pytest.approx((0.5 + 2 / 3) / 2)
+    assert s["per_tag"] == {"a": pytest.approx(0.5), "b": pytest.approx(2 / 3)}
+
+
+class CountingPolicy(Policy):
+    """Answers "yes" exactly when the image holds at least one object (reads the pixels; no model)."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def answer_yes_no(self, images: list[ImageInput], questions: list[str]) -> list[float]:
+        self.asked.extend(questions)
+        return [0.9 if codec.decode(im.image).any() else 0.1 for im in images]
+
+    def reason(self, *a, **k): raise NotImplementedError  # noqa: E704
+    def generate(self, *a, **k): raise NotImplementedError  # noqa: E704
+    def reflect(self, *a, **k): raise NotImplementedError  # noqa: E704
+    def refine(self, *a, **k): raise NotImplementedError  # noqa: E704
+    def segment_logprobs(self, *a, **k): raise NotImplementedError  # noqa: E704
+    model = None  # type: ignore[assignment]
+
+
+def test_yes_no_truth_is_about_the_image_not_the_prompt() -> None:
+    meta = {"tag": "counting", "include": [{"class": "square", "count": 2}], "exclude": [{"class": "square", "count": 3}]}
+    (q,) = geneval_questions(meta)
+    assert q.question == "Are there exactly two squares in the image?" and q.check is not None
+    two, three = np.zeros((4, 4), np.int64), np.zeros((4, 4), np.int64)
+    two[0, :2] = 1
+    three[0, :3] = 1
+    assert edits.judge(two, q.check).correct and not edits.judge(three, q.check).correct
+    prompt = PromptItem("p", "a photo of two squares", meta)
+    images = [JudgedImage(prompt, ImageInput(codec.encode(g)), ok) for g, ok in ((two, True), (three, False))]
+    rewards = RewardSet.from_specs(BLOCKS_BINARY)
+    policy = CountingPolicy()
+    rep = ask_yes_no(policy, images, rewards, 1.0)
+    # the policy says "yes" to both; the truth is yes for two squares and no for three
+    assert rep["available"] and rep["questions"] == 2 and rep["accuracy"] == pytest.approx(0.5)
+    assert rep["accuracy_on_yes"] == 1.0 and rep["accuracy_on_no"] == 0.0
+    # TIIF questions carry no clause: they count only on images the eval reward judges correct
+    tiif = PromptItem("t", "x", {"yn_question_list": ["Is there a square?"], "yn_answer_list": ["Yes"],
+                                 "include": [{"class": "square", "count": 2}]})
+    rep = ask_yes_no(policy, [JudgedImage(tiif, ImageInput(codec.encode(two)), True),
+                              JudgedImage(tiif, ImageInput(codec.encode(three)), False)], rewards, 1.0)
+    assert rep["questions"] == 1 and rep["accuracy"] == 1.0
+
+
+def test_policy_without_answers_is_reported_not_raised() -> None:
+    class Mute(CountingPolicy):
+        def answer_yes_no(self, images, questions):  # noqa: ANN001
+            return Policy.answer_yes_no(self, images, questions)
+
+    p = PromptItem("p", "a photo of a square", {"include": [{"class": "square", "count": 1}]})
+    rep = ask_yes_no(Mute(), [JudgedImage(p, ImageInput(codec.encode(np.zeros((4, 4), np.int64))), False)],
+                     RewardSet.from_specs(BLOCKS_BINARY), 1.0)
+    assert rep == {"available": False, "why": "Mute cannot answer questions about images"}
+
+
+def test_reference_pairs_are_fixed_and_judged_as_built() -> None:
+    prompts = heldout_prompts(24, seed=3)
+    a, b = reference_pairs(prompts, 7, 4, 4), reference_pairs(prompts, 7, 4, 4)
+    assert [r.image_tokens for r in a] == [r.image_tokens for r in b]  # deterministic
+    assert [r.image_tokens for r in reference_pairs(prompts, 8, 4, 4)] != [r.image_tokens for r in a]
+    assert [r.kind for r in a[:4]] == ["correct", "flawed", "correct", "flawed"]
+    from r3_rl.rewards.base import RewardSample
+
+    scored = RewardSet.from_specs(BLOCKS_BINARY).score(
+        [RewardSample(r.prompt.prompt, r.prompt.metadata, "generate", 0, r.image) for r in a])
+    assert [s.total for s in scored] == [1.0 if r.kind == "correct" else 0.0 for r in a]
+    assert all(np.array_equal(codec.decode(r.image).reshape(-1), r.image_tokens) for r in a)
+
+
+def test_tiny_answer_is_the_yes_share_of_the_next_word() -> None:
+    from r3_rl.policy.tiny import TinyUnifiedPolicy, question_words
+    from r3_rl.config import Templates
+
+    policy = TinyUnifiedPolicy.build(Templates().model_dump(), 4, 4, hidden_size=32, num_layers=1, num_heads=2,
+                                     intermediate_size=64)
+    grid = np.zeros((4, 4), np.int64)
+    grid[1, 2] = 5
+    ims = [ImageInput(codec.encode(grid)), ImageInput(codec.encode(np.zeros((4, 4), np.int64)))]
+    qs = ["Is there a red square in the image?", "Are there three or more circles in the image?"]
+    got = policy.answer_yes_no(ims, qs)
+    assert question_words(qs[1]) == "are there three or more circles in the image"
+    unk = policy.tok.get_vocab()["<unk>"]
+    vocab = policy.tok.get_vocab()
+    for im, q, p in zip(ims, qs, got):
+        ids = policy.answer_context(im, q)
+        assert unk not in ids
+        with torch.no_grad():  # one plain forward over the unpadded context
+            logits = policy.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        e_yes, e_no = logits[vocab["yes"]].exp(), logits[vocab["no"]].exp()
+        assert p == pytest.approx(float(e_yes / (e_yes + e_no)), abs=1e-5)
+
+
+def test_report_table_and_synergy_figures() -> None:
+    trees = [chain(0, [0.0, 1.0], None), chain(1, [1.0, 1.0], 1)]
+    rep = summarise(trees, [[False, True], [True, True]], 1)
+    rep["understanding"] = {"verdict": verdict_report(chain_verdicts(trees, 1.0)),
+                            "yes_no": {"available": True, **yes_no_summary([(0.9, True, "colors")])}}
+    md = markdown_table(rep)
+    assert "| **verdict balanced accuracy** | 1.000 | 1.000 |" in md
+    assert "| images critiqued (correct / flawed) | 1 / 1 | 1 / 1 |" in md
+    assert "yes/no accuracy on own images: 1.000 (1 questions" in md
+    assert headline(rep)["verdict_balanced_accuracy"] == 1.0
+    before = {"accuracy": [0.4, 0.5], "stop_rate": 0.9,
+              "understanding": {"verdict": {"overall": {"balanced_accuracy": 0.6}}}}
+    after = {"accuracy": [0.55, 0.62], "stop_rate": 0.5,
+             "understanding": {"verdict": {"overall": {"balanced_accuracy": 0.65}}}}
+    fig = synergy_figures(before, after)
+    assert fig["first_image_gain"] == pytest.approx(0.15) and fig["refinement_after"] == pytest.approx(0.07)
+    assert fig["verdict_gain"] == pytest.approx(0.05) and math.isnan(fig["reference_verdict_gain"])
+    assert goals_met(fig) == {"first_image_gain": True, "refinement_after": True, "verdict_gain": False}
+    lines = synergy_lines(fig)
+    assert len(lines) == 3 and "+15.0 points" in lines[0] and "NOT met" in lines[2]

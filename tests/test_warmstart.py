@@ -1,0 +1,102 @@
+"""The tiny policy's synthetic warm start: every example is labelled with the truth about its own image."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from r3_rl.blocks import edits
+from r3_rl.config import Recipe
+from r3_rl.data import BlocksPrompts
+from r3_rl.policy.registry import build_policy
+from r3_rl.policy.tiny_tokenizer import image_token
+from r3_rl.policy.warmstart import question_examples, synthetic_examples
+
+
+@pytest.fixture(scope="module")
+def policy():  # noqa: ANN201
+    r = Recipe()
+    r.policy.tiny.hidden_size, r.policy.tiny.num_layers, r.policy.tiny.num_heads = 32, 1, 2
+    return build_policy(r)
+
+
+def _grid(policy, ids: list[int]) -> np.ndarray:  # noqa: ANN001
+    words = policy.tok.convert_ids_to_tokens(ids)
+    cells = [int(w[5:-1]) for w in words if w.startswith("<img_")]
+    return np.asarray(cells[-16:], dtype=np.int64).reshape(4, 4)
+
+
+def test_questions_are_answered_about_the_image_not_the_prompt(policy) -> None:  # noqa: ANN001
+    meta = {"include": [{"class": "square", "count": 2}], "exclude": [{"class": "square", "count": 3}]}
+    three = np.zeros((4, 4), np.int64)
+    three[0, :3] = 1
+    ((ctx, target),) = question_examples(policy, three, meta, 1, np.random.default_rng(0))
+    assert policy.decode(target) == "no"  # the prompt expects yes; this image has three squares
+    assert "are there exactly two squares in the image" in policy.decode(ctx)
+    two = three.copy()
+    two[0, 2] = 0
+    assert policy.decode(question_examples(policy, two, meta, 1, np.random.default_rng(0))[0][1]) == "yes"
+    assert question_examples(policy, two, meta, 0, np.random.default_rng(0)) == []
+
+
+def test_random_layout_critiques_are_labelled_for_their_own_image(policy) -> None:  # noqa: ANN001
+    r = Recipe()
+    r.warmstart.random_layouts = 1.0
+    prompts = BlocksPrompts(tags=r.data.blocks.tags, seed=0)
+    rng = np.random.default_rng(1)
+    critiques, moved = 0, 0
+    for k in range(24):
+        meta = prompts.train_prompt(k).metadata
+        ex = synthetic_examples(policy, prompts, k, 1, r.warmstart, rng)
+        drawn = next(_grid(policy, t) for _, t in ex if len(t) == 16)  # the generate example's image
+        for ctx, target in ex:
+            text = policy.decode(target)
+            if "</think>" in text and not text.endswith("</think>"):  # a critique (a plan ends at </think>)
+                grid = _grid(policy, ctx)
+                assert text == edits.critique_text(grid, meta)  # the label is the truth about this image
+                critiques += 1
+                moved += not np.array_equal(grid, drawn)
+                break  # the first critique is of the trajectory's first image
+    assert critiques == 24 and moved >= 12  # critiqued images are laid out apart from the drawn canonical ones
+
+
+def test_random_instructions_are_applied_exactly_and_are_no_ops_when_they_do_not_apply(policy) -> None:  # noqa: ANN001
+    from r3_rl.blocks.world import token_of
+    from r3_rl.policy.warmstart import instruction_example, random_instruction
+
+    grid = np.zeros((4, 4), np.int64)
+    grid[0, 0] = token_of("square", "red")
+    rng = np.random.default_rng(3)
+    kinds, unchanged = set(), 0
+    for _ in range(60):
+        state = rng.bit_generator.state
+        ctx, target = instruction_example(policy, "a photo of a red square", grid, rng)
+        rng2 = np.random.default_rng()
+        rng2.bit_generator.state = state
+        op = random_instruction(rng2)
+        assert edits.parse_edit(edits.edit_text(op)) == op and edits.edit_text(op) in policy.decode(ctx)
+        expected = edits.apply_edit(grid, op, rng2)  # the same draws as the example made
+        assert np.array_equal(_grid(policy, target), expected)
+        kinds.add(op.kind)
+        unchanged += np.array_equal(expected, grid)
+    assert kinds == set(edits.KINDS) and 10 <= unchanged < 60  # many instructions do not apply to this image
+    recolor = edits.EditOp("recolor", "square", "yellow", new_color="red")  # there is no yellow square
+    assert np.array_equal(edits.apply_edit(grid, recolor, rng), grid)
+
+
+def test_a_lenient_critic_misses_flaws_at_the_configured_rate(policy) -> None:  # noqa: ANN001
+    from r3_rl.policy.warmstart import LENIENT
+
+    prompts = BlocksPrompts(tags=Recipe().data.blocks.tags, seed=0)
+    for miss, want in ((1.0, 1.0), (0.0, 0.0)):
+        r = Recipe()
+        r.warmstart.flaw_prob, r.warmstart.miss_prob = 1.0, miss  # every first image flawed
+        rng = np.random.default_rng(2)
+        lenient = 0
+        for k in range(16):
+            meta = prompts.train_prompt(k).metadata
+            ex = synthetic_examples(policy, prompts, k, 1, r.warmstart, rng)
+            first = next((c, t) for c, t in ex if "</think>" in policy.decode(t)
+                         and not policy.decode(t).endswith("</think>"))
+            assert edits.diagnose(_grid(policy, first[0]), meta)  # the critiqued image is flawed
+            lenient += policy.decode(first[1]) == LENIENT
+        assert lenient / 16 == want
