@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from r3_rl.errors import UserError
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2}
 SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -125,6 +127,17 @@ def image_side(config: dict[str, Any]) -> int:
 def policy_facts(recipe: Any, cache_dir: str | Path | None = None) -> ModelFacts:
     """Size facts about the recipe's policy; :class:`WeightsMissing` when its weights are not on this machine."""
     p = recipe.policy
+    if p.kind == "bagel":  # BAGEL's published layout has no config.json (llm_config.json instead)
+        from r3_rl.policy.bagel.recipe import bagel_options, check_model_dir, weight_set
+
+        try:
+            folder = check_model_dir(p.model or "")
+        except UserError as e:
+            raise WeightsMissing(str(e), "--set policy.model=/path/to/BAGEL-7B-MoT (a local checkpoint directory)"
+                                 ) from None
+        files = weight_set(folder) + [folder / "ae.safetensors"]
+        side = bagel_options(p.options).image_size
+        return ModelFacts(str(folder), sum(safetensors_params(f) for f in files), side * side, folder)
     if p.kind != "janus":
         from r3_rl.blocks.world import CELL
 

@@ -23,12 +23,15 @@ BUILTINS: dict[str, tuple[str, str]] = {
     "tiny_flow": ("r3_rl.policy.tiny_flow:TinyFlowPolicy",
                   "the tiny policy's text path + a flow-matching image head (continuous latents), 2 CPU cores"),
     "janus": ("r3_rl.policy.janus:JanusPolicy", "Janus-Pro 1B / 7B (transformers), VQ image tokens with CFG"),
+    "bagel": ("r3_rl.policy.bagel.policy:BagelPolicy",
+              "BAGEL-7B-MoT (Mixture-of-Transformers), flow-matching images with text/image CFG, R3's prompts"),
 }
 POLICIES = Registry("policy", "r3_rl.policies", BUILTINS, example="Class")
 # What a recipe check reads of a built-in family (template placeholders, check_recipe, from_recipe's signature),
 # in a module that imports no torch: the policy classes inherit these halves.
 RECIPE_SIDE: dict[str, str] = {"tiny": "r3_rl.policy.tiny_recipe:TinyRecipe",
-                               "janus": "r3_rl.policy.janus_recipe:JanusRecipe"}
+                               "janus": "r3_rl.policy.janus_recipe:JanusRecipe",
+                               "bagel": "r3_rl.policy.bagel.recipe:BagelRecipe"}
 
 
 def register_policy(name: str, description: str = "") -> Callable[[Any], Any]:

@@ -11,14 +11,30 @@ Modules, one concept each:
 * :mod:`.model` — :class:`BagelModel`: contexts, velocity prediction, next-token logits;
 * :mod:`.images` — resizing, latents <-> tokens, understanding and editing context blocks;
 * :mod:`.checkpoint` — :func:`load_bagel` / :func:`save_bagel` in the published layout;
-* :mod:`.tiny` — :func:`make_tiny_bagel`, a seconds-fast random BAGEL for tests.
-"""
-from r3_rl.policy.bagel.checkpoint import LoadedBagel, load_bagel, save_bagel
-from r3_rl.policy.bagel.config import BagelConfig, TokenIds, VaeConfig, published_config, read_bagel_config
-from r3_rl.policy.bagel.layout import ContextCache, NoiseBlock, TextBlock, VaeBlock, VitBlock
-from r3_rl.policy.bagel.model import BagelModel, BagelOutput, text_block
-from r3_rl.policy.bagel.tiny import make_tiny_bagel
+* :mod:`.tiny` — :func:`make_tiny_bagel`, a seconds-fast random BAGEL for tests;
+* :mod:`.recipe` — ``policy.options`` and recipe checks (no torch import);
+* :mod:`.contexts`, :mod:`.text_actions`, :mod:`.image_actions`, :mod:`.policy` — the R3 policy
+  (``policy.kind: bagel``): what segments record, text and flow-matching actions, the four stages.
 
-__all__ = ["BagelConfig", "BagelModel", "BagelOutput", "ContextCache", "LoadedBagel", "NoiseBlock", "TextBlock",
-           "TokenIds", "VaeBlock", "VaeConfig", "VitBlock", "load_bagel", "make_tiny_bagel", "published_config",
-           "read_bagel_config", "save_bagel", "text_block"]
+Names are imported lazily, so the recipe check (:mod:`.recipe`) loads no torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "LoadedBagel": "checkpoint", "load_bagel": "checkpoint", "save_bagel": "checkpoint",
+    "BagelConfig": "config", "TokenIds": "config", "VaeConfig": "config", "published_config": "config",
+    "read_bagel_config": "config",
+    "ContextCache": "layout", "NoiseBlock": "layout", "TextBlock": "layout", "VaeBlock": "layout", "VitBlock": "layout",
+    "BagelModel": "model", "BagelOutput": "model", "text_block": "model",
+    "make_tiny_bagel": "tiny", "BagelPolicy": "policy",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

@@ -23,11 +23,10 @@ from r3_rl.errors import UserError
 from r3_rl.policy.bagel.config import (LLM_CONFIG, SPECIAL_TOKENS, VIT_CONFIG, BagelConfig, TokenIds,
                                        published_llm_dict, read_bagel_config, vit_config_to_dict)
 from r3_rl.policy.bagel.model import BagelModel
+from r3_rl.policy.bagel.recipe import WEIGHT_FILES, WEIGHT_INDEX
 from r3_rl.policy.bagel.state_check import check_state_keys
 from r3_rl.policy.bagel.vae import FluxVAE, load_flux_vae
 
-WEIGHT_FILES = ("ema.safetensors", "model.safetensors")
-WEIGHT_INDEX = "model.safetensors.index.json"
 VAE_FILE = "ae.safetensors"
 MAP_WINDOW = 1 << 30  # bytes of the weight file mapped at a time while loading
 

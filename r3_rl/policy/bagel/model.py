@@ -64,9 +64,16 @@ class BagelModel(nn.Module):
     def device(self) -> torch.device:
         return self.vae2llm.weight.device
 
+    supports_gradient_checkpointing = True  # what ``learner.gradient_checkpointing`` looks for (transformers' flag)
+
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each decoder layer in backward (the LLM holds nearly all activations)."""
         self.language_model.model.gradient_checkpointing = enabled
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None) -> None:
+        """transformers' switch, as ``learner.gradient_checkpointing`` calls it; the layers always recompute with
+        non-reentrant checkpointing (the kwargs' only setting, ``use_reentrant=False``, is what they do)."""
+        self.set_gradient_checkpointing(True)
 
     # ------------------------------------------------------------------ embeddings of each block kind
     def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
