@@ -37,7 +37,7 @@ from r3_rl.policy.base import ImageInput, Policy, parse_critique
 from r3_rl.rewards.base import RewardSample
 from r3_rl.rewards.checklists import YES, questions_for
 from r3_rl.rewards.reward_set import RewardSet
-from r3_rl.trajectory import PromptItem, SamplingParams, Tree
+from r3_rl.trajectory import PromptItem, ReferenceImage, SamplingParams, Tree
 
 
 def _rate(hits: int, n: int) -> float:
@@ -167,16 +167,6 @@ def ask_yes_no(policy: Policy, images: list[JudgedImage], rewards: RewardSet, co
 
 
 # ---------------------------------------------------------------------------------------------- reference set
-@dataclass
-class ReferenceImage:
-    """A fixed image to critique: built as ``kind`` ("correct" / "flawed"); the eval reward has the last word."""
-
-    prompt: PromptItem
-    image: np.ndarray
-    image_tokens: list[int] | None
-    kind: str
-
-
 def reference_report(policy: Policy, refs: list[ReferenceImage], reflect: SamplingParams, stop_phrase: str,
                      rewards: RewardSet, correct_threshold: float, seed: int = 0, yes_no: bool = True,
                      batch_size: int = 256) -> dict[str, Any]:

@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from r3_rl.config_base import Section
+from r3_rl.config_base import plugin_name as _plugin_name
+from r3_rl.config_learner import DeepSpeedCfg, FlowLearnerCfg, Learner, LoraCfg, PpoCfg, StageFlags  # noqa: F401 (re-exported)
 from r3_rl.errors import UserError, close_match
 from r3_rl.trajectory import SamplingParams
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class Sampling(Section):
@@ -41,16 +40,6 @@ class TinyModel(Section):
     num_heads: int = 4
     intermediate_size: int = 256
     max_positions: int = 256
-
-
-def _plugin_name(registry: Any, v: Any) -> Any:
-    """A plug-in name a registry knows, or a ``module:attr`` / ``file.py:attr`` path (imported later, in
-    :mod:`r3_rl.validate`); checked here without importing anything."""
-    try:
-        registry.check_name(v)
-    except UserError as e:
-        raise ValueError(str(e)) from None
-    return v
 
 
 class Policy(Section):
@@ -163,122 +152,6 @@ class Rewards(Section):
     correct_threshold: float = 1.0  # task reward at/above which an image counts as correct
     max_failure_fraction: float = Field(0.5, ge=0.0, le=1.0)
     reflect: ReflectRewards = ReflectRewards()
-
-
-class DeepSpeedCfg(Section):
-    """``learner.backend: deepspeed``: the engine is built from these plus the learner's own keys
-    (``micro_batch_size`` -> ``train_micro_batch_size_per_gpu``, ``grad_accum`` -> ``gradient_accumulation_steps``,
-    ``grad_clip`` -> ``gradient_clipping``).  CPU runs use ``DS_ACCELERATOR=cpu`` and gloo, GPU runs NCCL."""
-
-    zero_stage: int = Field(2, ge=0, le=3)
-    # the engine's dtype; left out it follows policy.dtype (bf16: fp32 master weights), which it must agree with
-    dtype: Literal["fp32", "bf16"] | None = None
-    config: dict[str, Any] = Field(default_factory=dict)  # extra DeepSpeed config keys, merged last (expert use)
-
-
-class LoraCfg(Section):
-    """LoRA adapters through peft; the KL reference is then the base model with adapters disabled."""
-
-    r: int = Field(8, ge=1)
-    alpha: float = 16.0
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | str = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    # adapters go into the language model only; true: into the vision tower (Janus' SigLIP) as well
-    train_vision: bool = False
-
-
-class PpoCfg(Section):
-    """``learner.algorithm: ppo``: stage-level rewards along each R3 chain, GAE over stages, a value critic."""
-
-    gamma: float = Field(1.0, ge=0.0, le=1.0)
-    lam: float = Field(0.95, ge=0.0, le=1.0)
-    vf_coef: float = Field(0.5, ge=0.0)
-    value_clip: float | None = Field(0.2, ge=0.0)  # null = unclipped value loss
-    normalize_advantages: bool = True  # whiten GAE advantages over the batch
-    critic: Literal["head", "separate"] = "head"  # value head on the policy, or a separate copy of the backbone
-
-
-class FlowLearnerCfg(Section):
-    """Image actions made of denoising steps (flow-matching policies; ``r3_rl.learner.flow_loss``).
-
-    A step's log-prob is a *mean* per-element log-density, so its log-ratios are tiny: flow RL clips at about
-    1e-4 (Flow-GRPO), not at the text's 0.2.  ``kl_kind``: ``exact`` (mu - mu_ref)^2 / (2 s^2), ``r3`` twice that
-    (R3's 1e-3), ``flow_grpo`` delta times that; its coefficient is ``learner.kl_coef_image``.
-    """
-
-    clip_low: float = Field(1e-4, gt=0.0, lt=1.0)
-    clip_high: float | None = Field(None, gt=0.0)  # null = clip_low
-    adv_clip: float | None = Field(5.0, gt=0.0)  # clamp advantages to +-adv_clip (Flow-GRPO 5); null = off
-    ratio_unit: Literal["step", "image"] = "step"  # one ratio per SDE step (Flow-GRPO) or per image (mean log-prob)
-    kl_kind: Literal["exact", "r3", "flow_grpo"] = "exact"
-
-
-StageFlags = dict[Literal["reason", "generate", "reflect", "refine"], bool]
-
-
-class Learner(Section):
-    # a registered algorithm (grpo, ppo; `r3_rl.learner.registry`), `pkg.module:Class` or `path/file.py:Class`
-    algorithm: str = "grpo"
-    options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the algorithm's constructor
-    backend: Literal["torch", "deepspeed"] = "torch"
-    lr: float = 5e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_decay_steps: int = Field(0, ge=0)  # linear decay to lr_final x lr by this optimiser step (0 = constant lr)
-    lr_final: float = Field(1.0, ge=0.0, le=1.0)
-    grad_clip: float = 1.0
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    loss_type: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
-    # divide group advantages by the group std: one flag for all stages, or per stage ({reason: true, ...};
-    # stages not listed are not normalised)
-    normalize_std: bool | StageFlags = False
-    kl_coef_text: float = 1e-3
-    kl_coef_image: float = 1e-3
-    kl_kind: Literal["k1", "k2", "k3"] = "k3"
-    # modality weights of the policy loss (not of the KL): R3 uses 1.0 text + 2.0 image; they cover image
-    # tokens and image denoising steps alike
-    loss_weight_text: float = Field(1.0, ge=0.0)
-    loss_weight_image: float = Field(1.0, ge=0.0)
-    flow: FlowLearnerCfg = FlowLearnerCfg()  # images made of denoising steps: own clip range and KL units
-    epochs: int = Field(1, ge=1)
-    micro_batch_size: int = Field(64, ge=1)  # samples per forward/backward
-    # recompute each decoder layer's activations in backward instead of keeping them: one more forward of
-    # compute for a fraction of the activation memory (`r3-rl plan` shows both); shared-context KV cache kept
-    gradient_checkpointing: bool = False
-    grad_accum: int = Field(0, ge=0)  # micro-batches per optimiser step; 0 = the whole rollout batch in one step
-    max_staleness: int = Field(0, ge=0)  # policy versions a sample may lag behind before it is refused
-    # data-parallel learner ranks as Ray actors (one per GPU); 1 = the learner runs in the trainer process
-    ranks: int = Field(1, ge=1)
-    cpus_per_rank: float = Field(1.0, gt=0.0)
-    gpus_per_rank: float = Field(0.0, ge=0.0)
-    deepspeed: DeepSpeedCfg = DeepSpeedCfg()
-    lora: LoraCfg | None = None
-    ppo: PpoCfg = PpoCfg()
-
-    @field_validator("algorithm")
-    @classmethod
-    def _known_algorithm(cls, v: Any) -> Any:
-        from r3_rl.learner.registry import ALGORITHMS
-
-        return _plugin_name(ALGORITHMS, v)
-
-    @field_validator("normalize_std", mode="before")
-    @classmethod
-    def _stage_keys(cls, v: Any) -> Any:
-        stages = ("reason", "generate", "reflect", "refine")
-        if isinstance(v, dict):
-            bad = [k for k in v if k not in stages]
-            if bad:
-                raise ValueError(f"unknown stage {bad[0]!r}{close_match(str(bad[0]), list(stages))} "
-                                 f"(valid: {', '.join(stages)})")
-            odd = [k for k, x in v.items() if not isinstance(x, bool)]
-            if odd:
-                raise ValueError(f"stage {odd[0]!r}: expected true/false, got {v[odd[0]]!r}")
-        elif not isinstance(v, bool):
-            raise ValueError("must be true/false or a mapping of stage -> true/false")
-        return v
 
 
 class Rollout(Section):

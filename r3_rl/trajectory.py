@@ -232,3 +232,15 @@ def read_trees(jsonl_path: str | Path) -> Iterator[Tree]:
             raise UserError(f"{jsonl_path}:{line}: not a trajectory tree r3-rl can read "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         yield tree
+
+
+@dataclass
+class ReferenceImage:
+    """A fixed image to critique (understanding measured on the same images before and after RL): built as
+    ``kind`` ("correct" / "flawed"); the eval reward has the last word.  Built by
+    :func:`r3_rl.blocks.reference.reference_pairs` or read from a user's jsonl (:mod:`r3_rl.eval.understanding`)."""
+
+    prompt: PromptItem
+    image: np.ndarray
+    image_tokens: list[int] | None
+    kind: str

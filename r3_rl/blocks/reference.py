@@ -14,8 +14,7 @@ import zlib
 import numpy as np
 
 from r3_rl.blocks import codec, edits
-from r3_rl.eval.understanding import ReferenceImage
-from r3_rl.trajectory import PromptItem
+from r3_rl.trajectory import PromptItem, ReferenceImage
 
 
 def reference_pairs(prompts: list[PromptItem], seed: int, rows: int, cols: int) -> list[ReferenceImage]:
