@@ -362,7 +362,7 @@ def test_one_definition_of_a_group_with_no_signal_everywhere() -> None:
     assert group_advantages(rewards, groups)[:2].tolist() == [0.0, 0.0]  # exactly 0, no rounding residue
     assert group_stats(rewards, groups)["zero_signal_groups"] == 1.0
     assert no_signal_groups(nodes) == {"near"}
-    assert group_metrics([tree])["groups/zero_signal"] == 1.0
+    assert group_metrics([tree])["groups/reason/zero_signal"] == 1.0
     for n, a in zip(nodes, group_advantages(rewards, groups).tolist()):
         n.advantage = a
     items, stats = collect_items([tree], 0, 0)

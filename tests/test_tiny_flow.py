@@ -137,8 +137,8 @@ def test_a_flow_run_logs_like_a_token_run(run: Path, capsys: pytest.CaptureFixtu
     assert steps[0]["learner/flow_ratio_max"] == pytest.approx(1.0, abs=1e-6)
     acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     acc.Reload()
-    assert [e.step for e in acc.Scalars("eval/accuracy/round0")] == [0, 2, STEPS]  # per-round eval
-    assert "eval/accuracy/round1" in acc.Tags()["scalars"]
+    assert [e.step for e in acc.Scalars("0_eval/accuracy_round0")] == [0, 2, STEPS]  # per-round eval
+    assert "0_eval/accuracy_round1" in acc.Tags()["scalars"]
     assert [e.step for e in acc.Images("trajectories/0")] == list(range(STEPS))  # image grids every step
     for name in ("before", "step_000002", "after"):
         assert (run / "eval" / f"{name}.json").is_file()
