@@ -61,6 +61,7 @@ def test_a_local_bagel_folder_gives_the_real_models_count(tmp_path: Path) -> Non
     real = sum(p.numel() for p in model.parameters()) + tables + sum(p.numel() for p in loaded.vae.parameters())
     assert shape.params == real and "llm_config.json" in shape.source
     assert (shape.hidden, shape.layers) == (64, 3)
+    assert shape.vq_channels == loaded.vae.autoencoder.decoder.conv_out.in_channels  # the tiny VAE's 32
     vit = sum(p.numel() for p in model.vit_model.parameters())
     assert shape.params_trained == sum(p.numel() for p in model.parameters()) - vit
     gen = sum(p.numel() for n, p in model.named_parameters() if "moe_gen" in n)

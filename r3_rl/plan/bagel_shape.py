@@ -19,6 +19,7 @@ What the planner must know about BAGEL that a Janus shape does not say:
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,12 @@ def _vit_tokens(size: tuple[int, int, int]) -> int:
     return side * side
 
 
-def bagel_shape_from_config(config: Any, options: Any, source: str, vae_params: int | None = None) -> ModelShape:
+def bagel_shape_from_config(config: Any, options: Any, source: str, vae_params: int | None = None,
+                            vae_channels: int = FLUX_WIDTHS[0]) -> ModelShape:
     """A :class:`ModelShape` of ``BagelModel(config)`` (+ the FLUX VAE) for a recipe's ``policy.options``.
 
-    ``vae_params``: the VAE's count from ``ae.safetensors``' header; None = FLUX.1's VAE built on ``meta``."""
+    ``vae_params``, ``vae_channels``: the VAE's count and full-resolution decoder width from ``ae.safetensors``'
+    header; None = FLUX.1's VAE built on ``meta``."""
     import torch
 
     from r3_rl.policy.bagel.model import BagelModel
@@ -71,24 +74,25 @@ def bagel_shape_from_config(config: Any, options: Any, source: str, vae_params: 
                           model.language_model.model.embed_tokens.weight.numel(),
                           model.language_model.lm_head.weight.numel()),
         largest_weight=max(p.numel() for p in named.values()),
-        image_side=options.image_size, vq_channels=FLUX_WIDTHS[0] if vae_params else 0,
+        image_side=options.image_size, vq_channels=vae_channels,
         flow=True, params_active=llm_params - gen_expert, params_llm=llm_params,
         edit_tokens=(options.vae_size[0] // config.latent_downsample) ** 2 + 2,
         image_cfg_rows=1 if options.image_cfg != 1.0 else 0,
         decode_bytes=VAE_BYTES[options.vae_dtype], decode_chunk=-1)
 
 
-def _header_count(file: Path) -> int:
+def _vae_header(file: Path) -> tuple[int, int]:
+    """(parameters, decoder channels at full resolution) of ``ae.safetensors`` from its header alone."""
     from safetensors import safe_open
 
-    total = 0
+    total, channels = 0, FLUX_WIDTHS[0]
     with safe_open(str(file), framework="pt") as f:
         for key in f.keys():
-            n = 1
-            for d in f.get_slice(key).get_shape():
-                n *= d
-            total += n
-    return total
+            shape = f.get_slice(key).get_shape()
+            total += math.prod(shape)
+            if key == "decoder.conv_out.weight":  # [3, C, 3, 3]
+                channels = shape[1]
+    return total, channels
 
 
 def bagel_shape(recipe: Any) -> ModelShape:
@@ -104,8 +108,8 @@ def bagel_shape(recipe: Any) -> ModelShape:
         from r3_rl.policy.bagel.checkpoint import VAE_FILE, read_shapes, weight_files
 
         config = read_bagel_config(path, read_shapes(weight_files(path)))
-        vae = _header_count(path / VAE_FILE) if (path / VAE_FILE).is_file() else None
-        return bagel_shape_from_config(config, options, f"llm_config.json/vit_config.json of {name}", vae)
+        vae, channels = _vae_header(path / VAE_FILE) if (path / VAE_FILE).is_file() else (None, FLUX_WIDTHS[0])
+        return bagel_shape_from_config(config, options, f"llm_config.json/vit_config.json of {name}", vae, channels)
     known = [k for k in BUILTIN_BAGEL if name == k or (not path.exists() and path.name == k.split("/")[1])]
     if known:
         where = "" if name == known[0] else f"; {name} is not on this machine"
