@@ -44,11 +44,22 @@ class Stage:
 
 
 def model_states(shape: ModelShape, *, weight_bytes: int, trained: int, zero_stage: int | None,
-                 ranks: int) -> dict[str, float]:
-    """Weights, gradients, master weights and Adam state of one learner rank.
+                 ranks: int, offload: bool = False) -> dict[str, float]:
+    """Weights, gradients, master weights and Adam state of one learner rank, on its GPU.
 
     ``zero_stage`` None = the torch backend (no sharding); ``trained`` = trainable parameters (LoRA: adapters).
+    ``offload``: DeepSpeed's ``offload_optimizer: {device: cpu}`` -- the fp32 master weights, fp32 gradients and
+    Adam moments live in CPU memory (:func:`offloaded_states`), and so do ZeRO-1/2's gradient partitions; the GPU
+    keeps the bf16 weights (ZeRO-3: its shard plus one gathered layer and that layer's gradients), as DeepSpeed's
+    ``estimate_zero2/3_model_states_mem_needs(cpu_offload=True)`` count.
     """
+    if offload and zero_stage:
+        b = weight_bytes
+        if zero_stage == 3:
+            gathered = b * shape.largest_layer
+            return {"weights": b * shape.params / max(ranks, 1) + gathered, "gradients": gathered,
+                    "master weights": 0.0, "optimizer (Adam)": 0.0}
+        return {"weights": b * shape.params, "gradients": 0.0, "master weights": 0.0, "optimizer (Adam)": 0.0}
     p, n, b = shape.params, max(ranks, 1), weight_bytes
     mixed = b < 4
     fp32_grads = 4 * trained if mixed else 0  # the optimiser's fp32 copy of the gradients
@@ -69,6 +80,12 @@ def model_states(shape: ModelShape, *, weight_bytes: int, trained: int, zero_sta
     grads = (fp32_grads if mixed else b * trained) / n + gathered
     return {"weights": b * p / n + gathered, "gradients": grads, "master weights": master / n,  # frozen too
             "optimizer (Adam)": adam / n}
+
+
+def offloaded_states(trained: int, weight_bytes: int, ranks: int) -> float:
+    """CPU bytes of one rank's offloaded optimiser partition: fp32 master weights, fp32 gradients, Adam moments
+    (mixed precision; fp32 weights: gradients and moments only)."""
+    return (16 if weight_bytes < 4 else 12) * trained / max(ranks, 1)
 
 
 def layer_activations(shape: ModelShape, b: int) -> int:
@@ -118,8 +135,11 @@ def vq_decode(shape: ModelShape, images: int, b: int) -> float:
 
 def sampling_peak(shape: ModelShape, stage: Stage, segments: int, b: int) -> dict[str, float]:
     """What one sampling call of ``segments`` segments adds to the weights: its preallocated KV cache
-    (context + every new token, CFG rows included), the prefill's intermediates and a step's logits."""
+    (context + every new token, CFG rows included), the prefill's (flow images: a denoising forward's)
+    intermediates and a step's logits."""
     rows = segments * stage.rows
+    # flow-matched images (BAGEL): each denoising step is one forward over all the image's positions
+    forward = max(stage.context, stage.new_tokens) if shape.flow and stage.vocab == shape.image_vocab else stage.context
     return {"KV cache": kv_cache(shape, rows, stage.context + stage.new_tokens, b),
-            "prefill activations": forward_temporaries(shape, rows * stage.context, b),
+            "prefill activations": forward_temporaries(shape, rows * forward, b),
             "logits": logits(segments, stage.vocab, stage.top_p) + rows * stage.vocab * 4}

@@ -120,7 +120,11 @@ def render(plan: Plan) -> str:
            f"model: {s.source}",
            f"       {s.params / 1e9:.2f} B parameters ({s.params_trained / 1e9:.2f} B trainable; frozen: "
            f"{s.params_frozen / 1e9:.2f} B), width {s.hidden}, {s.layers} layers, "
-           f"{s.image_tokens} tokens per image", ""]
+           f"{s.image_tokens} {'latent positions' if s.flow else 'tokens'} per image"]
+    if s.params_llm:
+        out.append(f"       Mixture-of-Transformers language model: {s.params_llm / 1e9:.2f} B parameters (both experts: "
+                   f"what weights, gradients and optimiser state count), {s.params_active / 1e9:.2f} B per token")
+    out.append("")
     for p in plan.processes:
         where = ("on GPU 0" if p.name == "trainer process" else f"{p.per_gpu:g} per GPU") if p.per_gpu else "on CPU"
         out.append(f"{p.name} ({where})".ljust(46) + "GB")

@@ -3,7 +3,8 @@
 The processes a recipe starts: ``learner.ranks`` learner ranks (Ray actors with ``gpus_per_rank``; one rank
 is the trainer process itself), ``rollout.workers`` sampling actors with ``gpus_per_worker`` (``rollout.backend:
 ray``; local rollout samples in the trainer process), and the trainer process on ``policy.device`` -- which
-Ray does not know about, so it shares GPU 0 with an actor.  A process's peak is what it keeps (weights,
+Ray does not know about, so it shares GPU 0 with an actor (worst case) unless ``--gpus`` leaves a GPU spare:
+then it runs alone there, and Ray must be started without that GPU (``CUDA_VISIBLE_DEVICES``).  A process's peak is what it keeps (weights,
 optimiser state, reference) plus the largest of its phases (a learner micro-batch, a sampling call, an eval
 batch, a VQ decode).  Sizes come from :mod:`r3_rl.plan.memory`.  A GPU fits when its total stays under
 ``USABLE`` of its memory (the rest: CUDA context, NCCL buffers, allocator fragmentation).
@@ -16,6 +17,7 @@ from typing import Any
 
 from r3_rl.errors import UserError
 from r3_rl.plan import memory
+from r3_rl.plan.bagel_shape import bagel_shape
 from r3_rl.plan.memory import DTYPE_BYTES, PROMPT_TOKENS, Stage
 from r3_rl.plan.shapes import ModelShape, model_shape
 from r3_rl.policy.janus import DECODE_CHUNK
@@ -50,11 +52,13 @@ def stages(recipe: Any, shape: ModelShape) -> list[Stage]:
     def st(name: str, context: int, new: int, vocab: int) -> Stage:
         sp = getattr(r, name)
         rows = 2 if name in ("generate", "refine") and sp.cfg_scale != 1.0 else 1
+        rows += shape.image_cfg_rows if name == "refine" else 0  # BAGEL edits: image-CFG's row
         return Stage(name, context, new, rows, vocab, sp.top_p < 1.0)
     return [st("reason", PROMPT_TOKENS, r.reason.max_new_tokens, shape.text_vocab),
             st("generate", PROMPT_TOKENS + r.reason.max_new_tokens, shape.image_tokens, shape.image_vocab),
             st("reflect", PROMPT_TOKENS + image, r.reflect.max_new_tokens, shape.text_vocab),
-            st("refine", PROMPT_TOKENS + image + r.reflect.max_new_tokens, shape.image_tokens, shape.image_vocab)]
+            st("refine", PROMPT_TOKENS + image + shape.edit_tokens + r.reflect.max_new_tokens, shape.image_tokens,
+               shape.image_vocab)]
 
 
 def add_learner(p: Process, recipe: Any, shape: ModelShape, *, micro_batch: int | None = None,
@@ -69,12 +73,18 @@ def add_learner(p: Process, recipe: Any, shape: ModelShape, *, micro_batch: int 
     policy_b = b = DTYPE_BYTES[recipe.policy.dtype]  # the compute dtype of rollout and learner alike
     r, targets = (cfg.lora.r, cfg.lora.target_modules) if cfg.lora is not None else DEFAULT_LORA
     trained = shape.lora_params(r, targets) if use_lora else shape.params_trained
-    p.resident.update(memory.model_states(shape, weight_bytes=b, trained=trained, zero_stage=zero, ranks=ranks))
+    offload = zero is not None and zero > 0 and _offloads_optimizer(cfg)
+    p.resident.update(memory.model_states(shape, weight_bytes=b, trained=trained, zero_stage=zero, ranks=ranks,
+                                          offload=offload))
     how = "torch AdamW" if zero is None else f"DeepSpeed ZeRO-{zero}, {ranks} rank(s)"
     p.notes["weights"] = f"{b}-byte, {shape.params / 1e9:.2f} B parameters ({how})"
     p.notes["gradients"] = f"{trained / 1e9:.3f} B trained" + (" (LoRA adapters)" if use_lora else "")
     p.notes["master weights"] = "fp32 copy of what trains" if b < 4 else "none (fp32 weights)"
     p.notes["optimizer (Adam)"] = "fp32 moments"
+    if offload:
+        cpu = memory.offloaded_states(trained, b, ranks)
+        p.notes["master weights"] = p.notes["optimizer (Adam)"] = (
+            f"offloaded: {cpu / GB:.1f} GB of CPU memory per rank (fp32 masters, gradients, Adam)")
     if cfg.algorithm == "ppo" and cfg.ppo.critic == "separate":  # a second trunk with its own optimiser state
         p.resident["critic (separate)"] = sum(memory.model_states(shape, weight_bytes=b, trained=shape.params_trained,
                                                                   zero_stage=zero, ranks=ranks).values())
@@ -105,9 +115,18 @@ def add_sampling(p: Process, recipe: Any, shape: ModelShape, segments: int, what
                key=lambda x: sum(x[0].values()))
     parts, s = best
     p.phases[f"{what} ({s.name}: {segments} x {s.rows} rows x {s.context + s.new_tokens} positions)"] = parts
+    if shape.flow:  # BAGEL: say what the sampling terms assume
+        per = 2 * shape.layers * shape.kv_heads * shape.head_dim * b
+        p.notes["KV cache"] = f"every row's context + image positions, {per / 1e3:.0f} KB a position"
+        p.notes["prefill activations"] = "one forward's intermediates: the context, or a denoising step's rows"
+        p.notes["VAE decode"] = f"{shape.decode_bytes or b}-byte FLUX decoder, all images of a call at once"
+        if s.rows > 1:
+            p.notes["KV cache"] += f" ({s.rows} CFG rows)"
+
     if shape.image_side:
-        p.phases[f"VQ decode ({min(segments, DECODE_CHUNK)} images at a time)"] = {
-            "VQ decode": memory.vq_decode(shape, min(segments, DECODE_CHUNK), b)}
+        what = "VAE decode" if shape.flow else "VQ decode"
+        n = segments if shape.decode_chunk < 0 else min(segments, shape.decode_chunk or DECODE_CHUNK)
+        p.phases[f"{what} ({n} images at a time)"] = {what: memory.vq_decode(shape, n, shape.decode_bytes or b)}
     return p
 
 
@@ -127,7 +146,9 @@ class Plan:
                 for p in self.processes if p.per_gpu > 0 and p.name != "trainer process"]
         trainer = self.processes[-1]
         if trainer.per_gpu > 0:
-            if rows:
+            if rows and self.gpus > self.gpus_needed:  # a spare GPU: the trainer alone, Ray started without it
+                rows.append(("the trainer process (alone on a spare GPU: Ray without it)", trainer.total))
+            elif rows:
                 i = max(range(len(rows)), key=lambda k: rows[k][1])
                 rows[i] = (f"{rows[i][0]} + the trainer process (GPU 0, worst case)", rows[i][1] + trainer.total)
             else:
@@ -139,8 +160,14 @@ class Plan:
         return not self.errors and all(v <= USABLE * self.gpu_memory * GB for _, v in self.gpu_totals())
 
 
+def _offloads_optimizer(cfg: Any) -> bool:
+    """Whether ``learner.deepspeed.config`` offloads the optimiser to CPU (``offload_optimizer: {device: cpu}``)."""
+    zero = (cfg.deepspeed.config or {}).get("zero_optimization") or {}
+    return ((zero.get("offload_optimizer") or {}).get("device") or "none") == "cpu"
+
+
 def make_plan(recipe: Any, gpus: int, gpu_memory: float, shape: ModelShape | None = None) -> Plan:
-    shape = shape or model_shape(recipe)
+    shape = shape or (bagel_shape(recipe) if recipe.policy.kind == "bagel" else model_shape(recipe))
     cfg, r = recipe.learner, recipe.rollout
     on_gpu = recipe.policy.device.startswith("cuda")
     group = recipe.tree.group_size * r.groups_per_task

@@ -54,7 +54,15 @@ class ModelShape:
     largest_layer: int  # parameters of the largest decoder layer or embedding (ZeRO-3 gathers one at a time)
     largest_weight: int  # elements of the largest single weight (its gradient is a temporary in backward)
     image_side: int = 0  # decoded image side in pixels (0: no VQ decoder)
-    vq_channels: int = 0  # VQ decoder channels at full resolution
+    vq_channels: int = 0  # VQ (BAGEL: VAE) decoder channels at full resolution
+    # flow-matched images (BAGEL, r3_rl.plan.bagel_shape): no image vocabulary, images are latent positions
+    flow: bool = False
+    params_active: int = 0  # language-model parameters one token passes through (MoT: one expert a layer)
+    params_llm: int = 0  # all language-model parameters (MoT: both experts); 0 = not a MoT model
+    edit_tokens: int = 0  # extra context positions of an edit's input image (BAGEL: its VAE latent tokens)
+    image_cfg_rows: int = 0  # extra CFG rows of an edit (BAGEL: image-CFG)
+    decode_bytes: int = 0  # bytes per element of the image decoder (0: the policy's dtype)
+    decode_chunk: int = 0  # images decoded at once (0: Janus' DECODE_CHUNK, -1: all of a call)
 
     @property
     def params_frozen(self) -> int:

@@ -1,0 +1,108 @@
+"""``r3-rl plan`` on BAGEL: the built-in BAGEL-7B-MoT shape against a hand count from its published configs, a
+local checkpoint folder's shape against the real (tiny) model, CPU-offloaded model states against DeepSpeed's own
+estimators, and the shipped recipe planned offline."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from r3_rl.cli import main
+from r3_rl.config import load_recipe
+from r3_rl.errors import UserError
+from r3_rl.plan import memory
+from r3_rl.plan.bagel_shape import bagel_shape
+from r3_rl.plan.report import make_plan
+
+REPO = Path(__file__).resolve().parents[1]
+BAGEL = REPO / "recipes" / "grpo_geneval_bagel.yaml"
+
+
+def _hand_count_bagel_7b() -> tuple[int, int, int, int]:
+    """(ema.safetensors tensors, trainable, LLM, LLM per token) of BAGEL-7B-MoT from its published llm_config.json
+    (Qwen2.5-7B), vit_config.json (SigLIP so400m, 26 of 27 layers used) and the loader's constants."""
+    h, i, layers, kv, hd, vocab = 3584, 18944, 28, 4 * 128, 128, 152064
+    attn = (h * h + h) + 2 * (h * kv + kv) + h * h + 2 * hd  # q, k, v with bias; o without; q/k RMSNorms
+    expert_layer = attn + 3 * h * i + 2 * h  # + SwiGLU MLP + two RMSNorms
+    llm = 2 * layers * expert_layer + 2 * vocab * h + 2 * h  # both experts, embed + untied head, two final norms
+    v, vi, patches = 1152, 4304, 70 * 70
+    vit_layer = 4 * (v * v + v) + (v * vi + vi) + (vi * v + v) + 2 * 2 * v
+    vit = 26 * vit_layer + (14 * 14 * 3 * v + v) + patches * v + 2 * v  # patch Linear, positions, post-LN
+    heads = (v * h + h) + (h * h + h) + (256 * h + h) + (h * h + h) + (64 * h + h) + (h * 64 + 64)
+    tables = patches * h + 64 * 64 * h  # vit_pos_embed, latent_pos_embed (frozen sin-cos)
+    return llm + vit + heads + tables, llm + heads, llm, llm - layers * expert_layer - h
+
+
+def test_builtin_bagel_7b_shape_matches_a_hand_count_of_the_published_configs() -> None:
+    shape = bagel_shape(load_recipe(BAGEL))
+    file_total, trained, llm, active = _hand_count_bagel_7b()
+    assert file_total == 14_607_260_128  # the hub file's 29.21 GB in bf16
+    assert shape.params == file_total + 83_819_683  # + FLUX.1's VAE (ae.safetensors)
+    assert shape.params_trained == trained  # ViT, VAE and the sin-cos tables frozen (train_vit: false)
+    assert (shape.params_llm, shape.params_active) == (llm, active)
+    assert shape.params_llm > 1.85 * shape.params_active  # MoT: the layers' weights twice
+    assert "built-in shape of ByteDance-Seed/BAGEL-7B-MoT" in shape.source
+    assert shape.image_tokens == (512 // 16) ** 2 and shape.edit_tokens == (512 // 16) ** 2 + 2
+    assert shape.vision_tokens == 36 * 36 and shape.image_cfg_rows == 1 and shape.flow
+
+
+def test_a_local_bagel_folder_gives_the_real_models_count(tmp_path: Path) -> None:
+    import torch
+
+    from r3_rl.policy.bagel.checkpoint import load_bagel
+    from r3_rl.policy.bagel.tiny import make_tiny_bagel
+
+    path = make_tiny_bagel(tmp_path / "tiny", hidden_size=64, num_layers=3)
+    shape = bagel_shape(load_recipe(BAGEL, [f"policy.model={path}"]))
+    loaded = load_bagel(path, dtype=torch.float32)
+    model = loaded.model
+    tables = sum(t.numel() for n, t in model.named_buffers() if n.endswith("pos_embed"))
+    real = sum(p.numel() for p in model.parameters()) + tables + sum(p.numel() for p in loaded.vae.parameters())
+    assert shape.params == real and "llm_config.json" in shape.source
+    assert (shape.hidden, shape.layers) == (64, 3)
+    assert shape.vq_channels == loaded.vae.autoencoder.decoder.conv_out.in_channels  # the tiny VAE's 32
+    vit = sum(p.numel() for p in model.vit_model.parameters())
+    assert shape.params_trained == sum(p.numel() for p in model.parameters()) - vit
+    gen = sum(p.numel() for n, p in model.named_parameters() if "moe_gen" in n)
+    assert shape.params_active == sum(p.numel() for p in model.language_model.parameters()) - gen
+
+
+def test_an_unknown_bagel_model_is_a_one_line_error() -> None:
+    with pytest.raises(UserError, match="not a BAGEL checkpoint folder.*ByteDance-Seed/BAGEL-7B-MoT"):
+        bagel_shape(load_recipe(BAGEL, ["policy.model=/nowhere/SomethingElse"]))
+
+
+@pytest.mark.parametrize("params, ranks", [(14_691_079_811, 4), (1_234_567_891, 3)])
+def test_offloaded_model_states_equal_deepspeeds_own_estimators(params: int, ranks: int) -> None:
+    """offload_optimizer: {device: cpu}: GPU and CPU bytes = estimate_zero2/3_model_states_mem_needs(cpu_offload)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    shape = replace(bagel_shape(load_recipe(BAGEL)), params=params, largest_layer=params // 20)
+    z2 = memory.model_states(shape, weight_bytes=2, trained=params, zero_stage=2, ranks=ranks, offload=True)
+    z3 = memory.model_states(shape, weight_bytes=2, trained=params, zero_stage=3, ranks=ranks, offload=True)
+    cpu2, gpu2 = estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=ranks, cpu_offload=True)
+    cpu3, gpu3, _ = estimate_zero3_model_states_mem_needs(params, params // 20, num_gpus_per_node=ranks,
+                                                          cpu_offload=True, cpu_offload_params=False,
+                                                          zero_init=True)
+    assert sum(z2.values()) == pytest.approx(gpu2, abs=2) and sum(z3.values()) == pytest.approx(gpu3, abs=2)
+    # DeepSpeed counts the whole node's CPU memory (ZeRO-3: 18 bytes/param with zero_init, ZeRO-2: 16 + 2 bf16)
+    assert memory.offloaded_states(params, 2, ranks) * ranks == pytest.approx(16 * params)
+    assert cpu3 >= memory.offloaded_states(params, 2, ranks) * ranks
+
+
+def test_the_shipped_bagel_recipe_is_planned_offline_and_fits_8_gpus_of_80gb(capsys: pytest.CaptureFixture) -> None:
+    assert main(["plan", str(BAGEL), "--gpus", "8", "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    for part in ("Mixture-of-Transformers", "offloaded", "reference", "activations", "KV cache", "VAE decode",
+                 "refine: 16 x 3 rows", "the trainer process (alone on a spare GPU", "verdict: fits"):
+        assert part in out, part
+    plan = make_plan(load_recipe(BAGEL), 8, 80)
+    learner = plan.processes[0]
+    assert learner.resident["master weights"] == learner.resident["optimizer (Adam)"] == 0.0  # on CPU
+    # without the offload the optimiser state stays on the GPU and the learner rank no longer fits
+    on_gpu = make_plan(load_recipe(BAGEL, ["learner.deepspeed.config={}"]), 8, 80)
+    assert not on_gpu.fits and on_gpu.processes[0].total > learner.total + 40e9
+    # 7 GPUs: no spare one, the trainer shares GPU 0 with an actor and it does not fit
+    assert not make_plan(load_recipe(BAGEL), 7, 80).fits
