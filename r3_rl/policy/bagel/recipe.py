@@ -139,7 +139,7 @@ def check_model_dir(model: str) -> Path:
     path = Path(model).expanduser()
     if not path.is_dir():
         raise UserError(f"policy.model: cannot load '{model}': not a local directory (download BAGEL-7B-MoT first, "
-                        f"e.g. `huggingface-cli download ByteDance-Seed/BAGEL-7B-MoT --local-dir DIR`)")
+                        f"e.g. `hf download ByteDance-Seed/BAGEL-7B-MoT --local-dir DIR`)")
     for name in ("llm_config.json", "vit_config.json", "ae.safetensors"):
         if not (path / name).is_file():
             raise UserError(f"policy.model: cannot load '{model}': {name} is missing (not a BAGEL checkpoint?)")
