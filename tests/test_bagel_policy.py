@@ -286,17 +286,41 @@ def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients(policy: B
     assert g0.keys() == g1.keys() and all(torch.allclose(g0[k], g1[k], atol=1e-5, rtol=1e-4) for k in g0)
 
 
-def test_bf16_policy_samples_and_rescores_within_bf16_rounding(tiny_dir) -> None:
-    """At the precision users run: bf16 weights.  Image steps are rescored by the same batched computation (equal);
-    text is decoded token by token from a cache but rescored in one forward, which bf16 rounds differently."""
-    policy = build_policy(bagel_recipe(tiny_dir, "bfloat16"))
-    assert policy.model.llm2vae.weight.dtype == torch.bfloat16
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory):
+    """BAGEL's width (2048, heads of 128, 8 query heads per KV head) with one layer, a 2x-width MLP and the tiny
+    vocabulary, ViT and VAE: about 75 M parameters."""
+    return make_tiny_bagel(tmp_path_factory.mktemp("bagel") / "wide", seed=0, hidden_size=2048, num_layers=1,
+                           num_heads=16, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("width", [64, pytest.param(2048, marks=pytest.mark.slow)])
+def test_bf16_policy_samples_rescores_and_trains_both_experts(request, width: int) -> None:
+    """At the precision users run: bf16 weights (fp32 masters in the learner), at the tiny width and (slow) at
+    BAGEL's.  Image steps are rescored by the same batched computation (equal); text is decoded token by token from
+    a cache but rescored in one forward, which bf16 rounds differently.  One GRPO step then moves both experts."""
+    path = request.getfixturevalue("tiny_dir" if width == 64 else "wide_dir")
+    policy = build_policy(bagel_recipe(path, "bfloat16"))
+    assert policy.model.llm2vae.weight.dtype == torch.bfloat16 and policy.model.config.hidden_size == width
     assert next(policy.vae.parameters()).dtype == torch.float32  # options.vae_dtype
-    segs = segments(rollout(policy, seed=6))
+    stages = rollout(policy, seed=6)
+    segs = segments(stages)
     with torch.no_grad():
         again = policy.segment_logprobs(segs)
     for seg, lp in zip(segs, again):
         assert lp.dtype == torch.float32 and torch.isfinite(lp).all()
         gap = (lp.double() - torch.tensor(seg.logprobs, dtype=torch.float64)).abs().max()
         assert gap < (1e-2 if seg.modality == "text" else 1e-4), (seg.modality, float(gap))
-
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    learner = TorchLearner(policy, policy.frozen_copy(), learner_cfg(lr=1e-3, kl_coef_text=0.01, kl_coef_image=0.01))
+    stats = learner.step(items_with_advantages(stages))
+    assert math.isfinite(stats["learner/loss"])
+    assert stats["learner/ratio_min"] > 0.98 and stats["learner/ratio_max"] < 1.02  # the text gap above
+    assert stats["learner/flow_ratio_min"] == pytest.approx(1.0, abs=1e-3)
+    assert stats["learner/flow_ratio_max"] == pytest.approx(1.0, abs=1e-3)
+    after = policy.model.state_dict()
+    assert after["llm2vae.weight"].dtype == torch.bfloat16
+    for name in ("language_model.model.layers.0.mlp.gate_proj.weight", "language_model.lm_head.weight",
+                 "language_model.model.layers.0.self_attn.q_proj_moe_gen.weight",
+                 "language_model.model.layers.0.mlp_moe_gen.down_proj.weight", "llm2vae.weight"):
+        assert not torch.equal(before[name], after[name]), name
