@@ -9,7 +9,11 @@ image, text-CFG 4.0 on (0.4, 1], image-CFG 1.5 for edits):
   ``refine`` of one group (three CFG rows: VAE+ViT+instruction, VAE+ViT, instruction) -- seconds per group, per
   denoising step, and latent tokens denoised per second (rows x tokens x steps / time);
 * the learner: one GRPO step (``TorchLearner``: recompute every action's log-prob with CFG, the frozen reference's,
-  backward, AdamW) on the group's text and image segments, and on its image segments alone.
+  backward, AdamW; a bf16 policy steps through fp32 master weights) on the group's text and image segments, and on
+  its image segments alone;
+* expert isolation (``policy.options.expert_isolation``): the image segments' log-probs forward + backward with
+  isolation on (the default: the understanding expert runs without gradient) and off (BAGEL's joint gradient) --
+  seconds, and the bytes autograd keeps for backward (distinct storages saved by the forward's operations).
 
 Scaled down from BAGEL-7B-MoT: width and layer count (``--hidden``, ``--layers``), the vocabulary (a byte-level
 tokenizer: 262 ids instead of 152,064) and the VAE (32 channels per level instead of 128-512) and the ViT (4 px
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import statistics
 import sys
@@ -52,6 +57,38 @@ def timed(fn):
     start = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - start
+
+
+def saved_for_backward(fn):
+    """``fn()``'s result and the bytes of the distinct storages autograd saved for backward while it ran."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def isolation_figures(policy: BagelPolicy, segments: list) -> None:
+    """Image log-probs forward + backward, and what autograd keeps, with expert isolation on and off."""
+    rows = {}
+    for on in (True, False):
+        variant = copy.copy(policy)
+        variant.options = dataclasses.replace(policy.options, expert_isolation=on)
+        policy.model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        lps, saved = saved_for_backward(lambda: variant.segment_logprobs(segments))
+        sum(lp.sum() for lp in lps).backward()
+        rows[on] = (time.perf_counter() - start, saved, [lp.detach() for lp in lps])
+    policy.model.zero_grad(set_to_none=True)
+    same = all(torch.equal(a, b) for a, b in zip(rows[True][2], rows[False][2]))
+    (t_on, b_on, _), (t_off, b_off, _) = rows[True], rows[False]
+    print(f"  expert isolation, image log-probs forward + backward ({len(segments)} segments): on {t_on:.2f} s, "
+          f"off {t_off:.2f} s ({t_on / t_off:.2f}x); saved for backward: on {b_on / 2**20:.1f} MiB, off "
+          f"{b_off / 2**20:.1f} MiB ({b_on / b_off:.2f}x); log-probs identical: {same}")
 
 
 def main() -> None:
@@ -115,6 +152,7 @@ def main() -> None:
         actions = sum(it.segment.num_actions for it in items)
         print(f"  learner GRPO step, {name:22s}: {statistics.median(times):7.2f} s median, {times[0]:7.2f} s fastest "
               f"({len(items)} segments, {actions} actions, reference KL included)")
+    isolation_figures(policy, [it.segment for it in only_images])
     print(f"load average (1 min) at start {load[0]:.1f}, at end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
           f"(a shared machine: other processes' load slows every figure)")
 

@@ -226,9 +226,10 @@ def test_text_before_a_noised_block_gives_gen_weights_zero_gradient(bundle):
 
 
 def test_velocity_loss_reaches_every_gen_weight_but_not_the_text_head(bundle):
-    """The reverse direction is only partial under BAGEL's routing: the noised tokens attend to the context's
-    keys/values and to the image markers, which the understanding expert computes, so a velocity loss does reach
-    understanding attention/MLP weights.  What stays untouched are the text-only outputs: lm_head and ``norm``."""
+    """The joint gradient (no ``grad_expert``): the noised tokens attend to the context's keys/values and to the
+    image markers, which the understanding expert computes, so a velocity loss does reach understanding
+    attention/MLP weights; only the text-only outputs, lm_head and ``norm``, stay untouched.  ``grad_expert="gen"``
+    cuts that path (next test)."""
     model = bundle.model
     model.zero_grad(set_to_none=True)
     out = model([[text(bundle, "a cat"), VitBlock(pixels(0)), noise(model)]])
@@ -240,6 +241,43 @@ def test_velocity_loss_reaches_every_gen_weight_but_not_the_text_head(bundle):
     assert grads["language_model.lm_head.weight"] is None
     assert not grads["language_model.model.norm.weight"].any()
     assert grads["language_model.model.layers.0.self_attn.k_proj.weight"].abs().sum() > 0  # via context K/V
+    model.zero_grad(set_to_none=True)
+
+
+def _edit_row(bundle):
+    """An edit's row: clean VAE latents (generation expert), ViT tokens and text (understanding), a noised block."""
+    lat = torch.randn(4, bundle.model.config.patch_latent_dim, generator=torch.Generator().manual_seed(3))
+    return [VaeBlock(lat, (2, 2)), VitBlock(pixels(0)), text(bundle, "a cat"), noise(bundle.model)]
+
+
+@pytest.mark.parametrize("grad_expert", [None, "gen", "und"])
+def test_grad_expert_cuts_the_other_expert_out_of_the_gradient_and_changes_no_value(bundle, grad_expert):
+    """``grad_expert="gen"``: a velocity loss trains the generation expert only (the understanding expert, the
+    embeddings and the connector, which the joint forward reaches through the context K/V and the markers, get
+    none); ``"und"``: a text loss after clean VAE latents reaches no generation weight.  Values are bit-identical."""
+    model = bundle.model
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        reference = model([_edit_row(bundle)]).hidden
+    out = model([_edit_row(bundle)], grad_expert=grad_expert)
+    assert torch.equal(out.hidden, reference)
+    spans = out.layout.spans[0]
+    velocity = model.velocity(out.hidden[0, spans[3].inner]).pow(2).sum()
+    text_loss = model.logits(out.hidden[0, spans[2].start:spans[2].end]).logsumexp(-1).sum()
+    (text_loss if grad_expert == "und" else velocity).backward()
+    moved = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.any()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    gen = {n for n in trainable if is_gen(n)}
+    und = trainable - gen
+    assert {"language_model.model.embed_tokens.weight", "connector.fc1.weight",
+            "language_model.model.layers.0.self_attn.k_proj.weight"} <= und
+    if grad_expert == "gen":
+        assert moved == gen
+    elif grad_expert == "und":
+        assert moved and moved <= und
+    else:  # both experts: BAGEL's joint gradient
+        assert gen <= moved and "language_model.model.layers.0.self_attn.k_proj.weight" in moved
+        assert "connector.fc1.weight" in moved and "language_model.model.embed_tokens.weight" in moved
     model.zero_grad(set_to_none=True)
 
 

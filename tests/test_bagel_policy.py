@@ -1,8 +1,9 @@
 """``policy.kind: bagel`` on a tiny random BAGEL saved in the published layout (r3_rl/policy/bagel/policy.py).
 
 The R3 stages with the reference's context layout, the ratio of 1 before the first update for text and image
-actions with text and image CFG, GRPO moving both experts, the experts' gradient isolation as far as BAGEL's
-routing allows it, the frozen reference, and the save/load round trip of the policy.
+actions with text and image CFG, GRPO moving both experts, the experts' gradient isolation
+(``policy.options.expert_isolation``, on by default; off = BAGEL's joint gradient), the frozen reference, and the
+save/load round trip of the policy.
 """
 from __future__ import annotations
 
@@ -39,9 +40,10 @@ def is_gen(name: str) -> bool:
     return "_moe_gen" in name or name.startswith(GEN_PREFIXES)
 
 
-def bagel_recipe(path, dtype: str = "float32") -> Recipe:
+def bagel_recipe(path, dtype: str = "float32", isolation: bool = True) -> Recipe:
+    options = TINY_OPTIONS if isolation else TINY_OPTIONS[:-1] + ", expert_isolation: false}"
     sets = ["policy.kind=bagel", f"policy.model={path}", f"policy.dtype={dtype}", "policy.device=cpu",
-            f"policy.options={TINY_OPTIONS}", *TEMPLATES]
+            f"policy.options={options}", *TEMPLATES]
     return Recipe.model_validate(apply_overrides({}, sets))
 
 
@@ -134,31 +136,70 @@ def test_ratio_is_one_before_the_update_for_text_and_image_actions_with_cfg(poli
         assert not torch.allclose(policy.segment_logprobs([raw])[0], again[0], atol=1e-3)
 
 
-def test_text_segments_give_the_generation_expert_no_gradient_and_images_none_to_the_text_head(
-        policy: BagelPolicy, sampled) -> None:
+@pytest.fixture(scope="module")
+def joint(tiny_dir) -> BagelPolicy:
+    """The same weights with ``expert_isolation: false``: one joint gradient, as BAGEL and the R3 reference train."""
+    return build_policy(bagel_recipe(tiny_dir, isolation=False))
+
+
+def test_text_segments_give_the_generation_expert_no_gradient(policy: BagelPolicy, joint: BagelPolicy,
+                                                             sampled) -> None:
     plans, images, critiques, edits = sampled
+    assert policy.options.expert_isolation and not joint.options.expert_isolation  # the default, and off
     policy.model.zero_grad(set_to_none=True)
     named = dict(policy.model.named_parameters())
     # text-only segments (reason, and reflect, whose context holds only text and ViT tokens)
-    loss = sum(lp.sum() for lp in policy.segment_logprobs(segments([plans, critiques])))
+    lps = policy.segment_logprobs(segments([plans, critiques]))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(lps, joint.segment_logprobs(segments([plans, critiques]))))
+    loss = sum(lp.sum() for lp in lps)
     loss.backward()
     gen = {n: p for n, p in named.items() if is_gen(n)}
     assert gen and all(p.grad is None or not p.grad.any() for p in gen.values())
     und_moved = [n for n, p in named.items() if not is_gen(n) and p.grad is not None and p.grad.any()]
     assert {"language_model.lm_head.weight", "language_model.model.layers.0.mlp.up_proj.weight"} <= set(und_moved)
     policy.model.zero_grad(set_to_none=True)
-    # image segments: every generation weight learns; the understanding-only outputs (text head, final norm) get
-    # nothing.  The understanding expert's attention and MLP do get gradient: BAGEL routes the context tokens and
-    # the image markers, which the latents attend to, through it (docstring of r3_rl/policy/bagel/mot.py)
-    loss = sum(lp.sum() for lp in policy.segment_logprobs(segments([images, edits])))
-    loss.backward()
-    for name in ("language_model.lm_head.weight", "language_model.model.norm.weight"):
-        assert named[name].grad is None or not named[name].grad.any(), name
-    silent = [n for n, p in gen.items() if p.grad is None or not p.grad.any()]
-    assert not silent, silent[:3]
+
+
+def image_loss_gradients(policy: BagelPolicy, segs) -> tuple[list[torch.Tensor], set[str]]:
+    """The segments' log-probs, and the trainable parameters their sum gives a non-zero gradient."""
+    policy.model.zero_grad(set_to_none=True)
+    lps = policy.segment_logprobs(segs)
+    sum(lp.sum() for lp in lps).backward()
+    moved = {n for n, p in policy.model.named_parameters() if p.grad is not None and p.grad.any()}
+    policy.model.zero_grad(set_to_none=True)
+    return [lp.detach() for lp in lps], moved
+
+
+@pytest.mark.parametrize("stage", ["generate", "refine"])
+def test_image_segments_train_only_the_generation_expert_unless_isolation_is_off(
+        policy: BagelPolicy, joint: BagelPolicy, sampled, stage: str) -> None:
+    """Generate (text context, text-CFG) and refine (VAE + ViT + instruction context, text- and image-CFG): with
+    the default isolation an image loss gives every understanding weight -- its attention, MLP and norms, the
+    embeddings, the connector, the text head, the final norm -- exactly zero gradient, and every generation weight
+    some; with ``expert_isolation: false`` it reaches the understanding expert through the context's keys/values
+    and the image markers.  The log-probs are the same numbers either way (ratio 1)."""
+    segs = [s.segment for s in sampled[1 if stage == "generate" else 3]]
+    named = dict(policy.model.named_parameters())
+    trainable = {n for n, p in named.items() if p.requires_grad}
+    gen = {n for n in trainable if is_gen(n)}
+    und = trainable - gen
+    assert {"language_model.lm_head.weight", "language_model.model.norm.weight", "connector.fc1.weight",
+            "language_model.model.embed_tokens.weight", "language_model.model.layers.1.self_attn.q_norm.weight",
+            "language_model.model.layers.0.post_attention_layernorm.weight"} <= und
+    isolated_lps, moved = image_loss_gradients(policy, segs)
+    assert moved == gen, (sorted(moved - gen)[:3], sorted(gen - moved)[:3])
+    joint_lps, joint_moved = image_loss_gradients(joint, segs)
+    assert gen <= joint_moved
+    layers = "language_model.model.layers"
+    reached = {f"{layers}.0.self_attn.k_proj.weight", f"{layers}.0.mlp.up_proj.weight",
+               f"{layers}.1.input_layernorm.weight", "language_model.model.embed_tokens.weight"}
+    assert reached | ({"connector.fc1.weight"} if stage == "refine" else set()) <= joint_moved
+    assert not {"language_model.lm_head.weight", "language_model.model.norm.weight"} & joint_moved  # never reached
+    for seg, a, b in zip(segs, isolated_lps, joint_lps):
+        assert torch.equal(a, b)
+        assert torch.allclose(a.double(), torch.tensor(seg.logprobs, dtype=torch.float64), atol=2e-5)
     frozen = [n for n, p in named.items() if n.startswith("vit_model.")]
     assert frozen and all(not named[n].requires_grad and named[n].grad is None for n in frozen)
-    policy.model.zero_grad(set_to_none=True)
 
 
 def items_with_advantages(stages) -> list[TrainItem]:
@@ -245,17 +286,41 @@ def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients(policy: B
     assert g0.keys() == g1.keys() and all(torch.allclose(g0[k], g1[k], atol=1e-5, rtol=1e-4) for k in g0)
 
 
-def test_bf16_policy_samples_and_rescores_within_bf16_rounding(tiny_dir) -> None:
-    """At the precision users run: bf16 weights.  Image steps are rescored by the same batched computation (equal);
-    text is decoded token by token from a cache but rescored in one forward, which bf16 rounds differently."""
-    policy = build_policy(bagel_recipe(tiny_dir, "bfloat16"))
-    assert policy.model.llm2vae.weight.dtype == torch.bfloat16
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory):
+    """BAGEL's width (2048, heads of 128, 8 query heads per KV head) with one layer, a 2x-width MLP and the tiny
+    vocabulary, ViT and VAE: about 75 M parameters."""
+    return make_tiny_bagel(tmp_path_factory.mktemp("bagel") / "wide", seed=0, hidden_size=2048, num_layers=1,
+                           num_heads=16, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("width", [64, pytest.param(2048, marks=pytest.mark.slow)])
+def test_bf16_policy_samples_rescores_and_trains_both_experts(request, width: int) -> None:
+    """At the precision users run: bf16 weights (fp32 masters in the learner), at the tiny width and (slow) at
+    BAGEL's.  Image steps are rescored by the same batched computation (equal); text is decoded token by token from
+    a cache but rescored in one forward, which bf16 rounds differently.  One GRPO step then moves both experts."""
+    path = request.getfixturevalue("tiny_dir" if width == 64 else "wide_dir")
+    policy = build_policy(bagel_recipe(path, "bfloat16"))
+    assert policy.model.llm2vae.weight.dtype == torch.bfloat16 and policy.model.config.hidden_size == width
     assert next(policy.vae.parameters()).dtype == torch.float32  # options.vae_dtype
-    segs = segments(rollout(policy, seed=6))
+    stages = rollout(policy, seed=6)
+    segs = segments(stages)
     with torch.no_grad():
         again = policy.segment_logprobs(segs)
     for seg, lp in zip(segs, again):
         assert lp.dtype == torch.float32 and torch.isfinite(lp).all()
         gap = (lp.double() - torch.tensor(seg.logprobs, dtype=torch.float64)).abs().max()
         assert gap < (1e-2 if seg.modality == "text" else 1e-4), (seg.modality, float(gap))
-
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    learner = TorchLearner(policy, policy.frozen_copy(), learner_cfg(lr=1e-3, kl_coef_text=0.01, kl_coef_image=0.01))
+    stats = learner.step(items_with_advantages(stages))
+    assert math.isfinite(stats["learner/loss"])
+    assert stats["learner/ratio_min"] > 0.98 and stats["learner/ratio_max"] < 1.02  # the text gap above
+    assert stats["learner/flow_ratio_min"] == pytest.approx(1.0, abs=1e-3)
+    assert stats["learner/flow_ratio_max"] == pytest.approx(1.0, abs=1e-3)
+    after = policy.model.state_dict()
+    assert after["llm2vae.weight"].dtype == torch.bfloat16
+    for name in ("language_model.model.layers.0.mlp.gate_proj.weight", "language_model.lm_head.weight",
+                 "language_model.model.layers.0.self_attn.q_proj_moe_gen.weight",
+                 "language_model.model.layers.0.mlp_moe_gen.down_proj.weight", "llm2vae.weight"):
+        assert not torch.equal(before[name], after[name]), name

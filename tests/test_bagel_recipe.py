@@ -66,6 +66,7 @@ def test_shipped_recipe_has_the_reference_settings_and_validates(tiny_dir: str) 
     assert (learner["lr"], learner["loss_weight_text"], learner["loss_weight_image"]) == (5e-6, 1.0, 2.0)
     assert (learner["kl_coef_text"], learner["kl_coef_image"], learner["flow"]["kl_kind"]) == (1e-3, 1e-3, "r3")
     assert raw["tree"]["group_size"] == 16 and opts["train_vit"] is False and learner["gradient_checkpointing"]
+    assert opts["expert_isolation"] is True
     # as shipped it validates up to the weights, which are not on this machine
     recipe = load_recipe(RECIPE)
     with pytest.raises(UserError, match="policy.model: cannot load '/models/BAGEL-7B-MoT': not a local directory"):
@@ -80,6 +81,7 @@ def test_shipped_recipe_has_the_reference_settings_and_validates(tiny_dir: str) 
     ("policy.options={image_size: 40}", "policy.options.image_size: 40 is not a multiple of 16"),
     ("policy.options={cfg_interval: [0.5, 0.4]}", "policy.options.cfg_interval: expected \\[lo, hi\\]"),
     ("policy.options={edit_renorm: text_channe}", "policy.options.edit_renorm: 'text_channe' is not one of"),
+    ("policy.options={expert_isolation: maybe}", "policy.options.expert_isolation: expected true or false, got 'ma"),
     ("templates.reason=<|im_start|> {prompt}", "templates.reason': remove <\\|im_start\\|>"),
     ("templates.refine={instruction} {image}", "placeholder {image} is not filled at this stage"),
 ])

@@ -95,8 +95,9 @@ class ContextBuilder:
                 raise ValueError(f"BAGEL context: unknown block record {sorted(rec)} (expected text, vit or vae)")
         return out
 
-    def encode(self, rows: Sequence[Sequence[Block]]) -> ContextCache:
-        """The context cache of ``rows`` (one block list per row; rows may be empty: no context at all)."""
+    def encode(self, rows: Sequence[Sequence[Block]], grad_expert: str | None = None) -> ContextCache:
+        """The context cache of ``rows`` (one block list per row; rows may be empty: no context at all);
+        ``grad_expert``: the only expert the cache's keys/values carry gradients to (None: both)."""
         if not any(rows):
             return ContextCache.empty(len(rows), self.model.device)
-        return self.model.extend_context(None, rows)
+        return self.model.extend_context(None, rows, grad_expert)

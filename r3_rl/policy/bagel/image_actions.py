@@ -11,6 +11,9 @@ context caches (R3's, per stage):
 The learner rebuilds the same caches with gradients on and rescores each recorded transition ``x_t -> x_next``
 with :func:`r3_rl.flow.action.score_traces` under the trace's own guidance (text and image CFG, interval, renorm), so
 the ratio is 1 before the first update -- CFG included, unlike the reference, which trains generation without it.
+With ``isolate`` (``policy.options.expert_isolation``, the default) the rescoring trains the generation expert only:
+the contexts' understanding tokens and the noised blocks' image markers run without gradient
+(:mod:`r3_rl.policy.bagel.mot`), which changes no value, so the ratio stays 1.
 """
 from __future__ import annotations
 
@@ -56,25 +59,25 @@ def flow_settings(options: Any, stage: str, text_cfg: float, stochastic: bool = 
 
 
 def velocity_field(model: BagelModel, caches: dict[str, ContextCache], grid: tuple[int, int],
-                   rows: torch.Tensor | None = None) -> FlowVelocity:
+                   rows: torch.Tensor | None = None, grad_expert: str | None = None) -> FlowVelocity:
     """The branches as the sampler and the learner call them; ``rows`` picks each latent's context row."""
     def branch(cache: ContextCache | None):
         if cache is None:
             return None
         picked = cache if rows is None else cache.select(rows)
-        return lambda x, t: model.predict_velocity(picked, x, t, grid)
+        return lambda x, t: model.predict_velocity(picked, x, t, grid, grad_expert)
     return FlowVelocity(*(branch(caches.get(name)) for name in BRANCHES))
 
 
-def encode_branches(builder: ContextBuilder, contexts: Sequence[dict[str, Any]], guidance: Guidance
-                    ) -> dict[str, ContextCache]:
+def encode_branches(builder: ContextBuilder, contexts: Sequence[dict[str, Any]], guidance: Guidance,
+                    grad_expert: str | None = None) -> dict[str, ContextCache]:
     """The caches of the branches ``guidance`` can need, one row per context record."""
     needed = ["cond"] + (["text_uncond"] if guidance.text_scale > 1.0 else [])
     needed += ["image_uncond"] if guidance.uses_image_branch else []
     caches = {}
     for name in needed:
         rows = [builder.blocks(ctx[name], ctx.get("images", {})) for ctx in contexts]
-        caches[name] = builder.encode(rows)
+        caches[name] = builder.encode(rows, grad_expert)
     return caches
 
 
@@ -117,22 +120,25 @@ def sample_images(model: BagelModel, vae: Any, builder: ContextBuilder, contexts
 
 
 def denoising_scores(model: BagelModel, builder: ContextBuilder, contexts: Sequence[Record],
-                     traces: Sequence[DenoisingTrace]) -> list[StepScores]:
+                     traces: Sequence[DenoisingTrace], isolate: bool = False) -> list[StepScores]:
     """Per image: its recorded SDE steps rescored differentiably under the trace's own guidance
-    (:func:`r3_rl.flow.action.score_traces` batches the images of one kind; each kind's contexts are encoded once)."""
+    (:func:`r3_rl.flow.action.score_traces` batches the images of one kind; each kind's contexts are encoded once).
+    ``isolate``: the scores train the generation expert only."""
+    grad_expert = "gen" if isolate else None
+
     def velocity_for(members: Sequence[int], batch: Any) -> FlowVelocity:
         ctxs = [contexts[m] for m in members]
-        caches = encode_branches(builder, ctxs, batch.guidance)
+        caches = encode_branches(builder, ctxs, batch.guidance, grad_expert)
         grids = [tuple(ctxs[int(k)]["grid"]) for k in batch.image.tolist()]
         if len(set(grids)) == 1:
-            return velocity_field(model, caches, grids[0], rows=batch.image)
-        return _mixed_grids(model, caches, grids, batch.image)
+            return velocity_field(model, caches, grids[0], rows=batch.image, grad_expert=grad_expert)
+        return _mixed_grids(model, caches, grids, batch.image, grad_expert)
 
     return score_traces(traces, velocity_for, device=model.device)
 
 
 def _mixed_grids(model: BagelModel, caches: dict[str, ContextCache], grids: list[tuple[int, int]],
-                 image: torch.Tensor) -> FlowVelocity:
+                 image: torch.Tensor, grad_expert: str | None = None) -> FlowVelocity:
     """Rows whose images have as many tokens in different grids (2x8 and 4x4): one velocity call per grid."""
     parts = {g: torch.tensor([r for r, h in enumerate(grids) if h == g], device=image.device) for g in set(grids)}
 
@@ -143,7 +149,8 @@ def _mixed_grids(model: BagelModel, caches: dict[str, ContextCache], grids: list
         def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
             for g, rows in parts.items():
-                f = velocity_field(model, {name: caches[name]}, g, rows=image.index_select(0, rows))
+                f = velocity_field(model, {name: caches[name]}, g, rows=image.index_select(0, rows),
+                                   grad_expert=grad_expert)
                 out = out.index_copy(0, rows, getattr(f, name)(x.index_select(0, rows), t.index_select(0, rows)))
             return out
         return v

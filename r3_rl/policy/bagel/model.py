@@ -11,6 +11,11 @@ optionally after a cached context, and returns the final hidden states.  On top 
 
 Flow convention (BAGEL's): t = 1 is noise, t = 0 data, x_t = (1 - t) x0 + t eps, and the model predicts
 v = eps - x0 = dx/dt; an Euler step is x <- x - v dt.  Velocities and logits come back in float32.
+
+Every forward takes ``grad_expert`` (None, "und" or "gen"): the only expert whose weights the forward's outputs
+can train.  With "gen", the token embeddings, the ViT and connector, and the understanding expert's every routed
+computation run without gradient; with "und", the latent embeddings and the generation expert
+(:mod:`r3_rl.policy.bagel.mot`).  Values do not change, only where gradients may flow.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from r3_rl.policy.bagel.config import BagelConfig
 from r3_rl.policy.bagel.embeddings import Connector, PositionTable, TimestepEmbedder, grid_position_ids
 from r3_rl.policy.bagel.layout import (LATENT, TOKEN, Block, ContextCache, Layout, NoiseBlock, TextBlock,
                                        attention_mask, build_layout)
-from r3_rl.policy.bagel.mot import MoTForCausalLM
+from r3_rl.policy.bagel.mot import MoTForCausalLM, expert_grad
 from r3_rl.policy.bagel.vision import VitTower
 
 
@@ -90,20 +95,23 @@ class BagelModel(nn.Module):
         x = self.vae2llm(latents.to(self.dtype))
         return x + self.time_embedder(t)[:, None] + self.latent_pos_embed(ids).to(x.dtype)[None]
 
-    def _embed(self, layout: Layout) -> torch.Tensor:
+    def _embed(self, layout: Layout, grad_expert: str | None = None) -> torch.Tensor:
         b, n = layout.token_ids.shape
-        tokens = self.language_model.model.embed_tokens(layout.token_ids)
+        with expert_grad("und", grad_expert):
+            tokens = self.language_model.model.embed_tokens(layout.token_ids)
         x = torch.where((layout.source == TOKEN)[..., None], tokens, torch.zeros((), dtype=tokens.dtype,
                                                                                  device=tokens.device))
         x = x.reshape(b * n, -1)
-        kinds = ((layout.vit_items, self._embed_vit_group), (layout.latent_items, self._embed_latent_group))
-        for items, embed in kinds:
+        kinds = ((layout.vit_items, self._embed_vit_group, "und"), (layout.latent_items, self._embed_latent_group,
+                                                                      "gen"))
+        for items, embed, expert in kinds:
             groups: dict = {}
             for row, first, block in items:
                 key = tuple(block.pixels.shape) if hasattr(block, "pixels") else tuple(block.grid)
                 groups.setdefault(key, []).append((row, first, block))
             for key, group in groups.items():
-                values = embed(group, key)  # [len(group), tokens, H]
+                with expert_grad(expert, grad_expert):
+                    values = embed(group, key)  # [len(group), tokens, H]
                 count = values.shape[1]
                 idx = torch.cat([row * n + first + torch.arange(count, device=x.device) for row, first, _ in group])
                 x = x.index_copy(0, idx, values.reshape(-1, values.shape[-1]).to(x.dtype))
@@ -120,11 +128,11 @@ class BagelModel(nn.Module):
 
     # ------------------------------------------------------------------ the forward
     def forward(self, rows: Sequence[Sequence[Block]], cache: ContextCache | None = None,
-                keep_cache: bool = False) -> BagelOutput:
+                keep_cache: bool = False, grad_expert: str | None = None) -> BagelOutput:
         """Run ``rows`` (one list of blocks per batch row) after ``cache`` (same number of rows, or None).
 
         With ``keep_cache`` the returned output carries the cache extended by these tokens (for context blocks;
-        a noised block in it would stay invisible to later blocks).
+        a noised block in it would stay invisible to later blocks).  ``grad_expert``: see the module docstring.
         """
         if cache is None:
             cache = ContextCache.empty(len(rows), self.device)
@@ -134,10 +142,11 @@ class BagelModel(nn.Module):
         layout = build_layout(rows, vit_patch=self.config.vit.patch_size, marker_ids=(tok.vision_start, tok.vision_end),
                               start_position=cache.next_position.tolist(), start_block=cache.next_block.tolist(),
                               device=self.device)
-        x = self._embed(layout)
+        x = self._embed(layout, grad_expert)
         mask = attention_mask(layout.block_ids, layout.modes, torch.cat([cache.block_ids, layout.block_ids], 1),
                               torch.cat([cache.modes, layout.modes], 1), torch.cat([cache.valid, layout.valid], 1))
-        hidden, new_kv = self.language_model.model(x, layout.position_ids, layout.source == LATENT, mask, cache.kv)
+        hidden, new_kv = self.language_model.model(x, layout.position_ids, layout.source == LATENT, mask, cache.kv,
+                                                   grad_expert)
         return BagelOutput(hidden, layout, cache.appended(layout, new_kv) if keep_cache else None)
 
     # ------------------------------------------------------------------ heads
@@ -150,17 +159,18 @@ class BagelModel(nn.Module):
         return self.llm2vae(hidden).float()
 
     # ------------------------------------------------------------------ what samplers call
-    def extend_context(self, cache: ContextCache | None, rows: Sequence[Sequence[Block]]) -> ContextCache:
+    def extend_context(self, cache: ContextCache | None, rows: Sequence[Sequence[Block]],
+                       grad_expert: str | None = None) -> ContextCache:
         """``cache`` (None = empty) followed by ``rows``' text / ViT / VAE blocks, one list per row."""
-        return self(rows, cache, keep_cache=True).cache
+        return self(rows, cache, keep_cache=True, grad_expert=grad_expert).cache
 
     def predict_velocity(self, cache: ContextCache, x_t: torch.Tensor, t: torch.Tensor | float,
-                         grid: tuple[int, int]) -> torch.Tensor:
+                         grid: tuple[int, int], grad_expert: str | None = None) -> torch.Tensor:
         """v(x_t, t | context) [B, h*w, p*p*z] (float32) for noised latents x_t [B, h*w, p*p*z] at times t
         (a float, or [B] per row); the context cache is read, not extended."""
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
         rows = [[NoiseBlock(x_t[i], t[i], grid)] for i in range(x_t.shape[0])]
-        out = self(rows, cache)
+        out = self(rows, cache, grad_expert=grad_expert)
         return self.velocity(out.hidden[:, 1:-1])
 
     def next_token_logits(self, cache: ContextCache | None, rows: Sequence[Sequence[Block]]

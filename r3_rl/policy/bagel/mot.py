@@ -12,10 +12,18 @@ denoising steps, CFG rows and siblings (:class:`r3_rl.policy.bagel.layout.Contex
 
 A token's every projection, norm and MLP come from its own expert only: tokens of a row without VAE latents never
 touch a ``*_moe_gen`` weight (the generation expert is then not even called).
+
+Expert isolation (``grad_expert``): the joint attention still couples the experts -- a noised latent attends to the
+context's keys/values and to its own block's image markers, which the understanding expert computes -- so a velocity
+loss reaches understanding weights (BAGEL's own training backpropagates through everything).  A forward given
+``grad_expert="gen"`` (or ``"und"``) runs the other expert's every routed computation under ``torch.no_grad()``:
+same values, bit for bit, but the other expert's outputs are constants, so the loss trains its own expert only, and
+the other expert's activations are not kept for backward.
 """
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import nullcontext
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +33,14 @@ from transformers.models.qwen2.modeling_qwen2 import (Qwen2MLP, Qwen2RMSNorm, Qw
                                                       apply_rotary_pos_emb)
 
 KV = tuple[torch.Tensor, torch.Tensor]
+EXPERTS = ("und", "gen")
+
+
+def expert_grad(expert: str, grad_expert: str | None) -> ContextManager:
+    """``torch.no_grad()`` around ``expert``'s computation when the forward trains only the other one, else nothing."""
+    if grad_expert is not None and grad_expert not in EXPERTS:
+        raise ValueError(f"grad_expert: {grad_expert!r} is not one of {EXPERTS} or None (both experts)")
+    return torch.no_grad() if grad_expert not in (None, expert) else nullcontext()
 
 
 class Routing:
@@ -32,9 +48,12 @@ class Routing:
 
     ``route(x, und, gen)`` runs ``und`` on the understanding tokens and ``gen`` on the generation tokens and puts
     the results back in place, out of place for autograd; each expert costs FLOPs for its own tokens only.
+    With ``grad_expert`` ("und" / "gen"), the other expert runs without gradient (see the module docstring).
     """
 
-    def __init__(self, gen_mask: torch.Tensor) -> None:
+    def __init__(self, gen_mask: torch.Tensor, grad_expert: str | None = None) -> None:
+        expert_grad("und", grad_expert)  # validates the name
+        self.grad_expert = grad_expert
         self.shape = tuple(gen_mask.shape)
         flat = gen_mask.reshape(-1)
         self.gen_idx = flat.nonzero().squeeze(1)
@@ -44,12 +63,16 @@ class Routing:
 
     def __call__(self, x: torch.Tensor, und: Callable, gen: Callable) -> torch.Tensor:
         if self.all_und:
-            return und(x)
+            with expert_grad("und", self.grad_expert):
+                return und(x)
         if self.all_gen:
-            return gen(x)
+            with expert_grad("gen", self.grad_expert):
+                return gen(x)
         flat = x.reshape(-1, x.shape[-1])
-        y_und = und(flat[self.und_idx])
-        y_gen = gen(flat[self.gen_idx]).to(y_und.dtype)
+        with expert_grad("und", self.grad_expert):
+            y_und = und(flat[self.und_idx])
+        with expert_grad("gen", self.grad_expert):
+            y_gen = gen(flat[self.gen_idx]).to(y_und.dtype)
         out = y_und.new_zeros(flat.shape[0], y_und.shape[-1])
         out = out.index_copy(0, self.und_idx, y_und).index_copy(0, self.gen_idx, y_gen)
         return out.reshape(*self.shape, y_und.shape[-1])
@@ -142,9 +165,11 @@ class MoTModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, gen_mask: torch.Tensor,
-                mask: torch.Tensor, past: list[KV] | None = None) -> tuple[torch.Tensor, list[KV]]:
-        """Final hidden states [B, L, H] (already normed by each token's expert) and each layer's new (k, v)."""
-        route = Routing(gen_mask)
+                mask: torch.Tensor, past: list[KV] | None = None, grad_expert: str | None = None
+                ) -> tuple[torch.Tensor, list[KV]]:
+        """Final hidden states [B, L, H] (already normed by each token's expert) and each layer's new (k, v);
+        ``grad_expert``: the only expert this forward trains (None: both)."""
+        route = Routing(gen_mask, grad_expert)
         cos, sin = self.rotary_emb(inputs_embeds, position_ids)
         h, new_kv = inputs_embeds, []
         for i, layer in enumerate(self.layers):

@@ -10,8 +10,9 @@ learner's recomputation of every sampled action's log-prob.
 
 A text segment's actions are its tokens; an image segment's are its recorded SDE steps (``Segment.action`` is the
 :class:`~r3_rl.flow.DenoisingTrace`).  ``segment_logprobs`` returns one log-prob per action, under exactly the
-sampling distribution.  The ViT (unless ``train_vit``) and the VAE are frozen; the VAE is not part of
-:attr:`model`, so the learner neither optimises nor checkpoints it.
+sampling distribution; with ``options.expert_isolation`` (the default) a text action's log-prob trains only the
+understanding expert and an image action's only the generation expert.  The ViT (unless ``train_vit``) and the VAE
+are frozen; the VAE is not part of :attr:`model`, so the learner neither optimises nor checkpoints it.
 """
 from __future__ import annotations
 
@@ -187,7 +188,8 @@ class BagelPolicy(BagelRecipe, Policy):
         """Per image segment: differentiable log-probs and Gaussian means of its recorded SDE steps (the learner's
         flow loss and closed-form KL read them)."""
         traces = [segment_trace(s) for s in segments]
-        return denoising_scores(self._model, self.builder, [s.context for s in segments], traces)
+        return denoising_scores(self._model, self.builder, [s.context for s in segments], traces,
+                                isolate=self.options.expert_isolation)
 
     def segment_logprobs(self, segments: list[Segment]) -> list[torch.Tensor]:
         out: list[torch.Tensor] = [None] * len(segments)  # type: ignore[list-item]
@@ -197,7 +199,8 @@ class BagelPolicy(BagelRecipe, Policy):
             contexts = [self.builder.blocks(segments[i].context["blocks"], segments[i].context.get("images", {}))
                         for i in text]
             lps = text_logprobs(self._model, contexts, [segments[i].token_ids for i in text],
-                                [segments[i].sampling for i in text], self.allowed)
+                                [segments[i].sampling for i in text], self.allowed,
+                                isolate=self.options.expert_isolation)
             for i, lp in zip(text, lps):
                 out[i] = lp
         if image:

@@ -59,6 +59,9 @@ class BagelOptions:
     reflect_system: str = R3_REFLECT_SYSTEM
     train_vit: bool = False                    # R3 freezes the ViT; the VAE is always frozen
     vae_dtype: str = "float32"
+    # each loss trains its own expert only: text log-probs the understanding expert (+ embeddings, connector, lm_head),
+    # image (SDE-step) log-probs the generation expert; false = one joint gradient (BAGEL's and the R3 reference's)
+    expert_isolation: bool = True
 
     def __post_init__(self) -> None:
         for name in ("image_size", "gen_steps", "edit_steps", "ode_steps", "gen_sde_count", "edit_sde_count",
@@ -85,6 +88,8 @@ class BagelOptions:
                 raise UserError(f"policy.options.{name}: expected [max_side, min_side, stride] (positive integers, "
                                 f"min <= max), got {list(size)}")
             object.__setattr__(self, name, size)
+        if not isinstance(self.expert_isolation, bool):
+            raise UserError(f"policy.options.expert_isolation: expected true or false, got {self.expert_isolation!r}")
         if self.vae_dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"policy.options.vae_dtype: {self.vae_dtype!r} is not float32, bfloat16 or float16")
 

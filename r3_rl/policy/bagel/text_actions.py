@@ -62,11 +62,13 @@ def closed_block(ids: Sequence[int], tokens) -> list[int]:
 
 
 def text_logprobs(model: BagelModel, contexts: Sequence[Sequence[Block]], token_ids: Sequence[Sequence[int]],
-                  samplings: Sequence[SamplingParams], allowed: torch.Tensor) -> list[torch.Tensor]:
-    """Differentiable log-probs [n_i] of each row's sampled ids after its context (one padded forward)."""
+                  samplings: Sequence[SamplingParams], allowed: torch.Tensor, isolate: bool = False
+                  ) -> list[torch.Tensor]:
+    """Differentiable log-probs [n_i] of each row's sampled ids after its context (one padded forward); with
+    ``isolate`` they train the understanding expert only (a context's VAE latents reach no generation weight)."""
     tok = model.config.tokens
     rows = [[*ctx, TextBlock([tok.im_start, *ids])] for ctx, ids in zip(contexts, token_ids)]
-    out = model(rows)
+    out = model(rows, grad_expert="und" if isolate else None)
     result = []
     for r, (ids, sp) in enumerate(zip(token_ids, samplings)):
         if not ids:
