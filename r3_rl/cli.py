@@ -189,9 +189,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     check_args(args.gpus, args.gpu_memory)
     from r3_rl.config import load_recipe  # the recipe's keys only: a plan needs neither weights nor data
     from r3_rl.learner.precision import check_recipe_precision
-    from r3_rl.validate import check_plugins
+    from r3_rl.validate import check_learner_ranks, check_plugins
 
     recipe = load_recipe(args.recipe, args.set)
+    check_learner_ranks(recipe, args.recipe)  # a layout the trainer refuses is not planned
     check_plugins(recipe, args.recipe, weights=False)  # policy.kind / learner.algorithm by name, options checked
     check_recipe_precision(recipe)  # a precision the learner refuses is not planned
     plan = make_plan(recipe, args.gpus, args.gpu_memory)

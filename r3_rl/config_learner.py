@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from r3_rl.config_base import Section, plugin_name
-from r3_rl.errors import close_match
+from r3_rl.errors import UserError, close_match
 
 
 class DeepSpeedCfg(Section):
@@ -124,3 +124,20 @@ class Learner(Section):
         elif not isinstance(v, bool):
             raise ValueError("must be true/false or a mapping of stage -> true/false")
         return v
+
+
+def check_ranks(cfg: Learner) -> None:
+    """``learner.ranks > 1`` needs DeepSpeed at ZeRO 0-2: the ranks are DeepSpeed data-parallel processes, and
+    ZeRO-3 gathers each module's parameters with a collective when the module is called, so every rank would
+    have to call the same modules in the same order -- R3's stages differ per rank, and the ranks would hang.
+    Checked at recipe validation (``train``, ``doctor``, ``plan``: before any model loads) and again where the
+    ranks start (:class:`r3_rl.learner.ray_ranks.RankedLearner`); raises :class:`UserError` with one line."""
+    if cfg.ranks == 1:
+        return
+    if cfg.backend != "deepspeed":
+        raise UserError(f"learner.ranks: {cfg.ranks} ranks need learner.backend: deepspeed (got {cfg.backend}); "
+                        f"use learner.backend: deepspeed with learner.deepspeed.zero_stage 0-2, or learner.ranks: 1")
+    if cfg.deepspeed.zero_stage == 3:
+        raise UserError(f"learner.deepspeed.zero_stage: 3 with learner.ranks: {cfg.ranks} is not supported (ZeRO-3 "
+                        f"parameter gathers need every rank to call the same modules; R3 stages differ per rank); "
+                        f"use learner.deepspeed.zero_stage 0-2 with ranks > 1, or learner.ranks: 1")

@@ -16,6 +16,7 @@ import torch
 
 from r3_rl.components import Components
 from r3_rl.config import Recipe
+from r3_rl.config_learner import check_ranks
 from r3_rl.data import PromptSource
 from r3_rl.eval.evaluate import markdown_table
 from r3_rl.eval.runner import Evaluator
@@ -40,6 +41,7 @@ class Trainer:
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
         check_recipe_precision(recipe)  # a precision the learner cannot train fails before any model loads
+        check_ranks(recipe.learner)  # so does a learner-rank layout it cannot run
         torch.manual_seed(recipe.seed)
         self.step = 0
         self.parts = Components(recipe, run_dir, self.console, self.log_event)

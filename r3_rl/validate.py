@@ -143,6 +143,16 @@ def check_regexes(recipe: Any, source: str) -> None:
             raise UserError(f"{source}: key 'rewards.{key}': not a valid regular expression ({e})") from None
 
 
+def check_learner_ranks(recipe: Any, source: str) -> None:
+    """``learner.ranks > 1`` only with DeepSpeed ZeRO 0-2 (:func:`r3_rl.config_learner.check_ranks`)."""
+    from r3_rl.config_learner import check_ranks
+
+    try:
+        check_ranks(recipe.learner)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
 def check_rewards(recipe: Any, source: str) -> None:
     """Names resolve and options match each reward's signature (constructs them; models load in ``setup``)."""
     from r3_rl.rewards.reward_set import RewardSet
@@ -183,6 +193,7 @@ def validate_recipe(recipe: Any, path: str | Path, needs_eval: bool = True) -> N
     check_numbers(dump, source)
     check_device(recipe, source, count_gpus=False)
     check_regexes(recipe, source)
+    check_learner_ranks(recipe, source)
     check_rewards(recipe, source)
     check_data(recipe, source, needs_eval)
     check_plugins(recipe, source)  # imports the policy's code (torch): after the checks that import none

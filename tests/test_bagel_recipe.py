@@ -1,9 +1,10 @@
 """``recipes/grpo_geneval_bagel.yaml``: the reference's settings, validated as shipped, and run end to end on a tiny
 random BAGEL saved in the published layout (the GenEval detector swapped for a user's brightness reward file).
 
-The run as shipped -- Ray rollout workers, DeepSpeed ZeRO-3 learner with CPU-offloaded fp32 state -- takes minutes
-on 2 cores (DeepSpeed, Ray): it is marked slow; the default suite runs the same recipe with the in-process rollout
-and torch learner, and checks that the shipped file validates.
+The run as shipped -- Ray rollout workers, DeepSpeed ZeRO-2 learner ranks as Ray actors with CPU-offloaded fp32
+state -- takes minutes on 2 cores (DeepSpeed, Ray): it is marked slow; the default suite runs the same recipe with
+the in-process rollout and torch learner, and checks that the shipped file validates (its learner layout included:
+ZeRO-3 with several ranks once shipped here and failed only after the policy was built).
 """
 from __future__ import annotations
 
@@ -62,7 +63,9 @@ def test_shipped_recipe_has_the_reference_settings_and_validates(tiny_dir: str) 
     assert rollout["reason"] == {"temperature": 0.9, "top_p": 0.9, "max_new_tokens": 196}
     assert rollout["reflect"]["max_new_tokens"] == 384 and rollout["backend"] == "ray"
     assert (learner["backend"], learner["deepspeed"]["dtype"], learner["deepspeed"]["zero_stage"]) == ("deepspeed",
-                                                                                                       "bf16", 3)
+                                                                                                       "bf16", 2)
+    assert learner["ranks"] == 4 and learner["deepspeed"]["config"]["zero_optimization"]["offload_optimizer"] == {
+        "device": "cpu", "pin_memory": True}
     assert (learner["lr"], learner["loss_weight_text"], learner["loss_weight_image"]) == (5e-6, 1.0, 2.0)
     assert (learner["kl_coef_text"], learner["kl_coef_image"], learner["flow"]["kl_kind"]) == (1e-3, 1e-3, "r3")
     assert raw["tree"]["group_size"] == 16 and opts["train_vit"] is False and learner["gradient_checkpointing"]
@@ -130,16 +133,19 @@ def test_recipe_trains_two_steps_on_a_tiny_bagel_in_process(tiny_dir: str, tmp_p
 
 
 @pytest.mark.slow
-def test_recipe_as_shipped_trains_with_ray_workers_and_a_deepspeed_zero3_learner(tiny_dir: str, tmp_path: Path,
-                                                                                 ray_session) -> None:
-    """Ray rollout, DeepSpeed ZeRO-3 with the fp32 state offloaded to the CPU, as shipped; on CPU: one worker, one
-    in-process rank, fp32 (bf16 weights would need the reference isolated from DeepSpeed), as the other shipped
-    recipes' tests do."""
+def test_recipe_as_shipped_trains_with_ray_workers_and_two_deepspeed_zero2_learner_ranks(tiny_dir: str,
+                                                                                         tmp_path: Path,
+                                                                                         ray_session) -> None:
+    """Ray rollout and DeepSpeed learner ranks as Ray actors at the recipe's own ZeRO stage, fp32 state offloaded
+    to the CPU, as shipped; on CPU: one worker, 2 ranks (the shipped layout has 4: more than one is what matters),
+    fp32, as the other shipped recipes' tests do."""
     run = tmp_path / "run"
     sets = tiny_sets(tiny_dir, tmp_path) + [
-        "rollout.workers=1", "rollout.gpus_per_worker=0", "rollout.cpus_per_worker=1", "learner.ranks=1",
-        "learner.gpus_per_rank=0"]
+        "rollout.workers=1", "rollout.gpus_per_worker=0", "rollout.cpus_per_worker=1", "learner.ranks=2",
+        "learner.gpus_per_rank=0", "learner.cpus_per_rank=1"]
     assert main(["train", str(RECIPE), "--run-dir", str(run)] + [a for s in sets for a in ("--set", s)]) == 0
     _losses(run)
     assert "rollout: 1 Ray workers ready" in (run / "events.log").read_text()
-    assert (run / "checkpoints" / "step_000002").is_dir()
+    # each of the 2 ZeRO ranks wrote its own optimiser partition: the ranks ran as Ray actors, not in-process
+    shards = sorted(p.name for p in (run / "checkpoints" / "step_000002").rglob("*zero_pp_rank_*optim_states.pt"))
+    assert [n.split("zero_pp_rank_")[1][0] for n in shards] == ["0", "1"], shards

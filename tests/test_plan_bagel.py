@@ -101,6 +101,10 @@ def test_the_shipped_bagel_recipe_is_planned_offline_and_fits_8_gpus_of_80gb(cap
     plan = make_plan(load_recipe(BAGEL), 8, 80)
     learner = plan.processes[0]
     assert learner.resident["master weights"] == learner.resident["optimizer (Adam)"] == 0.0  # on CPU
+    # ZeRO-2 over 4 ranks (ZeRO-3 is refused with ranks > 1): whole bf16 weights + the KL reference + 1 segment
+    assert "DeepSpeed ZeRO-2, 4 rank(s)" in out and "1 refine segment(s) x 3 x 3828 tokens" in out
+    assert learner.resident["weights"] == learner.resident["reference"] == pytest.approx(29.38e9, rel=1e-3)
+    assert learner.total == pytest.approx(68.5e9, rel=2e-3) and learner.total <= 0.9 * 80e9
     # without the offload the optimiser state stays on the GPU and the learner rank no longer fits
     on_gpu = make_plan(load_recipe(BAGEL, ["learner.deepspeed.config={}"]), 8, 80)
     assert not on_gpu.fits and on_gpu.processes[0].total > learner.total + 40e9

@@ -26,6 +26,7 @@ def check_values(ctx: Context) -> Finding:
     source = str(ctx.recipe_path)
     validate.check_numbers(ctx.recipe.model_dump(mode="python"), source)
     validate.check_regexes(ctx.recipe, source)
+    validate.check_learner_ranks(ctx.recipe, source)
     validate.check_plugins(ctx.recipe, source, weights=False)
     return ok(f"numbers finite and within bounds, regexes valid, policy {ctx.recipe.policy.kind} and algorithm "
               f"{ctx.recipe.learner.algorithm} accept the recipe")

@@ -14,9 +14,9 @@ Ranks run different micro-batches (a text stage on one, an image stage with an i
 another), so their graphs differ; DeepSpeed reduces gradients in the order backward produces them,
 which :class:`r3_rl.learner.deepspeed_learner.DeepSpeedOptim` pins to one order on every rank.
 
-Gotchas: ZeRO-3 is refused here: it gathers parameters with a collective in every module call, so every
-rank would have to call the same modules in the same order, and R3's stages do not (use ZeRO 0-2, or one
-rank).  Checkpoints are written by all ranks into the same folder: on a multi-node
+Gotchas: ZeRO-3 is refused (at recipe validation, :func:`r3_rl.config_learner.check_ranks`): it gathers
+parameters with a collective in every module call, so every rank would have to call the same modules in the
+same order, and R3's stages do not (use ZeRO 0-2, or one rank).  Checkpoints are written by all ranks into the same folder: on a multi-node
 cluster the run directory must be on a shared filesystem.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from r3_rl.errors import UserError
+from r3_rl.config_learner import check_ranks
 from r3_rl.policy.base import Policy
 from r3_rl.learner.deepspeed_learner import ensure_dist_env, free_port
 from r3_rl.learner.torch_learner import enable_checkpointing, learner_from_recipe, reduce_metric
@@ -158,12 +158,7 @@ class RankedLearner:
         import ray
 
         cfg = recipe.learner
-        if cfg.backend != "deepspeed":
-            raise UserError(f"learner.ranks: {cfg.ranks} ranks need learner.backend: deepspeed")
-        if cfg.deepspeed.zero_stage == 3:
-            raise UserError("learner.ranks: ZeRO-3 across Ray ranks is not supported (its per-module parameter "
-                            "gathers need the same modules called on every rank; R3 stages differ); use "
-                            "learner.deepspeed.zero_stage 0-2 or learner.ranks: 1")
+        check_ranks(cfg)  # validation refused these already; a guard for recipes built in code
         self._owns_ray = start_ray(recipe.ray)
         self.policy = policy
         self.adapters = None

@@ -1,14 +1,18 @@
 """The text ``r3-rl plan`` prints, and what to change when a run does not fit.
 
-Advice is computed, not guessed: each candidate change (gradient checkpointing, a smaller micro-batch, ZeRO-3,
-LoRA, more learner ranks, a smaller sampling batch, fewer workers per GPU, a smaller eval batch) is applied
-to a copy of the recipe and planned again; the ones that make the run fit are listed with the new figure.
+Advice is computed, not guessed: each candidate change (gradient checkpointing, a smaller micro-batch, LoRA,
+more learner ranks, a smaller sampling batch, fewer workers per GPU, a smaller eval batch) is applied to a copy of
+the recipe and planned again; the ones that make the run fit are listed with the new figure.  ZeRO-3 is not a
+candidate: on one rank it shards nothing, and across ranks recipe validation refuses it; no change that the
+validation refuses (:func:`r3_rl.config_learner.check_ranks`) is ever advised.
 """
 from __future__ import annotations
 
 import math
 from typing import Any
 
+from r3_rl.config_learner import check_ranks
+from r3_rl.errors import UserError
 from r3_rl.plan.report import GB, USABLE, Plan, make_plan
 
 
@@ -36,8 +40,7 @@ def _candidates(plan: Plan) -> list[tuple[str, list[Any]]]:
     out.append(("eval.batch_size", _halvings(r.eval.batch_size)))
     out.append(("rollout.groups_per_task", _halvings(r.rollout.groups_per_task)))
     out.append(("learner.micro_batch_size", _halvings(cfg.micro_batch_size)))
-    if cfg.backend == "deepspeed" and cfg.deepspeed.zero_stage < 3:
-        out.append(("learner.deepspeed.zero_stage", [3]))
+    # no ZeRO-3: with one rank it shards nothing, and with several ranks `r3-rl train` refuses it (check_ranks)
     if cfg.ranks > 1 and cfg.backend == "deepspeed" and cfg.deepspeed.zero_stage > 0 and cfg.gpus_per_rank:
         ro = r.rollout
         free = plan.gpus - (math.ceil(ro.workers * ro.gpus_per_worker - 1e-9) if ro.backend == "ray" else 0)
@@ -58,9 +61,12 @@ def _halvings(n: int) -> list[int]:
 
 
 def _try(plan: Plan, changes: dict[str, Any]) -> Plan | None:
+    """The plan with ``changes`` applied; None where the changed recipe would not plan or not validate."""
     try:
-        return make_plan(_with(plan.recipe, changes), plan.gpus, plan.gpu_memory, plan.shape)
-    except ValueError:
+        new = _with(plan.recipe, changes)
+        check_ranks(new.learner)  # never advise a layout `r3-rl train` refuses
+        return make_plan(new, plan.gpus, plan.gpu_memory, plan.shape)
+    except (ValueError, UserError):
         return None
 
 
