@@ -271,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "train" and argv is None:  # the real CLI process (tests call main() in-process)
+        from r3_rl import interrupts
+
+        interrupts.install()  # Ctrl-C cleans up, and the process ends even if clean-up hangs
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
