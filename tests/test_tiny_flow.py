@@ -4,6 +4,7 @@ checkpoint and exact resume)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -135,6 +136,11 @@ def test_a_flow_run_logs_like_a_token_run(run: Path, capsys: pytest.CaptureFixtu
     assert [r["step"] for r in steps] == list(range(STEPS))
     assert steps[0]["learner/flow_ratio_min"] == pytest.approx(1.0, abs=1e-6)  # recomputed = sampled
     assert steps[0]["learner/flow_ratio_max"] == pytest.approx(1.0, abs=1e-6)
+    # images are counted as images and SDE steps (2 a first image, 1 an edit), not as zero image tokens
+    roll = [r for r in rows if "rollout/images" in r]
+    assert roll and all(r["rollout/images"] > 0 and "rollout/image_tokens" not in r for r in roll)
+    assert all(r["rollout/images"] < r["rollout/sde_steps"] <= 2 * r["rollout/images"] for r in roll)
+    assert all(math.isfinite(r["5_entropy/image_sde"]) and "5_entropy/image" not in r for r in roll)
     acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("0_eval/accuracy_round0")] == [0, 2, STEPS]  # per-round eval

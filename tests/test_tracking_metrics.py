@@ -123,6 +123,7 @@ def test_throughput_entropy_and_failures() -> None:
     m = throughput_metrics(trees(), rollout_s=2.0)
     assert m["rollout/trajectories"] == 6  # 3 plan->image paths + 3 root->critique->refine paths
     assert m["rollout/image_tokens"] == 3 * 16 + 2 * 16  # the copied image sampled nothing
+    assert m["rollout/images"] == 3 + 2 and "rollout/sde_steps" not in m and "5_entropy/image_sde" not in m
     assert m["rollout/text_tokens"] == 3 * 5 + 3 * 7
     assert m["throughput/trajectories_per_s"] == pytest.approx(3.0)
     assert m["throughput/image_tokens_per_s"] == pytest.approx(40.0)

@@ -13,13 +13,14 @@ so the groups a reader looks at first carry a numeric prefix:
   reward's verdict on the parent (``verdict_balanced_accuracy``, ``stop_on_correct``, ``edit_on_flawed``)
 * ``4_kl/{text,image}``: KL to the reference per modality (from the learner)
 * ``5_entropy/{text,image}``: mean negative log-prob of the sampled tokens per modality, an unbiased
-  estimate of the sampling distribution's entropy
+  estimate of the sampling distribution's entropy (``image_sde`` for images drawn by flow matching: per latent
+  element of their SDE steps)
 * ``6_refine/``: stop rate, improved / worse / unchanged refined images, mean improvement
 
 then ``advantage/<stage>/{mean,std,abs_max}``, ``groups/`` (sibling groups with no learning signal: the
 "silent zero" of UniRL PR #141 shows up here first), ``learner/``, ``reward_component/<stage>/<part>``,
 ``reward_detail/`` (std, count, per round), ``rollout/`` (``failed_rewards``: failed image rewards, counted
-here only; token counts), ``throughput/``, ``time/``.  A reward component that equals a quantity already
+here only; image, token and SDE-step counts), ``throughput/``, ``time/``.  A reward component that equals a quantity already
 logged (the stage reward itself, the accuracy, another component) on every node of the step is left out.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from r3_rl.algorithms.signal import SIGNAL_ATOL, has_signal
+from r3_rl.flow.action import is_flow_segment
 from r3_rl.trajectory import Node, Tree
 
 EVAL, REWARD, ACCURACY, UNDERSTANDING, KL, ENTROPY, REFINE = (
@@ -211,28 +213,46 @@ def group_metrics(trees: list[Tree]) -> dict[str, float]:
 
 
 def throughput_metrics(trees: list[Tree], rollout_s: float) -> dict[str, float]:
-    """Trajectories (sampled root-to-leaf paths), sampled tokens in total and per second, and the entropy
-    estimate per modality (mean ``-log p`` of the sampled tokens under the distribution that sampled them)."""
-    trajectories = 0
+    """Trajectories (sampled root-to-leaf paths), sampled images, tokens (and denoising steps) in total and per
+    second, and the entropy estimate per modality (mean ``-log p`` of the sampled tokens under the distribution
+    that sampled them).
+
+    Images drawn by flow matching sample no tokens: their recorded SDE steps count as ``rollout/sde_steps`` and
+    their entropy is ``5_entropy/image_sde``, the mean negative log-density per latent element of those steps (a
+    differential entropy: another unit than the tokens' nats, so another name; it can be negative).  A flow
+    policy's run does not log ``image_tokens`` (zero would read as "nothing sampled")."""
+    trajectories, images, sde_steps, sde_neg_logp = 0, 0, 0, 0.0
     tokens: dict[str, int] = {"image": 0, "text": 0}
     neg_logp: dict[str, float] = {"image": 0.0, "text": 0.0}
     for t in trees:
         trajectories += sum(1 for leaf in t.leaves() if sampled(leaf))
         for n in t.nodes.values():
-            if sampled(n) and n.segment is not None and n.segment.token_ids:
+            if not sampled(n) or n.segment is None:
+                continue
+            images += n.segment.modality == "image"
+            if n.segment.modality == "image" and is_flow_segment(n.segment):
+                sde_steps += len(n.segment.logprobs)
+                if not n.segment.sampling.greedy:
+                    sde_neg_logp -= sum(n.segment.logprobs)
+            elif n.segment.token_ids:
                 mod = "image" if n.segment.modality == "image" else "text"
                 tokens[mod] += len(n.segment.token_ids)
                 if not n.segment.sampling.greedy:  # greedy tokens have log-prob 0: no entropy to estimate
                     neg_logp[mod] -= sum(n.segment.logprobs)
-    out = {"rollout/trajectories": float(trajectories), "rollout/image_tokens": float(tokens["image"]),
-           "rollout/text_tokens": float(tokens["text"])}
+    counts = {"images": images, "text_tokens": tokens["text"]}
+    if tokens["image"] or not sde_steps:
+        counts["image_tokens"] = tokens["image"]
+    if sde_steps:
+        counts["sde_steps"] = sde_steps
+    out = {"rollout/trajectories": float(trajectories), **{f"rollout/{k}": float(v) for k, v in counts.items()}}
     for mod, n_tok in tokens.items():
         if n_tok and neg_logp[mod]:
             out[f"{ENTROPY}/{mod}"] = neg_logp[mod] / n_tok
+    if sde_steps and sde_neg_logp:
+        out[f"{ENTROPY}/image_sde"] = sde_neg_logp / sde_steps
     if rollout_s > 0:
-        out.update({"throughput/trajectories_per_s": trajectories / rollout_s,
-                    "throughput/image_tokens_per_s": tokens["image"] / rollout_s,
-                    "throughput/text_tokens_per_s": tokens["text"] / rollout_s})
+        out["throughput/trajectories_per_s"] = trajectories / rollout_s
+        out.update({f"throughput/{k}_per_s": v / rollout_s for k, v in counts.items() if k != "images"})
     return out
 
 
