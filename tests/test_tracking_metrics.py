@@ -135,6 +135,23 @@ def test_throughput_entropy_and_failures() -> None:
     assert failed_reward_count(trees()) == 1
 
 
+def test_flow_images_count_as_images_and_sde_steps_with_their_own_entropy() -> None:
+    """Images drawn by flow matching: no tokens, one log-density per recorded SDE step (mean per latent element)."""
+    from r3_rl.flow.action import FLOW_ACTION_KIND
+
+    t = stage_a_tree()
+    steps = {"g0": [0.5, -1.5], "g1": [-2.0], "g2": [1.0, 1.0]}  # differential entropies: can be negative
+    for nid, logprobs in steps.items():
+        t.nodes[nid].segment = Segment(modality="image", context={}, token_ids=[], logprobs=logprobs,
+                                       action={"kind": FLOW_ACTION_KIND})
+    m = throughput_metrics([t], rollout_s=2.0)
+    assert m["rollout/images"] == 3 and m["rollout/sde_steps"] == 5
+    assert "rollout/image_tokens" not in m and "5_entropy/image" not in m  # not "zero tokens sampled"
+    assert m["5_entropy/image_sde"] == pytest.approx(-(0.5 - 1.5 - 2.0 + 1.0 + 1.0) / 5)
+    assert m["throughput/sde_steps_per_s"] == pytest.approx(2.5)
+    assert m["rollout/text_tokens"] == 3 * 5 and m["5_entropy/text"] == pytest.approx(1.0)
+
+
 def test_rollout_metrics_merges_everything_and_empty_is_safe() -> None:
     m = rollout_metrics(trees(), 1.0, rollout_s=1.0)
     for key in ("1_reward/generate", "6_refine/stop_rate", "groups/zero_signal_fraction",
