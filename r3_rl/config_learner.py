@@ -58,6 +58,17 @@ class FlowLearnerCfg(Section):
     kl_kind: Literal["exact", "r3", "flow_grpo"] = "exact"
 
 
+STAGES = ("reason", "generate", "reflect", "refine")
+
+
+def _check_stage_names(mapping: dict[Any, Any]) -> None:
+    """A per-stage mapping names only R3's stages (``ValueError`` naming the first other key)."""
+    bad = [k for k in mapping if k not in STAGES]
+    if bad:
+        raise ValueError(f"unknown stage {bad[0]!r}{close_match(str(bad[0]), list(STAGES))} "
+                         f"(valid: {', '.join(STAGES)})")
+
+
 StageFlags = dict[Literal["reason", "generate", "reflect", "refine"], bool]
 
 
@@ -86,6 +97,10 @@ class Learner(Section):
     # tokens and image denoising steps alike
     loss_weight_text: float = Field(1.0, ge=0.0)
     loss_weight_image: float = Field(1.0, ge=0.0)
+    # per-stage weights of the policy loss (not of the KL), times the modality weight; stages not listed weigh 1.
+    # R3's stages share one set of weights: weighing reflect/refine up keeps the critic and the refiner from
+    # being overwritten by the generator's larger updates (README: R3 synergy)
+    stage_weights: dict[str, float] = Field(default_factory=dict)
     flow: FlowLearnerCfg = FlowLearnerCfg()  # images made of denoising steps: own clip range and KL units
     epochs: int = Field(1, ge=1)
     micro_batch_size: int = Field(64, ge=1)  # samples per forward/backward
@@ -109,15 +124,23 @@ class Learner(Section):
 
         return plugin_name(ALGORITHMS, v)
 
+    @field_validator("stage_weights", mode="before")
+    @classmethod
+    def _stage_weight_keys(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            raise ValueError("must be a mapping of stage -> weight, e.g. {reflect: 1.5, refine: 1.5}")
+        _check_stage_names(v)
+        odd = [k for k, x in v.items()
+               if isinstance(x, bool) or not isinstance(x, (int, float)) or not (x >= 0 and x < float("inf"))]
+        if odd:
+            raise ValueError(f"stage {odd[0]!r}: expected a finite weight >= 0, got {v[odd[0]]!r}")
+        return {k: float(x) for k, x in v.items()}
+
     @field_validator("normalize_std", mode="before")
     @classmethod
     def _stage_keys(cls, v: Any) -> Any:
-        stages = ("reason", "generate", "reflect", "refine")
         if isinstance(v, dict):
-            bad = [k for k in v if k not in stages]
-            if bad:
-                raise ValueError(f"unknown stage {bad[0]!r}{close_match(str(bad[0]), list(stages))} "
-                                 f"(valid: {', '.join(stages)})")
+            _check_stage_names(v)
             odd = [k for k, x in v.items() if not isinstance(x, bool)]
             if odd:
                 raise ValueError(f"stage {odd[0]!r}: expected true/false, got {v[odd[0]]!r}")

@@ -88,12 +88,13 @@ def flow_policy_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, *, clip_low: float = 1e-4,
     clip_high: float | None = None, adv_clip: float | None = 5.0, ratio_unit: str = "step",
     image: torch.Tensor | None = None, kl: torch.Tensor | None = None, kl_coef: float = 0.0,
-    policy_weight: float = 1.0,
+    policy_weight: float | torch.Tensor = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``policy_weight`` * clipped surrogate + ``kl_coef`` * mean KL over SDE-step rows; returns ``(loss, metrics)``.
 
     ``policy_weight`` is the image modality weight (R3: ``loss = 1.0 text + 2.0 image + 1e-3 image KL``: the
-    weight does not multiply the KL).
+    weight does not multiply the KL).  A ``[N]`` tensor weighs each row (one value per image: the image's stage
+    weight times the modality weight, ``learner.stage_weights``).
 
     Shapes: ``logp``, ``old_logp``, ``advantages`` (the image's advantage on each of its rows; NaN drops the
     row), ``kl`` (per row, from :func:`flow_gaussian_kl`) and ``image`` (which image a row belongs to; needed
@@ -111,7 +112,14 @@ def flow_policy_loss(
         raise ValueError(f"flow_policy_loss: unknown ratio_unit {ratio_unit!r}; valid: {', '.join(RATIO_UNITS)}")
     if adv_clip is not None and not adv_clip > 0:
         raise ValueError(f"flow_policy_loss: adv_clip must be > 0 or None, got {adv_clip}")
-    if not policy_weight >= 0:
+    row_weight = policy_weight if isinstance(policy_weight, torch.Tensor) else None
+    if row_weight is not None:
+        if row_weight.shape != logp.shape:
+            raise ValueError(f"flow_policy_loss: policy_weight {tuple(row_weight.shape)} must be a float or match "
+                             f"logp {tuple(logp.shape)}")
+        if not bool((row_weight >= 0).all()):
+            raise ValueError("flow_policy_loss: policy_weight must be >= 0 on every row")
+    elif not policy_weight >= 0:
         raise ValueError(f"flow_policy_loss: policy_weight must be >= 0, got {policy_weight}")
     if kl_coef != 0 and kl is None:
         raise ValueError("flow_policy_loss: kl_coef is non-zero but no kl was given")
@@ -131,11 +139,13 @@ def flow_policy_loss(
         logp, _ = image_means(logp, image)
         old, _ = image_means(old, image)
         kl = image_means(kl.to(logp.dtype), image)[0] if kl is not None else None
+        row_weight = image_means(row_weight.to(logp.dtype), image)[0] if row_weight is not None else None
 
     mask = torch.ones(logp.shape[0], 1, dtype=torch.bool, device=logp.device)
     loss, metrics = clipped_policy_loss(logp.unsqueeze(1), old.unsqueeze(1), adv, mask, clip_low=clip_low,
-                                        clip_high=clip_high, loss_type="token_mean")
-    loss = loss * policy_weight
+                                        clip_high=clip_high, loss_type="token_mean", row_weight=row_weight)
+    if row_weight is None:
+        loss = loss * policy_weight
     metrics["adv_clip_frac"] = adv_clip_frac.detach()
     if kl is not None:
         kept = ~torch.isnan(adv)

@@ -25,7 +25,7 @@ from r3_rl.algorithms.kl import kl_by_modality
 from r3_rl.algorithms.losses import clipped_policy_loss
 from r3_rl.flow.action import is_flow_segment
 from r3_rl.learner.actions import max_actions, micro_batch_inputs, micro_share
-from r3_rl.learner.batch import BatchStats, TrainItem, assign_advantages, collect_items
+from r3_rl.learner.batch import BatchStats, TrainItem, assign_advantages, collect_items, policy_weight
 from r3_rl.learner.flow_loss import flow_loss, flow_share
 from r3_rl.trajectory import Tree
 
@@ -111,8 +111,7 @@ class GRPO(Algorithm):
             inp = micro_batch_inputs(models.policy, models.reference, rows, cfg.kl_coef_text, cfg.kl_coef_image)
             dev = inp["logp"].device
             adv = torch.tensor([advantage(i) for i in tok_chunk], dtype=torch.float32, device=dev)
-            weight = torch.tensor([cfg.loss_weight_image if it.segment.modality == "image" else cfg.loss_weight_text
-                                   for it in rows], device=dev)
+            weight = torch.tensor([policy_weight(cfg, it) for it in rows], device=dev)
             loss, m = clipped_policy_loss(
                 inp["logp"], inp["old_logp"], adv, inp["mask"], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                 loss_type=cfg.loss_type, max_len=ctx["max_len"], ref_logp=inp["ref_logp"], kl_coef=inp["kl_coef"],

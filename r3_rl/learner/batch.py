@@ -34,6 +34,14 @@ class TrainItem:
     policy_version: int
 
 
+def policy_weight(cfg: Any, item: TrainItem) -> float:
+    """Weight of ``item``'s policy term (not its KL): its modality's (``learner.loss_weight_text`` /
+    ``loss_weight_image``) times its stage's (``learner.stage_weights``; unlisted stages 1)."""
+    modality = cfg.loss_weight_image if item.segment.modality == "image" else cfg.loss_weight_text
+    return modality * cfg.stage_weights.get(item.stage, 1.0)
+
+
+
 @dataclass
 class BatchStats:
     items: int = 0

@@ -4,8 +4,8 @@ A micro-batch is split by action kind (:func:`r3_rl.flow.action.is_flow_segment`
 tokens, other continuous actions) keep the token loss; flow segments train here, with the recipe's
 ``learner.flow`` settings -- their own clip range (~1e-4: a step's log-prob is a mean over the latent), advantage
 clip and ratio unit -- and the closed-form KL between the policy's and the reference's step Gaussians
-(``kl_kind``, coefficient ``learner.kl_coef_image``).  ``learner.loss_weight_image`` multiplies the policy term,
-not the KL, so the R3 recipe is ``loss = 1.0 text + 2.0 image + 1e-3 image KL``.
+(``kl_kind``, coefficient ``learner.kl_coef_image``).  ``learner.loss_weight_image`` (times the stage's
+``learner.stage_weights``) multiplies the policy term, not the KL, so the R3 recipe is ``loss = 1.0 text + 2.0 image + 1e-3 image KL``.
 
 Each kind is a mean over its own units within the mini-batch (tokens or rows per ``loss_type`` for tokens;
 SDE steps or images per ``ratio_unit`` for flow), and the two means add: a micro-batch contributes its share of
@@ -20,7 +20,7 @@ import torch
 
 from r3_rl.algorithms.flow_losses import flow_gaussian_kl, flow_policy_loss
 from r3_rl.flow.action import StepScores
-from r3_rl.learner.batch import TrainItem
+from r3_rl.learner.batch import TrainItem, policy_weight
 
 
 def flow_units(item: TrainItem, ratio_unit: str) -> int:
@@ -68,8 +68,10 @@ def flow_loss(policy: Any, reference: Any, items: Sequence[TrainItem], advantage
         std = torch.cat([s.std for s in scores]).to(mean.device).view(-1, *([1] * (mean.dim() - 1)))
         delta = torch.cat([s.delta for s in scores]).to(mean.device)
         kl = flow_gaussian_kl(mean, mean_ref, std, kind=f.kl_kind, delta=delta)
+    weights = [policy_weight(cfg, it) for it in items]  # one per image: its modality's and its stage's
+    weight = weights[0] if len(set(weights)) == 1 else _rows(scores, weights, logp.dtype, dev)
     loss, m = flow_policy_loss(logp, old, adv, clip_low=f.clip_low, clip_high=f.clip_high, adv_clip=f.adv_clip,
                                ratio_unit=f.ratio_unit, image=image, kl=kl,
                                kl_coef=cfg.kl_coef_image if kl is not None else 0.0,
-                               policy_weight=cfg.loss_weight_image)
+                               policy_weight=weight)
     return loss, {f"flow_{k}": float(v) for k, v in m.items()}, [logp]
