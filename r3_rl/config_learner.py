@@ -98,8 +98,8 @@ class Learner(Section):
     loss_weight_text: float = Field(1.0, ge=0.0)
     loss_weight_image: float = Field(1.0, ge=0.0)
     # per-stage weights of the policy loss (not of the KL), times the modality weight; stages not listed weigh 1.
-    # R3's stages share one set of weights: weighing reflect/refine up keeps the critic and the refiner from
-    # being overwritten by the generator's larger updates (README: R3 synergy)
+    # R3's stages share one set of weights, so this sets how much each role's updates count against the others'
+    # (in the Blocks demo no setting beat the default: README, R3 synergy)
     stage_weights: dict[str, float] = Field(default_factory=dict)
     flow: FlowLearnerCfg = FlowLearnerCfg()  # images made of denoising steps: own clip range and KL units
     epochs: int = Field(1, ge=1)

@@ -93,7 +93,7 @@ class GRPO(Algorithm):
 
     def loss(self, models: LearnerModels, items: list[TrainItem], chunk: range, mini: range,
              ctx: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
-        """Token rows: the clipped surrogate with per-row modality weights and the per-token KL.  Image rows made
+        """Token rows: the clipped surrogate with per-row weights (modality x stage) and the per-token KL.  Image rows made
         of denoising steps: the flow loss (:mod:`r3_rl.learner.flow_loss`).  The two kinds' means add."""
         cfg = self.cfg
         flow = [is_flow_segment(items[i].segment) for i in range(len(items))]
