@@ -93,8 +93,8 @@ class GRPO(Algorithm):
 
     def loss(self, models: LearnerModels, items: list[TrainItem], chunk: range, mini: range,
              ctx: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
-        """Token rows: the clipped surrogate with per-row weights (modality x stage) and the per-token KL.  Image rows made
-        of denoising steps: the flow loss (:mod:`r3_rl.learner.flow_loss`).  The two kinds' means add."""
+        """Token rows: the clipped surrogate with per-row weights (modality x stage) and the per-token KL.  Image
+        rows made of denoising steps: the flow loss (:mod:`r3_rl.learner.flow_loss`).  The two kinds' means add."""
         cfg = self.cfg
         flow = [is_flow_segment(items[i].segment) for i in range(len(items))]
         tok_chunk, tok_mini = [i for i in chunk if not flow[i]], [i for i in mini if not flow[i]]
