@@ -5,7 +5,8 @@ tokens, other continuous actions) keep the token loss; flow segments train here,
 ``learner.flow`` settings -- their own clip range (~1e-4: a step's log-prob is a mean over the latent), advantage
 clip and ratio unit -- and the closed-form KL between the policy's and the reference's step Gaussians
 (``kl_kind``, coefficient ``learner.kl_coef_image``).  ``learner.loss_weight_image`` (times the stage's
-``learner.stage_weights``) multiplies the policy term, not the KL, so the R3 recipe is ``loss = 1.0 text + 2.0 image + 1e-3 image KL``.
+``learner.stage_weights``) multiplies the policy term, not the KL, so the R3 recipe is
+``loss = 1.0 text + 2.0 image + 1e-3 image KL``.
 
 Each kind is a mean over its own units within the mini-batch (tokens or rows per ``loss_type`` for tokens;
 SDE steps or images per ``ratio_unit`` for flow), and the two means add: a micro-batch contributes its share of
