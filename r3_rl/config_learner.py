@@ -8,6 +8,7 @@ from pydantic import Field, field_validator
 
 from r3_rl.config_base import Section, plugin_name
 from r3_rl.errors import UserError, close_match
+from r3_rl.trajectory import STAGES, Stage
 
 
 class DeepSpeedCfg(Section):
@@ -58,9 +59,6 @@ class FlowLearnerCfg(Section):
     kl_kind: Literal["exact", "r3", "flow_grpo"] = "exact"
 
 
-STAGES = ("reason", "generate", "reflect", "refine")
-
-
 def _check_stage_names(mapping: dict[Any, Any]) -> None:
     """A per-stage mapping names only R3's stages (``ValueError`` naming the first other key)."""
     bad = [k for k in mapping if k not in STAGES]
@@ -69,7 +67,7 @@ def _check_stage_names(mapping: dict[Any, Any]) -> None:
                          f"(valid: {', '.join(STAGES)})")
 
 
-StageFlags = dict[Literal["reason", "generate", "reflect", "refine"], bool]
+StageFlags = dict[Stage, bool]
 
 
 class Learner(Section):

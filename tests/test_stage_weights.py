@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO
 from test_flow_learner import StubFlowPolicy, case, grpo
 from test_flow_losses import flow_grpo_reference
 
@@ -94,7 +95,8 @@ def test_token_stage_weights_scale_each_stage_and_zero_removes_its_gradient():
 ])
 def test_bad_stage_weights_are_one_line_errors_before_any_model_work(tmp_path, value, message):
     proc = subprocess.run([sys.executable, "-m", "r3_rl.cli", "train", "recipes/tiny_blocks.yaml", "--run-dir",
-                           str(tmp_path / "run"), "--set", value], capture_output=True, text=True, timeout=120)
+                           str(tmp_path / "run"), "--set", value], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "recipes/tiny_blocks.yaml" in lines[0] and "learner.stage_weights" in lines[0]

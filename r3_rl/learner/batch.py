@@ -41,7 +41,6 @@ def policy_weight(cfg: Any, item: TrainItem) -> float:
     return modality * cfg.stage_weights.get(item.stage, 1.0)
 
 
-
 @dataclass
 class BatchStats:
     items: int = 0
