@@ -6,7 +6,9 @@ and as mean / standard deviation / minimum over the runs:
 
 * first-image accuracy after RL minus before RL (goal >= +10 points),
 * after RL, final-round minus first-image accuracy (goal >= +5 points),
-* the critic's verdict balanced accuracy after RL minus before RL (goal >= +10 points),
+* the critic's verdict balanced accuracy after RL minus before RL (goal >= +10 points), with the same
+  within tags (mean of the per-tag figures: what a critic that reads only the prompt cannot raise) and on
+  the fixed reference images beside it,
 
 and whether each goal holds on *every* run (the claim), not only on the mean.  Wall times are per run and
 include the warm start and every eval; runs that share the machine are slower than one run alone.
@@ -14,7 +16,8 @@ include the warm start and every eval; runs that share the machine are slower th
     python benchmarks/r3_synergy.py [--seeds 0 1 2] [--threads 1 2] [--parallel 2] [--out runs/synergy]
                                     [--set key=value ...]
 
-A run directory that already holds a ``summary.json`` is read, not run again (``--fresh`` to redo).
+A run directory that already holds a ``summary.json`` is read, not run again (``--fresh`` to redo); its figures
+are computed again from its ``eval/before.json`` and ``eval/after.json``.
 """
 from __future__ import annotations
 
@@ -31,10 +34,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from r3_rl.eval.synergy import GOALS  # noqa: E402
+from r3_rl.eval.synergy import GOALS, synergy_figures  # noqa: E402
 
 FIGURES = ("first_image_gain", "refinement_after", "verdict_gain")
-EXTRA = ("reference_verdict_gain", "stop_rate_after")
+EXTRA = ("within_tag_verdict_gain", "reference_verdict_gain", "stop_rate_after")
 
 
 def run_one(recipe: str, out: Path, seed: int, threads: int, sets: list[str], fresh: bool) -> tuple[dict, float]:
@@ -43,7 +46,7 @@ def run_one(recipe: str, out: Path, seed: int, threads: int, sets: list[str], fr
     summary = run_dir / "summary.json"
     if summary.is_file() and not fresh:
         data = json.loads(summary.read_text())
-        return data["synergy"], float(data.get("wall_s", math.nan))
+        return _figures(run_dir, data), float(data.get("wall_s", math.nan))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "r3_rl.cli", "train", recipe, "--run-dir", str(run_dir),
            "--set", f"seed={seed}", "--set", f"threads={threads}", "--set", "log.console=false"]
@@ -58,7 +61,16 @@ def run_one(recipe: str, out: Path, seed: int, threads: int, sets: list[str], fr
     data = json.loads(summary.read_text())
     data["wall_s"] = wall
     summary.write_text(json.dumps(data, indent=2))
-    return data["synergy"], wall
+    return _figures(run_dir, data), wall
+
+
+def _figures(run_dir: Path, summary: dict) -> dict:
+    """The figures from the run's eval reports (so a run from before a figure existed shows it too), else
+    the ones its ``summary.json`` stored."""
+    before, after = run_dir / "eval" / "before.json", run_dir / "eval" / "after.json"
+    if before.is_file() and after.is_file():
+        return synergy_figures(json.loads(before.read_text()), json.loads(after.read_text()))
+    return summary["synergy"]
 
 
 def stats(xs: list[float]) -> tuple[float, float, float]:
@@ -86,17 +98,19 @@ def main() -> None:
     def pts(x: float) -> str:
         return f"{100 * x:+6.1f}" if math.isfinite(x) else "   nan"
 
-    head = "| seed | threads | first image | refinement after RL | verdict | (reference set) | stop rate after | wall |"
+    head = ("| seed | threads | first image | refinement after RL | verdict | (within tags) | (reference set) "
+            "| stop rate after | wall |")
     print(f"R3 synergy, {args.recipe}: figures in accuracy points (after RL minus before RL, except refinement)\n")
-    print(head + "\n|" + "---|" * 8)
+    print(head + "\n|" + "---|" * 9)
     for (seed, threads), (fig, wall) in zip(configs, results):
         print(f"| {seed} | {threads} | {pts(fig['first_image_gain'])} | {pts(fig['refinement_after'])} | "
-              f"{pts(fig['verdict_gain'])} | {pts(fig['reference_verdict_gain'])} | {fig['stop_rate_after']:.3f} | "
+              f"{pts(fig['verdict_gain'])} | {pts(fig.get('within_tag_verdict_gain', math.nan))} | "
+              f"{pts(fig['reference_verdict_gain'])} | {fig['stop_rate_after']:.3f} | "
               f"{wall / 60:.1f} min |")
     print()
     every = {}
-    for k in FIGURES + EXTRA[:1]:
-        xs = [fig[k] for fig, _ in results]
+    for k in FIGURES + EXTRA[:2]:
+        xs = [fig.get(k, math.nan) for fig, _ in results]
         m, sd, lo = stats(xs)
         goal = GOALS.get(k)
         every[k] = goal is not None and all(x >= goal for x in xs)

@@ -111,8 +111,9 @@ def understanding_table(report: dict[str, Any]) -> str:
     lines = ["| understanding (critic vs eval reward) | " + " | ".join(c for c, _ in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for key, label in (("stop_on_correct", "stop on a correct image"), ("edit_on_flawed", "edit on a flawed image"),
-                       ("balanced_accuracy", "**verdict balanced accuracy**")):
-        lines.append(f"| {label} | " + " | ".join(_f(v[key]) for _, v in cols) + " |")
+                       ("balanced_accuracy", "**verdict balanced accuracy**"),
+                       ("within_tag_balanced_accuracy", "balanced accuracy within tags (mean over tags)")):
+        lines.append(f"| {label} | " + " | ".join(_f(v.get(key)) for _, v in cols) + " |")
     lines.append("| images critiqued (correct / flawed) | " + " | ".join(
         f"{v['correct_images']} / {v['flawed_images']}" for _, v in cols) + " |")
     for name, yn in (("own images", u.get("yes_no")), ("reference set", (ref or {}).get("yes_no"))):

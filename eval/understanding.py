@@ -8,7 +8,8 @@ eval reward):
   reward's judgement of the image it critiqued: the stop rate on correct images, the edit rate on flawed
   images and their mean, the *balanced accuracy* (0.5 = a critic that cannot tell them apart, whatever
   its stop rate), overall, per round and per tag.  A critic that always stops scores 0.5, not its stop
-  rate on a mostly-correct eval set.
+  rate on a mostly-correct eval set.  The mean of the per-tag figures (*within tags*) is reported beside it:
+  a critic that reads only the prompt's tag scores 0.5 there however the tags' base rates differ.
 * **yes/no** -- where the prompt carries yes/no questions (TIIF lists, questions derived from GenEval /
   Blocks metadata by :mod:`r3_rl.rewards.checklists`), the policy's answers about its *own* images
   against the truth about that image.  A question derived from a GenEval clause carries that clause
@@ -75,16 +76,30 @@ Verdict = tuple[bool, bool, int, str]  # (critiqued image correct, stop, round, 
 
 
 def verdict_report(verdicts: Iterable[Verdict]) -> dict[str, Any]:
-    """``{"overall": summary, "per_round": {round: summary}, "per_tag": {tag: summary}}``."""
+    """``{"overall": summary, "per_round": {round: summary}, "per_tag": {tag: summary}}``.
+
+    ``overall`` also carries ``within_tag_balanced_accuracy``: the mean of the per-tag balanced accuracies
+    (tags with both correct and flawed images).  The pooled figure rewards a critic that reads only the
+    prompt: when tags differ in how often their images are correct, "always stop on single objects, always
+    edit on colour pairs" scores well above 0.5 pooled and exactly 0.5 within every tag.  Looking at the
+    image is what raises the within-tag figure."""
     overall = VerdictTally()
     per_round: dict[int, VerdictTally] = defaultdict(VerdictTally)
     per_tag: dict[str, VerdictTally] = defaultdict(VerdictTally)
     for correct, stop, rnd, tag in verdicts:
         for tally in (overall, per_round[rnd], per_tag[tag]):
             tally.add(correct, stop)
-    return {"overall": overall.summary(),
-            "per_round": {str(r): t.summary() for r, t in sorted(per_round.items())},
-            "per_tag": {tag: t.summary() for tag, t in sorted(per_tag.items())}}
+    tags = {tag: t.summary() for tag, t in sorted(per_tag.items())}
+    summary = overall.summary()
+    summary["within_tag_balanced_accuracy"] = within_tag_balanced_accuracy(tags)
+    return {"overall": summary, "per_round": {str(r): t.summary() for r, t in sorted(per_round.items())},
+            "per_tag": tags}
+
+
+def within_tag_balanced_accuracy(per_tag: dict[str, dict[str, Any]]) -> float:
+    """Mean balanced accuracy over the tags that have both correct and flawed images (NaN if none does)."""
+    both = [v["balanced_accuracy"] for v in per_tag.values() if v["correct_images"] and v["flawed_images"]]
+    return sum(both) / len(both) if both else float("nan")
 
 
 def tag_of(prompt: PromptItem) -> str:
@@ -195,7 +210,9 @@ def headline(report: dict[str, Any]) -> dict[str, float]:
     """The understanding figures a reader looks at first, flat (NaN where not measured)."""
     u = report.get("understanding", {})
     nan = float("nan")
-    out = {"verdict_balanced_accuracy": u.get("verdict", {}).get("overall", {}).get("balanced_accuracy", nan)}
+    overall = u.get("verdict", {}).get("overall", {})
+    out = {"verdict_balanced_accuracy": overall.get("balanced_accuracy", nan),
+           "verdict_within_tag_balanced_accuracy": overall.get("within_tag_balanced_accuracy", nan)}
     yn = u.get("yes_no", {})
     out["yes_no_accuracy"] = yn.get("accuracy", nan) if yn.get("available") else nan
     ref = u.get("reference")

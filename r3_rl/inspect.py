@@ -101,7 +101,8 @@ def run_overview(run_dir: Path) -> str:
         under = headline(rep)
         lines.append(f"  eval {p.stem}: accuracy per round {acc} (stop rate {fmt(rep.get('stop_rate'))}, "
                      f"{rep.get('prompts')} prompts); verdict balanced accuracy "
-                     f"{fmtn(under['verdict_balanced_accuracy'])}"
+                     f"{fmtn(under['verdict_balanced_accuracy'])} "
+                     f"(within tags {fmtn(under['verdict_within_tag_balanced_accuracy'])})"
                      + (f", reference set {fmtn(under['reference_balanced_accuracy'])}"
                         if "reference_balanced_accuracy" in under else ""))
     steps = list(trajectory_files(run_dir))
@@ -186,7 +187,8 @@ def chains_summary(trees: list[Tree], correct_threshold: float = 1.0) -> str:
     v = verdict_report(chain_verdicts(trees, correct_threshold))["overall"]
     lines.append(f"  critic: stop on correct images {fmtn(v['stop_on_correct'])} (of {v['correct_images']}), "
                  f"edit on flawed images {fmtn(v['edit_on_flawed'])} (of {v['flawed_images']}), "
-                 f"balanced accuracy {fmtn(v['balanced_accuracy'])}")
+                 f"balanced accuracy {fmtn(v['balanced_accuracy'])} "
+                 f"(within tags {fmtn(v['within_tag_balanced_accuracy'])})")
     return "\n".join(lines)
 
 

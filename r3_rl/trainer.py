@@ -78,7 +78,7 @@ class Trainer:
         """Sample the step's Tree-RL groups; each task's images are scored as soon as the task is back."""
         t = self.recipe.tree
         prompts = self.data.next_batch(t.prompts_per_step)
-        parents = self.buffer.sample(t.refine_groups_per_step, t.correct_parent_fraction, self.rng)
+        parents = self.buffer.sample(t.refine_groups_per_step, t.correct_parent_fraction, self.rng, t.parent_balance)
         tasks = plan_tasks(step, self.recipe.seed, prompts, parents, t.group_size,
                            groups_per_task=self.recipe.rollout.groups_per_task)
         trees = run_ordered(self.engine, tasks, self.sampling, on_task=self._score_task)

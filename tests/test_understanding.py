@@ -46,6 +46,30 @@ def test_verdict_report_counts_rates_and_balanced_accuracy() -> None:
     assert math.isnan(verdict_report([(True, True, 1, "t")])["overall"]["balanced_accuracy"])
 
 
+def test_within_tag_balanced_accuracy_sees_through_a_critic_that_reads_only_the_prompt() -> None:
+    """Tag "easy": 90 correct / 10 flawed images, the critic always stops; tag "hard": 10 / 90, it always
+    edits.  Pooled, that critic looks good (0.9 on both kinds); within each tag it is at chance."""
+    shortcut = ([(True, True, 1, "easy")] * 90 + [(False, True, 1, "easy")] * 10
+                + [(True, False, 1, "hard")] * 10 + [(False, False, 1, "hard")] * 90)
+    o = verdict_report(shortcut)["overall"]
+    assert o["balanced_accuracy"] == pytest.approx(0.9)
+    assert o["within_tag_balanced_accuracy"] == pytest.approx(0.5)
+    # a critic that reads the image: right on 80% of each tag's correct and 60% of its flawed images
+    reads = ([(True, True, 1, t)] * 8 + [(True, False, 1, t)] * 2 + [(False, False, 1, t)] * 6
+             + [(False, True, 1, t)] * 4 for t in ("easy", "hard"))
+    o = verdict_report([v for tag in reads for v in tag])["overall"]
+    assert o["within_tag_balanced_accuracy"] == pytest.approx(0.7) == o["balanced_accuracy"]
+    # tags with only one kind of image have no balanced accuracy and are left out of the mean
+    o = verdict_report(shortcut + [(True, True, 1, "single")] * 5)["overall"]
+    assert o["within_tag_balanced_accuracy"] == pytest.approx(0.5)
+    assert math.isnan(verdict_report([(True, True, 1, "t")])["overall"]["within_tag_balanced_accuracy"])
+    # a report written before the figure existed: the synergy figures compute it from its per-tag block
+    old = verdict_report(shortcut)
+    del old["overall"]["within_tag_balanced_accuracy"]
+    report = {"accuracy": [0.5], "stop_rate": 0.5, "understanding": {"verdict": old}}
+    assert synergy_figures(report, report)["within_tag_verdict_after"] == pytest.approx(0.5)
+
+
 def test_chain_verdicts_judge_the_critiqued_image() -> None:
     trees = [chain(0, [0.0, 1.0, 1.0], 2),  # edits a flawed image, then stops on the (correct) refined one
              chain(1, [1.0, 1.0], 1),  # stops on a correct first image
@@ -165,16 +189,25 @@ def test_report_table_and_synergy_figures() -> None:
                             "yes_no": {"available": True, **yes_no_summary([(0.9, True, "colors")])}}
     md = markdown_table(rep)
     assert "| **verdict balanced accuracy** | 1.000 | 1.000 |" in md
+    # each tag saw one kind of image only: no within-tag figure (and none per round: it is overall only)
+    assert "| balanced accuracy within tags (mean over tags) | - | - |" in md
     assert "| images critiqued (correct / flawed) | 1 / 1 | 1 / 1 |" in md
     assert "yes/no accuracy on own images: 1.000 (1 questions" in md
     assert headline(rep)["verdict_balanced_accuracy"] == 1.0
+    assert math.isnan(headline(rep)["verdict_within_tag_balanced_accuracy"])
     before = {"accuracy": [0.4, 0.5], "stop_rate": 0.9,
               "understanding": {"verdict": {"overall": {"balanced_accuracy": 0.6}}}}
     after = {"accuracy": [0.55, 0.62], "stop_rate": 0.5,
-             "understanding": {"verdict": {"overall": {"balanced_accuracy": 0.65}}}}
+             "understanding": {"verdict": {"overall": {"balanced_accuracy": 0.65,
+                                                       "within_tag_balanced_accuracy": 0.52}}}}
     fig = synergy_figures(before, after)
+    assert math.isnan(fig["within_tag_verdict_gain"])  # a report from before the figure existed: not a number
+    before["understanding"]["verdict"]["overall"]["within_tag_balanced_accuracy"] = 0.55
+    fig = synergy_figures(before, after)
+    assert fig["within_tag_verdict_gain"] == pytest.approx(-0.03)
     assert fig["first_image_gain"] == pytest.approx(0.15) and fig["refinement_after"] == pytest.approx(0.07)
     assert fig["verdict_gain"] == pytest.approx(0.05) and math.isnan(fig["reference_verdict_gain"])
     assert goals_met(fig) == {"first_image_gain": True, "refinement_after": True, "verdict_gain": False}
     lines = synergy_lines(fig)
     assert len(lines) == 3 and "+15.0 points" in lines[0] and "NOT met" in lines[2]
+    assert "within tags 0.550 -> 0.520 (-3.0 points)" in lines[2] and "reference images" not in lines[2]

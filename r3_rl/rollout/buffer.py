@@ -83,8 +83,28 @@ class ParentBuffer:
                        png=None if decodable else _png(entry.image), reward=float(entry.reward),
                        correct=bool(entry.correct), round=int(entry.round), source=entry.source)
 
-    def sample(self, n: int, correct_fraction: float, rng: random.Random) -> list[BufferEntry]:
-        """``n`` parents, each correct with probability ``correct_fraction`` when both kinds exist."""
+    def sample(self, n: int, correct_fraction: float, rng: random.Random, balance: str = "pool") -> list[BufferEntry]:
+        """``n`` parents, each correct with probability ``correct_fraction`` when both kinds exist.
+
+        ``balance="pool"`` draws from the whole correct or flawed pool.  ``balance="tag"`` first draws a prompt
+        tag (``metadata["tag"]``) uniformly among the tags that have both correct and flawed parents, then a
+        parent of that tag: within every tag the critic sees ``correct_fraction`` correct parents, so the
+        prompt's tag no longer tells the verdict (from the pools, easy tags give mostly correct images and hard
+        tags mostly flawed ones, and a critic can score by reading the prompt alone).  Without any such tag it
+        falls back to ``"pool"``."""
+        if balance == "tag":
+            by_tag: dict[str, tuple[list[_Stored], list[_Stored]]] = {}
+            for pool, kind in ((self.correct, 0), (self.flawed, 1)):
+                for s in pool:
+                    by_tag.setdefault(_tag_of(s.prompt), ([], []))[kind].append(s)
+            tags = sorted(t for t, (c, f) in by_tag.items() if c and f)
+            if tags:
+                out = []
+                for _ in range(n):
+                    correct, flawed = by_tag[tags[rng.randrange(len(tags))]]
+                    pool_ = correct if rng.random() < correct_fraction else flawed
+                    out.append(self._entry(pool_[rng.randrange(len(pool_))]))
+                return out
         out = []
         for _ in range(n):
             want_correct = rng.random() < correct_fraction
@@ -159,6 +179,11 @@ class ParentBuffer:
                 entry = BufferEntry(**{**d, "prompt": PromptItem(**d["prompt"]),
                                        "image": np.asarray(d["image"], dtype=np.uint8)})
                 (self.correct if pool == "correct" else self.flawed).append(self._stored(entry))
+
+
+def _tag_of(prompt: PromptItem) -> str:
+    tag = prompt.metadata.get("tag") if isinstance(prompt.metadata, dict) else None
+    return tag if isinstance(tag, str) else ""
 
 
 def _png(image: np.ndarray) -> bytes:
