@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from r3_rl.eval.understanding import within_tag_balanced_accuracy
+from r3_rl.eval.understanding import within_tags
 
 GOALS: dict[str, float] = {"first_image_gain": 0.10, "refinement_after": 0.05, "verdict_gain": 0.10}
 
@@ -25,10 +25,9 @@ GOALS: dict[str, float] = {"first_image_gain": 0.10, "refinement_after": 0.05, "
 def _verdict(report: dict[str, Any], where: str = "chains", key: str = "balanced_accuracy") -> float:
     u = report.get("understanding") or {}
     block = (u.get("verdict") if where == "chains" else (u.get("reference") or {}).get("verdict")) or {}
-    overall = block.get("overall", {})
-    if key == "within_tag_balanced_accuracy" and key not in overall and block.get("per_tag"):
-        return within_tag_balanced_accuracy(block["per_tag"])  # a report written before the figure existed
-    return float(overall.get(key, math.nan))
+    if key == "within_tag_balanced_accuracy":
+        return within_tags(block)
+    return float(block.get("overall", {}).get(key, math.nan))
 
 
 def synergy_figures(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:

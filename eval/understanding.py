@@ -98,8 +98,18 @@ def verdict_report(verdicts: Iterable[Verdict]) -> dict[str, Any]:
 
 def within_tag_balanced_accuracy(per_tag: dict[str, dict[str, Any]]) -> float:
     """Mean balanced accuracy over the tags that have both correct and flawed images (NaN if none does)."""
-    both = [v["balanced_accuracy"] for v in per_tag.values() if v["correct_images"] and v["flawed_images"]]
+    both = [v["balanced_accuracy"] for v in per_tag.values()
+            if v.get("correct_images") and v.get("flawed_images")]
     return sum(both) / len(both) if both else float("nan")
+
+
+def within_tags(block: dict[str, Any]) -> float:
+    """A verdict block's within-tag figure; a report written before the figure existed gets it from its
+    per-tag summaries."""
+    overall = block.get("overall", {})
+    if "within_tag_balanced_accuracy" in overall or not block.get("per_tag"):
+        return float(overall.get("within_tag_balanced_accuracy", float("nan")))
+    return within_tag_balanced_accuracy(block["per_tag"])
 
 
 def tag_of(prompt: PromptItem) -> str:
@@ -210,9 +220,9 @@ def headline(report: dict[str, Any]) -> dict[str, float]:
     """The understanding figures a reader looks at first, flat (NaN where not measured)."""
     u = report.get("understanding", {})
     nan = float("nan")
-    overall = u.get("verdict", {}).get("overall", {})
-    out = {"verdict_balanced_accuracy": overall.get("balanced_accuracy", nan),
-           "verdict_within_tag_balanced_accuracy": overall.get("within_tag_balanced_accuracy", nan)}
+    verdict = u.get("verdict", {})
+    out = {"verdict_balanced_accuracy": verdict.get("overall", {}).get("balanced_accuracy", nan),
+           "verdict_within_tag_balanced_accuracy": within_tags(verdict)}
     yn = u.get("yes_no", {})
     out["yes_no_accuracy"] = yn.get("accuracy", nan) if yn.get("available") else nan
     ref = u.get("reference")

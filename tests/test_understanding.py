@@ -68,6 +68,7 @@ def test_within_tag_balanced_accuracy_sees_through_a_critic_that_reads_only_the_
     del old["overall"]["within_tag_balanced_accuracy"]
     report = {"accuracy": [0.5], "stop_rate": 0.5, "understanding": {"verdict": old}}
     assert synergy_figures(report, report)["within_tag_verdict_after"] == pytest.approx(0.5)
+    assert headline(report)["verdict_within_tag_balanced_accuracy"] == pytest.approx(0.5)
 
 
 def test_chain_verdicts_judge_the_critiqued_image() -> None:
