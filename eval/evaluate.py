@@ -57,7 +57,7 @@ def summarise(trees: list[Tree], correct: list[list[Any]], rounds: int) -> dict[
                               "failed": [sum(1 for row in correct if row[r] is None) for r in range(rounds + 1)]}
     tags: dict[str, list[int]] = defaultdict(list)
     for i, t in enumerate(trees):
-        tags[str(t.prompt.metadata.get("tag", "all"))].append(i)
+        tags[t.prompt.tag].append(i)
 
     def acc(idx: list[int], r: int) -> float:
         vals = [correct[i][r] for i in idx if correct[i][r] is not None]

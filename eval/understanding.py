@@ -112,10 +112,6 @@ def within_tags(block: dict[str, Any]) -> float:
     return within_tag_balanced_accuracy(block["per_tag"])
 
 
-def tag_of(prompt: PromptItem) -> str:
-    return str(prompt.metadata.get("tag", "all"))
-
-
 def chain_verdicts(trees: list[Tree], correct_threshold: float) -> list[Verdict]:
     """Every critique of an eval chain against the eval score of the image it critiqued (set by
     :func:`r3_rl.eval.evaluate.score_chains`); critiques of an image whose eval reward failed are left out."""
@@ -126,7 +122,7 @@ def chain_verdicts(trees: list[Tree], correct_threshold: float) -> list[Verdict]
                 continue
             score = t.nodes[n.parent].meta.get("eval_score")
             if isinstance(score, (int, float)):
-                out.append((score >= correct_threshold, bool(n.stop), n.round, tag_of(t.prompt)))
+                out.append((score >= correct_threshold, bool(n.stop), n.round, t.prompt.tag))
     return out
 
 
@@ -187,7 +183,7 @@ def ask_yes_no(policy: Policy, images: list[JudgedImage], rewards: RewardSet, co
             probs.extend(policy.answer_yes_no([images[asks[k][0]].image for k in chunk], [asks[k][1] for k in chunk]))
     except NotImplementedError as e:
         return {"available": False, "why": str(e)}
-    rows = [(float(p), bool(truths[k]), tag_of(images[asks[k][0]].prompt)) for k, p in zip(keep, probs)]
+    rows = [(float(p), bool(truths[k]), images[asks[k][0]].prompt.tag) for k, p in zip(keep, probs)]
     return {"available": True, **yes_no_summary(rows)}
 
 
@@ -207,7 +203,7 @@ def reference_report(policy: Policy, refs: list[ReferenceImage], reflect: Sampli
         crits = policy.reflect([refs[i].prompt for i in idx], [inputs[i] for i in idx], reflect, gen)
         for i, c in zip(idx, crits):
             if correct[i] is not None:
-                verdicts.append((bool(correct[i]), parse_critique(c.text, stop_phrase)[1], 1, tag_of(refs[i].prompt)))
+                verdicts.append((bool(correct[i]), parse_critique(c.text, stop_phrase)[1], 1, refs[i].prompt.tag))
     out: dict[str, Any] = {"images": len(refs), "failed": sum(c is None for c in correct),
                            "verdict": verdict_report(verdicts)}
     if yes_no:

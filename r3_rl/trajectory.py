@@ -51,6 +51,12 @@ class PromptItem:
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
+    @property
+    def tag(self) -> str:
+        """The prompt's tag (``metadata["tag"]``, ``"all"`` without one): the key of every per-tag eval figure
+        and of tag-balanced refine parents."""
+        return str(self.metadata.get("tag", "all"))
+
 
 @dataclass
 class Segment:

@@ -96,7 +96,7 @@ class ParentBuffer:
             by_tag: dict[str, tuple[list[_Stored], list[_Stored]]] = {}
             for pool, kind in ((self.correct, 0), (self.flawed, 1)):
                 for s in pool:
-                    by_tag.setdefault(_tag_of(s.prompt), ([], []))[kind].append(s)
+                    by_tag.setdefault(s.prompt.tag, ([], []))[kind].append(s)
             tags = sorted(t for t, (c, f) in by_tag.items() if c and f)
             if tags:
                 out = []
@@ -179,11 +179,6 @@ class ParentBuffer:
                 entry = BufferEntry(**{**d, "prompt": PromptItem(**d["prompt"]),
                                        "image": np.asarray(d["image"], dtype=np.uint8)})
                 (self.correct if pool == "correct" else self.flawed).append(self._stored(entry))
-
-
-def _tag_of(prompt: PromptItem) -> str:
-    tag = prompt.metadata.get("tag") if isinstance(prompt.metadata, dict) else None
-    return tag if isinstance(tag, str) else ""
 
 
 def _png(image: np.ndarray) -> bytes:
