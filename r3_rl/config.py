@@ -175,6 +175,9 @@ class Rollout(Section):
     generate: Sampling = Sampling()
     reflect: Sampling = Sampling(max_new_tokens=24)
     refine: Sampling = Sampling()
+    # > 0: a parent whose critiques all gave one verdict is critiqued again at this temperature (GRPO learns
+    # nothing from a group that agrees; README: R3 synergy); 0 = off
+    verdict_rescue_temperature: float = Field(0.0, ge=0.0)
 
     @model_validator(mode="after")
     def _min_workers(self) -> "Rollout":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from r3_rl.config_base import Section, plugin_name
 from r3_rl.errors import UserError, close_match
@@ -88,6 +88,10 @@ class Learner(Section):
     # divide group advantages by the group std: one flag for all stages, or per stage ({reason: true, ...};
     # stages not listed are not normalised)
     normalize_std: bool | StageFlags = False
+    # the critique's baseline: "group" = its 8 siblings' mean (GRPO: a group that agrees teaches nothing, however
+    # wrong); "verdict" = the mean of the batch's other critiques of parents with the same verdict (correct /
+    # flawed), so a group that all stop on a flawed image is pushed to edit (README: R3 synergy)
+    critic_baseline: Literal["group", "verdict"] = "group"
     kl_coef_text: float = 1e-3
     kl_coef_image: float = 1e-3
     kl_kind: Literal["k1", "k2", "k3"] = "k3"
@@ -145,6 +149,13 @@ class Learner(Section):
         elif not isinstance(v, bool):
             raise ValueError("must be true/false or a mapping of stage -> true/false")
         return v
+
+    @model_validator(mode="after")
+    def _critic_baseline_needs_groups(self) -> "Learner":
+        if self.critic_baseline != "group" and self.algorithm == "ppo":
+            raise ValueError(f"critic_baseline: {self.critic_baseline!r} replaces GRPO's group baseline; PPO's "
+                             f"value head is its baseline: use critic_baseline: group with algorithm: ppo")
+        return self
 
 
 def check_ranks(cfg: Learner) -> None:

@@ -368,3 +368,21 @@ def test_one_definition_of_a_group_with_no_signal_everywhere() -> None:
     items, stats = collect_items([tree], 0, 0)
     assert [it.segment for it in items] == [tree.nodes["real0"].segment, tree.nodes["real1"].segment]
     assert stats.zero_signal_groups == 1 and stats.zero_signal_items == 2
+
+
+def test_leave_one_out_advantages_hand_case_and_naive_peer():
+    """Each reward against the mean of the other valid rewards of its pool; failures NaN and left out of every
+    baseline; a pool with one valid reward gives it 0.  Checked against a plain Python loop on random pools."""
+    from r3_rl.algorithms.advantages import leave_one_out_advantages
+
+    r = torch.tensor([1.0, 2.0, 3.0, math.nan, 5.0], dtype=torch.float64)
+    out = leave_one_out_advantages(r, ["a", "a", "a", "a", "b"])
+    assert out[:3].tolist() == [1.0 - 2.5, 2.0 - 2.0, 3.0 - 1.5] and math.isnan(out[3]) and out[4] == 0.0
+    rng = random.Random(3)
+    vals = [rng.choice([math.nan, rng.uniform(-2, 2)]) if rng.random() < 0.2 else rng.uniform(-2, 2) for _ in range(60)]
+    pools = [rng.choice("xyz") for _ in vals]
+    got = leave_one_out_advantages(torch.tensor(vals, dtype=torch.float64), pools).tolist()
+    for i, (v, p) in enumerate(zip(vals, pools)):
+        others = [w for j, (w, q) in enumerate(zip(vals, pools)) if j != i and q == p and not math.isnan(w)]
+        want = math.nan if math.isnan(v) else (v - sum(others) / len(others) if others else 0.0)
+        assert (math.isnan(got[i]) and math.isnan(want)) or abs(got[i] - want) < 1e-12

@@ -151,3 +151,29 @@ def test_correct_part_judges_images_as_the_eval_does() -> None:
     with pytest.raises(UserError, match="correct_part: 'blocks/right' is not a part of the task reward"):
         StageScorer(task, 0.1, ".*", ".*", 1.0, RULE, correct_part="blocks/right").score_images(
             [(g, g.nodes["g0"])])
+
+
+def test_critic_flaw_kinds_groups_critiques_by_the_parents_first_fix() -> None:
+    """``benchmarks/critic_flaw_kinds.py``: a green-circle prompt, a red circle (a recolour flaw) critiqued three
+    times (all stop: no right verdict) and a green circle critiqued twice (one stop: one right verdict)."""
+    import importlib.util
+    from pathlib import Path
+
+    from r3_rl.blocks import world
+    from r3_rl.trajectory import Node, PromptItem, Tree
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "critic_flaw_kinds.py"
+    spec = importlib.util.spec_from_file_location("critic_flaw_kinds", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    md = {"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "green"}]}
+    tree = Tree(id="t", prompt=PromptItem(id="p", prompt="a photo of a green circle", metadata=md))
+    for img, colour, stops in (("bad", "red", [True, True, True]), ("good", "green", [True, False])):
+        grid = world.empty_grid()
+        grid[0, 0] = world.token_of("circle", colour)
+        tree.add(Node(id=img, parent=None, stage="generate", round=0, group_id="g", policy_version=0,
+                      image_tokens=grid.reshape(-1).tolist()))
+        for j, stop in enumerate(stops):
+            tree.add(Node(id=f"{img}{j}", parent=img, stage="reflect", round=1, group_id=f"{img}/c",
+                          policy_version=0, stop=stop))
+    assert dict(mod.critique_groups([tree], (4, 4))) == {"recolor": [(0, 3)], "correct": [(1, 2)]}

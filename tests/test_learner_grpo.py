@@ -168,3 +168,59 @@ def test_normalize_std_per_stage() -> None:
     images = [tree.nodes[f"images{j}"].advantage for j in range(3)]
     assert plans == pytest.approx([0.5, -0.5, 0.0])
     assert images == pytest.approx([0.5 / (0.5 + 1e-6), -0.5 / (0.5 + 1e-6), 0.0])  # sample std of (1, 0, .5) = .5
+
+
+def _critic_tree() -> Tree:
+    """Two images, four critiques each: every critique of the flawed image stops (-1.0, a confident
+    mistake), the correct image's critiques mix stops (1.0) and one edit (-0.5)."""
+    tree = Tree(id="t", prompt=PromptItem(id="p", prompt="x"))
+    for img, ok in (("bad", False), ("good", True)):
+        tree.add(Node(id=img, parent=None, stage="generate", round=0, group_id="images", policy_version=-1,
+                      reward=0.0 if not ok else 1.0, meta={"correct": ok}))
+    for j in range(4):
+        tree.add(Node(id=f"bad{j}", parent="bad", stage="reflect", round=1, group_id="bad/critiques",
+                      policy_version=0, segment=_seg(), reward=-1.0, stop=True))
+        r = -0.5 if j == 0 else 1.0
+        tree.add(Node(id=f"good{j}", parent="good", stage="reflect", round=1, group_id="good/critiques",
+                      policy_version=0, segment=_seg(), reward=r, stop=j != 0))
+    return tree
+
+
+def test_critic_baseline_group_leaves_a_unanimous_mistake_untaught() -> None:
+    tree = _critic_tree()
+    assign_advantages([tree])
+    items, b = collect_items([tree], 0, 0)
+    assert all(it.segment is not tree.nodes[f"bad{j}"].segment for it in items for j in range(4))
+    assert b.zero_signal_items == 4
+    assert [round(tree.nodes[f"good{j}"].advantage, 6) for j in range(4)] == [-1.125, 0.375, 0.375, 0.375]
+
+
+def test_critic_baseline_verdict_pools_critiques_by_their_parents_verdict() -> None:
+    """With ``critic_baseline: verdict`` the flawed image's unanimous stops are compared with each other only
+    (one pool: all -1 -> advantage 0 each, still no push) -- so the pools must span images: add a second flawed
+    image whose critiques edit, and the stops get a negative advantage while they stay in the batch."""
+    tree = _critic_tree()
+    tree.add(Node(id="worse", parent=None, stage="generate", round=0, group_id="images", policy_version=-1,
+                  reward=0.5, meta={"correct": False}))
+    for j in range(4):
+        tree.add(Node(id=f"edit{j}", parent="worse", stage="reflect", round=1, group_id="worse/critiques",
+                      policy_version=0, segment=_seg(), reward=0.5, stop=False))
+    assign_advantages([tree], critic_baseline="verdict")
+    # flawed pool: four -1.0 and four 0.5; leave one out -> a stop's baseline (3 x -1 + 4 x 0.5) / 7 = -1/7
+    assert tree.nodes["bad0"].advantage == pytest.approx(-1.0 + 1 / 7)
+    assert tree.nodes["edit0"].advantage == pytest.approx(0.5 - (4 * -1.0 + 3 * 0.5) / 7)
+    # correct pool: the one edit against three stops, each stop against the other two stops and the edit
+    assert tree.nodes["good0"].advantage == pytest.approx(-1.5)
+    assert tree.nodes["good1"].advantage == pytest.approx(1.0 - 1.5 / 3)
+    items, b = collect_items([tree], 0, 0, pooled_stages=frozenset({"reflect"}))
+    trained = {id(it.segment) for it in items}
+    assert all(id(tree.nodes[f"bad{j}"].segment) in trained for j in range(4)) and b.zero_signal_items == 0
+
+
+def test_critic_baseline_is_a_grpo_option_only() -> None:
+    from r3_rl.config import Recipe
+
+    with pytest.raises(ValueError, match="critic_baseline"):
+        Recipe.model_validate({"learner": {"algorithm": "ppo", "critic_baseline": "verdict"}})
+    with pytest.raises(ValueError, match="group"):
+        Recipe.model_validate({"learner": {"critic_baseline": "mean"}})

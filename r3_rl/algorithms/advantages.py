@@ -72,6 +72,17 @@ def _per_group(rewards: torch.Tensor, gidx: torch.Tensor, n_groups: int) -> dict
     return {"count": count, "mean": mean, "std": std, "flat": (gmax - gmin) <= SIGNAL_ATOL}
 
 
+def _group_table(rewards: torch.Tensor, ids: Sequence[Hashable]) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """Checked rewards -> (each sample's group index on the rewards' device, :func:`_per_group`; None if empty)."""
+    _check_rewards(rewards)
+    idx, n = _group_index(ids, rewards.numel())
+    return idx.to(rewards.device), (_per_group(rewards, idx, n) if rewards.numel() else None)
+
+
+def _failed_as_nan(rewards: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isnan(rewards), torch.full_like(adv, math.nan), adv)
+
+
 def group_advantages(rewards: torch.Tensor, group_ids: Sequence[Hashable], *, normalize_std: bool = False,
                      eps: float = 1e-6) -> torch.Tensor:
     """Advantage of each sample relative to the valid members of its group (same dtype as ``rewards``).
@@ -80,18 +91,36 @@ def group_advantages(rewards: torch.Tensor, group_ids: Sequence[Hashable], *, no
     need not be contiguous.  Returns NaN for failed samples, 0 for valid members of no-signal groups (all
     equal or < 2 valid members), else ``r - mean`` (``/ (std + eps)`` with ``normalize_std``).
     """
-    _check_rewards(rewards)
-    gidx, n_groups = _group_index(group_ids, rewards.numel())
-    if rewards.numel() == 0:
+    gidx, g = _group_table(rewards, group_ids)
+    if g is None:
         return rewards.clone()
-    g = _per_group(rewards, gidx, n_groups)
-    gidx = gidx.to(rewards.device)
     adv = rewards - g["mean"][gidx]
     if normalize_std:
         adv = adv / (g["std"][gidx] + eps)
     no_signal = (g["count"] < 2) | g["flat"]
     adv = torch.where(no_signal[gidx], torch.zeros_like(adv), adv)
-    return torch.where(torch.isnan(rewards), torch.full_like(adv, math.nan), adv)
+    return _failed_as_nan(rewards, adv)
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, pool_ids: Sequence[Hashable]) -> torch.Tensor:
+    """``r_i`` minus the mean of the *other* valid rewards of its pool (RLOO's baseline, over a pool of samples
+    that need not share a prompt or an image).
+
+    Why: a GRPO group whose members all earn the same reward teaches nothing, however wrong they all are.  For
+    the critic that is the common case -- eight critiques of one flawed image that all say "no further edit
+    needed" -- and greedy evaluation sees exactly those confident mistakes.  Pooling the critiques of every
+    image with the same verdict (correct / flawed) gives such a group the advantage of its reward against the
+    other images' critiques: the baseline does not depend on the sample's own action, so the policy gradient
+    stays unbiased.  NaN rewards (failures) get NaN and are left out of every baseline; a pool with fewer than
+    two valid rewards gives its valid member 0.
+    """
+    pidx, g = _group_table(rewards, pool_ids)
+    if g is None:
+        return rewards.clone()
+    count = g["count"][pidx]
+    others = (g["mean"][pidx] * count - torch.nan_to_num(rewards)) / (count - 1).clamp(min=1)
+    adv = torch.where(count >= 2, rewards - others, torch.zeros_like(rewards))
+    return _failed_as_nan(rewards, adv)
 
 
 def group_stats(rewards: torch.Tensor, group_ids: Sequence[Hashable]) -> dict[str, float]:

@@ -78,12 +78,14 @@ class GRPO(Algorithm):
     """
 
     def advantages(self, trees: list[Tree]) -> dict[str, float]:
-        """Fill ``node.advantage`` among siblings (``learner.normalize_std``); returns group statistics."""
-        return assign_advantages(trees, self.cfg.normalize_std)
+        """Fill ``node.advantage`` among siblings (``learner.normalize_std``; critiques per
+        ``learner.critic_baseline``); returns group statistics."""
+        return assign_advantages(trees, self.cfg.normalize_std, self.cfg.critic_baseline)
 
     def batch(self, trees: list[Tree], version: int) -> tuple[list[TrainItem], BatchStats, dict[str, float]]:
         stats = self.advantages(trees)
-        items, counts = collect_items(trees, version, self.cfg.max_staleness)
+        pooled = frozenset({"reflect"}) if self.cfg.critic_baseline == "verdict" else frozenset()
+        items, counts = collect_items(trees, version, self.cfg.max_staleness, pooled_stages=pooled)
         stats["zero_signal_items"] = float(counts.zero_signal_items)
         return items, counts, stats
 

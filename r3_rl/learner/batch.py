@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from r3_rl.algorithms.advantages import group_advantages, group_stats
+from r3_rl.algorithms.advantages import group_advantages, group_stats, leave_one_out_advantages
 from r3_rl.algorithms.signal import has_signal
 from r3_rl.trajectory import Node, Segment, Tree
 
@@ -78,11 +78,28 @@ def no_signal_groups(nodes: list[Node]) -> set[str]:
     return {g for g, r in valid.items() if not has_signal(r)}
 
 
-def assign_advantages(trees: list[Tree], normalize_std: bool | Mapping[str, bool] = False) -> dict[str, float]:
+def critic_pools(trees: list[Tree]) -> dict[int, str]:
+    """``id(node) -> "correct" | "flawed"`` for every critique whose parent image the task reward judged
+    (``meta["correct"]``): the pools of ``learner.critic_baseline: verdict``."""
+    out: dict[int, str] = {}
+    for t in trees:
+        for n in t.nodes.values():
+            parent = t.nodes.get(n.parent) if n.stage == "reflect" and n.parent is not None else None
+            ok = parent.meta.get("correct") if parent is not None else None
+            if ok is not None:
+                out[id(n)] = "correct" if ok else "flawed"
+    return out
+
+
+def assign_advantages(trees: list[Tree], normalize_std: bool | Mapping[str, bool] = False,
+                      critic_baseline: str = "group") -> dict[str, float]:
     """Fill ``node.advantage`` for every node that has a group of siblings; returns group statistics.
 
-    ``normalize_std`` may differ per stage; a group's stage is its first member's.  The statistics are
-    :func:`~r3_rl.algorithms.advantages.group_stats` over all groups plus ``<stage>/<count>`` per stage.
+    ``normalize_std`` may differ per stage; a group's stage is its first member's.  ``critic_baseline:
+    "verdict"`` gives every critique whose parent was judged the leave-one-out advantage among the batch's
+    critiques of parents with the same verdict (:func:`~r3_rl.algorithms.advantages.leave_one_out_advantages`)
+    instead of its group's.  The statistics are :func:`~r3_rl.algorithms.advantages.group_stats` over all
+    groups plus ``<stage>/<count>`` per stage.
     """
     nodes = _trainable_nodes(trees)
     if not nodes:
@@ -100,6 +117,12 @@ def assign_advantages(trees: list[Tree], normalize_std: bool | Mapping[str, bool
         n.advantage = None if math.isnan(a) else a
         if n.meta.get("copied"):  # "no further edit": the image is the parent's, nothing to credit
             n.advantage = 0.0 if n.advantage is not None else None
+    if critic_baseline == "verdict":
+        pools = critic_pools(trees)
+        idx = [i for i, n in enumerate(nodes) if id(n) in pools]
+        pooled = leave_one_out_advantages(rewards[idx], [pools[id(nodes[i])] for i in idx]) if idx else []
+        for i, a in zip(idx, pooled):
+            nodes[i].advantage = None if math.isnan(float(a)) else float(a)
     stats = group_stats(rewards, groups)
     for stage in sorted({n.stage for n in nodes}):
         idx = [i for i, n in enumerate(nodes) if n.stage == stage]
@@ -110,12 +133,14 @@ def assign_advantages(trees: list[Tree], normalize_std: bool | Mapping[str, bool
 
 
 def collect_items(trees: list[Tree], current_version: int, max_staleness: int,
-                  drop_no_signal: bool = True) -> tuple[list[TrainItem], BatchStats]:
-    """Sampled nodes with an advantage -> :class:`TrainItem` s (see the module docstring for what is left out)."""
+                  drop_no_signal: bool = True, pooled_stages: frozenset[str] = frozenset()) -> tuple[list[TrainItem], BatchStats]:
+    """Sampled nodes with an advantage -> :class:`TrainItem` s (see the module docstring for what is left out).
+    Groups of ``pooled_stages`` (advantages taken against a pool wider than the group) are never dropped."""
     stats = BatchStats()
     items: list[TrainItem] = []
     nodes = _trainable_nodes(trees)
-    dead = no_signal_groups(nodes) if drop_no_signal else set()
+    pooled_groups = {n.group_id for n in nodes if n.stage in pooled_stages}
+    dead = no_signal_groups(nodes) - pooled_groups if drop_no_signal else set()
     stats.groups = len({n.group_id for n in nodes})
     stats.zero_signal_groups = len(dead)
     for n in nodes:

@@ -27,10 +27,13 @@ class StageSampling:
     generate: SamplingParams
     reflect: SamplingParams
     refine: SamplingParams
+    # critiques of a parent whose group all gave one verdict are sampled again with these (None = never)
+    reflect_rescue: SamplingParams | None = None
 
 
 def stage_sampling(recipe: Any, eval_mode: bool = False) -> StageSampling:
-    """Per-stage sampling from ``rollout.<stage>``; ``eval_mode`` applies the eval temperatures (0 = greedy)."""
+    """Per-stage sampling from ``rollout.<stage>``; ``eval_mode`` applies the eval temperatures (0 = greedy)
+    and never re-samples a critique group."""
     r = recipe.rollout
     sp = {k: getattr(r, k).params() for k in ("reason", "generate", "reflect", "refine")}
     if eval_mode:
@@ -38,6 +41,10 @@ def stage_sampling(recipe: Any, eval_mode: bool = False) -> StageSampling:
             temp = recipe.eval.image_temperature if stage in ("generate", "refine") else recipe.eval.text_temperature
             p.greedy = temp == 0
             p.temperature = temp or 1.0
+    elif r.verdict_rescue_temperature > 0:
+        rescue = r.reflect.params()
+        rescue.temperature, rescue.greedy = r.verdict_rescue_temperature, False
+        sp["reflect_rescue"] = rescue
     return StageSampling(**sp)
 
 
@@ -99,8 +106,9 @@ def _stage_bc(policy: Policy, task: RolloutTask, sp: StageSampling, gen: torch.G
     g = task.group_size
     prompts = [e.prompt for e in task.parents for _ in range(g)]
     inputs = [ImageInput(image=e.image, image_tokens=e.image_tokens) for e in task.parents for _ in range(g)]
-    critiques = policy.reflect(prompts, inputs, sp.reflect, gen)
+    critiques = list(policy.reflect(prompts, inputs, sp.reflect, gen))
     parsed = [parse_critique(c.text, stop_phrase) for c in critiques]
+    rescued = _rescue_unanimous(policy, task, sp, gen, stop_phrase, prompts, inputs, critiques, parsed)
     edit_idx = [k for k, (_, stop) in enumerate(parsed) if not stop]
     edited = policy.refine([prompts[k] for k in edit_idx], [inputs[k] for k in edit_idx],
                            [parsed[k][0] for k in edit_idx], sp.refine, gen) if edit_idx else []
@@ -109,7 +117,8 @@ def _stage_bc(policy: Policy, task: RolloutTask, sp: StageSampling, gen: torch.G
     for i, parent in enumerate(task.parents):
         tid = f"s{task.step}-t{task.index}-BC{i}"
         rnd = parent.round + 1
-        tree = Tree(id=tid, prompt=parent.prompt, meta={"kind": "BC", "step": task.step, "parent": parent.source})
+        tree = Tree(id=tid, prompt=parent.prompt, meta={"kind": "BC", "step": task.step, "parent": parent.source,
+                                                        **({"rescued": True} if i in rescued else {})})
         tree.add(Node(id="root", parent=None, stage="generate" if parent.round == 0 else "refine",
                       round=parent.round, group_id=f"{tid}/root", policy_version=-1, image=parent.image,
                       image_tokens=parent.image_tokens, reward=parent.reward, meta={"correct": parent.correct}))
@@ -130,3 +139,25 @@ def _stage_bc(policy: Policy, task: RolloutTask, sp: StageSampling, gen: torch.G
                               image_tokens=img.image_tokens))
         trees.append(tree)
     return trees
+
+
+def _rescue_unanimous(policy: Policy, task: RolloutTask, sp: StageSampling, gen: torch.Generator, stop_phrase: str,
+                      prompts: list[PromptItem], inputs: list[ImageInput], critiques: list[Any],
+                      parsed: list[tuple[str, bool]]) -> set[int]:
+    """``rollout.verdict_rescue_temperature``: sample again, at that temperature, the critiques of every parent
+    whose ``group_size`` critiques all gave the same verdict (in place); returns those parents' indices.
+
+    Why: GRPO learns nothing from a group that agrees, and a critic that is sure of a wrong verdict (eight
+    "no further edit needed" on a wrongly coloured image) agrees every time, so the flaws it cannot see are the
+    ones RL never shows it.  The hotter group is trained on as sampled (its segments record the temperature, and
+    the learner scores them under it), like any other group; the discarded group had no signal to give."""
+    if sp.reflect_rescue is None:
+        return set()
+    g = task.group_size
+    again = [i for i in range(len(task.parents)) if len({parsed[i * g + j][1] for j in range(g)}) == 1]
+    idx = [i * g + j for i in again for j in range(g)]
+    if idx:
+        redo = policy.reflect([prompts[k] for k in idx], [inputs[k] for k in idx], sp.reflect_rescue, gen)
+        for k, c in zip(idx, redo):
+            critiques[k], parsed[k] = c, parse_critique(c.text, stop_phrase)
+    return set(again)
