@@ -10,6 +10,7 @@ from r3_rl.config import Recipe
 from r3_rl.policy.base import ImageInput, ImageSample, Policy, TextSample
 from r3_rl.rollout.buffer import BufferEntry
 from r3_rl.rollout.tree_rl import RolloutTask, run_task, stage_sampling
+from r3_rl.tracking.metrics import group_metrics
 from r3_rl.trajectory import PromptItem, Segment
 
 STOP = "<think> fine </think> no further edit needed"
@@ -57,10 +58,11 @@ def test_unanimous_group_is_critiqued_again_hotter(temperature: float) -> None:
     assert stops[1] == [False, True, False, True]  # mixed: kept as sampled
     if temperature == 0.0:
         assert policy.reflect_calls == [(8, 1.0)] and stops[0] == [True] * 4
-        assert not any(t.meta.get("rescued") for t in trees)
+        assert not any("rescued" in t.meta for t in trees) and "groups/reflect/rescued" not in group_metrics(trees)
         return
     assert policy.reflect_calls == [(8, 1.0), (4, 2.5)]  # only the sure parent's four critiques again
-    assert stops[0] == [False] * 4 and trees[0].meta["rescued"] and "rescued" not in trees[1].meta
+    assert stops[0] == [False] * 4 and trees[0].meta["rescued"] is True and trees[1].meta["rescued"] is False
+    assert group_metrics(trees)["groups/reflect/rescued"] == 1.0
     temps = [n.segment.sampling["temperature"] for n in trees[0].nodes.values() if n.stage == "reflect"]
     assert temps == [2.5] * 4  # the hot critiques replaced the first ones (their segments say how they were sampled)
     assert sum(n.stage == "refine" and n.segment is not None for n in trees[0].nodes.values()) == 4

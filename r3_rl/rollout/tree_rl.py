@@ -118,7 +118,7 @@ def _stage_bc(policy: Policy, task: RolloutTask, sp: StageSampling, gen: torch.G
         tid = f"s{task.step}-t{task.index}-BC{i}"
         rnd = parent.round + 1
         tree = Tree(id=tid, prompt=parent.prompt, meta={"kind": "BC", "step": task.step, "parent": parent.source,
-                                                        **({"rescued": True} if i in rescued else {})})
+                                                        **({"rescued": i in rescued} if sp.reflect_rescue else {})})
         tree.add(Node(id="root", parent=None, stage="generate" if parent.round == 0 else "refine",
                       round=parent.round, group_id=f"{tid}/root", policy_version=-1, image=parent.image,
                       image_tokens=parent.image_tokens, reward=parent.reward, meta={"correct": parent.correct}))

@@ -205,6 +205,9 @@ def group_metrics(trees: list[Tree]) -> dict[str, float]:
         out[f"groups/{stage}/total"] = float(n_groups)
         out[f"groups/{stage}/zero_signal"] = float(n_zero)
     out["groups/zero_signal_fraction"] = zero / total if total else float("nan")
+    rescue = [bool(t.meta["rescued"]) for t in trees if "rescued" in t.meta]  # rollout.verdict_rescue_temperature
+    if rescue:
+        out["groups/reflect/rescued"] = float(sum(rescue))
     for stage, xs in sorted(advs.items()):
         out[f"advantage/{stage}/mean"] = _mean(xs)
         out[f"advantage/{stage}/std"] = _std(xs)
