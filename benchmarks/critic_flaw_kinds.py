@@ -2,8 +2,8 @@
 
 For every critique in the run's logged training steps (``trajectories/step_*.jsonl``, the refine stage's sibling
 groups) and in its eval samples (``eval/before_trajectories.jsonl``, ``eval/after_trajectories.jsonl``), the
-parent image's flaw kind is what the Blocks world's own diagnosis would fix first (``add``, ``remove``, ``make``
-= recolour, ``move``, ... or ``correct``).  Printed per kind:
+parent image's flaw kind is the kind of edit the Blocks world's own diagnosis would make first (``add``,
+``remove``, ``recolor``, ``move``, ``swap``; ``correct`` when there is none).  Printed per kind:
 
 * training groups: the share whose critiques all give the right verdict, mix, or all give the wrong one.  A group
   whose critiques all agree has no GRPO signal: a flaw kind the critic misses in every sibling is one RL cannot

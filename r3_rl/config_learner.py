@@ -90,7 +90,7 @@ class Learner(Section):
     normalize_std: bool | StageFlags = False
     # the critique's baseline: "group" = its 8 siblings' mean (GRPO: a group that agrees teaches nothing, however
     # wrong); "verdict" = the mean of the batch's other critiques of parents with the same verdict (correct /
-    # flawed), so a group that all stop on a flawed image is pushed to edit (README: R3 synergy)
+    # flawed), so a group that all stop on a flawed image gets a negative advantage (README: R3 synergy)
     critic_baseline: Literal["group", "verdict"] = "group"
     kl_coef_text: float = 1e-3
     kl_coef_image: float = 1e-3
