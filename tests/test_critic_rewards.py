@@ -177,3 +177,36 @@ def test_critic_flaw_kinds_groups_critiques_by_the_parents_first_fix() -> None:
             tree.add(Node(id=f"{img}{j}", parent=img, stage="reflect", round=1, group_id=f"{img}/c",
                           policy_version=0, stop=stop))
     assert dict(mod.critique_groups([tree], (4, 4))) == {"recolor": [(0, 3)], "correct": [(1, 2)]}
+
+
+def test_critic_probe_counts_each_flaw_kind_and_reads_the_critics_verdict() -> None:
+    """``benchmarks/critic_probe.py`` on a scripted critic that stops exactly on correct images: every kind's
+    stop rate is 1 on ``correct`` and 0 on each flaw, and each layout counts every image once."""
+    import importlib.util
+    from pathlib import Path
+
+    from r3_rl.blocks import edits
+    from r3_rl.config import Recipe
+    from r3_rl.data import BlocksPrompts
+    from r3_rl.policy.base import TextSample
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "critic_probe.py"
+    spec = importlib.util.spec_from_file_location("critic_probe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    class TruthfulCritic:
+        rows, cols = 4, 4
+
+        def reflect(self, prompts, images, sampling):  # noqa: ANN001, ANN201
+            out = []
+            for p, im in zip(prompts, images):
+                grid = np.asarray(im.image_tokens).reshape(4, 4)
+                out.append(TextSample(text=edits.critique_text(grid, p.metadata), segment=None))
+            return out
+
+    rates = mod.stop_rates(TruthfulCritic(), BlocksPrompts(tags=Recipe().data.blocks.tags, seed=3), 150)
+    for layout in ("canonical", "random"):
+        assert sum(total for (lay, _), (total, _) in rates.items() if lay == layout) == 150
+    assert {kind for _, kind in rates} >= {"correct", "add", "recolor"}
+    assert all(rate == (1.0 if kind == "correct" else 0.0) for (_, kind), (_, rate) in rates.items())

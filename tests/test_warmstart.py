@@ -100,3 +100,87 @@ def test_a_lenient_critic_misses_flaws_at_the_configured_rate(policy) -> None:  
             assert edits.diagnose(_grid(policy, first[0]), meta)  # the critiqued image is flawed
             lenient += policy.decode(first[1]) == LENIENT
         assert lenient / 16 == want
+
+
+def test_a_described_critique_names_every_object_then_gives_the_true_verdict() -> None:
+    from r3_rl.blocks.world import token_of
+    from r3_rl.policy.warmstart import critique_label, describe_grid
+
+    grid = np.zeros((4, 4), np.int64)
+    grid[0, 0] = token_of("triangle", "blue")
+    grid[1, 1] = grid[2, 3] = token_of("circle", "orange")
+    assert describe_grid(grid) == "the image has a blue triangle and two orange circles"
+    assert describe_grid(np.zeros((4, 4), np.int64)) == "the image is empty"
+    meta = {"include": [{"class": "triangle", "count": 1, "color": "purple"}]}
+    plain = edits.critique_text(grid, meta)
+    assert plain.endswith("make the blue triangle purple")  # a wrong colour
+    assert critique_label(grid, meta, describe=False) == plain
+    assert critique_label(grid, meta, describe=True) == (
+        "<think> the image has a blue triangle and two orange circles </think> make the blue triangle purple")
+    assert critique_label(grid, meta, describe=True, lenient=True).endswith("</think> no further edit needed")
+
+
+def test_critic_steps_draw_flaw_kinds_evenly_and_label_each_image_with_its_truth(policy) -> None:  # noqa: ANN001
+    from r3_rl.policy.warmstart import critic_examples, describe_grid
+
+    r = Recipe()
+    r.warmstart.describe = True
+    prompts = BlocksPrompts(tags={"color_attr": 1.0}, seed=0)  # one object kind, coloured: add / recolor / ...
+    rng = np.random.default_rng(0)
+    kinds: dict[str, int] = {}
+    examples = critic_examples(policy, prompts, 0, 400, r.warmstart, rng)
+    for k, (ctx, target) in enumerate(examples):
+        meta, grid = prompts.train_prompt(k).metadata, _grid(policy, ctx)
+        text = policy.decode(target)
+        verdict = edits.critique_text(grid, meta).split("</think>")[1].strip()
+        assert text == f"<think> {describe_grid(grid)} </think> {verdict}"  # the truth about this image
+        ops = edits.diagnose(grid, meta)
+        kind = ops[0].kind if ops else "correct"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    assert 160 <= kinds.pop("correct") <= 240  # half the images are left correct
+    assert set(kinds) == {"add", "recolor"} and abs(kinds["add"] - kinds["recolor"]) <= 40  # even, not 2:1
+
+
+def test_flaw_candidates_are_all_judged_incorrect_and_hold_what_perturb_draws() -> None:
+    meta = {"include": [{"class": "circle", "count": 1, "color": "red"}, {"class": "square", "count": 1}]}
+    grid = edits.random_correct_grid(meta, np.random.default_rng(0))
+    cands = edits.flaw_candidates(grid, meta, np.random.default_rng(1))
+    assert cands and all(not edits.judge(c, meta).correct for c in cands)
+    drawn = edits.perturb(grid, meta, np.random.default_rng(1))  # the same draws, one candidate picked
+    assert any(np.array_equal(drawn, c) for c in cands)
+
+
+def test_the_new_warm_start_options_change_its_cache_key_only_when_set() -> None:
+    from r3_rl.policy.warmstart import _key
+
+    r = Recipe()
+    base = _key(r)
+    assert "describe" not in base and _key(Recipe()) == base
+    r.warmstart.describe = True
+    assert _key(r) != base
+    r2 = Recipe()
+    r2.warmstart.critic_steps = 10
+    assert _key(r2) not in (base, _key(r))
+
+
+def test_a_described_warm_start_needs_room_for_the_critique(tmp_path) -> None:  # noqa: ANN001
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "r3_rl.cli", "train", "recipes/tiny_blocks.yaml", "--run-dir",
+                          str(tmp_path / "run"), "--set", "warmstart.describe=true"], capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "rollout.reflect.max_new_tokens" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_critic_steps_are_as_lenient_as_the_main_steps(policy) -> None:  # noqa: ANN001
+    from r3_rl.policy.warmstart import critic_examples
+
+    r = Recipe()
+    r.warmstart.miss_prob = 1.0
+    prompts = BlocksPrompts(tags={"colors": 1.0}, seed=0)
+    flawed = 0
+    for k, (ctx, target) in enumerate(critic_examples(policy, prompts, 0, 60, r.warmstart, np.random.default_rng(4))):
+        flawed += bool(edits.diagnose(_grid(policy, ctx), prompts.train_prompt(k).metadata))
+        assert policy.decode(target).endswith("</think> no further edit needed")  # flawed or not
+    assert 15 <= flawed <= 45

@@ -384,6 +384,14 @@ def _mutations(grid: np.ndarray, metadata: dict[str, Any], rng: np.random.Genera
     return cands
 
 
+def flaw_candidates(grid: np.ndarray, metadata: dict[str, Any], rng: np.random.Generator,
+                    cell: int = CELL) -> list[np.ndarray]:
+    """Every one-mistake variant of ``grid`` (the kinds :func:`perturb` draws from) that is judged incorrect."""
+    check_metadata(metadata)
+    cands = _mutations(np.array(grid, dtype=np.int64, copy=True), metadata, rng, cell)
+    return [g for g in cands if not judge(g, metadata, cell).correct]
+
+
 def perturb(grid: np.ndarray, metadata: dict[str, Any], rng: np.random.Generator, cell: int = CELL) -> np.ndarray:
     """A flawed variant of ``grid`` with one plausible mistake, always judged incorrect."""
     check_metadata(metadata)

@@ -11,6 +11,7 @@ from typing import Any
 
 from r3_rl.errors import UserError
 
+DESCRIBED_CRITIQUE_TOKENS = 40  # a described critique of a busy 4x4 grid: ~25 words of description + verdict
 MAX_PARAMS = 2_000_000_000  # fp32 weights + AdamW = 16 bytes a parameter: 32 GB already
 
 
@@ -52,6 +53,10 @@ class TinyRecipe:
         if params > MAX_PARAMS:
             raise UserError(f"{source}: policy.tiny: about {params:.3g} parameters, over the limit of "
                             f"{MAX_PARAMS:.0e} for the tiny CPU policy (use policy.kind: janus for real models)")
+        room = recipe.rollout.reflect.max_new_tokens
+        if recipe.warmstart.describe and recipe.warmstart.steps and room < DESCRIBED_CRITIQUE_TOKENS:
+            raise UserError(f"{source}: key 'rollout.reflect.max_new_tokens': {room} cuts short the critiques "
+                            f"warmstart.describe teaches; give at least {DESCRIBED_CRITIQUE_TOKENS}")
         model = recipe.policy.model
         if weights and model and not (Path(model).expanduser() / "config.json").is_file():
             raise UserError(f"policy.model: cannot load '{model}': no config.json there; give a directory written "

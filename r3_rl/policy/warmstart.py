@@ -14,6 +14,12 @@ The tiny model gets there with a short supervised stage on generated trajectorie
 
 so the warm-started policy is non-trivial but imperfect, leaving RL something real to improve.  The
 result is saved in the run directory (``warmstart/``) and reused when present with the same settings.
+
+With ``describe`` every critique's think text first says what the image holds ("the image has a blue
+triangle"), so the verdict compares two texts, the prompt and the description; ``critic_steps`` adds
+steps after the main ones whose batches are half critiques (half of those of flawed images, the flaw kind --
+add, remove, recolor, move, swap -- drawn evenly) and half the main steps' examples, so the rest is not
+forgotten.  Without both, the 128-wide critic never learns to catch a wrong colour (README: R3 synergy).
 """
 from __future__ import annotations
 
@@ -77,6 +83,56 @@ def canonical_grid(metadata: dict, rng: np.random.Generator, rows: int, cols: in
     return grid
 
 
+def describe_grid(grid: np.ndarray) -> str:
+    """What a grid holds, in the Blocks words: ``the image has a blue triangle and two red circles`` (kinds in
+    raster order of first appearance), or ``the image is empty``."""
+    from r3_rl.blocks.world import PLURALS, number_word, object_of
+
+    counts: dict[tuple[str, str], int] = {}
+    for token in np.asarray(grid).reshape(-1):
+        if token:
+            kind = object_of(int(token))
+            counts[kind] = counts.get(kind, 0) + 1  # type: ignore[index]
+    parts = [f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape}" if n == 1
+             else f"{number_word(n)} {color} {PLURALS[shape]}" for (shape, color), n in counts.items()]
+    return "the image has " + " and ".join(parts) if parts else "the image is empty"
+
+
+def critique_label(grid: np.ndarray, meta: dict, describe: bool, lenient: bool = False) -> str:
+    """The critique a warm-started critic is taught for ``grid``: the truth (:func:`edits.critique_text`), or
+    the stop phrase when ``lenient``; with ``describe`` the think text is :func:`describe_grid`'s."""
+    text = LENIENT if lenient else edits.critique_text(grid, meta)
+    if not describe:
+        return text
+    return f"<think> {describe_grid(grid)} </think> {text.split('</think>', 1)[1].strip()}"
+
+
+def critic_examples(policy: TinyUnifiedPolicy, prompts: BlocksPrompts, start: int, n: int, cfg: Any,
+                    rng: np.random.Generator) -> list[tuple[list[int], list[int]]]:
+    """``n`` critique examples (``critic_steps``): a correct grid (canonical or random layout), flawed half the
+    time with the flaw kind drawn evenly among those the prompt allows, so a rare kind (a wrong colour is one
+    flawed first image in six) is practised as often as a missing object."""
+    out = []
+    for k in range(start, start + n):
+        item = prompts.train_prompt(k)
+        meta = item.metadata
+        grid = (canonical_grid(meta, rng, policy.rows, policy.cols) if rng.random() < 0.5
+                else edits.random_correct_grid(meta, rng, policy.rows, policy.cols))
+        flawed = rng.random() < 0.5
+        if flawed:
+            by_kind: dict[str, list[np.ndarray]] = {}
+            for flaw in edits.flaw_candidates(grid, meta, rng):
+                by_kind.setdefault(edits.diagnose(flaw, meta)[0].kind, []).append(flaw)
+            kinds = sorted(by_kind)
+            pick = by_kind[kinds[int(rng.integers(len(kinds)))]]
+            grid = pick[int(rng.integers(len(pick)))]
+        lenient = flawed and cfg.miss_prob > 0 and rng.random() < cfg.miss_prob  # as lenient as the main steps
+        image_words = policy.image_words(ImageInput(image=np.zeros(0), image_tokens=grid.reshape(-1).tolist()))
+        out.append((policy.render("reflect", prompt=item.prompt, image=image_words),
+                    policy.encode(critique_label(grid, meta, cfg.describe, lenient=lenient)) + [policy.stop_id]))
+    return out
+
+
 def synthetic_examples(policy: TinyUnifiedPolicy, prompts: BlocksPrompts, start: int, n: int, cfg: Any,
                        rng: np.random.Generator) -> list[tuple[list[int], list[int]]]:
     """(context ids, target ids) pairs for every stage of ``n`` synthetic R3 trajectories."""
@@ -102,7 +158,7 @@ def synthetic_examples(policy: TinyUnifiedPolicy, prompts: BlocksPrompts, start:
         for _ in range(cfg.rounds):
             ops = edits.diagnose(cur, meta)
             missed = bool(ops) and cfg.miss_prob > 0 and rng.random() < cfg.miss_prob
-            critique = LENIENT if missed else edits.critique_text(cur, meta)  # a lenient critic misses the flaw
+            critique = critique_label(cur, meta, cfg.describe, lenient=missed)  # a lenient critic misses the flaw
             image_words = policy.image_words(ImageInput(image=np.zeros(0), image_tokens=cur.reshape(-1).tolist()))
             out.append((policy.render("reflect", prompt=item.prompt, image=image_words),
                         policy.encode(critique) + [policy.stop_id]))
@@ -177,6 +233,15 @@ def sft_loss(policy: TinyUnifiedPolicy, batch: list[tuple[list[int], list[int]]]
                                              ignore_index=-100)
 
 
+def _step(opt: torch.optim.Optimizer, model: torch.nn.Module, loss: torch.Tensor) -> float:
+    """One clipped optimiser step on ``loss``; returns its value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
 def warmstart(policy: TinyUnifiedPolicy, recipe: Any, log: Any = None,
               loss_fn: Callable[[Any, list[tuple[list[int], list[int]]]], torch.Tensor] = sft_loss) -> dict[str, float]:
     """``warmstart.steps`` optimiser steps of ``loss_fn`` (default: cross-entropy on every target; the tiny flow
@@ -194,21 +259,33 @@ def warmstart(policy: TinyUnifiedPolicy, recipe: Any, log: Any = None,
     for step in range(cfg.steps):
         examples = synthetic_examples(policy, prompts, step * trajectories_per_step, trajectories_per_step, cfg, rng)
         rng.shuffle(examples)
-        loss = loss_fn(policy, examples[:cfg.batch_size])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss_v = _step(opt, model, loss_fn(policy, examples[:cfg.batch_size]))
         sched.step()
-        loss_v = float(loss.detach())
         if log is not None and (step % 100 == 0 or step + 1 == cfg.steps):
             log.print(f"warm start {step + 1:>4}/{cfg.steps}  loss {loss_v:.4f}  {time.time() - t0:5.1f}s")
+    if cfg.critic_steps:  # a constant third of the peak rate: the one-cycle schedule has ended near zero
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr / 3
+        half = max(1, cfg.batch_size // 2)
+        for step in range(cfg.critic_steps):  # half critiques, half the main steps' examples: the rest is not forgotten
+            start = cfg.steps * trajectories_per_step + step * (trajectories_per_step + half)  # unseen prompts, in order
+            rehearsal = synthetic_examples(policy, prompts, start, trajectories_per_step, cfg, rng)
+            rng.shuffle(rehearsal)
+            critiques = critic_examples(policy, prompts, start + trajectories_per_step, half, cfg, rng)
+            loss_v = _step(opt, model, loss_fn(policy, critiques + rehearsal[:cfg.batch_size - half]))
+            if log is not None and (step % 100 == 0 or step + 1 == cfg.critic_steps):
+                log.print(f"warm start, critic {step + 1:>4}/{cfg.critic_steps}  loss {loss_v:.4f}  "
+                          f"{time.time() - t0:5.1f}s")
     model.eval()
     return {"loss": loss_v, "seconds": time.time() - t0}
 
 
 def _key(recipe: Any, tag: str = "") -> str:
-    blob = json.dumps({**({"tag": tag} if tag else {}), "warmstart": recipe.warmstart.model_dump(), "tiny": recipe.policy.tiny.model_dump(),
+    warm = recipe.warmstart.model_dump()
+    for key, off in (("describe", False), ("critic_steps", 0)):  # options added later: off, the key is unchanged
+        if warm[key] == off:
+            del warm[key]
+    blob = json.dumps({**({"tag": tag} if tag else {}), "warmstart": warm, "tiny": recipe.policy.tiny.model_dump(),
                        "blocks": recipe.data.blocks.model_dump(), "templates": recipe.templates.model_dump(),
                        "seed": recipe.seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
