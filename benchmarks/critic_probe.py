@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from r3_rl.blocks import edits  # noqa: E402
 from r3_rl.config import load_recipe  # noqa: E402
 from r3_rl.data import BlocksPrompts  # noqa: E402
-from r3_rl.policy.base import ImageInput  # noqa: E402
+from r3_rl.policy.base import ImageInput, parse_critique  # noqa: E402
 from r3_rl.policy.tiny import TinyUnifiedPolicy  # noqa: E402
 from r3_rl.policy.warmstart import canonical_grid  # noqa: E402
 from r3_rl.trajectory import SamplingParams  # noqa: E402
@@ -52,7 +52,7 @@ def stop_rates(policy: TinyUnifiedPolicy, prompts: BlocksPrompts, n: int, seed: 
         for i in range(0, n, 100):
             for kind, critique in zip(kinds[i:i + 100], policy.reflect(items[i:i + 100], images[i:i + 100], sampling)):
                 counts[(layout, kind)][0] += 1
-                counts[(layout, kind)][1] += "no further edit needed" in critique.text
+                counts[(layout, kind)][1] += parse_critique(critique.text)[1]  # the verdict as the R3 loop reads it
     return {key: (total, stops / total) for key, (total, stops) in sorted(counts.items())}
 
 
