@@ -5,9 +5,12 @@ N images greedily: correct grids of held-out-style prompts in the warm start's c
 layouts, flawed 70% of the time by :func:`r3_rl.blocks.edits.perturb` (the warm start's own flaws).  Printed per
 layout and flaw kind (the Blocks world's first fix: ``add``, ``remove``, ``recolor``, ``move``, ``swap``;
 ``correct`` when there is none): the count and the stop rate (on ``correct`` the higher the better, on a flaw
-the lower).  Unlike ``critic_flaw_kinds.py`` it needs no run, and every kind gets tens of images.
+the lower).  Unlike ``critic_flaw_kinds.py`` it needs no run, and every kind gets tens of images.  Prompts come
+from the training stream, or with ``--split heldout`` from the eval's held-out list (prompts the model never
+trained on: the critic's verdict on those is what the eval measures); ``--tags`` keeps some tags only.
 
     python benchmarks/critic_probe.py runs/tiny_blocks/warmstart [MORE_FOLDERS] [--n 600] [--recipe R]
+    python benchmarks/critic_probe.py RUN/warmstart RUN/final --tags counting --split heldout
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from r3_rl.blocks import edits  # noqa: E402
+from r3_rl.blocks.prompts import TAGS  # noqa: E402
 from r3_rl.config import load_recipe  # noqa: E402
 from r3_rl.data import BlocksPrompts  # noqa: E402
 from r3_rl.policy.base import ImageInput, parse_critique  # noqa: E402
@@ -31,15 +35,17 @@ from r3_rl.trajectory import SamplingParams  # noqa: E402
 
 
 def stop_rates(policy: TinyUnifiedPolicy, prompts: BlocksPrompts, n: int, seed: int = 0,
-               max_new_tokens: int = 48) -> dict[tuple[str, str], tuple[int, float]]:
-    """(layout, flaw kind) -> (images, greedy stop rate)."""
+               max_new_tokens: int = 48, split: str = "train") -> dict[tuple[str, str], tuple[int, float]]:
+    """(layout, flaw kind) -> (images, greedy stop rate), on ``split``'s prompts ("train" or "heldout")."""
     rng = np.random.default_rng(seed)
+    held = prompts.held_out(n) if split == "heldout" else []
+    prompt_of = prompts.train_prompt if split == "train" else held.__getitem__
     counts: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0])
     sampling = SamplingParams(greedy=True, max_new_tokens=max_new_tokens)
     for layout in ("canonical", "random"):
         items, images, kinds = [], [], []
         for k in range(n):
-            item = prompts.train_prompt(k)
+            item = prompt_of(k)
             meta = item.metadata
             grid = (canonical_grid(meta, rng, policy.rows, policy.cols) if layout == "canonical"
                     else edits.random_correct_grid(meta, rng, policy.rows, policy.cols))
@@ -61,14 +67,17 @@ def main() -> None:
     ap.add_argument("folders", nargs="+", type=Path, help="save_pretrained folders of tiny policies")
     ap.add_argument("--n", type=int, default=600, help="images per layout")
     ap.add_argument("--recipe", default="recipes/tiny_blocks.yaml", help="templates and prompt tags from here")
+    ap.add_argument("--split", choices=("train", "heldout"), default="train", help="which prompts (default train)")
+    ap.add_argument("--tags", nargs="+", choices=TAGS, help="only these prompt tags (default: the recipe's mix)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     recipe = load_recipe(args.recipe)
     for folder in args.folders:
         policy = TinyUnifiedPolicy.from_pretrained(str(folder), recipe.templates.model_dump())
-        prompts = BlocksPrompts(tags=recipe.data.blocks.tags, seed=777)  # not the warm start's stream
-        print(f"{folder}")
-        for (layout, kind), (total, rate) in stop_rates(policy, prompts, args.n).items():
+        tags = {t: 1.0 for t in args.tags} if args.tags else recipe.data.blocks.tags
+        prompts = BlocksPrompts(tags=tags, seed=777)  # not the warm start's stream
+        print(f"{folder} ({args.split} prompts)")
+        for (layout, kind), (total, rate) in stop_rates(policy, prompts, args.n, split=args.split).items():
             print(f"  {layout:9s} {kind:8s} images {total:4d}  stop {rate:.2f}")
 
 

@@ -112,8 +112,16 @@ class Warmstart(Section):
     random_layouts: float = Field(0.0, ge=0.0, le=1.0)  # critique chains on a randomly laid-out image this often
     random_edits: float = Field(0.0, ge=0.0, le=1.0)  # + a random instruction applied exactly (no-op if it does not apply)
     miss_prob: float = Field(0.0, ge=0.0, le=1.0)  # a flawed image's critique says "no further edit needed" (lenient)
-    describe: bool = False  # critiques first say what the image holds ("the image has a blue circle"), then the verdict
+    # critiques first say what the image holds, then the verdict: "objects" lists them ("the image has a blue
+    # circle and two red circles"), "counts" first totals each shape ("the image has three circles with ...");
+    # true = "objects", false = "none" (README: R3 synergy)
+    describe: Literal["none", "objects", "counts"] = "none"
     critic_steps: int = Field(0, ge=0)  # + steps of half critiques (flaw kinds drawn evenly), half main-step examples
+
+    @field_validator("describe", mode="before")
+    @classmethod
+    def _describe_bool(cls, v: Any) -> Any:
+        return {True: "objects", False: "none"}.get(v, v) if isinstance(v, bool) else v
 
 
 class Tree(Section):

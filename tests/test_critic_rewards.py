@@ -197,10 +197,12 @@ def test_critic_probe_counts_each_flaw_kind_and_reads_the_critics_verdict() -> N
 
     class TruthfulCritic:
         rows, cols = 4, 4
+        seen: set[str] = set()
 
         def reflect(self, prompts, images, sampling):  # noqa: ANN001, ANN201
             out = []
             for p, im in zip(prompts, images):
+                self.seen.add(p.prompt)
                 grid = np.asarray(im.image_tokens).reshape(4, 4)
                 out.append(TextSample(text=edits.critique_text(grid, p.metadata), segment=None))
             return out
@@ -210,3 +212,10 @@ def test_critic_probe_counts_each_flaw_kind_and_reads_the_critics_verdict() -> N
         assert sum(total for (lay, _), (total, _) in rates.items() if lay == layout) == 150
     assert {kind for _, kind in rates} >= {"correct", "add", "recolor"}
     assert all(rate == (1.0 if kind == "correct" else 0.0) for (_, kind), (_, rate) in rates.items())
+    counting = BlocksPrompts(tags={"counting": 1.0}, seed=3)
+    held = {item.prompt for item in counting.held_out(50)}
+    critic = TruthfulCritic()
+    critic.seen = set()
+    rates = mod.stop_rates(critic, counting, 50, split="heldout")  # the eval's prompts, none of training's
+    assert critic.seen == held and not held & {counting.train_prompt(k).prompt for k in range(200)}
+    assert sum(total for (lay, _), (total, _) in rates.items() if lay == "random") == 50

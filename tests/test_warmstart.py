@@ -114,17 +114,45 @@ def test_a_described_critique_names_every_object_then_gives_the_true_verdict() -
     meta = {"include": [{"class": "triangle", "count": 1, "color": "purple"}]}
     plain = edits.critique_text(grid, meta)
     assert plain.endswith("make the blue triangle purple")  # a wrong colour
-    assert critique_label(grid, meta, describe=False) == plain
-    assert critique_label(grid, meta, describe=True) == (
+    assert critique_label(grid, meta, describe="none") == plain
+    assert critique_label(grid, meta, describe="objects") == (
         "<think> the image has a blue triangle and two orange circles </think> make the blue triangle purple")
-    assert critique_label(grid, meta, describe=True, lenient=True).endswith("</think> no further edit needed")
+    assert critique_label(grid, meta, describe="objects", lenient=True).endswith("</think> no further edit needed")
+
+
+def test_a_counted_description_totals_each_shape_before_listing_the_objects() -> None:
+    from r3_rl.blocks.world import token_of
+    from r3_rl.policy.warmstart import critique_label, describe_grid
+
+    grid = np.zeros((4, 4), np.int64)
+    grid[0, 1] = token_of("circle", "green")
+    grid[0, 3] = token_of("triangle", "orange")
+    grid[1, 0] = grid[3, 2] = token_of("circle", "red")
+    assert describe_grid(grid, counts=True) == (
+        "the image has three circles and a triangle with a green circle and an orange triangle and two red circles")
+    assert describe_grid(np.zeros((4, 4), np.int64), counts=True) == "the image is empty"
+    three, four = ({"include": [{"class": "circle", "count": n}]} for n in (3, 4))
+    assert critique_label(grid, three, describe="counts").endswith("</think> no further edit needed")
+    assert critique_label(grid, four, describe="counts") == (
+        f"<think> {describe_grid(grid, counts=True)} </think> add a circle")
+
+
+def test_describe_takes_the_old_switch_and_refuses_an_unknown_style() -> None:
+    import pydantic
+
+    from r3_rl.config import Warmstart
+
+    assert Warmstart(describe=True).describe == "objects" and Warmstart(describe=False).describe == "none"
+    assert Warmstart(describe="counts").describe == "counts"
+    with pytest.raises(pydantic.ValidationError, match="objects"):
+        Warmstart(describe="maybe")
 
 
 def test_critic_steps_draw_flaw_kinds_evenly_and_label_each_image_with_its_truth(policy) -> None:  # noqa: ANN001
     from r3_rl.policy.warmstart import critic_examples, describe_grid
 
     r = Recipe()
-    r.warmstart.describe = True
+    r.warmstart.describe = "objects"
     prompts = BlocksPrompts(tags={"color_attr": 1.0}, seed=0)  # one object kind, coloured: add / recolor / ...
     rng = np.random.default_rng(0)
     kinds: dict[str, int] = {}
@@ -156,8 +184,11 @@ def test_the_new_warm_start_options_change_its_cache_key_only_when_set() -> None
     r = Recipe()
     base = _key(r)
     assert "describe" not in base and _key(Recipe()) == base
-    r.warmstart.describe = True
+    r.warmstart.describe = "objects"
     assert _key(r) != base
+    counted = Recipe()
+    counted.warmstart.describe = "counts"
+    assert _key(counted) not in (base, _key(r))
     r2 = Recipe()
     r2.warmstart.critic_steps = 10
     assert _key(r2) not in (base, _key(r))

@@ -11,7 +11,9 @@ from typing import Any
 
 from r3_rl.errors import UserError
 
-DESCRIBED_CRITIQUE_TOKENS = 40  # a described critique of a busy 4x4 grid: ~25 words of description + verdict
+# reflect tokens a described critique (``warmstart.describe``) of a busy 4x4 grid needs: the longest of 3000
+# synthetic ones is 28 words with "objects", 31 with "counts", verdict included
+DESCRIBED_CRITIQUE_TOKENS = 40
 MAX_PARAMS = 2_000_000_000  # fp32 weights + AdamW = 16 bytes a parameter: 32 GB already
 
 
@@ -54,9 +56,10 @@ class TinyRecipe:
             raise UserError(f"{source}: policy.tiny: about {params:.3g} parameters, over the limit of "
                             f"{MAX_PARAMS:.0e} for the tiny CPU policy (use policy.kind: janus for real models)")
         room = recipe.rollout.reflect.max_new_tokens
-        if recipe.warmstart.describe and recipe.warmstart.steps and room < DESCRIBED_CRITIQUE_TOKENS:
+        need = DESCRIBED_CRITIQUE_TOKENS
+        if recipe.warmstart.describe != "none" and recipe.warmstart.steps and room < need:
             raise UserError(f"{source}: key 'rollout.reflect.max_new_tokens': {room} cuts short the critiques "
-                            f"warmstart.describe teaches; give at least {DESCRIBED_CRITIQUE_TOKENS}")
+                            f"warmstart.describe={recipe.warmstart.describe} teaches; give at least {need}")
         model = recipe.policy.model
         if weights and model and not (Path(model).expanduser() / "config.json").is_file():
             raise UserError(f"policy.model: cannot load '{model}': no config.json there; give a directory written "
