@@ -116,6 +116,12 @@ def understanding_table(report: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(_f(v.get(key)) for _, v in cols) + " |")
     lines.append("| images critiqued (correct / flawed) | " + " | ".join(
         f"{v['correct_images']} / {v['flawed_images']}" for _, v in cols) + " |")
+    kinds = (ref or {}).get("per_kind")
+    if kinds:
+        lines += ["", "| reference set, by how the image was built | images | judged correct | **stop rate** |",
+                  "|---|---|---|---|"]
+        lines += [f"| {kind} | {v['images']} | {_f(v['judged_correct'])} | {_f(v['stop_rate'])} |"
+                  for kind, v in kinds.items()]
     for name, yn in (("own images", u.get("yes_no")), ("reference set", (ref or {}).get("yes_no"))):
         if yn and yn.get("available"):
             lines.append(f"\nyes/no accuracy on {name}: {_f(yn['accuracy'])} ({yn['questions']} questions; "

@@ -198,18 +198,34 @@ def reference_report(policy: Policy, refs: list[ReferenceImage], reflect: Sampli
     inputs = [ImageInput(r.image, r.image_tokens) for r in refs]
     gen = torch.Generator().manual_seed(seed)
     verdicts: list[Verdict] = []
+    kinds: list[tuple[str, bool, bool]] = []  # (built kind, judged correct, stopped)
     for start in range(0, len(refs), batch_size):
         idx = range(start, min(start + batch_size, len(refs)))
         crits = policy.reflect([refs[i].prompt for i in idx], [inputs[i] for i in idx], reflect, gen)
         for i, c in zip(idx, crits):
             if correct[i] is not None:
-                verdicts.append((bool(correct[i]), parse_critique(c.text, stop_phrase)[1], 1, refs[i].prompt.tag))
+                stop = parse_critique(c.text, stop_phrase)[1]
+                verdicts.append((bool(correct[i]), stop, 1, refs[i].prompt.tag))
+                kinds.append((refs[i].kind, bool(correct[i]), stop))
     out: dict[str, Any] = {"images": len(refs), "failed": sum(c is None for c in correct),
-                           "verdict": verdict_report(verdicts)}
+                           "verdict": verdict_report(verdicts), "per_kind": per_kind_report(kinds)}
     if yes_no:
         out["yes_no"] = ask_yes_no(policy, [JudgedImage(r.prompt, x, c) for r, x, c in zip(refs, inputs, correct)],
                                    rewards, correct_threshold)
     return out
+
+
+def per_kind_report(rows: Iterable[tuple[str, bool, bool]]) -> dict[str, dict[str, float]]:
+    """``{kind: {"images", "judged_correct", "stop_rate"}}`` over (built kind, judged correct, stopped) rows:
+    which mistakes the critic passes.  A reference image's kind is how it was built (Blocks: ``correct`` or
+    ``flawed:<first fix>``; a user's jsonl: its ``kind`` field); ``judged_correct`` is the eval reward's share,
+    a check that the label and the reward agree."""
+    tally: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for kind, judged_correct, stop in rows:
+        t = tally[kind]
+        t[0], t[1], t[2] = t[0] + 1, t[1] + judged_correct, t[2] + stop
+    return {kind: {"images": n, "judged_correct": ok / n, "stop_rate": stops / n}
+            for kind, (n, ok, stops) in sorted(tally.items())}
 
 
 def headline(report: dict[str, Any]) -> dict[str, float]:

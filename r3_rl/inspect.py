@@ -105,6 +105,10 @@ def run_overview(run_dir: Path) -> str:
                      f"(within tags {fmtn(under['verdict_within_tag_balanced_accuracy'])})"
                      + (f", reference set {fmtn(under['reference_balanced_accuracy'])}"
                         if "reference_balanced_accuracy" in under else ""))
+        kinds = ((rep.get("understanding") or {}).get("reference") or {}).get("per_kind")
+        if kinds:
+            lines.append("    reference set, stop rate by kind: " + ", ".join(
+                f"{kind} {fmt(v['stop_rate'])} ({v['images']})" for kind, v in kinds.items()))
     steps = list(trajectory_files(run_dir))
     if steps:
         lines.append(f"  trajectory dumps: {len(steps)} (steps {steps[0]}..{steps[-1]})")

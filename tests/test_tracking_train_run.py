@@ -85,6 +85,8 @@ def test_scalars_every_step(run: Path) -> None:
     for tag in ("0_eval/accuracy_round0", "0_eval/verdict_balanced_accuracy", "0_eval/reference_balanced_accuracy",
                 "0_eval/yes_no_accuracy", "0_eval/stop_rate"):
         assert [e.step for e in acc.Scalars(tag)] == [0, 2, STEPS], tag
+    assert [e.step for e in acc.Scalars("eval/reference/stop_rate/correct")] == [0, 2, STEPS]
+    assert any(t.startswith("eval/reference/stop_rate/flawed/") for t in acc.Tags()["scalars"])
     assert [e.step for e in acc.Tensors("eval/table/text_summary")] == [0, 2, STEPS]
 
 
@@ -151,6 +153,7 @@ def test_inspect_the_run(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert f"training: {STEPS} steps logged" in out and "eval after: accuracy per round" in out
     assert "verdict balanced accuracy" in out and "reference set" in out
+    assert "reference set, stop rate by kind: correct " in out and "flawed:" in out
     assert "step 2:" in out and (run / "inspect" / "step_000002.html").is_file()
     assert main(["inspect", str(run), "--eval", "before"]) == 0
     out = capsys.readouterr().out

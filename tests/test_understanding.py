@@ -11,10 +11,10 @@ import torch
 from r3_rl.blocks import codec, edits
 from r3_rl.blocks.prompts import heldout_prompts
 from r3_rl.blocks.reference import reference_pairs
-from r3_rl.eval.evaluate import markdown_table, summarise
+from r3_rl.eval.evaluate import markdown_table, summarise, understanding_table
 from r3_rl.eval.synergy import goals_met, synergy_figures, synergy_lines
 from r3_rl.eval.understanding import (
-    JudgedImage, ask_yes_no, chain_verdicts, headline, verdict_report, yes_no_summary,
+    JudgedImage, ask_yes_no, chain_verdicts, headline, per_kind_report, verdict_report, yes_no_summary,
 )
 from r3_rl.policy.base import ImageInput, Policy
 from r3_rl.rewards.checklists import geneval_questions
@@ -151,13 +151,64 @@ def test_reference_pairs_are_fixed_and_judged_as_built() -> None:
     a, b = reference_pairs(prompts, 7, 4, 4), reference_pairs(prompts, 7, 4, 4)
     assert [r.image_tokens for r in a] == [r.image_tokens for r in b]  # deterministic
     assert [r.image_tokens for r in reference_pairs(prompts, 8, 4, 4)] != [r.image_tokens for r in a]
-    assert [r.kind for r in a[:4]] == ["correct", "flawed", "correct", "flawed"]
+    assert [r.kind.split(":")[0] for r in a[:4]] == ["correct", "flawed", "correct", "flawed"]
+    for r in a:  # a flawed image is named by the first fix the Blocks world would make on it
+        grid = np.asarray(r.image_tokens).reshape(4, 4)
+        fixes = edits.diagnose(grid, r.prompt.metadata)
+        assert r.kind == ("correct" if not fixes else f"flawed:{fixes[0].kind}")
+    assert len({r.kind for r in reference_pairs(heldout_prompts(96, seed=0), 0, 4, 4)}) >= 4
     from r3_rl.rewards.base import RewardSample
 
     scored = RewardSet.from_specs(BLOCKS_BINARY).score(
         [RewardSample(r.prompt.prompt, r.prompt.metadata, "generate", 0, r.image) for r in a])
     assert [s.total for s in scored] == [1.0 if r.kind == "correct" else 0.0 for r in a]
     assert all(np.array_equal(codec.decode(r.image).reshape(-1), r.image_tokens) for r in a)
+
+
+def test_per_kind_report_counts_stops_and_the_rewards_agreement() -> None:
+    rows = [("correct", True, True), ("correct", True, False), ("flawed:add", False, False),
+            ("flawed:recolor", False, True), ("flawed:recolor", False, True), ("flawed:recolor", True, True)]
+    assert per_kind_report(rows) == {
+        "correct": {"images": 2, "judged_correct": 1.0, "stop_rate": 0.5},
+        "flawed:add": {"images": 1, "judged_correct": 0.0, "stop_rate": 0.0},
+        "flawed:recolor": {"images": 3, "judged_correct": pytest.approx(1 / 3), "stop_rate": 1.0}}
+    assert per_kind_report([]) == {}
+
+
+def test_reference_report_says_which_mistakes_a_critic_passes() -> None:
+    """A critic that sees everything but colour: it passes exactly the recoloured reference images."""
+    from r3_rl.eval.understanding import reference_report
+    from r3_rl.policy.base import TextSample
+    from r3_rl.tracking.metrics import eval_metrics
+    from r3_rl.trajectory import SamplingParams
+
+    class ColourBlind(CountingPolicy):
+        def reflect(self, prompts, images, sampling, generator=None):  # noqa: ANN001, ANN201
+            out = []
+            for p, im in zip(prompts, images):
+                fixes = edits.diagnose(np.asarray(im.image_tokens).reshape(4, 4), p.metadata)
+                stop = not fixes or fixes[0].kind == "recolor"
+                out.append(TextSample("<think> look </think> " + ("no further edit needed" if stop else "fix it"),
+                                      None))
+            return out
+
+    refs = reference_pairs(heldout_prompts(96, seed=0), 0, 4, 4)
+    rep = reference_report(ColourBlind(), refs, SamplingParams(greedy=True), "no further edit needed",
+                           RewardSet.from_specs(BLOCKS_BINARY), 1.0, yes_no=False)
+    kinds = rep["per_kind"]
+    assert sum(v["images"] for v in kinds.values()) == len(refs) and kinds["correct"]["images"] == 96
+    assert kinds["flawed:recolor"]["images"] > 0 and kinds["flawed:add"]["images"] > 0
+    for kind, v in kinds.items():
+        assert v["judged_correct"] == (1.0 if kind == "correct" else 0.0)
+        assert v["stop_rate"] == (1.0 if kind in ("correct", "flawed:recolor") else 0.0), kind
+    n_recolor = kinds["flawed:recolor"]["images"]
+    assert rep["verdict"]["overall"]["edit_on_flawed"] == pytest.approx(1 - n_recolor / 96)
+    report = {"accuracy": [0.5], "stop_rate": 1.0, "per_tag": {}, "transitions": [], "mean_rounds_used": 0.0,
+              "prompts": 96, "understanding": {"verdict": rep["verdict"], "reference": rep}}
+    md = understanding_table(report)
+    assert f"| flawed:recolor | {n_recolor} | 0.000 | 1.000 |" in md and "| correct | 96 | 1.000 | 1.000 |" in md
+    m = eval_metrics(report)
+    assert m["eval/reference/stop_rate/flawed/recolor"] == 1.0 and m["eval/reference/stop_rate/correct"] == 1.0
 
 
 def test_tiny_answer_is_the_yes_share_of_the_next_word() -> None:

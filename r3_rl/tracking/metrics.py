@@ -318,6 +318,8 @@ def eval_metrics(report: dict[str, Any]) -> dict[str, float]:
         if where == "verdict":
             m.update({f"eval/verdict/round{r}": v["balanced_accuracy"] for r, v in block["per_round"].items()})
             m.update({f"eval_tag/{tag}/verdict": v["balanced_accuracy"] for tag, v in block["per_tag"].items()})
+    for kind, v in ((u.get("reference") or {}).get("per_kind") or {}).items():  # "flawed:add" -> .../flawed/add
+        m[f"eval/reference/stop_rate/{kind.replace(':', '/')}"] = v["stop_rate"]
     return m
 
 
