@@ -10,7 +10,10 @@ and as mean / standard deviation / minimum over the runs:
   within tags (mean of the per-tag figures: what a critic that reads only the prompt cannot raise) and on
   the fixed reference images beside it,
 
-and whether each goal holds on *every* run (the claim), not only on the mean.  Wall times are per run and
+and whether each goal holds on *every* run (the claim), not only on the mean.  Beside each figure's spread
+between runs it prints the spread one eval's own sampling gives (the root mean square of the runs' standard
+errors, :func:`r3_rl.eval.synergy.synergy_errors`): where the two are alike, the runs differ mostly by which
+images the evals happened to sample; where the spread between runs is larger, training itself varies.  Wall times are per run and
 include the warm start and every eval; runs that share the machine are slower than one run alone.
 
     python benchmarks/r3_synergy.py [--seeds 0 1 2] [--threads 1 2] [--parallel 2] [--out runs/synergy]
@@ -116,7 +119,10 @@ def main() -> None:
         every[k] = goal is not None and all(x >= goal for x in xs)
         verdict = f"goal >= {100 * goal:+.0f}: {'met on every run' if every[k] else 'NOT met on every run'}" \
             if goal is not None else "no goal"
-        print(f"{k:24s} mean {pts(m)}  sd {100 * sd:5.1f}  min {pts(lo)}   ({verdict})")
+        ses = [fig.get(f"{k}_se", math.nan) for fig, _ in results]
+        noise = math.sqrt(sum(x * x for x in ses) / len(ses))  # NaN if any run's report predates the errors
+        eval_sd = f"  (one eval's own sampling: sd {100 * noise:.1f})" if math.isfinite(noise) else ""
+        print(f"{k:24s} mean {pts(m)}  sd {100 * sd:5.1f}  min {pts(lo)}   ({verdict}){eval_sd}")
     print("\nall goals met on every run" if all(every[k] for k in FIGURES) else "\nsome goal missed on some run")
 
 

@@ -6,9 +6,9 @@ each round is scored with the recipe's eval rewards; a sample is correct when th
 ``correct_threshold`` (GenEval's binary ``correct`` for the ``blocks``/``geneval`` rewards).
 
 Reports overall and per-tag accuracy per round, improved / worse / unchanged counts between
-consecutive rounds, stop rate and mean rounds used, and understanding (the critic's verdicts and yes/no
-answers against the eval reward's ground truth, on the chains' images and on a fixed reference set:
-:mod:`r3_rl.eval.understanding`), as a JSON-ready dict and a markdown table.
+consecutive rounds and between the first and the last round, stop rate and mean rounds used, and
+understanding (the critic's verdicts and yes/no answers against the eval reward's ground truth, on the
+chains' images and on a fixed reference set: :mod:`r3_rl.eval.understanding`), as a JSON-ready dict and a markdown table.
 """
 from __future__ import annotations
 
@@ -73,6 +73,10 @@ def summarise(trees: list[Tree], correct: list[list[Any]], rounds: int) -> dict[
         worse = sum(1 for a, b in pairs if a and not b)
         report["transitions"].append({"round": r, "improved": imp, "worse": worse,
                                       "unchanged": len(pairs) - imp - worse})
+    # first image against the last round, per prompt: the paired counts behind refinement's standard error
+    pairs = [(row[0], row[rounds]) for row in correct if row[0] is not None and row[rounds] is not None]
+    report["refinement"] = {"improved": sum(1 for a, b in pairs if not a and b),
+                            "worse": sum(1 for a, b in pairs if a and not b), "pairs": len(pairs)}
     report["stop_rate"] = sum(stopped(t) for t in trees) / n if n else 0.0
     report["mean_rounds_used"] = sum(rounds_used(t) for t in trees) / n if n else 0.0
     return report

@@ -10,6 +10,14 @@ From the ``before`` and ``after`` eval reports of one run (:func:`r3_rl.eval.eva
   one also rises when the critic learns which tags usually fail and stops reading the image) and on the
   fixed reference set.
 
+Each of the three comes with its **standard error from the eval's own sampling** (``*_se``): the spread the
+figure would show if the same two checkpoints were evaluated again with other sampled images.  It is what
+one run can tell apart from luck; the spread between training runs (seeds, thread counts) comes on top and
+is what ``benchmarks/r3_synergy.py`` measures.  Accuracies are means over prompts drawn in fixed numbers
+per tag, so their variance is the tag-weighted sum of per-tag binomial variances; refinement is a paired
+difference on the same prompts (first against last round); the balanced accuracy averages two binomial
+rates (stop on correct images, edit on flawed ones).  A report without the counts gives NaN.
+
 ``GOALS`` are the demo's targets (issue 12), in accuracy points (fractions: 0.10 = 10 points).
 """
 from __future__ import annotations
@@ -46,7 +54,49 @@ def synergy_figures(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
     out["verdict_gain"] = out["verdict_after"] - out["verdict_before"]
     out["reference_verdict_gain"] = out["reference_verdict_after"] - out["reference_verdict_before"]
     out["within_tag_verdict_gain"] = out["within_tag_verdict_after"] - out["within_tag_verdict_before"]
+    out.update(synergy_errors(before, after))
     return out
+
+
+def _mean_var(p: float, n: float) -> float:
+    """Variance of the mean of ``n`` Bernoulli draws, estimated from that mean (unbiased: ``n - 1``)."""
+    return p * (1 - p) / (n - 1) if n > 1 and math.isfinite(p) else math.nan
+
+
+def accuracy_variance(report: dict[str, Any], rnd: int) -> float:
+    """Sampling variance of round ``rnd``'s accuracy: stratified by tag where the report has per-tag counts."""
+    counts, per_tag = report.get("tag_counts") or {}, report.get("per_tag") or {}
+    total = sum(counts.values())
+    if total and set(counts) == set(per_tag):
+        return sum((c / total) ** 2 * _mean_var(per_tag[t][rnd], c) for t, c in counts.items())
+    return _mean_var(report["accuracy"][rnd], report.get("prompts", 0))
+
+
+def refinement_variance(report: dict[str, Any]) -> float:
+    """Sampling variance of last-round minus first-image accuracy, a paired difference per prompt
+    (+1 improved, -1 worse, 0 unchanged)."""
+    ref = report.get("refinement") or {}
+    n = ref.get("pairs", 0)
+    if n < 2:
+        return math.nan
+    mean = (ref["improved"] - ref["worse"]) / n
+    return ((ref["improved"] + ref["worse"]) - n * mean ** 2) / ((n - 1) * n)
+
+
+def verdict_variance(report: dict[str, Any]) -> float:
+    """Sampling variance of the verdict balanced accuracy, the mean of two rates on separate images."""
+    o = ((report.get("understanding") or {}).get("verdict") or {}).get("overall") or {}
+    if "correct_images" not in o:
+        return math.nan
+    return 0.25 * (_mean_var(o["stop_on_correct"], o["correct_images"])
+                   + _mean_var(o["edit_on_flawed"], o["flawed_images"]))
+
+
+def synergy_errors(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """The three figures' standard errors from the two evals' sampling (independent samples)."""
+    return {"first_image_gain_se": math.sqrt(accuracy_variance(before, 0) + accuracy_variance(after, 0)),
+            "refinement_after_se": math.sqrt(refinement_variance(after)),
+            "verdict_gain_se": math.sqrt(verdict_variance(before) + verdict_variance(after))}
 
 
 def goals_met(fig: dict[str, float]) -> dict[str, bool]:
@@ -60,6 +110,10 @@ def synergy_lines(fig: dict[str, float]) -> list[str]:
     def pts(x: float) -> str:
         return f"{100 * x:+.1f} points"
 
+    def gain(k: str) -> str:
+        se = fig.get(f"{k}_se", math.nan)
+        return f"{100 * fig[k]:+.1f} ± {100 * se:.1f} points" if math.isfinite(se) else pts(fig[k])
+
     def mark(k: str) -> str:
         return f"(goal >= +{100 * GOALS[k]:.0f}: {'met' if met[k] else 'NOT met'})"
 
@@ -69,9 +123,9 @@ def synergy_lines(fig: dict[str, float]) -> list[str]:
             ref += f"; {label} {fig[f'{key}_before']:.3f} -> {fig[f'{key}_after']:.3f} ({pts(fig[f'{key}_gain'])})"
     return [
         f"first-image accuracy, before -> after RL: {fig['first_image_before']:.3f} -> {fig['first_image_after']:.3f}"
-        f" ({pts(fig['first_image_gain'])}) {mark('first_image_gain')}",
+        f" ({gain('first_image_gain')}) {mark('first_image_gain')}",
         f"refinement after RL, final round - first image: {fig['final_after']:.3f} - {fig['first_image_after']:.3f}"
-        f" ({pts(fig['refinement_after'])}; before RL {pts(fig['refinement_before'])}) {mark('refinement_after')}",
+        f" ({gain('refinement_after')}; before RL {pts(fig['refinement_before'])}) {mark('refinement_after')}",
         f"verdict balanced accuracy, before -> after RL: {fig['verdict_before']:.3f} -> {fig['verdict_after']:.3f}"
-        f" ({pts(fig['verdict_gain'])}) {mark('verdict_gain')}{ref}",
+        f" ({gain('verdict_gain')}) {mark('verdict_gain')}{ref}",
     ]
