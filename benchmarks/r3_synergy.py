@@ -119,9 +119,11 @@ def main() -> None:
         every[k] = goal is not None and all(x >= goal for x in xs)
         verdict = f"goal >= {100 * goal:+.0f}: {'met on every run' if every[k] else 'NOT met on every run'}" \
             if goal is not None else "no goal"
-        ses = [fig.get(f"{k}_se", math.nan) for fig, _ in results]
-        noise = math.sqrt(sum(x * x for x in ses) / len(ses))  # NaN if any run's report predates the errors
-        eval_sd = f"  (one eval's own sampling: sd {100 * noise:.1f})" if math.isfinite(noise) else ""
+        ses = [x for x in (fig.get(f"{k}_se", math.nan) for fig, _ in results) if math.isfinite(x)]
+        # runs whose reports predate the errors are left out of this root mean square (and counted)
+        part = f", {len(ses)} of {len(results)} runs" if 0 < len(ses) < len(results) else ""
+        eval_sd = f"  (one eval's own sampling: sd {100 * math.sqrt(sum(x * x for x in ses) / len(ses)):.1f}{part})" \
+            if ses else ""
         print(f"{k:24s} mean {pts(m)}  sd {100 * sd:5.1f}  min {pts(lo)}   ({verdict}){eval_sd}")
     print("\nall goals met on every run" if all(every[k] for k in FIGURES) else "\nsome goal missed on some run")
 
