@@ -111,8 +111,11 @@ def synergy_lines(fig: dict[str, float]) -> list[str]:
         return f"{100 * x:+.1f} points"
 
     def gain(k: str) -> str:
+        # a miss that one decimal would round up to the goal (+9.96 -> "+10.0") is shown with two
+        digits = 2 if not met[k] and round(100 * fig[k], 1) >= 100 * GOALS[k] else 1
         se = fig.get(f"{k}_se", math.nan)
-        return f"{100 * fig[k]:+.1f} ± {100 * se:.1f} points" if math.isfinite(se) else pts(fig[k])
+        value = f"{100 * fig[k]:+.{digits}f}"
+        return f"{value} ± {100 * se:.1f} points" if math.isfinite(se) else f"{value} points"
 
     def mark(k: str) -> str:
         return f"(goal >= +{100 * GOALS[k]:.0f}: {'met' if met[k] else 'NOT met'})"

@@ -65,6 +65,9 @@ def test_old_reports_give_nan_and_lines_drop_the_error() -> None:
     lines = synergy_lines(synergy_figures(rep, rep))
     assert "(+0.0 ± 7.1 points)" in lines[0]  # sqrt(2 x 0.25 / 99)
     assert "(+50.0 ± 5.0 points; before RL" in lines[1]  # 50 of 100 improved: sqrt((0.5 - 0.25) / 99)
+    near = {**synergy_figures(rep, rep), "verdict_gain": 0.0996, "first_image_gain": 0.0996 + 0.01}
+    lines = synergy_lines(near)  # a miss that rounds to the goal shows two decimals; a pass keeps one
+    assert "(+9.96 ± " in lines[2] and "NOT met" in lines[2] and "(+11.0 ± " in lines[0]
 
 
 def test_summarise_counts_first_against_last_round() -> None:
