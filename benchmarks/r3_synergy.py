@@ -13,8 +13,9 @@ and as mean / standard deviation / minimum over the runs:
 and whether each goal holds on *every* run (the claim), not only on the mean.  Beside each figure's spread
 between runs it prints the spread one eval's own sampling gives (the root mean square of the runs' standard
 errors, :func:`r3_rl.eval.synergy.synergy_errors`): where the two are alike, the runs differ mostly by which
-images the evals happened to sample; where the spread between runs is larger, training itself varies.  Wall times are per run and
-include the warm start and every eval; runs that share the machine are slower than one run alone.
+images the evals happened to sample; where the spread between runs is larger, training itself varies.  Wall
+times are per run and include the warm start and every eval; runs that share the machine are slower than one
+run alone.
 
     python benchmarks/r3_synergy.py [--seeds 0 1 2] [--threads 1 2] [--parallel 2] [--out runs/synergy]
                                     [--set key=value ...]
@@ -37,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from r3_rl.eval.synergy import GOALS, synergy_figures  # noqa: E402
+from r3_rl.eval.synergy import GOALS, near_miss, synergy_figures  # noqa: E402
 
 FIGURES = ("first_image_gain", "refinement_after", "verdict_gain")
 EXTRA = ("within_tag_verdict_gain", "reference_verdict_gain", "stop_rate_after")
@@ -101,18 +102,15 @@ def main() -> None:
     def pts(x: float, goal: float | None = None) -> str:
         if not math.isfinite(x):
             return "   nan"
-        # a miss that one decimal would round up to the goal (+9.96 -> "+10.0") is shown with two
-        near_miss = goal is not None and x < goal and round(100 * x, 1) >= 100 * goal
-        return f"{100 * x:+6.2f}" if near_miss else f"{100 * x:+6.1f}"
+        return f"{100 * x:+6.2f}" if goal is not None and near_miss(x, goal) else f"{100 * x:+6.1f}"
 
     head = ("| seed | threads | first image | refinement after RL | verdict | (within tags) | (reference set) "
             "| stop rate after | wall |")
     print(f"R3 synergy, {args.recipe}: figures in accuracy points (after RL minus before RL, except refinement)\n")
     print(head + "\n|" + "---|" * 9)
     for (seed, threads), (fig, wall) in zip(configs, results):
-        print(f"| {seed} | {threads} | {pts(fig['first_image_gain'], GOALS['first_image_gain'])} | "
-              f"{pts(fig['refinement_after'], GOALS['refinement_after'])} | "
-              f"{pts(fig['verdict_gain'], GOALS['verdict_gain'])} | {pts(fig.get('within_tag_verdict_gain', math.nan))} | "
+        goal_cells = " | ".join(pts(fig[k], GOALS[k]) for k in FIGURES)
+        print(f"| {seed} | {threads} | {goal_cells} | {pts(fig.get('within_tag_verdict_gain', math.nan))} | "
               f"{pts(fig['reference_verdict_gain'])} | {fig['stop_rate_after']:.3f} | "
               f"{wall / 60:.1f} min |")
     print()

@@ -8,7 +8,8 @@ each round is scored with the recipe's eval rewards; a sample is correct when th
 Reports overall and per-tag accuracy per round, improved / worse / unchanged counts between
 consecutive rounds and between the first and the last round, stop rate and mean rounds used, and
 understanding (the critic's verdicts and yes/no answers against the eval reward's ground truth, on the
-chains' images and on a fixed reference set: :mod:`r3_rl.eval.understanding`), as a JSON-ready dict and a markdown table.
+chains' images and on a fixed reference set: :mod:`r3_rl.eval.understanding`), as a JSON-ready dict and a
+markdown table.
 """
 from __future__ import annotations
 
@@ -51,6 +52,12 @@ def score_chains(trees: list[Tree], rounds: int, rewards: RewardSet, correct_thr
     return out
 
 
+def changes(correct: list[list[Any]], first: int, last: int) -> tuple[int, int, int]:
+    """(improved, worse, scored) between rounds ``first`` and ``last`` over the chains scored at both."""
+    pairs = [(row[first], row[last]) for row in correct if row[first] is not None and row[last] is not None]
+    return (sum(1 for a, b in pairs if not a and b), sum(1 for a, b in pairs if a and not b), len(pairs))
+
+
 def summarise(trees: list[Tree], correct: list[list[Any]], rounds: int) -> dict[str, Any]:
     n = len(trees)
     report: dict[str, Any] = {"prompts": n, "rounds": rounds, "accuracy": [], "per_tag": {}, "transitions": [],
@@ -68,15 +75,11 @@ def summarise(trees: list[Tree], correct: list[list[Any]], rounds: int) -> dict[
     report["per_tag"] = {tag: [acc(idx, r) for r in range(rounds + 1)] for tag, idx in sorted(tags.items())}
     report["tag_counts"] = {tag: len(idx) for tag, idx in sorted(tags.items())}
     for r in range(1, rounds + 1):
-        pairs = [(row[r - 1], row[r]) for row in correct if row[r - 1] is not None and row[r] is not None]
-        imp = sum(1 for a, b in pairs if not a and b)
-        worse = sum(1 for a, b in pairs if a and not b)
-        report["transitions"].append({"round": r, "improved": imp, "worse": worse,
-                                      "unchanged": len(pairs) - imp - worse})
+        imp, worse, scored = changes(correct, r - 1, r)
+        report["transitions"].append({"round": r, "improved": imp, "worse": worse, "unchanged": scored - imp - worse})
     # first image against the last round, per prompt: the paired counts behind refinement's standard error
-    pairs = [(row[0], row[rounds]) for row in correct if row[0] is not None and row[rounds] is not None]
-    report["refinement"] = {"improved": sum(1 for a, b in pairs if not a and b),
-                            "worse": sum(1 for a, b in pairs if a and not b), "pairs": len(pairs)}
+    imp, worse, scored = changes(correct, 0, rounds)
+    report["refinement"] = {"improved": imp, "worse": worse, "pairs": scored}
     report["stop_rate"] = sum(stopped(t) for t in trees) / n if n else 0.0
     report["mean_rounds_used"] = sum(rounds_used(t) for t in trees) / n if n else 0.0
     return report

@@ -99,6 +99,11 @@ def synergy_errors(before: dict[str, Any], after: dict[str, Any]) -> dict[str, f
             "verdict_gain_se": math.sqrt(verdict_variance(before) + verdict_variance(after))}
 
 
+def near_miss(value: float, goal: float) -> bool:
+    """A miss that one decimal would round up to the goal (+9.96 -> "+10.0"): printed with two decimals."""
+    return value < goal and round(100 * value, 1) >= 100 * goal
+
+
 def goals_met(fig: dict[str, float]) -> dict[str, bool]:
     return {k: bool(fig[k] >= v) for k, v in GOALS.items()}  # NaN compares False: not met
 
@@ -111,8 +116,7 @@ def synergy_lines(fig: dict[str, float]) -> list[str]:
         return f"{100 * x:+.1f} points"
 
     def gain(k: str) -> str:
-        # a miss that one decimal would round up to the goal (+9.96 -> "+10.0") is shown with two
-        digits = 2 if not met[k] and round(100 * fig[k], 1) >= 100 * GOALS[k] else 1
+        digits = 2 if near_miss(fig[k], GOALS[k]) else 1
         se = fig.get(f"{k}_se", math.nan)
         value = f"{100 * fig[k]:+.{digits}f}"
         return f"{value} ± {100 * se:.1f} points" if math.isfinite(se) else f"{value} points"
