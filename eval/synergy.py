@@ -16,7 +16,13 @@ one run can tell apart from luck; the spread between training runs (seeds, threa
 is what ``benchmarks/r3_synergy.py`` measures.  Accuracies are means over prompts drawn in fixed numbers
 per tag, so their variance is the tag-weighted sum of per-tag binomial variances; refinement is a paired
 difference on the same prompts (first against last round); the balanced accuracy averages two binomial
-rates (stop on correct images, edit on flawed ones).  A report without the counts gives NaN.
+rates (stop on correct images, edit on flawed ones), and within tags it is the mean of the tags' own.  A
+report without the counts gives NaN.
+
+The reference set is the same images before and after RL, critiqued greedily by default, so evaluating the
+same checkpoints again gives the same figure: its error (``reference_verdict_gain_se``) is instead how far
+the change could differ on another draw of reference images like these -- a paired difference per image,
+from the per-image verdicts the report keeps.
 
 ``GOALS`` are the demo's targets (issue 12), in accuracy points (fractions: 0.10 = 10 points).
 """
@@ -30,9 +36,13 @@ from r3_rl.eval.understanding import within_tags
 GOALS: dict[str, float] = {"first_image_gain": 0.10, "refinement_after": 0.05, "verdict_gain": 0.10}
 
 
-def _verdict(report: dict[str, Any], where: str = "chains", key: str = "balanced_accuracy") -> float:
+def _verdict_block(report: dict[str, Any], where: str = "chains") -> dict[str, Any]:
     u = report.get("understanding") or {}
-    block = (u.get("verdict") if where == "chains" else (u.get("reference") or {}).get("verdict")) or {}
+    return (u.get("verdict") if where == "chains" else (u.get("reference") or {}).get("verdict")) or {}
+
+
+def _verdict(report: dict[str, Any], where: str = "chains", key: str = "balanced_accuracy") -> float:
+    block = _verdict_block(report, where)
     if key == "within_tag_balanced_accuracy":
         return within_tags(block)
     return float(block.get("overall", {}).get(key, math.nan))
@@ -83,20 +93,63 @@ def refinement_variance(report: dict[str, Any]) -> float:
     return ((ref["improved"] + ref["worse"]) - n * mean ** 2) / ((n - 1) * n)
 
 
-def verdict_variance(report: dict[str, Any]) -> float:
-    """Sampling variance of the verdict balanced accuracy, the mean of two rates on separate images."""
-    o = ((report.get("understanding") or {}).get("verdict") or {}).get("overall") or {}
-    if "correct_images" not in o:
+def _balanced_variance(summary: dict[str, Any]) -> float:
+    """Variance of a balanced accuracy, the mean of two rates on separate images, from its counts."""
+    if "correct_images" not in summary:
         return math.nan
-    return 0.25 * (_mean_var(o["stop_on_correct"], o["correct_images"])
-                   + _mean_var(o["edit_on_flawed"], o["flawed_images"]))
+    return 0.25 * (_mean_var(summary["stop_on_correct"], summary["correct_images"])
+                   + _mean_var(summary["edit_on_flawed"], summary["flawed_images"]))
+
+
+def verdict_variance(report: dict[str, Any]) -> float:
+    """Sampling variance of the verdict balanced accuracy on the eval chains."""
+    return _balanced_variance(_verdict_block(report).get("overall") or {})
+
+
+def within_tag_variance(report: dict[str, Any]) -> float:
+    """Sampling variance of the within-tag verdict figure: the mean over the tags with both kinds of image
+    of independent balanced accuracies (the tags' images are separate draws)."""
+    both = [v for v in (_verdict_block(report).get("per_tag") or {}).values()
+            if v.get("correct_images") and v.get("flawed_images")]
+    return sum(_balanced_variance(v) for v in both) / len(both) ** 2 if both else math.nan
+
+
+def _paired_mean_var(diffs: list[int]) -> float:
+    """Variance of the mean of paired differences (sample variance over ``n - 1``, divided by ``n``)."""
+    n = len(diffs)
+    if n < 2:
+        return math.nan
+    mean = sum(diffs) / n
+    return sum((d - mean) ** 2 for d in diffs) / ((n - 1) * n)
+
+
+def reference_gain_variance(before: dict[str, Any], after: dict[str, Any]) -> float:
+    """Variance of the reference-set verdict gain as a paired difference per image: on correct images the
+    change in "stop", on flawed ones the change in "edit", each rate's mean change then averaged (the
+    balanced accuracy's).  NaN unless both reports kept per-image verdicts on the same judged images."""
+    images = []
+    for report in (before, after):
+        per_image = ((report.get("understanding") or {}).get("reference") or {}).get("per_image") or {}
+        images.append((per_image.get("judged_correct"), per_image.get("stop")))
+    (judged, stop_b), (judged_a, stop_a) = images
+    if not judged or judged != judged_a or stop_b is None or stop_a is None or len(stop_b) != len(judged) \
+            or len(stop_a) != len(judged):
+        return math.nan
+    on_correct, on_flawed = [], []  # +1 = the verdict became right, -1 = it became wrong
+    for ok, b, a in zip(judged, stop_b, stop_a):
+        if ok is None or b is None or a is None:
+            continue
+        (on_correct if ok else on_flawed).append((int(a) - int(b)) * (1 if ok else -1))
+    return 0.25 * (_paired_mean_var(on_correct) + _paired_mean_var(on_flawed))
 
 
 def synergy_errors(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
     """The three figures' standard errors from the two evals' sampling (independent samples)."""
     return {"first_image_gain_se": math.sqrt(accuracy_variance(before, 0) + accuracy_variance(after, 0)),
             "refinement_after_se": math.sqrt(refinement_variance(after)),
-            "verdict_gain_se": math.sqrt(verdict_variance(before) + verdict_variance(after))}
+            "verdict_gain_se": math.sqrt(verdict_variance(before) + verdict_variance(after)),
+            "within_tag_verdict_gain_se": math.sqrt(within_tag_variance(before) + within_tag_variance(after)),
+            "reference_verdict_gain_se": math.sqrt(reference_gain_variance(before, after))}
 
 
 def near_miss(value: float, goal: float) -> bool:
@@ -116,7 +169,7 @@ def synergy_lines(fig: dict[str, float]) -> list[str]:
         return f"{100 * x:+.1f} points"
 
     def gain(k: str) -> str:
-        digits = 2 if near_miss(fig[k], GOALS[k]) else 1
+        digits = 2 if k in GOALS and near_miss(fig[k], GOALS[k]) else 1
         se = fig.get(f"{k}_se", math.nan)
         value = f"{100 * fig[k]:+.{digits}f}"
         return f"{value} ± {100 * se:.1f} points" if math.isfinite(se) else f"{value} points"
@@ -127,7 +180,7 @@ def synergy_lines(fig: dict[str, float]) -> list[str]:
     ref = ""
     for key, label in (("within_tag_verdict", "within tags"), ("reference_verdict", "reference images")):
         if math.isfinite(fig.get(f"{key}_gain", math.nan)):
-            ref += f"; {label} {fig[f'{key}_before']:.3f} -> {fig[f'{key}_after']:.3f} ({pts(fig[f'{key}_gain'])})"
+            ref += f"; {label} {fig[f'{key}_before']:.3f} -> {fig[f'{key}_after']:.3f} ({gain(f'{key}_gain')})"
     return [
         f"first-image accuracy, before -> after RL: {fig['first_image_before']:.3f} -> {fig['first_image_after']:.3f}"
         f" ({gain('first_image_gain')}) {mark('first_image_gain')}",

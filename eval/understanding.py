@@ -199,16 +199,20 @@ def reference_report(policy: Policy, refs: list[ReferenceImage], reflect: Sampli
     gen = torch.Generator().manual_seed(seed)
     verdicts: list[Verdict] = []
     kinds: list[tuple[str, bool, bool]] = []  # (built kind, judged correct, stopped)
+    stops: list[bool | None] = [None] * len(refs)
     for start in range(0, len(refs), batch_size):
         idx = range(start, min(start + batch_size, len(refs)))
         crits = policy.reflect([refs[i].prompt for i in idx], [inputs[i] for i in idx], reflect, gen)
         for i, c in zip(idx, crits):
             if correct[i] is not None:
-                stop = parse_critique(c.text, stop_phrase)[1]
+                stop = stops[i] = parse_critique(c.text, stop_phrase)[1]
                 verdicts.append((bool(correct[i]), stop, 1, refs[i].prompt.tag))
                 kinds.append((refs[i].kind, bool(correct[i]), stop))
+    # per image, in the set's order: the before/after change is then a paired difference on the same images
+    # (:func:`r3_rl.eval.synergy.reference_gain_variance`); None where the eval reward failed
     out: dict[str, Any] = {"images": len(refs), "failed": sum(c is None for c in correct),
-                           "verdict": verdict_report(verdicts), "per_kind": per_kind_report(kinds)}
+                           "verdict": verdict_report(verdicts), "per_kind": per_kind_report(kinds),
+                           "per_image": {"judged_correct": correct, "stop": stops}}
     if yes_no:
         out["yes_no"] = ask_yes_no(policy, [JudgedImage(r.prompt, x, c) for r, x, c in zip(refs, inputs, correct)],
                                    rewards, correct_threshold)

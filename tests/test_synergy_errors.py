@@ -8,8 +8,10 @@ import pytest
 
 from r3_rl.eval.evaluate import summarise
 from r3_rl.eval.synergy import (
-    accuracy_variance, refinement_variance, synergy_errors, synergy_figures, synergy_lines, verdict_variance,
+    accuracy_variance, reference_gain_variance, refinement_variance, synergy_errors, synergy_figures, synergy_lines,
+    verdict_variance, within_tag_variance,
 )
+from r3_rl.eval.understanding import verdict_report
 from r3_rl.trajectory import PromptItem, Tree
 
 
@@ -99,3 +101,82 @@ def test_standard_errors_match_the_spread_of_simulated_evals() -> None:
         spread = float(np.std([f[k] for f in figs], ddof=1))
         reported = float(np.mean([f[f"{k}_se"] for f in figs]))
         assert reported == pytest.approx(spread, rel=0.06), k
+
+
+def _tagged(rep: dict, verdicts: list[tuple[bool, bool, int, str]],
+            reference: tuple[list[bool | None], list[bool | None]] | None = None) -> dict:
+    """``rep`` with a real verdict report (per tag) over ``verdicts`` and, optionally, a reference set's
+    per-image (judged correct, stop) lists."""
+    u = {"verdict": verdict_report(verdicts)}
+    if reference is not None:
+        judged, stops = reference
+        u["reference"] = {"verdict": verdict_report([(j, s, 1, "t") for j, s in zip(judged, stops) if j is not None]),
+                          "per_image": {"judged_correct": judged, "stop": stops}}
+    return {**rep, "understanding": u}
+
+
+def test_within_tags_and_reference_exact_cases() -> None:
+    base = _report({"a": [True, False]})
+    # tag x: stop on correct 1 of 2 (variance of the mean 0.25 / 1), edit on flawed 2 of 2 (0);
+    # tag y: stop on correct 2 of 3 ((2/9) / 2), edit on flawed 1 of 2 (0.25); tag z has no flawed image (left out)
+    v = [(True, True, 1, "x"), (True, False, 1, "x"), (False, False, 1, "x"), (False, False, 1, "x"),
+         (True, True, 1, "y"), (True, True, 1, "y"), (True, False, 1, "y"), (False, False, 1, "y"),
+         (False, True, 1, "y"), (True, True, 1, "z")]
+    rep = _tagged(base, v)
+    per_tag = 0.25 * 0.25 + 0.25 * ((2 / 9) / 2 + 0.25)
+    assert within_tag_variance(rep) == pytest.approx(per_tag / 4)  # mean of two tags: / 2^2
+    assert synergy_errors(rep, rep)["within_tag_verdict_gain_se"] == pytest.approx(math.sqrt(2 * per_tag / 4))
+    # reference: 3 correct images, stops before (1, 1, 0) -> after (0, 1, 1): changes -1, 0, +1 (variance 1,
+    # of the mean 1/3); 2 flawed, stops (1, 0) -> (0, 0): edit changes +1, 0 (variance 0.5, of the mean 0.25);
+    # a failed reward (None) is left out of both
+    before = _tagged(base, v, ([True, True, True, False, False, None], [True, True, False, True, False, None]))
+    after = _tagged(base, v, ([True, True, True, False, False, None], [False, True, True, False, False, None]))
+    assert reference_gain_variance(before, after) == pytest.approx(0.25 * (1 / 3 + 0.25))
+    fig = synergy_figures(before, after)
+    assert fig["reference_verdict_gain"] == pytest.approx(0.25)  # (0 + 0.5) / 2
+    assert fig["reference_verdict_gain_se"] == pytest.approx(math.sqrt(0.25 * (1 / 3 + 0.25)))
+    assert f"reference images 0.583 -> 0.833 (+25.0 ± {100 * math.sqrt(0.25 * (1 / 3 + 0.25)):.1f} points)" \
+        in synergy_lines(fig)[2]
+    assert "within tags " in synergy_lines(fig)[2] and "(+0.0 ± " in synergy_lines(fig)[2]
+    # different images (or an old report without per-image verdicts): no paired error
+    other = _tagged(base, v, ([False, True, True, False, False, None], [False, True, True, False, False, None]))
+    assert math.isnan(reference_gain_variance(before, other))
+    assert math.isnan(reference_gain_variance(base, after)) and math.isnan(within_tag_variance(base))
+
+
+def test_within_tag_and_reference_errors_match_simulated_spread() -> None:
+    """Within tags: fresh eval images every time.  Reference set: a fresh draw of reference images each time,
+    whose before and after verdicts are correlated (most verdicts do not change), judged by one critic pair."""
+    rng = np.random.default_rng(1)
+    tags = {"easy": (0.8, 0.9, 0.85, 0.8, 200), "hard": (0.6, 0.5, 0.7, 0.75, 300)}  # stop/edit before, after, n
+    within, within_se, ref, ref_se = [], [], [], []
+    for _ in range(3000):
+        reps = []
+        for when in (0, 1):
+            v = []
+            for t, (sb, eb, sa, ea, n) in tags.items():
+                s_rate, e_rate = (sb, eb) if when == 0 else (sa, ea)
+                for ok in rng.random(n) < 0.4:
+                    v.append((bool(ok), bool(rng.random() < (s_rate if ok else 1 - e_rate)), 1, t))
+            reps.append(_tagged({}, v))
+        within.append(synergy_figures_within(reps))
+        within_se.append(math.sqrt(within_tag_variance(reps[0]) + within_tag_variance(reps[1])))
+        judged = list(rng.random(192) < 0.5)
+        flip = rng.random(192)
+        stop_b = [bool(rng.random() < (0.9 if j else 0.4)) for j in judged]
+        # after RL: a verdict changes on 15% of images, towards right more often than wrong
+        stop_a = [(not s if f < 0.15 else s) if (s != j or f < 0.05) else s for s, j, f in zip(stop_b, judged, flip)]
+        b = _tagged({}, [], (judged, stop_b))
+        a = _tagged({}, [], (judged, stop_a))
+        ba = [b["understanding"]["reference"]["verdict"]["overall"]["balanced_accuracy"],
+              a["understanding"]["reference"]["verdict"]["overall"]["balanced_accuracy"]]
+        ref.append(ba[1] - ba[0])
+        ref_se.append(math.sqrt(reference_gain_variance(b, a)))
+    assert float(np.mean(within_se)) == pytest.approx(float(np.std(within, ddof=1)), rel=0.06)
+    assert float(np.mean(ref_se)) == pytest.approx(float(np.std(ref, ddof=1)), rel=0.06)
+
+
+def synergy_figures_within(reports: list[dict]) -> float:
+    from r3_rl.eval.understanding import within_tags
+
+    return within_tags(reports[1]["understanding"]["verdict"]) - within_tags(reports[0]["understanding"]["verdict"])
