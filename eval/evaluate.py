@@ -74,6 +74,9 @@ def summarise(trees: list[Tree], correct: list[list[Any]], rounds: int) -> dict[
     report["accuracy"] = [acc(everyone, r) for r in range(rounds + 1)]
     report["per_tag"] = {tag: [acc(idx, r) for r in range(rounds + 1)] for tag, idx in sorted(tags.items())}
     report["tag_counts"] = {tag: len(idx) for tag, idx in sorted(tags.items())}
+    # per tag and round, the prompts whose image the eval reward scored (the accuracies' denominators)
+    report["scored"] = {tag: [sum(1 for i in idx if correct[i][r] is not None) for r in range(rounds + 1)]
+                        for tag, idx in sorted(tags.items())}
     for r in range(1, rounds + 1):
         imp, worse, scored = changes(correct, r - 1, r)
         report["transitions"].append({"round": r, "improved": imp, "worse": worse, "unchanged": scored - imp - worse})

@@ -74,11 +74,13 @@ def _mean_var(p: float, n: float) -> float:
 
 
 def accuracy_variance(report: dict[str, Any], rnd: int) -> float:
-    """Sampling variance of round ``rnd``'s accuracy: stratified by tag where the report has per-tag counts."""
-    counts, per_tag = report.get("tag_counts") or {}, report.get("per_tag") or {}
+    """Sampling variance of round ``rnd``'s accuracy: stratified by tag where the report has per-tag counts
+    (the prompts the eval reward scored in that round where it keeps them: a failed reward is no draw)."""
+    per_tag, scored = report.get("per_tag") or {}, report.get("scored")
+    counts = {t: c[rnd] for t, c in scored.items()} if scored else (report.get("tag_counts") or {})
     total = sum(counts.values())
     if total and set(counts) == set(per_tag):
-        return sum((c / total) ** 2 * _mean_var(per_tag[t][rnd], c) for t, c in counts.items())
+        return sum((c / total) ** 2 * _mean_var(per_tag[t][rnd], c) for t, c in counts.items() if c)
     return _mean_var(report["accuracy"][rnd], report.get("prompts", 0))
 
 

@@ -78,6 +78,13 @@ def test_summarise_counts_first_against_last_round() -> None:
     rep = summarise(trees, [[False, True, True], [True, True, False], [True, False, True], [None, True, True]], 2)
     # the third chain dipped and recovered (unchanged first to last); the fourth has no first-image score
     assert rep["refinement"] == {"improved": 1, "worse": 1, "pairs": 3}
+    assert rep["scored"] == {"single_object": [3, 4, 4]}
+    # round 0's accuracy is 2 of the 3 scored draws, and so is its variance's count: (2/9) / 2, not / 3
+    assert rep["accuracy"][0] == pytest.approx(2 / 3)
+    assert accuracy_variance(rep, 0) == pytest.approx((2 / 9) / 2)
+    # a tag whose every image failed is no draw at all (not a NaN that spoils the rest)
+    rep["scored"]["counting"], rep["per_tag"]["counting"] = [0, 0, 0], [math.nan] * 3
+    assert accuracy_variance(rep, 0) == pytest.approx((2 / 9) / 2)
 
 
 def test_standard_errors_match_the_spread_of_simulated_evals() -> None:
