@@ -69,7 +69,9 @@ def synergy_figures(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
 
 
 def _mean_var(p: float, n: float) -> float:
-    """Variance of the mean of ``n`` Bernoulli draws, estimated from that mean (unbiased: ``n - 1``)."""
+    """Variance of the mean of ``n`` Bernoulli draws, estimated from that mean (unbiased: ``n - 1``).  A rate
+    measured as 0 or 1 adds none: a greedy critic that edits every image of a tag whatever it shows (the
+    prompt shortcut) gives the same rate on any other draw of that tag's images."""
     return p * (1 - p) / (n - 1) if n > 1 and math.isfinite(p) else math.nan
 
 
