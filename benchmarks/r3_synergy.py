@@ -8,7 +8,8 @@ and as mean / standard deviation / minimum over the runs:
 * after RL, final-round minus first-image accuracy (goal >= +5 points),
 * the critic's verdict balanced accuracy after RL minus before RL (goal >= +10 points), with the same
   within tags (mean of the per-tag figures: what a critic that reads only the prompt cannot raise) and on
-  the fixed reference images beside it,
+  the fixed reference images beside it, and the change in its yes/no answers about its own images
+  (balanced accuracy),
 
 and whether each goal holds on *every* run (the claim), not only on the mean.  Beside each figure's spread
 between runs it prints the spread one eval's own sampling gives (the root mean square of the runs' standard
@@ -41,7 +42,7 @@ sys.path.insert(0, str(REPO))
 from r3_rl.eval.synergy import GOALS, near_miss, synergy_figures  # noqa: E402
 
 FIGURES = ("first_image_gain", "refinement_after", "verdict_gain")
-EXTRA = ("within_tag_verdict_gain", "reference_verdict_gain", "stop_rate_after")
+EXTRA = ("within_tag_verdict_gain", "reference_verdict_gain", "yes_no_gain", "stop_rate_after")
 
 
 def run_one(recipe: str, out: Path, seed: int, threads: int, sets: list[str], fresh: bool) -> tuple[dict, float]:
@@ -105,17 +106,17 @@ def main() -> None:
         return f"{100 * x:+6.2f}" if goal is not None and near_miss(x, goal) else f"{100 * x:+6.1f}"
 
     head = ("| seed | threads | first image | refinement after RL | verdict | (within tags) | (reference set) "
-            "| stop rate after | wall |")
+            "| (yes/no, own images) | stop rate after | wall |")
     print(f"R3 synergy, {args.recipe}: figures in accuracy points (after RL minus before RL, except refinement)\n")
-    print(head + "\n|" + "---|" * 9)
+    print(head + "\n|" + "---|" * 10)
     for (seed, threads), (fig, wall) in zip(configs, results):
         goal_cells = " | ".join(pts(fig[k], GOALS[k]) for k in FIGURES)
-        print(f"| {seed} | {threads} | {goal_cells} | {pts(fig.get('within_tag_verdict_gain', math.nan))} | "
-              f"{pts(fig['reference_verdict_gain'])} | {fig['stop_rate_after']:.3f} | "
+        extra_cells = " | ".join(pts(fig.get(k, math.nan)) for k in EXTRA[:3])
+        print(f"| {seed} | {threads} | {goal_cells} | {extra_cells} | {fig['stop_rate_after']:.3f} | "
               f"{wall / 60:.1f} min |")
     print()
     every = {}
-    for k in FIGURES + EXTRA[:2]:
+    for k in FIGURES + EXTRA[:3]:
         xs = [fig.get(k, math.nan) for fig, _ in results]
         m, sd, lo = stats(xs)
         goal = GOALS.get(k)

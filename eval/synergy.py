@@ -48,6 +48,14 @@ def _verdict(report: dict[str, Any], where: str = "chains", key: str = "balanced
     return float(block.get("overall", {}).get(key, math.nan))
 
 
+def _yes_no(report: dict[str, Any], where: str = "chains") -> float:
+    """Balanced accuracy of the policy's yes/no answers about its own images (or the reference set's); NaN
+    where not measured.  Balanced: after RL more of its images are correct, so more truths are "yes"."""
+    u = report.get("understanding") or {}
+    block = (u.get("yes_no") if where == "chains" else (u.get("reference") or {}).get("yes_no")) or {}
+    return float(block.get("balanced_accuracy", math.nan)) if block.get("available") else math.nan
+
+
 def synergy_figures(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
     """The three figures (and what they are made of) from two eval reports."""
     b, a = before["accuracy"], after["accuracy"]
@@ -57,6 +65,8 @@ def synergy_figures(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
            "reference_verdict_after": _verdict(after, "reference"),
            "within_tag_verdict_before": _verdict(before, key="within_tag_balanced_accuracy"),
            "within_tag_verdict_after": _verdict(after, key="within_tag_balanced_accuracy"),
+           "yes_no_before": _yes_no(before), "yes_no_after": _yes_no(after),
+           "reference_yes_no_before": _yes_no(before, "reference"), "reference_yes_no_after": _yes_no(after, "reference"),
            "stop_rate_before": before["stop_rate"], "stop_rate_after": after["stop_rate"]}
     out["first_image_gain"] = a[0] - b[0]
     out["refinement_before"] = b[-1] - b[0]
@@ -64,6 +74,8 @@ def synergy_figures(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
     out["verdict_gain"] = out["verdict_after"] - out["verdict_before"]
     out["reference_verdict_gain"] = out["reference_verdict_after"] - out["reference_verdict_before"]
     out["within_tag_verdict_gain"] = out["within_tag_verdict_after"] - out["within_tag_verdict_before"]
+    out["yes_no_gain"] = out["yes_no_after"] - out["yes_no_before"]
+    out["reference_yes_no_gain"] = out["reference_yes_no_after"] - out["reference_yes_no_before"]
     out.update(synergy_errors(before, after))
     return out
 
@@ -173,7 +185,7 @@ def synergy_lines(fig: dict[str, float]) -> list[str]:
         return f"{100 * x:+.1f} points"
 
     def gain(k: str) -> str:
-        digits = 2 if k in GOALS and near_miss(fig[k], GOALS[k]) else 1
+        digits = 2 if near_miss(fig[k], GOALS[k]) else 1
         se = fig.get(f"{k}_se", math.nan)
         value = f"{100 * fig[k]:+.{digits}f}"
         return f"{value} ± {100 * se:.1f} points" if math.isfinite(se) else f"{value} points"
@@ -181,10 +193,8 @@ def synergy_lines(fig: dict[str, float]) -> list[str]:
     def mark(k: str) -> str:
         return f"(goal >= +{100 * GOALS[k]:.0f}: {'met' if met[k] else 'NOT met'})"
 
-    ref = ""
-    for key, label in (("within_tag_verdict", "within tags"), ("reference_verdict", "reference images")):
-        if math.isfinite(fig.get(f"{key}_gain", math.nan)):
-            ref += f"; {label} {fig[f'{key}_before']:.3f} -> {fig[f'{key}_after']:.3f} ({gain(f'{key}_gain')})"
+    ref = "".join(f"; {part}" for part in _before_after(fig, (("within_tag_verdict", "within tags"),
+                                                             ("reference_verdict", "reference images"))))
     return [
         f"first-image accuracy, before -> after RL: {fig['first_image_before']:.3f} -> {fig['first_image_after']:.3f}"
         f" ({gain('first_image_gain')}) {mark('first_image_gain')}",
@@ -193,3 +203,24 @@ def synergy_lines(fig: dict[str, float]) -> list[str]:
         f"verdict balanced accuracy, before -> after RL: {fig['verdict_before']:.3f} -> {fig['verdict_after']:.3f}"
         f" ({gain('verdict_gain')}) {mark('verdict_gain')}{ref}",
     ]
+
+
+def _before_after(fig: dict[str, float], pairs: tuple[tuple[str, str], ...]) -> list[str]:
+    """``label before -> after (gain ± se points)`` for each (figure key, label) the figures hold."""
+    out = []
+    for key, label in pairs:
+        g, se = fig.get(f"{key}_gain", math.nan), fig.get(f"{key}_gain_se", math.nan)
+        if math.isfinite(g):
+            err = f" ± {100 * se:.1f}" if math.isfinite(se) else ""
+            out.append(f"{label} {fig[f'{key}_before']:.3f} -> {fig[f'{key}_after']:.3f} ({100 * g:+.1f}{err} points)")
+    return out
+
+
+def understanding_line(fig: dict[str, float]) -> str | None:
+    """The yes/no answers about the image before and after RL (balanced accuracy), on the policy's own images
+    and on the reference set; ``None`` where neither was measured.  The demo prints it just before
+    :func:`synergy_lines`: understanding beyond the critic's verdict.  No error: a prompt's questions are
+    about one image, so they are not independent draws."""
+    parts = _before_after(fig, (("yes_no", "on its own images"), ("reference_yes_no", "on the reference images")))
+    return f"yes/no answers about the image (balanced accuracy), before -> after RL: {'; '.join(parts)}" \
+        if parts else None

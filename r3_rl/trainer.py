@@ -20,7 +20,7 @@ from r3_rl.config_learner import check_ranks
 from r3_rl.data import PromptSource
 from r3_rl.eval.evaluate import markdown_table
 from r3_rl.eval.runner import Evaluator
-from r3_rl.eval.synergy import synergy_figures, synergy_lines
+from r3_rl.eval.synergy import synergy_figures, synergy_lines, understanding_line
 from r3_rl.learner.precision import check_recipe_precision
 from r3_rl.ray_actors import ClusterError
 from r3_rl.rollout.buffer import BufferEntry, ParentBuffer
@@ -247,6 +247,7 @@ class Trainer:
         summary = {"before": before["accuracy"], "after": after["accuracy"], "run_dir": str(self.run_dir),
                    "synergy": fig}
         self.console.print(f"run dir {self.run_dir}; R3 synergy on held-out prompts:")
-        for line in synergy_lines(fig):
-            self.console.print("  " + line)
+        for line in [understanding_line(fig), *synergy_lines(fig)]:  # the three goal figures last
+            if line:
+                self.console.print("  " + line)
         return summary

@@ -12,7 +12,7 @@ from r3_rl.blocks import codec, edits
 from r3_rl.blocks.prompts import heldout_prompts
 from r3_rl.blocks.reference import reference_pairs
 from r3_rl.eval.evaluate import markdown_table, summarise, understanding_table
-from r3_rl.eval.synergy import goals_met, synergy_figures, synergy_lines
+from r3_rl.eval.synergy import goals_met, synergy_figures, synergy_lines, understanding_line
 from r3_rl.eval.understanding import (
     JudgedImage, ask_yes_no, chain_verdicts, headline, per_kind_report, verdict_report, yes_no_summary,
 )
@@ -262,4 +262,24 @@ def test_report_table_and_synergy_figures() -> None:
     assert goals_met(fig) == {"first_image_gain": True, "refinement_after": True, "verdict_gain": False}
     lines = synergy_lines(fig)
     assert len(lines) == 3 and "+15.0 points" in lines[0] and "NOT met" in lines[2]
+    assert understanding_line(fig) is None  # no yes/no answers measured
     assert "within tags 0.550 -> 0.520 (-3.0 points)" in lines[2] and "reference images" not in lines[2]
+
+
+def test_understanding_line_reports_yes_no_before_and_after() -> None:
+    """The yes/no answers' balanced accuracy (on own images and the reference set) before and after RL; a
+    policy that cannot answer (``available: False``) leaves its part out."""
+    def rep(own: float, ref: float | None) -> dict:
+        u = {"verdict": {"overall": {"balanced_accuracy": 0.6}},
+             "yes_no": {"available": True, "balanced_accuracy": own, "accuracy": 0.99}}
+        u["reference"] = {"verdict": {"overall": {"balanced_accuracy": 0.7}},
+                          "yes_no": {"available": ref is not None, "balanced_accuracy": ref}}
+        return {"accuracy": [0.4, 0.5], "stop_rate": 0.8, "understanding": u}
+
+    fig = synergy_figures(rep(0.786, 0.842), rep(0.615, 0.824))
+    assert fig["yes_no_gain"] == pytest.approx(-0.171) and fig["reference_yes_no_gain"] == pytest.approx(-0.018)
+    line = understanding_line(fig)
+    assert line == ("yes/no answers about the image (balanced accuracy), before -> after RL: on its own images "
+                    "0.786 -> 0.615 (-17.1 points); on the reference images 0.842 -> 0.824 (-1.8 points)")
+    line = understanding_line(synergy_figures(rep(0.5, None), rep(0.75, None)))
+    assert line is not None and line.endswith("on its own images 0.500 -> 0.750 (+25.0 points)")
