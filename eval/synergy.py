@@ -160,7 +160,8 @@ def reference_gain_variance(before: dict[str, Any], after: dict[str, Any]) -> fl
 
 
 def synergy_errors(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
-    """The three figures' standard errors from the two evals' sampling (independent samples)."""
+    """Standard errors of the three figures and of the verdict's two companions: from the two evals'
+    independent samples, except the reference set's (the same images twice: paired per image)."""
     return {"first_image_gain_se": math.sqrt(accuracy_variance(before, 0) + accuracy_variance(after, 0)),
             "refinement_after_se": math.sqrt(refinement_variance(after)),
             "verdict_gain_se": math.sqrt(verdict_variance(before) + verdict_variance(after)),
