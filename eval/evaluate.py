@@ -66,8 +66,11 @@ def summarise(trees: list[Tree], correct: list[list[Any]], rounds: int) -> dict[
     for i, t in enumerate(trees):
         tags[t.prompt.tag].append(i)
 
+    def scored(idx: list[int], r: int) -> list[bool]:
+        return [correct[i][r] for i in idx if correct[i][r] is not None]  # a failed eval reward is no draw
+
     def acc(idx: list[int], r: int) -> float:
-        vals = [correct[i][r] for i in idx if correct[i][r] is not None]
+        vals = scored(idx, r)
         return sum(vals) / len(vals) if vals else float("nan")
 
     everyone = list(range(n))
@@ -75,8 +78,7 @@ def summarise(trees: list[Tree], correct: list[list[Any]], rounds: int) -> dict[
     report["per_tag"] = {tag: [acc(idx, r) for r in range(rounds + 1)] for tag, idx in sorted(tags.items())}
     report["tag_counts"] = {tag: len(idx) for tag, idx in sorted(tags.items())}
     # per tag and round, the prompts whose image the eval reward scored (the accuracies' denominators)
-    report["scored"] = {tag: [sum(1 for i in idx if correct[i][r] is not None) for r in range(rounds + 1)]
-                        for tag, idx in sorted(tags.items())}
+    report["scored"] = {tag: [len(scored(idx, r)) for r in range(rounds + 1)] for tag, idx in sorted(tags.items())}
     for r in range(1, rounds + 1):
         imp, worse, scored = changes(correct, r - 1, r)
         report["transitions"].append({"round": r, "improved": imp, "worse": worse, "unchanged": scored - imp - worse})

@@ -31,14 +31,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from r3_rl.eval.understanding import within_tags
+from r3_rl.eval.understanding import tags_with_both_kinds, within_tags
 
 GOALS: dict[str, float] = {"first_image_gain": 0.10, "refinement_after": 0.05, "verdict_gain": 0.10}
 
 
-def _verdict_block(report: dict[str, Any], where: str = "chains") -> dict[str, Any]:
+def _block(report: dict[str, Any], name: str, where: str = "chains") -> dict[str, Any]:
+    """``understanding[name]`` of the eval chains, or of the reference set (``where="reference"``)."""
     u = report.get("understanding") or {}
-    return (u.get("verdict") if where == "chains" else (u.get("reference") or {}).get("verdict")) or {}
+    return ((u if where == "chains" else u.get("reference") or {}).get(name)) or {}
+
+
+def _verdict_block(report: dict[str, Any], where: str = "chains") -> dict[str, Any]:
+    return _block(report, "verdict", where)
 
 
 def _verdict(report: dict[str, Any], where: str = "chains", key: str = "balanced_accuracy") -> float:
@@ -51,8 +56,7 @@ def _verdict(report: dict[str, Any], where: str = "chains", key: str = "balanced
 def _yes_no(report: dict[str, Any], where: str = "chains") -> float:
     """Balanced accuracy of the policy's yes/no answers about its own images (or the reference set's); NaN
     where not measured.  Balanced: after RL more of its images are correct, so more truths are "yes"."""
-    u = report.get("understanding") or {}
-    block = (u.get("yes_no") if where == "chains" else (u.get("reference") or {}).get("yes_no")) or {}
+    block = _block(report, "yes_no", where)
     return float(block.get("balanced_accuracy", math.nan)) if block.get("available") else math.nan
 
 
@@ -68,14 +72,10 @@ def synergy_figures(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
            "yes_no_before": _yes_no(before), "yes_no_after": _yes_no(after),
            "reference_yes_no_before": _yes_no(before, "reference"), "reference_yes_no_after": _yes_no(after, "reference"),
            "stop_rate_before": before["stop_rate"], "stop_rate_after": after["stop_rate"]}
-    out["first_image_gain"] = a[0] - b[0]
     out["refinement_before"] = b[-1] - b[0]
     out["refinement_after"] = a[-1] - a[0]
-    out["verdict_gain"] = out["verdict_after"] - out["verdict_before"]
-    out["reference_verdict_gain"] = out["reference_verdict_after"] - out["reference_verdict_before"]
-    out["within_tag_verdict_gain"] = out["within_tag_verdict_after"] - out["within_tag_verdict_before"]
-    out["yes_no_gain"] = out["yes_no_after"] - out["yes_no_before"]
-    out["reference_yes_no_gain"] = out["reference_yes_no_after"] - out["reference_yes_no_before"]
+    for key in ("first_image", "verdict", "reference_verdict", "within_tag_verdict", "yes_no", "reference_yes_no"):
+        out[f"{key}_gain"] = out[f"{key}_after"] - out[f"{key}_before"]
     out.update(synergy_errors(before, after))
     return out
 
@@ -125,8 +125,7 @@ def verdict_variance(report: dict[str, Any]) -> float:
 def within_tag_variance(report: dict[str, Any]) -> float:
     """Sampling variance of the within-tag verdict figure: the mean over the tags with both kinds of image
     of independent balanced accuracies (the tags' images are separate draws)."""
-    both = [v for v in (_verdict_block(report).get("per_tag") or {}).values()
-            if v.get("correct_images") and v.get("flawed_images")]
+    both = tags_with_both_kinds(_verdict_block(report).get("per_tag") or {})
     return sum(_balanced_variance(v) for v in both) / len(both) ** 2 if both else math.nan
 
 
@@ -148,8 +147,7 @@ def reference_gain_variance(before: dict[str, Any], after: dict[str, Any]) -> fl
         per_image = ((report.get("understanding") or {}).get("reference") or {}).get("per_image") or {}
         images.append((per_image.get("judged_correct"), per_image.get("stop")))
     (judged, stop_b), (judged_a, stop_a) = images
-    if not judged or judged != judged_a or stop_b is None or stop_a is None or len(stop_b) != len(judged) \
-            or len(stop_a) != len(judged):
+    if not judged or judged != judged_a or not len(stop_b or []) == len(stop_a or []) == len(judged):
         return math.nan
     on_correct, on_flawed = [], []  # +1 = the verdict became right, -1 = it became wrong
     for ok, b, a in zip(judged, stop_b, stop_a):
@@ -182,14 +180,8 @@ def synergy_lines(fig: dict[str, float]) -> list[str]:
     """The demo's closing lines: one per figure, with the goal and whether it was met."""
     met = goals_met(fig)
 
-    def pts(x: float) -> str:
-        return f"{100 * x:+.1f} points"
-
     def gain(k: str) -> str:
-        digits = 2 if near_miss(fig[k], GOALS[k]) else 1
-        se = fig.get(f"{k}_se", math.nan)
-        value = f"{100 * fig[k]:+.{digits}f}"
-        return f"{value} ± {100 * se:.1f} points" if math.isfinite(se) else f"{value} points"
+        return _points(fig, k, digits=2 if near_miss(fig[k], GOALS[k]) else 1)
 
     def mark(k: str) -> str:
         return f"(goal >= +{100 * GOALS[k]:.0f}: {'met' if met[k] else 'NOT met'})"
@@ -200,21 +192,23 @@ def synergy_lines(fig: dict[str, float]) -> list[str]:
         f"first-image accuracy, before -> after RL: {fig['first_image_before']:.3f} -> {fig['first_image_after']:.3f}"
         f" ({gain('first_image_gain')}) {mark('first_image_gain')}",
         f"refinement after RL, final round - first image: {fig['final_after']:.3f} - {fig['first_image_after']:.3f}"
-        f" ({gain('refinement_after')}; before RL {pts(fig['refinement_before'])}) {mark('refinement_after')}",
+        f" ({gain('refinement_after')}; before RL {_points(fig, 'refinement_before')}) {mark('refinement_after')}",
         f"verdict balanced accuracy, before -> after RL: {fig['verdict_before']:.3f} -> {fig['verdict_after']:.3f}"
         f" ({gain('verdict_gain')}) {mark('verdict_gain')}{ref}",
     ]
 
 
+def _points(fig: dict[str, float], key: str, digits: int = 1) -> str:
+    """``+11.7 ± 1.0 points`` (the ``± error`` only where ``{key}_se`` is a number)."""
+    se = fig.get(f"{key}_se", math.nan)
+    err = f" ± {100 * se:.1f}" if math.isfinite(se) else ""
+    return f"{100 * fig[key]:+.{digits}f}{err} points"
+
+
 def _before_after(fig: dict[str, float], pairs: tuple[tuple[str, str], ...]) -> list[str]:
     """``label before -> after (gain ± se points)`` for each (figure key, label) the figures hold."""
-    out = []
-    for key, label in pairs:
-        g, se = fig.get(f"{key}_gain", math.nan), fig.get(f"{key}_gain_se", math.nan)
-        if math.isfinite(g):
-            err = f" ± {100 * se:.1f}" if math.isfinite(se) else ""
-            out.append(f"{label} {fig[f'{key}_before']:.3f} -> {fig[f'{key}_after']:.3f} ({100 * g:+.1f}{err} points)")
-    return out
+    return [f"{label} {fig[f'{key}_before']:.3f} -> {fig[f'{key}_after']:.3f} ({_points(fig, f'{key}_gain')})"
+            for key, label in pairs if math.isfinite(fig.get(f"{key}_gain", math.nan))]
 
 
 def understanding_line(fig: dict[str, float]) -> str | None:

@@ -96,10 +96,14 @@ def verdict_report(verdicts: Iterable[Verdict]) -> dict[str, Any]:
             "per_tag": tags}
 
 
+def tags_with_both_kinds(per_tag: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-tag summaries with both correct and flawed images: those the within-tag figure averages."""
+    return [v for v in per_tag.values() if v.get("correct_images") and v.get("flawed_images")]
+
+
 def within_tag_balanced_accuracy(per_tag: dict[str, dict[str, Any]]) -> float:
     """Mean balanced accuracy over the tags that have both correct and flawed images (NaN if none does)."""
-    both = [v["balanced_accuracy"] for v in per_tag.values()
-            if v.get("correct_images") and v.get("flawed_images")]
+    both = [v["balanced_accuracy"] for v in tags_with_both_kinds(per_tag)]
     return sum(both) / len(both) if both else float("nan")
 
 
