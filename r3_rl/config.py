@@ -15,7 +15,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from r3_rl.config_base import Section
 from r3_rl.config_base import plugin_name as _plugin_name
-from r3_rl.config_learner import DeepSpeedCfg, FlowLearnerCfg, Learner, LoraCfg, PpoCfg, StageFlags  # noqa: F401 (re-exported)
+from r3_rl.config_learner import CriticReplayCfg, DeepSpeedCfg, FlowLearnerCfg, Learner, LoraCfg, PpoCfg, StageFlags  # noqa: F401 (re-exported)
 from r3_rl.errors import UserError, close_match
 from r3_rl.trajectory import SamplingParams
 

@@ -70,6 +70,17 @@ def _check_stage_names(mapping: dict[Any, Any]) -> None:
 StageFlags = dict[Stage, bool]
 
 
+class CriticReplayCfg(Section):
+    """``learner.critic_replay``: rehearse the warm start's critiques during RL (InstructGPT's PPO-ptx, for the
+    critic).  Every optimiser step adds ``coef`` x the cross-entropy of ``examples`` supervised critiques of
+    Blocks images (training prompts; a correct image, flawed half the time with the flaw kind drawn evenly) to
+    the RL loss, so the generator's updates, which share the critic's weights, do not wear its reading away.
+    Policies with such examples only (``policy.kind: tiny``); 0 = off (README: R3 synergy)."""
+
+    coef: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    examples: int = Field(16, ge=1, le=4096)  # critiques per optimiser step
+
+
 class Learner(Section):
     # a registered algorithm (grpo, ppo; `r3_rl.learner.registry`), `pkg.module:Class` or `path/file.py:Class`
     algorithm: str = "grpo"
@@ -103,6 +114,7 @@ class Learner(Section):
     # R3's stages share one set of weights, so this sets how much each role's updates count against the others'
     # (in the Blocks demo no setting beat the default: README, R3 synergy)
     stage_weights: dict[str, float] = Field(default_factory=dict)
+    critic_replay: CriticReplayCfg = CriticReplayCfg()  # supervised critiques rehearsed during RL; off by default
     flow: FlowLearnerCfg = FlowLearnerCfg()  # images made of denoising steps: own clip range and KL units
     epochs: int = Field(1, ge=1)
     micro_batch_size: int = Field(64, ge=1)  # samples per forward/backward

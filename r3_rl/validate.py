@@ -131,6 +131,10 @@ def check_plugins(recipe: Any, source: str, weights: bool = True) -> None:
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
     check_templates(recipe, policy.template_fields, source)
+    if recipe.learner.critic_replay.coef > 0 and not getattr(policy, "replays_critiques", False):
+        raise UserError(f"{source}: key 'learner.critic_replay.coef': policy.kind {recipe.policy.kind!r} has no "
+                        f"supervised critiques to rehearse (the tiny policies have: kind tiny or tiny_flow); "
+                        f"set it to 0")
     policy.check_recipe(recipe, source, weights)
 
 

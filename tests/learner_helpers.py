@@ -48,3 +48,17 @@ def clone(policy: TinyUnifiedPolicy) -> TinyUnifiedPolicy:
     other = copy.copy(policy)
     other._model = copy.deepcopy(policy.model)
     return other
+
+
+def step_grads(learner: Any, items: list[TrainItem]) -> list[torch.Tensor]:
+    """Run one learner step (one optimiser step), returning the accumulated gradient it stepped with."""
+    seen: list[torch.Tensor] = []
+    real = learner.optim.step
+
+    def spy():
+        seen.extend(torch.zeros_like(q) if q.grad is None else q.grad.clone() for q in learner.optim.params)
+        return real()
+    learner.optim.step = spy
+    m = learner.step(items)
+    assert m["learner/optimizer_steps"] == 1.0
+    return seen

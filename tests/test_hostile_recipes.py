@@ -70,6 +70,9 @@ CASES = [
      "key 'templates.reason': placeholder {nonexistent} is not filled at this stage by the tiny policy"),
     (None, ["templates.generate={prompt} <image>"], [], "placeholder {prompt} is not filled"),
     (None, ["policy.model=/no/such/model"], [], "policy.model: cannot load '/no/such/model'"),
+    (None, ["learner.critic_replay.coef=-1"], [], "key 'learner.critic_replay.coef': Input should be greater than"),
+    (str(Path(__file__).resolve().parents[1] / "recipes" / "grpo_geneval.yaml"), ["learner.critic_replay.coef=1"], [],
+     "key 'learner.critic_replay.coef': policy.kind 'janus' has no supervised critiques to rehearse"),
 ]
 
 

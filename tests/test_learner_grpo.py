@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from learner_helpers import clone, learner_cfg, sample_items, tiny_policy, weights
+from learner_helpers import clone, learner_cfg, sample_items, step_grads, tiny_policy, weights
 
 from r3_rl.learner.batch import assign_advantages, collect_items
 from r3_rl.learner.torch_learner import TorchLearner
@@ -20,20 +20,6 @@ def base():
     return policy, sample_items(policy)
 
 
-def _step_grads(learner: TorchLearner, items) -> list[torch.Tensor]:
-    """Run one learner step, returning the accumulated gradient it stepped with."""
-    seen: list[torch.Tensor] = []
-    real = learner.optim.step
-
-    def spy():
-        seen.extend(torch.zeros_like(q) if q.grad is None else q.grad.clone() for q in learner.optim.params)
-        return real()
-    learner.optim.step = spy
-    m = learner.step(items)
-    assert m["learner/optimizer_steps"] == 1.0
-    return seen
-
-
 @pytest.mark.parametrize("loss_type", ["token_mean", "seq_mean", "dr_grpo"])
 def test_micro_batches_give_the_full_batch_gradient(base, loss_type: str) -> None:
     policy, items = base
@@ -41,7 +27,7 @@ def test_micro_batches_give_the_full_batch_gradient(base, loss_type: str) -> Non
     for mbs in (64, 1, 4):
         p = clone(policy)
         learner = TorchLearner(p, p.frozen_copy(), learner_cfg(micro_batch_size=mbs, loss_type=loss_type))
-        grads.append(_step_grads(learner, copy.deepcopy(items)))
+        grads.append(step_grads(learner, copy.deepcopy(items)))
     assert sum(float(g.abs().sum()) for g in grads[0]) > 0
     for other in grads[1:]:
         for g, ref in zip(other, grads[0]):

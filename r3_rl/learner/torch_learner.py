@@ -46,7 +46,7 @@ class TorchLearner:
 
     def __init__(self, policy: Policy, reference: Any, cfg: Any, optim: Any = None,
                  modules: dict[str, torch.nn.Module] | None = None, algorithm: Algorithm | None = None,
-                 adapters: Any = None) -> None:
+                 adapters: Any = None, replay: Any = None) -> None:
         if algorithm is None:
             from r3_rl.config import Recipe
             from r3_rl.learner.registry import load_algorithm
@@ -56,6 +56,9 @@ class TorchLearner:
         # extra trainable modules (a critic), checkpointed with the learner
         self.modules = modules if modules is not None else algorithm.modules(policy)
         self.adapters = adapters
+        # learner.critic_replay: supervised critiques added to each optimiser step's loss (Policy.critique_replay)
+        self.replay = replay if cfg.critic_replay.coef > 0 else None
+        self.replay_draws = 0  # optimiser steps that drew rehearsal examples: the stream's position, checkpointed
         self.optim = optim if optim is not None else TorchOptim([policy.model, *self.modules.values()], cfg)
         self.skipped_steps = 0  # optimiser steps skipped for a non-finite loss or gradient
         self.updates = 0  # optimiser steps applied
@@ -116,9 +119,11 @@ class TorchLearner:
                 step_sums: dict[str, list[float]] = {}
                 total, finite = 0.0, True
                 self.optim.zero_grad()  # never accumulate onto gradients left by anything else (e.g. warm start)
-                for chunk, scale in self._my_chunks(mini):
+                rehearse = self._draw_rehearsal()
+                for n_chunk, (chunk, scale) in enumerate(self._my_chunks(mini)):
+                    extra = rehearse if n_chunk == 0 else None  # once per optimiser step, on every rank
                     loss, m, outputs = self.optim.forward(
-                        lambda: self.algorithm.loss(models, items, chunk, mini, ctx))  # noqa: B023
+                        lambda: self._loss(models, items, chunk, mini, ctx, extra))  # noqa: B023
                     value = float(loss.detach()) * scale
                     if not math.isfinite(value):
                         finite = False
@@ -155,6 +160,24 @@ class TorchLearner:
         metrics.update(ctx.get("metrics", {}))
         return metrics
 
+    def _draw_rehearsal(self) -> list[Any] | None:
+        """This optimiser step's rehearsal critiques (``learner.critic_replay``), or ``None`` when off."""
+        if self.replay is None:
+            return None
+        self.replay_draws += 1
+        return self.replay.examples(self.replay_draws - 1)
+
+    def _loss(self, models: LearnerModels, items: list[TrainItem], chunk: range, mini: range, ctx: dict[str, Any],
+              rehearse: list[Any] | None) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
+        """The algorithm's micro-batch loss, plus ``coef`` x the rehearsal's cross-entropy when given.  Every rank
+        adds it divided by the rank count: the ranks' gradients sum to one ``coef`` x its gradient."""
+        loss, metrics, outputs = self.algorithm.loss(models, items, chunk, mini, ctx)
+        if rehearse is None:
+            return loss, metrics, outputs
+        ce = self.replay.loss(rehearse)
+        metrics = {**metrics, "critic_replay_ce": float(ce.detach())}
+        return loss + (self.cfg.critic_replay.coef / self.world) * ce, metrics, [*outputs, ce]
+
     # ------------------------------------------------------------------ persistence
     @property
     def saves_weights(self) -> bool:
@@ -172,12 +195,13 @@ class TorchLearner:
 
     def state_dict(self) -> dict[str, Any]:
         own = not self.saves_weights
-        return {"skipped_steps": self.skipped_steps, "updates": self.updates,
+        return {"skipped_steps": self.skipped_steps, "updates": self.updates, "replay_draws": self.replay_draws,
                 "modules": {k: m.state_dict() for k, m in self.modules.items()} if own else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped_steps = state.get("skipped_steps", 0)
         self.updates = state.get("updates", 0)
+        self.replay_draws = state.get("replay_draws", 0)
         for k, sd in state.get("modules", {}).items():
             self.modules[k].load_state_dict(sd)
 
@@ -229,4 +253,5 @@ def learner_from_recipe(policy: Policy, reference: Any, recipe: Any, algorithm: 
         from r3_rl.learner.deepspeed_learner import DeepSpeedOptim
 
         optim = DeepSpeedOptim({"policy": policy.model, **modules}, cfg)
-    return TorchLearner(policy, reference, cfg, optim, modules, algorithm, adapters)
+    replay = policy.critique_replay(recipe) if cfg.critic_replay.coef > 0 else None
+    return TorchLearner(policy, reference, cfg, optim, modules, algorithm, adapters, replay)

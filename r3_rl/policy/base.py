@@ -164,6 +164,15 @@ class Policy(ABC):
         """Probability that the answer to ``questions[i]`` about ``images[i]`` is "yes" (no sampling)."""
         raise NotImplementedError(f"{type(self).__name__} cannot answer questions about images")
 
+    # --- optional: supervised critiques rehearsed during RL (``learner.critic_replay``) ------------
+    replays_critiques: bool = False  # a built-in family says so on its recipe side too (checked before any work)
+
+    def critique_replay(self, recipe: Any) -> Any:
+        """What ``learner.critic_replay`` rehearses: an object with ``examples(k)`` (the supervised critiques of
+        optimiser step ``k``) and ``loss(examples)`` (a differentiable scalar); see
+        :class:`r3_rl.policy.critique_replay.CritiqueReplay`."""
+        raise NotImplementedError(f"{type(self).__name__} has no supervised critiques to rehearse")
+
     # --- optional: ``decode_image_tokens(tokens) -> HxWx3 uint8`` rebuilds the pixels of an image this
     # policy drew from its tokens; with it the Tree-RL parent buffer stores tokens instead of PNG bytes.
 

@@ -73,6 +73,12 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
             warmstart_cached(self, recipe, folder, log)
             self.model.to(dtype)
 
+    def critique_replay(self, recipe: Any) -> Any:
+        """``learner.critic_replay``: the warm start's kind of critiques, on training prompts."""
+        from r3_rl.policy.critique_replay import CritiqueReplay
+
+        return CritiqueReplay(self, recipe)
+
     @classmethod
     def build(cls, templates: dict[str, str], rows: int, cols: int, hidden_size: int = 128, num_layers: int = 4,
               num_heads: int = 4, intermediate_size: int = 256, max_positions: int = 256,

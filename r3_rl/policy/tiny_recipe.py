@@ -20,6 +20,7 @@ MAX_PARAMS = 2_000_000_000  # fp32 weights + AdamW = 16 bytes a parameter: 32 GB
 class TinyRecipe:
     """Mixin of :class:`~r3_rl.policy.tiny.TinyUnifiedPolicy` (``from_recipe`` builds that class)."""
 
+    replays_critiques = True  # learner.critic_replay: the warm start's critiques (r3_rl.policy.critique_replay)
     template_fields: dict[str, set[str]] = {"reason": {"prompt"}, "reflect": {"prompt", "image"},
                                             "refine": {"prompt", "image", "instruction"}}
 

@@ -1,0 +1,139 @@
+"""``learner.critic_replay``: supervised critiques rehearsed in every optimiser step (PPO-ptx for the critic).
+
+The rehearsal must add exactly ``coef`` x the gradient of the critiques' cross-entropy -- computed here straight
+from :func:`~r3_rl.policy.warmstart.sft_loss` and autograd, apart from the learner -- once per optimiser step
+whatever the micro-batching; its examples must be a pure function of (seed, step) so that a resumed run
+rehearses what an uninterrupted one would, and give identical weights; and it must reach the fp32 masters of
+a bf16 policy.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from learner_helpers import clone, learner_cfg, sample_items, step_grads, weights
+
+from r3_rl.blocks.prompts import split_of
+from r3_rl.config import Recipe, Templates
+from r3_rl.learner.torch_learner import TorchLearner
+from r3_rl.policy.critique_replay import CritiqueReplay
+from r3_rl.policy.tiny import TinyUnifiedPolicy
+from r3_rl.policy.warmstart import sft_loss
+
+STOP = "no further edit needed"
+
+
+def tiny_policy() -> TinyUnifiedPolicy:
+    """The learner tests' tiny policy on the demo's 4x4 grid (the warm start's layouts need room)."""
+    return TinyUnifiedPolicy.build(Templates().model_dump(), rows=4, cols=4, hidden_size=32, num_layers=1,
+                                   num_heads=2, intermediate_size=48, max_positions=128, seed=0)
+
+
+def _recipe(coef: float = 0.5, examples: int = 6) -> Recipe:
+    return Recipe(seed=3, learner={"critic_replay": {"coef": coef, "examples": examples}})
+
+
+def _learner(policy, coef: float, **kw) -> TorchLearner:
+    recipe = _recipe(coef)
+    cfg = learner_cfg(kl_coef_text=0.0, kl_coef_image=0.0, critic_replay={"coef": coef, "examples": 6}, **kw)
+    return TorchLearner(policy, None, cfg, replay=CritiqueReplay(policy, recipe) if coef else None)
+
+
+def test_rehearsal_adds_coef_times_the_cross_entropy_gradient_once_per_optimiser_step() -> None:
+    base = tiny_policy()
+    items = sample_items(base)
+    plain = step_grads(_learner(clone(base), 0.0, micro_batch_size=2), items)
+    replayed = _learner(clone(base), 0.5, micro_batch_size=2)  # three micro-batches: the term is added once
+    got = step_grads(replayed, items)
+    peer = clone(base)
+    examples = CritiqueReplay(peer, _recipe()).examples(0)
+    params = [p for p in peer.model.parameters() if p.requires_grad]
+    expected = torch.autograd.grad(sft_loss(peer, examples), params, allow_unused=True)
+    assert len(got) == len(plain) == len(expected)
+    for g, p, e in zip(got, plain, expected):
+        want = p + 0.5 * (torch.zeros_like(p) if e is None else e)
+        assert torch.allclose(g, want, atol=1e-6, rtol=1e-5)
+    assert max((g - p).abs().max().item() for g, p in zip(got, plain)) > 1e-4  # the rehearsal does move them
+    assert replayed.replay_draws == 1
+
+
+def test_data_parallel_ranks_add_one_rehearsal_between_them() -> None:
+    """Each rank adds coef / world x the cross-entropy; DeepSpeed averages the ranks' gradients (each scaled by
+    world, as every loss is), so the average is the one-rank gradient, rehearsal included."""
+    base = tiny_policy()
+    items = sample_items(base)
+    one = step_grads(_learner(clone(base), 0.5, micro_batch_size=2), items)
+    per_rank = []
+    for rank in (0, 1):
+        learner = _learner(clone(base), 0.5, micro_batch_size=2)
+        learner.rank, learner.world = rank, 2
+        per_rank.append(step_grads(learner, items))
+    for g, a, b in zip(one, *per_rank):
+        assert torch.allclose(g, (a + b) / 2, atol=1e-6, rtol=1e-5)
+
+
+def test_metric_and_one_draw_per_optimiser_step() -> None:
+    policy = tiny_policy()
+    learner = _learner(policy, 1.0, micro_batch_size=2, grad_accum=1)  # three optimiser steps per batch
+    m = learner.step(sample_items(policy))
+    assert m["learner/optimizer_steps"] == 3.0 and learner.replay_draws == 3
+    assert 0.0 < m["learner/critic_replay_ce"] < 20.0
+    assert "learner/critic_replay_ce" not in _learner(tiny_policy(), 0.0).step(sample_items(policy))
+
+
+def test_examples_are_a_function_of_seed_and_step_on_training_prompts() -> None:
+    policy = tiny_policy()
+    a, b = CritiqueReplay(policy, _recipe()), CritiqueReplay(policy, _recipe())
+    assert a.examples(4) == b.examples(4)  # a fresh object (a resumed run) draws the same critiques
+    assert a.examples(4) != a.examples(5)
+    other_seed = CritiqueReplay(policy, _recipe().model_copy(update={"seed": 4}))
+    assert other_seed.examples(4) != a.examples(4)
+    stop = policy.encode(STOP)
+    verdicts = []
+    for k in range(40):
+        for _, target in a.examples(k):
+            verdicts.append(target[-1 - len(stop):-1] == stop)
+        assert split_of(a.prompts.train_prompt(k * a.per_step).prompt) == "train"  # never a held-out prompt
+    assert 0.35 < sum(verdicts) / len(verdicts) < 0.65  # flawed half the time
+
+
+def test_resume_continues_the_stream_and_gives_identical_weights(tmp_path: Path) -> None:
+    base = tiny_policy()
+    items = sample_items(base)
+    straight = clone(base)
+    learner = _learner(straight, 1.0)
+    learner.step(items)
+    learner.step(items)
+    first = clone(base)
+    interrupted = _learner(first, 1.0)
+    interrupted.step(items)
+    interrupted.save(tmp_path / "ckpt")
+    resumed = _learner(first, 1.0)
+    resumed.load(tmp_path / "ckpt")
+    assert resumed.replay_draws == 1
+    resumed.step(items)
+    for k, v in weights(straight).items():
+        assert torch.equal(v, weights(first)[k]), k
+
+
+def test_bf16_policy_rehearses_into_its_fp32_masters() -> None:
+    base = tiny_policy()
+    items = sample_items(base)
+    grads = []
+    for coef in (0.0, 1.0):
+        policy = clone(base)
+        policy.model.to(torch.bfloat16)
+        learner = _learner(policy, coef)
+        g = step_grads(learner, items)
+        assert all(q.dtype == torch.float32 for q in learner.optim.params)
+        assert all(torch.isfinite(x).all() for x in g)
+        grads.append(g)
+    assert max((a - b).abs().max().item() for a, b in zip(*grads)) > 1e-4
+
+
+@pytest.mark.parametrize("kind,ok", [("tiny", True), ("janus", False), ("bagel", False)])
+def test_only_policies_with_critiques_to_rehearse_accept_it(kind: str, ok: bool) -> None:
+    from r3_rl.policy.registry import recipe_side
+
+    assert bool(getattr(recipe_side(kind), "replays_critiques", False)) is ok
