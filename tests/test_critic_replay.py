@@ -132,7 +132,24 @@ def test_bf16_policy_rehearses_into_its_fp32_masters() -> None:
     assert max((a - b).abs().max().item() for a, b in zip(*grads)) > 1e-4
 
 
-@pytest.mark.parametrize("kind,ok", [("tiny", True), ("janus", False), ("bagel", False)])
+def test_the_tiny_flow_policy_rehearses_too() -> None:
+    """Its critiques read the decoded grid's words like the token policy's, so the same examples train it."""
+    from conftest import REPO
+
+    from r3_rl.config import load_recipe
+    from r3_rl.policy.registry import policy_class
+
+    recipe = load_recipe(str(REPO / "recipes" / "tiny_flow_blocks.yaml"),
+                         ["policy.tiny.hidden_size=32", "policy.tiny.intermediate_size=48", "policy.tiny.num_heads=2",
+                          "policy.tiny.num_layers=1", "learner.critic_replay.coef=1.0"])
+    policy = policy_class(recipe.policy.kind).from_recipe(recipe, **recipe.policy.options)
+    replay = policy.critique_replay(recipe)
+    loss = replay.loss(replay.examples(0))
+    loss.backward()
+    assert torch.isfinite(loss) and policy.model.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind,ok", [("tiny", True), ("tiny_flow", True), ("janus", False), ("bagel", False)])
 def test_only_policies_with_critiques_to_rehearse_accept_it(kind: str, ok: bool) -> None:
     from r3_rl.policy.registry import recipe_side
 
