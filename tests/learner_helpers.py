@@ -16,8 +16,8 @@ PROMPTS = [PromptItem(id="a", prompt="a photo of a red square"),
            PromptItem(id="c", prompt="a photo of a green triangle")]
 
 
-def tiny_policy(seed: int = 0) -> TinyUnifiedPolicy:
-    return TinyUnifiedPolicy.build(Templates().model_dump(), rows=2, cols=2, hidden_size=32, num_layers=1,
+def tiny_policy(seed: int = 0, rows: int = 2, cols: int = 2) -> TinyUnifiedPolicy:
+    return TinyUnifiedPolicy.build(Templates().model_dump(), rows=rows, cols=cols, hidden_size=32, num_layers=1,
                                    num_heads=2, intermediate_size=48, max_positions=128, seed=seed)
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import learner_helpers
 from learner_helpers import clone, learner_cfg, sample_items, step_grads, weights
 
 from r3_rl.blocks.prompts import split_of
-from r3_rl.config import Recipe, Templates
+from r3_rl.config import Recipe
 from r3_rl.learner.torch_learner import TorchLearner
 from r3_rl.policy.critique_replay import CritiqueReplay
 from r3_rl.policy.tiny import TinyUnifiedPolicy
@@ -26,8 +27,7 @@ STOP = "no further edit needed"
 
 def tiny_policy() -> TinyUnifiedPolicy:
     """The learner tests' tiny policy on the demo's 4x4 grid (the warm start's layouts need room)."""
-    return TinyUnifiedPolicy.build(Templates().model_dump(), rows=4, cols=4, hidden_size=32, num_layers=1,
-                                   num_heads=2, intermediate_size=48, max_positions=128, seed=0)
+    return learner_helpers.tiny_policy(rows=4, cols=4)
 
 
 def _recipe(coef: float = 0.5, examples: int = 6) -> Recipe:
@@ -35,9 +35,9 @@ def _recipe(coef: float = 0.5, examples: int = 6) -> Recipe:
 
 
 def _learner(policy, coef: float, **kw) -> TorchLearner:
-    recipe = _recipe(coef)
     cfg = learner_cfg(kl_coef_text=0.0, kl_coef_image=0.0, critic_replay={"coef": coef, "examples": 6}, **kw)
-    return TorchLearner(policy, None, cfg, replay=CritiqueReplay(policy, recipe) if coef else None)
+    replay = CritiqueReplay(policy, Recipe(seed=3, learner=cfg)) if coef else None
+    return TorchLearner(policy, None, cfg, replay=replay)
 
 
 def test_rehearsal_adds_coef_times_the_cross_entropy_gradient_once_per_optimiser_step() -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from r3_rl.data import BlocksPrompts
+from r3_rl.policy.warmstart import critic_examples, sft_loss
 
 if TYPE_CHECKING:
     from r3_rl.policy.tiny import TinyUnifiedPolicy
@@ -36,12 +37,8 @@ class CritiqueReplay:
         self.prompts = BlocksPrompts(tags=recipe.data.blocks.tags, seed=recipe.seed + STREAM)
 
     def examples(self, k: int) -> list[Example]:
-        from r3_rl.policy.warmstart import critic_examples
-
         rng = np.random.default_rng([self.seed, STREAM, k])
         return critic_examples(self.policy, self.prompts, k * self.per_step, self.per_step, self.warmstart, rng)
 
     def loss(self, examples: list[Example]) -> torch.Tensor:
-        from r3_rl.policy.warmstart import sft_loss
-
         return sft_loss(self.policy, examples)
