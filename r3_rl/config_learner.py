@@ -75,10 +75,12 @@ class CriticReplayCfg(Section):
     critic).  Every optimiser step adds ``coef`` x the cross-entropy of ``examples`` supervised critiques of
     Blocks images (training prompts; a correct image, flawed half the time with the flaw kind drawn evenly) to
     the RL loss, so the generator's updates, which share the critic's weights, do not wear its reading away.
-    Policies with such examples only (``policy.kind`` tiny or tiny_flow); 0 = off (README: R3 synergy)."""
+    Policies with such examples only (``policy.kind`` tiny or tiny_flow); 0 = off (README: R3 synergy).
+    ``questions``: yes/no questions (the warm start's ``questions``) asked about each of those images too."""
 
     coef: float = Field(0.0, ge=0.0, allow_inf_nan=False)
     examples: int = Field(16, ge=1, le=4096)  # critiques per optimiser step
+    questions: int = Field(0, ge=0, le=16)  # yes/no questions per rehearsed image, answered with its truth
 
 
 class Learner(Section):

@@ -4,7 +4,8 @@ The rehearsal must add exactly ``coef`` x the gradient of the critiques' cross-e
 from :func:`~r3_rl.policy.warmstart.sft_loss` and autograd, apart from the learner -- once per optimiser step
 whatever the micro-batching; its examples must be a pure function of (seed, step) so that a resumed run
 rehearses what an uninterrupted one would, and give identical weights; and it must reach the fp32 masters of
-a bf16 policy.
+a bf16 policy.  With ``questions`` the same images' yes/no questions join it, averaged apart, answered with the
+truth about each image.
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ import learner_helpers
 from learner_helpers import clone, learner_cfg, sample_items, step_grads, weights
 
 from r3_rl.blocks.prompts import split_of
+from r3_rl.blocks.world import N_TOKENS
 from r3_rl.config import Recipe
 from r3_rl.learner.torch_learner import TorchLearner
 from r3_rl.policy.critique_replay import CritiqueReplay
 from r3_rl.policy.tiny import TinyUnifiedPolicy
+from r3_rl.policy.tiny_tokenizer import image_token
 from r3_rl.policy.warmstart import sft_loss
 
 STOP = "no further edit needed"
@@ -30,26 +33,30 @@ def tiny_policy() -> TinyUnifiedPolicy:
     return learner_helpers.tiny_policy(rows=4, cols=4)
 
 
-def _recipe(coef: float = 0.5, examples: int = 6) -> Recipe:
-    return Recipe(seed=3, learner={"critic_replay": {"coef": coef, "examples": examples}})
+def _recipe(coef: float = 0.5, examples: int = 6, questions: int = 0) -> Recipe:
+    return Recipe(seed=3, learner={"critic_replay": {"coef": coef, "examples": examples, "questions": questions}})
 
 
-def _learner(policy, coef: float, **kw) -> TorchLearner:
-    cfg = learner_cfg(kl_coef_text=0.0, kl_coef_image=0.0, critic_replay={"coef": coef, "examples": 6}, **kw)
+def _learner(policy, coef: float, questions: int = 0, **kw) -> TorchLearner:
+    cfg = learner_cfg(kl_coef_text=0.0, kl_coef_image=0.0,
+                      critic_replay={"coef": coef, "examples": 6, "questions": questions}, **kw)
     replay = CritiqueReplay(policy, Recipe(seed=3, learner=cfg)) if coef else None
     return TorchLearner(policy, None, cfg, replay=replay)
 
 
-def test_rehearsal_adds_coef_times_the_cross_entropy_gradient_once_per_optimiser_step() -> None:
+@pytest.mark.parametrize("questions", [0, 2])
+def test_rehearsal_adds_coef_times_the_cross_entropy_gradient_once_per_optimiser_step(questions: int) -> None:
     base = tiny_policy()
     items = sample_items(base)
     plain = step_grads(_learner(clone(base), 0.0, micro_batch_size=2), items)
-    replayed = _learner(clone(base), 0.5, micro_batch_size=2)  # three micro-batches: the term is added once
+    replayed = _learner(clone(base), 0.5, questions, micro_batch_size=2)  # three micro-batches: added once
     got = step_grads(replayed, items)
     peer = clone(base)
-    examples = CritiqueReplay(peer, _recipe()).examples(0)
+    critiques, asked = CritiqueReplay(peer, _recipe(questions=questions)).examples(0)
+    assert (len(asked) > 6) == bool(questions)
+    ce = sft_loss(peer, critiques) + (sft_loss(peer, asked) if questions else 0.0)  # each part its own mean
     params = [p for p in peer.model.parameters() if p.requires_grad]
-    expected = torch.autograd.grad(sft_loss(peer, examples), params, allow_unused=True)
+    expected = torch.autograd.grad(ce, params, allow_unused=True)
     assert len(got) == len(plain) == len(expected)
     for g, p, e in zip(got, plain, expected):
         want = p + 0.5 * (torch.zeros_like(p) if e is None else e)
@@ -92,10 +99,37 @@ def test_examples_are_a_function_of_seed_and_step_on_training_prompts() -> None:
     stop = policy.encode(STOP)
     verdicts = []
     for k in range(40):
-        for _, target in a.examples(k):
+        for _, target in a.examples(k).critiques:
             verdicts.append(target[-1 - len(stop):-1] == stop)
         assert split_of(a.prompts.train_prompt(k * a.per_step).prompt) == "train"  # never a held-out prompt
     assert 0.35 < sum(verdicts) / len(verdicts) < 0.65  # flawed half the time
+
+
+def test_questions_ask_about_the_rehearsed_images_and_answer_with_their_truth() -> None:
+    """A correct image (critique: stop) answers every question of its prompt "yes"; "no" answers come only from
+    flawed images; and asking questions leaves the critiques' stream as it was."""
+    policy = tiny_policy()
+    plain, asking = CritiqueReplay(policy, _recipe()), CritiqueReplay(policy, _recipe(questions=2))
+    stop, no = policy.encode(STOP), policy.encode("no")
+    cells = {policy.encode(image_token(k))[0] for k in range(N_TOKENS)}
+
+    def image_of(ids: list[int]) -> list[int]:
+        return [i for i in ids if i in cells]
+
+    answers = {True: [], False: []}
+    for k in range(30):
+        critiques, questions = asking.examples(k)
+        assert critiques == plain.examples(k).critiques and plain.examples(k).questions == []
+        assert len(critiques) < len(questions) <= 2 * len(critiques)  # up to 2 each (one-object prompts have 1)
+        at = 0  # the questions follow their images' order
+        for q_ctx, answer in questions:
+            while image_of(q_ctx) != image_of(critiques[at][0]):
+                at += 1  # raises IndexError if a question is about no rehearsed image
+            assert len(image_of(q_ctx)) == 16 and policy.decode(answer) in ("yes", "no")
+            correct = critiques[at][1][-1 - len(stop):-1] == stop
+            answers[correct].append(answer[:-1] == no)
+    assert not any(answers[True]) and len(answers[True]) > 100  # a correct image: every clause holds
+    assert 0.15 < sum(answers[False]) / len(answers[False]) < 0.85  # a flawed one fails some clause
 
 
 def test_resume_continues_the_stream_and_gives_identical_weights(tmp_path: Path) -> None:

@@ -71,6 +71,7 @@ CASES = [
     (None, ["templates.generate={prompt} <image>"], [], "placeholder {prompt} is not filled"),
     (None, ["policy.model=/no/such/model"], [], "policy.model: cannot load '/no/such/model'"),
     (None, ["learner.critic_replay.coef=-1"], [], "key 'learner.critic_replay.coef': Input should be greater than"),
+    (None, ["learner.critic_replay.questions=17"], [], "key 'learner.critic_replay.questions': Input should be less than"),
     (str(Path(__file__).resolve().parents[1] / "recipes" / "grpo_geneval.yaml"), ["learner.critic_replay.coef=1"], [],
      "key 'learner.critic_replay.coef': policy.kind 'janus' has no supervised critiques to rehearse"),
 ]

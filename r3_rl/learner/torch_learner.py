@@ -160,15 +160,15 @@ class TorchLearner:
         metrics.update(ctx.get("metrics", {}))
         return metrics
 
-    def _draw_rehearsal(self) -> list[Any] | None:
-        """This optimiser step's rehearsal critiques (``learner.critic_replay``), or ``None`` when off."""
+    def _draw_rehearsal(self) -> Any:
+        """This optimiser step's rehearsal (``learner.critic_replay``), or ``None`` when off."""
         if self.replay is None:
             return None
         self.replay_draws += 1
         return self.replay.examples(self.replay_draws - 1)
 
     def _loss(self, models: LearnerModels, items: list[TrainItem], chunk: range, mini: range, ctx: dict[str, Any],
-              rehearse: list[Any] | None) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
+              rehearse: Any) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
         """The algorithm's micro-batch loss, plus ``coef`` x the rehearsal's cross-entropy when given.  Every rank
         adds it divided by the rank count: the ranks' gradients sum to one ``coef`` x its gradient."""
         loss, metrics, outputs = self.algorithm.loss(models, items, chunk, mini, ctx)

@@ -38,6 +38,7 @@ from r3_rl.data import BlocksPrompts
 from r3_rl.policy.base import ImageInput
 from r3_rl.policy.tiny_tokenizer import image_token
 from r3_rl.rewards.checklists import YES, questions_for
+from r3_rl.trajectory import PromptItem
 
 if TYPE_CHECKING:  # the tiny policy calls this module from its warm_start: no import back at run time
     from r3_rl.policy.tiny import TinyUnifiedPolicy
@@ -124,17 +125,18 @@ def critique_label(grid: np.ndarray, meta: dict, describe: str, lenient: bool = 
     return f"<think> {describe_grid(grid, counts=describe == 'counts')} </think> {text.split('</think>', 1)[1].strip()}"
 
 
-def critic_examples(policy: TinyUnifiedPolicy, prompts: BlocksPrompts, start: int, n: int, cfg: Any,
-                    rng: np.random.Generator) -> list[tuple[list[int], list[int]]]:
-    """``n`` critique examples (``critic_steps``): a correct grid (canonical or random layout), flawed half the
-    time with the flaw kind drawn evenly among those the prompt allows, so a rare kind (a wrong colour is one
-    flawed first image in six) is practised as often as a missing object."""
+def critic_images(prompts: BlocksPrompts, start: int, n: int, cfg: Any, rng: np.random.Generator, rows: int,
+                  cols: int) -> list[tuple[PromptItem, np.ndarray, bool]]:
+    """(prompt, grid, lenient) of ``n`` critique examples (``critic_steps``): a correct grid (canonical or random
+    layout), flawed half the time with the flaw kind drawn evenly among those the prompt allows, so a rare kind
+    (a wrong colour is one flawed first image in six) is practised as often as a missing object; ``lenient``
+    when the label is the stop phrase on a flawed grid (``miss_prob``)."""
     out = []
     for k in range(start, start + n):
         item = prompts.train_prompt(k)
         meta = item.metadata
-        grid = (canonical_grid(meta, rng, policy.rows, policy.cols) if rng.random() < 0.5
-                else edits.random_correct_grid(meta, rng, policy.rows, policy.cols))
+        grid = (canonical_grid(meta, rng, rows, cols) if rng.random() < 0.5
+                else edits.random_correct_grid(meta, rng, rows, cols))
         flawed = rng.random() < 0.5
         if flawed:
             by_kind: dict[str, list[np.ndarray]] = {}
@@ -144,10 +146,23 @@ def critic_examples(policy: TinyUnifiedPolicy, prompts: BlocksPrompts, start: in
             pick = by_kind[kinds[int(rng.integers(len(kinds)))]]
             grid = pick[int(rng.integers(len(pick)))]
         lenient = flawed and cfg.miss_prob > 0 and rng.random() < cfg.miss_prob  # as lenient as the main steps
-        image_words = policy.image_words(ImageInput(image=np.zeros(0), image_tokens=grid.reshape(-1).tolist()))
-        out.append((policy.render("reflect", prompt=item.prompt, image=image_words),
-                    policy.encode(critique_label(grid, meta, cfg.describe, lenient=lenient)) + [policy.stop_id]))
+        out.append((item, grid, lenient))
     return out
+
+
+def critique_example(policy: TinyUnifiedPolicy, prompt: str, grid: np.ndarray, meta: dict, cfg: Any,
+                     lenient: bool = False) -> tuple[list[int], list[int]]:
+    """(context ids, target ids) of the critique the warm start teaches for ``grid`` (:func:`critique_label`)."""
+    image_words = policy.image_words(ImageInput(image=np.zeros(0), image_tokens=grid.reshape(-1).tolist()))
+    return (policy.render("reflect", prompt=prompt, image=image_words),
+            policy.encode(critique_label(grid, meta, cfg.describe, lenient=lenient)) + [policy.stop_id])
+
+
+def critic_examples(policy: TinyUnifiedPolicy, prompts: BlocksPrompts, start: int, n: int, cfg: Any,
+                    rng: np.random.Generator) -> list[tuple[list[int], list[int]]]:
+    """``n`` critique examples of :func:`critic_images`' grids."""
+    return [critique_example(policy, item.prompt, grid, item.metadata, cfg, lenient)
+            for item, grid, lenient in critic_images(prompts, start, n, cfg, rng, policy.rows, policy.cols)]
 
 
 def synthetic_examples(policy: TinyUnifiedPolicy, prompts: BlocksPrompts, start: int, n: int, cfg: Any,
