@@ -190,12 +190,10 @@ def synthetic_examples(policy: TinyUnifiedPolicy, prompts: BlocksPrompts, start:
         for _ in range(cfg.rounds):
             ops = edits.diagnose(cur, meta)
             missed = bool(ops) and cfg.miss_prob > 0 and rng.random() < cfg.miss_prob
-            critique = critique_label(cur, meta, cfg.describe, lenient=missed)  # a lenient critic misses the flaw
-            image_words = policy.image_words(ImageInput(image=np.zeros(0), image_tokens=cur.reshape(-1).tolist()))
-            out.append((policy.render("reflect", prompt=item.prompt, image=image_words),
-                        policy.encode(critique) + [policy.stop_id]))
+            out.append(critique_example(policy, item.prompt, cur, meta, cfg, lenient=missed))  # lenient: misses it
             if not ops or missed:
                 break
+            image_words = policy.image_words(ImageInput(image=np.zeros(0), image_tokens=cur.reshape(-1).tolist()))
             target = edits.apply_edit(cur, ops[0], rng) if rng.random() < cfg.fix_prob else cur
             out.append((policy.render("refine", prompt=item.prompt, image=image_words,
                                       instruction=edits.edit_text(ops[0])), policy.encode(_words(target))))
