@@ -149,3 +149,35 @@ def test_eval_batch_size_bounds_the_prompts_sampled_together(tmp_path: Path, mon
     recipe = load_recipe(REPO / "recipes" / "tiny_blocks.yaml", tiny_overrides(tmp_path) + ["eval.batch_size=3"])
     Trainer(recipe, tmp_path / "run").run_eval("before")
     assert sizes and max(sizes) == 3 and sum(sizes) == recipe.data.eval_size, sizes
+
+
+def test_plan_counts_the_critique_rehearsal_beside_the_micro_batch() -> None:
+    """``learner.critic_replay`` adds its cross-entropy to a micro-batch's loss, so its graph is alive with the
+    micro-batch's: the plan's learner phase must grow by at least what its forward and backward measure (torch
+    profiler, the demo's 128-wide policy), and not by more than the plan's generous prompt allowance explains
+    (96 tokens a prompt against the Blocks prompts' dozen: at most 5x)."""
+    import torch
+
+    from r3_rl.plan.measure import measured_peak
+    from r3_rl.policy.critique_replay import CritiqueReplay
+    from r3_rl.policy.registry import build_policy
+
+    def learner_phase(recipe) -> float:
+        trainer = next(p for p in make_plan(recipe, 8, 80).processes if p.name.startswith("trainer"))
+        return sum(trainer.phases["learner micro-batch"].values())
+
+    tiny = REPO / "recipes" / "tiny_blocks.yaml"
+    off = learner_phase(load_recipe(tiny))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the profiler sees the calling thread's allocations only
+    try:
+        for questions in (0, 2):
+            recipe = load_recipe(tiny, ["learner.critic_replay.coef=1", "learner.critic_replay.examples=128",
+                                        f"learner.critic_replay.questions={questions}"])
+            replay = CritiqueReplay(build_policy(recipe), recipe)
+            examples = replay.examples(0)
+            _, peak = measured_peak(lambda: replay.loss(examples).backward())
+            growth = learner_phase(recipe) - off
+            assert peak <= growth <= 5 * peak, (questions, peak, growth)
+    finally:
+        torch.set_num_threads(threads)

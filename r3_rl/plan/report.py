@@ -94,7 +94,8 @@ def add_learner(p: Process, recipe: Any, shape: ModelShape, *, micro_batch: int 
     p.notes["reference"] = ("frozen copy of the policy" if p.resident["reference"] else
                             "none (LoRA: adapters off)" if use_lora else "none (KL weights 0)")
     worst = max(stages(recipe, shape), key=lambda s: s.rows * (s.context + s.new_tokens))
-    tokens = mbs * worst.rows * (worst.context + worst.new_tokens - 1)
+    rehearsal = rehearsal_tokens(recipe, shape)
+    tokens = mbs * worst.rows * (worst.context + worst.new_tokens - 1) + rehearsal
     saved, backward = memory.activations(shape, tokens, b, ckpt, weight_grads=not use_lora)
     other, _ = memory.activations(shape, tokens, b, not ckpt, weight_grads=not use_lora)
     ref_forward = memory.forward_temporaries(shape, tokens, policy_b) if p.resident["reference"] else 0.0
@@ -103,9 +104,27 @@ def add_learner(p: Process, recipe: Any, shape: ModelShape, *, micro_batch: int 
     p.notes["activations"] = (f"{mbs} {worst.name} segment(s) x {worst.rows} x {worst.context + worst.new_tokens} "
                               f"tokens, checkpointing {'on' if ckpt else 'off'} ({'off' if ckpt else 'on'}: "
                               f"{other / GB:.1f} GB)")
+    if rehearsal:
+        replay = cfg.critic_replay
+        p.notes["activations"] += (f", + the critic_replay rehearsal beside it ({replay.examples} critiques"
+                                   f"{f' and {replay.examples * replay.questions} questions' if replay.questions else ''}"
+                                   f", {rehearsal} tokens)")
     p.notes["backward temporaries"] = "weight/activation gradients" + (", one recomputed layer" if ckpt else "")
     p.notes["logits"] = "float32, one row chunk of token_logprobs at a time"
     return p
+
+
+def rehearsal_tokens(recipe: Any, shape: ModelShape) -> int:
+    """Tokens of ``learner.critic_replay``'s forward (0 when off).  The first micro-batch of every optimiser step
+    adds the rehearsal's cross-entropy to its loss, so both graphs are alive until that backward: with
+    ``examples: 4096`` the rehearsal, not the micro-batch, sets the learner's peak.  A critique is sized as the
+    reflect stage, a question as an image with the prompt allowance around it."""
+    replay = recipe.learner.critic_replay
+    if replay.coef <= 0:
+        return 0
+    reflect = next(s for s in stages(recipe, shape) if s.name == "reflect")
+    question = PROMPT_TOKENS + shape.vision_tokens + 2  # the question's words and its one-word answer
+    return replay.examples * (reflect.context + reflect.new_tokens - 1 + replay.questions * question)
 
 
 def add_sampling(p: Process, recipe: Any, shape: ModelShape, segments: int, what: str) -> Process:
