@@ -40,6 +40,10 @@ class TinyModel(Section):
     num_heads: int = 4
     intermediate_size: int = 256
     max_positions: int = 256
+    # how the critic, the refiner and the yes/no answers read an image: its generation tokens (one per cell), or
+    # words (a colour and a shape word per cell, "empty empty" for background) -- the tiny model's counterpart of
+    # a unified model's separate understanding encoder (Janus: SigLIP features, not VQ codes; README: R3 synergy)
+    image_input: Literal["tokens", "words"] = "tokens"
 
 
 class Policy(Section):

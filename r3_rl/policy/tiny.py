@@ -24,11 +24,23 @@ from r3_rl.policy.base import ImageInput, ImageSample, Policy, TextSample
 from r3_rl.policy.kv_cache import PreallocatedCache, ReplayCache
 from r3_rl.policy.sampling import cfg_logits, sample_tokens, sampling_logprobs
 from r3_rl.policy.shared_context import first_rows, shared_context_rows
-from r3_rl.policy.tiny_recipe import TinyRecipe
+from r3_rl.policy.tiny_recipe import GRID_FILE, TinyRecipe
 from r3_rl.policy.tiny_tokenizer import PLACEHOLDER, build_tokenizer, image_token, template_words
 from r3_rl.trajectory import PromptItem, SamplingParams, Segment
 
-GRID_FILE = "r3_grid.json"
+IMAGE_INPUTS = ("tokens", "words")
+BACKGROUND_WORDS = "empty empty"  # two words like an object's, so a cell's place in the grid is its word offset / 2
+
+
+def cell_words(grid: np.ndarray) -> str:
+    """``image_input: words``: each cell as its colour and shape words (``red square``), background as
+    ``empty empty``, in raster order.  The prompt's "red square" and the image's are then the same words: a
+    unified model's understanding encoder sees colours without having to learn them from its own codes."""
+    out = []
+    for token in np.asarray(grid).reshape(-1):
+        kind = world.object_of(int(token))
+        out.append(BACKGROUND_WORDS if kind is None else f"{kind[1]} {kind[0]}")
+    return " ".join(out)
 # How the tiny model is asked a yes/no question about an image (its own convention, like Janus's chat
 # template): the answer is the next word, "yes" or "no".
 ANSWER_TEMPLATE = "<|im_start|> <image> {image} </image> {question} <|im_end|> <|im_start|>"
@@ -41,11 +53,14 @@ def question_words(question: str) -> str:
 
 class TinyUnifiedPolicy(TinyRecipe, Policy):
     def __init__(self, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, templates: dict[str, str],
-                 rows: int, cols: int) -> None:
+                 rows: int, cols: int, image_input: str = "tokens") -> None:
         self._model = model
         self.tok = tokenizer
         self.templates = templates
         self.rows, self.cols = rows, cols
+        if image_input not in IMAGE_INPUTS:
+            raise ValueError(f"image_input must be one of {IMAGE_INPUTS}, got {image_input!r}")
+        self.image_input = image_input  # policy.tiny.image_input: how an image enters a context (image_words)
         self.num_cells = rows * cols
         vocab = tokenizer.get_vocab()
         self.image_offset = vocab[image_token(0)]
@@ -82,7 +97,7 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
     @classmethod
     def build(cls, templates: dict[str, str], rows: int, cols: int, hidden_size: int = 128, num_layers: int = 4,
               num_heads: int = 4, intermediate_size: int = 256, max_positions: int = 256,
-              seed: int = 0) -> "TinyUnifiedPolicy":
+              seed: int = 0, image_input: str = "tokens") -> "TinyUnifiedPolicy":
         """A fresh random model with a tokenizer built from the Blocks words and the templates' words."""
         words = set(world.WORDS) | template_words(templates.values())
         tok = build_tokenizer(words, world.N_TOKENS)
@@ -95,7 +110,7 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
                              eos_token_id=tok.eos_token_id)
         model = LlamaForCausalLM(config)
         model.config._attn_implementation = "sdpa"
-        return cls(model, tok, templates, rows, cols)
+        return cls(model, tok, templates, rows, cols, image_input)
 
     @classmethod
     def from_pretrained(cls, path: str, templates: dict[str, str]) -> "TinyUnifiedPolicy":
@@ -106,7 +121,7 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
         model = LlamaForCausalLM.from_pretrained(path)
         tok = PreTrainedTokenizerFast.from_pretrained(path)
         grid = json.loads((p / GRID_FILE).read_text()) if (p / GRID_FILE).is_file() else {"rows": 4, "cols": 4}
-        policy = cls(model, tok, templates, grid["rows"], grid["cols"])
+        policy = cls(model, tok, templates, grid["rows"], grid["cols"], grid.get("image_input", "tokens"))
         policy.version = grid.get("version", 0)
         return policy
 
@@ -115,7 +130,7 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
         self._model.save_pretrained(path)
         self.tok.save_pretrained(path)
         (Path(path) / GRID_FILE).write_text(json.dumps({"rows": self.rows, "cols": self.cols,
-                                                        "version": self.version}))
+                                                        "version": self.version, "image_input": self.image_input}))
 
     def with_model(self, model: torch.nn.Module) -> "TinyUnifiedPolicy":
         """The same tokenizer and templates on ``model`` (the reference copy, a merged LoRA export)."""
@@ -135,8 +150,12 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
         return " ".join(t for t in self.tok.convert_ids_to_tokens(ids) if t not in ("<pad>", "<|im_end|>"))
 
     def image_words(self, image: ImageInput) -> str:
+        """An image as the critic, the refiner and the yes/no answers read it (``image_input``): its generation
+        tokens, one per cell, or :func:`cell_words`."""
         grid = (np.asarray(image.image_tokens).reshape(self.rows, self.cols) if image.image_tokens is not None
                 else codec.decode(image.image))
+        if self.image_input == "words":
+            return cell_words(grid)
         return " ".join(image_token(int(k)) for k in grid.reshape(-1))
 
     def render(self, stage: str, **values: str) -> list[int]:

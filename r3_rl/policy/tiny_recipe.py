@@ -6,6 +6,7 @@ inherits it, so the class is still the whole policy family.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from r3_rl.errors import UserError
 # reflect tokens a described critique (``warmstart.describe``) of a busy 4x4 grid needs: the longest of 3000
 # synthetic ones is 28 words with "objects", 31 with "counts", verdict included
 DESCRIBED_CRITIQUE_TOKENS = 40
+GRID_FILE = "r3_grid.json"  # what save_pretrained adds beside the weights: grid size, version, image_input
 MAX_PARAMS = 2_000_000_000  # fp32 weights + AdamW = 16 bytes a parameter: 32 GB already
 
 
@@ -38,7 +40,7 @@ class TinyRecipe:
             policy = cls.build(templates, recipe.data.blocks.rows, recipe.data.blocks.cols,  # type: ignore[attr-defined]
                                hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads,
                                intermediate_size=t.intermediate_size, max_positions=t.max_positions,
-                               seed=recipe.seed)
+                               seed=recipe.seed, image_input=t.image_input)
         policy.model.to(DTYPES[recipe.policy.dtype])
         return policy
 
@@ -56,6 +58,9 @@ class TinyRecipe:
         if params > MAX_PARAMS:
             raise UserError(f"{source}: policy.tiny: about {params:.3g} parameters, over the limit of "
                             f"{MAX_PARAMS:.0e} for the tiny CPU policy (use policy.kind: janus for real models)")
+        if t.image_input != "tokens" and recipe.policy.kind != "tiny":
+            raise UserError(f"{source}: key 'policy.tiny.image_input': {t.image_input!r} is for policy.kind tiny; "
+                            f"{recipe.policy.kind} reads images as 'tokens'")
         room = recipe.rollout.reflect.max_new_tokens
         need = DESCRIBED_CRITIQUE_TOKENS
         if recipe.warmstart.describe != "none" and recipe.warmstart.steps and room < need:
@@ -65,3 +70,12 @@ class TinyRecipe:
         if weights and model and not (Path(model).expanduser() / "config.json").is_file():
             raise UserError(f"policy.model: cannot load '{model}': no config.json there; give a directory written "
                             f"by save_pretrained (or leave policy.model empty to build the tiny model)")
+        if weights and model and "image_input" in t.model_fields_set:  # a saved model reads images its own way
+            grid_file = Path(model).expanduser() / GRID_FILE
+            try:
+                saved = json.loads(grid_file.read_text()).get("image_input", "tokens")
+            except (OSError, ValueError, AttributeError):
+                saved = "tokens"  # no readable grid file: a folder saved before the option
+            if saved != t.image_input:
+                raise UserError(f"{source}: key 'policy.tiny.image_input': {t.image_input!r}, but the model in "
+                                f"{model} was trained with {saved!r}; drop the key or give {saved!r}")

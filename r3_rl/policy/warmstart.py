@@ -317,7 +317,10 @@ def _key(recipe: Any, tag: str = "") -> str:
             del warm[key]
     if warm.get("describe") == "objects":
         warm["describe"] = True  # its key from when describe was a switch: those warm starts stay valid
-    blob = json.dumps({**({"tag": tag} if tag else {}), "warmstart": warm, "tiny": recipe.policy.tiny.model_dump(),
+    tiny = recipe.policy.tiny.model_dump()
+    if tiny["image_input"] == "tokens":
+        del tiny["image_input"]  # added later: off, the key is unchanged
+    blob = json.dumps({**({"tag": tag} if tag else {}), "warmstart": warm, "tiny": tiny,
                        "blocks": recipe.data.blocks.model_dump(), "templates": recipe.templates.model_dump(),
                        "seed": recipe.seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
