@@ -127,3 +127,17 @@ def test_a_words_run_trains_through_the_cli_and_no_context_holds_an_image_token(
     empty = policy.encode("empty")[0]
     assert contexts and not any(image_ids & set(c) for c in contexts)
     assert sum(empty in c for c in contexts) > 0  # critiques and refinements read images as words
+
+
+def test_the_plan_sizes_the_longer_image_the_contexts_really_get() -> None:
+    """``r3-rl plan`` counts an image read as words as long as the rendered contexts make it (two words a cell)."""
+    from r3_rl.plan.shapes import model_shape
+
+    grid = np.zeros((4, 4), dtype=np.int64)
+    lengths, planned = {}, {}
+    for mode in ("tokens", "words"):
+        recipe = load_recipe(TINY, [f"policy.tiny.image_input={mode}"])
+        policy = build_policy(recipe)
+        lengths[mode] = len(policy.render("reflect", prompt="a photo of a cat", image=policy.image_words(_image(grid))))
+        planned[mode] = model_shape(recipe).vision_tokens
+    assert planned["words"] - planned["tokens"] == lengths["words"] - lengths["tokens"] == 16

@@ -130,7 +130,8 @@ def model_shape(recipe: Any) -> ModelShape:
                              num_key_value_heads=t.num_heads, tie_word_embeddings=True)
         shape = shape_from_config(config, "the built-in tiny policy (policy.tiny)")
         cells = recipe.data.blocks.rows * recipe.data.blocks.cols
-        return replace(shape, image_tokens=cells, vision_tokens=cells + 2)
+        read = cells * (2 if t.image_input == "words" else 1)  # policy.tiny.image_input: two words a cell
+        return replace(shape, image_tokens=cells, vision_tokens=read + 2)
     name = pol.model or ""
     if not name and pol.kind != "janus":  # a plug-in family: only a transformers config.json gives its shape
         raise UserError(f"policy.model: empty; r3-rl plan reads a model's shape from its config.json, and policy "
