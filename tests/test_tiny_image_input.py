@@ -18,6 +18,7 @@ from conftest import tiny_overrides
 from r3_rl.blocks.world import N_TOKENS, token_of
 from r3_rl.cli import main
 from r3_rl.config import load_recipe
+from r3_rl.errors import UserError
 from r3_rl.policy.base import ImageInput
 from r3_rl.policy.registry import build_policy
 from r3_rl.policy.tiny import GRID_FILE, TinyUnifiedPolicy, cell_words
@@ -71,6 +72,9 @@ def test_the_setting_survives_save_and_load_and_old_folders_read_tokens(tmp_path
     grid_file = tmp_path / "words" / GRID_FILE
     grid_file.write_text(json.dumps({"rows": 4, "cols": 4, "version": 0}))  # a folder saved before the option
     assert TinyUnifiedPolicy.from_pretrained(str(tmp_path / "words"), policy.templates).image_input == "tokens"
+    grid_file.write_text(json.dumps({"rows": 4, "cols": 4, "image_input": "pixels"}))  # someone else's file
+    with pytest.raises(UserError, match="r3_grid.json: image_input 'pixels' is not one of"):
+        TinyUnifiedPolicy.from_pretrained(str(tmp_path / "words"), policy.templates)
 
 
 def test_the_default_leaves_cached_warm_starts_valid_and_words_get_their_own() -> None:

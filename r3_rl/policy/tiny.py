@@ -41,6 +41,8 @@ def cell_words(grid: np.ndarray) -> str:
         kind = world.object_of(int(token))
         out.append(BACKGROUND_WORDS if kind is None else f"{kind[1]} {kind[0]}")
     return " ".join(out)
+
+
 # How the tiny model is asked a yes/no question about an image (its own convention, like Janus's chat
 # template): the answer is the next word, "yes" or "no".
 ANSWER_TEMPLATE = "<|im_start|> <image> {image} </image> {question} <|im_end|> <|im_start|>"
@@ -121,7 +123,10 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
         model = LlamaForCausalLM.from_pretrained(path)
         tok = PreTrainedTokenizerFast.from_pretrained(path)
         grid = json.loads((p / GRID_FILE).read_text()) if (p / GRID_FILE).is_file() else {"rows": 4, "cols": 4}
-        policy = cls(model, tok, templates, grid["rows"], grid["cols"], grid.get("image_input", "tokens"))
+        image_input = grid.get("image_input", "tokens")  # folders saved before the option read tokens
+        if image_input not in IMAGE_INPUTS:
+            raise UserError(f"policy.model: {p / GRID_FILE}: image_input {image_input!r} is not one of {IMAGE_INPUTS}")
+        policy = cls(model, tok, templates, grid["rows"], grid["cols"], image_input)
         policy.version = grid.get("version", 0)
         return policy
 
