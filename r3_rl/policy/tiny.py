@@ -12,13 +12,14 @@ import copy
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from r3_rl.blocks import codec, world
+from r3_rl.config import TinyModel
 from r3_rl.errors import UserError
 from r3_rl.policy.base import ImageInput, ImageSample, Policy, TextSample
 from r3_rl.policy.kv_cache import PreallocatedCache, ReplayCache
@@ -28,7 +29,7 @@ from r3_rl.policy.tiny_recipe import GRID_FILE, TinyRecipe
 from r3_rl.policy.tiny_tokenizer import PLACEHOLDER, build_tokenizer, image_token, template_words
 from r3_rl.trajectory import PromptItem, SamplingParams, Segment
 
-IMAGE_INPUTS = ("tokens", "words")
+IMAGE_INPUTS = get_args(TinyModel.model_fields["image_input"].annotation)  # the recipe's choices, one list
 BACKGROUND_WORDS = "empty empty"  # two words like an object's, so a cell's place in the grid is its word offset / 2
 
 
@@ -61,7 +62,7 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
         self.templates = templates
         self.rows, self.cols = rows, cols
         if image_input not in IMAGE_INPUTS:
-            raise ValueError(f"image_input must be one of {IMAGE_INPUTS}, got {image_input!r}")
+            raise ValueError(f"image_input {image_input!r} is not one of {IMAGE_INPUTS}")
         self.image_input = image_input  # policy.tiny.image_input: how an image enters a context (image_words)
         self.num_cells = rows * cols
         vocab = tokenizer.get_vocab()
@@ -123,10 +124,10 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
         model = LlamaForCausalLM.from_pretrained(path)
         tok = PreTrainedTokenizerFast.from_pretrained(path)
         grid = json.loads((p / GRID_FILE).read_text()) if (p / GRID_FILE).is_file() else {"rows": 4, "cols": 4}
-        image_input = grid.get("image_input", "tokens")  # folders saved before the option read tokens
-        if image_input not in IMAGE_INPUTS:
-            raise UserError(f"policy.model: {p / GRID_FILE}: image_input {image_input!r} is not one of {IMAGE_INPUTS}")
-        policy = cls(model, tok, templates, grid["rows"], grid["cols"], image_input)
+        try:  # folders saved before image_input read tokens
+            policy = cls(model, tok, templates, grid["rows"], grid["cols"], grid.get("image_input", "tokens"))
+        except ValueError as e:  # someone else's grid file: name it
+            raise UserError(f"policy.model: {p / GRID_FILE}: {e}") from None
         policy.version = grid.get("version", 0)
         return policy
 

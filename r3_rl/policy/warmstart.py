@@ -310,16 +310,21 @@ def warmstart(policy: TinyUnifiedPolicy, recipe: Any, log: Any = None,
     return {"loss": loss_v, "seconds": time.time() - t0}
 
 
+# Settings added after warm starts were first cached, with their "off" value: left out of the key when off, so
+# the warm starts cached before them stay valid.
+_ADDED_LATER = {"warmstart": {"describe": "none", "critic_steps": 0}, "tiny": {"image_input": "tokens"}}
+
+
+def _without_later_defaults(section: str, settings: dict[str, Any]) -> dict[str, Any]:
+    later = _ADDED_LATER[section]
+    return {k: v for k, v in settings.items() if k not in later or v != later[k]}
+
+
 def _key(recipe: Any, tag: str = "") -> str:
-    warm = recipe.warmstart.model_dump()
-    for key, off in (("describe", "none"), ("critic_steps", 0)):  # options added later: off, the key is unchanged
-        if warm[key] == off:
-            del warm[key]
+    warm = _without_later_defaults("warmstart", recipe.warmstart.model_dump())
     if warm.get("describe") == "objects":
         warm["describe"] = True  # its key from when describe was a switch: those warm starts stay valid
-    tiny = recipe.policy.tiny.model_dump()
-    if tiny["image_input"] == "tokens":
-        del tiny["image_input"]  # added later: off, the key is unchanged
+    tiny = _without_later_defaults("tiny", recipe.policy.tiny.model_dump())
     blob = json.dumps({**({"tag": tag} if tag else {}), "warmstart": warm, "tiny": tiny,
                        "blocks": recipe.data.blocks.model_dump(), "templates": recipe.templates.model_dump(),
                        "seed": recipe.seed}, sort_keys=True)
