@@ -152,6 +152,8 @@ class ReflectRewards(Section):
     stop_correct: float = 1.0  # "no further edit needed" on a correct image
     stop_flawed: float = 0.0  # "no further edit needed" on a flawed image (negative = a penalty)
     edit_correct: float = 0.0  # added to the (<= 0) improvement of an edit of a correct image
+    # added to an edit of a flawed image that leaves it no better; = stop_flawed scores such an edit as a stop
+    edit_flawed_unimproved: float = 0.0
     extra: list[RewardSpec] = Field(default_factory=list)  # rewards scored on critiques, e.g. verdict_consistency
     # the task reward's part that says whether an image is correct (e.g. blocks/correct: GenEval's verdict,
     # as the eval judges, while training on partial credit); null = task reward >= correct_threshold

@@ -20,7 +20,10 @@ rule makes the verdict's own reward explicit and symmetric:
 * stop on a correct image: ``stop_correct`` (reference: 1);
 * stop on a flawed image: ``stop_flawed`` (reference: 0; negative = a penalty);
 * edit of a correct image: its improvement (``<= 0``) plus ``edit_correct`` (reference: 0);
-* edit of a flawed image: its improvement.
+* edit of a flawed image: its improvement, plus ``edit_flawed_unimproved`` when it leaves the image no better
+  (reference: 0).  Under a ``stop_flawed`` penalty an edit that asks for nothing the refiner can do (the
+  prompt's colour parroted: "make the yellow square yellow" on a green square) still scores 0, ``-stop_flawed``
+  above a stop, and RL rewards it; ``edit_flawed_unimproved: <stop_flawed>`` scores it as the stop it amounts to.
 
 :func:`verdict_term` is that verdict part alone: PPO, whose refine step already carries the improvement,
 gives it to the critique as the critique's own stage reward, so both algorithms reward a verdict alike.
@@ -53,16 +56,21 @@ class CriticRule:
     stop_correct: float = 1.0
     stop_flawed: float = 0.0
     edit_correct: float = 0.0
+    edit_flawed_unimproved: float = 0.0
 
 
 REFERENCE_RULE = CriticRule()
 
 
-def verdict_term(parent_correct: bool, stop: bool, rule: CriticRule = REFERENCE_RULE) -> float:
-    """The verdict's own reward: everything a critique earns besides the improvement of its refined image."""
+def verdict_term(parent_correct: bool, stop: bool, rule: CriticRule = REFERENCE_RULE,
+                 improved: bool | None = None) -> float:
+    """The verdict's own reward: everything a critique earns besides the improvement of its refined image.
+    ``improved``: whether the edit left the image better (``None``: unknown, counted as improved)."""
     if stop:
         return rule.stop_correct if parent_correct else rule.stop_flawed
-    return rule.edit_correct if parent_correct else 0.0
+    if parent_correct:
+        return rule.edit_correct
+    return rule.edit_flawed_unimproved if improved is False else 0.0
 
 
 def improvement(r_old: float | None, r_new: float | None, stop: bool, correct_threshold: float = 1.0,
@@ -72,7 +80,8 @@ def improvement(r_old: float | None, r_new: float | None, stop: bool, correct_th
     else when ``r_old >= correct_threshold``."""
     if r_old is None or r_new is None:
         return None
-    term = verdict_term(r_old >= correct_threshold if parent_correct is None else parent_correct, stop, rule)
+    term = verdict_term(r_old >= correct_threshold if parent_correct is None else parent_correct, stop, rule,
+                        improved=r_new > r_old)
     return term if stop else r_new - r_old + term
 
 

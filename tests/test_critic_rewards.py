@@ -88,6 +88,37 @@ def test_ppo_rewards_a_verdict_as_grpo_does() -> None:
     assert reflect_own_reward({"format": 1.0}, 0.1) is None  # unscored critique: unknown, never 0
 
 
+def test_an_edit_that_leaves_a_flawed_image_no_better_can_score_as_a_stop() -> None:
+    """``edit_flawed_unimproved``: under a stop penalty an edit that changes nothing ("make the yellow square
+    yellow" on a green square) scores 0, above the stop's -1; with the option it scores what the stop does (the
+    same worse edit one step lower still), and an edit that helps keeps its improvement.  PPO sums to the same."""
+    rule = CriticRule(stop_correct=1.0, stop_flawed=-1.0, edit_correct=-0.5, edit_flawed_unimproved=-1.0)
+    assert verdict_term(False, False, rule, improved=False) == -1.0
+    assert verdict_term(False, False, rule, improved=True) == 0.0
+    assert verdict_term(False, False, rule) == 0.0  # unknown: counted as improved
+    assert verdict_term(True, False, rule, improved=False) == -0.5  # correct parents keep edit_correct alone
+    assert improvement(0.5, 0.5, False, 1.0, rule) == improvement(0.5, 0.5, True, 1.0, rule) == -1.0
+    assert improvement(0.5, 0.25, False, 1.0, rule) == pytest.approx(-1.25)
+    assert improvement(0.5, 0.75, False, 1.0, rule) == pytest.approx(0.25)
+    assert improvement(0.5, 0.5, False, 1.0, CriticRule(stop_flawed=-1.0)) == 0.0  # the loophole, option off
+    s = StageScorer(RewardSet([]), 0.1, r"^<think>.*</think>$", r"^<think>.*</think>.+$", 1.0, rule)
+    t = bc_tree(0.5, [(True, 0.5), (False, 0.5), (False, 0.25), (False, 1.0)])
+    s.compose(t)
+    n = t.nodes
+    assert [n[f"c{j}"].reward for j in range(4)] == pytest.approx([0.1 - 1.0, 0.1 - 1.0, 0.1 - 1.25, 0.1 + 0.5])
+    for j in range(1, 4):
+        assert stage_reward(t, n[f"c{j}"], 0.1) + stage_reward(t, n[f"r{j}"], 0.1) == pytest.approx(n[f"c{j}"].reward)
+
+
+def test_the_recipe_key_reaches_the_scorer(tmp_path) -> None:
+    from r3_rl.components import Components
+
+    path = tmp_path / "r.yaml"
+    path.write_text("name: t\npolicy: {kind: tiny}\nrewards: {reflect: {stop_flawed: -1.0, edit_flawed_unimproved: -1.0}}\n")
+    rule = Components(load_recipe(path), tmp_path).scorer.rule
+    assert rule == CriticRule(stop_correct=1.0, stop_flawed=-1.0, edit_correct=0.0, edit_flawed_unimproved=-1.0)
+
+
 def test_failed_extra_reward_fails_the_critique() -> None:
     t = bc_tree(0.5, [(True, 0.5), (False, 1.0)])
     t.nodes["root"].reward = None  # verdict_consistency cannot judge without the parent's reward

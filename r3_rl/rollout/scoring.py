@@ -100,7 +100,8 @@ class StageScorer:
                 if r_old is not None and r_new is not None:
                     node.rewards["delta"] = r_new - r_old
                 if pc is not None and r_old is not None:
-                    node.rewards["verdict_term"] = verdict_term(bool(pc), bool(node.stop), self.rule)
+                    improved = None if r_new is None else r_new > r_old
+                    node.rewards["verdict_term"] = verdict_term(bool(pc), bool(node.stop), self.rule, improved)
                 if node.id in extra:
                     res = extra[node.id]
                     node.rewards.update(res.parts)
