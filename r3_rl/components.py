@@ -84,11 +84,12 @@ class Components:
 
     @cached_property
     def scorer(self) -> StageScorer:
+        from dataclasses import fields
+
         from r3_rl.rewards.compose import CriticRule
 
         rw = self.recipe.rewards
-        rule = CriticRule(rw.reflect.stop_correct, rw.reflect.stop_flawed, rw.reflect.edit_correct,
-                          rw.reflect.edit_flawed_unimproved)
+        rule = CriticRule(**{f.name: getattr(rw.reflect, f.name) for f in fields(CriticRule)})  # keys named alike
         return StageScorer(self.task_rewards, rw.format_weight, rw.reason_format, rw.reflect_format,
                            rw.correct_threshold, rule, self._reward_set(rw.reflect.extra), rw.reflect.correct_part,
                            failures=self.failures)
