@@ -12,7 +12,8 @@ Every answer is JSON, errors included: 400 malformed (any shape: 200,000-deep ne
 image count or image pixels over a limit (the PNG header is read before decoding: a 7 KiB PNG can decode to
 8000x8000), 415 not ``application/json`` (a web page cannot send a plain cross-site POST), 500 the reward
 raised (one line), 503 busy (``max_concurrency`` requests or ``max_inflight_bytes`` of bodies already
-admitted; ``Retry-After: 1``).  A client that does not finish its request head within ``client_timeout`` is
+admitted; ``Retry-After: 1``).  A refused body of at most ``DRAIN_BYTES`` is read before the answer (see there).
+A client that does not finish its request head within ``client_timeout`` is
 disconnected; a client that disconnects is one log line.  The reward scores one request at a time in a worker
 thread (models are not thread-safe), so ``/health`` answers throughout.
 The server binds 127.0.0.1 unless told otherwise (it has no authentication).
@@ -47,6 +48,12 @@ DEFAULT_PORT = 8765
 # JSON values per body (counted from ',', '[' and '{' before parsing): a 64 MiB body of `{},{},...` would
 # otherwise become 20 M Python dicts (1.5 GB).  Real requests hold a few thousand.
 MAX_JSON_VALUES = 1_000_000
+# A refused request whose declared body is at most this many bytes is read (and dropped) before the answer.
+# Closing a socket with unread bytes in its receive buffer sends a TCP reset, and a client that is still
+# reading the answer then sees "connection reset" instead of the 503/415 (a race a loaded machine loses).
+# Larger bodies are not read: refusing them is the point; their clients may see a reset and retry.
+DRAIN_BYTES = 64 << 10
+DRAIN_SECONDS = 5.0
 log = logging.getLogger("r3_rl.serve_reward")
 
 
@@ -69,6 +76,22 @@ def _error(code: int, message: str, close: bool = False, **headers: str) -> JSON
     return JSONResponse({"error": message}, status_code=code, headers=headers or None)
 
 
+async def _drain(request: Request, size: int, timeout: float) -> bool:
+    """Read and drop a refused body of ``size`` bytes when it is small; True when all of it arrived in time."""
+    if size > DRAIN_BYTES:
+        return False
+    got = 0
+    try:
+        with anyio.fail_after(timeout):
+            async for chunk in request.stream():
+                got += len(chunk)
+                if got > size:
+                    return False
+    except (TimeoutError, ClientDisconnect):
+        return False
+    return got == size
+
+
 class ScoreService:
     """The two endpoints, with admission control; scoring runs in a worker thread, one request at a time."""
 
@@ -87,9 +110,11 @@ class ScoreService:
     async def score(self, request: Request) -> Response:
         lim = self.limits
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            return _error(415, f"Content-Type must be application/json, got {ctype or 'none'!r}", close=True)
         length = request.headers.get("content-length", "")
+        drain_timeout = min(lim.client_timeout, DRAIN_SECONDS)
+        if ctype != "application/json":
+            drained = length.isdigit() and await _drain(request, int(length), drain_timeout)
+            return _error(415, f"Content-Type must be application/json, got {ctype or 'none'!r}", close=not drained)
         if not length.isdigit():
             return _error(411, "Content-Length header required", close=True)
         size = int(length)
@@ -97,8 +122,9 @@ class ScoreService:
             return _error(413, f"request of {size} bytes exceeds the server limit of {lim.max_request_bytes}; "
                                f"send smaller batches", close=True)
         if self.active >= lim.max_concurrency or self.inflight + size > lim.max_inflight_bytes:
-            return _error(503, f"busy: {self.active} requests ({self.inflight} bytes) in flight; retry", close=True,
-                          **{"Retry-After": "1"})
+            busy = f"busy: {self.active} requests ({self.inflight} bytes) in flight; retry"
+            drained = await _drain(request, size, drain_timeout)
+            return _error(503, busy, close=not drained, **{"Retry-After": "1"})
         self.active += 1
         self.inflight += size
         try:

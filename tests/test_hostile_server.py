@@ -285,6 +285,75 @@ def test_concurrency_is_bounded_with_503_and_health_stays_up() -> None:
         srv.server_close()
 
 
+def _active(port: int) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/health")
+        return json.loads(conn.getresponse().read())["active"]
+    finally:
+        conn.close()
+
+
+def _post_body_late(port: int, body: bytes, ctype: str = "application/json") -> tuple[int, dict[str, Any], int]:
+    """POST whose body arrives 0.3 s after its head; then GET /health on the same connection.
+
+    Returns the POST's status and reply and the status of the GET (0: the connection was closed).  A server
+    that answers a refusal from the head and closes with the body unread resets the connection when the body
+    lands: a client still reading the answer can lose it (CI saw it once, on a loaded machine).  A server
+    that reads a small refused body first can keep the connection, and the GET proves it did.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sk:
+        sk.sendall(f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n".encode())
+        time.sleep(0.3)
+        sk.sendall(body)
+        resp = http.client.HTTPResponse(sk)
+        resp.begin()
+        code, reply = resp.status, json.loads(resp.read())
+        try:
+            sk.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            again = http.client.HTTPResponse(sk)
+            again.begin()
+            again.read()
+            return code, reply, again.status
+        except (OSError, http.client.HTTPException):
+            return code, reply, 0
+
+
+def test_small_refused_bodies_are_read_before_the_answer(server: Server) -> None:
+    code, reply, after = _post_body_late(server.port, score_body([None]), ctype="text/plain")
+    assert (code, after) == (415, 200) and "application/json" in reply["error"]
+    reward = _Gate()
+    srv = make_server(reward, "127.0.0.1", 0, max_concurrency=1).start()
+    port = srv.server_address[1]
+    try:
+        held = threading.Thread(target=_post_body_late, args=(port, score_body([None])))
+        held.start()
+        deadline = time.monotonic() + 10
+        while _active(port) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        code, reply, after = _post_body_late(port, score_body([None]))
+        assert (code, after) == (503, 200) and "busy" in reply["error"]
+        reward.release.set()
+        held.join(10)
+    finally:
+        reward.release.set()
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_refused_body_that_never_comes_is_waited_for_no_longer_than_the_client_timeout(server: Server) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sk:
+        sk.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\n")
+        t0 = time.monotonic()
+        resp = http.client.HTTPResponse(sk)
+        resp.begin()
+        assert resp.status == 415 and resp.getheader("Connection") == "close" and json.loads(resp.read())
+        assert 1.5 < time.monotonic() - t0 < 8  # the fixture's --client-timeout is 2 s
+    assert server.health_ok()
+
+
 def _clients(port: int, clients: int, each: int) -> list[str]:
     """``clients`` threads, ``each`` keep-alive requests apiece; returns every failure seen."""
     failures: list[str] = []
