@@ -12,7 +12,8 @@ Every answer is JSON, errors included: 400 malformed (any shape: 200,000-deep ne
 image count or image pixels over a limit (the PNG header is read before decoding: a 7 KiB PNG can decode to
 8000x8000), 415 not ``application/json`` (a web page cannot send a plain cross-site POST), 500 the reward
 raised (one line), 503 busy (``max_concurrency`` requests or ``max_inflight_bytes`` of bodies already
-admitted; ``Retry-After: 1``).  A refused body of at most ``DRAIN_BYTES`` is read before the answer (see there).
+admitted; ``Retry-After: 1``).  A refused body of at most ``DRAIN_BYTES`` is read before the answer (see there);
+a larger one is dropped as it arrives after the answer (:mod:`r3_rl.rewards.server_protocol`, lingering close).
 A client that does not finish its request head within ``client_timeout`` is
 disconnected; a client that disconnects is one log line.  The reward scores one request at a time in a worker
 thread (models are not thread-safe), so ``/health`` answers throughout.
@@ -29,19 +30,18 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import anyio
-import h11
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from r3_rl.errors import UserError
 from r3_rl.rewards.base import Reward
 from r3_rl.rewards.registry import load_reward, to_output
 from r3_rl.rewards.remote import RemoteReward  # noqa: F401 - its import path before it had a module of its own
+from r3_rl.rewards.server_protocol import HardenedH11
 from r3_rl.rewards.wire import WireError, WireLimitError, count_images, output_to_json, sample_from_json
 
 DEFAULT_PORT = 8765
@@ -51,9 +51,9 @@ MAX_JSON_VALUES = 1_000_000
 # A refused request whose declared body is at most this many bytes is read (and dropped) before the answer.
 # Closing a socket with unread bytes in its receive buffer sends a TCP reset, and a client that is still
 # reading the answer then sees "connection reset" instead of the 503/415 (a race a loaded machine loses).
-# Larger bodies are not read: refusing them is the point; their clients may see a reset and retry.
+# Larger bodies are never stored: the connection lingers (server_protocol) and drops them as they arrive.
 DRAIN_BYTES = 64 << 10
-DRAIN_SECONDS = 5.0
+DRAIN_SECONDS = 5.0  # also the longest a connection lingers
 log = logging.getLogger("r3_rl.serve_reward")
 
 
@@ -195,40 +195,6 @@ def build_app(reward: Reward, limits: Limits) -> Starlette:
     return app
 
 
-class _DeadlineH11(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with a deadline for each request head.
-
-    uvicorn times out idle keep-alive connections but not a client that sends half a request line and stops
-    (one open connection each, forever).  ``head_timeout`` is set on a subclass per server."""
-
-    head_timeout = 30.0
-    _head_timer: Any = None
-
-    def _arm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-        self._head_timer = self.loop.call_later(self.head_timeout, self._head_too_slow)
-
-    def _head_too_slow(self) -> None:
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            log.warning("client %s did not send a request within %gs; disconnected",
-                        "%s:%s" % self.client if self.client else "?", self.head_timeout)
-            self.transport.close()
-
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._arm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-        super().connection_lost(exc)
-
-
 def _bind(host: str, port: int) -> socket.socket:
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
@@ -244,7 +210,8 @@ class RewardServer:
         self.reward, self.limits = reward, limits
         self.socket = _bind(host, port)
         self.server_address = self.socket.getsockname()[:2]
-        protocol = type("DeadlineH11", (_DeadlineH11,), {"head_timeout": limits.client_timeout})
+        protocol = type("ServerH11", (HardenedH11,), {"head_timeout": limits.client_timeout,
+                                                       "linger_seconds": min(limits.client_timeout, DRAIN_SECONDS)})
         config = uvicorn.Config(build_app(reward, limits), http=protocol, ws="none", lifespan="off", log_config=None,
                                 access_log=verbose, limit_concurrency=limits.max_connections, backlog=2048,
                                 timeout_keep_alive=5, timeout_graceful_shutdown=5)

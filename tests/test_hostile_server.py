@@ -354,6 +354,32 @@ def test_a_refused_body_that_never_comes_is_waited_for_no_longer_than_the_client
     assert server.health_ok()
 
 
+def test_an_oversize_body_still_arriving_gets_its_413_not_a_reset(server: Server) -> None:
+    """The server answers 413 from the head; the client is still sending 32 MiB.  Closed at once, the socket
+    would reset and the client would see only "connection reset" (every time at this size); lingering, the
+    server drops the rest unread (no memory) and the client reads the 413 that names the limit."""
+    rss0 = server.status("VmRSS")
+    code, reply, _ = server.request("POST", "/score", b" " * (32 * MiB), timeout=30)
+    assert code == 413 and f"exceeds the server limit of {8 * MiB}" in reply["error"]
+    assert server.status("VmRSS") - rss0 < 40 * MiB
+
+
+def test_a_lingering_connection_is_closed_within_the_client_timeout(server: Server) -> None:
+    sk = open_stalled(server.port, 9 * MiB, 1 * MiB)  # over the 8 MiB limit: 413 from the head
+    try:
+        reply = read_reply(sk)  # the server half-closes after its answer: the reply ends in end of file
+        assert b" 413 " in reply.split(b"\r\n", 1)[0]
+        t0 = time.monotonic()
+        with pytest.raises(OSError):  # the client goes on sending; the server closes for good (reset)
+            while time.monotonic() - t0 < 10:
+                sk.sendall(b" " * 1024)
+                time.sleep(0.1)
+        assert time.monotonic() - t0 < 6  # the fixture's --client-timeout is 2 s
+    finally:
+        sk.close()
+    assert server.health_ok()
+
+
 def _clients(port: int, clients: int, each: int) -> list[str]:
     """``clients`` threads, ``each`` keep-alive requests apiece; returns every failure seen."""
     failures: list[str] = []
