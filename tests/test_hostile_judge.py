@@ -73,13 +73,13 @@ def test_a_dripping_server_cannot_hold_a_request_past_its_deadline(dripping: str
     t0 = time.monotonic()
     with pytest.raises(HttpError, match="within 1s"):
         request_json("POST", dripping + "/chat/completions", {"x": 1}, timeout=1.0)
-    assert time.monotonic() - t0 < 1.8
+    assert time.monotonic() - t0 < 3.0  # the drip lasts 140 s; margin for a loaded CI machine
     judge = load_reward("vlm_judge", url=dripping, model="m", mode="checklist", timeout=1.0, retries=1,
                         backoff=0.01, check_at_start=False)
     t0 = time.monotonic()
     out = judge([sample()])[0]
     assert out.failed and "within 1s (after 2 attempts)" in out.failure
-    assert time.monotonic() - t0 < 3.0  # two 1 s deadlines, not 60 s of dripping
+    assert time.monotonic() - t0 < 5.0  # two 1 s deadlines, not 140 s of dripping
 
 
 # ---------------------------------------------------------------- a scripted server
@@ -152,7 +152,7 @@ def test_retry_after_is_honoured_up_to_a_cap() -> None:
         t0 = time.monotonic()
         out = judge([sample()])[0]
         assert out.failed and "retry after 120s, more than max_retry_after=5s" in out.failure
-        assert len(srv.times) == 1 and time.monotonic() - t0 < 2
+        assert len(srv.times) == 1 and time.monotonic() - t0 < 4  # not even the 5 s max_retry_after
     finally:
         srv.shutdown()
         srv.server_close()
