@@ -112,8 +112,8 @@ def main() -> None:
     for (seed, threads), (fig, wall) in zip(configs, results):
         goal_cells = " | ".join(pts(fig[k], GOALS[k]) for k in FIGURES)
         extra_cells = " | ".join(pts(fig.get(k, math.nan)) for k in EXTRA[:3])
-        print(f"| {seed} | {threads} | {goal_cells} | {extra_cells} | {fig['stop_rate_after']:.3f} | "
-              f"{wall / 60:.1f} min |")
+        wall_cell = "-" if math.isnan(wall) else f"{wall / 60:.1f} min"  # a run trained elsewhere: not timed here
+        print(f"| {seed} | {threads} | {goal_cells} | {extra_cells} | {fig['stop_rate_after']:.3f} | {wall_cell} |")
     print()
     every = {}
     for k in FIGURES + EXTRA[:3]:
