@@ -69,6 +69,11 @@ class Limits:
     client_timeout: float = 30.0  # s to send a request head, and again to send its body
     max_connections: int = 1024  # open connections; past it uvicorn answers 503
 
+    @property
+    def refusal_wait(self) -> float:
+        """Seconds a refused request's body is waited for: read when small, dropped while lingering when not."""
+        return min(self.client_timeout, DRAIN_SECONDS)
+
 
 def _error(code: int, message: str, close: bool = False, **headers: str) -> JSONResponse:
     if close:
@@ -77,19 +82,17 @@ def _error(code: int, message: str, close: bool = False, **headers: str) -> JSON
 
 
 async def _drain(request: Request, size: int, timeout: float) -> bool:
-    """Read and drop a refused body of ``size`` bytes when it is small; True when all of it arrived in time."""
+    """Read and drop a refused body of ``size`` bytes when it is small; True when all of it arrived in time
+    (h11 ends the stream at Content-Length, so a finished stream is the whole body)."""
     if size > DRAIN_BYTES:
         return False
-    got = 0
     try:
         with anyio.fail_after(timeout):
-            async for chunk in request.stream():
-                got += len(chunk)
-                if got > size:
-                    return False
+            async for _ in request.stream():
+                pass
     except (TimeoutError, ClientDisconnect):
         return False
-    return got == size
+    return True
 
 
 class ScoreService:
@@ -111,9 +114,8 @@ class ScoreService:
         lim = self.limits
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         length = request.headers.get("content-length", "")
-        drain_timeout = min(lim.client_timeout, DRAIN_SECONDS)
         if ctype != "application/json":
-            drained = length.isdigit() and await _drain(request, int(length), drain_timeout)
+            drained = length.isdigit() and await _drain(request, int(length), lim.refusal_wait)
             return _error(415, f"Content-Type must be application/json, got {ctype or 'none'!r}", close=not drained)
         if not length.isdigit():
             return _error(411, "Content-Length header required", close=True)
@@ -123,7 +125,7 @@ class ScoreService:
                                f"send smaller batches", close=True)
         if self.active >= lim.max_concurrency or self.inflight + size > lim.max_inflight_bytes:
             busy = f"busy: {self.active} requests ({self.inflight} bytes) in flight; retry"
-            drained = await _drain(request, size, drain_timeout)
+            drained = await _drain(request, size, lim.refusal_wait)
             return _error(503, busy, close=not drained, **{"Retry-After": "1"})
         self.active += 1
         self.inflight += size
@@ -211,7 +213,7 @@ class RewardServer:
         self.socket = _bind(host, port)
         self.server_address = self.socket.getsockname()[:2]
         protocol = type("ServerH11", (HardenedH11,), {"head_timeout": limits.client_timeout,
-                                                       "linger_seconds": min(limits.client_timeout, DRAIN_SECONDS)})
+                                                       "linger_seconds": limits.refusal_wait})
         config = uvicorn.Config(build_app(reward, limits), http=protocol, ws="none", lifespan="off", log_config=None,
                                 access_log=verbose, limit_concurrency=limits.max_connections, backlog=2048,
                                 timeout_keep_alive=5, timeout_graceful_shutdown=5)
