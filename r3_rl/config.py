@@ -44,6 +44,9 @@ class TinyModel(Section):
     # words (a colour and a shape word per cell, "empty empty" for background) -- the tiny model's counterpart of
     # a unified model's separate understanding encoder (Janus: SigLIP features, not VQ codes; README: R3 synergy)
     image_input: Literal["tokens", "words"] = "tokens"
+    # "modality": a Mixture-of-Transformers as BAGEL-7B-MoT is built -- image tokens and text tokens get their own
+    # attention projections, feed-forward blocks and norms, attention runs over both (r3_rl.policy.tiny_mot)
+    experts: Literal["shared", "modality"] = "shared"
 
 
 class Policy(Section):

@@ -66,12 +66,15 @@ def _check(policy: Any, batches: dict[str, list[Segment]], mlps: list[torch.nn.M
             torch.testing.assert_close(b["grads"][name], a["grads"][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_tiny_policy_checkpointing_is_active_and_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("experts", ["shared", "modality"])
+def test_tiny_policy_checkpointing_is_active_and_exact(experts: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With modality experts the recomputed layers must route as the forward did, although the shared-context
+    path runs two forwards (different tokens) before the backward recomputes the first."""
     from r3_rl.policy.tiny import TinyUnifiedPolicy
 
     torch.manual_seed(0)
     policy = TinyUnifiedPolicy.build(Templates().model_dump(), rows=3, cols=3, hidden_size=32, num_layers=2,
-                                     num_heads=2, intermediate_size=64)
+                                     num_heads=2, intermediate_size=64, experts=experts)
     prompts = [PromptItem(str(i), p) for i in range(2) for p in ["two red squares"] * 3] + \
         [PromptItem("x", "one blue circle")]
     g = torch.Generator().manual_seed(1)

@@ -15,10 +15,11 @@ PROMPTS = [PromptItem(id="a", prompt="a photo of a red square"),
            PromptItem(id="c", prompt="a photo of a circle")]
 
 
-@pytest.fixture(scope="module")
-def policy() -> TinyUnifiedPolicy:
+@pytest.fixture(scope="module", params=["shared", "modality"])
+def policy(request: pytest.FixtureRequest) -> TinyUnifiedPolicy:
+    """Every test here runs on the shared model and on the Mixture-of-Transformers one (policy.tiny.experts)."""
     return TinyUnifiedPolicy.build(Templates().model_dump(), rows=4, cols=4, hidden_size=32, num_layers=2,
-                                   num_heads=2, intermediate_size=64, seed=3)
+                                   num_heads=2, intermediate_size=64, seed=3, experts=request.param)
 
 
 SAMPLERS = [

@@ -25,6 +25,7 @@ from r3_rl.policy.base import ImageInput, ImageSample, Policy, TextSample
 from r3_rl.policy.kv_cache import PreallocatedCache, ReplayCache
 from r3_rl.policy.sampling import cfg_logits, sample_tokens, sampling_logprobs
 from r3_rl.policy.shared_context import first_rows, shared_context_rows
+from r3_rl.policy.tiny_mot import MoTLlamaForCausalLM, has_modality_experts, modality_config
 from r3_rl.policy.tiny_recipe import GRID_FILE, TinyRecipe
 from r3_rl.policy.tiny_tokenizer import PLACEHOLDER, build_tokenizer, image_token, template_words
 from r3_rl.trajectory import PromptItem, SamplingParams, Segment
@@ -100,8 +101,9 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
     @classmethod
     def build(cls, templates: dict[str, str], rows: int, cols: int, hidden_size: int = 128, num_layers: int = 4,
               num_heads: int = 4, intermediate_size: int = 256, max_positions: int = 256,
-              seed: int = 0, image_input: str = "tokens") -> "TinyUnifiedPolicy":
-        """A fresh random model with a tokenizer built from the Blocks words and the templates' words."""
+              seed: int = 0, image_input: str = "tokens", experts: str = "shared") -> "TinyUnifiedPolicy":
+        """A fresh random model with a tokenizer built from the Blocks words and the templates' words;
+        ``experts="modality"``: image and text tokens get their own weights (:mod:`r3_rl.policy.tiny_mot`)."""
         words = set(world.WORDS) | template_words(templates.values())
         tok = build_tokenizer(words, world.N_TOKENS)
         torch.manual_seed(seed)
@@ -111,7 +113,9 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
                              max_position_embeddings=max_positions, tie_word_embeddings=True,
                              pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                              eos_token_id=tok.eos_token_id)
-        model = LlamaForCausalLM(config)
+        if experts == "modality":
+            modality_config(config, tok.get_vocab()[image_token(0)], world.N_TOKENS)
+        model = (MoTLlamaForCausalLM if experts == "modality" else LlamaForCausalLM)(config)
         model.config._attn_implementation = "sdpa"
         return cls(model, tok, templates, rows, cols, image_input)
 
@@ -121,7 +125,8 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
         if not (p / "config.json").is_file():
             raise UserError(f"policy.model: cannot load '{path}': no config.json there; give a directory written "
                             f"by save_pretrained (or leave policy.model empty to build the tiny model)")
-        model = LlamaForCausalLM.from_pretrained(path)
+        model = (MoTLlamaForCausalLM if has_modality_experts(LlamaConfig.from_pretrained(path))
+                 else LlamaForCausalLM).from_pretrained(path)
         tok = PreTrainedTokenizerFast.from_pretrained(path)
         grid = json.loads((p / GRID_FILE).read_text()) if (p / GRID_FILE).is_file() else {"rows": 4, "cols": 4}
         try:  # folders saved before image_input read tokens

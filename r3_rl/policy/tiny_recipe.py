@@ -16,6 +16,8 @@ from r3_rl.errors import UserError
 # synthetic ones is 28 words with "objects", 31 with "counts", verdict included
 DESCRIBED_CRITIQUE_TOKENS = 40
 GRID_FILE = "r3_grid.json"  # what save_pretrained adds beside the weights: grid size, version, image_input
+# config.json attribute of a tiny model with modality experts: [first image-token id, end) (r3_rl.policy.tiny_mot)
+EXPERTS_CONFIG_KEY = "r3_image_token_span"
 MAX_PARAMS = 2_000_000_000  # fp32 weights + AdamW = 16 bytes a parameter: 32 GB already
 
 
@@ -40,7 +42,8 @@ class TinyRecipe:
             policy = cls.build(templates, recipe.data.blocks.rows, recipe.data.blocks.cols,  # type: ignore[attr-defined]
                                hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads,
                                intermediate_size=t.intermediate_size, max_positions=t.max_positions,
-                               seed=recipe.seed, image_input=t.image_input)
+                               seed=recipe.seed, image_input=t.image_input,
+                               experts=t.experts)
         policy.model.to(DTYPES[recipe.policy.dtype])
         return policy
 
@@ -54,13 +57,17 @@ class TinyRecipe:
         if t.hidden_size % t.num_heads:
             raise UserError(f"{source}: key 'policy.tiny.hidden_size': {t.hidden_size} is not a multiple of "
                             f"policy.tiny.num_heads={t.num_heads}")
-        params = t.num_layers * (4 * t.hidden_size ** 2 + 3 * t.hidden_size * t.intermediate_size)
+        copies = 2 if t.experts == "modality" else 1  # modality experts: two of every projection
+        params = copies * t.num_layers * (4 * t.hidden_size ** 2 + 3 * t.hidden_size * t.intermediate_size)
         if params > MAX_PARAMS:
             raise UserError(f"{source}: policy.tiny: about {params:.3g} parameters, over the limit of "
                             f"{MAX_PARAMS:.0e} for the tiny CPU policy (use policy.kind: janus for real models)")
         if t.image_input != "tokens" and recipe.policy.kind != "tiny":
             raise UserError(f"{source}: key 'policy.tiny.image_input': {t.image_input!r} is for policy.kind tiny; "
                             f"{recipe.policy.kind} reads images as 'tokens'")
+        if t.experts != "shared" and recipe.policy.kind != "tiny":
+            raise UserError(f"{source}: key 'policy.tiny.experts': {t.experts!r} is for policy.kind tiny; "
+                            f"{recipe.policy.kind} has the experts its own architecture has")
         room = recipe.rollout.reflect.max_new_tokens
         need = DESCRIBED_CRITIQUE_TOKENS
         if recipe.warmstart.describe != "none" and recipe.warmstart.steps and room < need:
@@ -79,3 +86,16 @@ class TinyRecipe:
             if saved != t.image_input:
                 raise UserError(f"{source}: key 'policy.tiny.image_input': {t.image_input!r}, but the model in "
                                 f"{model} was trained with {saved!r}; drop the key or give {saved!r}")
+        if weights and model and "experts" in t.model_fields_set:  # the saved weights have the shape they have
+            saved = _saved_experts(Path(model).expanduser() / "config.json")
+            if saved != t.experts:
+                raise UserError(f"{source}: key 'policy.tiny.experts': {t.experts!r}, but the model in {model} "
+                                f"has {saved!r} experts; drop the key or give {saved!r}")
+
+
+def _saved_experts(config_file: Path) -> str:
+    """``policy.tiny.experts`` of a saved tiny model: its config.json names an image-token span or not."""
+    try:
+        return "modality" if json.loads(config_file.read_text()).get(EXPERTS_CONFIG_KEY) else "shared"
+    except (OSError, ValueError, AttributeError):
+        return "shared"

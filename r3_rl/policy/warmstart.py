@@ -312,7 +312,7 @@ def warmstart(policy: TinyUnifiedPolicy, recipe: Any, log: Any = None,
 
 # Settings added after warm starts were first cached, with their "off" value: left out of the key when off, so
 # the warm starts cached before them stay valid.
-_ADDED_LATER = {"warmstart": {"describe": "none", "critic_steps": 0}, "tiny": {"image_input": "tokens"}}
+_ADDED_LATER = {"warmstart": {"describe": "none", "critic_steps": 0}, "tiny": {"image_input": "tokens", "experts": "shared"}}
 
 
 def _without_later_defaults(section: str, settings: dict[str, Any]) -> dict[str, Any]:
