@@ -130,3 +130,18 @@ def test_a_saved_model_of_the_other_kind_is_an_error_not_a_silent_switch(tmp_pat
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "policy.tiny.experts" in err[0] and "'shared'" in err[0], err
+
+
+@pytest.mark.parametrize("experts", ["shared", "modality"])
+def test_the_planner_counts_the_weights_the_built_model_has(experts: str) -> None:
+    """``r3-rl plan`` sizes memory from a parameter count: with modality experts the decoder's weights double."""
+    from r3_rl.config import load_recipe
+    from r3_rl.plan.shapes import model_shape
+    from r3_rl.policy.registry import build_policy
+
+    recipe = load_recipe(TINY, [f"policy.tiny.experts={experts}", "policy.tiny.hidden_size=64",
+                                "policy.tiny.intermediate_size=96", "policy.tiny.num_heads=2"])
+    model = build_policy(recipe).model
+    shape = model_shape(recipe)
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    assert shape.largest_layer >= max(sum(p.numel() for p in layer.parameters()) for layer in model.model.layers)

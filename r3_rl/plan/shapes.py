@@ -131,7 +131,13 @@ def model_shape(recipe: Any) -> ModelShape:
         shape = shape_from_config(config, "the built-in tiny policy (policy.tiny)")
         cells = recipe.data.blocks.rows * recipe.data.blocks.cols
         read = cells * (2 if t.image_input == "words" else 1)  # policy.tiny.image_input: two words a cell
-        return replace(shape, image_tokens=cells, vision_tokens=read + 2)
+        shape = replace(shape, image_tokens=cells, vision_tokens=read + 2)
+        if t.experts == "modality":  # a second copy of every decoder projection and norm (r3_rl.policy.tiny_mot)
+            layer = 4 * t.hidden_size ** 2 + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size
+            shape = replace(shape, params=shape.params + t.num_layers * layer,
+                            params_trained=shape.params_trained + t.num_layers * layer,
+                            largest_layer=max(shape.largest_layer, 2 * layer))
+        return shape
     name = pol.model or ""
     if not name and pol.kind != "janus":  # a plug-in family: only a transformers config.json gives its shape
         raise UserError(f"policy.model: empty; r3-rl plan reads a model's shape from its config.json, and policy "
