@@ -38,6 +38,17 @@ def tiny_overrides(tmp_path: Path, steps: int = 2) -> list[str]:
             "eval.rounds=1", "log.trajectories_every=1", "log.console=false"]
 
 
+def cli_one_line_error(args: list[str], capsys: pytest.CaptureFixture) -> str:
+    """Run ``r3-rl ARGS`` in-process; assert exit code 2 and a one-line message on stderr, and return it."""
+    from r3_rl.cli import main
+
+    capsys.readouterr()  # whatever came before (a save's progress bars)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session (about 5 s and 1 GB to start), shut down at the end.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_overrides
+from conftest import cli_one_line_error, tiny_overrides
 
 from r3_rl.blocks.world import N_TOKENS, token_of
 from r3_rl.cli import main
@@ -92,9 +92,7 @@ def test_the_default_leaves_cached_warm_starts_valid_and_words_get_their_own() -
 def test_a_setting_the_policy_cannot_honour_is_a_one_line_error(change: list[str], expected: str, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture) -> None:
     args = ["train", str(TINY), "--run-dir", str(tmp_path / "run")]
-    assert main([*args, *(a for c in change for a in ("--set", c))]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and expected in err[0], err
+    assert expected in cli_one_line_error([*args, *(a for c in change for a in ("--set", c))], capsys)
     assert not (tmp_path / "run").exists()
 
 
@@ -102,12 +100,10 @@ def test_a_saved_model_read_another_way_is_an_error_not_a_silent_switch(tmp_path
                                                                       capsys: pytest.CaptureFixture) -> None:
     policy = build_policy(load_recipe(TINY, tiny_overrides(tmp_path)))
     policy.save_pretrained(str(tmp_path / "tokens"))
-    capsys.readouterr()  # the save's progress bars
     args = ["eval", str(TINY), "--checkpoint", str(tmp_path / "tokens"), "--set", "policy.tiny.image_input=words",
             *(a for o in tiny_overrides(tmp_path) for a in ("--set", o))]
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "policy.tiny.image_input" in err[0] and "'tokens'" in err[0], err
+    err = cli_one_line_error(args, capsys)
+    assert "policy.tiny.image_input" in err and "'tokens'" in err, err
 
 
 def test_a_words_run_trains_through_the_cli_and_no_context_holds_an_image_token(

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import cli_one_line_error, tiny_overrides
 from transformers import LlamaForCausalLM
 
-from r3_rl.cli import main
 from r3_rl.config import Recipe, Templates
 from r3_rl.policy.tiny import TinyUnifiedPolicy
 from r3_rl.policy.tiny_mot import ModalityExperts, MoTLlamaForCausalLM
@@ -114,9 +113,7 @@ def test_the_default_leaves_cached_warm_starts_valid_and_experts_get_their_own()
 def test_a_setting_the_policy_cannot_honour_is_a_one_line_error(change: list[str], expected: str, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture) -> None:
     args = ["train", str(TINY), "--run-dir", str(tmp_path / "run")]
-    assert main([*args, *(a for c in change for a in ("--set", c))]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and expected in err[0], err
+    assert expected in cli_one_line_error([*args, *(a for c in change for a in ("--set", c))], capsys)
     assert not (tmp_path / "run").exists()
 
 
@@ -124,12 +121,10 @@ def test_a_saved_model_of_the_other_kind_is_an_error_not_a_silent_switch(tmp_pat
                                                                         capsys: pytest.CaptureFixture) -> None:
     plain, _ = _policies()
     plain.save_pretrained(str(tmp_path / "shared"))
-    capsys.readouterr()  # the save's progress bars
     args = ["eval", str(TINY), "--checkpoint", str(tmp_path / "shared"), "--set", "policy.tiny.experts=modality",
             *(a for o in tiny_overrides(tmp_path) for a in ("--set", o))]
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "policy.tiny.experts" in err[0] and "'shared'" in err[0], err
+    err = cli_one_line_error(args, capsys)
+    assert "policy.tiny.experts" in err and "'shared'" in err, err
 
 
 @pytest.mark.parametrize("experts", ["shared", "modality"])
