@@ -39,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from r3_rl.environment import differences, read_records, summary_line  # noqa: E402
 from r3_rl.eval.synergy import GOALS, near_miss, synergy_figures  # noqa: E402
 
 FIGURES = ("first_image_gain", "refinement_after", "verdict_gain")
@@ -76,6 +77,21 @@ def _figures(run_dir: Path, summary: dict) -> dict:
     if before.is_file() and after.is_file():
         return synergy_figures(json.loads(before.read_text()), json.loads(after.read_text()))
     return summary["synergy"]
+
+
+def print_environments(out: Path, configs: list[tuple[int, int]]) -> None:
+    """Where the runs ran (their ``environment.json``): the figures hang on the CPU's kernels and the packages
+    as well as on the seed, so a table that mixes machines says so.  Thread counts differ by design."""
+    by_design = ("torch_threads ", "OMP_NUM_THREADS ", "MKL_NUM_THREADS ")
+    starts = {c: (read_records(out / f"seed{c[0]}-threads{c[1]}") or [None])[0] for c in configs}
+    first = next((env for env in starts.values() if env is not None), None)
+    if first is None:
+        return
+    print(f"\nenvironment: {summary_line(first)}")
+    for (seed, threads), env in starts.items():
+        moved = [d for d in differences(first, env) if not d.startswith(by_design)] if env else ["not recorded"]
+        if moved:
+            print(f"  seed {seed}, {threads} threads ran elsewhere: {'; '.join(moved)}")
 
 
 def stats(xs: list[float]) -> tuple[float, float, float]:
@@ -129,6 +145,7 @@ def main() -> None:
         eval_sd = f"  (one eval's own sampling: sd {100 * math.sqrt(sum(x * x for x in ses) / len(ses)):.1f}{part})" \
             if ses else ""
         print(f"{k:24s} mean {pts(m)}  sd {100 * sd:5.1f}  min {pts(lo, goal)}   ({verdict}){eval_sd}")
+    print_environments(out, configs)
     runs_ok = sum(all(fig[k] >= GOALS[k] for k in FIGURES) for fig, _ in results)
     print(f"\n{runs_ok} of {len(results)} runs meet all three goals: "
           + ("all goals met on every run" if all(every[k] for k in FIGURES) else "some goal missed on some run"))

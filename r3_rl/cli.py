@@ -46,13 +46,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sampling_parts(recipe: Any, run_dir: str | None) -> tuple[Any, Any, Any]:
+def _sampling_parts(recipe: Any, run_dir: str | None, command: str) -> tuple[Any, Any, Any]:
     """What ``eval`` and ``rollout`` run on: the run dir, the parts builder (which will build the policy and
     rewards, never an optimiser, a reference or learner ranks) and the prompt source."""
     import torch
 
     from r3_rl.components import Components
     from r3_rl.data import PromptSource
+    from r3_rl.environment import record_environment
     from r3_rl.run_dir import make_run_dir
     from r3_rl.tracking.console import Console
 
@@ -60,6 +61,7 @@ def _sampling_parts(recipe: Any, run_dir: str | None) -> tuple[Any, Any, Any]:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
     out = make_run_dir(recipe, run_dir)
+    record_environment(out, command)
     return out, Components(recipe, out, Console(enabled=recipe.log.console)), PromptSource(recipe)
 
 
@@ -72,7 +74,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from r3_rl.tracking.metrics import MetricsLogger
 
     recipe.name = f"{recipe.name}-eval"
-    run_dir, parts, data = _sampling_parts(recipe, args.run_dir)
+    run_dir, parts, data = _sampling_parts(recipe, args.run_dir, args.command)
     metrics = MetricsLogger(run_dir, tensorboard=recipe.log.tensorboard)
     try:
         report = Evaluator(recipe, parts.policy, parts.eval_rewards, data, metrics, run_dir).run("eval", 0)
@@ -94,7 +96,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     from r3_rl.trajectory import write_trees
 
     recipe.name = f"{recipe.name}-rollout"
-    run_dir, parts, data = _sampling_parts(recipe, args.run_dir)
+    run_dir, parts, data = _sampling_parts(recipe, args.run_dir, args.command)
     try:
         trees = r3_chains(parts.policy, data.next_batch(args.num), stage_sampling(recipe), recipe.eval.rounds,
                           recipe.templates.stop_phrase, seed=recipe.seed, batch_size=recipe.eval.batch_size,

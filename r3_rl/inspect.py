@@ -1,6 +1,6 @@
 """``r3-rl inspect RUN_DIR``: read a run directory back and say what happened, in words and (optionally) HTML.
 
-Reads only files a run writes (``recipe.yaml``, ``metrics.jsonl``, ``eval/*.json``,
+Reads only files a run writes (``recipe.yaml``, ``environment.json``, ``metrics.jsonl``, ``eval/*.json``,
 ``trajectories/step_XXXXXX.jsonl`` + PNGs, ``eval/<name>_trajectories.jsonl``), so it works on a run
 that is still going, finished, or crashed, and on a copy without the model.
 """
@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from r3_rl.environment import differences, read_records, summary_line
 from r3_rl.errors import UserError
 from r3_rl.eval.understanding import headline
 from r3_rl.tracking.metrics import rollout_metrics
@@ -81,6 +82,13 @@ def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 def run_overview(run_dir: Path) -> str:
     """Recipe name, training progress and latest numbers, eval accuracy per round and understanding."""
     lines = [f"run {run_dir}"]
+    records = read_records(run_dir)
+    if records:  # what the numbers hang on besides the recipe; a resume or eval elsewhere is named
+        lines.append(f"  environment: {summary_line(records[0])}")
+        for r in records[1:]:
+            changed = differences(records[0], r)
+            if changed:
+                lines.append(f"    {r.get('command')} at {r.get('when')} ran elsewhere: {'; '.join(changed)}")
     rows = [r for r in _read_metrics(run_dir) if "1_reward/generate" in r or "learner/loss" in r]
     if rows:
         last = rows[-1]

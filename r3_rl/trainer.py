@@ -61,6 +61,7 @@ class Trainer:
         self.evaluator = Evaluator(recipe, self.policy, self.eval_rewards, self.data, self.metrics, run_dir)
         self.rng = random.Random(recipe.seed)
         self.sampling = stage_sampling(recipe)
+        self.resumed_from: Path | None = None  # the checkpoint this run continues (see resume)
 
     # ------------------------------------------------------------------ rollout
     @property
@@ -174,6 +175,7 @@ class Trainer:
         from r3_rl.learner.checkpoint import load_checkpoint
 
         load_checkpoint(path, self._checkpoint_parts(), self.recipe)
+        self.resumed_from = path
         self.metrics.rewind(self.step)  # the steps after the checkpoint are run again: log them once
         if self.parts.built("engine"):
             self.engine.sync(self.policy)
@@ -186,6 +188,18 @@ class Trainer:
         from r3_rl.learner.checkpoint import previous_report
 
         return previous_report(self.run_dir, "before") or self.run_eval(f"resume_{self.step:06d}")
+
+    def _record_environment(self) -> None:
+        """``environment.json``: what the numbers hang on besides the recipe; a resume elsewhere is an event."""
+        from r3_rl.environment import record_environment, summary_line
+
+        started_in = self.resumed_from.parent.parent if self.resumed_from is not None else None
+        env, changed = record_environment(self.run_dir, "resume" if self.resumed_from else "train", started_in)
+        self.console.print(f"environment: {summary_line(env)}")
+        if changed:
+            shown = "; ".join(changed[:6]) + (f"; {len(changed) - 6} more" if len(changed) > 6 else "")
+            self.log_event(f"resumed in another environment than the run started in ({shown}; environment.json): "
+                           "it goes on, but its numbers will not match an uninterrupted run's bit for bit")
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
@@ -209,6 +223,7 @@ class Trainer:
     def _train(self) -> dict[str, Any]:
         r = self.recipe
         self.console.print(f"[bold]r3-rl[/] {r.name}: {r.steps} steps -> {self.run_dir}")
+        self._record_environment()
         before = self._eval_before()
         self.console.print("eval before RL:\n" + markdown_table(before))
         t0 = time.time()

@@ -14,6 +14,7 @@ from conftest import tiny_overrides
 
 from r3_rl.cli import main
 from r3_rl.config import load_recipe
+from r3_rl.environment import read_records
 from r3_rl.policy.registry import build_policy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +63,10 @@ def test_eval_and_rollout_build_only_the_policy_and_rewards(tmp_path: Path, trap
     assert main(["rollout", str(RECIPE), "--num", "3", *_args(tmp_path, "rollout")]) == 0
     assert (tmp_path / "rollout" / "rollout.jsonl").read_text().count("\n") == 3
     assert traps == [], capsys.readouterr().err
+    # both record what their numbers hang on besides the recipe
+    for run, command in (("eval", "eval"), ("rollout", "rollout")):
+        records = read_records(tmp_path / run)
+        assert [r["command"] for r in records] == [command] and records[0]["torch_threads"] == 1
 
 
 @pytest.mark.parametrize("sets,first", [(HEAVY, "an algorithm"), ([], "a reference")])

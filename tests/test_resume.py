@@ -16,6 +16,7 @@ from transformers import LlamaForCausalLM
 
 from r3_rl.cli import main
 from r3_rl.config import load_recipe
+from r3_rl.environment import read_records
 from r3_rl.errors import UserError
 from r3_rl.learner.checkpoint import MARKER, complete_checkpoints, find_resume, prune
 from r3_rl.trainer import Trainer
@@ -80,6 +81,11 @@ def test_resume_is_bit_identical_and_skips_interrupted_checkpoints(tmp_path: Pat
     assert main(args) == 0
     assert not list((resumed / "checkpoints").glob(".tmp-*")), "a later save cleans up interrupted ones"
     assert not (resumed / "trajectories" / "step_000001.jsonl").exists(), "steps 0-1 must not be re-run"
+    # environment.json: a record per command; the same machine is no event
+    assert [r["command"] for r in read_records(tmp_path / "straight")] == ["train"]
+    assert [r["command"] for r in read_records(resumed)] == ["resume"]
+    events = (resumed / "events.log").read_text() if (resumed / "events.log").exists() else ""
+    assert "another environment" not in events
 
     end = resumed / "checkpoints" / "step_000004"
     assert json.loads((end / MARKER).read_text())["step"] == 4
