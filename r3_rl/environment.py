@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 ENVIRONMENT_FILE = "environment.json"
 MAX_FILE_BYTES = 1_000_000  # a run dir may be someone else's: an oversized file is not read, only replaced
+MAX_RECORDS = 200  # the first record and the latest ones (about 1 KB each): a dir evaluated again and again stays small
 # Packages whose versions change what a run computes (kernels, model code, tokenizers, numerics).
 NUMERIC_PACKAGES = ("torch", "transformers", "numpy", "tokenizers", "safetensors", "trl", "peft", "accelerate",
                     "deepspeed", "diffusers", "datasets", "ray")
@@ -131,8 +133,10 @@ def record_environment(run_dir: Path, command: str, started_in: Path | None = No
     now = dict(now if now is not None else describe_environment())
     now = {"command": command, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), **now}
     changed = differences(baseline[0], now) if baseline else []
-    tmp = run_dir / f".{ENVIRONMENT_FILE}.tmp"
-    tmp.write_text(json.dumps({"records": records + [now]}, indent=2), encoding="utf-8")
+    kept = records[:1] + records[1:][-(MAX_RECORDS - 2):] + [now]  # the start, and the latest commands
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{ENVIRONMENT_FILE}.")  # a fresh file: never a planted link
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump({"records": kept}, f, indent=2)
     os.replace(tmp, run_dir / ENVIRONMENT_FILE)
     return now, changed
 

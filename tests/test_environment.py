@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import torch
 
-from r3_rl.environment import (ENVIRONMENT_FILE, MAX_FILE_BYTES, describe_environment, differences, read_records,
-                               record_environment, summary_line)
+from r3_rl.environment import (ENVIRONMENT_FILE, MAX_FILE_BYTES, MAX_RECORDS, describe_environment, differences,
+                               read_records, record_environment, summary_line)
 from r3_rl.inspect import run_overview
 from r3_rl.trainer import Trainer
 
@@ -69,6 +69,12 @@ def test_records_append_and_compare_with_the_start(tmp_path: Path) -> None:
     _, changed = record_environment(other, "resume", started_in=run, now=fake_env(python="3.12.1"))
     assert changed == ["python 3.11.7 -> 3.12.1"]
     assert [r["command"] for r in read_records(other)] == ["resume"]
+    # a dir evaluated again and again keeps its start and the latest records
+    for i in range(MAX_RECORDS + 5):
+        record_environment(other, f"eval{i}", now=fake_env())
+    commands = [r["command"] for r in read_records(other)]
+    assert len(commands) == MAX_RECORDS and commands[0] == "resume" and commands[-1] == f"eval{MAX_RECORDS + 4}"
+    assert not [p for p in other.iterdir() if p.name != ENVIRONMENT_FILE], "no temporary file left behind"
 
 
 def test_a_malformed_or_oversized_file_is_started_afresh(tmp_path: Path) -> None:
