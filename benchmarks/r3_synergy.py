@@ -89,9 +89,11 @@ def print_environments(out: Path, configs: list[tuple[int, int]]) -> None:
         return
     print(f"\nenvironment: {summary_line(first)}")
     for (seed, threads), env in starts.items():
-        moved = [d for d in differences(first, env) if not d.startswith(by_design)] if env else ["not recorded"]
-        if moved:
-            print(f"  seed {seed}, {threads} threads ran elsewhere: {'; '.join(moved)}")
+        run = f"seed {seed}, {threads} thread{'s' if threads != 1 else ''}"
+        if env is None:
+            print(f"  {run}: no environment.json (trained before runs recorded it)")
+        elif moved := [d for d in differences(first, env) if not d.startswith(by_design)]:
+            print(f"  {run} ran elsewhere: {'; '.join(moved)}")
 
 
 def stats(xs: list[float]) -> tuple[float, float, float]:
