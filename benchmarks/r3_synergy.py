@@ -82,7 +82,7 @@ def _figures(run_dir: Path, summary: dict) -> dict:
 def print_environments(out: Path, configs: list[tuple[int, int]]) -> None:
     """Where the runs ran (their ``environment.json``): the figures hang on the CPU's kernels and the packages
     as well as on the seed, so a table that mixes machines says so.  Thread counts differ by design."""
-    by_design = ("torch_threads ", "OMP_NUM_THREADS ", "MKL_NUM_THREADS ")
+    by_design = ("torch_threads", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
     starts = {c: (read_records(out / f"seed{c[0]}-threads{c[1]}") or [None])[0] for c in configs}
     first = next((env for env in starts.values() if env is not None), None)
     if first is None:
@@ -92,7 +92,7 @@ def print_environments(out: Path, configs: list[tuple[int, int]]) -> None:
         run = f"seed {seed}, {threads} thread{'s' if threads != 1 else ''}"
         if env is None:
             print(f"  {run}: no environment.json (trained before runs recorded it)")
-        elif moved := [d for d in differences(first, env) if not d.startswith(by_design)]:
+        elif moved := differences(first, env, ignore=by_design):
             print(f"  {run} ran elsewhere: {'; '.join(moved)}")
 
 

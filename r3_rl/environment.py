@@ -93,14 +93,18 @@ def describe_environment() -> dict[str, Any]:
     }
 
 
-def differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """What changed between two records, one short phrase each (``torch 2.13.0 -> 2.14.1``); [] if nothing."""
+def differences(before: dict[str, Any], now: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """What changed between two records, one short phrase each (``torch 2.13.0 -> 2.14.1``); [] if nothing.
+
+    ``ignore`` names fields (``torch_threads``) or packages / variables (``OMP_NUM_THREADS``) that may differ."""
     out = []
     for key in COMPARED:
         a, b = before.get(key), now.get(key)
+        if key in ignore:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
             for sub in sorted(set(a) | set(b)):
-                if a.get(sub) != b.get(sub):
+                if a.get(sub) != b.get(sub) and sub not in ignore:
                     name = sub if key in ("packages", "variables") else f"{key}.{sub}"
                     out.append(f"{name} {a.get(sub)} -> {b.get(sub)}")
         elif a != b:
@@ -130,8 +134,8 @@ def record_environment(run_dir: Path, command: str, started_in: Path | None = No
     nothing changed.  A malformed file (killed mid-write, or edited) is started afresh."""
     records = read_records(run_dir)
     baseline = (read_records(started_in) if started_in is not None else []) or records
-    now = dict(now if now is not None else describe_environment())
-    now = {"command": command, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), **now}
+    now = {"command": command, "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           **(now if now is not None else describe_environment())}
     changed = differences(baseline[0], now) if baseline else []
     kept = records[:1] + records[1:][-(MAX_RECORDS - 2):] + [now]  # the start, and the latest commands
     fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{ENVIRONMENT_FILE}.")  # a fresh file: never a planted link

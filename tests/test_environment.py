@@ -45,6 +45,8 @@ def test_differences_name_what_changed() -> None:
                      variables={"ATEN_CPU_CAPABILITY": "default"})
     assert differences(fake_env(), moved) == ["cpu_capability AVX2 -> AVX512", "torch_threads 1 -> 2",
                                               "torch 2.13.0+cpu -> 2.14.1", "ATEN_CPU_CAPABILITY None -> default"]
+    assert differences(fake_env(), moved, ignore=("torch_threads", "ATEN_CPU_CAPABILITY")) == [
+        "cpu_capability AVX2 -> AVX512", "torch 2.13.0+cpu -> 2.14.1"]
     assert differences(fake_env(), fake_env(r3_rl={"version": "0.1.0", "commit": "fedcba9876543210",
                                                    "uncommitted_changes": False})) == [
         "r3_rl.commit 0123456789abcdef -> fedcba9876543210"]
