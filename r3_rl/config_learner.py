@@ -105,6 +105,10 @@ class Learner(Section):
     # wrong); "verdict" = the mean of the batch's other critiques of parents with the same verdict (correct /
     # flawed), so a group that all stop on a flawed image gets a negative advantage (README: R3 synergy)
     critic_baseline: Literal["group", "verdict"] = "group"
+    # a refined image's baseline: "group" = its siblings' mean (R3's: the siblings were refined from other
+    # critiques, so a refiner that carries out a useless instruction faithfully is blamed for it); "parent" = the
+    # reward of the image it edited, so the refiner is paid for what its edit changed (README: R3 synergy)
+    refine_baseline: Literal["group", "parent"] = "group"
     kl_coef_text: float = 1e-3
     kl_coef_image: float = 1e-3
     kl_kind: Literal["k1", "k2", "k3"] = "k3"
@@ -166,9 +170,11 @@ class Learner(Section):
 
     @model_validator(mode="after")
     def _critic_baseline_needs_groups(self) -> "Learner":
-        if self.critic_baseline != "group" and self.algorithm == "ppo":
-            raise ValueError(f"critic_baseline: {self.critic_baseline!r} replaces GRPO's group baseline; PPO's "
-                             f"value head is its baseline: use critic_baseline: group with algorithm: ppo")
+        for key in ("critic_baseline", "refine_baseline"):
+            value = getattr(self, key)
+            if value != "group" and self.algorithm == "ppo":
+                raise ValueError(f"{key}: {value!r} replaces GRPO's group baseline; PPO's value head is its "
+                                 f"baseline: use {key}: group with algorithm: ppo")
         return self
 
 

@@ -210,3 +210,58 @@ def test_critic_baseline_is_a_grpo_option_only() -> None:
         Recipe.model_validate({"learner": {"algorithm": "ppo", "critic_baseline": "verdict"}})
     with pytest.raises(ValueError, match="group"):
         Recipe.model_validate({"learner": {"critic_baseline": "mean"}})
+
+
+def _refine_tree(refined: list[float | None], parent_reward: float = 0.5) -> Tree:
+    """One parent image, one critique per sibling: ``None`` in ``refined`` is a stop (the parent copied, as the
+    rollout writes it), a number is the reward of the image the refiner drew from that critique."""
+    tree = Tree(id="t", prompt=PromptItem(id="p", prompt="x"))
+    tree.add(Node(id="root", parent=None, stage="generate", round=0, group_id="root", policy_version=-1,
+                  image="parent", reward=parent_reward, meta={"correct": False}))
+    for j, r in enumerate(refined):
+        stop = r is None
+        tree.add(Node(id=f"c{j}", parent="root", stage="reflect", round=1, group_id="critiques", policy_version=0,
+                      segment=_seg(), reward=0.0, stop=stop))
+        tree.add(Node(id=f"r{j}", parent=f"c{j}", stage="refine", round=1, group_id="refined", policy_version=0,
+                      segment=None if stop else _seg(3), image="parent" if stop else f"edit{j}",
+                      reward=parent_reward if stop else r, meta={"copied": True} if stop else {}))
+    return tree
+
+
+def test_refine_baseline_parent_pays_the_refiner_for_what_its_edit_changed() -> None:
+    """Parent 0.5; a stop, an edit that changed nothing (a useless instruction carried out), a fix, a worse
+    image.  GRPO's group baseline (their mean, 0.5625) blames the faithful no-op for its sibling's better
+    critique; the parent baseline gives it 0, the fix +0.5, the worse image -0.25, the stop's copy 0."""
+    tree = _refine_tree([None, 0.5, 1.0, 0.25])
+    assign_advantages([tree])
+    assert [tree.nodes[f"r{j}"].advantage for j in range(4)] == pytest.approx([0.0, -0.0625, 0.4375, -0.3125])
+    tree = _refine_tree([None, 0.5, 1.0, 0.25])
+    assign_advantages([tree], refine_baseline="parent")
+    assert [tree.nodes[f"r{j}"].advantage for j in range(4)] == pytest.approx([0.0, 0.0, 0.5, -0.25])
+    # the critiques keep their group baseline: the option touches refined images only
+    assert tree.nodes["c0"].advantage == pytest.approx(0.0)
+
+
+def test_refine_baseline_parent_keeps_a_group_whose_edits_all_fixed_and_skips_failures() -> None:
+    """Every edit fixed the image: no signal among siblings (GRPO drops the group), but +0.5 each against
+    the parent, so the group trains.  A failed reward is left out, never a zero."""
+    from r3_rl.config import Recipe
+    from r3_rl.learner.algorithm import GRPO
+
+    def refined_items(baseline: str, rewards: list[float | None]) -> list:
+        recipe = Recipe.model_validate({"learner": {"refine_baseline": baseline}})
+        items, _, _ = GRPO(recipe).batch([_refine_tree(rewards)], 0)
+        return [it for it in items if it.stage == "refine"]
+
+    assert refined_items("group", [1.0, 1.0, 1.0]) == []
+    assert [it.advantage for it in refined_items("parent", [1.0, 1.0, 1.0])] == pytest.approx([0.5] * 3)
+    assert [it.advantage for it in refined_items("parent", [1.0, None, 0.0])] == pytest.approx([0.5, -0.5])
+
+
+def test_refine_baseline_is_a_grpo_option_only() -> None:
+    from r3_rl.config import Recipe
+
+    with pytest.raises(ValueError, match="refine_baseline"):
+        Recipe.model_validate({"learner": {"algorithm": "ppo", "refine_baseline": "parent"}})
+    with pytest.raises(ValueError, match="parent"):
+        Recipe.model_validate({"learner": {"refine_baseline": "sibling"}})

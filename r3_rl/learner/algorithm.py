@@ -79,12 +79,13 @@ class GRPO(Algorithm):
 
     def advantages(self, trees: list[Tree]) -> dict[str, float]:
         """Fill ``node.advantage`` among siblings (``learner.normalize_std``; critiques per
-        ``learner.critic_baseline``); returns group statistics."""
-        return assign_advantages(trees, self.cfg.normalize_std, self.cfg.critic_baseline)
+        ``learner.critic_baseline``, refined images per ``learner.refine_baseline``); returns group statistics."""
+        return assign_advantages(trees, self.cfg.normalize_std, self.cfg.critic_baseline, self.cfg.refine_baseline)
 
     def batch(self, trees: list[Tree], version: int) -> tuple[list[TrainItem], BatchStats, dict[str, float]]:
         stats = self.advantages(trees)
-        pooled = frozenset({"reflect"}) if self.cfg.critic_baseline == "verdict" else frozenset()
+        pooled = frozenset({"reflect"} if self.cfg.critic_baseline == "verdict" else set()) | frozenset(
+            {"refine"} if self.cfg.refine_baseline == "parent" else set())
         items, counts = collect_items(trees, version, self.cfg.max_staleness, pooled_stages=pooled)
         stats["zero_signal_items"] = float(counts.zero_signal_items)
         return items, counts, stats

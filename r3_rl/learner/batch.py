@@ -91,14 +91,34 @@ def critic_pools(trees: list[Tree]) -> dict[int, str]:
     return out
 
 
+def edited_image_gains(trees: list[Tree]) -> dict[int, float | None]:
+    """``id(node) -> reward - the reward of the image it edited`` for every sampled refined image (not a copy
+    after "no further edit"); ``None`` where either reward failed.  The baseline of ``learner.refine_baseline:
+    parent``: it depends on the parent image only, never on the instruction or the edit, so the gradient stays
+    unbiased, and a refiner that carries out a useless instruction faithfully (the image unchanged) gets 0
+    instead of the blame for its siblings' better critiques."""
+    out: dict[int, float | None] = {}
+    for t in trees:
+        for n in t.nodes.values():
+            if n.stage != "refine" or n.meta.get("copied") or n.policy_version < 0 or n.parent is None:
+                continue
+            critique = t.nodes.get(n.parent)
+            image = t.nodes.get(critique.parent) if critique is not None and critique.parent else None
+            if image is None or image.image is None:
+                continue
+            out[id(n)] = None if n.reward is None or image.reward is None else n.reward - image.reward
+    return out
+
+
 def assign_advantages(trees: list[Tree], normalize_std: bool | Mapping[str, bool] = False,
-                      critic_baseline: str = "group") -> dict[str, float]:
+                      critic_baseline: str = "group", refine_baseline: str = "group") -> dict[str, float]:
     """Fill ``node.advantage`` for every node that has a group of siblings; returns group statistics.
 
     ``normalize_std`` may differ per stage; a group's stage is its first member's.  ``critic_baseline:
     "verdict"`` gives every critique whose parent was judged the leave-one-out advantage among the batch's
     critiques of parents with the same verdict (:func:`~r3_rl.algorithms.advantages.leave_one_out_advantages`)
-    instead of its group's.  The statistics are :func:`~r3_rl.algorithms.advantages.group_stats` over all
+    instead of its group's.  ``refine_baseline: "parent"`` gives every sampled refined image its reward minus
+    its parent image's (:func:`edited_image_gains`) instead.  The statistics are :func:`~r3_rl.algorithms.advantages.group_stats` over all
     groups plus ``<stage>/<count>`` per stage.
     """
     nodes = _trainable_nodes(trees)
@@ -123,6 +143,11 @@ def assign_advantages(trees: list[Tree], normalize_std: bool | Mapping[str, bool
         pooled = leave_one_out_advantages(rewards[idx], [pools[id(nodes[i])] for i in idx]) if idx else []
         for i, a in zip(idx, pooled):
             nodes[i].advantage = None if math.isnan(float(a)) else float(a)
+    if refine_baseline == "parent":
+        gains = edited_image_gains(trees)
+        for n in nodes:
+            if id(n) in gains:
+                n.advantage = gains[id(n)]
     stats = group_stats(rewards, groups)
     for stage in sorted({n.stage for n in nodes}):
         idx = [i for i, n in enumerate(nodes) if n.stage == stage]
