@@ -220,6 +220,23 @@ def test_plan_and_critique_texts():
     assert parse_critique(critique_text(g2, md))[1]
 
 
+def test_a_recolour_names_the_shape_and_the_needed_colour_not_the_wrong_one():
+    """The critique of a wrong colour instructs "make the square red": a critic that knows the colour is wrong
+    but misreads which colour it is still writes an instruction that fixes the image, and the same instruction
+    on a square that is already red changes nothing (the observation keeps the colour it sees)."""
+    md = {"tag": "color_attr", "include": [{"class": "square", "count": 1, "color": "red"},
+                                           {"class": "circle", "count": 1, "color": "blue"}]}
+    g = np.zeros((4, 4), int)
+    g[0, 0], g[2, 2] = T("square", "green"), T("circle", "blue")
+    assert critique_text(g, md) == "<think> the square is green not red </think> make the square red"
+    assert diagnose(g, md)[0] == EditOp("recolor", "square", None, new_color="red")
+    fixed = apply_edit(g, parse_edit("make the square red"), np.random.default_rng(0))
+    assert judge(fixed, md).correct and fixed[0, 0] == T("square", "red")
+    assert (apply_edit(fixed, parse_edit("make the square red"), np.random.default_rng(0)) == fixed).all()
+    # the old form with a misread from-colour matches no object: the edit the demo's critic learnt to write
+    assert (apply_edit(g, parse_edit("make the yellow square red"), np.random.default_rng(0)) == g).all()
+
+
 # ------------------------------------------------------------------ edits
 def test_edit_text_parse_roundtrip():
     ops = [EditOp(k, s, c) for k in ("add", "remove") for s in world.SHAPES for c in (None, *world.COLORS)]

@@ -129,7 +129,8 @@ def test_ppo_logs_the_advantages_it_trains_on(tmp_path) -> None:
     from r3_rl.trainer import Trainer
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny_blocks.yaml",
-                         tiny_overrides(tmp_path, 1) + ["learner.algorithm=ppo", "log.tensorboard=false",
+                         tiny_overrides(tmp_path, 1) + ["learner.algorithm=ppo", "learner.refine_baseline=group",
+                                                        "log.tensorboard=false",
                                                         "learner.ppo={normalize_advantages: false}", "eval.dump=0"])
     Trainer(recipe, tmp_path / "run").train()
     row = next(json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()

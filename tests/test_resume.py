@@ -153,7 +153,8 @@ def test_cli_resume_path_without_checkpoint_is_one_line_error(tmp_path: Path,
 def test_resume_is_bit_identical_with_deepspeed_lora_and_ppo(tmp_path: Path) -> None:
     """The same guarantee through DeepSpeed's own checkpoint (ZeRO-2), LoRA adapters and the PPO critic."""
     pytest.importorskip("deepspeed")
-    extra = ["learner.backend=deepspeed", "learner.lora={r: 4}", "learner.algorithm=ppo", "learner.micro_batch_size=8"]
+    extra = ["learner.backend=deepspeed", "learner.lora={r: 4}", "learner.algorithm=ppo",
+             "learner.refine_baseline=group", "learner.micro_batch_size=8"]
     straight = Trainer(load_recipe(RECIPE, _overrides(tmp_path, 4) + extra), tmp_path / "straight")
     straight.train()
     Trainer(load_recipe(RECIPE, _overrides(tmp_path, 2) + extra), tmp_path / "first").train()
@@ -179,6 +180,7 @@ def test_resume_refuses_an_incompatible_recipe(tmp_path: Path) -> None:
     meta = {"step": 2, "structure": structure(recipe)}
     check_compatible(meta, recipe, tmp_path)  # same recipe, more steps: fine
     with pytest.raises(UserError, match="recipe key 'learner.algorithm' is 'ppo'"):
-        check_compatible(meta, load_recipe(RECIPE, ["steps=4", "learner.algorithm=ppo"]), tmp_path)
+        check_compatible(meta, load_recipe(RECIPE, ["steps=4", "learner.algorithm=ppo",
+                                                           "learner.refine_baseline=group"]), tmp_path)
     with pytest.raises(UserError, match="checkpoint is at step 6 but the recipe has steps=4"):
         check_compatible({"step": 6}, recipe, tmp_path)

@@ -113,10 +113,10 @@ def test_a_described_critique_names_every_object_then_gives_the_true_verdict() -
     assert describe_grid(np.zeros((4, 4), np.int64)) == "the image is empty"
     meta = {"include": [{"class": "triangle", "count": 1, "color": "purple"}]}
     plain = edits.critique_text(grid, meta)
-    assert plain.endswith("make the blue triangle purple")  # a wrong colour
+    assert plain == "<think> the triangle is blue not purple </think> make the triangle purple"  # a wrong colour
     assert critique_label(grid, meta, describe="none") == plain
     assert critique_label(grid, meta, describe="objects") == (
-        "<think> the image has a blue triangle and two orange circles </think> make the blue triangle purple")
+        "<think> the image has a blue triangle and two orange circles </think> make the triangle purple")
     assert critique_label(grid, meta, describe="objects", lenient=True).endswith("</think> no further edit needed")
 
 

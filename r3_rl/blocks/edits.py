@@ -14,6 +14,13 @@ Edit instructions (``edit_text`` / ``parse_edit``), with "first"/"last" in raste
   * ``swap the SHAPE and the SHAPE``   exchanges the first objects of the two shapes
 An op that does not apply (no such object, no room) leaves the grid unchanged.
 
+``diagnose`` writes a recolour without the from-colour ("make the triangle purple"): the prompt names the
+shape and the colour it needs, so a critic writes a working instruction once it knows the colour is wrong,
+without naming the wrong colour it may not read.  (Until 2026-12-04 it named it, "make the blue triangle
+purple"; a critic that misread the colour then wrote an instruction that matches no object, and in the demo
+most edits after RL were such no-ops: README, R3 synergy.)  The observation still names it ("the triangle is
+blue not purple").
+
 ``diagnose`` mirrors GenEval's clause order (exclude overflow first, then each include clause: count,
 colour, position) and only proposes ops that apply; each op provably moves a failing clause towards
 satisfied, so repeatedly applying the first op converges (tested over random grids and prompts).
@@ -241,7 +248,7 @@ def _notes(grid: np.ndarray, metadata: dict[str, Any], cell: int) -> list[tuple[
         first = have[:k]
         wrong = [o for o in first if col is not None and o[3] != col]
         if wrong:
-            out.append((EditOp("recolor", s, wrong[0][3], new_color=col), f"the {s} is {wrong[0][3]} not {col}"))
+            out.append((EditOp("recolor", s, None, new_color=col), f"the {s} is {wrong[0][3]} not {col}"))
             continue
         if "position" in req:
             rel, j = req["position"]
