@@ -169,7 +169,7 @@ class Learner(Section):
         return v
 
     @model_validator(mode="after")
-    def _critic_baseline_needs_groups(self) -> "Learner":
+    def _baselines_need_groups(self) -> "Learner":
         for key in ("critic_baseline", "refine_baseline"):
             value = getattr(self, key)
             if value != "group" and self.algorithm == "ppo":

@@ -118,8 +118,8 @@ def assign_advantages(trees: list[Tree], normalize_std: bool | Mapping[str, bool
     "verdict"`` gives every critique whose parent was judged the leave-one-out advantage among the batch's
     critiques of parents with the same verdict (:func:`~r3_rl.algorithms.advantages.leave_one_out_advantages`)
     instead of its group's.  ``refine_baseline: "parent"`` gives every sampled refined image its reward minus
-    its parent image's (:func:`edited_image_gains`) instead.  The statistics are :func:`~r3_rl.algorithms.advantages.group_stats` over all
-    groups plus ``<stage>/<count>`` per stage.
+    its parent image's (:func:`edited_image_gains`; never divided by a std) instead.  The statistics are
+    :func:`~r3_rl.algorithms.advantages.group_stats` over all groups plus ``<stage>/<count>`` per stage.
     """
     nodes = _trainable_nodes(trees)
     if not nodes:
