@@ -99,9 +99,9 @@ def differences(before: dict[str, Any], now: dict[str, Any], ignore: tuple[str, 
     ``ignore`` names fields (``torch_threads``) or packages / variables (``OMP_NUM_THREADS``) that may differ."""
     out = []
     for key in COMPARED:
-        a, b = before.get(key), now.get(key)
         if key in ignore:
             continue
+        a, b = before.get(key), now.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             for sub in sorted(set(a) | set(b)):
                 if a.get(sub) != b.get(sub) and sub not in ignore:

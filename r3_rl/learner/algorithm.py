@@ -84,8 +84,9 @@ class GRPO(Algorithm):
 
     def batch(self, trees: list[Tree], version: int) -> tuple[list[TrainItem], BatchStats, dict[str, float]]:
         stats = self.advantages(trees)
-        pooled = frozenset({"reflect"} if self.cfg.critic_baseline == "verdict" else set()) | frozenset(
-            {"refine"} if self.cfg.refine_baseline == "parent" else set())
+        pooled = frozenset(stage for stage, own_baseline in (("reflect", self.cfg.critic_baseline == "verdict"),
+                                                             ("refine", self.cfg.refine_baseline == "parent"))
+                           if own_baseline)  # baselines beyond the group: a group that agrees still trains
         items, counts = collect_items(trees, version, self.cfg.max_staleness, pooled_stages=pooled)
         stats["zero_signal_items"] = float(counts.zero_signal_items)
         return items, counts, stats
