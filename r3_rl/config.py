@@ -138,9 +138,7 @@ class Tree(Section):
     prompts_per_step: int = Field(8, ge=1)  # stage A groups (reason -> generate) per step
     refine_groups_per_step: int = Field(8, ge=0)  # stage B/C groups (reflect -> refine) per step
     correct_parent_fraction: float = Field(0.15, ge=0.0, le=1.0)
-    # "tag": correct_parent_fraction within every prompt tag; "flawed_tag": correct parents from the pool,
-    # flawed ones spread evenly over tags, so every kind of flaw stays in the critic's practice
-    parent_balance: Literal["pool", "tag", "flawed_tag"] = "pool"
+    parent_balance: Literal["pool", "tag"] = "pool"  # "tag": correct_parent_fraction within every prompt tag
     buffer_size: int = Field(512, ge=1)
     max_round: int = Field(3, ge=1)  # refine-stage parents come from rounds < max_round
 

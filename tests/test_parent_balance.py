@@ -1,9 +1,8 @@
-"""``tree.parent_balance``: how the refine stage draws its parents from the buffer.
+"""``tree.parent_balance: tag``: the refine stage's parents are balanced within every prompt tag.
 
-From the global pools (``pool``), easy tags give mostly correct parents and hard tags mostly flawed ones, so a
-critic can earn its verdict reward by reading the prompt alone.  Balanced per tag (``tag``), the tag carries no
-information about the verdict.  ``flawed_tag`` spreads only the flawed parents evenly over tags, so the kinds of
-flaw the generator has learned to avoid stay in the critic's practice.
+From the global pools, easy tags give mostly correct parents and hard tags mostly flawed ones, so a critic
+can earn its verdict reward by reading the prompt alone.  Balanced per tag, the tag carries no information
+about the verdict.
 """
 from __future__ import annotations
 
@@ -78,34 +77,3 @@ def test_tag_balance_falls_back_to_the_pools_without_a_tag_holding_both_kinds() 
     b = [p.source for p in only_correct.sample(5, 0.5, random.Random(7), balance="tag")]
     c = [p.source for p in only_correct.sample(5, 0.5, random.Random(7), balance="pool")]
     assert b == c and len(b) == 5 and len(a) == 50
-
-
-def test_flawed_tag_balance_spreads_the_flaws_over_tags_and_keeps_the_correct_pool() -> None:
-    n = 6000
-    parents = _skewed_buffer().sample(n, 0.5, random.Random(3), balance="flawed_tag")
-    assert len(parents) == n
-    flawed = Counter(p.prompt.metadata["tag"] for p in parents if not p.correct)
-    correct = Counter(p.prompt.metadata["tag"] for p in parents if p.correct)
-    n_flawed, n_correct = sum(flawed.values()), sum(correct.values())
-    assert abs(n_correct / n - 0.5) < 0.02  # the correct fraction over all parents (sd 0.006)
-    # every tag with flaws gives a third of the flawed parents (the pool: 4 / 60 / 20 of 84)
-    for tag in ("easy", "hard", "only_flawed"):
-        assert abs(flawed[tag] / n_flawed - 1 / 3) < 0.03, flawed
-    # the correct parents keep the pool's mix: 60 easy to 4 hard
-    assert abs(correct["easy"] / n_correct - 60 / 64) < 0.02 and set(correct) == {"easy", "hard"}
-    # and the easy tag, mostly correct in the pool, now gives a flawed parent about a quarter of the time
-    easy_flawed = flawed["easy"] / (flawed["easy"] + correct["easy"])
-    assert 0.2 < easy_flawed < 0.35 and easy_flawed > 3 * 4 / 64
-
-
-def test_flawed_tag_balance_with_one_kind_of_parent_only() -> None:
-    only_correct, only_flawed = ParentBuffer(8), ParentBuffer(8)
-    for i in range(3):
-        only_correct.add(_entry(i, "colors", correct=True))
-        only_flawed.add(_entry(i, "colors" if i else "counting", correct=False))
-    assert all(p.correct for p in only_correct.sample(20, 0.1, random.Random(0), balance="flawed_tag"))
-    drawn = only_flawed.sample(200, 0.9, random.Random(0), balance="flawed_tag")
-    assert len(drawn) == 200 and not any(p.correct for p in drawn)
-    tags = Counter(p.prompt.metadata["tag"] for p in drawn)
-    assert abs(tags["counting"] / 200 - 0.5) < 0.12  # one of its 3 flawed parents, yet half the draws
-    assert ParentBuffer(4).sample(5, 0.5, random.Random(0), balance="flawed_tag") == []

@@ -91,30 +91,7 @@ class ParentBuffer:
         parent of that tag: within every tag the critic sees ``correct_fraction`` correct parents, so the
         prompt's tag no longer tells the verdict (from the pools, easy tags give mostly correct images and hard
         tags mostly flawed ones, and a critic can score by reading the prompt alone).  Without any such tag it
-        falls back to ``"pool"``.
-
-        ``balance="flawed_tag"`` draws correct parents from the whole pool, but a flawed parent from a tag drawn
-        uniformly among the tags that have flawed parents.  As the generator learns, the flaws it still makes
-        concentrate in a few hard tags (wrong colours) and the kinds refinement can fix (a missing object, a
-        wrong place) drop out of the flawed pool; the critic then learns to stop on those tags and refinement
-        stops paying.  Spreading the flawed parents over tags keeps every kind of flaw in practice, while the
-        correct parents keep the pool's mix."""
-        if balance == "flawed_tag":
-            flawed_by_tag: dict[str, list[_Stored]] = {}
-            for s in self.flawed:
-                flawed_by_tag.setdefault(s.prompt.tag, []).append(s)
-            flawed_tags = sorted(flawed_by_tag)
-            out = []
-            for _ in range(n):
-                want_correct = rng.random() < correct_fraction
-                if (want_correct and self.correct) or not self.flawed:
-                    if not self.correct:
-                        break
-                    pool_: Any = self.correct
-                else:
-                    pool_ = flawed_by_tag[flawed_tags[rng.randrange(len(flawed_tags))]]
-                out.append(self._entry(pool_[rng.randrange(len(pool_))]))
-            return out
+        falls back to ``"pool"``."""
         if balance == "tag":
             by_tag: dict[str, tuple[list[_Stored], list[_Stored]]] = {}
             for pool, kind in ((self.correct, 0), (self.flawed, 1)):
