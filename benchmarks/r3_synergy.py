@@ -23,6 +23,10 @@ run alone.
 
 A run directory that already holds a ``summary.json`` is read, not run again (``--fresh`` to redo); its figures
 are computed again from its ``eval/before.json`` and ``eval/after.json``.
+
+Runs at once never ask for more torch threads than ``--cores`` (default: the machine's): a 2-thread run waits
+until two cores are free.  Two 2-thread runs on 2 cores took about 8x as long each as one alone (OpenMP threads
+that outnumber the cores spin against each other; measured 2026-12-04), so ``--parallel`` alone is not enough.
 """
 from __future__ import annotations
 
@@ -32,8 +36,10 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +52,30 @@ FIGURES = ("first_image_gain", "refinement_after", "verdict_gain")
 EXTRA = ("within_tag_verdict_gain", "reference_verdict_gain", "yes_no_gain", "stop_rate_after")
 
 
-def run_one(recipe: str, out: Path, seed: int, threads: int, sets: list[str], fresh: bool) -> tuple[dict, float]:
+class CoreBudget:
+    """The cores runs may share: ``hold(n)`` waits until ``n`` are free (``n`` capped at the total, so a run
+    asking for more than the machine has still runs, alone)."""
+
+    def __init__(self, cores: int) -> None:
+        self.total = self.free = max(1, cores)
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, n: int):
+        n = min(max(1, n), self.total)
+        with self._cond:
+            self._cond.wait_for(lambda: self.free >= n)
+            self.free -= n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.free += n
+                self._cond.notify_all()
+
+
+def run_one(recipe: str, out: Path, seed: int, threads: int, sets: list[str], fresh: bool,
+            cores: CoreBudget | None = None) -> tuple[dict, float]:
     """Train one configuration (or read its finished run); returns (synergy figures, wall seconds)."""
     run_dir = out / f"seed{seed}-threads{threads}"
     summary = run_dir / "summary.json"
@@ -58,10 +87,11 @@ def run_one(recipe: str, out: Path, seed: int, threads: int, sets: list[str], fr
            "--set", f"seed={seed}", "--set", f"threads={threads}", "--set", "log.console=false"]
     for s in sets:
         cmd += ["--set", s]
-    t0 = time.time()
-    with open(out / f"seed{seed}-threads{threads}.log", "w") as log:
-        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    wall = time.time() - t0
+    with (cores or CoreBudget(threads)).hold(threads):
+        t0 = time.time()
+        with open(out / f"seed{seed}-threads{threads}.log", "w") as log:
+            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        wall = time.time() - t0
     if rc != 0:
         raise SystemExit(f"run seed={seed} threads={threads} failed (exit {rc}); see {log.name}")
     data = json.loads(summary.read_text())
@@ -108,6 +138,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--parallel", type=int, default=2, help="runs at once (each uses its own thread count)")
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1,
+                    help="torch threads all runs at once may use together (default: this machine's cores)")
     ap.add_argument("--out", default=str(REPO / "runs" / "synergy"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override for every run")
     ap.add_argument("--fresh", action="store_true", help="rerun configurations that already have a summary")
@@ -115,8 +147,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     configs = [(s, t) for s in args.seeds for t in args.threads]
+    cores = CoreBudget(args.cores)
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        results = list(pool.map(lambda c: run_one(args.recipe, out, c[0], c[1], args.set, args.fresh), configs))
+        results = list(pool.map(lambda c: run_one(args.recipe, out, c[0], c[1], args.set, args.fresh, cores),
+                                configs))
 
     def pts(x: float, goal: float | None = None) -> str:
         if not math.isfinite(x):
