@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def run_one(recipe: str, out: Path, seed: int, threads: int, sets: list[str], fr
            "--set", f"seed={seed}", "--set", f"threads={threads}", "--set", "log.console=false"]
     for s in sets:
         cmd += ["--set", s]
-    with (cores or CoreBudget(threads)).hold(threads):
+    with cores.hold(threads) if cores is not None else nullcontext():
         t0 = time.time()
         with open(out / f"seed{seed}-threads{threads}.log", "w") as log:
             rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
