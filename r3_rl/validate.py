@@ -161,10 +161,10 @@ def check_rewards(recipe: Any, source: str) -> None:
     """Names resolve and options match each reward's signature (constructs them; models load in ``setup``)."""
     from r3_rl.rewards.reward_set import RewardSet
 
-    for key in ("task", "eval"):
-        specs = [s.model_dump() for s in getattr(recipe.rewards, key)]
+    for key, specs in (("task", recipe.rewards.task), ("eval", recipe.rewards.eval),
+                       ("reflect.extra", recipe.rewards.reflect.extra)):
         try:
-            RewardSet.from_specs(specs)
+            RewardSet.from_specs([s.model_dump() for s in specs])
         except UserError as e:
             raise UserError(f"{source}: rewards.{key}: {e}") from None
 

@@ -250,3 +250,23 @@ def test_critic_probe_counts_each_flaw_kind_and_reads_the_critics_verdict() -> N
     rates = mod.stop_rates(critic, counting, 50, split="heldout")  # the eval's prompts, none of training's
     assert critic.seen == held and not held & {counting.train_prompt(k).prompt for k in range(200)}
     assert sum(total for (lay, _), (total, _) in rates.items() if lay == "random") == 50
+
+
+@pytest.mark.parametrize("extra, says", [
+    ("[{name: verdict_consistency, options: {correct_treshold: 0.5}}]",
+     "unknown option 'correct_treshold' (did you mean 'correct_threshold'?)"),
+    ("[{name: verdict_consistency, options: {task: geneval}}]", "option task must be {name: <reward>"),
+    ("[{name: verdict_consistancy}]", "did you mean 'verdict_consistency'?"),
+])
+def test_a_bad_reflect_extra_is_a_recipe_error_before_any_work(extra: str, says: str) -> None:
+    """rewards.reflect.extra is checked with the task and eval rewards, before the warm start (it once was not:
+    a misspelt option surfaced only when the first critique was scored, minutes in)."""
+    from pathlib import Path
+
+    from r3_rl.validate import validate_recipe
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "tiny_blocks.yaml"
+    recipe = load_recipe(path, [f"rewards.reflect.extra={extra}"])
+    with pytest.raises(UserError, match=r"tiny_blocks.yaml: rewards.reflect.extra: ") as err:
+        validate_recipe(recipe, path)
+    assert says in str(err.value) and "\n" not in str(err.value)
