@@ -32,8 +32,6 @@ BUILTINS: dict[str, tuple[str, str]] = {
     "geneval": ("r3_rl.rewards.geneval:GenevalReward", "GenEval rules on Mask2Former / OWLv2 detections + CLIP colours"),
     "self_consistency": ("r3_rl.rewards.self_consistency:SelfConsistencyReward",
                          "the policy answers yes/no questions about its own image; agreement with the expected answers"),
-    "blocks_instruction": ("r3_rl.rewards.blocks_instruction:BlocksInstructionReward",
-                           "Blocks world, on critiques: the score its edit instruction, carried out exactly, would add"),
     "verdict_consistency": ("r3_rl.rewards.self_consistency:VerdictConsistencyReward",
                             "1 when the reflect verdict (stop / edit) agrees with the task reward of the critiqued image"),
     "vlm_judge": ("r3_rl.rewards.vlm_judge:VlmJudgeReward",
