@@ -1,4 +1,4 @@
-"""Whether a tiny Blocks policy binds a colour to a shape: the refiner carrying out a recolour, the critic asking for one.
+"""Whether a tiny Blocks policy binds a colour to a shape: its refiner carrying out a recolour, its critic naming it.
 
 Teacher-forced, in seconds, on a saved tiny policy (a run's ``warmstart/`` or ``final/``): for every single-colour
 prompt "a photo of a C S" of a split and every other colour W, an image holding one W S (top-left cell),
@@ -10,7 +10,7 @@ prompt "a photo of a C S" of a split and every other colour W, an image holding 
 
 Why: refinement after RL in the demo misses on seeds whose warm start never learnt to bind colours (README: R3
 synergy, session 26).  The same recipe draws warm starts that carry out recolours with probability 0.94 and
-ones that do 0.17, and RL does not change it much; the per-tag eval only shows it after a full run.
+ones that do 0.19 (training prompts), and RL does not change it much; the per-tag eval shows it only after a full run.
 
     python benchmarks/colour_binding.py RUN/warmstart RUN/final [MORE_FOLDERS] [--recipe recipes/tiny_blocks.yaml]
 """

@@ -33,7 +33,8 @@ def tiny() -> TinyUnifiedPolicy:
                                    num_heads=2, intermediate_size=64, max_positions=128, seed=1)
 
 
-def refine_example(policy: TinyUnifiedPolicy, prompt: str, shape: str, want: str, drawn: str) -> tuple[list[int], list[int]]:
+def refine_example(policy: TinyUnifiedPolicy, prompt: str, shape: str, want: str,
+                   drawn: str) -> tuple[list[int], list[int]]:
     grid = np.zeros(16, dtype=np.int64)
     grid[0] = token_of(shape, drawn)
     words = policy.image_words(ImageInput(image=np.zeros(0), image_tokens=grid.tolist()))
