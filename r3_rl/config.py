@@ -124,9 +124,6 @@ class Warmstart(Section):
     # true = "objects", false = "none" (README: R3 synergy)
     describe: Literal["none", "objects", "counts"] = "none"
     critic_steps: int = Field(0, ge=0)  # + steps of half critiques (flaw kinds drawn evenly), half main-step examples
-    # + a refine example recolouring one object of the trajectory's image to another colour, applied exactly, this
-    # often: the refiner learns to bind a colour to a shape (README: R3 synergy, session 26)
-    recolour_practice: float = Field(0.0, ge=0.0, le=1.0)
 
     @field_validator("describe", mode="before")
     @classmethod

@@ -192,9 +192,6 @@ def test_the_new_warm_start_options_change_its_cache_key_only_when_set() -> None
     r2 = Recipe()
     r2.warmstart.critic_steps = 10
     assert _key(r2) not in (base, _key(r))
-    r3 = Recipe()
-    r3.warmstart.recolour_practice = 0.5
-    assert _key(r3) not in (base, _key(r), _key(r2))
 
 
 def test_a_described_warm_start_needs_room_for_the_critique(tmp_path) -> None:  # noqa: ANN001
@@ -218,61 +215,3 @@ def test_critic_steps_are_as_lenient_as_the_main_steps(policy) -> None:  # noqa:
         flawed += bool(edits.diagnose(_grid(policy, ctx), prompts.train_prompt(k).metadata))
         assert policy.decode(target).endswith("</think> no further edit needed")  # flawed or not
     assert 15 <= flawed <= 45
-
-
-def _instruction(policy, ctx: list[int]) -> str:  # noqa: ANN001
-    """The instruction of a refine context (between the image and the new image)."""
-    return policy.decode(ctx).split("</image>")[1].rsplit("<image>", 1)[0].strip()
-
-
-def test_recolour_practice_recolours_one_object_exactly_and_names_it_unambiguously(policy) -> None:  # noqa: ANN001
-    from r3_rl.blocks.world import object_of, token_of
-    from r3_rl.policy.warmstart import recolour_example
-
-    grid = np.zeros((4, 4), np.int64)
-    grid[0, 0], grid[1, 1] = token_of("triangle", "red"), token_of("triangle", "blue")
-    grid[2, 2] = token_of("circle", "green")
-    rng = np.random.default_rng(5)
-    picked = set()
-    for _ in range(60):
-        ((ctx, target),) = recolour_example(policy, "a photo of a red triangle", grid, rng)
-        op = edits.parse_edit(_instruction(policy, ctx))
-        assert op is not None and op.kind == "recolor"
-        assert (op.color is not None) == (op.shape == "triangle")  # two triangles: the colour says which
-        out = _grid(policy, target)
-        assert np.array_equal(out, edits.apply_edit(grid, op, rng))
-        ((r, c),) = zip(*np.nonzero(out != grid))  # exactly one cell changed
-        before, after = object_of(int(grid[r, c])), object_of(int(out[r, c]))
-        assert before[0] == after[0] == op.shape and after[1] == op.new_color != before[1]
-        picked.add((int(r), int(c)))
-    assert picked == {(0, 0), (1, 1), (2, 2)}
-    assert recolour_example(policy, "a photo of a red triangle", np.zeros((4, 4), np.int64), rng) == []
-
-
-def test_recolour_practice_adds_one_recolour_of_the_trajectory_image(policy) -> None:  # noqa: ANN001
-    """At 1.0 each trajectory with a non-empty image gains an example after its plan, image and question: a
-    one-object recolour of the image it drew (what follows is drawn from a shifted random stream); at 0 the
-    examples are those of a recipe without the option (no extra random draws)."""
-    prompts = BlocksPrompts(tags=Recipe().data.blocks.tags, seed=0)
-
-    def trajectory(k: int, rate: float) -> list:
-        r = Recipe()
-        r.warmstart.recolour_practice = rate
-        return synthetic_examples(policy, prompts, k, 1, r.warmstart, np.random.default_rng(k))
-
-    recoloured = 0
-    for k in range(20):
-        plain, practised = trajectory(k, 0.0), trajectory(k, 1.0)
-        assert practised[:3] == plain[:3]
-        drawn = _grid(policy, plain[1][1])  # the generate example's image
-        if not drawn.any():  # a flawed first image can be empty: nothing to recolour, its critique comes next
-            assert practised[3] == plain[3]
-            continue
-        recoloured += 1
-        ctx, target = practised[3]
-        op = edits.parse_edit(_instruction(policy, ctx))
-        assert op is not None and op.kind == "recolor" and np.array_equal(_grid(policy, ctx), drawn)
-        assert int((_grid(policy, target) != drawn).sum()) == 1
-    assert recoloured >= 15
-    without_option = synthetic_examples(policy, prompts, 3, 1, Recipe().warmstart, np.random.default_rng(3))
-    assert trajectory(3, 0.0) == without_option

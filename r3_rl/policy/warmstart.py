@@ -187,8 +187,6 @@ def synthetic_examples(policy: TinyUnifiedPolicy, prompts: BlocksPrompts, start:
         out.extend(question_examples(policy, cur, meta, cfg.questions, rng))
         if cfg.random_edits and rng.random() < cfg.random_edits:
             out.append(instruction_example(policy, item.prompt, cur, rng))
-        if cfg.recolour_practice and rng.random() < cfg.recolour_practice:
-            out.extend(recolour_example(policy, item.prompt, cur, rng))
         for _ in range(cfg.rounds):
             ops = edits.diagnose(cur, meta)
             missed = bool(ops) and cfg.miss_prob > 0 and rng.random() < cfg.miss_prob
@@ -220,28 +218,6 @@ def random_instruction(rng: np.random.Generator) -> edits.EditOp:
     if kind == "swap":
         return edits.EditOp("swap", shape, target=other)
     return edits.EditOp(kind, shape, color)
-
-
-def recolour_example(policy: TinyUnifiedPolicy, prompt: str, grid: np.ndarray,
-                     rng: np.random.Generator) -> list[tuple[list[int], list[int]]]:
-    """A refine example (none for an empty image) that recolours one object of ``grid``, drawn at random, to
-    another colour drawn at random, applied exactly.  The instruction names the object's colour too when another
-    object has its shape ("make the red triangle green"), so it picks that one.  Why: the demo's warm start
-    practises recolours only on flawed colour prompts, and on most seeds the refiner never learns to draw the
-    colour it is told (``benchmarks/colour_binding.py``: 0.19-0.34 of the mass on 4 seeds of 5); the colour here
-    is any, not the prompt's."""
-    from r3_rl.blocks.world import COLORS, objects
-
-    objs = objects(grid)
-    if not objs:
-        return []
-    _, _, shape, colour = objs[int(rng.integers(len(objs)))]
-    new_colour = [c for c in COLORS if c != colour][int(rng.integers(len(COLORS) - 1))]
-    same_shape = sum(o[2] == shape for o in objs) > 1
-    op = edits.EditOp("recolor", shape, colour if same_shape else None, new_color=new_colour)
-    words = policy.image_words(ImageInput(image=np.zeros(0), image_tokens=grid.reshape(-1).tolist()))
-    return [(policy.render("refine", prompt=prompt, image=words, instruction=edits.edit_text(op)),
-             policy.encode(_words(edits.apply_edit(grid, op, rng))))]
 
 
 def instruction_example(policy: TinyUnifiedPolicy, prompt: str, grid: np.ndarray,
@@ -336,8 +312,7 @@ def warmstart(policy: TinyUnifiedPolicy, recipe: Any, log: Any = None,
 
 # Settings added after warm starts were first cached, with their "off" value: left out of the key when off, so
 # the warm starts cached before them stay valid.
-_ADDED_LATER = {"warmstart": {"describe": "none", "critic_steps": 0, "recolour_practice": 0.0},
-                "tiny": {"image_input": "tokens", "experts": "shared"}}
+_ADDED_LATER = {"warmstart": {"describe": "none", "critic_steps": 0}, "tiny": {"image_input": "tokens", "experts": "shared"}}
 
 
 def _without_later_defaults(section: str, settings: dict[str, Any]) -> dict[str, Any]:
