@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from r3_rl.blocks.prompts import prompt_pool  # noqa: E402
 from r3_rl.blocks.world import COLORS, token_of  # noqa: E402
 from r3_rl.config import load_recipe  # noqa: E402
+from r3_rl.errors import EXIT_USAGE, UserError  # noqa: E402
 from r3_rl.policy.base import ImageInput  # noqa: E402
 from r3_rl.policy.tiny import TinyUnifiedPolicy  # noqa: E402
 from r3_rl.policy.tiny_tokenizer import image_token  # noqa: E402
@@ -69,15 +70,19 @@ def binding(policy: TinyUnifiedPolicy, split: str) -> dict[str, float]:
             "critic_prompt_colour": float(a[:, 2].mean()), "critic_argmax": float(a[:, 3].mean())}
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folders", nargs="+", type=Path, help="save_pretrained folders of tiny policies")
     ap.add_argument("--recipe", default="recipes/tiny_blocks.yaml", help="templates from here")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    recipe = load_recipe(args.recipe)
-    for folder in args.folders:
-        policy = TinyUnifiedPolicy.from_pretrained(str(folder), recipe.templates.model_dump())
+    try:  # every folder loaded before any is measured: a bad one is one line and exit 2, as in `r3-rl`
+        recipe = load_recipe(args.recipe)
+        policies = [TinyUnifiedPolicy.from_pretrained(str(f), recipe.templates.model_dump()) for f in args.folders]
+    except UserError as e:
+        print(f"colour_binding: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    for folder, policy in zip(args.folders, policies):
         print(folder)
         for split in ("train", "heldout"):
             b = binding(policy, split)
@@ -87,4 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -74,3 +74,17 @@ def test_a_refiner_taught_to_recolour_scores_near_one_and_an_untrained_one_near_
         opt.step()
     after = bench.binding(policy, "train")["refiner_asked"]
     assert before < 0.05 and after > 0.9
+
+
+def test_a_folder_that_is_no_saved_policy_is_one_line_and_exit_2_before_any_is_measured(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    good = tmp_path / "good"
+    tiny().save_pretrained(str(good))
+    res = subprocess.run([sys.executable, str(SCRIPT), str(good), str(tmp_path / "missing")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stdout == ""  # the good folder was not measured first
+    last = res.stderr.strip().splitlines()[-1]  # above it only transformers' loading bar of the good folder
+    assert "Traceback" not in res.stderr and last.startswith("colour_binding: error: ")
+    assert "missing" in last and "no config.json" in last
