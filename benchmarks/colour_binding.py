@@ -89,6 +89,7 @@ def main() -> int:
             print(f"  {split:8s} cases {int(b['cases']):3d}  refiner: asked {b['refiner_asked']:.3f} unchanged "
                   f"{b['refiner_unchanged']:.3f}  critic: asks prompt colour {b['critic_prompt_colour']:.3f} "
                   f"argmax {b['critic_argmax']:.2f}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from r3_rl.blocks import edits  # noqa: E402
 from r3_rl.blocks.prompts import TAGS  # noqa: E402
 from r3_rl.config import load_recipe  # noqa: E402
 from r3_rl.data import BlocksPrompts  # noqa: E402
+from r3_rl.errors import EXIT_USAGE, UserError  # noqa: E402
 from r3_rl.policy.base import ImageInput, parse_critique  # noqa: E402
 from r3_rl.policy.tiny import TinyUnifiedPolicy  # noqa: E402
 from r3_rl.policy.warmstart import canonical_grid  # noqa: E402
@@ -62,7 +63,7 @@ def stop_rates(policy: TinyUnifiedPolicy, prompts: BlocksPrompts, n: int, seed: 
     return {key: (total, stops / total) for key, (total, stops) in sorted(counts.items())}
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folders", nargs="+", type=Path, help="save_pretrained folders of tiny policies")
     ap.add_argument("--n", type=int, default=600, help="images per layout")
@@ -71,15 +72,20 @@ def main() -> None:
     ap.add_argument("--tags", nargs="+", choices=TAGS, help="only these prompt tags (default: the recipe's mix)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    recipe = load_recipe(args.recipe)
-    for folder in args.folders:
-        policy = TinyUnifiedPolicy.from_pretrained(str(folder), recipe.templates.model_dump())
+    try:  # every folder loaded before any is probed: a bad one is one line and exit 2, as in `r3-rl`
+        recipe = load_recipe(args.recipe)
+        policies = [TinyUnifiedPolicy.from_pretrained(str(f), recipe.templates.model_dump()) for f in args.folders]
+    except UserError as e:
+        print(f"critic_probe: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    for folder, policy in zip(args.folders, policies):
         tags = {t: 1.0 for t in args.tags} if args.tags else recipe.data.blocks.tags
         prompts = BlocksPrompts(tags=tags, seed=777)  # not the warm start's stream
         print(f"{folder} ({args.split} prompts)")
         for (layout, kind), (total, rate) in stop_rates(policy, prompts, args.n, split=args.split).items():
             print(f"  {layout:9s} {kind:8s} images {total:4d}  stop {rate:.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -270,3 +270,16 @@ def test_a_bad_reflect_extra_is_a_recipe_error_before_any_work(extra: str, says:
     with pytest.raises(UserError, match=r"tiny_blocks.yaml: rewards.reflect.extra: ") as err:
         validate_recipe(recipe, path)
     assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_critic_probe_names_a_folder_that_is_no_saved_policy_in_one_line_and_exits_2(tmp_path) -> None:  # noqa: ANN001
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "critic_probe.py"
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "missing")], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2 and res.stdout == "" and "Traceback" not in res.stderr
+    assert res.stderr.strip().startswith("critic_probe: error: ") and "no config.json" in res.stderr
+    assert res.stderr.strip().count("\n") == 0
