@@ -107,6 +107,33 @@ def within_tag_balanced_accuracy(per_tag: dict[str, dict[str, Any]]) -> float:
     return sum(both) / len(both) if both else float("nan")
 
 
+def balanced_accuracy_on_mix(rates: dict[str, dict[str, Any]], counts: dict[str, dict[str, Any]]) -> float:
+    """The pooled verdict balanced accuracy a critic with per-tag ``rates`` (``stop_on_correct``,
+    ``edit_on_flawed``) would score on images in the per-tag numbers of ``counts`` (``correct_images``,
+    ``flawed_images``); both are a :func:`verdict_report`'s ``per_tag``.
+
+    Why: the pooled figure moves when the generator changes which tags its flaws fall in, even if the critic
+    reads no better or worse.  The before-RL critic's rates on the after-RL images' counts is what the flaw mix
+    alone does to the pooled figure (README: R3 synergy, session 28; ``benchmarks/verdict_mix.py``).  With a
+    report's own rates and counts it is that report's pooled balanced accuracy.  NaN when ``counts`` has images
+    of a kind in a tag whose rate for that kind ``rates`` lacks, or no images of one kind at all."""
+    totals = {"correct": 0.0, "flawed": 0.0}
+    hits = {"correct": 0.0, "flawed": 0.0}
+    for tag, c in counts.items():
+        for kind, rate_key in (("correct", "stop_on_correct"), ("flawed", "edit_on_flawed")):
+            n = c.get(f"{kind}_images") or 0
+            if not n:
+                continue
+            rate = rates.get(tag, {}).get(rate_key)
+            if rate is None or rate != rate:  # missing or NaN: that tag's critic never judged such an image
+                return float("nan")
+            totals[kind] += n
+            hits[kind] += n * rate
+    if not totals["correct"] or not totals["flawed"]:
+        return float("nan")
+    return (hits["correct"] / totals["correct"] + hits["flawed"] / totals["flawed"]) / 2
+
+
 def within_tags(block: dict[str, Any]) -> float:
     """A verdict block's within-tag figure; a report written before the figure existed gets it from its
     per-tag summaries."""
