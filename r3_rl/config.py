@@ -138,7 +138,7 @@ class Tree(Section):
     prompts_per_step: int = Field(8, ge=1)  # stage A groups (reason -> generate) per step
     refine_groups_per_step: int = Field(8, ge=0)  # stage B/C groups (reflect -> refine) per step
     correct_parent_fraction: float = Field(0.15, ge=0.0, le=1.0)
-    parent_balance: Literal["pool", "tag"] = "pool"  # "tag": correct_parent_fraction within every prompt tag
+    parent_balance: Literal["pool", "tag", "prompt"] = "pool"  # "tag" / "prompt": correct_parent_fraction within every tag / prompt
     buffer_size: int = Field(512, ge=1)
     max_round: int = Field(3, ge=1)  # refine-stage parents come from rounds < max_round
 

@@ -77,3 +77,41 @@ def test_tag_balance_falls_back_to_the_pools_without_a_tag_holding_both_kinds() 
     b = [p.source for p in only_correct.sample(5, 0.5, random.Random(7), balance="tag")]
     c = [p.source for p in only_correct.sample(5, 0.5, random.Random(7), balance="pool")]
     assert b == c and len(b) == 5 and len(a) == 50
+
+
+def _prompt_skewed_buffer() -> ParentBuffer:
+    """One tag, two prompts: "four squares" drawn right 4 times in 64, "two squares" 60 times in 64; and a
+    prompt only ever drawn wrong.  Balanced per tag the prompt still tells the verdict."""
+    buf = ParentBuffer(512)
+    i = 0
+    for text, n_correct, n_flawed in (("four squares", 4, 60), ("two squares", 60, 4), ("three circles", 0, 20)):
+        for correct, n in ((True, n_correct), (False, n_flawed)):
+            for _ in range(n):
+                buf.add(BufferEntry(prompt=PromptItem(id=f"p{i}", prompt=text, metadata={"tag": "counting"}),
+                                    image=np.zeros((2, 2, 3), dtype=np.uint8), image_tokens=None,
+                                    reward=float(correct), correct=correct, round=0, source=f"t{i}/g0"))
+                i += 1
+    return buf
+
+
+def test_prompt_balance_gives_every_prompt_the_correct_fraction() -> None:
+    n = 4000
+    by_prompt = lambda ps: (Counter(p.prompt.prompt for p in ps),  # noqa: E731
+                            Counter(p.prompt.prompt for p in ps if p.correct))
+    seen, correct = by_prompt(_prompt_skewed_buffer().sample(n, 0.5, random.Random(0), balance="prompt"))
+    assert set(seen) == {"four squares", "two squares"}, "a prompt without both kinds cannot be balanced: left out"
+    for text in seen:
+        assert abs(seen[text] / n - 0.5) < 0.03  # prompts drawn uniformly
+        assert abs(correct[text] / seen[text] - 0.5) < 0.04  # within the prompt, half correct
+    # balanced per tag, the same buffer still lets the prompt tell the verdict
+    seen, correct = by_prompt(_prompt_skewed_buffer().sample(n, 0.5, random.Random(0), balance="tag"))
+    assert correct["four squares"] / seen["four squares"] < 0.2 and correct["two squares"] / seen["two squares"] > 0.8
+
+
+def test_prompt_balance_falls_back_to_the_pools_without_a_prompt_holding_both_kinds() -> None:
+    buf = ParentBuffer(64)
+    for i in range(6):
+        buf.add(_entry(i, "counting", correct=i < 3))  # every prompt text differs: none holds both kinds
+    a = [p.source for p in buf.sample(20, 0.5, random.Random(3), balance="prompt")]
+    b = [p.source for p in buf.sample(20, 0.5, random.Random(3), balance="pool")]
+    assert a == b and len(a) == 20

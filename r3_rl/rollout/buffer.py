@@ -90,18 +90,20 @@ class ParentBuffer:
         tag (``metadata["tag"]``) uniformly among the tags that have both correct and flawed parents, then a
         parent of that tag: within every tag the critic sees ``correct_fraction`` correct parents, so the
         prompt's tag no longer tells the verdict (from the pools, easy tags give mostly correct images and hard
-        tags mostly flawed ones, and a critic can score by reading the prompt alone).  Without any such tag it
-        falls back to ``"pool"``."""
-        if balance == "tag":
-            by_tag: dict[str, tuple[list[_Stored], list[_Stored]]] = {}
+        tags mostly flawed ones, and a critic can score by reading the prompt alone).  ``balance="prompt"`` does
+        the same per prompt text: within a tag, prompts still differ in how often they are drawn right, and a
+        small critic learns a verdict per prompt (README: R3 synergy, session 28).  Without any such tag or
+        prompt it falls back to ``"pool"``."""
+        if balance in ("tag", "prompt"):
+            groups: dict[str, tuple[list[_Stored], list[_Stored]]] = {}
             for pool, kind in ((self.correct, 0), (self.flawed, 1)):
                 for s in pool:
-                    by_tag.setdefault(s.prompt.tag, ([], []))[kind].append(s)
-            tags = sorted(t for t, (c, f) in by_tag.items() if c and f)
-            if tags:
+                    groups.setdefault(s.prompt.tag if balance == "tag" else s.prompt.prompt, ([], []))[kind].append(s)
+            keys = sorted(k for k, (c, f) in groups.items() if c and f)
+            if keys:
                 out = []
                 for _ in range(n):
-                    correct, flawed = by_tag[tags[rng.randrange(len(tags))]]
+                    correct, flawed = groups[keys[rng.randrange(len(keys))]]
                     pool_ = correct if rng.random() < correct_fraction else flawed
                     out.append(self._entry(pool_[rng.randrange(len(pool_))]))
                 return out
