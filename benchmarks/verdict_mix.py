@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -33,13 +34,16 @@ def verdict_blocks(run: Path) -> tuple[dict, dict]:
     out = []
     for name in ("before", "after"):
         path = run / "eval" / f"{name}.json"
+        what = f"{path}: not an eval report with understanding.verdict.overall.balanced_accuracy and .per_tag"
         try:
             block = json.loads(path.read_text())["understanding"]["verdict"]
-            block["overall"]["balanced_accuracy"], block["per_tag"]  # noqa: B018 -- both must be there
         except FileNotFoundError:
             raise ValueError(f"{path}: no such file (a run dir of `r3-rl train` with its before/after evals)")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not an eval report with understanding.verdict.overall and per_tag ({e!r})")
+            raise ValueError(f"{what} ({e!r})")
+        overall = block.get("overall") if isinstance(block, dict) else None
+        if not isinstance(overall, dict) or "balanced_accuracy" not in overall or not isinstance(block.get("per_tag"), dict):
+            raise ValueError(what)
         out.append(block)
     return out[0], out[1]
 
@@ -52,10 +56,10 @@ def decomposition(before: dict, after: dict) -> dict[str, float]:
             "critic_only": balanced_accuracy_on_mix(after["per_tag"], before["per_tag"])}
 
 
-def _change(d: dict[str, float], key: str) -> str:
-    if d[key] != d[key]:  # NaN: one eval has images of a kind in a tag the other's critic never judged
+def _against_before(d: dict[str, float], key: str) -> str:
+    if math.isnan(d[key]):  # one eval has images of a kind in a tag the other's critic never judged
         return "n/a (a tag's critic never judged such an image)"
-    return f"{d[key]:.3f} ({100 * (d[key] - d['before']):+.1f})" if key != "after" else f"{100 * (d[key] - d['before']):+.1f}"
+    return f"{d[key]:.3f} ({100 * (d[key] - d['before']):+.1f})"
 
 
 def main() -> int:
@@ -69,9 +73,10 @@ def main() -> int:
         return EXIT_USAGE
     for run, (before, after) in zip(args.runs, blocks):
         d = decomposition(before, after)
-        print(f"{run}: pooled verdict {d['before']:.3f} -> {d['after']:.3f} ({_change(d, 'after')} points); "
-              f"before-RL critic on after-RL images {_change(d, 'mix_only')}; "
-              f"after-RL critic on before-RL images {_change(d, 'critic_only')}")
+        print(f"{run}: pooled verdict {d['before']:.3f} -> {d['after']:.3f} "
+              f"({100 * (d['after'] - d['before']):+.1f} points); "
+              f"before-RL critic on after-RL images {_against_before(d, 'mix_only')}; "
+              f"after-RL critic on before-RL images {_against_before(d, 'critic_only')}")
     return 0
 
 
