@@ -78,6 +78,13 @@ def test_scalars_every_step(run: Path) -> None:
     for tag in ("1_reward/refine", "2_accuracy/round1", "6_refine/stop_rate", "6_refine/improved",
                 "3_understanding/edit_on_flawed"):
         assert tag in scalars and acc.Scalars(tag)[-1].step == STEPS - 1, tag
+    # what a parent's tag / prompt / round alone tells the verdict on each step's draw, in the JSONL at every step
+    # (NaN, so not in TensorBoard, while no key holds both correct and flawed parents: here an untrained
+    # generator draws no correct image; the figures themselves: tests/test_parent_mix.py)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for feature in ("tag", "prompt", "round"):
+        values = [r[f"3_understanding/shortcut_{feature}"] for r in rows if "step" in r and "time/rollout_s" in r]
+        assert len(values) == STEPS and all(v != v or 0.5 <= v <= 1.0 for v in values), feature
     learner = [t for t in scalars if t.startswith("learner/")]
     assert "learner/grad_norm" in learner and "learner/loss" in learner
 

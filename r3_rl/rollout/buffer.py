@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from r3_rl.rollout.parent_mix import SHORTCUT_FEATURES, parent_feature, shortcut_balanced_accuracy
 from r3_rl.trajectory import PromptItem
 
 FORMAT = "1"
@@ -94,19 +95,14 @@ class ParentBuffer:
         the same per prompt text: within a tag, prompts still differ in how often they are drawn right, and a
         small critic learns a verdict per prompt (README: R3 synergy, session 28).  Without any such tag or
         prompt it falls back to ``"pool"``."""
-        if balance in ("tag", "prompt"):
-            groups: dict[str, tuple[list[_Stored], list[_Stored]]] = {}
-            for pool, kind in ((self.correct, 0), (self.flawed, 1)):
-                for s in pool:
-                    groups.setdefault(s.prompt.tag if balance == "tag" else s.prompt.prompt, ([], []))[kind].append(s)
-            keys = sorted(k for k, (c, f) in groups.items() if c and f)
-            if keys:
-                out = []
-                for _ in range(n):
-                    correct, flawed = groups[keys[rng.randrange(len(keys))]]
-                    pool_ = correct if rng.random() < correct_fraction else flawed
-                    out.append(self._entry(pool_[rng.randrange(len(pool_))]))
-                return out
+        groups = self._balanced_groups(balance)
+        if groups:
+            out = []
+            for _ in range(n):
+                correct, flawed = groups[rng.randrange(len(groups))]
+                pool_ = correct if rng.random() < correct_fraction else flawed
+                out.append(self._entry(pool_[rng.randrange(len(pool_))]))
+            return out
         out = []
         for _ in range(n):
             want_correct = rng.random() < correct_fraction
@@ -115,6 +111,26 @@ class ParentBuffer:
                 break
             out.append(self._entry(pool[rng.randrange(len(pool))]))
         return out
+
+    def _balanced_groups(self, balance: str) -> list[tuple[list[_Stored], list[_Stored]]]:
+        """The (correct, flawed) parents of each ``balance`` key ("tag" or "prompt") holding both kinds, in key
+        order; none for ``"pool"`` or where no key holds both."""
+        if balance == "pool":
+            return []
+        groups: dict[str, tuple[list[_Stored], list[_Stored]]] = {}
+        for pool, kind in ((self.correct, 0), (self.flawed, 1)):
+            for s in pool:
+                groups.setdefault(str(parent_feature(s, balance)), ([], []))[kind].append(s)
+        return [groups[k] for k in sorted(groups) if groups[k][0] and groups[k][1]]
+
+    def shortcut_accuracy(self, balance: str = "pool") -> dict[str, float]:
+        """Per feature of :data:`SHORTCUT_FEATURES`, the balanced accuracy of a verdict read off that feature
+        alone, on the parents ``sample(..., balance=balance)`` draws now (:func:`shortcut_balanced_accuracy`):
+        0.5 where the feature tells nothing, 1.0 where it tells the verdict outright.  A critic whose training
+        verdict rises towards such a figure may be reading the prompt or the round instead of the image."""
+        groups = self._balanced_groups(balance) or [(list(self.correct), list(self.flawed))]
+        return {f: shortcut_balanced_accuracy([([parent_feature(s, f) for s in c], [parent_feature(s, f) for s in w])
+                                               for c, w in groups]) for f in SHORTCUT_FEATURES}
 
     def _entry(self, s: _Stored) -> BufferEntry:
         tokens = s.tokens.tolist() if s.tokens is not None else None

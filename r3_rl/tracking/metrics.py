@@ -10,7 +10,9 @@ so the groups a reader looks at first carry a numeric prefix:
 * ``2_accuracy/round<r>``: share of correct images per round (round 0: first images, r >= 1: the image
   standing after a refine round, a "no further edit" copy included)
 * ``3_understanding/``: the critic's verdicts on this step's refine-stage parents, against the task
-  reward's verdict on the parent (``verdict_balanced_accuracy``, ``stop_on_correct``, ``edit_on_flawed``)
+  reward's verdict on the parent (``verdict_balanced_accuracy``, ``stop_on_correct``, ``edit_on_flawed``), and
+  ``shortcut_{tag,prompt,round}``: the balanced accuracy a verdict read off the parent's tag, prompt or round
+  alone would reach on the step's parent draw (logged by the trainer, :mod:`r3_rl.rollout.parent_mix`)
 * ``4_kl/{text,image}``: KL to the reference per modality (from the learner)
 * ``5_entropy/{text,image}``: mean negative log-prob of the sampled tokens per modality, an unbiased
   estimate of the sampling distribution's entropy (``image_sde`` for images drawn by flow matching: per latent
