@@ -6,7 +6,14 @@ prompt "a photo of a C S" of a split and every other colour W, an image holding 
 * refiner: given "make the S C", the probability its first image token is a C S (``asked``) and that it
   leaves the W S as it was (``unchanged``);
 * critic: after "<think> the S is W not C </think> make the S", the probability its next word is C (the prompt's
-  colour; ``asks prompt colour``) and that C is its most likely colour word (``argmax``).
+  colour; ``asks prompt colour``) and that C is its most likely colour word (``argmax``);
+* critic, reading: after "<think> the S is" on that image, the probability its next word is W, the colour drawn
+  (``reads W``), or C, the prompt's (``copies C``);
+* critic, deciding: after "<think> the", the probability its next word is S -- the start of "the S is ... not C",
+  a recolour, where a stop starts "the image matches" -- on the W S image (``recolour begun on W S``) and on a
+  correct C S image (``on C S``).  A critic that reads W well but begins a recolour as often on C S as on W S
+  decides before it looks: its verdict is taken at the second word, the colour only written after it (README:
+  R3 synergy, session 29).
 
 Why: refinement after RL in the demo misses on seeds whose warm start never learnt to bind colours (README: R3
 synergy, session 26).  The same recipe draws warm starts that carry out recolours with probability 0.94 and
@@ -64,10 +71,20 @@ def binding(policy: TinyUnifiedPolicy, split: str) -> dict[str, float]:
         critique = policy.render("reflect", prompt=prompt, image=words) + policy.encode(
             f"<think> the {shape} is {drawn} not {want} </think> make the {shape}")
         q = next_token_probs(policy, critique)[colour_ids]
-        rows.append((asked, unchanged, float(q[COLORS.index(want)]), float(int(q.argmax()) == COLORS.index(want))))
+        reflect = policy.render("reflect", prompt=prompt, image=words)
+        seen = next_token_probs(policy, reflect + policy.encode(f"<think> the {shape} is"))[colour_ids]
+        shape_id = policy.encode(shape)[0]
+        begun_wrong = float(next_token_probs(policy, reflect + policy.encode("<think> the"))[shape_id])
+        grid[0] = token_of(shape, want)  # the same image drawn right
+        right = policy.render("reflect", prompt=prompt, image=policy.image_words(
+            ImageInput(image=np.zeros(0), image_tokens=grid.tolist())))
+        begun_right = float(next_token_probs(policy, right + policy.encode("<think> the"))[shape_id])
+        rows.append((asked, unchanged, float(q[COLORS.index(want)]), float(int(q.argmax()) == COLORS.index(want)),
+                     float(seen[COLORS.index(drawn)]), float(seen[COLORS.index(want)]), begun_wrong, begun_right))
     a = np.array(rows)
-    return {"cases": float(len(a)), "refiner_asked": float(a[:, 0].mean()), "refiner_unchanged": float(a[:, 1].mean()),
-            "critic_prompt_colour": float(a[:, 2].mean()), "critic_argmax": float(a[:, 3].mean())}
+    names = ("refiner_asked", "refiner_unchanged", "critic_prompt_colour", "critic_argmax", "critic_reads_drawn",
+             "critic_copies_prompt", "recolour_begun_wrong", "recolour_begun_right")
+    return {"cases": float(len(a)), **{k: float(a[:, i].mean()) for i, k in enumerate(names)}}
 
 
 def main() -> int:
@@ -89,6 +106,9 @@ def main() -> int:
             print(f"  {split:8s} cases {int(b['cases']):3d}  refiner: asked {b['refiner_asked']:.3f} unchanged "
                   f"{b['refiner_unchanged']:.3f}  critic: asks prompt colour {b['critic_prompt_colour']:.3f} "
                   f"argmax {b['critic_argmax']:.2f}")
+            print(f"  {'':8s} critic reading: reads W {b['critic_reads_drawn']:.3f} copies C "
+                  f"{b['critic_copies_prompt']:.3f}  recolour begun on W S {b['recolour_begun_wrong']:.3f} "
+                  f"on C S {b['recolour_begun_right']:.3f}")
     return 0
 
 

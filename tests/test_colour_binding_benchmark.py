@@ -62,6 +62,46 @@ def test_the_refiner_figure_is_the_mean_of_the_warm_starts_own_cross_entropy(ben
     assert 0.0 < got["critic_prompt_colour"] < 1.0 and got["cases"] == 20
 
 
+def critic_example(policy: TinyUnifiedPolicy, prompt: str, shape: str, colour: str, said: str,
+                   target: str) -> tuple[list[int], list[int]]:
+    """The reflect context of an image holding one ``colour`` ``shape`` (top-left), the critique begun with
+    ``said``, and the one-word ``target``."""
+    grid = np.zeros(16, dtype=np.int64)
+    grid[0] = token_of(shape, colour)
+    words = policy.image_words(ImageInput(image=np.zeros(0), image_tokens=grid.tolist()))
+    return policy.render("reflect", prompt=prompt, image=words) + policy.encode(said), policy.encode(target)
+
+
+def test_the_critic_reading_figures_are_the_warm_starts_own_cross_entropy(bench) -> None:
+    """Peer: :func:`sft_loss` on contexts built here: reading the drawn colour W after "the S is" on the W S image,
+    and beginning a recolour ("the" -> S) on the correct C S image."""
+    policy = tiny()
+    got = bench.binding(policy, "heldout")
+    cases = bench.recolour_cases("heldout")
+    with torch.no_grad():
+        reads = [math.exp(-float(sft_loss(policy, [critic_example(policy, p, s, w, f"<think> the {s} is", w)])))
+                 for p, s, _c, w in cases]
+        begun = [math.exp(-float(sft_loss(policy, [critic_example(policy, p, s, c, "<think> the", s)])))
+                 for p, s, c, _w in cases]
+    assert got["critic_reads_drawn"] == pytest.approx(float(np.mean(reads)), rel=1e-4)
+    assert got["recolour_begun_right"] == pytest.approx(float(np.mean(begun)), rel=1e-4)
+
+
+def test_a_critic_taught_to_read_reads_the_drawn_colour_not_the_prompts(bench) -> None:
+    policy = tiny()
+    before = bench.binding(policy, "train")
+    examples = [critic_example(policy, p, s, w, f"<think> the {s} is", w) for p, s, _c, w in bench.recolour_cases("train")]
+    opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(150):
+        opt.zero_grad()
+        sft_loss(policy, examples).backward()
+        opt.step()
+    after = bench.binding(policy, "train")
+    assert before["critic_reads_drawn"] < 0.05 and after["critic_reads_drawn"] > 0.9
+    assert after["critic_copies_prompt"] < 0.05
+
+
 def test_a_refiner_taught_to_recolour_scores_near_one_and_an_untrained_one_near_chance(bench) -> None:
     policy = tiny()
     before = bench.binding(policy, "train")["refiner_asked"]
