@@ -42,6 +42,16 @@ def refine_example(policy: TinyUnifiedPolicy, prompt: str, shape: str, want: str
             policy.encode(image_token(token_of(shape, want))))
 
 
+def teach(policy: TinyUnifiedPolicy, examples: list[tuple[list[int], list[int]]]) -> None:
+    """150 full-batch AdamW steps of the warm start's loss on ``examples``."""
+    opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(150):
+        opt.zero_grad()
+        sft_loss(policy, examples).backward()
+        opt.step()
+
+
 def test_cases_cover_every_single_colour_prompt_of_the_split_and_every_other_colour(bench) -> None:
     for split, prompts in (("train", 14), ("heldout", 4)):
         cases = bench.recolour_cases(split)
@@ -91,12 +101,7 @@ def test_a_critic_taught_to_read_reads_the_drawn_colour_not_the_prompts(bench) -
     policy = tiny()
     before = bench.binding(policy, "train")
     examples = [critic_example(policy, p, s, w, f"<think> the {s} is", w) for p, s, _c, w in bench.recolour_cases("train")]
-    opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-2)
-    torch.manual_seed(0)
-    for _ in range(150):
-        opt.zero_grad()
-        sft_loss(policy, examples).backward()
-        opt.step()
+    teach(policy, examples)
     after = bench.binding(policy, "train")
     assert before["critic_reads_drawn"] < 0.05 and after["critic_reads_drawn"] > 0.9
     assert after["critic_copies_prompt"] < 0.05
@@ -106,12 +111,7 @@ def test_a_refiner_taught_to_recolour_scores_near_one_and_an_untrained_one_near_
     policy = tiny()
     before = bench.binding(policy, "train")["refiner_asked"]
     examples = [refine_example(policy, *case) for case in bench.recolour_cases("train")]
-    opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-2)
-    torch.manual_seed(0)
-    for _ in range(150):
-        opt.zero_grad()
-        sft_loss(policy, examples).backward()
-        opt.step()
+    teach(policy, examples)
     after = bench.binding(policy, "train")["refiner_asked"]
     assert before < 0.05 and after > 0.9
 
