@@ -13,7 +13,8 @@ prompt "a photo of a C S" of a split and every other colour W, an image holding 
   a recolour, where a stop starts "the image matches" -- on the W S image (``recolour begun on W S``) and on a
   correct C S image (``on C S``).  A critic that reads W well but begins a recolour as often on C S as on W S
   decides before it looks: its verdict is taken at the second word, the colour only written after it (README:
-  R3 synergy, session 29).
+  R3 synergy, session 29).  These two assume the plain critique (``warmstart.describe: none``); a describing
+  critic begins "the image has ...", so its figures here mean nothing.
 
 Why: refinement after RL in the demo misses on seeds whose warm start never learnt to bind colours (README: R3
 synergy, session 26).  The same recipe draws warm starts that carry out recolours with probability 0.94 and
