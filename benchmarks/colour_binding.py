@@ -57,28 +57,30 @@ def recolour_cases(split: str) -> list[tuple[str, str, str, str]]:
     return out
 
 
+def one_object_words(policy: TinyUnifiedPolicy, shape: str, colour: str) -> str:
+    """The image words of a grid holding one ``colour`` ``shape`` in its top-left cell."""
+    grid = np.zeros(policy.rows * policy.cols, dtype=np.int64)
+    grid[0] = token_of(shape, colour)
+    return policy.image_words(ImageInput(image=np.zeros(0), image_tokens=grid.tolist()))
+
+
 def binding(policy: TinyUnifiedPolicy, split: str) -> dict[str, float]:
     """Mean teacher-forced probabilities over :func:`recolour_cases` (module docstring)."""
     colour_ids = [policy.encode(c)[0] for c in COLORS]
-    rows: list[tuple[float, float, float, float]] = []
+    rows: list[tuple[float, ...]] = []
     for prompt, shape, want, drawn in recolour_cases(split):
-        grid = np.zeros(policy.rows * policy.cols, dtype=np.int64)
-        grid[0] = token_of(shape, drawn)
-        words = policy.image_words(ImageInput(image=np.zeros(0), image_tokens=grid.tolist()))
+        words = one_object_words(policy, shape, drawn)
         p = next_token_probs(policy, policy.render("refine", prompt=prompt, image=words,
                                                   instruction=f"make the {shape} {want}"))
         asked = float(p[policy.encode(image_token(token_of(shape, want)))[0]])
         unchanged = float(p[policy.encode(image_token(token_of(shape, drawn)))[0]])
-        critique = policy.render("reflect", prompt=prompt, image=words) + policy.encode(
-            f"<think> the {shape} is {drawn} not {want} </think> make the {shape}")
-        q = next_token_probs(policy, critique)[colour_ids]
         reflect = policy.render("reflect", prompt=prompt, image=words)
+        q = next_token_probs(policy, reflect + policy.encode(
+            f"<think> the {shape} is {drawn} not {want} </think> make the {shape}"))[colour_ids]
         seen = next_token_probs(policy, reflect + policy.encode(f"<think> the {shape} is"))[colour_ids]
         shape_id = policy.encode(shape)[0]
         begun_wrong = float(next_token_probs(policy, reflect + policy.encode("<think> the"))[shape_id])
-        grid[0] = token_of(shape, want)  # the same image drawn right
-        right = policy.render("reflect", prompt=prompt, image=policy.image_words(
-            ImageInput(image=np.zeros(0), image_tokens=grid.tolist())))
+        right = policy.render("reflect", prompt=prompt, image=one_object_words(policy, shape, want))  # drawn right
         begun_right = float(next_token_probs(policy, right + policy.encode("<think> the"))[shape_id])
         rows.append((asked, unchanged, float(q[COLORS.index(want)]), float(int(q.argmax()) == COLORS.index(want)),
                      float(seen[COLORS.index(drawn)]), float(seen[COLORS.index(want)]), begun_wrong, begun_right))

@@ -53,7 +53,6 @@ class Trainer:
         self.scorer = self.parts.scorer
         # parents are kept as image tokens when the policy can rebuild pixels from them (else as PNG bytes)
         self.buffer = ParentBuffer(recipe.tree.buffer_size, decode=getattr(self.policy, "decode_image_tokens", None))
-        self.parent_shortcuts: dict[str, float] = {}  # set by each rollout: see :mod:`r3_rl.rollout.parent_mix`
         self.data = PromptSource(recipe)
         self.algorithm = self.parts.algorithm
         self.learner = self.parts.learner
@@ -80,9 +79,6 @@ class Trainer:
         """Sample the step's Tree-RL groups; each task's images are scored as soon as the task is back."""
         t = self.recipe.tree
         prompts = self.data.next_batch(t.prompts_per_step)
-        # what the parents' tag / prompt / round alone would tell the critic, on this very draw
-        self.parent_shortcuts = {f"{UNDERSTANDING}/shortcut_{k}": v
-                                 for k, v in self.buffer.shortcut_accuracy(t.parent_balance).items()}
         parents = self.buffer.sample(t.refine_groups_per_step, t.correct_parent_fraction, self.rng, t.parent_balance)
         tasks = plan_tasks(step, self.recipe.seed, prompts, parents, t.group_size,
                            groups_per_task=self.recipe.rollout.groups_per_task)
@@ -234,6 +230,9 @@ class Trainer:
         for step in range(self.step, r.steps):
             self.step = step
             t_roll = time.time()
+            # what the parents' tag / prompt / round alone would tell the critic, on the draw rollout makes next
+            shortcuts = {f"{UNDERSTANDING}/shortcut_{k}": v
+                         for k, v in self.buffer.shortcut_accuracy(r.tree.parent_balance).items()}
             trees = self.rollout(step)
             items, batch_stats, adv_stats = self.algorithm.batch(trees, self.policy.version)
             t_learn = time.time()
@@ -245,7 +244,7 @@ class Trainer:
             # the learner's numbers pass through: PPO logs the advantages it trains on (its GAE) there
             m = step_metrics(trees, r.rewards.correct_threshold, learn, batch_stats, adv_stats,
                              t_learn - t_roll, done - t_learn, self.engine.restarts)
-            m.update(self.parent_shortcuts)
+            m.update(shortcuts)
             self.metrics.log(m, step)
             if r.log.trajectories_every and step % r.log.trajectories_every == 0:
                 write_trees(trees, self.run_dir / "trajectories" / f"step_{step:06d}.jsonl")

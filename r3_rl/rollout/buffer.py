@@ -117,10 +117,10 @@ class ParentBuffer:
         order; none for ``"pool"`` or where no key holds both."""
         if balance == "pool":
             return []
-        groups: dict[str, tuple[list[_Stored], list[_Stored]]] = {}
+        groups: dict[Any, tuple[list[_Stored], list[_Stored]]] = {}
         for pool, kind in ((self.correct, 0), (self.flawed, 1)):
             for s in pool:
-                groups.setdefault(str(parent_feature(s, balance)), ([], []))[kind].append(s)
+                groups.setdefault(parent_feature(s, balance), ([], []))[kind].append(s)
         return [groups[k] for k in sorted(groups) if groups[k][0] and groups[k][1]]
 
     def shortcut_accuracy(self, balance: str = "pool") -> dict[str, float]:
