@@ -34,8 +34,6 @@ BUILTINS: dict[str, tuple[str, str]] = {
                          "the policy answers yes/no questions about its own image; agreement with the expected answers"),
     "verdict_consistency": ("r3_rl.rewards.self_consistency:VerdictConsistencyReward",
                             "1 when the reflect verdict (stop / edit) agrees with the task reward of the critiqued image"),
-    "blocks_description": ("r3_rl.rewards.blocks_description:BlocksDescriptionReward",
-                           "Blocks world: F1 of the objects a critique's think text describes against the critiqued image's"),
     "vlm_judge": ("r3_rl.rewards.vlm_judge:VlmJudgeReward",
                   "OpenAI-compatible VLM judge: GenEval++ checklist verdict or yes/no questions (TIIF)"),
     "remote": ("r3_rl.rewards.remote:RemoteReward", "any reward served by `r3-rl serve-reward` (JSON over HTTP)"),
