@@ -126,6 +126,14 @@ def print_environments(out: Path, configs: list[tuple[int, int]]) -> None:
             print(f"  {run} ran elsewhere: {'; '.join(moved)}")
 
 
+def launch_order(configs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(seed, threads) configurations in the order to start them: fewest threads first, so that 1-thread runs
+    pair up on the cores.  In seed order a 2-thread run queued second holds a worker while it waits for both
+    cores, and every run then trains alone (session 30: the six runs took one run's time each, one after the
+    other)."""
+    return sorted(configs, key=lambda c: c[1])
+
+
 def stats(xs: list[float]) -> tuple[float, float, float]:
     m = sum(xs) / len(xs)
     sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
@@ -148,9 +156,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     configs = [(s, t) for s in args.seeds for t in args.threads]
     cores = CoreBudget(args.cores)
+    launch = launch_order(configs)
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        results = list(pool.map(lambda c: run_one(args.recipe, out, c[0], c[1], args.set, args.fresh, cores),
-                                configs))
+        done = dict(zip(launch, pool.map(
+            lambda c: run_one(args.recipe, out, c[0], c[1], args.set, args.fresh, cores), launch)))
+    results = [done[c] for c in configs]
 
     def pts(x: float, goal: float | None = None) -> str:
         if not math.isfinite(x):

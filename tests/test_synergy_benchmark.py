@@ -11,11 +11,15 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "r3_synergy.py"
 
 
-def _budget_class():
+def _bench():
     spec = importlib.util.spec_from_file_location("r3_synergy_bench", BENCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.CoreBudget
+    return module
+
+
+def _budget_class():
+    return _bench().CoreBudget
 
 
 def _peak_threads(cores: int, asks: list[int]) -> int:
@@ -47,3 +51,11 @@ def test_two_thread_runs_never_share_two_cores() -> None:
 
 def test_a_run_asking_for_more_than_the_machine_still_runs_alone() -> None:
     assert _peak_threads(2, [8, 8]) == 2  # capped at the total, one at a time, no deadlock
+
+
+def test_runs_start_fewest_threads_first_so_one_thread_runs_pair_up() -> None:
+    """In seed order, the second of two workers takes seed 0's 2-thread run, which waits for both cores while
+    seed 0's 1-thread run trains alone; fewest threads first, the 1-thread runs share the cores."""
+    configs = [(s, t) for s in (0, 1, 2) for t in (1, 2)]
+    assert _bench().launch_order(configs) == [(0, 1), (1, 1), (2, 1), (0, 2), (1, 2), (2, 2)]
+    assert _peak_threads(2, [t for _, t in _bench().launch_order(configs)][:2]) == 2  # the first two side by side
