@@ -128,9 +128,9 @@ def print_environments(out: Path, configs: list[tuple[int, int]]) -> None:
 
 def launch_order(configs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """(seed, threads) configurations in the order to start them: fewest threads first, so that 1-thread runs
-    pair up on the cores.  In seed order a 2-thread run queued second holds a worker while it waits for both
-    cores, and every run then trains alone (session 30: the six runs took one run's time each, one after the
-    other)."""
+    pair up on the cores.  In seed order seed 0's 2-thread run, queued second, holds the other worker while it
+    waits for both cores, the next 1-thread run then waits behind it, and so on: every run trains alone (seen in
+    session 30: seed 0's 1-thread run trained by itself)."""
     return sorted(configs, key=lambda c: c[1])
 
 
