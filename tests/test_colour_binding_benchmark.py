@@ -33,11 +33,17 @@ def tiny() -> TinyUnifiedPolicy:
                                    num_heads=2, intermediate_size=64, max_positions=128, seed=1)
 
 
+def one_object(policy: TinyUnifiedPolicy, shape: str, colour: str) -> str:
+    """Image words of a 4x4 grid holding one ``colour`` ``shape`` in its top-left cell, built here rather than by
+    the benchmark's own helper, so the peer contexts below do not share its code."""
+    grid = np.zeros(16, dtype=np.int64)
+    grid[0] = token_of(shape, colour)
+    return policy.image_words(ImageInput(image=np.zeros(0), image_tokens=grid.tolist()))
+
+
 def refine_example(policy: TinyUnifiedPolicy, prompt: str, shape: str, want: str,
                    drawn: str) -> tuple[list[int], list[int]]:
-    grid = np.zeros(16, dtype=np.int64)
-    grid[0] = token_of(shape, drawn)
-    words = policy.image_words(ImageInput(image=np.zeros(0), image_tokens=grid.tolist()))
+    words = one_object(policy, shape, drawn)
     return (policy.render("refine", prompt=prompt, image=words, instruction=f"make the {shape} {want}"),
             policy.encode(image_token(token_of(shape, want))))
 
@@ -76,9 +82,7 @@ def critic_example(policy: TinyUnifiedPolicy, prompt: str, shape: str, colour: s
                    target: str) -> tuple[list[int], list[int]]:
     """The reflect context of an image holding one ``colour`` ``shape`` (top-left), the critique begun with
     ``said``, and the one-word ``target``."""
-    grid = np.zeros(16, dtype=np.int64)
-    grid[0] = token_of(shape, colour)
-    words = policy.image_words(ImageInput(image=np.zeros(0), image_tokens=grid.tolist()))
+    words = one_object(policy, shape, colour)
     return policy.render("reflect", prompt=prompt, image=words) + policy.encode(said), policy.encode(target)
 
 
