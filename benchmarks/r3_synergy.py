@@ -27,6 +27,10 @@ are computed again from its ``eval/before.json`` and ``eval/after.json``.
 Runs at once never ask for more torch threads than ``--cores`` (default: the machine's): a 2-thread run waits
 until two cores are free.  Two 2-thread runs on 2 cores took about 8x as long each as one alone (OpenMP threads
 that outnumber the cores spin against each other; measured 2026-12-04), so ``--parallel`` alone is not enough.
+
+Bad input (a missing recipe, an unknown ``--set`` key, a seed list that is empty) is one line and exit 2 before
+any run starts.  Ctrl-C or SIGTERM stops the runs under way as Ctrl-C stops ``r3-rl train`` (their clean-up
+included), starts no more, and exits 130: killing the benchmark never leaves a training process behind.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -46,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from r3_rl.environment import differences, read_records, summary_line  # noqa: E402
+from r3_rl.errors import EXIT_USAGE, UserError  # noqa: E402
 from r3_rl.eval.synergy import GOALS, near_miss, synergy_figures  # noqa: E402
 
 FIGURES = ("first_image_gain", "refinement_after", "verdict_gain")
@@ -74,8 +80,68 @@ class CoreBudget:
                 self._cond.notify_all()
 
 
+class Runs:
+    """The training processes under way, so that an interrupted benchmark stops them and starts no more.
+
+    Each run is its own process group: a Ctrl-C in the terminal reaches the benchmark only, which passes one
+    SIGINT to each run (``r3-rl train``'s clean-up path; a second would skip the clean-up)."""
+
+    def __init__(self, grace_s: float = 75.0) -> None:
+        self.grace_s = grace_s  # the CLI's own watchdog ends a stuck clean-up after 60 s
+        self._lock = threading.Lock()
+        self._live: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def run(self, cmd: list[str], **popen: object) -> int:
+        """Run ``cmd`` to its end; its exit code."""
+        with self._lock:
+            if self.stopping:
+                raise RuntimeError("benchmark interrupted: no more runs start")
+            proc = subprocess.Popen(cmd, start_new_session=True, **popen)
+            self._live.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self._lock:
+                self._live.discard(proc)
+
+    def stop(self) -> int:
+        """Interrupt every run under way, wait for their clean-up (killed after ``grace_s``); how many there were."""
+        with self._lock:
+            self.stopping = True
+            live = list(self._live)
+        for proc in live:
+            proc.send_signal(signal.SIGINT)
+        deadline = time.time() + self.grace_s
+        for proc in live:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return len(live)
+
+
+def check_inputs(recipe: str, seeds: list[int], threads: list[int], sets: list[str], parallel: int) -> None:
+    """What ``r3-rl train`` would refuse, refused before the first run: the recipe with every run's overrides,
+    loaded and checked as the CLI does (no model is built); raises :class:`UserError`."""
+    from r3_rl.config import load_recipe
+    from r3_rl.validate import validate_recipe
+
+    if not seeds or not threads:
+        raise UserError("--seeds and --threads each need at least one value")
+    if parallel < 1:
+        raise UserError(f"--parallel {parallel}: must be >= 1")
+    for t in threads:
+        validate_recipe(load_recipe(recipe, [*run_overrides(seeds[0], t), *sets]), recipe)
+
+
+def run_overrides(seed: int, threads: int) -> list[str]:
+    return [f"seed={seed}", f"threads={threads}", "log.console=false"]
+
+
 def run_one(recipe: str, out: Path, seed: int, threads: int, sets: list[str], fresh: bool,
-            cores: CoreBudget | None = None) -> tuple[dict, float]:
+            cores: CoreBudget | None = None, runs: Runs | None = None) -> tuple[dict, float]:
     """Train one configuration (or read its finished run); returns (synergy figures, wall seconds)."""
     run_dir = out / f"seed{seed}-threads{threads}"
     summary = run_dir / "summary.json"
@@ -83,14 +149,14 @@ def run_one(recipe: str, out: Path, seed: int, threads: int, sets: list[str], fr
         data = json.loads(summary.read_text())
         return _figures(run_dir, data), float(data.get("wall_s", math.nan))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-m", "r3_rl.cli", "train", recipe, "--run-dir", str(run_dir),
-           "--set", f"seed={seed}", "--set", f"threads={threads}", "--set", "log.console=false"]
-    for s in sets:
+    cmd = [sys.executable, "-m", "r3_rl.cli", "train", recipe, "--run-dir", str(run_dir)]
+    for s in [*run_overrides(seed, threads), *sets]:
         cmd += ["--set", s]
+    runs = runs or Runs()
     with cores.hold(threads) if cores is not None else nullcontext():
         t0 = time.time()
         with open(out / f"seed{seed}-threads{threads}.log", "w") as log:
-            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+            rc = runs.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         wall = time.time() - t0
     if rc != 0:
         raise SystemExit(f"run seed={seed} threads={threads} failed (exit {rc}); see {log.name}")
@@ -134,6 +200,32 @@ def launch_order(configs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return sorted(configs, key=lambda c: c[1])
 
 
+def run_all(recipe: str, out: Path, configs: list[tuple[int, int]], sets: list[str], fresh: bool, parallel: int,
+            cores: CoreBudget) -> dict[tuple[int, int], tuple[dict, float]]:
+    """Every configuration's (figures, wall seconds), at most ``parallel`` at once.  Ctrl-C or SIGTERM stops the
+    runs under way (:class:`Runs`) and exits 130."""
+    runs = Runs()
+    launch = launch_order(configs)
+    pool = ThreadPoolExecutor(max_workers=max(1, parallel))
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        return dict(zip(launch, pool.map(lambda c: run_one(recipe, out, c[0], c[1], sets, fresh, cores, runs),
+                                         launch)))
+    except KeyboardInterrupt:
+        stopped = runs.stop()
+        pool.shutdown(wait=True, cancel_futures=True)
+        print(f"r3_synergy: interrupted; stopped {stopped} run(s) under way; finished runs are kept in {out}",
+              file=sys.stderr)
+        sys.exit(130)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        signal.signal(signal.SIGTERM, previous)
+
+
 def stats(xs: list[float]) -> tuple[float, float, float]:
     m = sum(xs) / len(xs)
     sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
@@ -152,14 +244,15 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override for every run")
     ap.add_argument("--fresh", action="store_true", help="rerun configurations that already have a summary")
     args = ap.parse_args()
+    try:
+        check_inputs(args.recipe, args.seeds, args.threads, args.set, args.parallel)
+    except UserError as e:
+        print(f"r3_synergy: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     configs = [(s, t) for s in args.seeds for t in args.threads]
-    cores = CoreBudget(args.cores)
-    launch = launch_order(configs)
-    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        done = dict(zip(launch, pool.map(
-            lambda c: run_one(args.recipe, out, c[0], c[1], args.set, args.fresh, cores), launch)))
+    done = run_all(args.recipe, out, configs, args.set, args.fresh, args.parallel, CoreBudget(args.cores))
     results = [done[c] for c in configs]
 
     def pts(x: float, goal: float | None = None) -> str:

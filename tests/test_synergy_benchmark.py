@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "r3_synergy.py"
 
@@ -60,3 +66,107 @@ def test_runs_start_fewest_threads_first_so_one_thread_runs_pair_up() -> None:
     launch = _bench().launch_order(configs)
     assert launch == [(0, 1), (1, 1), (2, 1), (0, 2), (1, 2), (2, 2)]
     assert _peak_threads(2, [t for _, t in launch][:2]) == 2  # the first two side by side
+
+
+def _run_bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--recipe", "{tmp}/missing.yaml"], "missing.yaml: recipe file not found"),
+    (["--set", "learner.lrr=1e-4"], "unknown key 'learner.lrr'"),
+    (["--threads", "-1"], "key 'threads'"),
+    (["--parallel", "0"], "--parallel 0: must be >= 1"),
+])
+def test_bad_input_is_one_line_and_exit_2_before_any_run(tmp_path: Path, args: list[str], names: str) -> None:
+    out = tmp_path / "out"
+    proc = _run_bench(*[a.format(tmp=tmp_path) for a in args], "--out", str(out))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("r3_synergy: error: ") and names in lines[0], proc.stderr
+    assert not out.exists()  # no run directory, no log: nothing started
+
+
+_INTERRUPTIBLE = """
+import pathlib, signal, sys, time
+def cleanup(signum, frame):
+    pathlib.Path(sys.argv[1]).write_text("cleaned up")
+    sys.exit(130)
+signal.signal(signal.SIGINT, cleanup)
+pathlib.Path(sys.argv[2]).write_text("started")
+time.sleep(120)
+"""
+
+
+def test_stopping_interrupts_runs_under_way_once_and_starts_no_more(tmp_path: Path) -> None:
+    """One SIGINT reaches each run (the CLI's clean-up path), the benchmark waits for it, and no run starts after."""
+    runs = _bench().Runs(grace_s=30)
+    cleaned, started = tmp_path / "cleaned", tmp_path / "started"
+    codes: list[int] = []
+    worker = threading.Thread(target=lambda: codes.append(
+        runs.run([sys.executable, "-c", _INTERRUPTIBLE, str(cleaned), str(started)])))
+    worker.start()
+    deadline = time.time() + 30
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert started.exists()
+    assert runs.stop() == 1
+    worker.join(timeout=30)
+    assert codes == [130] and cleaned.read_text() == "cleaned up"
+    with pytest.raises(RuntimeError, match="no more runs start"):
+        runs.run([sys.executable, "-c", "pass"])
+
+
+def test_a_run_that_ignores_the_interrupt_is_killed_after_the_grace(tmp_path: Path) -> None:
+    runs = _bench().Runs(grace_s=0.5)
+    started = tmp_path / "started"
+    stubborn = ("import pathlib, signal, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                "pathlib.Path(sys.argv[1]).write_text('x'); time.sleep(120)")
+    codes: list[int] = []
+    worker = threading.Thread(target=lambda: codes.append(runs.run([sys.executable, "-c", stubborn, str(started)])))
+    worker.start()
+    deadline = time.time() + 30
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    t0 = time.time()
+    assert runs.stop() == 1
+    worker.join(timeout=30)
+    assert codes == [-signal.SIGKILL] and time.time() - t0 < 10
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find the training process")
+def test_sigterm_stops_the_training_process_too(tmp_path: Path) -> None:
+    """Killing the benchmark by its PID used to leave its ``r3-rl train`` child training (session 30)."""
+    out = tmp_path / "out"
+    bench = subprocess.Popen([sys.executable, str(BENCH), "--seeds", "0", "--threads", "1", "--out", str(out),
+                              "--set", "warmstart.steps=100000"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    run_dir = str(out / "seed0-threads1")
+    try:
+        deadline = time.time() + 60
+        # the run dir's recipe.yaml: the CLI has checked the recipe and is starting the warm start
+        while not (_processes_mentioning(run_dir) and (out / "seed0-threads1" / "recipe.yaml").exists()):
+            assert time.time() < deadline and bench.poll() is None, "the training run did not start"
+            time.sleep(0.2)
+        time.sleep(2)  # inside the warm start
+        bench.send_signal(signal.SIGTERM)
+        _, err = bench.communicate(timeout=120)
+        assert bench.returncode == 130, err
+        assert "stopped 1 run(s) under way" in err
+        assert _processes_mentioning(run_dir) == []
+        assert "interrupted" in (out / "seed0-threads1.log").read_text()  # the CLI's own clean-up path ran
+    finally:  # a failing test leaves nothing training
+        bench.kill()
+        for pid in _processes_mentioning(run_dir):
+            os.kill(pid, signal.SIGKILL)
