@@ -87,6 +87,14 @@ def test_bad_input_is_one_line_and_exit_2_before_any_run(tmp_path: Path, args: l
     assert not out.exists()  # no run directory, no log: nothing started
 
 
+def _wait_for(path: Path, timeout: float = 30) -> None:
+    """Until the child has written ``path`` (it is up and has installed its SIGINT handler)."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
 _INTERRUPTIBLE = """
 import pathlib, signal, sys, time
 def cleanup(signum, frame):
@@ -106,10 +114,7 @@ def test_stopping_interrupts_runs_under_way_once_and_starts_no_more(tmp_path: Pa
     worker = threading.Thread(target=lambda: codes.append(
         runs.run([sys.executable, "-c", _INTERRUPTIBLE, str(cleaned), str(started)])))
     worker.start()
-    deadline = time.time() + 30
-    while not started.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    assert started.exists()
+    _wait_for(started)
     assert runs.stop() == 1
     worker.join(timeout=30)
     assert codes == [130] and cleaned.read_text() == "cleaned up"
@@ -125,9 +130,7 @@ def test_a_run_that_ignores_the_interrupt_is_killed_after_the_grace(tmp_path: Pa
     codes: list[int] = []
     worker = threading.Thread(target=lambda: codes.append(runs.run([sys.executable, "-c", stubborn, str(started)])))
     worker.start()
-    deadline = time.time() + 30
-    while not started.exists() and time.time() < deadline:
-        time.sleep(0.05)
+    _wait_for(started)
     t0 = time.time()
     assert runs.stop() == 1
     worker.join(timeout=30)
