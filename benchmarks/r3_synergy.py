@@ -92,12 +92,13 @@ class Runs:
         self._live: set[subprocess.Popen] = set()
         self.stopping = False
 
-    def run(self, cmd: list[str], **popen: object) -> int:
-        """Run ``cmd`` to its end; its exit code."""
+    def run(self, cmd: list[str], log: Path, **popen: object) -> int:
+        """Run ``cmd`` to its end, its output to ``log``; its exit code."""
         with self._lock:
-            if self.stopping:
+            if self.stopping:  # before the log is opened: a run that never started leaves no file
                 raise RuntimeError("benchmark interrupted: no more runs start")
-            proc = subprocess.Popen(cmd, start_new_session=True, **popen)
+            with open(log, "w") as out:
+                proc = subprocess.Popen(cmd, start_new_session=True, stdout=out, stderr=subprocess.STDOUT, **popen)
             self._live.add(proc)
         try:
             return proc.wait()
@@ -132,8 +133,9 @@ def check_inputs(recipe: str, seeds: list[int], threads: list[int], sets: list[s
         raise UserError("--seeds and --threads each need at least one value")
     if parallel < 1:
         raise UserError(f"--parallel {parallel}: must be >= 1")
-    for t in threads:
-        validate_recipe(load_recipe(recipe, [*run_overrides(seeds[0], t), *sets]), recipe)
+    for seed in seeds:
+        for t in threads:
+            validate_recipe(load_recipe(recipe, [*run_overrides(seed, t), *sets]), recipe)
 
 
 def run_overrides(seed: int, threads: int) -> list[str]:
@@ -155,11 +157,11 @@ def run_one(recipe: str, out: Path, seed: int, threads: int, sets: list[str], fr
     runs = runs or Runs()
     with cores.hold(threads) if cores is not None else nullcontext():
         t0 = time.time()
-        with open(out / f"seed{seed}-threads{threads}.log", "w") as log:
-            rc = runs.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        log = out / f"seed{seed}-threads{threads}.log"
+        rc = runs.run(cmd, log, cwd=REPO, env=env)
         wall = time.time() - t0
     if rc != 0:
-        raise SystemExit(f"run seed={seed} threads={threads} failed (exit {rc}); see {log.name}")
+        raise SystemExit(f"run seed={seed} threads={threads} failed (exit {rc}); see {log}")
     data = json.loads(summary.read_text())
     data["wall_s"] = wall
     summary.write_text(json.dumps(data, indent=2))

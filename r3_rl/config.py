@@ -20,6 +20,10 @@ from r3_rl.errors import UserError, close_match
 from r3_rl.trajectory import SamplingParams
 
 
+# numpy refuses negative seeds (a traceback deep in the warm start), and seeds are offset by stream numbers
+SEED_MAX = 2**31 - 1
+
+
 class Sampling(Section):
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -114,7 +118,7 @@ class Warmstart(Section):
     flaw_prob: float = Field(0.5, ge=0.0, le=1.0)  # first images deliberately flawed this often
     fix_prob: float = Field(0.7, ge=0.0, le=1.0)  # refine targets apply the right fix this often
     rounds: int = 3
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     questions: int = Field(1, ge=0)  # yes/no questions about each first image, answered with the truth
     random_layouts: float = Field(0.0, ge=0.0, le=1.0)  # critique chains on a randomly laid-out image this often
     random_edits: float = Field(0.0, ge=0.0, le=1.0)  # + a random instruction applied exactly (no-op if it does not apply)
@@ -253,7 +257,7 @@ class Log(Section):
 
 class Recipe(Section):
     name: str = "run"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     steps: int = Field(100, ge=0)
     save_every: int = Field(0, ge=0)
     keep_last: int = Field(2, ge=1)

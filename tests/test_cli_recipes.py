@@ -30,6 +30,8 @@ def test_shipped_recipes_validate(repo: Path, recipe: str) -> None:
     ("steps: [1\n", [], "not valid YAML"),
     ("- a\n- b\n", [], "must be a mapping"),
     ("bogus_section: {}\n", [], "unknown key 'bogus_section'"),
+    ("steps: 3\n", ["seed=-1"], "key 'seed': Input should be greater than or equal to 0"),  # was numpy's traceback
+    ("steps: 3\n", ["warmstart.seed=2147483648"], "key 'warmstart.seed'"),
 ])
 def test_bad_recipe_is_one_line_user_error(tmp_path: Path, content: str, override: list[str], needle: str) -> None:
     p = tmp_path / "r.yaml"

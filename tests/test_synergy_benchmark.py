@@ -77,6 +77,7 @@ def _run_bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     (["--set", "learner.lrr=1e-4"], "unknown key 'learner.lrr'"),
     (["--threads", "-1"], "key 'threads'"),
     (["--parallel", "0"], "--parallel 0: must be >= 1"),
+    (["--seeds", "0", "-1"], "key 'seed'"),  # every run's recipe is checked, not only the first
 ])
 def test_bad_input_is_one_line_and_exit_2_before_any_run(tmp_path: Path, args: list[str], names: str) -> None:
     out = tmp_path / "out"
@@ -112,14 +113,15 @@ def test_stopping_interrupts_runs_under_way_once_and_starts_no_more(tmp_path: Pa
     cleaned, started = tmp_path / "cleaned", tmp_path / "started"
     codes: list[int] = []
     worker = threading.Thread(target=lambda: codes.append(
-        runs.run([sys.executable, "-c", _INTERRUPTIBLE, str(cleaned), str(started)])))
+        runs.run([sys.executable, "-c", _INTERRUPTIBLE, str(cleaned), str(started)], tmp_path / "a.log")))
     worker.start()
     _wait_for(started)
     assert runs.stop() == 1
     worker.join(timeout=30)
     assert codes == [130] and cleaned.read_text() == "cleaned up"
     with pytest.raises(RuntimeError, match="no more runs start"):
-        runs.run([sys.executable, "-c", "pass"])
+        runs.run([sys.executable, "-c", "pass"], tmp_path / "b.log")
+    assert not (tmp_path / "b.log").exists()
 
 
 def test_a_run_that_ignores_the_interrupt_is_killed_after_the_grace(tmp_path: Path) -> None:
@@ -128,7 +130,8 @@ def test_a_run_that_ignores_the_interrupt_is_killed_after_the_grace(tmp_path: Pa
     stubborn = ("import pathlib, signal, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
                 "pathlib.Path(sys.argv[1]).write_text('x'); time.sleep(120)")
     codes: list[int] = []
-    worker = threading.Thread(target=lambda: codes.append(runs.run([sys.executable, "-c", stubborn, str(started)])))
+    worker = threading.Thread(target=lambda: codes.append(runs.run([sys.executable, "-c", stubborn, str(started)],
+                                                                   tmp_path / "a.log")))
     worker.start()
     _wait_for(started)
     t0 = time.time()
