@@ -28,7 +28,7 @@ class Sampling(Section):
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    cfg_scale: float = 1.0
+    cfg_scale: float = Field(1.0, ge=0.0)
     max_new_tokens: int = Field(32, ge=1)
     greedy: bool = False
 
@@ -39,11 +39,11 @@ class Sampling(Section):
 class TinyModel(Section):
     """Shape of the built-in tiny token-unified policy (a Llama config built from scratch)."""
 
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 256
-    max_positions: int = 256
+    hidden_size: int = Field(128, ge=1)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(256, ge=1)
+    max_positions: int = Field(256, ge=1)
     # how the critic, the refiner and the yes/no answers read an image: its generation tokens (one per cell), or
     # words (a colour and a shape word per cell, "empty empty" for background) -- the tiny model's counterpart of
     # a unified model's separate understanding encoder (Janus: SigLIP features, not VQ codes; README: R3 synergy)
@@ -113,11 +113,11 @@ class Warmstart(Section):
     """Supervised warm start of the tiny policy on synthetic R3 trajectories (Blocks world)."""
 
     steps: int = Field(0, ge=0)
-    batch_size: int = 64
-    lr: float = 2e-3
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
     flaw_prob: float = Field(0.5, ge=0.0, le=1.0)  # first images deliberately flawed this often
     fix_prob: float = Field(0.7, ge=0.0, le=1.0)  # refine targets apply the right fix this often
-    rounds: int = 3
+    rounds: int = Field(3, ge=0)
     seed: int = Field(0, ge=0, le=SEED_MAX)
     questions: int = Field(1, ge=0)  # yes/no questions about each first image, answered with the truth
     random_layouts: float = Field(0.0, ge=0.0, le=1.0)  # critique chains on a randomly laid-out image this often
@@ -242,7 +242,7 @@ class Eval(Section):
     # collapses to the most frequent cell value, e.g. an empty grid).
     text_temperature: float = Field(0.0, ge=0.0)  # 0 = greedy
     image_temperature: float = Field(1.0, ge=0.0)  # 0 = greedy
-    size: int | None = None  # defaults to data.eval_size
+    size: int | None = Field(None, ge=1)  # defaults to data.eval_size
     batch_size: int = Field(256, ge=1)  # prompts whose R3 chains are sampled together (GPU memory: `r3-rl plan`)
     dump: int = Field(64, ge=0)  # eval chains written to eval/<name>_trajectories.jsonl + .html (0 = none)
     understanding: Understanding = Understanding()

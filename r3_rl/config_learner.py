@@ -2,13 +2,16 @@
 DeepSpeed, LoRA and PPO (kept apart from :mod:`r3_rl.config`, which re-exports every name here)."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from r3_rl.config_base import Section, plugin_name
 from r3_rl.errors import UserError, close_match
 from r3_rl.trajectory import STAGES, Stage
+
+# Adam's moment decay: 1 or more never forgets (and diverges)
+Beta = Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)]
 
 
 class DeepSpeedCfg(Section):
@@ -26,7 +29,7 @@ class LoraCfg(Section):
     """LoRA adapters through peft; the KL reference is then the base model with adapters disabled."""
 
     r: int = Field(8, ge=1)
-    alpha: float = 16.0
+    alpha: float = Field(16.0, gt=0.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | str = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # adapters go into the language model only; true: into the vision tower (Janus' SigLIP) as well
@@ -88,15 +91,15 @@ class Learner(Section):
     algorithm: str = "grpo"
     options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the algorithm's constructor
     backend: Literal["torch", "deepspeed"] = "torch"
-    lr: float = 5e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    lr: float = Field(5e-4, ge=0.0)
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
     lr_decay_steps: int = Field(0, ge=0)  # linear decay to lr_final x lr by this optimiser step (0 = constant lr)
     lr_final: float = Field(1.0, ge=0.0, le=1.0)
-    grad_clip: float = 1.0
-    clip_low: float = 0.2
-    clip_high: float = 0.2
+    grad_clip: float = Field(1.0, ge=0.0)  # 0 = no clipping
+    clip_low: float = Field(0.2, ge=0.0, lt=1.0)  # the ratio's floor is 1 - clip_low
+    clip_high: float = Field(0.2, ge=0.0)
     loss_type: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
     # divide group advantages by the group std: one flag for all stages, or per stage ({reason: true, ...};
     # stages not listed are not normalised)
@@ -109,8 +112,8 @@ class Learner(Section):
     # critiques, so a refiner that carries out a useless instruction faithfully is blamed for it); "parent" = the
     # reward of the image it edited, so the refiner is paid for what its edit changed (README: R3 synergy)
     refine_baseline: Literal["group", "parent"] = "group"
-    kl_coef_text: float = 1e-3
-    kl_coef_image: float = 1e-3
+    kl_coef_text: float = Field(1e-3, ge=0.0)
+    kl_coef_image: float = Field(1e-3, ge=0.0)
     kl_kind: Literal["k1", "k2", "k3"] = "k3"
     # modality weights of the policy loss (not of the KL): R3 uses 1.0 text + 2.0 image; they cover image
     # tokens and image denoising steps alike

@@ -32,6 +32,16 @@ def test_shipped_recipes_validate(repo: Path, recipe: str) -> None:
     ("bogus_section: {}\n", [], "unknown key 'bogus_section'"),
     ("steps: 3\n", ["seed=-1"], "key 'seed': Input should be greater than or equal to 0"),  # was numpy's traceback
     ("steps: 3\n", ["warmstart.seed=2147483648"], "key 'warmstart.seed'"),
+    # signs and ranges that used to be accepted and failed later (a traceback, or a run that learns backwards)
+    ("steps: 3\n", ["policy.tiny.num_heads=0"], "key 'policy.tiny.num_heads'"),  # was ZeroDivisionError
+    ("steps: 3\n", ["warmstart.batch_size=0"], "key 'warmstart.batch_size'"),
+    ("steps: 3\n", ["warmstart.lr=-1e-3"], "key 'warmstart.lr'"),
+    ("steps: 3\n", ["learner.lr=-1e-4"], "key 'learner.lr'"),
+    ("steps: 3\n", ["learner.clip_low=1.0"], "key 'learner.clip_low': Input should be less than 1"),
+    ("steps: 3\n", ["learner.kl_coef_text=-0.1"], "key 'learner.kl_coef_text'"),
+    ("steps: 3\n", ["learner.betas=[0.9, 1.0]"], "key 'learner.betas.1'"),
+    ("steps: 3\n", ["eval.size=0"], "key 'eval.size'"),
+    ("steps: 3\n", ["rollout.generate.cfg_scale=-2"], "key 'rollout.generate.cfg_scale'"),
 ])
 def test_bad_recipe_is_one_line_user_error(tmp_path: Path, content: str, override: list[str], needle: str) -> None:
     p = tmp_path / "r.yaml"
