@@ -30,7 +30,8 @@ that outnumber the cores spin against each other; measured 2026-12-04), so ``--p
 
 Bad input (a missing recipe, an unknown ``--set`` key, a seed list that is empty) is one line and exit 2 before
 any run starts.  Ctrl-C or SIGTERM stops the runs under way as Ctrl-C stops ``r3-rl train`` (their clean-up
-included), starts no more, and exits 130: killing the benchmark never leaves a training process behind.
+included), starts no more, and exits 130: killing the benchmark never leaves a training process behind.  A run
+that fails starts no more either; those under way finish (a rerun reads them) and the benchmark exits 1.
 """
 from __future__ import annotations
 
@@ -105,6 +106,12 @@ class Runs:
         finally:
             with self._lock:
                 self._live.discard(proc)
+
+    def close(self) -> int:
+        """No further run starts (the ones under way go on); how many are under way."""
+        with self._lock:
+            self.stopping = True
+            return len(self._live)
 
     def stop(self) -> int:
         """Interrupt every run under way, wait for their clean-up (killed after ``grace_s``); how many there were."""
@@ -205,7 +212,8 @@ def launch_order(configs: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def run_all(recipe: str, out: Path, configs: list[tuple[int, int]], sets: list[str], fresh: bool, parallel: int,
             cores: CoreBudget) -> dict[tuple[int, int], tuple[dict, float]]:
     """Every configuration's (figures, wall seconds), at most ``parallel`` at once.  Ctrl-C or SIGTERM stops the
-    runs under way (:class:`Runs`) and exits 130."""
+    runs under way (:class:`Runs`) and exits 130; a failed run starts no more, lets those under way finish (a
+    rerun reads them) and exits 1."""
     runs = Runs()
     launch = launch_order(configs)
     pool = ThreadPoolExecutor(max_workers=max(1, parallel))
@@ -213,10 +221,24 @@ def run_all(recipe: str, out: Path, configs: list[tuple[int, int]], sets: list[s
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
+    def job(config: tuple[int, int]) -> tuple[dict, float]:
+        try:
+            return run_one(recipe, out, config[0], config[1], sets, fresh, cores, runs)
+        except SystemExit:
+            runs.close()  # here, before this worker takes the next configuration
+            raise
+
     previous = signal.signal(signal.SIGTERM, interrupted)
     try:
-        return dict(zip(launch, pool.map(lambda c: run_one(recipe, out, c[0], c[1], sets, fresh, cores, runs),
-                                         launch)))
+        futures = {c: pool.submit(job, c) for c in launch}
+        try:
+            return {c: f.result() for c, f in futures.items()}
+        except SystemExit as failed:  # a run failed: the table cannot be whole; the runs under way are kept
+            under_way = runs.close()
+            print(f"r3_synergy: {failed}; no further run starts, {under_way} under way finish first "
+                  "(Ctrl-C stops them)", file=sys.stderr)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise SystemExit(1) from None
     except KeyboardInterrupt:
         stopped = runs.stop()
         pool.shutdown(wait=True, cancel_futures=True)

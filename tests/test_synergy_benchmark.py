@@ -176,3 +176,25 @@ def test_sigterm_stops_the_training_process_too(tmp_path: Path) -> None:
         bench.kill()
         for pid in _processes_mentioning(run_dir):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_failed_run_starts_no_more_and_lets_the_runs_under_way_finish(tmp_path: Path, capsys) -> None:
+    bench = _bench()
+    finished: list[tuple[int, int]] = []
+
+    def fake_run_one(recipe, out, seed, threads, sets, fresh, cores, runs):
+        if seed == 0:
+            time.sleep(0.2)  # seed 1 is under way by then
+            raise SystemExit(f"run seed={seed} threads={threads} failed (exit 1); see LOG")
+        runs.run([sys.executable, "-c", "import time; time.sleep(1)"], out / f"seed{seed}.log")
+        finished.append((seed, threads))
+        return {}, 1.0
+
+    bench.run_one = fake_run_one
+    with pytest.raises(SystemExit) as e:
+        bench.run_all("r.yaml", tmp_path, [(0, 1), (1, 1), (2, 1)], [], False, 2, bench.CoreBudget(2))
+    assert e.value.code == 1
+    assert finished == [(1, 1)]  # seed 1 finished; seed 2 never started
+    assert not (tmp_path / "seed2.log").exists()
+    err = capsys.readouterr().err
+    assert "run seed=0 threads=1 failed" in err and "1 under way finish first" in err
