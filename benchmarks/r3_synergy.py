@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def run_overrides(seed: int, threads: int) -> list[str]:
 
 
 def run_one(recipe: str, out: Path, seed: int, threads: int, sets: list[str], fresh: bool,
-            cores: CoreBudget | None = None, runs: Runs | None = None) -> tuple[dict, float]:
+            cores: CoreBudget, runs: Runs) -> tuple[dict, float]:
     """Train one configuration (or read its finished run); returns (synergy figures, wall seconds)."""
     run_dir = out / f"seed{seed}-threads{threads}"
     summary = run_dir / "summary.json"
@@ -161,8 +161,7 @@ def run_one(recipe: str, out: Path, seed: int, threads: int, sets: list[str], fr
     cmd = [sys.executable, "-m", "r3_rl.cli", "train", recipe, "--run-dir", str(run_dir)]
     for s in [*run_overrides(seed, threads), *sets]:
         cmd += ["--set", s]
-    runs = runs or Runs()
-    with cores.hold(threads) if cores is not None else nullcontext():
+    with cores.hold(threads):
         t0 = time.time()
         log = out / f"seed{seed}-threads{threads}.log"
         rc = runs.run(cmd, log, cwd=REPO, env=env)

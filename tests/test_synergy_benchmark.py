@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from sim_cluster import processes_under
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "r3_synergy.py"
 
@@ -140,18 +141,6 @@ def test_a_run_that_ignores_the_interrupt_is_killed_after_the_grace(tmp_path: Pa
     assert codes == [-signal.SIGKILL] and time.time() - t0 < 10
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                pids.append(int(proc.name))
-        except OSError:
-            pass
-    return pids
-
-
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find the training process")
 def test_sigterm_stops_the_training_process_too(tmp_path: Path) -> None:
     """Killing the benchmark by its PID used to leave its ``r3-rl train`` child training (session 30)."""
     out = tmp_path / "out"
@@ -162,7 +151,7 @@ def test_sigterm_stops_the_training_process_too(tmp_path: Path) -> None:
     try:
         deadline = time.time() + 60
         # the run dir's recipe.yaml: the CLI has checked the recipe and is starting the warm start
-        while not (_processes_mentioning(run_dir) and (out / "seed0-threads1" / "recipe.yaml").exists()):
+        while not (processes_under(run_dir) and (out / "seed0-threads1" / "recipe.yaml").exists()):
             assert time.time() < deadline and bench.poll() is None, "the training run did not start"
             time.sleep(0.2)
         time.sleep(2)  # inside the warm start
@@ -170,12 +159,15 @@ def test_sigterm_stops_the_training_process_too(tmp_path: Path) -> None:
         _, err = bench.communicate(timeout=120)
         assert bench.returncode == 130, err
         assert "stopped 1 run(s) under way" in err
-        assert _processes_mentioning(run_dir) == []
+        assert processes_under(run_dir) == []
         assert "interrupted" in (out / "seed0-threads1.log").read_text()  # the CLI's own clean-up path ran
     finally:  # a failing test leaves nothing training
         bench.kill()
-        for pid in _processes_mentioning(run_dir):
-            os.kill(pid, signal.SIGKILL)
+        for pid in processes_under(run_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_a_failed_run_starts_no_more_and_lets_the_runs_under_way_finish(tmp_path: Path, capsys) -> None:
