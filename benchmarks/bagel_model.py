@@ -22,7 +22,6 @@ bytes of the file at a time, so the peak should be about the model plus one wind
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -36,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from r3_rl.arguments import OneLineArgumentParser, int_at_least  # noqa: E402
 from r3_rl.policy.bagel import BagelModel, NoiseBlock, TextBlock, TokenIds, published_config  # noqa: E402
 from r3_rl.policy.bagel.tiny import bagel_shaped_config  # noqa: E402
 
@@ -155,15 +155,15 @@ def parameter_table() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--image", type=int, default=256, help="square image side in px (16 px per latent token)")
-    parser.add_argument("--context", type=int, default=128, help="text tokens in the conditional context")
-    parser.add_argument("--vocab", type=int, default=16384)
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int_at_least(1), default=512)
+    parser.add_argument("--layers", type=int_at_least(1), default=2)
+    parser.add_argument("--image", type=int_at_least(1), default=256, help="square image side in px (16 px per latent token)")
+    parser.add_argument("--context", type=int_at_least(1), default=128, help="text tokens in the conditional context")
+    parser.add_argument("--vocab", type=int_at_least(1), default=16384)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int_at_least(1), default=5)
+    parser.add_argument("--threads", type=int_at_least(1), default=2)
     parser.add_argument("--load-check", action="store_true", help="also measure load_bagel's peak memory")
     args = parser.parse_args()
     if args.image % 16:

@@ -24,7 +24,6 @@ patches, 32 px inputs); kept: the MoT routing, the block layout, the flow sample
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import os
@@ -39,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from r3_rl.arguments import OneLineArgumentParser, int_at_least  # noqa: E402
 from r3_rl.config import Learner  # noqa: E402
 from r3_rl.learner.batch import TrainItem  # noqa: E402
 from r3_rl.learner.torch_learner import TorchLearner  # noqa: E402
@@ -92,15 +92,15 @@ def isolation_figures(policy: BagelPolicy, segments: list) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=1)
-    ap.add_argument("--image", type=int, default=128, help="generated image side in px (16 px per latent token)")
-    ap.add_argument("--group", type=int, default=2, help="siblings per group (R3: 16)")
-    ap.add_argument("--context", type=int, default=48, help="approximate plan length in tokens")
+    ap = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hidden", type=int_at_least(1), default=2048)
+    ap.add_argument("--layers", type=int_at_least(1), default=1)
+    ap.add_argument("--image", type=int_at_least(1), default=128, help="generated image side in px (16 px per latent token)")
+    ap.add_argument("--group", type=int_at_least(1), default=2, help="siblings per group (R3: 16)")
+    ap.add_argument("--context", type=int_at_least(1), default=48, help="approximate plan length in tokens")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3, help="learner steps timed per kind (the median is printed)")
+    ap.add_argument("--threads", type=int_at_least(1), default=2)
+    ap.add_argument("--repeats", type=int_at_least(1), default=3, help="learner steps timed per kind (the median is printed)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()

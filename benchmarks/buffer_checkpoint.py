@@ -8,7 +8,6 @@ issue's limits (10 s, 200 MB).  The pixels are rebuilt from the tokens by a stan
 """
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import tempfile
@@ -20,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from r3_rl.arguments import OneLineArgumentParser, int_at_least  # noqa: E402
 from r3_rl.rollout.buffer import BufferEntry, ParentBuffer  # noqa: E402
 from r3_rl.trajectory import PromptItem  # noqa: E402
 
@@ -32,8 +32,8 @@ def decode(tokens: list[int]) -> np.ndarray:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=2048, help="tree.buffer_size (each pool holds this many)")
+    ap = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int_at_least(1), default=2048, help="tree.buffer_size (each pool holds this many)")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     buf = ParentBuffer(a.size, decode=decode)

@@ -24,7 +24,6 @@ ones that do 0.19 (training prompts), and RL does not change it much; the per-ta
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from r3_rl.arguments import OneLineArgumentParser  # noqa: E402
 from r3_rl.blocks.prompts import prompt_pool  # noqa: E402
 from r3_rl.blocks.world import COLORS, token_of  # noqa: E402
 from r3_rl.config import load_recipe  # noqa: E402
@@ -91,7 +91,7 @@ def binding(policy: TinyUnifiedPolicy, split: str) -> dict[str, float]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folders", nargs="+", type=Path, help="save_pretrained folders of tiny policies")
     ap.add_argument("--recipe", default="recipes/tiny_blocks.yaml", help="templates from here")
     args = ap.parse_args()

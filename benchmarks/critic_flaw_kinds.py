@@ -16,7 +16,6 @@ The eval files hold the trees the eval logged (a sample of its prompts), so the 
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
+from r3_rl.arguments import OneLineArgumentParser  # noqa: E402
 from r3_rl.blocks import edits  # noqa: E402
 from r3_rl.trajectory import Node, Tree, read_trees  # noqa: E402
 
@@ -74,7 +74,7 @@ def report(run: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="run dirs of finished Blocks runs")
     for run in ap.parse_args().runs:
         report(run)

@@ -14,7 +14,6 @@ trained on: the critic's verdict on those is what the eval measures); ``--tags``
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from r3_rl.arguments import OneLineArgumentParser, int_at_least  # noqa: E402
 from r3_rl.blocks import edits  # noqa: E402
 from r3_rl.blocks.prompts import TAGS  # noqa: E402
 from r3_rl.config import load_recipe  # noqa: E402
@@ -64,9 +64,9 @@ def stop_rates(policy: TinyUnifiedPolicy, prompts: BlocksPrompts, n: int, seed: 
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folders", nargs="+", type=Path, help="save_pretrained folders of tiny policies")
-    ap.add_argument("--n", type=int, default=600, help="images per layout")
+    ap.add_argument("--n", type=int_at_least(1), default=600, help="images per layout")
     ap.add_argument("--recipe", default="recipes/tiny_blocks.yaml", help="templates and prompt tags from here")
     ap.add_argument("--split", choices=("train", "heldout"), default="train", help="which prompts (default train)")
     ap.add_argument("--tags", nargs="+", choices=TAGS, help="only these prompt tags (default: the recipe's mix)")

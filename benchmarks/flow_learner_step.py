@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from r3_rl.arguments import OneLineArgumentParser, int_at_least  # noqa: E402
 from r3_rl.config import load_recipe  # noqa: E402
 from r3_rl.learner.batch import TrainItem  # noqa: E402
 from r3_rl.learner.torch_learner import TorchLearner  # noqa: E402
@@ -52,15 +53,15 @@ def setup(args: argparse.Namespace, mode: str) -> tuple[TorchLearner, list[Train
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--points", type=int, default=16)
-    ap.add_argument("--window", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
+    ap = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompts", type=int_at_least(1), default=8)
+    ap.add_argument("--group", type=int_at_least(1), default=8)
+    ap.add_argument("--points", type=int_at_least(1), default=16)
+    ap.add_argument("--window", type=int_at_least(1), default=4)
+    ap.add_argument("--hidden", type=int_at_least(1), default=128)
+    ap.add_argument("--layers", type=int_at_least(1), default=4)
+    ap.add_argument("--repeats", type=int_at_least(1), default=5)
+    ap.add_argument("--threads", type=int_at_least(1), default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     runs = {mode: setup(args, mode) for mode in SETTINGS}

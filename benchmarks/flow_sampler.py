@@ -14,7 +14,6 @@ latent width (the MLP, not the sampler, then dominates).
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from r3_rl.arguments import OneLineArgumentParser, int_at_least  # noqa: E402
 from r3_rl.flow import (EtaSchedule, FlowVelocity, Guidance, StochasticSteps, initial_noise,  # noqa: E402
                         sample_flow, sibling_seeds, timestep_grid)
 
@@ -82,14 +82,14 @@ def timed(fns: dict, repeats: int) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=16, help="latent tokens per image")
-    ap.add_argument("--dim", type=int, default=16, help="latent channels per token")
-    ap.add_argument("--hidden", type=int, default=64, help="velocity MLP width")
-    ap.add_argument("--points", type=int, default=16, help="grid points (points - 1 denoising steps)")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
+    ap = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int_at_least(1), default=8)
+    ap.add_argument("--tokens", type=int_at_least(1), default=16, help="latent tokens per image")
+    ap.add_argument("--dim", type=int_at_least(1), default=16, help="latent channels per token")
+    ap.add_argument("--hidden", type=int_at_least(1), default=64, help="velocity MLP width")
+    ap.add_argument("--points", type=int_at_least(1), default=16, help="grid points (points - 1 denoising steps)")
+    ap.add_argument("--repeats", type=int_at_least(1), default=5)
+    ap.add_argument("--threads", type=int_at_least(1), default=1)
     a = ap.parse_args()
     for name in ("batch", "tokens", "dim", "hidden", "repeats", "threads"):
         if getattr(a, name) < 1:

@@ -20,7 +20,6 @@ sets both the VQ grid and SigLIP's patches (Janus-Pro: 24, i.e. 576 tokens; CPU-
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import statistics
@@ -40,6 +39,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from r3_rl.arguments import OneLineArgumentParser, int_at_least  # noqa: E402
 from r3_rl.config import Learner  # noqa: E402
 from r3_rl.learner.batch import TrainItem  # noqa: E402
 from r3_rl.learner.build import build_learner  # noqa: E402
@@ -82,17 +82,17 @@ def make_items(policy: JanusPolicy, contexts: int, group: int, text_len: int, se
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=256, help="trunk width (Janus-Pro-1B: 2048)")
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--grid", type=int, default=8, help="grid x grid image tokens (Janus-Pro: 24)")
-    ap.add_argument("--contexts", type=int, default=2, help="parent images (sibling groups) per batch")
-    ap.add_argument("--group", type=int, default=4, help="siblings per parent")
-    ap.add_argument("--text", type=int, default=16, help="critique tokens")
+    ap = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int_at_least(1), default=256, help="trunk width (Janus-Pro-1B: 2048)")
+    ap.add_argument("--layers", type=int_at_least(1), default=2)
+    ap.add_argument("--grid", type=int_at_least(1), default=8, help="grid x grid image tokens (Janus-Pro: 24)")
+    ap.add_argument("--contexts", type=int_at_least(1), default=2, help="parent images (sibling groups) per batch")
+    ap.add_argument("--group", type=int_at_least(1), default=4, help="siblings per parent")
+    ap.add_argument("--text", type=int_at_least(1), default=16, help="critique tokens")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--backend", default="torch", choices=["torch", "deepspeed"])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int_at_least(1), default=5)
+    ap.add_argument("--threads", type=int_at_least(1), default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

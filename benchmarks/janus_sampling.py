@@ -16,7 +16,6 @@ the trunk has Janus-Pro's proportions: head dim 128, MLP 2.75 x width, a 16,384-
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from r3_rl.arguments import OneLineArgumentParser, int_at_least, non_negative_float  # noqa: E402
 from r3_rl.plan.measure import measured_peak  # noqa: E402
 from r3_rl.policy.janus import JanusPolicy  # noqa: E402
 from r3_rl.policy.janus_tiny import make_tiny_janus  # noqa: E402
@@ -112,15 +112,15 @@ def timed(fns: list, repeats: int) -> list[list[float]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--grid", type=int, default=4, help="image is grid x grid VQ tokens (tiny default 4)")
-    ap.add_argument("--hidden", type=int, default=64, help="trunk width (tiny default 64)")
-    ap.add_argument("--layers", type=int, default=2, help="trunk depth (tiny default 2)")
-    ap.add_argument("--cfg", type=float, default=5.0)
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int_at_least(1), default=8)
+    ap.add_argument("--grid", type=int_at_least(1), default=4, help="image is grid x grid VQ tokens (tiny default 4)")
+    ap.add_argument("--hidden", type=int_at_least(1), default=64, help="trunk width (tiny default 64)")
+    ap.add_argument("--layers", type=int_at_least(1), default=2, help="trunk depth (tiny default 2)")
+    ap.add_argument("--cfg", type=non_negative_float, default=5.0)
+    ap.add_argument("--repeats", type=int_at_least(1), default=15)
+    ap.add_argument("--threads", type=int_at_least(1), default=1)
+    ap.add_argument("--seed", type=int_at_least(0), default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     shape = {}

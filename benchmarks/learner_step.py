@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from r3_rl.arguments import OneLineArgumentParser, int_at_least  # noqa: E402
 from r3_rl.config import Learner, Templates  # noqa: E402
 from r3_rl.learner.batch import TrainItem  # noqa: E402
 from r3_rl.learner.build import build_learner  # noqa: E402
@@ -167,15 +168,15 @@ def report(title: str, times: dict[str, list[float]], goal: bool) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--length", type=int, default=16)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int_at_least(1), default=8)
+    ap.add_argument("--group", type=int_at_least(1), default=8)
+    ap.add_argument("--length", type=int_at_least(1), default=16)
+    ap.add_argument("--hidden", type=int_at_least(1), default=128)
+    ap.add_argument("--layers", type=int_at_least(1), default=4)
+    ap.add_argument("--repeats", type=int_at_least(1), default=10)
+    ap.add_argument("--warmup", type=int_at_least(0), default=2)
+    ap.add_argument("--threads", type=int_at_least(1), default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore")

@@ -12,7 +12,6 @@ Adam state), and the error.  See ``r3_rl/plan/validate.py``.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -23,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from r3_rl.arguments import OneLineArgumentParser, int_at_least  # noqa: E402
 from r3_rl.plan.validate import Check, run  # noqa: E402
 
 # each width, each depth and both checkpointing settings appear; 2048 x 4 only samples (its float32 learner
@@ -39,12 +39,12 @@ def row(c: Check) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default=LEARNER, help="learner steps: WIDTHxLAYERS:on|off, comma-separated")
     ap.add_argument("--sampling", default=SAMPLING, help="image sampling: WIDTHxLAYERS, comma-separated")
-    ap.add_argument("--grid", type=int, default=8, help="image is grid x grid tokens (Janus-Pro: 24)")
-    ap.add_argument("--micro-batch", type=int, default=2)
-    ap.add_argument("--sample-batch", type=int, default=4)
+    ap.add_argument("--grid", type=int_at_least(1), default=8, help="image is grid x grid tokens (Janus-Pro: 24)")
+    ap.add_argument("--micro-batch", type=int_at_least(1), default=2)
+    ap.add_argument("--sample-batch", type=int_at_least(1), default=4)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="policy dtype of the learner steps (bfloat16: fp32 master weights and Adam state)")
     a = ap.parse_args()

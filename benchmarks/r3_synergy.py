@@ -35,7 +35,6 @@ that fails starts no more either; those under way finish (a rerun reads them) an
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -51,6 +50,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from r3_rl.arguments import OneLineArgumentParser, int_at_least  # noqa: E402
 from r3_rl.environment import differences, read_records, summary_line  # noqa: E402
 from r3_rl.errors import EXIT_USAGE, UserError  # noqa: E402
 from r3_rl.eval.synergy import GOALS, near_miss, synergy_figures  # noqa: E402
@@ -256,12 +256,12 @@ def stats(xs: list[float]) -> tuple[float, float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = OneLineArgumentParser(prog="r3_synergy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default=str(REPO / "recipes" / "tiny_blocks.yaml"))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--parallel", type=int, default=2, help="runs at once (each uses its own thread count)")
-    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1,
+    ap.add_argument("--seeds", type=int_at_least(0), nargs="+", default=[0, 1, 2])
+    ap.add_argument("--threads", type=int_at_least(1), nargs="+", default=[1, 2])
+    ap.add_argument("--parallel", type=int_at_least(1), default=2, help="runs at once (each uses its own thread count)")
+    ap.add_argument("--cores", type=int_at_least(1), default=os.cpu_count() or 1,
                     help="torch threads all runs at once may use together (default: this machine's cores)")
     ap.add_argument("--out", default=str(REPO / "runs" / "synergy"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override for every run")

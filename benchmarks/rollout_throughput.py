@@ -14,7 +14,6 @@ tiny model at its random initialisation (no warm start): texts run to ``max_new_
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from r3_rl.arguments import OneLineArgumentParser, int_at_least  # noqa: E402
 from r3_rl.config import load_recipe  # noqa: E402
 from r3_rl.data import PromptSource  # noqa: E402
 from r3_rl.policy.registry import build_policy  # noqa: E402
@@ -60,10 +60,10 @@ def measure(engine: RolloutEngine, policy, recipe, steps: list[list[RolloutTask]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--groups-per-task", type=int, default=2)
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int_at_least(1), default=4)
+    ap.add_argument("--groups-per-task", type=int_at_least(1), default=2)
+    ap.add_argument("--workers", type=int_at_least(1), nargs="+", default=[1, 2])
     args = ap.parse_args()
 
     recipe = load_recipe(REPO / "recipes" / "tiny_blocks.yaml", [

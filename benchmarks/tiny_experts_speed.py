@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from r3_rl.arguments import OneLineArgumentParser, int_at_least  # noqa: E402
 from r3_rl.config import Templates  # noqa: E402
 from r3_rl.policy.tiny import TinyUnifiedPolicy  # noqa: E402
 from r3_rl.trajectory import PromptItem, SamplingParams  # noqa: E402
@@ -42,11 +43,11 @@ def measure(experts: str, args: argparse.Namespace) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=64)
-    ap.add_argument("--hidden-size", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int_at_least(1), default=64)
+    ap.add_argument("--hidden-size", type=int_at_least(1), default=128)
+    ap.add_argument("--threads", type=int_at_least(1), default=1)
+    ap.add_argument("--repeats", type=int_at_least(1), default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     last: dict[str, tuple[float, float]] = {}

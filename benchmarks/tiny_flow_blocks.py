@@ -12,7 +12,6 @@ A second call with the same ``--run-dir`` reuses the cached warm start (``<run-d
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from r3_rl.arguments import OneLineArgumentParser, int_at_least  # noqa: E402
 from r3_rl.config import load_recipe  # noqa: E402
 from r3_rl.trainer import Trainer  # noqa: E402
 
@@ -28,9 +28,9 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_flow_blocks.yam
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = OneLineArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", default="runs/bench-tiny-flow")
-    ap.add_argument("--steps", type=int, default=None, help="RL steps (default: the recipe's)")
+    ap.add_argument("--steps", type=int_at_least(1), default=None, help="RL steps (default: the recipe's)")
     ap.add_argument("--set", action="append", default=[], help="recipe override key=value (repeatable)")
     args = ap.parse_args()
     sets = list(args.set) + ([f"steps={args.steps}"] if args.steps is not None else []) + ["log.console=false"]

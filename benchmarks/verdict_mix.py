@@ -17,7 +17,6 @@ the shipped recipe's seed 0-1 runs (README: R3 synergy, session 28).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from r3_rl.arguments import OneLineArgumentParser  # noqa: E402
 from r3_rl.errors import EXIT_USAGE  # noqa: E402
 from r3_rl.eval.understanding import balanced_accuracy_on_mix  # noqa: E402
 
@@ -63,7 +63,7 @@ def _against_before(d: dict[str, float], key: str) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="run dirs with eval/before.json and eval/after.json")
     args = ap.parse_args()
     try:  # every run read before any is printed: a bad one is one line and exit 2, as in `r3-rl`

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from r3_rl.arguments import OneLineArgumentParser, int_at_least
 from r3_rl.errors import EXIT_USAGE, UserError
 
 
@@ -210,7 +211,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="r3-rl", description="RL fine-tuning of unified multimodal models with R3.")
+    p = OneLineArgumentParser(prog="r3-rl", description="RL fine-tuning of unified multimodal models with R3.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_recipe(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -232,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plugins", help="list registered policies, algorithms and rewards")
     ins = sub.add_parser("inspect", help="summarise a run directory; --html writes a page of trajectories")
     ins.add_argument("run_dir", help="a run directory (written by train, eval or rollout)")
-    ins.add_argument("--step", type=int, default=None, help="training step dump to show (default: the latest)")
+    ins.add_argument("--step", type=int_at_least(0), default=None, help="training step dump to show (default: the latest)")
     ins.add_argument("--eval", default=None, metavar="NAME", help="show an eval dump instead (before, after, ...)")
     ins.add_argument("--html", nargs="?", const="", default=None, metavar="PATH",
                      help="also write a static HTML page (default path: RUN_DIR/inspect/<dump>.html)")

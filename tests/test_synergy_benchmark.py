@@ -76,9 +76,11 @@ def _run_bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("args, names", [
     (["--recipe", "{tmp}/missing.yaml"], "missing.yaml: recipe file not found"),
     (["--set", "learner.lrr=1e-4"], "unknown key 'learner.lrr'"),
-    (["--threads", "-1"], "key 'threads'"),
-    (["--parallel", "0"], "--parallel 0: must be >= 1"),
-    (["--seeds", "0", "-1"], "key 'seed'"),  # every run's recipe is checked, not only the first
+    (["--threads", "-1"], "argument --threads: must be an integer >= 1, got '-1'"),
+    (["--parallel", "0"], "argument --parallel: must be an integer >= 1, got '0'"),
+    (["--cores", "0"], "argument --cores: must be an integer >= 1, got '0'"),
+    (["--seeds", "0", "-1"], "argument --seeds: must be an integer >= 0, got '-1'"),
+    (["--seeds", "0", "2147483648"], "key 'seed'"),  # every run's recipe is checked, not only the first
 ])
 def test_bad_input_is_one_line_and_exit_2_before_any_run(tmp_path: Path, args: list[str], names: str) -> None:
     out = tmp_path / "out"
