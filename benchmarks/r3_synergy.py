@@ -130,19 +130,20 @@ class Runs:
         return len(live)
 
 
-def check_inputs(recipe: str, seeds: list[int], threads: list[int], sets: list[str], parallel: int) -> None:
+def check_inputs(recipe: str, seeds: list[int], threads: list[int], sets: list[str]) -> None:
     """What ``r3-rl train`` would refuse, refused before the first run: the recipe with every run's overrides,
-    loaded and checked as the CLI does (no model is built); raises :class:`UserError`."""
-    from r3_rl.config import load_recipe
-    from r3_rl.validate import validate_recipe
+    loaded and checked as the CLI does (no model is built); raises :class:`UserError`.
 
-    if not seeds or not threads:
-        raise UserError("--seeds and --threads each need at least one value")
-    if parallel < 1:
-        raise UserError(f"--parallel {parallel}: must be >= 1")
-    for seed in seeds:
-        for t in threads:
-            validate_recipe(load_recipe(recipe, [*run_overrides(seed, t), *sets]), recipe)
+    The first run's recipe gets the CLI's whole check (prompt files read, plug-ins imported); the others differ
+    from it only in ``seed`` and ``threads``, whose checks are the recipe's own bounds (at load) and the size
+    limits of :func:`check_numbers`, so those are all they get.  (The parser already refused an empty list.)"""
+    from r3_rl.config import load_recipe
+    from r3_rl.validate import check_numbers, validate_recipe
+
+    first, *others = [(seed, t) for seed in seeds for t in threads]
+    validate_recipe(load_recipe(recipe, [*run_overrides(*first), *sets]), recipe)
+    for seed, t in others:
+        check_numbers(load_recipe(recipe, [*run_overrides(seed, t), *sets]).model_dump(mode="python"), recipe)
 
 
 def run_overrides(seed: int, threads: int) -> list[str]:
@@ -268,7 +269,7 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="rerun configurations that already have a summary")
     args = ap.parse_args()
     try:
-        check_inputs(args.recipe, args.seeds, args.threads, args.set, args.parallel)
+        check_inputs(args.recipe, args.seeds, args.threads, args.set)
     except UserError as e:
         print(f"r3_synergy: error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
