@@ -3,7 +3,7 @@
 argparse's own ``error`` prints the whole usage block before the message, and a size typed as a bare ``int``
 accepts ``0`` or ``-3`` and fails later in a traceback (``--hidden 0`` in a benchmark divided by zero in the
 model's constructor).  :class:`OneLineArgumentParser` keeps the message and drops the block (``--help`` still
-prints it), and :func:`int_at_least` / :func:`positive_float` reject a bad value while the arguments are parsed,
+prints it), and :func:`int_at_least`, :func:`int_between`, :func:`positive_float` and :func:`float_up_to` reject a bad value while the arguments are parsed,
 before anything expensive runs.  Used by ``r3-rl`` and by every script under ``benchmarks/``.
 """
 from __future__ import annotations
@@ -24,17 +24,44 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 def int_at_least(low: int) -> Callable[[str], int]:
     """An argparse ``type``: an integer >= ``low`` (a size, a count, a repeat number)."""
+    return _int_in(low, None, f"an integer >= {low}")
 
+
+def int_between(low: int, high: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer from ``low`` to ``high`` inclusive (a port, a count with a sane ceiling)."""
+    return _int_in(low, high, f"an integer from {low} to {high}")
+
+
+def float_up_to(high: float) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number > 0 and <= ``high`` (a memory size, a timeout: ``inf`` or ``1e300``
+    would pass ``positive_float`` and then mean nothing, or overflow where it becomes bytes or a deadline)."""
+
+    def parse(text: str) -> float:
+        value = _finite(text)
+        if value is None or not 0 < value <= high:
+            raise argparse.ArgumentTypeError(f"must be a number > 0 and <= {_plain(high)}, got {text!r}")
+        return value
+
+    parse.__name__ = f"number > 0 and <= {_plain(high)}"
+    return parse
+
+
+def _plain(number: float) -> str:
+    """1048576.0 as '1048576' (``:g`` would print 1.04858e+06), 0.5 as '0.5'."""
+    return str(int(number)) if float(number).is_integer() else f"{number:g}"
+
+
+def _int_in(low: int, high: int | None, what: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return value
 
-    parse.__name__ = f"integer >= {low}"  # what argparse names in its fallback message
+    parse.__name__ = what.removeprefix("an ")  # what argparse names in its fallback message
     return parse
 
 

@@ -8,8 +8,18 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from r3_rl.arguments import OneLineArgumentParser, int_at_least
+from r3_rl.arguments import OneLineArgumentParser, float_up_to, int_at_least, int_between
 from r3_rl.errors import EXIT_USAGE, UserError
+
+# Ceilings of the numeric flags: well past any real use, low enough that a typo (an extra zero, 1e300, inf) is
+# refused while parsing instead of turning into a plan for a million GPUs or a byte count that overflows.
+MAX_ROLLOUT_PROMPTS = 100_000
+MAX_PLAN_GPUS = 4096
+MAX_GPU_MEMORY_GB = 4096.0
+MAX_SERVER_MIB = float(1 << 20)  # request bodies: 1 TiB
+MAX_SERVER_COUNT = 1 << 20  # images per request, requests at once
+MAX_SERVER_PIXELS = 1 << 31  # decoded pixels per image
+MAX_CLIENT_TIMEOUT_S = 86_400.0
 
 
 def _recipe(args: argparse.Namespace, model: str | None = None) -> Any:
@@ -88,8 +98,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    if not 1 <= args.num <= 100_000:
-        raise UserError(f"--num {args.num}: must be 1-100000")
     recipe = _recipe(args)
     from r3_rl.eval.evaluate import score_chains
     from r3_rl.rollout.chain import r3_chains
@@ -113,8 +121,6 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from r3_rl.inspect import inspect_run
 
-    if args.limit < 0:
-        raise UserError(f"--limit {args.limit}: must be >= 0")
     text, _ = inspect_run(args.run_dir, step=args.step, eval_name=args.eval, html=args.html, limit=args.limit)
     print(text)
     return 0
@@ -144,12 +150,6 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_serve_reward(args: argparse.Namespace) -> int:
     from r3_rl.rewards.server import Limits, parse_option_args, serve
 
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port {args.port}: must be 0-65535 (0 = any free port)")
-    for flag in ("max_request_mb", "max_inflight_mb", "max_images", "max_image_pixels", "max_concurrency",
-                 "client_timeout"):
-        if not 0 < getattr(args, flag) < 2**40:
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be > 0")
     limits = Limits(max_request_bytes=int(args.max_request_mb * 2**20), max_inflight_bytes=int(args.max_inflight_mb * 2**20),
                     max_images=args.max_images, max_image_pixels=args.max_image_pixels,
                     max_concurrency=args.max_concurrency, client_timeout=args.client_timeout)
@@ -186,12 +186,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from r3_rl.plan.render import render
-    from r3_rl.plan.report import check_args, make_plan
-
-    check_args(args.gpus, args.gpu_memory)
     from r3_rl.config import load_recipe  # the recipe's keys only: a plan needs neither weights nor data
     from r3_rl.learner.precision import check_recipe_precision
+    from r3_rl.plan.render import render
+    from r3_rl.plan.report import make_plan
     from r3_rl.validate import check_learner_ranks, check_plugins
 
     recipe = load_recipe(args.recipe, args.set)
@@ -228,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = with_recipe(sub.add_parser("eval", help="per-round evaluation of a checkpoint"))
     ev.add_argument("--checkpoint", required=True, help="directory written by save_pretrained")
     ro = with_recipe(sub.add_parser("rollout", help="sample R3 trajectories without training and dump them"))
-    ro.add_argument("--num", type=int, default=16, help="number of prompts")
+    ro.add_argument("--num", type=int_between(1, MAX_ROLLOUT_PROMPTS), default=16, help="number of prompts (default 16)")
     sub.add_parser("rewards", help="list registered rewards")
     sub.add_parser("plugins", help="list registered policies, algorithms and rewards")
     ins = sub.add_parser("inspect", help="summarise a run directory; --html writes a page of trajectories")
@@ -237,28 +235,28 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--eval", default=None, metavar="NAME", help="show an eval dump instead (before, after, ...)")
     ins.add_argument("--html", nargs="?", const="", default=None, metavar="PATH",
                      help="also write a static HTML page (default path: RUN_DIR/inspect/<dump>.html)")
-    ins.add_argument("--limit", type=int, default=3, help="trajectories printed as text (default 3)")
+    ins.add_argument("--limit", type=int_at_least(0), default=3, help="trajectories printed as text (default 3)")
     pl = sub.add_parser("plan", help="per-GPU memory of a recipe's processes, component by component; exit 1 if it "
                                      "does not fit")
     pl.add_argument("recipe", help="YAML recipe")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
-    pl.add_argument("--gpus", type=int, default=8, help="GPUs on the machine (default 8)")
-    pl.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB", help="memory per GPU in GB (default 80)")
+    pl.add_argument("--gpus", type=int_between(1, MAX_PLAN_GPUS), default=8, help="GPUs on the machine (default 8)")
+    pl.add_argument("--gpu-memory", type=float_up_to(MAX_GPU_MEMORY_GB), default=80.0, metavar="GB", help="memory per GPU in GB (default 80)")
     sr = sub.add_parser("serve-reward", help="serve a reward over JSON HTTP (recipe reward name 'remote')")
     sr.add_argument("--reward", required=True, help="reward name, pkg.mod:fn or path/to/file.py:fn")
-    sr.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 = any free port)")
+    sr.add_argument("--port", type=int_between(0, 65535), default=8765, help="port (default 8765; 0 = any free port)")
     sr.add_argument("--host", default="127.0.0.1",
                     help="address to bind (default 127.0.0.1; the server has no authentication)")
     sr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="reward option, e.g. --option detector=owlv2 (repeatable)")
-    sr.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body accepted (MiB)")
-    sr.add_argument("--max-inflight-mb", type=float, default=256.0,
+    sr.add_argument("--max-request-mb", type=float_up_to(MAX_SERVER_MIB), default=64.0, help="largest request body accepted (MiB)")
+    sr.add_argument("--max-inflight-mb", type=float_up_to(MAX_SERVER_MIB), default=256.0,
                     help="request bodies admitted at once, in MiB (more: 503 busy)")
-    sr.add_argument("--max-images", type=int, default=64, help="images per request (default 64)")
-    sr.add_argument("--max-image-pixels", type=int, default=1024 * 1024,
+    sr.add_argument("--max-images", type=int_between(1, MAX_SERVER_COUNT), default=64, help="images per request (default 64)")
+    sr.add_argument("--max-image-pixels", type=int_between(1, MAX_SERVER_PIXELS), default=1024 * 1024,
                     help="decoded pixels per image, checked in the PNG header (default 1048576 = 1024x1024)")
-    sr.add_argument("--max-concurrency", type=int, default=64, help="scoring requests admitted at once (more: 503)")
-    sr.add_argument("--client-timeout", type=float, default=30.0,
+    sr.add_argument("--max-concurrency", type=int_between(1, MAX_SERVER_COUNT), default=64, help="scoring requests admitted at once (more: 503)")
+    sr.add_argument("--client-timeout", type=float_up_to(MAX_CLIENT_TIMEOUT_S), default=30.0,
                     help="seconds a client has to send a request head, and again its body (default 30)")
     sr.add_argument("--verbose", action="store_true", help="log every request")
     dr = sub.add_parser("doctor", help="preflight: check weights, GPUs, NCCL, Ray, rewards and disk before a run")

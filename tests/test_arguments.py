@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from r3_rl.arguments import OneLineArgumentParser, int_at_least, non_negative_float, positive_float
+from r3_rl.arguments import (
+    OneLineArgumentParser,
+    float_up_to,
+    int_at_least,
+    int_between,
+    non_negative_float,
+    positive_float,
+)
 from r3_rl.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +49,25 @@ def test_floats() -> None:
             non_negative_float(bad)
 
 
+def test_int_between() -> None:
+    port = int_between(0, 65535)
+    assert port("0") == 0 and port("65535") == 65535 and port("8765") == 8765
+    for bad in ("-1", "65536", "1e3", "x", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"must be an integer from 0 to 65535, got {bad!r}"):
+            port(bad)
+
+
+def test_float_up_to() -> None:
+    size = float_up_to(float(1 << 20))
+    assert size("64") == 64.0 and size("0.5") == 0.5 and size("1048576") == 1048576.0
+    for bad in ("0", "-1", "1048577", "1e300", "inf", "nan", "x"):
+        # the ceiling printed as written, not as 1.04858e+06
+        with pytest.raises(argparse.ArgumentTypeError, match=f"must be a number > 0 and <= 1048576, got {bad!r}"):
+            size(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="<= 0.5, got '0.6'"):
+        float_up_to(0.5)("0.6")
+
+
 def test_parser_error_is_one_line_exit_2_and_sub_commands_inherit(capsys: pytest.CaptureFixture) -> None:
     parser = OneLineArgumentParser(prog="tool")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +88,22 @@ def test_parser_error_is_one_line_exit_2_and_sub_commands_inherit(capsys: pytest
     (["inspect", "RUN", "--step", "-3"], "r3-rl inspect: error: argument --step: must be an integer >= 0, got '-3'"),
     (["train"], "r3-rl train: error: the following arguments are required: recipe"),
     (["trian", "recipes/tiny_blocks.yaml"], "r3-rl: error: argument command: invalid choice: 'trian'"),
+    # until session 33 these were checked after parsing (--gpu-memory inf and --gpus 10**12 were planned as fitting)
+    (["inspect", "RUN", "--limit", "-1"], "r3-rl inspect: error: argument --limit: must be an integer >= 0, got '-1'"),
+    (["rollout", "recipes/tiny_blocks.yaml", "--num", "0"],
+     "r3-rl rollout: error: argument --num: must be an integer from 1 to 100000, got '0'"),
+    (["plan", "recipes/grpo_geneval.yaml", "--gpus", "1000000000000"],
+     "r3-rl plan: error: argument --gpus: must be an integer from 1 to 4096, got '1000000000000'"),
+    (["plan", "recipes/grpo_geneval.yaml", "--gpu-memory", "inf"],
+     "r3-rl plan: error: argument --gpu-memory: must be a number > 0 and <= 4096, got 'inf'"),
+    (["serve-reward", "--reward", "blocks", "--port", "65536"],
+     "r3-rl serve-reward: error: argument --port: must be an integer from 0 to 65535, got '65536'"),
+    (["serve-reward", "--reward", "blocks", "--max-request-mb", "1e300"],
+     "r3-rl serve-reward: error: argument --max-request-mb: must be a number > 0 and <= 1048576, got '1e300'"),
+    (["serve-reward", "--reward", "blocks", "--max-images", "0"],
+     "r3-rl serve-reward: error: argument --max-images: must be an integer from 1 to 1048576, got '0'"),
+    (["serve-reward", "--reward", "blocks", "--client-timeout", "-5"],
+     "r3-rl serve-reward: error: argument --client-timeout: must be a number > 0 and <= 86400, got '-5'"),
 ])
 def test_r3_rl_flag_errors_are_one_line(argv: list[str], names: str, tmp_path: Path,
                                         capsys: pytest.CaptureFixture) -> None:
@@ -96,6 +138,14 @@ def test_every_benchmark_checks_its_flags(script: str) -> None:
     assert all(p == "OneLineArgumentParser" for p in parsers), f"{script}: {parsers}"
     unchecked = [(flag, t) for flag, t in typed if t in ("int", "float")]
     assert not unchecked, f"{script}: flags without a checked type (a bad value would end in a traceback): {unchecked}"
+
+
+def test_r3_rl_checks_its_flags() -> None:
+    """The command line itself: every numeric flag has a checked type (until session 33 six were bare)."""
+    parsers, typed = _flag_types(REPO / "r3_rl" / "cli.py")
+    assert parsers == ["OneLineArgumentParser"]
+    assert len(typed) >= 11  # --num, --step, --limit, --gpus, --gpu-memory, --port and the server's limits
+    assert not [(flag, t) for flag, t in typed if t in ("int", "float")], typed
 
 
 def test_the_scan_sees_flags() -> None:

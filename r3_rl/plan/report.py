@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from r3_rl.errors import UserError
 from r3_rl.plan import memory
 from r3_rl.plan.bagel_shape import bagel_shape
 from r3_rl.plan.memory import DTYPE_BYTES, PROMPT_TOKENS, Stage
@@ -225,10 +224,3 @@ def make_plan(recipe: Any, gpus: int, gpu_memory: float, shape: ModelShape | Non
         errors.append(f"the actors need {needed} GPUs (learner.ranks x gpus_per_rank + rollout.workers x "
                       f"gpus_per_worker) but --gpus is {gpus}")
     return Plan(recipe, shape, gpus, gpu_memory, processes, needed, errors)
-
-
-def check_args(gpus: int, gpu_memory: float) -> None:
-    if gpus < 1:
-        raise UserError(f"--gpus {gpus}: must be >= 1")
-    if not gpu_memory > 0:
-        raise UserError(f"--gpu-memory {gpu_memory}: must be > 0 (GB per GPU)")
