@@ -52,9 +52,14 @@ def test_unknown_model_is_a_one_line_error_and_nothing_is_downloaded(monkeypatch
     with pytest.raises(UserError, match="no config.json for 'someone/NotAModel'.*deepseek-community/Janus-Pro-1B"):
         model_shape(load_recipe(GENEVAL, ["policy.model=someone/NotAModel"]))
     assert main(["plan", str(GENEVAL), "--set", "policy.model=someone/NotAModel"]) == 2
-    assert main(["plan", str(GENEVAL), "--gpus", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("r3-rl: error:") for line in err)
+    assert len(err) == 1 and err[0].startswith("r3-rl: error:")
+    with pytest.raises(SystemExit) as exit_info:  # a bad flag is refused by the parser, before the recipe is read
+        main(["plan", str(GENEVAL), "--gpus", "0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["r3-rl plan: error: argument --gpus: must be an integer from 1 to 4096, got '0' "
+                   "('r3-rl plan --help' lists the options)"]
 
 
 @pytest.mark.parametrize("params, ranks", [(1_700_000_000, 4), (7_000_000_000, 8), (123_456_789, 3)])
