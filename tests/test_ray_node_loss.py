@@ -132,6 +132,43 @@ def test_worker_that_cannot_be_restarted_is_dropped_and_its_task_runs_elsewhere(
         engine.close()
 
 
+@pytest.mark.timeout(180)
+def test_worker_that_hangs_has_its_tasks_reissued_after_the_call_timeout(repo: Path, tmp_path: Path) -> None:
+    """A worker frozen (SIGSTOP) with two tasks sent to it: after ``ray.call_timeout_s`` the task it runs is
+    declared lost, the worker replaced once, and both its tasks run again elsewhere -- the very same trees."""
+    from r3_rl.policy.registry import build_policy
+    from r3_rl.rollout.engine import run_ordered
+    from r3_rl.rollout.ray_engine import TASKS_PER_WORKER, RayEngine
+    from r3_rl.rollout.tree_rl import stage_sampling
+    from test_rollout_ray import assert_same_trees, local_trees, step_tasks
+
+    recipe = load_recipe(repo / "recipes" / "tiny_blocks.yaml", tiny_overrides(tmp_path) + [
+        "tree.group_size=2", "rollout.groups_per_task=1", "rollout.backend=ray", "rollout.workers=2",
+        "rollout.threads_per_worker=1", "rollout.cpus_per_worker=1", "ray.call_timeout_s=15"])
+    policy = build_policy(recipe)
+    tasks = step_tasks(recipe, policy, step=1, n_prompts=2, n_parents=2)
+    assert len(tasks) == 2 * TASKS_PER_WORKER  # so each worker is sent two at once
+    events: list[str] = []
+    engine = RayEngine(recipe, policy, events.append)
+    frozen = engine.worker_pids()[1]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        trees = run_ordered(engine, tasks, stage_sampling(recipe))
+        assert 15 <= time.monotonic() - t0 < 90
+        assert engine.restarts == 1 and frozen not in engine.worker_pids()
+        lost = [e for e in events if " lost (" in e]
+        assert len(lost) == 1 and "did not finish within 15 s (ray.call_timeout_s)" in lost[0], events
+        assert len([e for e in events if e.startswith("reissued task")]) == 2, events  # the one it ran, the one queued
+        assert_same_trees(local_trees(recipe, policy, tasks), trees)
+    finally:
+        try:
+            os.kill(frozen, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        engine.close()
+
+
 # ----------------------------------------------------------------------------- learner ranks
 def ranked(tmp_path: Path, *extra: str):
     pytest.importorskip("deepspeed")

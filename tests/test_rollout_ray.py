@@ -235,3 +235,75 @@ def test_ctrl_c_shuts_ray_down(repo: Path, tmp_path: Path, ray_tmp) -> None:
     assert proc.returncode == 130, err[-3000:]
     assert "interrupted" in err
     assert wait_no_ray_processes(root) == []
+
+
+class _FakeActor:
+    """Stands in for a worker handle: ``run.remote`` records what it was sent and returns a fresh ref."""
+
+    def __init__(self, name: str, sent: list[tuple[str, int]]) -> None:
+        self.name, self.sent = name, sent
+        self.run = self
+
+    def remote(self, task, sampling_ref):
+        self.sent.append((self.name, task.index))
+        return object()
+
+
+class _FakeGroup:
+    def __init__(self, actors: dict[int, _FakeActor]) -> None:
+        self.actors = actors
+
+    def items(self):
+        return list(self.actors.items())
+
+
+def _sender(n_workers: int):
+    from r3_rl.rollout.ray_engine import RayEngine
+
+    sent: list[tuple[str, int]] = []
+    engine = object.__new__(RayEngine)  # only _send's state: no Ray, no actors
+    engine.group = _FakeGroup({i: _FakeActor(f"w{i}", sent) for i in range(n_workers)})
+    return engine, sent
+
+
+class _Task:
+    def __init__(self, index: int) -> None:
+        self.index, self.step = index, 1
+
+
+def test_two_tasks_in_flight_per_worker_while_there_is_work_for_every_worker() -> None:
+    from collections import deque
+
+    from r3_rl.rollout.ray_engine import TASKS_PER_WORKER
+
+    assert TASKS_PER_WORKER == 2
+    engine, sent = _sender(2)
+    queue, pending = deque(_Task(i) for i in range(5)), {}
+    engine._send(queue, pending, None)
+    assert sent == [("w0", 0), ("w1", 1), ("w0", 2), ("w1", 3)] and [t.index for t in queue] == [4]
+    engine._send(queue, pending, None)  # nothing finished: every worker holds its two
+    assert len(sent) == 4
+    done = next(ref for ref, job in pending.items() if job.task.index == 0)
+    pending.pop(done)  # w0 finished task 0; one task left for two workers: it is not queued behind w0's task 2
+    engine._send(queue, pending, None)
+    assert len(sent) == 4 and len(queue) == 1
+    pending.pop(next(ref for ref, job in pending.items() if job.task.index == 2))  # w0 is idle now
+    engine._send(queue, pending, None)
+    assert sent[-1] == ("w0", 4) and not queue
+
+    engine, sent = _sender(2)  # three tasks for two workers: one each, the third waits for the first free one
+    queue, pending = deque(_Task(i) for i in range(3)), {}
+    engine._send(queue, pending, None)
+    assert sent == [("w0", 0), ("w1", 1)] and len(queue) == 1
+
+
+def test_tasks_on_a_replaced_worker_hold_no_place() -> None:
+    from collections import deque
+
+    engine, sent = _sender(1)
+    queue, pending = deque(_Task(i) for i in range(4)), {}
+    engine._send(queue, pending, None)
+    assert sent == [("w0", 0), ("w0", 1)]
+    engine.group.actors[0] = _FakeActor("w0-new", sent)  # replaced: tasks 0 and 1 are on the lost actor
+    engine._send(queue, pending, None)
+    assert sent[2:] == [("w0-new", 2), ("w0-new", 3)]
