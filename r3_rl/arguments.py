@@ -3,8 +3,9 @@
 argparse's own ``error`` prints the whole usage block before the message, and a size typed as a bare ``int``
 accepts ``0`` or ``-3`` and fails later in a traceback (``--hidden 0`` in a benchmark divided by zero in the
 model's constructor).  :class:`OneLineArgumentParser` keeps the message and drops the block (``--help`` still
-prints it), and :func:`int_at_least`, :func:`int_between`, :func:`positive_float` and :func:`float_up_to` reject a bad value while the arguments are parsed,
-before anything expensive runs.  Used by ``r3-rl`` and by every script under ``benchmarks/``.
+prints it), and :func:`int_at_least`, :func:`int_between`, :func:`positive_float` and :func:`float_up_to`
+reject a bad value while the arguments are parsed, before anything expensive runs.  Used by ``r3-rl`` and by
+every script under ``benchmarks/``.
 """
 from __future__ import annotations
 

@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = with_recipe(sub.add_parser("eval", help="per-round evaluation of a checkpoint"))
     ev.add_argument("--checkpoint", required=True, help="directory written by save_pretrained")
     ro = with_recipe(sub.add_parser("rollout", help="sample R3 trajectories without training and dump them"))
-    ro.add_argument("--num", type=int_between(1, MAX_ROLLOUT_PROMPTS), default=16, help="number of prompts (default 16)")
+    ro.add_argument("--num", type=int_between(1, MAX_ROLLOUT_PROMPTS), default=16,
+                    help="number of prompts (default 16)")
     sub.add_parser("rewards", help="list registered rewards")
     sub.add_parser("plugins", help="list registered policies, algorithms and rewards")
     ins = sub.add_parser("inspect", help="summarise a run directory; --html writes a page of trajectories")
@@ -240,22 +241,28 @@ def build_parser() -> argparse.ArgumentParser:
                                      "does not fit")
     pl.add_argument("recipe", help="YAML recipe")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
-    pl.add_argument("--gpus", type=int_between(1, MAX_PLAN_GPUS), default=8, help="GPUs on the machine (default 8)")
-    pl.add_argument("--gpu-memory", type=float_up_to(MAX_GPU_MEMORY_GB), default=80.0, metavar="GB", help="memory per GPU in GB (default 80)")
+    pl.add_argument("--gpus", type=int_between(1, MAX_PLAN_GPUS), default=8,
+                    help="GPUs on the machine (default 8)")
+    pl.add_argument("--gpu-memory", type=float_up_to(MAX_GPU_MEMORY_GB), default=80.0, metavar="GB",
+                    help="memory per GPU in GB (default 80)")
     sr = sub.add_parser("serve-reward", help="serve a reward over JSON HTTP (recipe reward name 'remote')")
     sr.add_argument("--reward", required=True, help="reward name, pkg.mod:fn or path/to/file.py:fn")
-    sr.add_argument("--port", type=int_between(0, 65535), default=8765, help="port (default 8765; 0 = any free port)")
+    sr.add_argument("--port", type=int_between(0, 65535), default=8765,
+                    help="port (default 8765; 0 = any free port)")
     sr.add_argument("--host", default="127.0.0.1",
                     help="address to bind (default 127.0.0.1; the server has no authentication)")
     sr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="reward option, e.g. --option detector=owlv2 (repeatable)")
-    sr.add_argument("--max-request-mb", type=float_up_to(MAX_SERVER_MIB), default=64.0, help="largest request body accepted (MiB)")
+    sr.add_argument("--max-request-mb", type=float_up_to(MAX_SERVER_MIB), default=64.0,
+                    help="largest request body accepted (MiB)")
     sr.add_argument("--max-inflight-mb", type=float_up_to(MAX_SERVER_MIB), default=256.0,
                     help="request bodies admitted at once, in MiB (more: 503 busy)")
-    sr.add_argument("--max-images", type=int_between(1, MAX_SERVER_COUNT), default=64, help="images per request (default 64)")
+    sr.add_argument("--max-images", type=int_between(1, MAX_SERVER_COUNT), default=64,
+                    help="images per request (default 64)")
     sr.add_argument("--max-image-pixels", type=int_between(1, MAX_SERVER_PIXELS), default=1024 * 1024,
                     help="decoded pixels per image, checked in the PNG header (default 1048576 = 1024x1024)")
-    sr.add_argument("--max-concurrency", type=int_between(1, MAX_SERVER_COUNT), default=64, help="scoring requests admitted at once (more: 503)")
+    sr.add_argument("--max-concurrency", type=int_between(1, MAX_SERVER_COUNT), default=64,
+                    help="scoring requests admitted at once (more: 503)")
     sr.add_argument("--client-timeout", type=float_up_to(MAX_CLIENT_TIMEOUT_S), default=30.0,
                     help="seconds a client has to send a request head, and again its body (default 30)")
     sr.add_argument("--verbose", action="store_true", help="log every request")
