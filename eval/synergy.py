@@ -176,6 +176,20 @@ def goals_met(fig: dict[str, float]) -> dict[str, bool]:
     return {k: bool(fig[k] >= v) for k, v in GOALS.items()}  # NaN compares False: not met
 
 
+GOAL_NAMES: dict[str, str] = {"first_image_gain": "first image", "refinement_after": "refinement",
+                              "verdict_gain": "verdict"}
+
+
+def goals_brief(fig: dict[str, float]) -> str:
+    """One line for an eval during training: the three figures against before RL, in points, each missed goal
+    named (``first image +15.7, refinement +4.2 (< +5), verdict -4.5 (< +10)``).  A run then shows where the
+    figures rise and fall on the way, not only where they end (session 33: on the demo's seed 0 refinement and
+    the verdict crossed without either meeting its goal at any of six evals)."""
+    met = goals_met(fig)
+    return ", ".join(f"{GOAL_NAMES[k]} {100 * fig[k]:+.1f}" + ("" if met[k] else f" (< +{100 * goal:.0f})")
+                     for k, goal in GOALS.items())
+
+
 def synergy_lines(fig: dict[str, float]) -> list[str]:
     """The demo's closing lines: one per figure, with the goal and whether it was met."""
     met = goals_met(fig)

@@ -20,7 +20,7 @@ from r3_rl.config_learner import check_ranks
 from r3_rl.data import PromptSource
 from r3_rl.eval.evaluate import markdown_table
 from r3_rl.eval.runner import Evaluator
-from r3_rl.eval.synergy import synergy_figures, synergy_lines, understanding_line
+from r3_rl.eval.synergy import GOALS, goals_brief, synergy_figures, synergy_lines, understanding_line
 from r3_rl.learner.precision import check_recipe_precision
 from r3_rl.ray_actors import ClusterError
 from r3_rl.rollout.buffer import BufferEntry, ParentBuffer
@@ -28,7 +28,7 @@ from r3_rl.rollout.engine import RolloutEngine, run_ordered
 from r3_rl.rollout.tree_rl import plan_tasks, stage_sampling
 from r3_rl.trajectory import Tree, write_trees
 from r3_rl.tracking.console import Console
-from r3_rl.tracking.metrics import UNDERSTANDING, MetricsLogger, step_metrics
+from r3_rl.tracking.metrics import EVAL, UNDERSTANDING, MetricsLogger, step_metrics
 
 
 class Trainer:
@@ -132,6 +132,13 @@ class Trainer:
         """Evaluate the current weights (``eval/<name>.*``), logged at ``step`` (default ``self.step``)."""
         return self.evaluator.run(name, self.step if step is None else step)
 
+    def _log_goals(self, before: dict[str, Any], report: dict[str, Any], step: int | None = None) -> dict[str, Any]:
+        """The demo's three figures of ``report`` against ``before`` (:mod:`r3_rl.eval.synergy`), logged as
+        ``0_eval/synergy/<figure>`` (fractions) at the eval's step; returns all of them."""
+        fig = synergy_figures(before, report)
+        self.metrics.log({f"{EVAL}/synergy/{k}": fig[k] for k in GOALS}, self.step if step is None else step)
+        return fig
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """The loop's own state (``state/trainer.pt``): steps done, policy version, RNGs, prompt-sampler position,
@@ -226,6 +233,8 @@ class Trainer:
         self._record_environment()
         before = self._eval_before()
         self.console.print("eval before RL:\n" + markdown_table(before))
+        if self.step == 0:  # the series start (no gain yet, refinement before RL); a resume has logged it
+            self._log_goals(before, before, step=0)
         t0 = time.time()
         for step in range(self.step, r.steps):
             self.step = step
@@ -253,8 +262,10 @@ class Trainer:
             self.step = step + 1  # steps completed: what evals and checkpoints from here on describe
             if r.eval.every and self.step % r.eval.every == 0 and self.step < r.steps:
                 rep = self.run_eval(f"step_{self.step:06d}")
+                fig = self._log_goals(before, rep)
                 self.console.print(f"eval @ {self.step}: accuracy per round " +
-                                   " ".join(f"{a:.3f}" for a in rep["accuracy"]))
+                                   " ".join(f"{a:.3f}" for a in rep["accuracy"]) + "; against before RL: " +
+                                   goals_brief(fig))
             if r.save_every and self.step % r.save_every == 0 and self.step < r.steps:
                 self.save_checkpoint()
         self.step = r.steps
@@ -262,7 +273,7 @@ class Trainer:
         after = self.run_eval("after")
         self.console.print("eval after RL:\n" + markdown_table(after))
         self.learner.export(self.run_dir / "final")  # LoRA merged, ZeRO-3 gathered
-        fig = synergy_figures(before, after)
+        fig = self._log_goals(before, after)
         summary = {"before": before["accuracy"], "after": after["accuracy"], "run_dir": str(self.run_dir),
                    "synergy": fig}
         self.console.print(f"run dir {self.run_dir}; R3 synergy on held-out prompts:")

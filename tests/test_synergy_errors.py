@@ -8,6 +8,7 @@ import pytest
 
 from r3_rl.eval.evaluate import summarise
 from r3_rl.eval.synergy import (
+    goals_brief,
     accuracy_variance, reference_gain_variance, refinement_variance, synergy_errors, synergy_figures, synergy_lines,
     verdict_variance, within_tag_variance,
 )
@@ -187,3 +188,12 @@ def synergy_figures_within(reports: list[dict]) -> float:
     from r3_rl.eval.understanding import within_tags
 
     return within_tags(reports[1]["understanding"]["verdict"]) - within_tags(reports[0]["understanding"]["verdict"])
+
+
+def test_goals_brief_names_each_missed_goal() -> None:
+    fig = {"first_image_gain": 0.157, "refinement_after": 0.042, "verdict_gain": -0.045}
+    assert goals_brief(fig) == "first image +15.7, refinement +4.2 (< +5), verdict -4.5 (< +10)"
+    fig = {"first_image_gain": 0.10, "refinement_after": 0.05, "verdict_gain": 0.101}
+    assert goals_brief(fig) == "first image +10.0, refinement +5.0, verdict +10.1"
+    fig = {"first_image_gain": math.nan, "refinement_after": 0.06, "verdict_gain": 0.2}
+    assert goals_brief(fig) == "first image +nan (< +10), refinement +6.0, verdict +20.0"  # NaN is not met

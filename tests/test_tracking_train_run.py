@@ -95,6 +95,16 @@ def test_scalars_every_step(run: Path) -> None:
     assert [e.step for e in acc.Scalars("eval/reference/stop_rate/correct")] == [0, 2, STEPS]
     assert any(t.startswith("eval/reference/stop_rate/flawed/") for t in acc.Tags()["scalars"])
     assert [e.step for e in acc.Tensors("eval/table/text_summary")] == [0, 2, STEPS]
+    # the demo's three figures against before RL at every eval, not only at the end (session 33)
+    for tag in ("0_eval/synergy/first_image_gain", "0_eval/synergy/refinement_after", "0_eval/synergy/verdict_gain"):
+        assert [e.step for e in acc.Scalars(tag)] == [0, 2, STEPS], tag
+    first = {e.step: e.value for e in acc.Scalars("0_eval/synergy/first_image_gain")}
+    round0 = {e.step: e.value for e in acc.Scalars("0_eval/accuracy_round0")}
+    assert first[0] == 0.0 and first[2] == pytest.approx(round0[2] - round0[0], abs=1e-6)
+    refinement = {e.step: e.value for e in acc.Scalars("0_eval/synergy/refinement_after")}
+    last_round = max(t for t in acc.Tags()["scalars"] if t.startswith("0_eval/accuracy_round"))
+    final = {e.step: e.value for e in acc.Scalars(last_round)}
+    assert refinement[2] == pytest.approx(final[2] - round0[2], abs=1e-6)
 
 
 def test_first_looked_at_scalars_sort_first_and_each_quantity_once(run: Path) -> None:

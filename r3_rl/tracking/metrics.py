@@ -5,7 +5,8 @@ TensorBoard groups scalars by the part of the name before the first ``/`` and so
 so the groups a reader looks at first carry a numeric prefix:
 
 * ``0_eval/``: held-out accuracy per round, verdict balanced accuracy (chains and reference set),
-  yes/no accuracy, stop rate (``eval/`` and ``eval_tag/`` hold the details)
+  yes/no accuracy, stop rate (``eval/`` and ``eval_tag/`` hold the details); ``0_eval/synergy/``: the
+  demo's three figures against before RL (logged by the trainer)
 * ``1_reward/<stage>``: mean reward of the step's sampled nodes per stage
 * ``2_accuracy/round<r>``: share of correct images per round (round 0: first images, r >= 1: the image
   standing after a refine round, a "no further edit" copy included)
