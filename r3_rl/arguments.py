@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn
 
 from r3_rl.errors import EXIT_USAGE
 
@@ -23,63 +23,26 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} ('{self.prog} --help' lists the options)\n")
 
 
-def int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse ``type``: an integer >= ``low`` (a size, a count, a repeat number)."""
-    return _int_in(low, None, f"an integer >= {low}")
+def _checked(convert: Callable[[str], Any], accepts: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
+    """The one shape of every converter here: ``convert`` the text (None when it is no number of that kind) and
+    refuse it unless ``accepts`` the value, naming ``what`` would be valid."""
 
-
-def int_between(low: int, high: int) -> Callable[[str], int]:
-    """An argparse ``type``: an integer from ``low`` to ``high`` inclusive (a port, a count with a sane ceiling)."""
-    return _int_in(low, high, f"an integer from {low} to {high}")
-
-
-def float_up_to(high: float) -> Callable[[str], float]:
-    """An argparse ``type``: a finite number > 0 and <= ``high`` (a memory size, a timeout: ``inf`` or ``1e300``
-    would pass ``positive_float`` and then mean nothing, or overflow where it becomes bytes or a deadline)."""
-
-    def parse(text: str) -> float:
-        value = _finite(text)
-        if value is None or not 0 < value <= high:
-            raise argparse.ArgumentTypeError(f"must be a number > 0 and <= {_plain(high)}, got {text!r}")
-        return value
-
-    parse.__name__ = f"number > 0 and <= {_plain(high)}"
-    return parse
-
-
-def _plain(number: float) -> str:
-    """1048576.0 as '1048576' (``:g`` would print 1.04858e+06), 0.5 as '0.5'."""
-    return str(int(number)) if float(number).is_integer() else f"{number:g}"
-
-
-def _int_in(low: int, high: int | None, what: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low or (high is not None and value > high):
+    def parse(text: str) -> Any:
+        value = convert(text)
+        if value is None or not accepts(value):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return value
 
-    parse.__name__ = what.removeprefix("an ")  # what argparse names in its fallback message
+    parse.__name__ = what.removeprefix("an ").removeprefix("a ")  # what argparse names in its fallback message
     return parse
 
 
-def positive_float(text: str) -> float:
-    """An argparse ``type``: a finite number > 0 (a width, a scale, a memory size)."""
-    value = _finite(text)
-    if value is None or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """An argparse ``type``: a finite number >= 0 (a guidance scale, where 0 turns it off)."""
-    value = _finite(text)
-    if value is None or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
+def _integer(text: str) -> int | None:
+    """``text`` as an int, or None when it is no integer ("1.5", "1e3", "")."""
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 def _finite(text: str) -> float | None:
@@ -89,3 +52,31 @@ def _finite(text: str) -> float | None:
     except ValueError:
         return None
     return value if math.isfinite(value) else None
+
+
+def _plain(number: float) -> str:
+    """1048576.0 as '1048576' (``:g`` would print 1.04858e+06), 0.5 as '0.5'."""
+    return str(int(number)) if float(number).is_integer() else f"{number:g}"
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``low`` (a size, a count, a repeat number)."""
+    return _checked(_integer, lambda v: v >= low, f"an integer >= {low}")
+
+
+def int_between(low: int, high: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer from ``low`` to ``high`` inclusive (a port, a count with a sane ceiling)."""
+    return _checked(_integer, lambda v: low <= v <= high, f"an integer from {low} to {high}")
+
+
+def float_up_to(high: float) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number > 0 and <= ``high`` (a memory size, a timeout: ``inf`` or ``1e300``
+    would pass ``positive_float`` and then mean nothing, or overflow where it becomes bytes or a deadline)."""
+    return _checked(_finite, lambda v: 0 < v <= high, f"a number > 0 and <= {_plain(high)}")
+
+
+#: An argparse ``type``: a finite number > 0 (a width, a scale, a memory size).
+positive_float = _checked(_finite, lambda v: v > 0, "a finite number > 0")
+
+#: An argparse ``type``: a finite number >= 0 (a guidance scale, where 0 turns it off).
+non_negative_float = _checked(_finite, lambda v: v >= 0, "a finite number >= 0")
