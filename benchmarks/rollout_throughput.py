@@ -89,10 +89,8 @@ def main() -> None:
         rounds = [{name: measure(engine, policy, recipe, steps) for name, engine in engines.items()}
                   for _ in range(args.rounds)]
     finally:
-        for engine in reversed(list(engines.values())):
-            close = getattr(engine, "close", None)
-            if close is not None:
-                close()
+        for engine in reversed(list(engines.values())):  # the engine that started Ray stops it, last
+            engine.close()
     import ray
 
     ray.shutdown()
