@@ -8,7 +8,12 @@ Used by the reward-server client and the VLM judge.  Why each rule:
 * **Bounded retries** (Flow-GRPO sets 1000: a dead server then looks like a hung run): at most ``retries``
   more attempts, only for transient faults (connection errors, timeouts, 5xx, 429).  A ``Retry-After`` on a
   429/503 is honoured, up to ``max_retry_after`` seconds; a server that asks for longer fails the call at once.
-* **Replies are capped** at ``max_reply_bytes``: a hostile server cannot make the client buffer gigabytes.
+* **Replies are capped** at ``max_reply_bytes``, decoded: a hostile server cannot make the client buffer
+  gigabytes.  The client asks for an uncompressed reply; one layer of gzip or deflate is still read (some
+  servers compress regardless), decompressed here with the cap applied as it grows -- httpx would inflate
+  each network chunk whole, and a 3.5 KB reply of ``Content-Encoding: gzip, gzip`` to 2 GiB at once, on the
+  event loop, past the deadline.  Other or stacked encodings are refused.
+* **Only a 2xx reply is an answer**: a redirect (never followed) or a 1xx is an error, not scores.
 * **Secrets are scrubbed first.**  Every string of a reply (JSON decoded, so ``\\u`` escapes cannot hide a key)
   and every error text has each ``secret`` -- and any 8-character piece of it, so an echoed prefix goes too --
   replaced by ``***`` *before* it is cut, stored or logged.  Request headers never appear in a message.
@@ -20,6 +25,7 @@ import email.utils
 import json
 import time
 import urllib.parse
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
@@ -105,15 +111,41 @@ def make_client(url: str, concurrency: int = 8) -> httpx.AsyncClient:
                              limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency))
 
 
+class _Inflater:
+    """Decodes a reply's body as it arrives (``Content-Encoding`` identity, or one layer of gzip / deflate),
+    raising :class:`HttpError` as soon as the decoded size passes ``cap``."""
+
+    def __init__(self, encoding: str, url: str, cap: int) -> None:
+        self.url, self.cap, self.out = url, cap, bytearray()
+        enc = encoding.strip().lower()
+        if enc in ("", "identity"):
+            self.zlib = None
+        elif enc in ("gzip", "x-gzip", "deflate"):
+            self.zlib = zlib.decompressobj(32 + zlib.MAX_WBITS)  # gzip or zlib header, detected
+        else:
+            raise HttpError(f"reply from {url} has Content-Encoding {encoding[:40]!r}; the client reads "
+                            f"identity, gzip or deflate (one layer)")
+
+    def feed(self, chunk: bytes) -> None:
+        if self.zlib is None:
+            self.out += chunk
+        else:
+            try:  # at most one byte past the cap is produced: a bomb stops here, not in memory
+                self.out += self.zlib.decompress(chunk, self.cap + 1 - len(self.out))
+            except zlib.error as e:
+                raise HttpError(f"reply from {self.url} is not valid compressed data ({e})") from None
+        if len(self.out) > self.cap:
+            raise HttpError(f"reply from {self.url} is over {self.cap} bytes")
+
+
 async def _once(client: httpx.AsyncClient, method: str, url: str, body: bytes | None, headers: dict[str, str],
                 timeout: float, max_reply_bytes: int, secrets: tuple[str, ...]) -> Any:
     try:
         async with client.stream(method, url, content=body, headers=headers, timeout=timeout) as resp:
-            raw = bytearray()
-            async for chunk in resp.aiter_bytes():
-                raw += chunk
-                if len(raw) > max_reply_bytes:
-                    raise HttpError(f"reply from {url} is over {max_reply_bytes} bytes")
+            inflater = _Inflater(resp.headers.get("content-encoding", ""), url, max_reply_bytes)
+            async for chunk in resp.aiter_raw():
+                inflater.feed(chunk)
+            raw = inflater.out
     except httpx.TimeoutException:
         raise HttpError(f"no reply from {url} within {timeout:g}s", retryable=True) from None
     except httpx.HTTPError as e:  # refused, reset, closed mid-reply, truncated body, ...
@@ -130,6 +162,11 @@ async def _once(client: httpx.AsyncClient, method: str, url: str, body: bytes | 
         raise HttpError(f"HTTP {code} from {url}" + (f": {detail}" if detail else ""), status=code,
                         retryable=code >= 500 or code == 429,
                         retry_after=parse_retry_after(resp.headers.get("retry-after")))
+    if not 200 <= resp.status_code < 300:  # a redirect is not followed, and its body is not an answer
+        where = resp.headers.get("location", "")
+        raise HttpError(f"HTTP {resp.status_code} from {url}" + (f" (to {one_line(where, secrets, 120)})" if where
+                                                                  else "") + "; expected a 2xx reply",
+                        status=resp.status_code)
     try:
         return scrub_json(json.loads(text), secrets)
     except (ValueError, RecursionError):
@@ -145,7 +182,7 @@ async def arequest_json(client: httpx.AsyncClient, method: str, url: str, payloa
     Raises :class:`HttpError` once the retries are spent (or at once for a non-transient fault).
     """
     body = payload if payload is None or isinstance(payload, bytes) else json.dumps(payload, allow_nan=False).encode()
-    hdrs = {"Accept": "application/json", **(headers or {})}
+    hdrs = {"Accept": "application/json", "Accept-Encoding": "identity", **(headers or {})}
     if body is not None:
         hdrs["Content-Type"] = "application/json"
     keys = tuple(s for s in secrets if s)

@@ -100,9 +100,17 @@ class RemoteReward(Reward):
                 raise WireError("reply must be {\"results\": [...]}")
             if len(reply["results"]) != len(batch):
                 raise WireError(f"server returned {len(reply['results'])} results for {len(batch)} samples")
-            return [output_from_json(r, f"results[{i}]") for i, r in enumerate(reply["results"])]
         except (HttpError, WireError) as e:
             return [RewardOutput(failure=f"remote: {e}") for _ in batch]
+        return [self._result(r, f"results[{i}]") for i, r in enumerate(reply["results"])]
+
+    @staticmethod
+    def _result(result: Any, where: str) -> RewardOutput:
+        """One result of a reply; a malformed one (a NaN part, a ``true`` score) fails that sample only."""
+        try:
+            return output_from_json(result, where)
+        except WireError as e:
+            return RewardOutput(failure=f"remote: {e}")
 
     def __call__(self, samples: list[RewardSample]) -> list[RewardOutput]:
         out: list[RewardOutput | None] = [self._too_big(s) for s in samples]

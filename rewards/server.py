@@ -8,7 +8,8 @@ Protocol (JSON only, images as base64 PNG, see :mod:`r3_rl.rewards.wire` -- neve
 * ``POST /score`` ``{"samples": [sample, ...]}`` -> ``{"results": [{score, components, reason, failure}, ...]}``
 
 Every answer is JSON, errors included: 400 malformed (any shape: 200,000-deep nesting, 5,000-digit numbers),
-404/405 unknown route or method, 408 body not sent within ``client_timeout``, 411 no Content-Length, 413 body,
+404/405 unknown route or method, 408 body not sent within ``client_timeout``, 411 no Content-Length (or a
+Transfer-Encoding: chunked would override it, so it is refused), 413 body,
 image count or image pixels over a limit (the PNG header is read before decoding: a 7 KiB PNG can decode to
 8000x8000), 415 not ``application/json`` (a web page cannot send a plain cross-site POST), 500 the reward
 raised (one line), 503 busy (``max_concurrency`` requests or ``max_inflight_bytes`` of bodies already
@@ -117,6 +118,8 @@ class ScoreService:
         if ctype != "application/json":
             drained = length.isdigit() and await _drain(request, int(length), lim.refusal_wait)
             return _error(415, f"Content-Type must be application/json, got {ctype or 'none'!r}", close=not drained)
+        if "transfer-encoding" in request.headers:  # h11 lets chunked override Content-Length: refuse both
+            return _error(411, "Transfer-Encoding is not accepted; send the body with a Content-Length", close=True)
         if not length.isdigit():
             return _error(411, "Content-Length header required", close=True)
         size = int(length)
@@ -134,10 +137,13 @@ class ScoreService:
             with anyio.fail_after(lim.client_timeout):
                 async for chunk in request.stream():
                     body += chunk
+                    if len(body) > size:  # never hold more than was reserved
+                        break
             if len(body) != size:
-                return _error(400, f"body is {len(body)} bytes, Content-Length said {size}", close=True)
+                return _error(400, f"body is {'over ' if len(body) > size else ''}{len(body)} bytes, "
+                                   f"Content-Length said {size}", close=True)
             code, reply = await anyio.to_thread.run_sync(self._score_body, body, limiter=self.worker)
-            return JSONResponse(reply, status_code=code)
+            return Response(reply, status_code=code, media_type="application/json")
         except TimeoutError:
             return _error(408, f"request body not received within {lim.client_timeout:g}s", close=True)
         except ClientDisconnect:
@@ -149,7 +155,18 @@ class ScoreService:
             self.active -= 1
             self.inflight -= size
 
-    def _score_body(self, raw: bytearray) -> tuple[int, dict[str, Any]]:
+    def _score_body(self, raw: bytearray) -> tuple[int, bytes]:
+        """``(status, JSON reply as bytes)`` for one request body; never raises.
+
+        Encoded here with ASCII escapes, so a reason holding a lone surrogate (``\\ud800``, valid JSON) is
+        still a JSON reply, not a 500 from the response's UTF-8 encoding outside any ``try``."""
+        code, reply = self._score_json(raw)
+        try:
+            return code, json.dumps(reply, allow_nan=False).encode()
+        except ValueError as e:  # a NaN or infinity in what the reward returned
+            return 500, json.dumps({"error": f"reward reply is not JSON ({e})"}).encode()
+
+    def _score_json(self, raw: bytearray) -> tuple[int, dict[str, Any]]:
         """Parse, check limits, decode and score one request body: ``(status, JSON reply)``; never raises."""
         values = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
         if values > MAX_JSON_VALUES:

@@ -12,6 +12,11 @@ Both close gaps in what uvicorn does for a hostile or merely unlucky client:
   a loaded machine).  As nginx does, the server instead half-closes (the client reads the answer, then
   end of file), reads and drops what the client still sends, and closes when the client does, or after
   ``linger_seconds`` at most.  Only a connection whose request body is still arriving lingers.
+* **An unread body after an answer.**  ``/health``, a 404 or a 405 answer without reading the request's body.
+  uvicorn then keeps the connection for the next request while h11 still expects that body, and every byte
+  that trickles in resets its keep-alive timer: a client sending one byte a second of a declared 1 GB body
+  held the connection forever (1,024 such clients made every request a 503).  Once an answer is sent and the
+  client is still sending a body nobody reads, the connection closes, lingering.
 """
 from __future__ import annotations
 
@@ -85,6 +90,9 @@ class HardenedH11(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            self.transport.close()  # the body is unread and will stay so: linger, then close
+            return
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -58,7 +58,7 @@ def extract_json_object(text: str) -> Any:
     for candidate in (block, re.sub(r",\s*([}\]])", r"\1", block)):
         try:
             return json.loads(candidate)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, a 5,000-digit number, 100,000-deep nesting
             continue
     return None
 

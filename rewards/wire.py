@@ -133,24 +133,47 @@ def sample_from_json(d: Any, where: str = "samples[0]", max_pixels: int | None =
         text=_get(d, "text", (str,), where, None))
 
 
+def _finite(v: Any) -> float | None:
+    """``v`` as a finite float, or None (a bool, a non-number, NaN, infinity, an integer too big for a float)."""
+    if isinstance(v, (bool, str, bytes)):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return f if math.isfinite(f) else None
+
+
 def output_to_json(out: RewardOutput) -> dict[str, Any]:
-    score = out.score
-    if out.failure is None and (score is None or not math.isfinite(float(score))):
-        return {"score": None, "components": {}, "reason": out.reason, "failure": f"non-finite score {score}"}
-    return {"score": None if score is None else float(score),
-            "components": {k: float(v) for k, v in out.components.items() if math.isfinite(float(v))},
-            "reason": out.reason, "failure": out.failure}
+    """A result as JSON without NaN or infinity: a non-finite score or component makes a success a failure."""
+    score = None if out.score is None else _finite(out.score)
+    comps = {k: _finite(v) for k, v in out.components.items()}
+    failure = out.failure
+    if failure is None and score is None:
+        failure = f"non-finite score {out.score}"
+    elif failure is None and None in comps.values():
+        failure = "non-finite component " + ", ".join(f"{k}={out.components[k]}" for k, v in comps.items() if v is None)
+    return {"score": score, "components": {k: v for k, v in comps.items() if v is not None},
+            "reason": out.reason, "failure": failure}
 
 
 def output_from_json(d: Any, where: str = "results[0]") -> RewardOutput:
+    """A result from a server's JSON; a score or component that is not a finite number is a :class:`WireError`
+    (a NaN ``correct`` part would otherwise read as "flawed", a ``true`` score as 1.0)."""
     if not isinstance(d, dict):
         raise WireError(f"{where}: expected an object, got {type(d).__name__}")
-    score = _get(d, "score", (int, float), where, None)
-    comps = _get(d, "components", (dict,), where, {}) or {}
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in comps.values()):
-        raise WireError(f"{where}.components: values must be numbers")
+    raw_score = _get(d, "score", (int, float), where, None)
+    score = None if raw_score is None else _finite(raw_score)
+    if raw_score is not None and score is None:
+        raise WireError(f"{where}.score: expected a finite number, got {str(raw_score)[:40]}")
+    raw_comps = _get(d, "components", (dict,), where, {}) or {}
+    comps = {k: _finite(v) for k, v in raw_comps.items()}
+    bad = [k for k, v in comps.items() if v is None]
+    if bad:
+        raise WireError(f"{where}.components.{str(bad[0])[:40]}: expected a finite number, "
+                        f"got {str(raw_comps[bad[0]])[:40]}")
     failure = _get(d, "failure", (str,), where, None)
     if failure is None and score is None:
         failure = "server returned no score"
-    return RewardOutput(score=None if score is None else float(score), components={k: float(v) for k, v in comps.items()},
+    return RewardOutput(score=score, components={k: float(v) for k, v in comps.items()},
                         reason=_get(d, "reason", (str,), where, None), failure=failure)

@@ -6,6 +6,7 @@ fixture; every client call has a deadline, so no test can hang.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import secrets
 import socket
@@ -23,6 +24,10 @@ from r3_rl.cli import main
 from r3_rl.rewards.base import RewardSample
 from r3_rl.rewards.http_json import HttpError, parse_retry_after, request_json, scrub
 from r3_rl.rewards.registry import load_reward
+from r3_rl.rewards.remote import RemoteReward
+from r3_rl.rewards.vlm_judge import JudgeParseError, parse_verdict
+from r3_rl.rewards.wire import WireError, output_from_json, output_to_json
+from r3_rl.rewards.base import RewardOutput
 
 GENEVAL = {"tag": "single_object", "include": [{"class": "square", "count": 1}]}
 
@@ -190,6 +195,71 @@ def test_an_echoed_key_is_scrubbed_before_the_message_is_cut(monkeypatch: pytest
     assert second.score == 0.0 and second.reason == "you sent ***, i.e. ***"
     for text in (first.failure, second.reason, repr(judge)):
         assert not any(key[i:i + 8] in text for i in range(len(key) - 7)), text
+
+
+# ---------------------------------------------------------------- replies that are not what they say
+def _one_call(body: bytes, headers: dict[str, str] | None = None, code: int = 200, **kw: Any) -> Any:
+    srv = serve([(code, headers or {}, body)])
+    try:
+        return request_json("POST", srv.url + "/score", {"x": 1}, timeout=5.0, **kw)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_compression_bomb_is_capped_while_it_inflates() -> None:
+    """httpx inflates each network chunk whole: a 3.5 KB reply of ``gzip, gzip`` grew the client to 4 GB.  The
+    client asks for no compression, reads one layer of gzip with the cap applied as it inflates, and refuses
+    stacked or unknown encodings."""
+    good = {"results": [{"score": 1.0}]}
+    assert _one_call(gzip.compress(json.dumps(good).encode()), {"Content-Encoding": "gzip"}) == good
+    bomb = gzip.compress(b" " * (64 << 20), 9)  # 64 MiB of JSON whitespace in 64 KB
+    assert len(bomb) < 100_000
+    t0 = time.monotonic()
+    with pytest.raises(HttpError, match="is over 1048576 bytes"):
+        _one_call(bomb, {"Content-Encoding": "gzip"}, max_reply_bytes=1 << 20)
+    assert time.monotonic() - t0 < 3.0
+    for encoding in ("gzip, gzip", "br"):
+        with pytest.raises(HttpError, match="Content-Encoding .*identity, gzip or deflate"):
+            _one_call(gzip.compress(gzip.compress(b"{}")), {"Content-Encoding": encoding})
+    with pytest.raises(HttpError, match="not valid compressed data"):
+        _one_call(b"plain text", {"Content-Encoding": "gzip"})
+
+
+def test_a_redirect_is_an_error_not_an_answer() -> None:
+    with pytest.raises(HttpError, match=r"HTTP 302 .*\(to http://127.0.0.1:1/score\); expected a 2xx reply"):
+        _one_call(b'{"results": [{"score": 1.0}]}', {"Location": "http://127.0.0.1:1/score"}, code=302)
+
+
+def test_a_remote_result_that_is_not_a_finite_number_fails_that_sample_only() -> None:
+    """A NaN ``correct`` part read as "flawed", a ``true`` score as 1.0, a 400-digit score escaped as an
+    OverflowError that failed the whole batch: each is now that sample's failure, its siblings scored."""
+    bad = [b'{"score": 1.0, "components": {"correct": NaN}}', b'{"score": true}', b'{"score": ' + b"9" * 400 + b"}",
+           b'{"score": Infinity}', b'{"score": 1.0, "components": {"correct": false}}']
+    for result in bad:
+        srv = serve([(200, {}, b'{"results": [' + result + b', {"score": 0.5, "components": {"correct": 1}}]}')])
+        try:
+            out = RemoteReward(srv.url, timeout=5, retries=0)([sample(), sample()])
+        finally:
+            srv.shutdown()
+            srv.server_close()
+        assert out[0].failed and "expected a finite number" in out[0].failure, (result, out[0])
+        assert not out[1].failed and out[1].score == 0.5 and out[1].components == {"correct": 1.0}
+    with pytest.raises(WireError, match=r"results\[0\].score: expected a finite number, got True"):
+        output_from_json({"score": True})
+
+
+def test_the_server_never_sends_nan_a_non_finite_part_is_a_failure() -> None:
+    out = output_to_json(RewardOutput(score=1.0, components={"correct": float("nan"), "iou": 0.5}))
+    assert out["failure"] == "non-finite component correct=nan" and out["components"] == {"iou": 0.5}
+    assert output_to_json(RewardOutput(score=10 ** 400))["failure"].startswith("non-finite score")
+    json.dumps(out, allow_nan=False)
+
+
+def test_one_hostile_judge_reply_is_a_parse_error_not_an_exception() -> None:
+    for text in ('{"correct": ' + "9" * 5000 + "}", '{"correct": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"):
+        with pytest.raises(JudgeParseError):
+            parse_verdict(text)
 
 
 # ---------------------------------------------------------------- a key never reaches a run file

@@ -216,6 +216,74 @@ def test_slow_clients_are_cut_off_and_disconnects_are_one_log_line(server: Serve
     assert "Traceback" not in new and sum("disconnected before" in x for x in new.splitlines()) == 1, new
 
 
+def test_a_chunked_body_is_refused_from_its_head(server: Server) -> None:
+    """h11 lets ``Transfer-Encoding: chunked`` override ``Content-Length``: a request declaring 10 bytes and
+    sending 1 MiB chunks for 4 s grew the server to 892 MB before a 400.  Now any Transfer-Encoding is a 411
+    from the head, nothing read."""
+    rss0 = server.status("VmRSS")
+    for length in ("Content-Length: 10\r\n", ""):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sk:
+            sk.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       + length.encode() + b"Transfer-Encoding: chunked\r\n\r\n")
+            chunk = b"%x\r\n" % MiB + b"a" * MiB + b"\r\n"
+            t0 = time.monotonic()
+            try:
+                while time.monotonic() - t0 < 2:
+                    sk.sendall(chunk)
+            except OSError:
+                pass  # the server closed after its answer
+            reply = read_reply(sk)
+            assert b" 411 " in reply.split(b"\r\n", 1)[0] and b"Transfer-Encoding is not accepted" in reply, reply[:200]
+    assert server.status("VmRSS") - rss0 < 40 * MiB
+    assert server.health_ok()
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/health"), ("POST", "/nope")])
+def test_a_body_nobody_reads_cannot_hold_a_connection(server: Server, method: str, path: str) -> None:
+    """/health and a 404 answer without reading the body; uvicorn kept the connection for the next request and
+    each trickled byte reset its keep-alive timer (1,024 such clients made every request a 503).  Now the
+    connection closes within the linger time (the fixture's --client-timeout, 2 s)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sk:
+        sk.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n".encode())
+        t0 = time.monotonic()
+        with pytest.raises(OSError):  # reset once the server has closed for good
+            while time.monotonic() - t0 < 15:
+                sk.sendall(b"x")
+                time.sleep(0.2)
+        assert time.monotonic() - t0 < 8
+    assert server.health_ok()
+
+
+class _Echo(Reward):
+    """Scores 1 with the prompt as its reason, and a NaN part on prompts that ask for one."""
+
+    name = "echo"
+
+    def __call__(self, samples: list[RewardSample]) -> list[RewardOutput]:
+        return [RewardOutput(score=1.0, reason=s.prompt, components={"c": float("nan") if s.prompt == "nan" else 1.0})
+                for s in samples]
+
+
+def test_replies_are_json_whatever_the_reward_returns() -> None:
+    """A reason holding a lone surrogate (valid JSON in the request) was a plain-text 500 and a traceback from
+    the response's UTF-8 encoding; a NaN part was sent as NaN.  Now: JSON, escaped; the NaN part a failure."""
+    srv = make_server(_Echo(), "127.0.0.1", 0).start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=10)
+        conn.request("POST", "/score", body=b'{"samples": [{"prompt": "\\ud800"}, {"prompt": "nan"}]}',
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read()
+        conn.close()
+        assert resp.status == 200 and resp.getheader("Content-Type") == "application/json", raw[:200]
+        first, second = json.loads(raw)["results"]
+        assert first == {"score": 1.0, "components": {"c": 1.0}, "reason": "\ud800", "failure": None}
+        assert second["failure"] == "non-finite component c=nan" and b"NaN" not in raw
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_bytes_in_flight_are_capped_and_health_answers(server: Server) -> None:
     """Scaled-down probe of 16 stalled 60 MiB bodies: 6 stalled 6 MiB bodies against a 16 MiB in-flight cap."""
     hwm0 = server.status("VmHWM")
