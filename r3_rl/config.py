@@ -17,6 +17,7 @@ from r3_rl.config_base import Section
 from r3_rl.config_base import plugin_name as _plugin_name
 from r3_rl.config_learner import CriticReplayCfg, DeepSpeedCfg, FlowLearnerCfg, Learner, LoraCfg, PpoCfg, StageFlags  # noqa: F401 (re-exported)
 from r3_rl.errors import UserError, close_match
+from r3_rl.textfiles import yaml_load_unique
 from r3_rl.trajectory import SamplingParams
 
 
@@ -314,7 +315,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set learner.lr=1e-4")
     key, _, raw = item.partition("=")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml_load_unique(raw) if raw != "" else ""
+    except yaml.constructor.ConstructorError as e:  # a duplicate key (or a bad tag): never a silent choice
+        raise UserError(f"--set {item!r}: {(str(e.problem or e).splitlines() or [''])[0]}") from None
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import traceback
 from typing import Iterable
 
 EXIT_USAGE = 2
@@ -15,3 +16,14 @@ def close_match(word: str, candidates: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest candidate, or an empty string."""
     best = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {best[0]!r}?)" if best else ""
+
+
+def raised(e: BaseException) -> str:
+    """``RuntimeError: cannot open x (pk/rw.py:3)``: what user code raised, first line only, and where -- the
+    one line a plug-in's failure gets instead of a traceback."""
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    if isinstance(e, SyntaxError) and e.filename:
+        where = f" ({e.filename}:{e.lineno})"
+    text = (str(e).splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}{': ' + text if text else ''}{where}"

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
-from r3_rl.errors import UserError, close_match
+from r3_rl.errors import UserError, close_match, raised
 
 _FILE_MODULES: dict[Path, ModuleType] = {}
 
@@ -43,9 +43,9 @@ def _load_file_module(what: str, target: str) -> ModuleType:
     sys.modules[mod_name] = module  # dataclasses and pickling inside the file need the module registered
     try:
         mod_spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001 - user code can raise anything; report it in one line
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - user code can raise anything; report it in one line
         del sys.modules[mod_name]
-        raise UserError(f"{what}: importing {path} failed: {type(e).__name__}: {e}") from None
+        raise UserError(f"{what}: importing {path} failed: {raised(e)}") from None
     _FILE_MODULES[path] = module
     return module
 
@@ -60,8 +60,10 @@ def import_attr(spec: str, what: str, example: str) -> Any:
     else:
         try:
             module = importlib.import_module(target)
-        except ImportError as e:
+        except ModuleNotFoundError as e:
             raise UserError(f"{what}: cannot import module {target!r} ({e})") from None
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - the module's own code failed: one line, where
+            raise UserError(f"{what}: importing module {target!r} failed: {raised(e)}") from None
     if not hasattr(module, attr):
         names = [n for n in vars(module) if not n.startswith("_")]
         raise UserError(f"{what}: {target} has no attribute {attr!r}{close_match(attr, names)}")
@@ -167,8 +169,8 @@ class Registry:
             if ep.name == spec:
                 try:
                     return ep.load(), spec
-                except Exception as e:  # noqa: BLE001 - a broken plug-in package: one line
-                    raise UserError(f"{what}: entry point {ep.value} failed to load: {type(e).__name__}: {e}") from None
+                except (Exception, SystemExit) as e:  # noqa: BLE001 - a broken plug-in package: one line
+                    raise UserError(f"{what}: entry point {ep.value} failed to load: {raised(e)}") from None
         raise self.unknown(spec)
 
 

@@ -69,6 +69,39 @@ def check_expanded_size(data: Any, source: str) -> None:
                         f"write it out without '*alias' chains")
 
 
+def _unique_key_loader() -> Any:
+    """A ``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently, so
+    ``lr: 1.0e-4`` followed later by ``lr: 5.0`` trained at 5.0).  ``<<`` merge keys still override."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, Any] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.setdefault(key, key_node)
+                    except TypeError:  # an unhashable key: the base constructor reports it
+                        continue
+                    if first is not key_node:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r}, first given on line {first.start_mark.line + 1}",
+                            key_node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def yaml_load_unique(text: str) -> Any:
+    """``yaml.safe_load`` that raises ``yaml.YAMLError`` on a duplicate key (see :func:`_unique_key_loader`)."""
+    import yaml
+
+    return yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
+
+
 def read_recipe_yaml(path: str | Path) -> dict[str, Any]:
     """A recipe file -> its mapping; empty, non-UTF-8, unreadable, oversized or alias-bombed files are errors."""
     import yaml
@@ -78,11 +111,12 @@ def read_recipe_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{p}: recipe file not found" if not p.exists() else f"{p}: recipe is not a regular file")
     text = read_utf8(p, "recipe", MAX_RECIPE_BYTES)
     try:
-        data = yaml.safe_load(text)
+        data = yaml_load_unique(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        problem = (str(getattr(e, "problem", None) or e).splitlines() or [""])[0]  # one line, whatever PyYAML says
+        raise UserError(f"{p}{where}: not valid YAML ({problem})") from None
     except RecursionError:
         raise UserError(f"{p}: YAML nested too deeply") from None
     if data is None or data == {}:

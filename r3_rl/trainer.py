@@ -45,10 +45,14 @@ class Trainer:
         torch.manual_seed(recipe.seed)
         self.step = 0
         self.parts = Components(recipe, run_dir, self.console, self.log_event)
-        self.policy = self.parts.policy
-        self.reference = self.parts.reference
+        # rewards set up before the warm start: a reward server that is down, a detector path that is wrong,
+        # fails in one line now, not after minutes of warm start (rewards that ask the policy build it first)
         self.task_rewards = self.parts.task_rewards
         self.eval_rewards = self.parts.eval_rewards
+        for rewards in (self.task_rewards, self.eval_rewards):
+            getattr(rewards, "setup", lambda: None)()
+        self.policy = self.parts.policy
+        self.reference = self.parts.reference
         self.failures = self.parts.failures
         self.scorer = self.parts.scorer
         # parents are kept as image tokens when the policy can rebuild pixels from them (else as PNG bytes)

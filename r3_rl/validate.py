@@ -161,6 +161,9 @@ def check_rewards(recipe: Any, source: str) -> None:
     """Names resolve and options match each reward's signature (constructs them; models load in ``setup``)."""
     from r3_rl.rewards.reward_set import RewardSet
 
+    if not recipe.rewards.task:
+        raise UserError(f"{source}: key 'rewards.task': at least one reward, e.g. [{{name: blocks}}] (with none every "
+                        f"sample scores 0 and nothing is learnt)")
     for key, specs in (("task", recipe.rewards.task), ("eval", recipe.rewards.eval),
                        ("reflect.extra", recipe.rewards.reflect.extra)):
         try:
@@ -174,7 +177,18 @@ def check_data(recipe: Any, source: str, needs_eval: bool = True) -> None:
     from r3_rl.data import load_prompts
 
     d = recipe.data
+    reference = recipe.eval.understanding.reference
+    if reference not in (None, "auto"):  # read now (every line and image): an eval after the warm start needs it
+        from r3_rl.eval.understanding import load_references
+
+        try:
+            load_references(reference)
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
     if d.source == "blocks":
+        from r3_rl.blocks.prompts import check_tag_mix
+
+        check_tag_mix(d.blocks.tags, f"{source}: key 'data.blocks.tags'")
         return
     if not d.train:
         raise UserError(f"{source}: key 'data.train': required for data.source={d.source!r} (a jsonl path or dataset)")

@@ -19,7 +19,7 @@ import inspect
 import math
 from typing import Any, Callable
 
-from r3_rl.errors import UserError
+from r3_rl.errors import UserError, raised
 from r3_rl.plugins import Registry, check_options
 from r3_rl.rewards.base import Reward, RewardOutput, RewardSample
 
@@ -93,6 +93,8 @@ def load_reward(spec: str, **options: Any) -> Reward:
             raise
         except (TypeError, ValueError) as e:
             raise UserError(f"reward {spec!r}: bad options {options}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - the plug-in's constructor failed: one line, where
+            raise UserError(f"reward {spec!r}: constructing it failed: {raised(e)}") from None
     elif isinstance(obj, Reward):
         if options:
             raise UserError(f"reward {spec!r} is a ready-made Reward instance and takes no options "

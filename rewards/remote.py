@@ -36,7 +36,7 @@ class RemoteReward(Reward):
 
     def __init__(self, url: str, timeout: float = 300.0, retries: int = 2, backoff: float = 1.0, batch_size: int = 16,
                  send_history: bool = True, health_timeout: float = 10.0, label: str = "remote") -> None:
-        if not url.startswith(("http://", "https://")):
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise UserError(f"remote option url must start with http:// or https://, got {url!r}")
         self.name = label
         self.url = url.rstrip("/")

@@ -120,11 +120,25 @@ class VerdictConsistencyReward(Reward):
                                  or set(task) - {"name", "options"}):
             raise UserError("verdict_consistency option task must be {name: <reward>, options: {...}}")
         self.task_spec = task
+        # built now, so a wrong name or option in it is a recipe error before any work; its models load in setup
+        self._task_built = self._build_task()
         self.task: Reward | None = None
+
+    def _build_task(self) -> Reward | None:
+        if self.task_spec is None:
+            return None
+        options = self.task_spec.get("options") or {}
+        if not isinstance(options, dict):
+            raise UserError("verdict_consistency option task.options must be a mapping")
+        try:
+            return load_reward(self.task_spec["name"], **options)
+        except UserError as e:
+            raise UserError(f"verdict_consistency option task: {e}") from None
 
     def setup(self) -> None:
         if self.task_spec is not None and self.task is None:
-            self.task = load_reward(self.task_spec["name"], **(self.task_spec.get("options") or {}))
+            self.task = self._task_built or self._build_task()
+            self._task_built = None
             self.task.setup()
 
     def teardown(self) -> None:

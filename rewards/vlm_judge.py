@@ -141,7 +141,7 @@ class VlmJudgeReward(Reward):
                  system_prompt: str | None = None, check_at_start: bool = True, max_retry_after: float = 60.0) -> None:
         if mode not in MODES:
             raise UserError(f"vlm_judge option mode: {mode!r} is not one of {', '.join(MODES)}")
-        if not url.startswith(("http://", "https://")):
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise UserError(f"vlm_judge option url must start with http:// or https://, got {url!r}")
         if concurrency < 1 or retries < 0 or timeout <= 0:
             raise UserError("vlm_judge options: concurrency >= 1, retries >= 0 and timeout > 0 are required")

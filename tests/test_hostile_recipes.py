@@ -27,8 +27,24 @@ BOMB = "\n".join(["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
 GENEVAL_LINE = json.dumps({"prompt": "a red square", "tag": "colors", "include": [{"class": "square", "count": 1}]})
 
 
+PLUGINS = {  # a package on sys.path whose modules fail as user code does (session 34's audit)
+    "__init__.py": "",
+    "synerr.py": "def f(:\n",
+    "exits.py": "import sys\nsys.exit(3)\n",
+    "rw.py": ("from r3_rl.learner.algorithm import GRPO\nfrom r3_rl.rewards.base import Reward\n\n\n"
+              "class R(Reward):\n    def __init__(self):\n        raise RuntimeError('cannot open x')\n\n\n"
+              "class A(GRPO):\n    def __init__(self, recipe):\n        raise KeyError('weights')\n"),
+}
+
+
 @pytest.fixture
-def files(tmp_path: Path) -> dict[str, str]:
+def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    (tmp_path / "s34pk").mkdir()
+    for name, text in PLUGINS.items():
+        (tmp_path / "s34pk" / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "dup.yaml").write_text("name: d\nlearner:\n  lr: 1.0e-4\n  lr: 5.0\n")
+    (tmp_path / "nul.yaml").write_bytes(b"name: x\x00\n")
     (tmp_path / "bad_utf8.jsonl").write_bytes(GENEVAL_LINE.encode() + b'\n{"prompt": "caf\xe9"}\n')
     (tmp_path / "good.jsonl").write_text(GENEVAL_LINE + "\n")
     (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
@@ -37,7 +53,7 @@ def files(tmp_path: Path) -> dict[str, str]:
     (tmp_path / "bad.yaml").write_bytes(b"name: x\nsteps: 3 # \xff\n")
     (tmp_path / "bomb.yaml").write_text(BOMB)
     return {k: str(tmp_path / k) for k in ("bad_utf8.jsonl", "good.jsonl", "deep.jsonl", "a_dir.jsonl", "empty.yaml",
-                                           "bad.yaml", "bomb.yaml")}
+                                           "bad.yaml", "bomb.yaml", "dup.yaml", "nul.yaml")}
 
 
 # (recipe or None for the shipped one, overrides, extra args, what the one line must say)
@@ -74,6 +90,24 @@ CASES = [
     (None, ["learner.critic_replay.questions=17"], [], "key 'learner.critic_replay.questions': Input should be less than"),
     (str(Path(__file__).resolve().parents[1] / "recipes" / "grpo_geneval.yaml"), ["learner.critic_replay.coef=1"], [],
      "key 'learner.critic_replay.coef': policy.kind 'janus' has no supervised critiques to rehearse"),
+    # session 34's audit: each was a traceback, a silent choice, or an error found only after the warm start
+    ("{dup.yaml}", [], [], "dup.yaml:4: not valid YAML (duplicate key 'lr', first given on line 3)"),
+    ("{nul.yaml}", [], [], "nul.yaml: not valid YAML (unacceptable character #x0000"),
+    (None, ["rewards.reflect={stop_correct: 1, stop_correct: 2}"], [], "duplicate key 'stop_correct'"),
+    (None, ["policy.kind=s34pk.synerr:X"], [], "importing module 's34pk.synerr' failed: SyntaxError"),
+    (None, ["rewards.task=[{name: 's34pk.exits:f'}]"], [], "importing module 's34pk.exits' failed: SystemExit: 3"),
+    (None, ["rewards.task=[{name: 's34pk.rw:R'}]"], [], "constructing it failed: RuntimeError: cannot open x ("),
+    (None, ["learner.algorithm=s34pk.rw:A"], [], "algorithm 's34pk.rw:A': constructing it failed: KeyError: 'weights'"),
+    (None, ["rewards.task=[{name: remote, options: {url: }}]"], [], "url must start with http:// or https://, got None"),
+    (None, ["rewards.eval=[{name: vlm_judge, options: {url: 5, model: m}}]"], [], "url must start with http://"),
+    (None, ["rewards.task=[]"], [], "key 'rewards.task': at least one reward"),
+    (None, ["data.blocks.tags={foo: 1}"], [], "key 'data.blocks.tags': unknown tag 'foo'"),
+    (None, ["data.blocks.tags={colors: 0}"], [], "key 'data.blocks.tags': at least one tag needs a positive weight"),
+    (None, ["rewards.reflect.extra=[{name: verdict_consistency, options: {task: {name: nope}}}]"], [],
+     "verdict_consistency option task: unknown reward 'nope'"),
+    (None, ["rewards.reflect.extra=[{name: verdict_consistency, options: {task: {name: blocks, options: {zz: 1}}}}]"],
+     [], "verdict_consistency option task: reward 'blocks': unknown option 'zz'"),
+    (None, ["eval.understanding.reference=/no/such/refs.jsonl"], [], "reference: /no/such/refs.jsonl: file not found"),
 ]
 
 
@@ -107,6 +141,19 @@ def test_a_real_process_fails_in_one_line_within_10s(repo: Path, tmp_path: Path)
     assert res.returncode == 2 and time.monotonic() - t0 < 10
     assert res.stderr.count("\n") == 1 and "unknown reward 'blockz' (did you mean 'blocks'?)" in res.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_reward_server_that_is_down_fails_before_the_warm_start(repo: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """Rewards are set up before the policy is built: no server at the URL is one line in seconds, with no
+    warm start run (it used to come after the 1500-step warm start)."""
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    code = main(["train", str(repo / "recipes" / "tiny_blocks.yaml"), "--run-dir", str(run), "--set",
+                 "rewards.task=[{name: remote, options: {url: 'http://127.0.0.1:1', health_timeout: 2}}]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no reward server at http://127.0.0.1:1" in err[0], err
+    assert time.monotonic() - t0 < 10 and not (run / "warmstart").exists()
 
 
 def test_unreadable_files_name_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

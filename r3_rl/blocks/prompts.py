@@ -112,14 +112,19 @@ def _check(split: str, tag_mix: Mapping[str, float] | None, counts: tuple[int, .
         raise UserError(f"blocks counts must be positive integers, got {list(counts)}")
     if not 0.0 < frac < 1.0:
         raise UserError(f"blocks heldout_fraction must lie in (0, 1), got {frac}")
+    return check_tag_mix(tag_mix, "blocks tag_mix")
+
+
+def check_tag_mix(tag_mix: Mapping[str, float] | None, what: str) -> dict[str, float]:
+    """The tags drawn and their weights (all tags equally when None); ``what`` starts every error."""
     mix = dict(tag_mix) if tag_mix is not None else {t: 1.0 for t in TAGS}
     for tag, w in mix.items():
         if tag not in TAGS:
-            raise UserError(f"blocks tag_mix: unknown tag {tag!r}{close_match(tag, TAGS)}; valid tags: {', '.join(TAGS)}")
+            raise UserError(f"{what}: unknown tag {tag!r}{close_match(tag, TAGS)}; valid tags: {', '.join(TAGS)}")
         if not isinstance(w, (int, float)) or w < 0:
-            raise UserError(f"blocks tag_mix: weight of {tag!r} must be a number >= 0, got {w!r}")
+            raise UserError(f"{what}: weight of {tag!r} must be a number >= 0, got {w!r}")
     if sum(mix.values()) <= 0:
-        raise UserError("blocks tag_mix: at least one tag needs a positive weight")
+        raise UserError(f"{what}: at least one tag needs a positive weight")
     return {t: float(w) for t, w in mix.items() if w > 0}
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING, Any, Callable
 
-from r3_rl.errors import UserError
+from r3_rl.errors import UserError, raised
 from r3_rl.plugins import Registry, check_options
 
 if TYPE_CHECKING:
@@ -63,3 +63,5 @@ def load_algorithm(recipe: Any) -> "Algorithm":
         return cls(recipe, **options)
     except (TypeError, ValueError) as e:
         raise UserError(f"algorithm {name!r}: bad learner.options {options}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the plug-in's constructor failed: one line, where
+        raise UserError(f"algorithm {name!r}: constructing it failed: {raised(e)}") from None
