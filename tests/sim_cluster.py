@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 HEALTH = {"health_check_period_ms": 500, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3,
@@ -105,7 +104,7 @@ class SimCluster:
             except Exception:
                 self.proc.kill()
         deadline = time.time() + 10
-        while (left := processes_under(self.root)) and time.time() < deadline:
+        while processes_under(self.root) and time.time() < deadline:
             time.sleep(0.5)
         for pid in processes_under(self.root):
             try:

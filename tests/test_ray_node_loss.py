@@ -103,7 +103,6 @@ def test_worker_that_cannot_be_restarted_is_dropped_and_its_task_runs_elsewhere(
     import ray
 
     from r3_rl.policy.registry import build_policy
-    from r3_rl.rollout.engine import run_ordered
     from r3_rl.rollout.ray_engine import RayEngine
     from r3_rl.rollout.tree_rl import stage_sampling
     from test_rollout_ray import assert_same_trees, local_trees, step_tasks

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from r3_rl.config import Recipe
-from r3_rl.policy.base import ImageInput, ImageSample, Policy, TextSample
+from r3_rl.policy.base import ImageSample, Policy, TextSample
 from r3_rl.rollout.buffer import BufferEntry
 from r3_rl.rollout.tree_rl import RolloutTask, run_task, stage_sampling
 from r3_rl.tracking.metrics import group_metrics

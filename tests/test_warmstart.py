@@ -8,7 +8,6 @@ from r3_rl.blocks import edits
 from r3_rl.config import Recipe
 from r3_rl.data import BlocksPrompts
 from r3_rl.policy.registry import build_policy
-from r3_rl.policy.tiny_tokenizer import image_token
 from r3_rl.policy.warmstart import question_examples, synthetic_examples
 
 
