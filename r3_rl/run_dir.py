@@ -1,6 +1,7 @@
 """Run directories: ``<out_dir>/<name>-<timestamp>/`` holding the resolved recipe and everything a run writes."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -8,9 +9,36 @@ from r3_rl.config import Recipe, save_recipe
 from r3_rl.errors import UserError
 
 
+def _refuse_links(path: Path) -> None:
+    """A run dir that exists (a resume, or ``--run-dir`` again) must hold no symbolic link: the run writes
+    ``recipe.yaml``, ``events.log``, ``final/``, ``trajectories/`` ... in place, and a link planted in a run dir
+    someone else wrote would redirect those writes anywhere (the folder itself may be a link)."""
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            if (Path(dirpath) / name).is_symlink():
+                raise UserError(f"run dir {path}: {Path(dirpath, name).relative_to(path)} is a symbolic link; the "
+                                f"run would write through it (replace it with a real file or folder)")
+
+
+def _keep_previous_recipe(path: Path, recipe: Recipe) -> None:
+    """On a resume with other settings (a lower learning rate, more steps) the run dir's ``recipe.yaml`` is
+    rewritten; the one the earlier steps ran with is kept beside it as ``recipe.<time>.yaml``, so the run dir
+    never claims its first steps ran with the new settings."""
+    old = path / "recipe.yaml"
+    if not old.is_file():
+        return
+    new = path / ".recipe.new.yaml"
+    save_recipe(recipe, new)
+    if new.read_bytes() != old.read_bytes():
+        old.rename(path / f"recipe.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+    new.unlink()
+
+
 def make_run_dir(recipe: Recipe, run_dir: str | None = None) -> Path:
     if run_dir:
         path = Path(run_dir)
+        if path.is_dir():
+            _refuse_links(path)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path = Path(recipe.out_dir) / f"{recipe.name}-{stamp}"
@@ -20,6 +48,7 @@ def make_run_dir(recipe: Recipe, run_dir: str | None = None) -> Path:
             n += 1
     try:
         path.mkdir(parents=True, exist_ok=True)
+        _keep_previous_recipe(path, recipe)
         save_recipe(recipe, path / "recipe.yaml")
     except OSError as e:
         raise UserError(f"run dir {path}: cannot write there ({e.strerror or e})") from None

@@ -11,6 +11,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -140,3 +141,121 @@ def test_resume_does_not_replay_steps_in_metrics_or_tensorboard(run: tuple[Path,
     acc.Reload()
     assert [e.step for e in acc.Scalars("learner/lr")] == [0, 1, 2, 3]
     assert [e.step for e in acc.Scalars("0_eval/accuracy_round0")] == [0, 2, 4]
+
+
+# ---------------------------------------------------------------- damaged checkpoints and run dirs (session 34)
+def _resume(run: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture, damage: Any,
+            sets: tuple[str, ...] = (), before_work: bool = True) -> str:
+    """Copy the step-4 checkpoint, ``damage(ckpt)``, resume from it in a new run dir: the one error line.
+    Each used to resume silently from a state nobody saved, or to end in a traceback, often after the model
+    was built."""
+    run_dir, args = run
+    ckpt = tmp_path / "step_000004"
+    shutil.copytree(run_dir / "checkpoints" / "step_000004", ckpt)
+    damage(ckpt)
+    new_run = tmp_path / "resumed"
+    argv = [a if a != str(run_dir) else str(new_run) for a in args] + ["--resume", str(ckpt)]
+    argv += [a for s in sets for a in ("--set", s)]
+    capsys.readouterr()
+    t0 = time.monotonic()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and time.monotonic() - t0 < 10, err
+    assert not new_run.exists() or not before_work, err
+    return err[0]
+
+
+def _edit_meta(ckpt: Path, **changes: Any) -> None:
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    meta.update(changes)
+    (ckpt / "checkpoint.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+
+
+def _resave_trainer_state(ckpt: Path, **changes: Any) -> None:
+    path = ckpt / "state" / "trainer.pt"
+    torch.save({**safe_torch_load(path), **changes}, path)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _lying_buffer(ckpt: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = ckpt / "state" / "buffer.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    entries = json.loads(meta["entries"])
+    entries[0]["tokens"] = [0, 10 ** 9]
+    save_file(load_file(str(path)), str(path), metadata={**meta, "entries": json.dumps(entries)})
+    _edit_meta(ckpt, files=None)  # as an attacker would: the file list goes too
+
+
+DAMAGE = {
+    "buffer missing": (lambda c: (c / "state" / "buffer.safetensors").unlink(),
+                       "buffer.safetensors: missing; the checkpoint is damaged"),
+    "buffer missing, no file list": (lambda c: ((c / "state" / "buffer.safetensors").unlink(), _edit_meta(c, files=None)),
+                                     "buffer.safetensors: missing (format 3 keeps the parent buffer there)"),
+    "weights truncated": (lambda c: _truncate(c / "model" / "model.safetensors"), " when saved; the checkpoint is damaged"),
+    "weights truncated, no file list": (lambda c: (_truncate(c / "model" / "model.safetensors"),
+                                                   _edit_meta(c, files=None)),
+                                        "cannot restore this checkpoint (SafetensorError"),
+    "trainer state edited": (lambda c: _resave_trainer_state(c, step=1),
+                             "trainer.pt: contents changed since it was saved (SHA-256 differs)"),
+    "trainer state edited, no file list": (lambda c: (_resave_trainer_state(c, step=1), _edit_meta(c, files=None)),
+                                           "trainer.pt: holds step 1, checkpoint.json says 4"),
+    "a step that is not a number": (lambda c: _edit_meta(c, step="4"), "'step' must be a whole number >= 0, got '4'"),
+    "a structure that is not a mapping": (lambda c: _edit_meta(c, structure=[1]), "'structure' must be a mapping"),
+    "a buffer span past its data": (_lying_buffer, "entry 0: 'tokens' span [0, 1000000000] is not within the file's"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_a_damaged_checkpoint_is_one_line_before_any_work(run: tuple[Path, list[str]], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture, case: str) -> None:
+    damage, needle = DAMAGE[case]
+    # without a file list a truncated shard is found while the weights load, once the model is built
+    line = _resume(run, tmp_path, capsys, damage, before_work=case != "weights truncated, no file list")
+    assert needle in line, line
+
+
+def test_resuming_with_another_seed_is_refused(run: tuple[Path, list[str]], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """The seed draws every step's tasks: a resume with another one is not the run its checkpoints name."""
+    line = _resume(run, tmp_path, capsys, lambda c: None, ("seed=7",))
+    assert "recipe key 'seed' is 7 but the checkpoint was written with 0" in line, line
+
+
+def test_a_symbolic_link_in_a_run_dir_is_refused(run: tuple[Path, list[str]], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """A run dir from someone else with ``events.log`` linked to another file: resuming there would append to
+    it (and ``final/``, ``trajectories/`` linked elsewhere would receive the model and the rollouts)."""
+    run_dir, args = run
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(run_dir, copy_dir)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    (copy_dir / "events.log").unlink(missing_ok=True)
+    (copy_dir / "events.log").symlink_to(victim)
+    argv = [a if a != str(run_dir) else str(copy_dir) for a in args] + ["--resume", "auto"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "events.log is a symbolic link" in err[0], err
+    assert victim.read_text() == "keep me\n"
+
+
+def test_a_resume_with_other_settings_keeps_the_recipe_the_first_steps_ran_with(run: tuple[Path, list[str]],
+                                                                                tmp_path: Path) -> None:
+    run_dir, args = run
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(run_dir, copy_dir)
+    before = (copy_dir / "recipe.yaml").read_text()
+    argv = [a if a != str(run_dir) else str(copy_dir) for a in args] + ["--resume", "auto", "--set", "steps=5",
+                                                                          "--set", "learner.lr=1.0e-5"]
+    assert main(argv) == 0
+    kept = [p for p in copy_dir.glob("recipe.*.yaml")]
+    assert len(kept) == 1 and kept[0].read_text() == before
+    assert "1.0e-05" in (copy_dir / "recipe.yaml").read_text() and "lr: 1.0e-05" not in before

@@ -10,7 +10,7 @@ Layout of one checkpoint::
     state/learner/             optimiser + LR schedule (torch: optimizer.pt; DeepSpeed: its own checkpoint),
                                learner counters, critic weights (PPO)
     state/reference.safetensors  the frozen KL reference (absent with LoRA: it is the base model)
-    checkpoint.json            written last: {"step", "policy_version", "complete": true, ...}
+    checkpoint.json            written last: {"step", "policy_version", "complete": true, "files", ...}
 
 Each component writes and reads its own part (:class:`CheckpointParts`): the learner exports the policy and
 saves its optimiser state (and, under DeepSpeed, the trained weights), the run loop hands over its
@@ -19,6 +19,12 @@ saves its optimiser state (and, under DeepSpeed, the trained weights), the run l
 Every ``.pt`` here is read with ``torch.load(weights_only=True)`` (:mod:`r3_rl.learner.safe_load`): a
 checkpoint cannot run code on ``--resume``.  Format 2 keeps the numpy RNG state as plain lists; format 1
 (numpy arrays) still loads.
+
+Integrity: ``checkpoint.json`` lists every file with its size, and the SHA-256 of each file up to
+``HASH_MAX_BYTES`` (the state files, configs, the tiny model; a 7B model's shards are checked by size only, as
+hashing them would add minutes to every save).  ``--resume`` checks the list before anything is loaded, so a
+missing buffer, a truncated shard or an edited ``trainer.pt`` is one line naming the file, not a run that
+continues from a state nobody saved.  Checkpoints written before the list (no ``files``) load unchecked.
 
 Atomicity: everything is written into ``checkpoints/.tmp-step_NNNNNN-<pid>/`` and renamed into place only
 once complete, so a crash half-way leaves a ``.tmp-*`` folder that ``--resume auto`` never looks at
@@ -41,7 +47,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_model
 
-from r3_rl.errors import UserError
+from r3_rl.errors import UserError, raised
 from r3_rl.learner.safe_load import safe_torch_load, scan_checkpoint
 
 CKPT_DIR = "checkpoints"
@@ -50,6 +56,7 @@ STEP_RE = re.compile(r"^step_(\d+)$")
 # 3: the parent buffer in state/buffer.safetensors (1-2: pixel lists in trainer.pt); 2: no numpy objects in
 # trainer.pt (1 stored the numpy RNG state as an array).  Older formats still load.
 FORMAT = 3
+HASH_MAX_BYTES = 256 << 20  # files up to this size get a SHA-256 in checkpoint.json; all get their size
 
 
 # ---------------------------------------------------------------------------------------------- finding
@@ -187,6 +194,55 @@ def _numpy_rng_state() -> tuple[Any, ...]:
     return kind, keys.tolist(), pos, has_gauss, gauss
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"bytes", "sha256"}}`` of every file under ``folder`` (no hash past HASH_MAX_BYTES)."""
+    out: dict[str, dict[str, Any]] = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        out[f.relative_to(folder).as_posix()] = {"bytes": size,
+                                                 "sha256": _sha256(f) if size <= HASH_MAX_BYTES else None}
+    return out
+
+
+def verify_files(path: Path, meta: dict[str, Any]) -> None:
+    """Every file ``checkpoint.json`` lists is there, a regular file, of its size and hash; one line if not."""
+    files = meta.get("files")
+    if files is None:
+        return  # written before the list
+    damaged = "the checkpoint is damaged; resume from an earlier one (--resume PATH) or delete this one"
+    for rel, want in files.items():
+        f = path / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute() or not isinstance(want, dict):
+            raise UserError(f"{path / MARKER}: bad entry {str(rel)[:80]!r} in 'files'; {damaged}")
+        if f.is_symlink() or not f.is_file():
+            raise UserError(f"{f}: {'a symbolic link' if f.is_symlink() else 'missing'}; {damaged}")
+        size = f.stat().st_size
+        if size != want.get("bytes"):
+            raise UserError(f"{f}: {size} bytes, {want.get('bytes')} when saved; {damaged}")
+        if want.get("sha256") is not None and _sha256(f) != want["sha256"]:
+            raise UserError(f"{f}: contents changed since it was saved (SHA-256 differs); {damaged}")
+
+
+def _check_meta(meta: dict[str, Any], path: Path) -> None:
+    """The fields of ``checkpoint.json`` that resuming reads have their types (a hand-edited file is one line)."""
+    step = meta.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise UserError(f"{path / MARKER}: 'step' must be a whole number >= 0, got {str(step)[:40]!r}")
+    for key in ("structure", "files"):
+        if key in meta and not isinstance(meta[key], dict):
+            raise UserError(f"{path / MARKER}: {key!r} must be a mapping, got {type(meta[key]).__name__}")
+
+
 def _clean_partials(root: Path, keep: Path | None = None) -> None:
     for p in root.iterdir():
         if p.is_dir() and p.name.startswith((".tmp-", ".old-")) and p != keep:
@@ -214,7 +270,8 @@ def save_checkpoint(run_dir: Path, step: int, keep_last: int, parts: CheckpointP
     if parts.buffer is not None:
         parts.buffer.save(state / "buffer.safetensors")
     meta = {"complete": True, "format": FORMAT, "step": step, "policy_version": parts.policy.version,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "recipe": recipe.name, "structure": structure(recipe)}
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "recipe": recipe.name, "structure": structure(recipe),
+            "files": file_manifest(tmp)}
     (tmp / MARKER).write_text(json.dumps(meta, indent=2))
     if final.exists():  # re-saving a step (e.g. a finished run resumed): swap, never leave a gap
         old = root / f".old-{final.name}-{os.getpid()}"
@@ -235,9 +292,11 @@ def prune(root: Path, keep_last: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- load
 # Recipe keys that shape the saved state: resuming with a different value cannot restore it exactly.
+# ``seed`` draws every step's tasks and ``tree.buffer_size`` is the saved buffer's capacity: a resume with
+# another value would not continue the run it names (hyperparameters such as the learning rate may change).
 STRUCTURAL = ("policy.kind", "policy.options", "policy.model", "policy.tiny", "data.blocks", "learner.algorithm",
               "learner.backend", "learner.lora", "learner.ppo.critic", "learner.deepspeed.zero_stage",
-              "learner.deepspeed.dtype", "learner.ranks")
+              "learner.deepspeed.dtype", "learner.ranks", "seed", "tree.buffer_size")
 
 
 def structure(recipe: Any) -> dict[str, Any]:
@@ -268,16 +327,55 @@ def check_resumable(path: Path, recipe: Any) -> dict[str, Any]:
     meta = _meta(Path(path))
     if meta is None:
         raise UserError(f"{path}: not a complete checkpoint (no {MARKER} with complete: true)")
+    _check_meta(meta, Path(path))
     check_compatible(meta, recipe, Path(path))
     scan_checkpoint(path)  # one line for a planted pickle, before anything is loaded
+    verify_files(Path(path), meta)
+    _check_state_files(Path(path), meta)
     return meta
+
+
+def _check_state_files(path: Path, meta: dict[str, Any]) -> None:
+    """What a checkpoint without a file list (or with one rewritten) can still be checked for cheaply: the
+    loop's state is of the step ``checkpoint.json`` names, and format 3's parent-buffer file is there."""
+    state = path / "state"
+    loop_state = safe_torch_load(state / "trainer.pt")
+    if not isinstance(loop_state, dict) or loop_state.get("step", meta.get("step")) != meta.get("step"):
+        got = loop_state.get("step") if isinstance(loop_state, dict) else type(loop_state).__name__
+        raise UserError(f"{state / 'trainer.pt'}: holds step {got!r}, {MARKER} says {meta.get('step')}; the "
+                        f"checkpoint is damaged")
+    buffer_file = state / "buffer.safetensors"
+    if meta.get("format", 1) >= 3 and not buffer_file.is_file():
+        raise UserError(f"{buffer_file}: missing (format {meta['format']} keeps the parent buffer there); the "
+                        f"checkpoint is damaged")
+    if buffer_file.is_file():  # read once here (a few MB): every entry checked before the model is built
+        from r3_rl.rollout.buffer import ParentBuffer
+
+        try:
+            ParentBuffer(1).load(buffer_file)
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign file: one line
+            raise UserError(f"{buffer_file}: not a parent buffer this run can read ({(str(e).splitlines() or [''])[0]})"
+                            f"; the checkpoint is damaged") from None
 
 
 def load_checkpoint(path: Path, parts: CheckpointParts, recipe: Any) -> dict[str, Any]:
     """Restore every part (built from the same recipe) to the state saved in ``path``; returns its meta."""
     path = Path(path)
     meta = check_resumable(path, recipe)
+    try:
+        _restore(path, meta, parts)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: one line naming the checkpoint
+        raise UserError(f"{path}: cannot restore this checkpoint ({raised(e)}); resume from an earlier one "
+                        f"(--resume PATH) or delete it") from None
+    return meta
+
+
+def _restore(path: Path, meta: dict[str, Any], parts: CheckpointParts) -> None:
     state = path / "state"
+    loop_state = safe_torch_load(state / "trainer.pt")
+    buffer_file = state / "buffer.safetensors"
     learner = parts.learner
     if learner.saves_weights:
         pass  # the learner's own checkpoint restores the module weights (policy, adapters, critic)
@@ -289,7 +387,6 @@ def load_checkpoint(path: Path, parts: CheckpointParts, recipe: Any) -> dict[str
     if parts.reference is not None and ref_file.is_file():
         load_model(parts.reference.model, str(ref_file))
     learner.load(state / "learner")
-    parts.loop.load_state_dict(safe_torch_load(state / "trainer.pt"))  # formats 1-2: the buffer too
-    if parts.buffer is not None and (state / "buffer.safetensors").is_file():
-        parts.buffer.load(state / "buffer.safetensors")
-    return meta
+    parts.loop.load_state_dict(loop_state)  # formats 1-2: the buffer too
+    if parts.buffer is not None and buffer_file.is_file():
+        parts.buffer.load(buffer_file)

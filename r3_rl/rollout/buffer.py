@@ -179,15 +179,22 @@ class ParentBuffer:
             raise ValueError(f"{path}: not a parent-buffer file of format {FORMAT} (metadata {list(meta)[:4]})")
         tensors = load_file(str(path))
         tokens, png = tensors["tokens"].numpy(), tensors["png"].numpy()
-        capacity = int(meta["capacity"])
-        self.correct, self.flawed = deque(maxlen=capacity), deque(maxlen=capacity)
-        for e in json.loads(meta["entries"]):
-            span_t, span_p = e.get("tokens"), e.get("png")
-            stored = _Stored(prompt=PromptItem(**e["prompt"]),
-                             tokens=tokens[span_t[0]:span_t[1]].copy() if span_t else None,
-                             png=png[span_p[0]:span_p[1]].tobytes() if span_p else None, reward=e["reward"],
-                             correct=e["correct"], round=e["round"], source=e["source"])
-            (self.correct if e["pool"] == "correct" else self.flawed).append(stored)
+        capacity = meta.get("capacity", "")
+        if not capacity.isdigit() or not 1 <= int(capacity) <= 10_000_000:
+            raise ValueError(f"{path}: capacity {capacity[:20]!r} is not a whole number in 1..10000000")
+        entries = json.loads(meta.get("entries", "[]"))
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: 'entries' is not a list")
+        correct, flawed = deque(maxlen=int(capacity)), deque(maxlen=int(capacity))
+        token_lengths = set()
+        for i, e in enumerate(entries):
+            stored = _stored_entry(e, tokens, png, f"{path}: entry {i}")
+            if stored.tokens is not None:
+                token_lengths.add(len(stored.tokens))
+            (correct if e["pool"] == "correct" else flawed).append(stored)
+        if len(token_lengths) > 1:  # one policy, one image size: spans of several lengths were not written here
+            raise ValueError(f"{path}: image token spans of {len(token_lengths)} different lengths")
+        self.correct, self.flawed = correct, flawed  # only once every entry is read
 
     def load_legacy(self, state: dict[str, Any]) -> None:
         """A buffer checkpointed before the safetensors file (formats 1-2: entries with pixel lists)."""
@@ -197,6 +204,36 @@ class ParentBuffer:
                 entry = BufferEntry(**{**d, "prompt": PromptItem(**d["prompt"]),
                                        "image": np.asarray(d["image"], dtype=np.uint8)})
                 (self.correct if pool == "correct" else self.flawed).append(self._stored(entry))
+
+
+def _stored_entry(e: Any, tokens: np.ndarray, png: np.ndarray, where: str) -> _Stored:
+    """One entry of a buffer file, every field checked (a hand-edited or foreign file fails here, in one line,
+    not steps later when a span of the wrong size is reshaped into an image)."""
+    if not isinstance(e, dict) or e.get("pool") not in ("correct", "flawed"):
+        raise ValueError(f"{where}: not an entry of pool 'correct' or 'flawed'")
+
+    def span(key: str, array: np.ndarray) -> tuple[int, int] | None:
+        v = e.get(key)
+        if v is None:
+            return None
+        if (not isinstance(v, list) or len(v) != 2 or not all(type(x) is int for x in v)
+                or not 0 <= v[0] < v[1] <= len(array)):
+            raise ValueError(f"{where}: '{key}' span {str(v)[:40]} is not within the file's {len(array)} values")
+        return v[0], v[1]
+
+    span_t, span_p = span("tokens", tokens), span("png", png)
+    reward, rnd, prompt = e.get("reward"), e.get("round"), e.get("prompt")
+    if (span_t is None and span_p is None) or type(e.get("correct")) is not bool or type(rnd) is not int or rnd < 0:
+        raise ValueError(f"{where}: needs an image span, a true/false 'correct' and a whole 'round' >= 0")
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not np.isfinite(reward):
+        raise ValueError(f"{where}: 'reward' must be a finite number, got {str(reward)[:40]}")
+    if (not isinstance(prompt, dict) or not isinstance(prompt.get("id"), str) or not isinstance(prompt.get("prompt"), str)
+            or not isinstance(prompt.get("metadata", {}), dict) or set(prompt) - {"id", "prompt", "metadata", "source"}
+            or not isinstance(e.get("source"), str)):
+        raise ValueError(f"{where}: 'prompt' must be {{id, prompt, metadata, source}} and 'source' a string")
+    return _Stored(prompt=PromptItem(**prompt), tokens=tokens[span_t[0]:span_t[1]].copy() if span_t else None,
+                   png=png[span_p[0]:span_p[1]].tobytes() if span_p else None, reward=float(reward),
+                   correct=e["correct"], round=rnd, source=e["source"])
 
 
 def _png(image: np.ndarray) -> bytes:
