@@ -38,6 +38,7 @@ from typing import Any, Callable, ContextManager
 
 import torch
 
+from r3_rl.learner.deepspeed_config import ds_config
 from r3_rl.learner.optim import make_adamw, trainable, warmup_lambda
 from r3_rl.learner.precision import check_precision, compute_dtype
 
@@ -61,35 +62,6 @@ def ensure_dist_env() -> str:
     if "TORCH_EXTENSIONS_DIR" not in os.environ:  # the CPU shm comm op is compiled once, then cached here
         os.environ["TORCH_EXTENSIONS_DIR"] = str(Path.home() / ".cache" / "torch_extensions")
     return "nccl" if gpu else "gloo"
-
-
-def ds_config(cfg: Any, world_size: int = 1, dtype: str = "fp32") -> dict[str, Any]:
-    """The DeepSpeed config dict for ``learner`` settings ``cfg`` (``learner.deepspeed.config`` merged last);
-    ``dtype`` (``fp32``/``bf16``) is the policy's, used when ``learner.deepspeed.dtype`` is left out."""
-    d = cfg.deepspeed
-    bf16 = (d.dtype or dtype) == "bf16"
-    gas = max(cfg.grad_accum, 1)
-    conf: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": gas,
-        "train_batch_size": cfg.micro_batch_size * gas * world_size,
-        "gradient_clipping": cfg.grad_clip if cfg.grad_clip > 0 else 0.0,
-        "managed_gradient_accumulation": False,
-        "zero_optimization": {"stage": d.zero_stage},
-        "bf16": {"enabled": bf16},
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 2 ** 31 - 1,
-        "wall_clock_breakdown": False,
-    }
-    if bf16:  # micro-batches accumulate into fp32 gradients (DeepSpeed's default would be bf16)
-        conf["data_types"] = {"grad_accum_dtype": "fp32"}
-    for key, value in d.config.items():
-        if isinstance(value, dict) and isinstance(conf.get(key), dict):
-            conf[key] = {**conf[key], **value}
-        else:
-            conf[key] = value
-    return conf
 
 
 def gradient_anchor(params: list[torch.nn.Parameter]) -> torch.Tensor:

@@ -56,8 +56,12 @@ def check_precision(dtype: torch.dtype, cfg: Any) -> str:
 
 
 def check_recipe_precision(recipe: Any) -> None:
-    """:func:`check_precision` on a recipe, before anything is loaded."""
-    check_precision(DTYPES[recipe.policy.dtype], recipe.learner)
+    """:func:`check_precision` on a recipe, before anything is loaded; under DeepSpeed its config too."""
+    dtype = check_precision(DTYPES[recipe.policy.dtype], recipe.learner)
+    if recipe.learner.backend == "deepspeed":
+        from r3_rl.learner.deepspeed_config import check_ds_config
+
+        check_ds_config(recipe.learner, dtype)
 
 
 _HOOKS: dict[int, tuple[Any, Any]] = {}  # id(parameter) -> (weak reference to it, its master's gradient hook)

@@ -1,0 +1,74 @@
+"""The DeepSpeed config a learner's engine is built from, and DeepSpeed's own check of it before any work.
+
+Apart from :mod:`r3_rl.learner.deepspeed_learner` so that recipe validation (:mod:`r3_rl.learner.precision`)
+can ask DeepSpeed about ``learner.deepspeed.config`` without importing the engine's module.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from r3_rl.errors import UserError, raised
+
+
+def ds_config(cfg: Any, world_size: int = 1, dtype: str = "fp32") -> dict[str, Any]:
+    """The DeepSpeed config dict for ``learner`` settings ``cfg`` (``learner.deepspeed.config`` merged last);
+    ``dtype`` (``fp32``/``bf16``) is the policy's, used when ``learner.deepspeed.dtype`` is left out."""
+    d = cfg.deepspeed
+    bf16 = (d.dtype or dtype) == "bf16"
+    gas = max(cfg.grad_accum, 1)
+    conf: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": cfg.micro_batch_size * gas * world_size,
+        "gradient_clipping": cfg.grad_clip if cfg.grad_clip > 0 else 0.0,
+        "managed_gradient_accumulation": False,
+        "zero_optimization": {"stage": d.zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2 ** 31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if bf16:  # micro-batches accumulate into fp32 gradients (DeepSpeed's default would be bf16)
+        conf["data_types"] = {"grad_accum_dtype": "fp32"}
+    for key, value in d.config.items():
+        if isinstance(value, dict) and isinstance(conf.get(key), dict):
+            conf[key] = {**conf[key], **value}
+        else:
+            conf[key] = value
+    return conf
+
+
+class _Ranks:
+    """What DeepSpeed's config asks of a model-parallel unit: the world size, without a process group."""
+
+    def __init__(self, ranks: int) -> None:
+        self.ranks = ranks
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ranks
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+
+def check_ds_config(cfg: Any, dtype: str) -> None:
+    """DeepSpeed's own validation of the config :func:`ds_config` builds (``learner.deepspeed.config`` merged),
+    run before any model loads: a ``zero_optimization: {stage: 9}`` was a traceback after the warm start."""
+    if not (torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as ensure_dist_env: before deepspeed picks one
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedConfig(ds_config(cfg, cfg.ranks, dtype), mpu=_Ranks(cfg.ranks))
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise UserError(f"key 'learner.deepspeed.config': DeepSpeed refuses it: {e.title}.{where}: {err['msg']}, "
+                        f"got {str(err.get('input'))[:40]}") from None
+    except Exception as e:  # noqa: BLE001 - DeepSpeed's own asserts and errors, in one line
+        raise UserError(f"key 'learner.deepspeed.config': DeepSpeed refuses it: {raised(e)}") from None
