@@ -259,3 +259,25 @@ def test_a_resume_with_other_settings_keeps_the_recipe_the_first_steps_ran_with(
     kept = [p for p in copy_dir.glob("recipe.*.yaml")]
     assert len(kept) == 1 and kept[0].read_text() == before
     assert "1.0e-05" in (copy_dir / "recipe.yaml").read_text() and "lr: 1.0e-05" not in before
+
+
+def test_a_damaged_model_folder_or_warm_start_cache_is_one_line(run: tuple[Path, list[str]], tmp_path: Path,
+                                                                 repo: Path, capsys: pytest.CaptureFixture) -> None:
+    """`r3-rl eval --checkpoint` on a truncated model, and a run dir whose cached warm start is truncated: each
+    was a SafetensorError traceback."""
+    from conftest import cli_one_line_error
+
+    model = tmp_path / "model"
+    shutil.copytree(run[0] / "checkpoints" / "step_000004" / "model", model)
+    _truncate(model / "model.safetensors")
+    recipe = str(repo / "recipes" / "tiny_blocks.yaml")
+    line = cli_one_line_error(["eval", recipe, "--checkpoint", str(model), "--run-dir", str(tmp_path / "ev")]
+                              + [a for s in tiny_overrides(tmp_path) for a in ("--set", s)], capsys)
+    assert f"policy.model: {model}: cannot load it (SafetensorError" in line, line
+
+    args = ["train", recipe, "--run-dir", str(tmp_path / "r")] + [a for s in tiny_overrides(tmp_path, steps=1)
+                                                                   for a in ("--set", s)]
+    assert main(args) == 0
+    _truncate(tmp_path / "r" / "warmstart" / "model.safetensors")
+    line = cli_one_line_error(args, capsys)
+    assert "warmstart: the cached warm start cannot be read (SafetensorError" in line and "delete the folder" in line

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING, Any, Callable
 
-from r3_rl.errors import UserError
+from r3_rl.errors import UserError, raised
 from r3_rl.plugins import Registry, check_options, import_attr
 
 if TYPE_CHECKING:
@@ -70,4 +70,11 @@ def build_policy(recipe: Any) -> "Policy":
     """The recipe's policy with its initial weights (random, or ``policy.model``'s); no warm start here."""
     cls = policy_class(recipe.policy.kind)
     check_policy_options(recipe, cls)
-    return cls.from_recipe(recipe, **recipe.policy.options)
+    if not recipe.policy.model:
+        return cls.from_recipe(recipe, **recipe.policy.options)
+    try:
+        return cls.from_recipe(recipe, **recipe.policy.options)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign model folder (truncated weights, bad config)
+        raise UserError(f"policy.model: {recipe.policy.model}: cannot load it ({raised(e)})") from None

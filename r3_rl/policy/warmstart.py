@@ -35,6 +35,7 @@ import torch
 
 from r3_rl.blocks import edits
 from r3_rl.data import BlocksPrompts
+from r3_rl.errors import UserError, raised
 from r3_rl.policy.base import ImageInput
 from r3_rl.policy.tiny_tokenizer import image_token
 from r3_rl.rewards.checklists import YES, questions_for
@@ -338,9 +339,17 @@ def warmstart_cached(policy: TinyUnifiedPolicy, recipe: Any, out_dir: Path, log:
     ``tag``: what else decides the result, e.g. a policy's options)."""
     key = _key(recipe, tag)
     marker = out_dir / "warmstart.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
-        state = type(policy).from_pretrained(str(out_dir), policy.templates).model.state_dict()
-        policy.model.load_state_dict(state)
+    try:
+        cached = marker.is_file() and json.loads(marker.read_text()).get("key") == key
+        if cached:
+            state = type(policy).from_pretrained(str(out_dir), policy.templates).model.state_dict()
+            policy.model.load_state_dict(state)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a truncated or edited cache: one line, not a traceback
+        raise UserError(f"{out_dir}: the cached warm start cannot be read ({raised(e)}); delete the folder to "
+                        f"warm-start again") from None
+    if cached:
         if log is not None:
             log.print(f"warm start: reusing {out_dir}")
         return
