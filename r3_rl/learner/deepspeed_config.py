@@ -64,7 +64,9 @@ def check_ds_config(cfg: Any, dtype: str) -> None:
     from pydantic import ValidationError
 
     try:
-        DeepSpeedConfig(ds_config(cfg, cfg.ranks, dtype), mpu=_Ranks(cfg.ranks))
+        # as one rank's engine sees it (DeepSpeed reads the world size from its process group, absent here;
+        # the batch arithmetic is ours either way)
+        DeepSpeedConfig(ds_config(cfg, 1, dtype), mpu=_Ranks(1))
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
