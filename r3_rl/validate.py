@@ -167,9 +167,15 @@ def check_rewards(recipe: Any, source: str) -> None:
     for key, specs in (("task", recipe.rewards.task), ("eval", recipe.rewards.eval),
                        ("reflect.extra", recipe.rewards.reflect.extra)):
         try:
-            RewardSet.from_specs([s.model_dump() for s in specs])
+            built = RewardSet.from_specs([s.model_dump() for s in specs])
         except UserError as e:
             raise UserError(f"{source}: rewards.{key}: {e}") from None
+        part = recipe.rewards.reflect.correct_part
+        if key == "task" and part is not None:  # its component is known only once scored; its reward now
+            names = [m.reward.name for m in built.members]
+            if part not in names and part.partition("/")[0] not in names:
+                raise UserError(f"{source}: key 'rewards.reflect.correct_part': {part!r} names no task reward; "
+                                f"expected REWARD or REWARD/COMPONENT of {', '.join(names)} (e.g. blocks/correct)")
 
 
 def check_data(recipe: Any, source: str, needs_eval: bool = True) -> None:
