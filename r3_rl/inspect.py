@@ -15,6 +15,7 @@ from typing import Any
 from r3_rl.environment import differences, read_records, summary_line
 from r3_rl.errors import UserError
 from r3_rl.eval.understanding import headline
+from r3_rl.textfiles import utf8_lines
 from r3_rl.tracking.metrics import rollout_metrics
 from r3_rl.tracking.views import fmt, image_caption, prompt_line, select_trajectories, text_label
 from r3_rl.trajectory import Node, Tree, read_trees
@@ -68,15 +69,15 @@ def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not p.is_file():
         return []
     rows = []
-    lines = p.read_text().splitlines()
-    for lineno, line in enumerate(lines, 1):
+    lines = list(utf8_lines(p, "metrics file"))  # bytes that are not UTF-8: one line naming file:line
+    for lineno, line in lines:
         if line.strip():
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
+            except (ValueError, RecursionError):  # a run killed mid-write leaves a partial last line
                 if lineno != len(lines):
                     raise UserError(f"{p}:{lineno}: not valid JSON") from None
-    return rows
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int)]
 
 
 def run_overview(run_dir: Path) -> str:
@@ -104,7 +105,8 @@ def run_overview(run_dir: Path) -> str:
         try:
             rep = json.loads(p.read_text())
             acc = " ".join(fmt(a) for a in rep["accuracy"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError) as e:  # damaged or foreign: said, not skipped
+            lines.append(f"  eval {p.stem}: unreadable ({type(e).__name__}: {printable(str(e))[:80]})")
             continue
         under = headline(rep)
         lines.append(f"  eval {p.stem}: accuracy per round {acc} (stop rate {fmt(rep.get('stop_rate'))}, "

@@ -193,3 +193,19 @@ def test_inspect_strips_terminal_escapes(tmp_path: Path, capsys: pytest.CaptureF
     out = capsys.readouterr().out
     assert "a red square]0;pwned[2J[31m here" in out and "hidden" in out
     assert not any(c in out for c in "\x1b\x07\r\u202e")
+
+
+def test_inspect_names_damage_instead_of_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Random bytes in metrics.jsonl were a UnicodeDecodeError traceback; an eval report whose accuracy is not
+    a list of numbers was a ValueError (or silently skipped)."""
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "metrics.jsonl").write_bytes(b'{"step": 0, "learner/loss": 0.5}\n\xff\xfe garbage\n')
+    assert main(["inspect", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "metrics.jsonl:2: not valid UTF-8 (byte 0xff" in err[0], err
+    (run / "metrics.jsonl").write_text('{"step": 0, "learner/loss": 0.5}\n')
+    (run / "eval" / "after.json").write_text('{"accuracy": "x"}')
+    assert main(["inspect", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "training: 1 steps logged" in out and "eval after: unreadable (ValueError" in out, out
