@@ -187,7 +187,9 @@ class Trainer:
 
         load_checkpoint(path, self._checkpoint_parts(), self.recipe)
         self.resumed_from = path
-        self.metrics.rewind(self.step)  # the steps after the checkpoint are run again: log them once
+        # the steps after the checkpoint are run again: log them once (a finished run's final checkpoint came
+        # before its "after" eval, which runs again; mid-run evals never fall on the last step)
+        self.metrics.rewind(self.step, keep_evals=self.step < self.recipe.steps)
         if self.parts.built("engine"):
             self.engine.sync(self.policy)
         self.console.print(f"resumed from {path}: step {self.step}, policy version {self.policy.version}")

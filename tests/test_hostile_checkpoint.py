@@ -281,3 +281,16 @@ def test_a_damaged_model_folder_or_warm_start_cache_is_one_line(run: tuple[Path,
     _truncate(tmp_path / "r" / "warmstart" / "model.safetensors")
     line = cli_one_line_error(args, capsys)
     assert "warmstart: the cached warm start cannot be read (SafetensorError" in line and "delete the folder" in line
+
+
+def test_resuming_a_finished_run_logs_its_final_eval_once(run: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """The final checkpoint is written before the "after" eval, which a resumed finished run runs again: it
+    was then in metrics.jsonl twice."""
+    run_dir, args = run
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(run_dir, copy_dir)
+    argv = [a if a != str(run_dir) else str(copy_dir) for a in args] + ["--resume", "auto"]
+    assert main(argv) == 0
+    rows = [json.loads(x) for x in (copy_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["step"] for r in rows if "0_eval/accuracy_round0" in r]
+    assert evals == [0, 2, 4], evals

@@ -344,13 +344,14 @@ class MetricsLogger:
 
             self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
 
-    def rewind(self, step: int) -> None:
+    def rewind(self, step: int, keep_evals: bool = True) -> None:
         """Forget what was logged after the checkpoint at ``step``: a resumed run replays those steps.
 
         ``metrics.jsonl`` keeps lines with ``step < step`` and the evals logged at ``step`` (before the
         checkpoint was written; training line ``step`` is replayed), so no step appears twice.  TensorBoard
         gets ``purge_step=step`` (it hides every older event at or past ``step``), and the kept evals at
-        ``step`` are logged again after the purge.
+        ``step`` are logged again after the purge.  ``keep_evals=False``: the evals at ``step`` came after the
+        checkpoint (the final one's "after" eval, which a resumed finished run runs again), so they go too.
         """
         path = self.run_dir / "metrics.jsonl"
         self.jsonl.close()
@@ -362,7 +363,7 @@ class MetricsLogger:
             except (ValueError, KeyError, TypeError):
                 continue  # a run killed mid-write leaves a partial last line
             is_eval = any(k.startswith(("eval/", "eval_tag/")) for k in row)
-            if at < step or (at == step and is_eval):
+            if at < step or (at == step and is_eval and keep_evals):
                 kept.append(line)
                 if at == step:
                     evals.append(row)
