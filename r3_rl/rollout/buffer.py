@@ -227,9 +227,9 @@ def _stored_entry(e: Any, tokens: np.ndarray, png: np.ndarray, where: str) -> _S
         raise ValueError(f"{where}: needs an image span, a true/false 'correct' and a whole 'round' >= 0")
     if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not np.isfinite(reward):
         raise ValueError(f"{where}: 'reward' must be a finite number, got {str(reward)[:40]}")
-    if (not isinstance(prompt, dict) or not isinstance(prompt.get("id"), str) or not isinstance(prompt.get("prompt"), str)
-            or not isinstance(prompt.get("metadata", {}), dict) or set(prompt) - {"id", "prompt", "metadata", "source"}
-            or not isinstance(e.get("source"), str)):
+    if (not isinstance(prompt, dict) or not isinstance(prompt.get("id"), str)
+            or not isinstance(prompt.get("prompt"), str) or not isinstance(prompt.get("metadata", {}), dict)
+            or set(prompt) - {"id", "prompt", "metadata", "source"} or not isinstance(e.get("source"), str)):
         raise ValueError(f"{where}: 'prompt' must be {{id, prompt, metadata, source}} and 'source' a string")
     return _Stored(prompt=PromptItem(**prompt), tokens=tokens[span_t[0]:span_t[1]].copy() if span_t else None,
                    png=png[span_p[0]:span_p[1]].tobytes() if span_p else None, reward=float(reward),
