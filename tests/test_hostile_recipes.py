@@ -108,6 +108,7 @@ CASES = [
     (None, ["rewards.reflect.extra=[{name: verdict_consistency, options: {task: {name: blocks, options: {zz: 1}}}}]"],
      [], "verdict_consistency option task: reward 'blocks': unknown option 'zz'"),
     (None, ["eval.understanding.reference=/no/such/refs.jsonl"], [], "reference: /no/such/refs.jsonl: file not found"),
+    (None, ["log.chains=100000000000"], [], "key 'log.chains': 100000000000 is over the limit of 4096"),
     (None, ["rewards.reflect.correct_part=nope"], [],
      "key 'rewards.reflect.correct_part': 'nope' names no task reward; expected REWARD or REWARD/COMPONENT of blocks"),
     (None, ["learner.backend=deepspeed", "learner.deepspeed.config={zero_optimization: {stage: 9}}"], [],
