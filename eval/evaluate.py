@@ -58,6 +58,17 @@ def changes(correct: list[list[Any]], first: int, last: int) -> tuple[int, int, 
     return (sum(1 for a, b in pairs if not a and b), sum(1 for a, b in pairs if a and not b), len(pairs))
 
 
+def tag_mean(per_tag: dict[str, list[float]], rounds: int) -> list[float]:
+    """Per round, the mean of the tags' accuracies (tags with no scored prompt left out): GenEval's headline
+    "Overall score (avg. over tasks)" in its ``summary_scores.py``.  ``accuracy`` is the mean over prompts,
+    GenEval's "% correct images"; the two differ when tags hold different numbers of prompts."""
+    out = []
+    for r in range(rounds + 1):
+        vals = [v[r] for v in per_tag.values() if v[r] == v[r]]
+        out.append(sum(vals) / len(vals) if vals else float("nan"))
+    return out
+
+
 def summarise(trees: list[Tree], correct: list[list[Any]], rounds: int) -> dict[str, Any]:
     n = len(trees)
     report: dict[str, Any] = {"prompts": n, "rounds": rounds, "accuracy": [], "per_tag": {}, "transitions": [],
@@ -76,6 +87,7 @@ def summarise(trees: list[Tree], correct: list[list[Any]], rounds: int) -> dict[
     everyone = list(range(n))
     report["accuracy"] = [acc(everyone, r) for r in range(rounds + 1)]
     report["per_tag"] = {tag: [acc(idx, r) for r in range(rounds + 1)] for tag, idx in sorted(tags.items())}
+    report["accuracy_tag_mean"] = tag_mean(report["per_tag"], rounds)
     report["tag_counts"] = {tag: len(idx) for tag, idx in sorted(tags.items())}
     # per tag and round, the prompts whose image the eval reward scored (the accuracies' denominators)
     report["scored"] = {tag: [len(scored(idx, r)) for r in range(rounds + 1)] for tag, idx in sorted(tags.items())}
@@ -99,6 +111,9 @@ def markdown_table(report: dict[str, Any]) -> str:
             for tag, vals in report["per_tag"].items()]
     rows.append(f"| **overall** | {report['prompts']} | " + " | ".join(f"**{v:.3f}**" for v in report["accuracy"])
                 + " |")
+    if "accuracy_tag_mean" in report and len(report["per_tag"]) > 1:  # reports written before session 34 lack it
+        rows.append("| mean of tags (GenEval's overall score) | | " +
+                    " | ".join(f"{v:.3f}" for v in report["accuracy_tag_mean"]) + " |")
     trans = "| improved / worse / unchanged | | - | " + " | ".join(
         f"{t['improved']} / {t['worse']} / {t['unchanged']}" for t in report["transitions"]) + " |"
     tail = f"\nstop rate {report['stop_rate']:.3f}, mean rounds used {report['mean_rounds_used']:.2f}, " \

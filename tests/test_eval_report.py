@@ -42,6 +42,19 @@ def test_summarise_exact() -> None:
     assert "| improved / worse / unchanged | | - | 1 / 1 / 2 | 1 / 0 / 2 |" in md
 
 
+def test_geneval_overall_score_is_the_mean_of_tags() -> None:
+    """GenEval's summary_scores.py headlines "Overall score (avg. over tasks)" = mean of per-tag accuracies;
+    the mean over images is its "% correct images".  One counting prompt right, three colors prompts wrong:
+    0.5 as GenEval reports it, 0.25 over prompts (session 34's audit: only the latter was reported)."""
+    trees = [chain(i, [0.0], None) for i in (0, 1, 3, 5)]  # even i: counting, odd: colors
+    rep = summarise(trees, [[True], [False], [False], [False]], 0)
+    assert rep["accuracy"] == pytest.approx([0.25]) and rep["accuracy_tag_mean"] == pytest.approx([0.5])
+    assert "| mean of tags (GenEval's overall score) | | 0.500 |" in markdown_table(rep)
+    # a tag whose every eval reward failed has no accuracy and is left out of the mean
+    rep = summarise(trees, [[True], [None], [None], [None]], 0)
+    assert rep["accuracy_tag_mean"] == pytest.approx([1.0])
+
+
 def test_score_chains_carries_images_forward_after_a_stop() -> None:
     seen: list[float] = []
 
@@ -128,6 +141,7 @@ def test_eval_cli_table_matches_independent_scoring(tmp_path: Path, repo: Path, 
     expected = {"overall": correct_arr.mean(0)}
     for tag in set(tags):
         expected[tag] = correct_arr[[i for i, g in enumerate(tags) if g == tag]].mean(0)
+    expected["mean of tags (GenEval's overall score)"] = np.mean([expected[tag] for tag in set(tags)], axis=0)
     table = _table(printed)
     assert set(table) == set(expected)
     for key, vals in expected.items():

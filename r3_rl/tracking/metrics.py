@@ -304,6 +304,7 @@ def eval_metrics(report: dict[str, Any]) -> dict[str, float]:
     from r3_rl.eval.understanding import headline
 
     m = {f"{EVAL}/accuracy_round{r}": a for r, a in enumerate(report["accuracy"])}
+    m.update({f"eval/accuracy_tag_mean/round{r}": a for r, a in enumerate(report.get("accuracy_tag_mean", []))})
     m[f"{EVAL}/stop_rate"] = report["stop_rate"]
     m.update({f"{EVAL}/{k}": v for k, v in headline(report).items()})
     for tag, vals in report["per_tag"].items():
