@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -48,8 +49,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         ckpt, resume_dir = find_resume(args.resume, recipe, args.run_dir)
         if ckpt is not None:
             check_resumable(ckpt, recipe)  # incompatible recipe or a planted pickle: refused before any work
-    run_dir = make_run_dir(recipe, str(resume_dir) if resume_dir is not None else args.run_dir)
-    trainer = Trainer(recipe, run_dir)
+    target = str(resume_dir) if resume_dir is not None else args.run_dir
+    fresh = target is None or not Path(target).exists()
+    run_dir = make_run_dir(recipe, target)
+    try:
+        trainer = Trainer(recipe, run_dir)
+    except UserError:  # e.g. a reward server that is down: a run dir made for nothing is not left behind
+        if fresh and [p.name for p in run_dir.iterdir()] == ["recipe.yaml"]:
+            shutil.rmtree(run_dir)
+        raise
     if ckpt is not None:
         trainer.resume(ckpt)
     summary = trainer.train()
