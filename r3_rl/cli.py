@@ -42,13 +42,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from r3_rl.run_dir import make_run_dir
     from r3_rl.trainer import Trainer
 
-    ckpt, resume_dir = None, None
+    ckpt, resume_dir, checked = None, None, None
     if args.resume:
         from r3_rl.learner.checkpoint import check_resumable, find_resume
 
         ckpt, resume_dir = find_resume(args.resume, recipe, args.run_dir)
         if ckpt is not None:
-            check_resumable(ckpt, recipe)  # incompatible recipe or a planted pickle: refused before any work
+            checked = check_resumable(ckpt, recipe)  # incompatible, damaged or a planted pickle: before any work
     target = str(resume_dir) if resume_dir is not None else args.run_dir
     fresh = target is None or not Path(target).exists()
     run_dir = make_run_dir(recipe, target)
@@ -59,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             shutil.rmtree(run_dir)
         raise
     if ckpt is not None:
-        trainer.resume(ckpt)
+        trainer.resume(ckpt, checked)
     summary = trainer.train()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0

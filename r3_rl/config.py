@@ -351,5 +351,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise UserError(_one_line(e, str(path))) from None
 
 
+def recipe_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as ``recipe.yaml`` holds it."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    Path(path).write_text(recipe_yaml(recipe))

@@ -5,7 +5,7 @@ import os
 import time
 from pathlib import Path
 
-from r3_rl.config import Recipe, save_recipe
+from r3_rl.config import Recipe, recipe_yaml, save_recipe
 from r3_rl.errors import UserError
 
 
@@ -25,13 +25,8 @@ def _keep_previous_recipe(path: Path, recipe: Recipe) -> None:
     rewritten; the one the earlier steps ran with is kept beside it as ``recipe.<time>.yaml``, so the run dir
     never claims its first steps ran with the new settings."""
     old = path / "recipe.yaml"
-    if not old.is_file():
-        return
-    new = path / ".recipe.new.yaml"
-    save_recipe(recipe, new)
-    if new.read_bytes() != old.read_bytes():
+    if old.is_file() and old.read_text() != recipe_yaml(recipe):
         old.rename(path / f"recipe.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
-    new.unlink()
 
 
 def make_run_dir(recipe: Recipe, run_dir: str | None = None) -> Path:

@@ -6,6 +6,7 @@ let 1.5 KB expand to hundreds of MB: "billion laughs") are limited by the size o
 """
 from __future__ import annotations
 
+import functools
 import gzip
 from pathlib import Path
 from typing import Any, Iterator
@@ -69,6 +70,7 @@ def check_expanded_size(data: Any, source: str) -> None:
                         f"write it out without '*alias' chains")
 
 
+@functools.lru_cache(maxsize=1)
 def _unique_key_loader() -> Any:
     """A ``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently, so
     ``lr: 1.0e-4`` followed later by ``lr: 5.0`` trained at 5.0).  ``<<`` merge keys still override."""

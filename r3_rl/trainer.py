@@ -181,11 +181,12 @@ class Trainer:
         return save_checkpoint(self.run_dir, self.step, self.recipe.keep_last, self._checkpoint_parts(),
                                self.recipe)
 
-    def resume(self, path: Path) -> None:
-        """Continue exactly where checkpoint ``path`` left off (same recipe; ``steps`` may be larger)."""
+    def resume(self, path: Path, checked: dict[str, Any] | None = None) -> None:
+        """Continue exactly where checkpoint ``path`` left off (same recipe; ``steps`` may be larger);
+        ``checked``: what ``check_resumable`` returned for it, when the caller has run it."""
         from r3_rl.learner.checkpoint import load_checkpoint
 
-        load_checkpoint(path, self._checkpoint_parts(), self.recipe)
+        load_checkpoint(path, self._checkpoint_parts(), self.recipe, checked)
         self.resumed_from = path
         # the steps after the checkpoint are run again: log them once (a finished run's final checkpoint came
         # before its "after" eval, which runs again; mid-run evals never fall on the last step)

@@ -358,10 +358,14 @@ def _check_state_files(path: Path, meta: dict[str, Any]) -> None:
                             f"; the checkpoint is damaged") from None
 
 
-def load_checkpoint(path: Path, parts: CheckpointParts, recipe: Any) -> dict[str, Any]:
-    """Restore every part (built from the same recipe) to the state saved in ``path``; returns its meta."""
+def load_checkpoint(path: Path, parts: CheckpointParts, recipe: Any, checked: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """Restore every part (built from the same recipe) to the state saved in ``path``; returns its meta.
+
+    ``checked``: the meta :func:`check_resumable` already returned for ``path`` (the CLI checks before it builds
+    the trainer), so the files are not hashed and the buffer not read twice."""
     path = Path(path)
-    meta = check_resumable(path, recipe)
+    meta = checked if checked is not None else check_resumable(path, recipe)
     try:
         _restore(path, meta, parts)
     except UserError:

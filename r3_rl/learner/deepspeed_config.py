@@ -55,11 +55,19 @@ class _Ranks:
         return 1
 
 
+def pick_accelerator() -> bool:
+    """Set ``DS_ACCELERATOR=cpu`` unless a GPU is there and not opted out; must run before deepspeed is
+    imported (it picks its accelerator then).  True when DeepSpeed runs on the GPU."""
+    gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    if not gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return gpu
+
+
 def check_ds_config(cfg: Any, dtype: str) -> None:
     """DeepSpeed's own validation of the config :func:`ds_config` builds (``learner.deepspeed.config`` merged),
     run before any model loads: a ``zero_optimization: {stage: 9}`` was a traceback after the warm start."""
-    if not (torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"):
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as ensure_dist_env: before deepspeed picks one
+    pick_accelerator()
     from deepspeed.runtime.config import DeepSpeedConfig
     from pydantic import ValidationError
 

@@ -38,7 +38,7 @@ from typing import Any, Callable, ContextManager
 
 import torch
 
-from r3_rl.learner.deepspeed_config import ds_config
+from r3_rl.learner.deepspeed_config import ds_config, pick_accelerator
 from r3_rl.learner.optim import make_adamw, trainable, warmup_lambda
 from r3_rl.learner.precision import check_precision, compute_dtype
 
@@ -52,9 +52,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def ensure_dist_env() -> str:
     """Fill in the rendezvous variables of a single in-process rank; returns the comm backend to use."""
-    gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
-    if not gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    gpu = pick_accelerator()
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
