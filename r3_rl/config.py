@@ -146,6 +146,18 @@ class Tree(Section):
     parent_balance: Literal["pool", "tag", "prompt"] = "pool"  # "tag" / "prompt": correct_parent_fraction within every tag / prompt
     buffer_size: int = Field(512, ge=1)
     max_round: int = Field(3, ge=1)  # refine-stage parents come from rounds < max_round
+    # "together": every step runs both stages, parents drawn from a buffer of the last `buffer_size` images of
+    # each kind (first images and refined ones).  "alternate": the reference's schedule (sen-ye/R3 online_rl.py,
+    # rounds 2): even steps run stage A only and their first images replace the buffer; odd steps run stages B+C
+    # only, on parents from the step before
+    schedule: Literal["together", "alternate"] = "together"
+
+    @model_validator(mode="after")
+    def _alternate_needs_both_stages(self) -> "Tree":
+        if self.schedule == "alternate" and self.refine_groups_per_step < 1:
+            raise ValueError("schedule 'alternate' runs stages B+C on odd steps: refine_groups_per_step must be "
+                             ">= 1 (or use schedule 'together')")
+        return self
 
 
 class RewardSpec(Section):

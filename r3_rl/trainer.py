@@ -25,7 +25,7 @@ from r3_rl.learner.precision import check_recipe_precision
 from r3_rl.ray_actors import ClusterError
 from r3_rl.rollout.buffer import BufferEntry, ParentBuffer
 from r3_rl.rollout.engine import RolloutEngine, run_ordered
-from r3_rl.rollout.tree_rl import plan_tasks, stage_sampling
+from r3_rl.rollout.tree_rl import plan_tasks, stage_sampling, stages_at
 from r3_rl.trajectory import Tree, write_trees
 from r3_rl.tracking.console import Console
 from r3_rl.tracking.metrics import EVAL, UNDERSTANDING, MetricsLogger, step_metrics
@@ -82,13 +82,20 @@ class Trainer:
     def rollout(self, step: int) -> list[Tree]:
         """Sample the step's Tree-RL groups; each task's images are scored as soon as the task is back."""
         t = self.recipe.tree
-        prompts = self.data.next_batch(t.prompts_per_step)
-        parents = self.buffer.sample(t.refine_groups_per_step, t.correct_parent_fraction, self.rng, t.parent_balance)
+        run_a, run_bc = stages_at(t.schedule, step)
+        prompts = self.data.next_batch(t.prompts_per_step) if run_a else []
+        parents = (self.buffer.sample(t.refine_groups_per_step, t.correct_parent_fraction, self.rng, t.parent_balance)
+                   if run_bc else [])
         tasks = plan_tasks(step, self.recipe.seed, prompts, parents, t.group_size,
                            groups_per_task=self.recipe.rollout.groups_per_task)
         trees = run_ordered(self.engine, tasks, self.sampling, on_task=self._score_task)
         self.failures.check()  # a run whose rewards keep failing stops here (rewards.max_failure_fraction)
-        self._fill_buffer(trees)
+        if t.schedule == "alternate":  # the reference's: parents are the last stage-A step's first images only
+            if run_a:
+                self.buffer.clear()
+                self._fill_buffer([tr for tr in trees if tr.meta.get("kind") == "A"])
+        else:
+            self._fill_buffer(trees)
         return trees
 
     def _score_task(self, trees: list[Tree]) -> None:

@@ -46,7 +46,7 @@ def tiny_sets(tiny: str, tmp_path: Path) -> list[str]:
     (tmp_path / "my_reward.py").write_text(BRIGHTNESS)
     reward = f"{tmp_path / 'my_reward.py'}:brightness"
     return [f"policy.model={tiny}", "policy.device=cpu", "policy.dtype=float32", f"policy.options={TINY_OPTIONS}",
-            f"out_dir={tmp_path}", "steps=2", "save_every=1", "data.eval_size=2", "tree.group_size=2",
+            f"out_dir={tmp_path}", "steps=3", "save_every=1", "data.eval_size=2", "tree.group_size=2",
             "tree.prompts_per_step=1", "tree.refine_groups_per_step=1", "rollout.reason.max_new_tokens=6",
             "rollout.reflect.max_new_tokens=6", "eval.rounds=1", "learner.micro_batch_size=2", "log.console=false",
             "log.trajectories_every=1", "learner.deepspeed.dtype=fp32", "eval.batch_size=2", f"rewards.task=[{{name: '{reward}'}}]",
@@ -112,9 +112,14 @@ def test_a_checkpoint_directory_missing_a_file_is_named(tiny_dir: str, tmp_path:
 
 def _losses(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "learner/loss" in r]
-    assert [r["step"] for r in steps] == [0, 1] and all(math.isfinite(r["learner/loss"]) for r in steps)
-    assert all(r["rollout/failed_rewards"] == 0 and r["batch/items"] > 0 for r in steps)
+    logged = {r["step"]: r for r in rows if "batch/items" in r}
+    assert sorted(logged) == [0, 1, 2] and all(r["rollout/failed_rewards"] == 0 for r in logged.values())
+    # tree.schedule: alternate (the reference's): plans and first images on even steps, critiques and edits on odd
+    assert all("groups/generate/total" in logged[s] and "groups/reflect/total" not in logged[s] for s in (0, 2))
+    assert "groups/reflect/total" in logged[1] and "groups/generate/total" not in logged[1]
+    steps = [r for r in logged.values() if "learner/loss" in r]
+    assert {0, 2} <= {r["step"] for r in steps} and all(math.isfinite(r["learner/loss"]) for r in steps)
+    assert all(r["batch/items"] > 0 for r in steps)
     return steps
 
 

@@ -74,6 +74,11 @@ class ParentBuffer:
     def __len__(self) -> int:
         return len(self.correct) + len(self.flawed)
 
+    def clear(self) -> None:
+        """Drop every parent (``tree.schedule: alternate``: each stage-A step's images replace the last)."""
+        self.correct.clear()
+        self.flawed.clear()
+
     def add(self, entry: BufferEntry) -> None:
         (self.correct if entry.correct else self.flawed).append(self._stored(entry))
 

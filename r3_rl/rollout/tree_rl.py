@@ -59,6 +59,19 @@ class RolloutTask:
     parents: list[BufferEntry] = field(default_factory=list)  # kind BC
 
 
+def stages_at(schedule: str, step: int) -> tuple[bool, bool]:
+    """Which stages step ``step`` (0-based) runs: ``(stage A, stages B+C)``.
+
+    ``"together"``: both, every step.  ``"alternate"``: the reference's (sen-ye/R3, ``curr_step % rounds == 0``
+    with rounds 2): A on even steps, B+C on odd ones, so each stage gets half the steps and B+C always critiques
+    the images of the step before."""
+    if schedule == "together":
+        return True, True
+    if schedule == "alternate":
+        return step % 2 == 0, step % 2 == 1
+    raise ValueError(f"unknown tree.schedule {schedule!r}; valid: together, alternate")
+
+
 def plan_tasks(step: int, seed: int, prompts: list[PromptItem], parents: list[BufferEntry], group_size: int,
                groups_per_task: int) -> list[RolloutTask]:
     """Split a step's groups into tasks of at most ``groups_per_task`` groups, each with its own seed."""
