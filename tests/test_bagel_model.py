@@ -432,6 +432,15 @@ def test_resize_rule_and_editing_context(bundle):
     assert target_size(512, 512, *R3_VAE_SIZE) == (512, 512)      # R3: 32x32 generation tokens
     assert target_size(1000, 600, *BAGEL_VAE_SIZE) == (992, 608)  # round half to even, as the reference
     assert target_size(300, 200, *BAGEL_VIT_SIZE) == (336, 224)   # short side up to 224
+    # the pixel cap binds for very long images: the reference's data/transforms.py gives these (session 35's audit ran it)
+    assert [target_size(w, h, *BAGEL_VAE_SIZE) for w, h in ((1500, 200), (9000, 1024), (4000, 224))] == [
+        (1024, 128), (1024, 112), (1024, 64)]
+    # as the reference's pil_img2rgb: an LA image's alpha is dropped; a transparency key is composited on white
+    la = image_tensor(Image.new("LA", (16, 16), (0, 0)), (16, 16, 8))
+    assert torch.equal(la, -torch.ones_like(la))
+    keyed = Image.new("RGB", (16, 16), (10, 20, 30))
+    keyed.info["transparency"] = (10, 20, 30)
+    assert torch.equal(image_tensor(keyed, (16, 16, 8)), torch.ones(3, 16, 16))
     rgba = Image.new("RGBA", (40, 24), (255, 0, 0, 0))            # fully transparent: composited on white
     x = image_tensor(rgba, (40, 16, 8))
     assert x.shape == (3, 24, 40) and torch.allclose(x, torch.ones_like(x))

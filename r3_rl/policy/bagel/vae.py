@@ -141,6 +141,10 @@ class FluxVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents of ``[B, 3, H, W]`` images in [-1, 1]: the posterior *mean*, where BAGEL's inference samples the
+        posterior (``DiagonalGaussian(sample=True)`` in its ``autoencoder.py``).  Deliberate: an edit's context is
+        rebuilt by the rollout worker, the learner and the trainer, and must be the same image in all three, or the
+        ratio of an edit's log-probs is not 1 before the first update."""
         dtype = next(self.autoencoder.parameters()).dtype
         mean = self.autoencoder.encode(images.to(dtype)).latent_dist.mode()
         return self.scale * (mean - self.shift)
