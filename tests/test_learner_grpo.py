@@ -9,7 +9,7 @@ import pytest
 import torch
 from learner_helpers import clone, learner_cfg, sample_items, step_grads, tiny_policy, weights
 
-from r3_rl.learner.batch import assign_advantages, collect_items
+from r3_rl.learner.batch import TrainItem, assign_advantages, collect_items, shuffled_by_group
 from r3_rl.learner.torch_learner import TorchLearner
 from r3_rl.trajectory import Node, PromptItem, Segment, Tree
 
@@ -49,6 +49,44 @@ def test_grad_accum_splits_an_epoch_into_optimizer_steps(base) -> None:
     learner = TorchLearner(p, None, learner_cfg(micro_batch_size=2, grad_accum=1, epochs=2))
     m = learner.step(copy.deepcopy(items))
     assert m["learner/optimizer_steps"] == 6.0 and learner.optim.optimizer.state_dict()["state"][0]["step"] == 6
+
+
+def test_shuffled_by_group_keeps_groups_whole_and_is_seeded() -> None:
+    seg = Segment("text", {"input_ids": [1]}, [2], [-0.1])
+    items = [TrainItem(seg, 0.0, stage, 0, group) for stage, group in
+             [("reason", "a")] * 2 + [("generate", "b")] * 2 + [("reflect", "c")] * 2 + [("refine", "d")] * 2]
+    items.append(TrainItem(seg, 0.0, "reason", 0))  # a plug-in's item without a group: a group of one
+    orders = {seed: shuffled_by_group(items, seed) for seed in ("0", "1", "2", "3")}
+    for out in orders.values():
+        assert sorted(map(id, out)) == sorted(map(id, items))  # a permutation
+        for g in "abcd":  # each group's two members side by side, in their order
+            at = [k for k, it in enumerate(out) if it.group == g]
+            assert len(at) == 2 and at[1] == at[0] + 1 and out[at[0]] is items["abcd".index(g) * 2]
+    assert shuffled_by_group(items, "1") == orders["1"]  # seeded: the same order every time
+    assert len({tuple(it.group for it in o) for o in orders.values()}) > 1
+
+
+def test_grad_accum_steps_mix_stages(base) -> None:
+    """Items arrive one stage after the other; with several optimiser steps per batch each step must not train
+    one stage alone (TRL shuffles its generation batch before splitting it into steps)."""
+    policy, items = base
+    plans, images = items[:3], items[3:]
+    items = [TrainItem(it.segment, it.advantage, it.stage, it.policy_version, f"g{k}")
+             for k, group in enumerate([plans] * 8 + [images] * 8) for it in copy.deepcopy(group)]
+    assert [it.stage for it in items] == ["reason"] * 24 + ["generate"] * 24  # tree order: a stage, then the next
+    p = clone(policy)
+    learner = TorchLearner(p, None, learner_cfg(micro_batch_size=24, grad_accum=1))
+    seen: list[list[str]] = []
+    original = learner.algorithm.loss
+
+    def recording(models, its, chunk, mini, ctx):
+        seen.append([its[i].stage for i in chunk])
+        return original(models, its, chunk, mini, ctx)
+
+    learner.algorithm.loss = recording  # type: ignore[method-assign]
+    m = learner.step(items)
+    assert m["learner/optimizer_steps"] == 2.0 and len(seen) == 2
+    assert [sorted(set(s)) for s in seen] == [["generate", "reason"]] * 2  # plans and images in each step
 
 
 def test_kl_weight_applies_per_modality(base) -> None:

@@ -9,7 +9,7 @@ from conftest import REPO
 
 from r3_rl.config import load_recipe
 from r3_rl.policy.base import parse_critique
-from rewards.compose import format_ok
+from r3_rl.rewards.compose import format_ok
 
 REAL = ["grpo_geneval.yaml", "grpo_geneval_7b.yaml", "grpo_geneval_bagel.yaml"]
 

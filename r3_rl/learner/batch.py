@@ -14,6 +14,7 @@ the ``token_mean`` denominator), and they are counted in the logs (``zero_signal
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ class TrainItem:
     advantage: float
     stage: str
     policy_version: int
+    group: str = ""  # the sibling group (``Node.group_id``): kept together when mini-batches are shuffled
 
 
 def policy_weight(cfg: Any, item: TrainItem) -> float:
@@ -181,10 +183,25 @@ def collect_items(trees: list[Tree], current_version: int, max_staleness: int,
         if current_version - n.policy_version > max_staleness:
             stats.stale_refused += 1
             continue
-        items.append(TrainItem(n.segment, float(n.advantage), n.stage, n.policy_version))
+        items.append(TrainItem(n.segment, float(n.advantage), n.stage, n.policy_version, n.group_id))
         stats.per_stage[n.stage] = stats.per_stage.get(n.stage, 0) + 1
     summarize(items, stats)
     return items, stats
+
+
+def shuffled_by_group(items: list[TrainItem], seed: str) -> list[TrainItem]:
+    """``items`` with their sibling groups in a seeded random order, each group's members together and in order.
+
+    Items arrive in tree order (one stage's groups after another), so consecutive mini-batches would each train
+    one stage and one group (``learner.grad_accum > 0``).  TRL shuffles its generation batch before splitting it
+    into optimiser steps for the same reason.  Groups stay whole so siblings still share one context forward.
+    Items without a group (a plug-in's) are groups of one."""
+    groups: dict[Any, list[TrainItem]] = {}
+    for k, it in enumerate(items):
+        groups.setdefault(it.group or ("", k), []).append(it)
+    order = list(groups)
+    random.Random(seed).shuffle(order)
+    return [it for key in order for it in groups[key]]
 
 
 def summarize(items: list[TrainItem], stats: BatchStats) -> None:

@@ -22,7 +22,7 @@ import torch
 from r3_rl.errors import UserError
 from r3_rl.learner.actions import uses_kl
 from r3_rl.learner.algorithm import Algorithm, LearnerModels
-from r3_rl.learner.batch import TrainItem
+from r3_rl.learner.batch import TrainItem, shuffled_by_group
 from r3_rl.learner.optim import TorchOptim
 from r3_rl.policy.base import Policy
 
@@ -109,6 +109,9 @@ class TorchLearner:
     def _step(self, items: list[TrainItem]) -> dict[str, float]:
         cfg = self.cfg
         models = self.models
+        if len(self.minibatches(len(items))) > 1:  # several optimiser steps: each a mix of stages and groups
+            # the same order on every rank and on a resume: seeded by what every rank knows of the batch
+            items = shuffled_by_group(items, f"{max(it.policy_version for it in items)}/{len(items)}")
         ctx = self.algorithm.prepare(models, items)
         sums: dict[str, list[float]] = {}
         losses: list[float] = []
