@@ -280,6 +280,11 @@ def test_aggregate_hand_cases():
     assert aggregate(x, mask, "seq_mean").item() == pytest.approx((2 + 4 + 0) / 3)
     assert aggregate(x, mask, "dr_grpo", max_len=5).item() == pytest.approx(8 / 15)
     assert aggregate(x, mask, "dr_grpo").item() == pytest.approx(8 / 9)  # default max_len = T
+    # one constant per row: each row's sum by its own, then the mean over rows
+    lengths = torch.tensor([4.0, 8.0, 3.0])
+    assert aggregate(x, mask, "dr_grpo", max_len=lengths).item() == pytest.approx((4 / 4 + 4 / 8 + 0 / 3) / 3)
+    with pytest.raises(ValueError, match="max_len per row"):
+        aggregate(x, mask, "dr_grpo", max_len=torch.tensor([1.0, 1.0, 1.0]))
     rows = torch.tensor([True, True, False])
     assert aggregate(x, mask, "seq_mean", rows=rows).item() == pytest.approx(3.0)
     assert aggregate(x, torch.zeros_like(mask), "token_mean").item() == 0.0

@@ -89,6 +89,24 @@ def test_grad_accum_steps_mix_stages(base) -> None:
     assert [sorted(set(s)) for s in seen] == [["generate", "reason"]] * 2  # plans and images in each step
 
 
+def test_dr_grpo_normaliser_does_not_depend_on_what_else_is_in_the_batch(base) -> None:
+    """Dr. GRPO divides by a constant (TRL: max_completion_length); here each row by its stage's most tokens.
+    Adding a plan with advantage 0 (and no KL) must only add a row to the count: the images' gradient scales by
+    3/4, not by how much longer than an image the plan is (the batch's longest item, until session 35)."""
+    policy, items = base
+    images = [copy.deepcopy(it) for it in items if it.segment.modality == "image"]
+    plan = copy.deepcopy(max((it for it in items if it.segment.modality == "text"),
+                             key=lambda it: it.segment.num_actions))
+    plan.advantage = 0.0
+    assert len(images) == 3 and plan.segment.num_actions > max(it.segment.num_actions for it in images)
+    cfg = learner_cfg(loss_type="dr_grpo", kl_coef_text=0.0, kl_coef_image=0.0)
+    alone = step_grads(TorchLearner(clone(policy), None, cfg), images)
+    beside = step_grads(TorchLearner(clone(policy), None, cfg), [copy.deepcopy(it) for it in images] + [plan])
+    assert sum(float(g.abs().sum()) for g in alone) > 0
+    for a, b in zip(alone, beside):
+        torch.testing.assert_close(b, a * 3 / 4, rtol=1e-4, atol=1e-8)
+
+
 def test_kl_weight_applies_per_modality(base) -> None:
     """Zero advantages leave only the KL term; a policy away from its reference gets KL gradient on image rows
     only when only the image KL weight is set."""

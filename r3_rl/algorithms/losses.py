@@ -15,7 +15,9 @@ sequences weigh, see the Dr. GRPO paper:
 * ``seq_mean``: mean over rows of each row's token mean (TRL ``grpo``, the original GRPO paper).  Every
   sequence weighs the same, so tokens of short sequences weigh more.
 * ``dr_grpo``: sum over valid tokens / (rows * ``max_len``) (TRL ``dr_grpo``); a constant normaliser, so
-  no length bias.  ``max_len`` is the maximum completion length (default: ``mask.shape[1]``).
+  no length bias.  ``max_len`` is the maximum completion length (default: ``mask.shape[1]``), or a ``[B]`` tensor
+  of one per row (R3's stages differ: a plan's most tokens, a critique's, an image's token count), each row's
+  token sum divided by its own.
 
 Failure semantics:
 
@@ -48,8 +50,8 @@ def _check_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: LossType, max_len: int | None = None, *,
-              rows: torch.Tensor | None = None) -> torch.Tensor:
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: LossType,
+              max_len: int | torch.Tensor | None = None, *, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Reduce a ``[B, T]`` per-token quantity to a scalar according to ``loss_type`` (module docstring).
 
     ``mask`` ``[B, T]`` selects the valid tokens (masked values are ignored, even NaN); ``rows`` ``[B]`` bool
@@ -70,6 +72,12 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: LossType, 
         per_row = masked.sum(-1) / m.sum(-1).clamp(min=1)
         return per_row.sum() / n_rows.clamp(min=1)
     if loss_type == "dr_grpo":
+        if isinstance(max_len, torch.Tensor):  # one constant per row
+            lengths = max_len.to(device=per_token.device, dtype=per_token.dtype)
+            if lengths.shape != (per_token.shape[0],) or bool((lengths < 1).any()) or bool((m.sum(-1) > lengths).any()):
+                raise ValueError(f"aggregate: max_len per row must be [B={per_token.shape[0]}], >= 1 and >= each "
+                                 "row's valid tokens")
+            return (masked.sum(-1) / lengths).sum() / n_rows.clamp(min=1)
         max_len = per_token.shape[1] if max_len is None else max_len
         longest = int(m.sum(-1).max()) if m.numel() else 0
         if max_len < 1 or longest > max_len:
@@ -88,7 +96,8 @@ def _masked_stat(x: torch.Tensor, m: torch.Tensor, how: str) -> torch.Tensor:
 
 def clipped_policy_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-    clip_low: float = 0.2, clip_high: float = 0.2, loss_type: LossType = "token_mean", max_len: int | None = None,
+    clip_low: float = 0.2, clip_high: float = 0.2, loss_type: LossType = "token_mean",
+    max_len: int | torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None, kl_coef: float | torch.Tensor = 0.0, kl_kind: str = "k3",
     kl_importance_weight: bool = False, row_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -23,9 +23,13 @@ def pad(rows: list[torch.Tensor], value: float = 0.0) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
 
 
-def max_actions(items: list[TrainItem]) -> int:
-    """The most actions any item of the batch took (``dr_grpo``'s constant normaliser)."""
-    return max(it.segment.num_actions for it in items)
+def most_actions(item: TrainItem, rollout: Any) -> int:
+    """``dr_grpo``'s constant normaliser of ``item``: the most actions its stage can take -- a text stage's
+    ``rollout.<stage>.max_new_tokens``, an image's own token count (a token image is always complete) -- so it
+    does not change with what else the batch holds (TRL divides by ``max_completion_length``)."""
+    stage = getattr(rollout, item.stage, None)
+    most = getattr(stage, "max_new_tokens", None) if item.segment.modality == "text" else None
+    return max(int(most or 0), item.segment.num_actions, 1)
 
 
 def micro_share(items: list[TrainItem], chunk: Sequence[int], mini: Sequence[int], loss_type: str) -> float:

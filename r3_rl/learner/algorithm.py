@@ -24,7 +24,7 @@ import torch
 from r3_rl.algorithms.kl import kl_by_modality
 from r3_rl.algorithms.losses import clipped_policy_loss
 from r3_rl.flow.action import is_flow_segment
-from r3_rl.learner.actions import max_actions, micro_batch_inputs, micro_share
+from r3_rl.learner.actions import micro_batch_inputs, micro_share, most_actions
 from r3_rl.learner.batch import BatchStats, TrainItem, assign_advantages, collect_items, policy_weight
 from r3_rl.learner.flow_loss import flow_loss, flow_share
 from r3_rl.trajectory import Tree
@@ -92,8 +92,7 @@ class GRPO(Algorithm):
         return items, counts, stats
 
     def prepare(self, models: LearnerModels, items: list[TrainItem]) -> dict[str, Any]:
-        tokens = [it for it in items if not is_flow_segment(it.segment)]
-        return {"max_len": max_actions(tokens) if tokens else 1}
+        return {"max_len": [most_actions(it, self.recipe.rollout) for it in items]}  # dr_grpo's, per item
 
     def loss(self, models: LearnerModels, items: list[TrainItem], chunk: range, mini: range,
              ctx: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
@@ -116,9 +115,10 @@ class GRPO(Algorithm):
             dev = inp["logp"].device
             adv = torch.tensor([advantage(i) for i in tok_chunk], dtype=torch.float32, device=dev)
             weight = torch.tensor([policy_weight(cfg, it) for it in rows], device=dev)
+            most = torch.tensor([ctx["max_len"][i] for i in tok_chunk], device=dev)  # dr_grpo's normaliser per row
             loss, m = clipped_policy_loss(
                 inp["logp"], inp["old_logp"], adv, inp["mask"], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                loss_type=cfg.loss_type, max_len=ctx["max_len"], ref_logp=inp["ref_logp"], kl_coef=inp["kl_coef"],
+                loss_type=cfg.loss_type, max_len=most, ref_logp=inp["ref_logp"], kl_coef=inp["kl_coef"],
                 kl_kind=cfg.kl_kind, row_weight=weight)
             total = loss * micro_share(items, tok_chunk, tok_mini, cfg.loss_type)
             metrics.update({k: float(v) for k, v in m.items()})
