@@ -92,7 +92,8 @@ class GRPO(Algorithm):
         return items, counts, stats
 
     def prepare(self, models: LearnerModels, items: list[TrainItem]) -> dict[str, Any]:
-        return {"max_len": [most_actions(it, self.recipe.rollout) for it in items]}  # dr_grpo's, per item
+        rollout = getattr(self.recipe, "rollout", None)  # None: each item's own length
+        return {"max_len": [most_actions(it, rollout) for it in items]}  # dr_grpo's normaliser, per item
 
     def loss(self, models: LearnerModels, items: list[TrainItem], chunk: range, mini: range,
              ctx: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
