@@ -81,6 +81,26 @@ def to_output(x: Any) -> RewardOutput:
     return out
 
 
+def check_call_shape(what: str, fn: Callable[..., Any], options: dict[str, Any]) -> None:
+    """A reward function is called as ``fn(samples, **options)``: one that cannot be (TRL's ``fn(prompts,
+    completions, **kwargs)``, Flow-GRPO's ``fn(images, prompts, metadata)``) is refused now, in one line, rather
+    than failing every sample after the model load and warm start."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: it will tell at the first call
+        return
+    known = {k: v for k, v in options.items() if k in signature.parameters}  # the others: check_options' to name
+    try:
+        signature.bind(None, **known)
+    except TypeError as e:
+        if "keyword-only" in str(e):  # fn(samples, *, scale) without scale: check_options names the option
+            return
+        raise UserError(f"{what}: a reward function is called as fn(samples, **options) -- one list of "
+                        f"RewardSample (.prompt, .image, .metadata), then the recipe's options -- and "
+                        f"{fn.__name__}{signature} cannot be ({e}); wrap a TRL or Flow-GRPO function "
+                        f"(README: Rewards)") from None
+
+
 def load_reward(spec: str, **options: Any) -> Reward:
     """Instantiate the reward named by ``spec`` with the recipe's ``options``."""
     obj, name = REWARDS.resolve(spec)
@@ -101,6 +121,7 @@ def load_reward(spec: str, **options: Any) -> Reward:
                             f"(got {', '.join(options)})")
         reward = obj
     elif callable(obj) and not inspect.isclass(obj):
+        check_call_shape(what, obj, options)
         check_options(what, obj, options)
         reward = FunctionReward(obj, name, **options)
     else:

@@ -39,6 +39,8 @@ class Counter(Reward):
                 for s in samples]
 '''
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+
 
 @pytest.fixture
 def custom_file(tmp_path: Path) -> Path:
@@ -109,6 +111,36 @@ def test_bad_reward_specs_are_one_line_user_errors(custom_file: Path, spec: str,
     with pytest.raises(UserError) as e:
         load_reward(spec.replace("FILE", str(custom_file)), **opts)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("source", [
+    "def fn(prompts, completions, **kwargs):\n    return [0.0] * len(prompts)\n",    # TRL's shape
+    "def fn(images, prompts, metadata):\n    return [0.0] * len(images), {}\n",    # Flow-GRPO's shape
+    "def fn():\n    return []\n",
+])
+def test_a_function_that_cannot_take_the_samples_is_refused_at_load(tmp_path: Path, source: str) -> None:
+    p = tmp_path / "peer.py"
+    p.write_text(source)
+    with pytest.raises(UserError, match=r"called as fn\(samples, \*\*options\).*README: Rewards") as e:
+        load_reward(f"{p}:fn")
+    assert "\n" not in str(e.value)
+
+
+def test_the_readme_wrapper_of_a_flow_grpo_reward_runs(tmp_path: Path) -> None:
+    (tmp_path / "flow_grpo_rewards.py").write_text(
+        "def geneval_score(images, prompts, metadata):\n"
+        "    return [float(m['n']) for m in metadata], {'prompts': prompts}\n")
+    block = README.read_text().split("# my_rewards.py\nfrom flow_grpo_rewards")[1].split("```")[0]
+    (tmp_path / "my_rewards.py").write_text("from flow_grpo_rewards" + block)
+    import sys
+    sys.path.insert(0, str(tmp_path))
+    try:
+        reward = load_reward(f"{tmp_path / 'my_rewards.py'}:geneval_from_flow_grpo")
+        samples = [RewardSample(prompt="a cat", metadata={"n": n}, stage="generate", round=0, image=None)
+                   for n in (1, 0)]
+        assert [o.score for o in reward(samples)] == [1.0, 0.0]
+    finally:
+        sys.path.remove(str(tmp_path))
 
 
 def test_file_that_fails_to_import_is_a_user_error(tmp_path: Path) -> None:
