@@ -115,6 +115,9 @@ class Learner(Section):
     kl_coef_text: float = Field(1e-3, ge=0.0)
     kl_coef_image: float = Field(1e-3, ge=0.0)
     kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    # each token's KL times its (differentiable) ratio: the unbiased KL gradient on tokens the old policy sampled
+    # (TRL's use_bias_correction_kl, True there); off = plain k3, as the R3 authors train
+    kl_importance_weight: bool = False
     # modality weights of the policy loss (not of the KL): R3 uses 1.0 text + 2.0 image; they cover image
     # tokens and image denoising steps alike
     loss_weight_text: float = Field(1.0, ge=0.0)

@@ -107,6 +107,23 @@ def test_dr_grpo_normaliser_does_not_depend_on_what_else_is_in_the_batch(base) -
         torch.testing.assert_close(b, a * 3 / 4, rtol=1e-4, atol=1e-8)
 
 
+def test_kl_importance_weight_reaches_the_loss(base) -> None:
+    """``learner.kl_importance_weight`` (TRL's use_bias_correction_kl; the maths is checked against TRL in
+    test_trl_parity): with zero advantages only the KL term moves the weights, and weighing it by the ratio adds
+    KL x grad log-prob to its gradient, so the two settings step differently."""
+    policy, items = base
+    ref = clone(policy)
+    moved = clone(policy)
+    with torch.no_grad():
+        moved.model.model.norm.weight.mul_(1.5)
+    zero = [copy.deepcopy(it) for it in items]
+    for it in zero:
+        it.advantage = 0.0
+    plain, weighted = (step_grads(TorchLearner(clone(moved), ref, learner_cfg(kl_importance_weight=flag)),
+                                  copy.deepcopy(zero)) for flag in (False, True))
+    assert sum(float((a - b).abs().sum()) for a, b in zip(plain, weighted)) > 1e-6
+
+
 def test_kl_weight_applies_per_modality(base) -> None:
     """Zero advantages leave only the KL term; a policy away from its reference gets KL gradient on image rows
     only when only the image KL weight is set."""

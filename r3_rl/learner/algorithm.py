@@ -120,7 +120,7 @@ class GRPO(Algorithm):
             loss, m = clipped_policy_loss(
                 inp["logp"], inp["old_logp"], adv, inp["mask"], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                 loss_type=cfg.loss_type, max_len=most, ref_logp=inp["ref_logp"], kl_coef=inp["kl_coef"],
-                kl_kind=cfg.kl_kind, row_weight=weight)
+                kl_kind=cfg.kl_kind, kl_importance_weight=cfg.kl_importance_weight, row_weight=weight)
             total = loss * micro_share(items, tok_chunk, tok_mini, cfg.loss_type)
             metrics.update({k: float(v) for k, v in m.items()})
             if inp["ref_logp"] is not None:  # KL per modality (text and image tokens weigh differently)
