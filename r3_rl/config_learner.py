@@ -118,6 +118,10 @@ class Learner(Section):
     # each token's KL times its (differentiable) ratio: the unbiased KL gradient on tokens the old policy sampled
     # (TRL's use_bias_correction_kl, True there); off = plain k3, as the R3 authors train
     kl_importance_weight: bool = False
+    # the "old" log-probs of the ratio: "sampler" = as the sampler recorded them (R3, Flow-GRPO, TRL without vLLM);
+    # "recompute" = one no-grad training forward per batch first (verl), so the ratio of the first update is exactly
+    # 1 also where the sampler and the trainer round differently (bf16; sampler on other kernels); token actions only
+    old_logp: Literal["sampler", "recompute"] = "sampler"
     # modality weights of the policy loss (not of the KL): R3 uses 1.0 text + 2.0 image; they cover image
     # tokens and image denoising steps alike
     loss_weight_text: float = Field(1.0, ge=0.0)

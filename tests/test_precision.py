@@ -152,6 +152,24 @@ def test_bf16_policy_trains_like_fp32(backend) -> None:
     assert_update_like_fp32(updates[torch.bfloat16], updates[torch.float32], POLICY_REL_ERR)
 
 
+def test_recomputed_old_logprobs_make_the_first_bf16_ratio_exactly_one() -> None:
+    """In bf16 the sampler (one token at a time, KV cache) and the training forward (whole sequences) round
+    differently, so the sampler's log-probs give a first ratio off 1; ``learner.old_logp: recompute`` takes the
+    old log-probs from the training forward itself (verl's way), and the first ratio is 1."""
+    base = tiny_policy()
+    base.model.to(torch.bfloat16)
+    items = sample_items(base)
+    ratios = {}
+    for mode in ("sampler", "recompute"):
+        learner = TorchLearner(clone(base), None, learner_cfg(micro_batch_size=2, old_logp=mode, lr=LR))
+        m = learner.step(copy.deepcopy(items))
+        ratios[mode] = max(abs(m["learner/ratio_min"] - 1), abs(m["learner/ratio_max"] - 1))
+        if mode == "recompute":
+            assert m["learner/sampler_logp_gap_max"] > 0 and m["learner/sampler_logp_gap_mean"] > 0
+    assert ratios["sampler"] > 1e-4  # the test can fail: bf16 rounding shows in the sampler's numbers
+    assert ratios["recompute"] < 1e-6
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_warmup_applies_from_the_first_step(dtype) -> None:
     """AdamW's first step moves every weight by exactly its lr: lr * 1/warmup_steps under a 4-step warm-up."""

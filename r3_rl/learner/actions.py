@@ -42,11 +42,14 @@ def micro_share(items: list[TrainItem], chunk: Sequence[int], mini: Sequence[int
 
 
 def micro_batch_inputs(policy: Any, reference: Any, items: list[TrainItem], kl_text: float,
-                       kl_image: float) -> dict[str, torch.Tensor | None]:
-    """Current, old and reference log-probs ``[B, A]`` with mask, advantages and per-row KL weights."""
+                       kl_image: float, old_logps: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor | None]:
+    """Current, old and reference log-probs ``[B, A]`` with mask, advantages and per-row KL weights.  The old
+    log-probs are the sampler's unless ``old_logps`` gives them (``learner.old_logp: recompute``)."""
     segs = [it.segment for it in items]
     logp = pad(policy.segment_logprobs(segs))
-    old = pad([torch.tensor(s.logprobs, dtype=torch.float32) for s in segs]).to(logp.device)
+    if old_logps is None:
+        old_logps = [torch.tensor(s.logprobs, dtype=torch.float32) for s in segs]
+    old = pad([o.float() for o in old_logps]).to(logp.device)
     mask = pad([torch.ones(s.num_actions) for s in segs]).to(logp.device)
     use_kl = reference is not None and (kl_text > 0 or kl_image > 0)
     kl_coef = torch.tensor([(kl_image if s.modality == "image" else kl_text) if use_kl else 0.0 for s in segs],
@@ -57,3 +60,14 @@ def micro_batch_inputs(policy: Any, reference: Any, items: list[TrainItem], kl_t
             ref = pad(reference.segment_logprobs(segs)).to(logp.device)
     adv = torch.tensor([it.advantage for it in items], dtype=torch.float32, device=logp.device)
     return {"logp": logp, "old_logp": old, "mask": mask, "advantages": adv, "ref_logp": ref, "kl_coef": kl_coef}
+
+
+@torch.no_grad()
+def recomputed_logprobs(policy: Any, items: list[TrainItem], micro_batch_size: int) -> list[torch.Tensor]:
+    """Each item's log-probs under the current weights, by the training forward without gradient, in the
+    learner's micro-batches (so padding, and with it the numbers, are those of the first update's forward)."""
+    out: list[torch.Tensor] = []
+    for start in range(0, len(items), micro_batch_size):
+        segs = [it.segment for it in items[start:start + micro_batch_size]]
+        out.extend(lp.detach().float().cpu() for lp in policy.segment_logprobs(segs))
+    return out

@@ -24,7 +24,7 @@ import torch
 from r3_rl.algorithms.kl import kl_by_modality
 from r3_rl.algorithms.losses import clipped_policy_loss
 from r3_rl.flow.action import is_flow_segment
-from r3_rl.learner.actions import micro_batch_inputs, micro_share, most_actions
+from r3_rl.learner.actions import micro_batch_inputs, micro_share, most_actions, recomputed_logprobs
 from r3_rl.learner.batch import BatchStats, TrainItem, assign_advantages, collect_items, policy_weight
 from r3_rl.learner.flow_loss import flow_loss, flow_share
 from r3_rl.trajectory import Tree
@@ -70,6 +70,17 @@ class Algorithm:
         raise NotImplementedError(f"{type(self).__name__} does not define loss(...)")
 
 
+def old_logps(policy: Any, items: list[TrainItem], micro_batch_size: int) -> list[torch.Tensor | None]:
+    """``learner.old_logp: recompute``: token items' log-probs by the training forward (None for flow items,
+    whose old log-probs stay the sampler's)."""
+    tokens = [i for i, it in enumerate(items) if not is_flow_segment(it.segment)]
+    fresh = recomputed_logprobs(policy, [items[i] for i in tokens], micro_batch_size)
+    out: list[torch.Tensor | None] = [None] * len(items)
+    for i, lp in zip(tokens, fresh):
+        out[i] = lp
+    return out
+
+
 class GRPO(Algorithm):
     """Group-relative advantages among Tree-RL siblings; clipped surrogate with a KL penalty to the reference.
 
@@ -93,7 +104,16 @@ class GRPO(Algorithm):
 
     def prepare(self, models: LearnerModels, items: list[TrainItem]) -> dict[str, Any]:
         rollout = getattr(self.recipe, "rollout", None)  # None: each item's own length
-        return {"max_len": [most_actions(it, rollout) for it in items]}  # dr_grpo's normaliser, per item
+        ctx: dict[str, Any] = {"max_len": [most_actions(it, rollout) for it in items]}  # dr_grpo's, per item
+        if self.cfg.old_logp == "recompute":
+            ctx["old_logp"] = old_logps(models.policy, items, self.cfg.micro_batch_size)
+            gaps = [(o - torch.tensor(it.segment.logprobs)).abs() for it, o in zip(items, ctx["old_logp"])
+                    if o is not None and o.numel()]
+            if gaps:  # how far the sampler's numbers were from the trainer's
+                every = torch.cat(gaps)
+                ctx["metrics"] = {"learner/sampler_logp_gap_mean": float(every.mean()),
+                                  "learner/sampler_logp_gap_max": float(every.max())}
+        return ctx
 
     def loss(self, models: LearnerModels, items: list[TrainItem], chunk: range, mini: range,
              ctx: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
@@ -112,7 +132,8 @@ class GRPO(Algorithm):
         outputs: list[torch.Tensor] = []
         if tok_chunk:
             rows = [items[i] for i in tok_chunk]
-            inp = micro_batch_inputs(models.policy, models.reference, rows, cfg.kl_coef_text, cfg.kl_coef_image)
+            old = [ctx["old_logp"][i] for i in tok_chunk] if "old_logp" in ctx else None
+            inp = micro_batch_inputs(models.policy, models.reference, rows, cfg.kl_coef_text, cfg.kl_coef_image, old)
             dev = inp["logp"].device
             adv = torch.tensor([advantage(i) for i in tok_chunk], dtype=torch.float32, device=dev)
             weight = torch.tensor([policy_weight(cfg, it) for it in rows], device=dev)

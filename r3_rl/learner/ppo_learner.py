@@ -196,7 +196,8 @@ class PPO(GRPO):
         summary = BatchStats()
         summarize(items, summary)
         ctx.update(advantages=adv, returns=ret, old_values=old,
-                   metrics={"advantage/mean": summary.advantage_mean, "advantage/std": summary.advantage_std})
+                   metrics={**ctx.get("metrics", {}), "advantage/mean": summary.advantage_mean,
+                            "advantage/std": summary.advantage_std})
         return ctx
 
     def loss(self, models: LearnerModels, items: list[TrainItem], chunk: range, mini: range,
