@@ -149,7 +149,7 @@ class Tree(Section):
     # "together": every step runs both stages, parents drawn from a buffer of the last `buffer_size` images of
     # each kind (first images and refined ones).  "alternate": the reference's schedule (sen-ye/R3 online_rl.py,
     # rounds 2): even steps run stage A only and their first images replace the buffer; odd steps run stages B+C
-    # only, on parents from the step before
+    # only, on parents from the step before (first images only: max_round has no effect)
     schedule: Literal["together", "alternate"] = "together"
 
     @model_validator(mode="after")

@@ -116,7 +116,8 @@ class Learner(Section):
     kl_coef_image: float = Field(1e-3, ge=0.0)
     kl_kind: Literal["k1", "k2", "k3"] = "k3"
     # each token's KL times its (differentiable) ratio: the unbiased KL gradient on tokens the old policy sampled
-    # (TRL's use_bias_correction_kl, True there); off = plain k3, as the R3 authors train
+    # (TRL's use_bias_correction_kl, True there); off = plain k3, as the R3 authors train.  Token actions only
+    # (a flow-matching image's KL is the closed-form Gaussian one, learner.flow.kl_kind)
     kl_importance_weight: bool = False
     # the "old" log-probs of the ratio: "sampler" = as the sampler recorded them (R3, Flow-GRPO, TRL without vLLM);
     # "recompute" = one no-grad training forward per batch first (verl), so the ratio of the first update is exactly

@@ -254,8 +254,9 @@ class Trainer:
             self.step = step
             t_roll = time.time()
             # what the parents' tag / prompt / round alone would tell the critic, on the draw rollout makes next
-            shortcuts = {f"{UNDERSTANDING}/shortcut_{k}": v
-                         for k, v in self.buffer.shortcut_accuracy(r.tree.parent_balance).items()}
+            shortcuts = {f"{UNDERSTANDING}/shortcut_{k}": v  # only where stages B+C draw parents this step
+                         for k, v in self.buffer.shortcut_accuracy(r.tree.parent_balance).items()
+                         if stages_at(r.tree.schedule, step)[1]}
             trees = self.rollout(step)
             items, batch_stats, adv_stats = self.algorithm.batch(trees, self.policy.version)
             t_learn = time.time()
@@ -269,7 +270,8 @@ class Trainer:
                              t_learn - t_roll, done - t_learn, self.engine.restarts)
             m.update(shortcuts)
             self.metrics.log(m, step)
-            if r.log.trajectories_every and step % r.log.trajectories_every == 0:
+            every = r.log.trajectories_every  # under tree.schedule alternate, the B+C step after it too
+            if every and (step % every == 0 or (r.tree.schedule == "alternate" and step % every == 1)):
                 write_trees(trees, self.run_dir / "trajectories" / f"step_{step:06d}.jsonl")
                 self.metrics.log_trajectories(trees + self._sample_chains(step, trees), step)
             self.console.step(step, r.steps, m, time.time() - t0)

@@ -84,21 +84,24 @@ def to_output(x: Any) -> RewardOutput:
 def check_call_shape(what: str, fn: Callable[..., Any], options: dict[str, Any]) -> None:
     """A reward function is called as ``fn(samples, **options)``: one that cannot be (TRL's ``fn(prompts,
     completions, **kwargs)``, Flow-GRPO's ``fn(images, prompts, metadata)``) is refused now, in one line, rather
-    than failing every sample after the model load and warm start."""
+    than failing every sample after the model load and warm start.  Unknown option names are
+    :func:`check_options`' to name."""
     try:
-        signature = inspect.signature(fn)
+        params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):  # a builtin without a signature: it will tell at the first call
         return
-    known = {k: v for k, v in options.items() if k in signature.parameters}  # the others: check_options' to name
-    try:
-        signature.bind(None, **known)
-    except TypeError as e:
-        if "keyword-only" in str(e):  # fn(samples, *, scale) without scale: check_options names the option
-            return
-        raise UserError(f"{what}: a reward function is called as fn(samples, **options) -- one list of "
-                        f"RewardSample (.prompt, .image, .metadata), then the recipe's options -- and "
-                        f"{fn.__name__}{signature} cannot be ({e}); wrap a TRL or Flow-GRPO function "
-                        f"(README: Rewards)") from None
+    P = inspect.Parameter
+    positional = [p for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+    shape = ("a reward function is called as fn(samples, **options) -- one list of RewardSample (.prompt, .image, "
+             ".metadata), then the recipe's options; one written for TRL or Flow-GRPO needs a wrapper (README: "
+             "Rewards)")
+    if not positional and not any(p.kind is P.VAR_POSITIONAL for p in params):
+        name = getattr(fn, "__name__", type(fn).__name__)
+        raise UserError(f"{what}: {name} takes no positional argument for the samples; {shape}")
+    rest = positional[1:] + [p for p in params if p.kind is P.KEYWORD_ONLY]
+    missing = [p.name for p in rest if p.default is P.empty and p.name not in options]
+    if missing:
+        raise UserError(f"{what}: missing required option(s) {', '.join(missing)}; {shape}")
 
 
 def load_reward(spec: str, **options: Any) -> Reward:

@@ -432,7 +432,7 @@ def test_resize_rule_and_editing_context(bundle):
     assert target_size(512, 512, *R3_VAE_SIZE) == (512, 512)      # R3: 32x32 generation tokens
     assert target_size(1000, 600, *BAGEL_VAE_SIZE) == (992, 608)  # round half to even, as the reference
     assert target_size(300, 200, *BAGEL_VIT_SIZE) == (336, 224)   # short side up to 224
-    # the pixel cap binds for very long images: the reference's data/transforms.py gives these (session 35's audit ran it)
+    # the pixel cap binds for very long images: the reference's data/transforms.py gives these (session 35 ran it)
     assert [target_size(w, h, *BAGEL_VAE_SIZE) for w, h in ((1500, 200), (9000, 1024), (4000, 224))] == [
         (1024, 128), (1024, 112), (1024, 64)]
     # as the reference's pil_img2rgb: an LA image's alpha is dropped; a transparency key is composited on white

@@ -53,7 +53,7 @@ def test_grad_accum_splits_an_epoch_into_optimizer_steps(base) -> None:
 
 def test_shuffled_by_group_keeps_groups_whole_and_is_seeded() -> None:
     seg = Segment("text", {"input_ids": [1]}, [2], [-0.1])
-    items = [TrainItem(seg, 0.0, stage, 0, group) for stage, group in
+    items = [TrainItem(seg, 0.0, stage, 0, group=group) for stage, group in
              [("reason", "a")] * 2 + [("generate", "b")] * 2 + [("reflect", "c")] * 2 + [("refine", "d")] * 2]
     items.append(TrainItem(seg, 0.0, "reason", 0))  # a plug-in's item without a group: a group of one
     orders = {seed: shuffled_by_group(items, seed) for seed in ("0", "1", "2", "3")}
@@ -66,12 +66,24 @@ def test_shuffled_by_group_keeps_groups_whole_and_is_seeded() -> None:
     assert len({tuple(it.group for it in o) for o in orders.values()}) > 1
 
 
+def test_a_plug_in_item_may_add_a_field_without_a_default() -> None:
+    from dataclasses import dataclass
+
+    @dataclass
+    class WeightedItem(TrainItem):  # what docs/architecture.md allows an algorithm's items to be
+        weight: float
+
+    seg = Segment("text", {"input_ids": [1]}, [2], [-0.1])
+    item = WeightedItem(seg, 1.0, "reason", 0, 0.5, group="g")
+    assert (item.weight, item.group) == (0.5, "g")
+
+
 def test_grad_accum_steps_mix_stages(base) -> None:
     """Items arrive one stage after the other; with several optimiser steps per batch each step must not train
     one stage alone (TRL shuffles its generation batch before splitting it into steps)."""
     policy, items = base
     plans, images = items[:3], items[3:]
-    items = [TrainItem(it.segment, it.advantage, it.stage, it.policy_version, f"g{k}")
+    items = [TrainItem(it.segment, it.advantage, it.stage, it.policy_version, group=f"g{k}")
              for k, group in enumerate([plans] * 8 + [images] * 8) for it in copy.deepcopy(group)]
     assert [it.stage for it in items] == ["reason"] * 24 + ["generate"] * 24  # tree order: a stage, then the next
     p = clone(policy)

@@ -117,6 +117,7 @@ def test_bad_reward_specs_are_one_line_user_errors(custom_file: Path, spec: str,
     "def fn(prompts, completions, **kwargs):\n    return [0.0] * len(prompts)\n",    # TRL's shape
     "def fn(images, prompts, metadata):\n    return [0.0] * len(images), {}\n",    # Flow-GRPO's shape
     "def fn():\n    return []\n",
+    "class Peer:\n    def __call__(self, prompts, completions, **kw):\n        return []\nfn = Peer()\n",
 ])
 def test_a_function_that_cannot_take_the_samples_is_refused_at_load(tmp_path: Path, source: str) -> None:
     p = tmp_path / "peer.py"
@@ -124,6 +125,15 @@ def test_a_function_that_cannot_take_the_samples_is_refused_at_load(tmp_path: Pa
     with pytest.raises(UserError, match=r"called as fn\(samples, \*\*options\).*README: Rewards") as e:
         load_reward(f"{p}:fn")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("signature", ["samples, threshold", "samples, *, threshold"])
+def test_a_missing_option_is_named_as_an_option(tmp_path: Path, signature: str) -> None:
+    p = tmp_path / "mine.py"
+    p.write_text(f"def fn({signature}):\n    return [threshold] * len(samples)\n")
+    with pytest.raises(UserError, match="missing required option[(]s[)] threshold"):
+        load_reward(f"{p}:fn")
+    assert load_reward(f"{p}:fn", threshold=0.5)([]) == []
 
 
 def test_the_readme_wrapper_of_a_flow_grpo_reward_runs(tmp_path: Path) -> None:

@@ -74,7 +74,8 @@ def test_alternate_trains_through_the_cli_with_either_algorithm(tmp_path, algori
     from r3_rl.cli import main
 
     run = tmp_path / "run"
-    sets = tiny_overrides(tmp_path, steps=3) + ["tree.schedule=alternate", f"learner.algorithm={algorithm}"]
+    sets = tiny_overrides(tmp_path, steps=3) + ["tree.schedule=alternate", f"learner.algorithm={algorithm}",
+                                                "log.trajectories_every=4"]
     if algorithm == "ppo":  # PPO's value head is its baseline
         sets.append("learner.refine_baseline=group")
     assert main(["train", str(RECIPE), "--run-dir", str(run)] + [a for s in sets for a in ("--set", s)]) == 0
@@ -83,6 +84,10 @@ def test_alternate_trains_through_the_cli_with_either_algorithm(tmp_path, algori
     assert sorted(steps) == [0, 1, 2]
     assert "groups/generate/total" in steps[0] and "groups/reflect/total" not in steps[0]
     assert "groups/reflect/total" in steps[1] and "groups/generate/total" not in steps[1]
+    # the parents' shortcut figures only where parents are drawn; trajectories of a logging step and its B+C step
+    assert "3_understanding/shortcut_tag" in steps[1] and not any("shortcut" in k for k in steps[0] | steps[2])
+    assert sorted(p.name for p in (run / "trajectories").glob("step_*.jsonl")) == ["step_000000.jsonl",
+                                                                                 "step_000001.jsonl"]
 
 
 def test_alternate_without_critic_groups_is_one_line(tmp_path, capsys) -> None:

@@ -23,6 +23,11 @@ def pad(rows: list[torch.Tensor], value: float = 0.0) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
 
 
+def max_actions(items: list[TrainItem]) -> int:
+    """The most actions any item of ``items`` took (``dr_grpo``'s normaliser until session 35; kept for plug-ins)."""
+    return max(it.segment.num_actions for it in items)
+
+
 def most_actions(item: TrainItem, rollout: Any) -> int:
     """``dr_grpo``'s constant normaliser of ``item``: the most actions its stage can take -- a text stage's
     ``rollout.<stage>.max_new_tokens``, an image's own token count (a token image is always complete) -- so it
@@ -63,11 +68,9 @@ def micro_batch_inputs(policy: Any, reference: Any, items: list[TrainItem], kl_t
 
 
 @torch.no_grad()
-def recomputed_logprobs(policy: Any, items: list[TrainItem], micro_batch_size: int) -> list[torch.Tensor]:
-    """Each item's log-probs under the current weights, by the training forward without gradient, in the
-    learner's micro-batches (so padding, and with it the numbers, are those of the first update's forward)."""
-    out: list[torch.Tensor] = []
-    for start in range(0, len(items), micro_batch_size):
-        segs = [it.segment for it in items[start:start + micro_batch_size]]
-        out.extend(lp.detach().float().cpu() for lp in policy.segment_logprobs(segs))
-    return out
+def recomputed_logprobs(policy: Any, items: list[TrainItem]) -> list[torch.Tensor]:
+    """``items``' log-probs under the current weights by the training forward without gradient, as one batch:
+    given one micro-batch's token rows, the padding (and so the numbers) are those of the update's forward."""
+    if not items:
+        return []
+    return [lp.detach().float().cpu() for lp in policy.segment_logprobs([it.segment for it in items])]

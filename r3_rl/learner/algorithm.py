@@ -73,11 +73,12 @@ class Algorithm:
 def old_logps(policy: Any, items: list[TrainItem], micro_batch_size: int) -> list[torch.Tensor | None]:
     """``learner.old_logp: recompute``: token items' log-probs by the training forward (None for flow items,
     whose old log-probs stay the sampler's)."""
-    tokens = [i for i, it in enumerate(items) if not is_flow_segment(it.segment)]
-    fresh = recomputed_logprobs(policy, [items[i] for i in tokens], micro_batch_size)
     out: list[torch.Tensor | None] = [None] * len(items)
-    for i, lp in zip(tokens, fresh):
-        out[i] = lp
+    for start in range(0, len(items), micro_batch_size):  # the learner's chunks, then their token rows, as loss()
+        tokens = [i for i in range(start, min(start + micro_batch_size, len(items)))
+                  if not is_flow_segment(items[i].segment)]
+        for i, lp in zip(tokens, recomputed_logprobs(policy, [items[i] for i in tokens])):
+            out[i] = lp
     return out
 
 
@@ -137,7 +138,8 @@ class GRPO(Algorithm):
             dev = inp["logp"].device
             adv = torch.tensor([advantage(i) for i in tok_chunk], dtype=torch.float32, device=dev)
             weight = torch.tensor([policy_weight(cfg, it) for it in rows], device=dev)
-            most = torch.tensor([ctx["max_len"][i] for i in tok_chunk], device=dev)  # dr_grpo's normaliser per row
+            most = ctx["max_len"]  # dr_grpo's normaliser: one per row (or one int, from a plug-in's prepare)
+            most = most if isinstance(most, int) else torch.tensor([most[i] for i in tok_chunk], device=dev)
             loss, m = clipped_policy_loss(
                 inp["logp"], inp["old_logp"], adv, inp["mask"], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                 loss_type=cfg.loss_type, max_len=most, ref_logp=inp["ref_logp"], kl_coef=inp["kl_coef"],

@@ -34,7 +34,9 @@ class TrainItem:
     advantage: float
     stage: str
     policy_version: int
-    group: str = ""  # the sibling group (``Node.group_id``): kept together when mini-batches are shuffled
+    # the sibling group (``Node.group_id``): kept together when mini-batches are shuffled; keyword-only, so a
+    # plug-in's subclass may still add fields without defaults
+    group: str = field(default="", kw_only=True)
 
 
 def policy_weight(cfg: Any, item: TrainItem) -> float:
@@ -183,7 +185,7 @@ def collect_items(trees: list[Tree], current_version: int, max_staleness: int,
         if current_version - n.policy_version > max_staleness:
             stats.stale_refused += 1
             continue
-        items.append(TrainItem(n.segment, float(n.advantage), n.stage, n.policy_version, n.group_id))
+        items.append(TrainItem(n.segment, float(n.advantage), n.stage, n.policy_version, group=n.group_id))
         stats.per_stage[n.stage] = stats.per_stage.get(n.stage, 0) + 1
     summarize(items, stats)
     return items, stats

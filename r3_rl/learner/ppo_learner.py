@@ -114,8 +114,8 @@ def ppo_items(trees: list[Tree], current_version: int, max_staleness: int,
                 stats.stale_refused += len(chain)
                 continue
             for t, (n, r) in enumerate(zip(chain, rewards)):
-                items.append(ChainItem(n.segment, 0.0, n.stage, n.policy_version, n.group_id,  # type: ignore[arg-type]
-                                       reward=r, episode=f"{tree.id}/{chain[0].id}", t=t))
+                items.append(ChainItem(n.segment, 0.0, n.stage, n.policy_version,  # type: ignore[arg-type]
+                                       group=n.group_id, reward=r, episode=f"{tree.id}/{chain[0].id}", t=t))
                 stats.per_stage[n.stage] = stats.per_stage.get(n.stage, 0) + 1
     summarize(items, stats)
     return items, stats
