@@ -190,3 +190,23 @@ def test_eval_metrics_names() -> None:
     assert m["eval/verdict/round1"] == 0.75 and m["eval_tag/colors/verdict"] == 0.5
     assert (m["eval/round1/improved"], m["eval/round1/worse"], m["eval/round1/unchanged"]) == (2, 1, 5)
     assert m["eval/failed/round1"] == 1 and m["eval/mean_rounds_used"] == 1.0
+
+
+def test_text_lengths_and_token_limit_exact() -> None:
+    """Plans of 5 tokens under a 5-token limit all reach it; critiques of 7 under 8 do not, but one cut at 8 does."""
+    from r3_rl.trajectory import SamplingParams
+
+    ts = trees()
+    for n in ts[0].nodes.values():
+        if n.stage == "reason":
+            n.segment.sampling = SamplingParams(max_new_tokens=5)
+    critiques = [n for n in ts[1].nodes.values() if n.stage == "reflect"]
+    for n in critiques:
+        n.segment.sampling = SamplingParams(max_new_tokens=8)
+    critiques[0].segment = seg("text", 8)
+    critiques[0].segment.sampling = SamplingParams(max_new_tokens=8)
+    m = rollout_metrics(ts)
+    assert m["rollout/text_tokens/reason"] == 5.0 and m["rollout/at_token_limit/reason"] == 1.0
+    assert m["rollout/text_tokens/reflect"] == pytest.approx((8 + 7 + 7) / 3)
+    assert m["rollout/at_token_limit/reflect"] == pytest.approx(1 / 3)
+    assert not any(k.startswith("rollout/at_token_limit/") and k.endswith(("generate", "refine")) for k in m)

@@ -36,6 +36,7 @@ from typing import Any
 
 from r3_rl.algorithms.signal import SIGNAL_ATOL, has_signal
 from r3_rl.flow.action import is_flow_segment
+from r3_rl.tracking.text_lengths import text_length_metrics
 from r3_rl.trajectory import Node, Tree
 
 EVAL, REWARD, ACCURACY, UNDERSTANDING, KL, ENTROPY, REFINE = (
@@ -275,6 +276,7 @@ def rollout_metrics(trees: list[Tree], correct_threshold: float = 1.0, rollout_s
     out.update(refine_metrics(trees))
     out.update(group_metrics(trees))
     out.update(throughput_metrics(trees, rollout_s))
+    out.update(text_length_metrics(trees))
     out["rollout/failed_rewards"] = float(failed_reward_count(trees))
     return out
 
