@@ -104,6 +104,10 @@ class Learner(Section):
     # divide group advantages by the group std: one flag for all stages, or per stage ({reason: true, ...};
     # stages not listed are not normalised)
     normalize_std: bool | StageFlags = False
+    # whose std divides, where normalize_std is on: "group" = the group's own (GRPO, TRL's scale_rewards: group);
+    # "batch" = the std of every reward of that stage in the step (TRL's scale_rewards: batch, Flow-GRPO's
+    # global_std): small within-group differences are no longer blown up to unit size.  Unbiased std + 1e-6
+    std_scope: Literal["group", "batch"] = "group"
     # the critique's baseline: "group" = its 8 siblings' mean (GRPO: a group that agrees teaches nothing, however
     # wrong); "verdict" = the mean of the batch's other critiques of parents with the same verdict (correct /
     # flawed), so a group that all stop on a flawed image gets a negative advantage (README: R3 synergy)

@@ -391,3 +391,17 @@ def test_leave_one_out_advantages_hand_case_and_naive_peer():
         others = [w for j, (w, q) in enumerate(zip(vals, pools)) if j != i and q == p and not math.isnan(w)]
         want = math.nan if math.isnan(v) else (v - sum(others) / len(others) if others else 0.0)
         assert (math.isnan(got[i]) and math.isnan(want)) or abs(got[i] - want) < 1e-12
+
+
+def test_batch_std_divides_by_the_pools_std_not_the_groups():
+    """TRL's scale_rewards="batch" / Flow-GRPO's global_std: group means, one std per pool (a stage), by hand."""
+    r = torch.tensor([1.0, 0.0, 0.5, 0.3, 2.0, 4.0], dtype=D)
+    groups = ["a", "a", "b", "b", "c", "c"]
+    pools = ["img", "img", "img", "img", "txt", "txt"]
+    adv = group_advantages(r, groups, normalize_std=True, std_pools=pools)
+    img_std = math.sqrt((0.55 ** 2 + 0.45 ** 2 + 0.05 ** 2 + 0.15 ** 2) / 3)  # [1, 0, .5, .3], unbiased
+    txt_std = math.sqrt(2.0)  # [2, 4]
+    expected = [0.5 / img_std, -0.5 / img_std, 0.1 / img_std, -0.1 / img_std, -1 / txt_std, 1 / txt_std]
+    torch.testing.assert_close(adv, torch.tensor(expected, dtype=D), rtol=1e-5, atol=1e-6)
+    by_group = group_advantages(r, groups, normalize_std=True)  # the group's own std blows group b up to +-0.71
+    assert float(by_group[2]) == pytest.approx(0.1 / math.sqrt(0.02), rel=1e-4)

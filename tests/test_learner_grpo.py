@@ -241,6 +241,16 @@ def test_normalize_std_per_stage() -> None:
     assert images == pytest.approx([0.5 / (0.5 + 1e-6), -0.5 / (0.5 + 1e-6), 0.0])  # sample std of (1, 0, .5) = .5
 
 
+def test_std_scope_batch_divides_by_the_stages_std() -> None:
+    """Two image groups (1, 0) and (.5, .3): by group, the second's small gap becomes +-0.71; by batch, the
+    stage's std over all four (0.4203) divides both, and plans (not normalised) keep r - mean."""
+    tree = _tree({"plans": ("reason", [1.0, 0.0]), "a": ("generate", [1.0, 0.0]), "b": ("generate", [0.5, 0.3])})
+    assign_advantages([tree], {"generate": True}, std_scope="batch")
+    std = (0.53 / 3) ** 0.5
+    assert [tree.nodes[f"b{j}"].advantage for j in range(2)] == pytest.approx([0.1 / std, -0.1 / std], rel=1e-5)
+    assert [tree.nodes[f"plans{j}"].advantage for j in range(2)] == pytest.approx([0.5, -0.5])
+
+
 def _critic_tree() -> Tree:
     """Two images, four critiques each: every critique of the flawed image stops (-1.0, a confident
     mistake), the correct image's critiques mix stops (1.0) and one edit (-0.5)."""

@@ -84,19 +84,26 @@ def _failed_as_nan(rewards: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: Sequence[Hashable], *, normalize_std: bool = False,
-                     eps: float = 1e-6) -> torch.Tensor:
+                     eps: float = 1e-6, std_pools: Sequence[Hashable] | None = None) -> torch.Tensor:
     """Advantage of each sample relative to the valid members of its group (same dtype as ``rewards``).
 
     ``rewards``: 1-D float, NaN = failed sample.  ``group_ids``: one hashable per sample; members of a group
     need not be contiguous.  Returns NaN for failed samples, 0 for valid members of no-signal groups (all
-    equal or < 2 valid members), else ``r - mean`` (``/ (std + eps)`` with ``normalize_std``).
+    equal or < 2 valid members), else ``r - mean`` (``/ (std + eps)`` with ``normalize_std``: the group's std,
+    or with ``std_pools`` (one id per sample) the std of the valid rewards of the sample's pool, e.g. its stage
+    across the batch: TRL's ``scale_rewards="batch"``).
     """
     gidx, g = _group_table(rewards, group_ids)
     if g is None:
         return rewards.clone()
     adv = rewards - g["mean"][gidx]
     if normalize_std:
-        adv = adv / (g["std"][gidx] + eps)
+        if std_pools is None:
+            std = g["std"][gidx]
+        else:
+            pidx, pools = _group_table(rewards, std_pools)
+            std = pools["std"][pidx]  # type: ignore[index]
+        adv = adv / (std + eps)
     no_signal = (g["count"] < 2) | g["flat"]
     adv = torch.where(no_signal[gidx], torch.zeros_like(adv), adv)
     return _failed_as_nan(rewards, adv)

@@ -92,7 +92,8 @@ class GRPO(Algorithm):
     def advantages(self, trees: list[Tree]) -> dict[str, float]:
         """Fill ``node.advantage`` among siblings (``learner.normalize_std``; critiques per
         ``learner.critic_baseline``, refined images per ``learner.refine_baseline``); returns group statistics."""
-        return assign_advantages(trees, self.cfg.normalize_std, self.cfg.critic_baseline, self.cfg.refine_baseline)
+        return assign_advantages(trees, self.cfg.normalize_std, self.cfg.critic_baseline, self.cfg.refine_baseline,
+                                 self.cfg.std_scope)
 
     def batch(self, trees: list[Tree], version: int) -> tuple[list[TrainItem], BatchStats, dict[str, float]]:
         stats = self.advantages(trees)

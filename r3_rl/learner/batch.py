@@ -116,10 +116,12 @@ def edited_image_gains(trees: list[Tree]) -> dict[int, float | None]:
 
 
 def assign_advantages(trees: list[Tree], normalize_std: bool | Mapping[str, bool] = False,
-                      critic_baseline: str = "group", refine_baseline: str = "group") -> dict[str, float]:
+                      critic_baseline: str = "group", refine_baseline: str = "group",
+                      std_scope: str = "group") -> dict[str, float]:
     """Fill ``node.advantage`` for every node that has a group of siblings; returns group statistics.
 
-    ``normalize_std`` may differ per stage; a group's stage is its first member's.  ``critic_baseline:
+    ``normalize_std`` may differ per stage; a group's stage is its first member's; ``std_scope: "batch"``
+    divides by the std of the stage's rewards across the batch instead of the group's.  ``critic_baseline:
     "verdict"`` gives every critique whose parent was judged the leave-one-out advantage among the batch's
     critiques of parents with the same verdict (:func:`~r3_rl.algorithms.advantages.leave_one_out_advantages`)
     instead of its group's.  ``refine_baseline: "parent"`` gives every sampled refined image its reward minus
@@ -136,7 +138,8 @@ def assign_advantages(trees: list[Tree], normalize_std: bool | Mapping[str, bool
         group_stage.setdefault(n.group_id, n.stage)
     flags = {g: stage_flag(normalize_std, s) for g, s in group_stage.items()}
     plain = group_advantages(rewards, groups, normalize_std=False) if not all(flags.values()) else None
-    scaled = group_advantages(rewards, groups, normalize_std=True) if any(flags.values()) else None
+    pools = [group_stage[g] for g in groups] if std_scope == "batch" else None
+    scaled = group_advantages(rewards, groups, normalize_std=True, std_pools=pools) if any(flags.values()) else None
     for i, n in enumerate(nodes):
         a = float((scaled if flags[n.group_id] else plain)[i])  # type: ignore[index]
         n.advantage = None if math.isnan(a) else a
