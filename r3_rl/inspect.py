@@ -16,6 +16,7 @@ from r3_rl.environment import differences, read_records, summary_line
 from r3_rl.errors import UserError
 from r3_rl.eval.understanding import headline
 from r3_rl.textfiles import utf8_lines
+from r3_rl.tracking.console import STAGE_KEYS
 from r3_rl.tracking.metrics import rollout_metrics
 from r3_rl.tracking.views import fmt, image_caption, prompt_line, select_trajectories, text_label
 from r3_rl.trajectory import Node, Tree, read_trees
@@ -90,9 +91,11 @@ def run_overview(run_dir: Path) -> str:
             changed = differences(records[0], r)
             if changed:
                 lines.append(f"    {r.get('command')} at {r.get('when')} ran elsewhere: {'; '.join(changed)}")
-    rows = [r for r in _read_metrics(run_dir) if "1_reward/generate" in r or "learner/loss" in r]
+    rows = [r for r in _read_metrics(run_dir) if "batch/items" in r or "1_reward/generate" in r or "learner/loss" in r]
     if rows:
-        last = rows[-1]
+        last = {"step": rows[-1]["step"]}
+        for r in rows:  # each figure's latest value: under tree.schedule alternate a step runs one stage only
+            last.update({k: r[k] for k in STAGE_KEYS if k in r})
         lines.append(f"  training: {len(rows)} steps logged, last step {last['step']}: "
                      f"reward A {fmt(last.get('1_reward/generate'))}, "
                      f"acc A {fmt(last.get('2_accuracy/round0'))}, "

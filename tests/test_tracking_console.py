@@ -56,3 +56,18 @@ def test_tty_progress_bar() -> None:
 def test_formatting_helpers() -> None:
     assert fmt_seconds(3725) == "1:02:05" and fmt_seconds(65) == "1:05" and fmt_seconds(float("nan")) == "?"
     assert "acc A -" in status_line({})
+
+
+def test_a_one_stage_step_shows_the_other_stages_latest_figures() -> None:
+    """tree.schedule alternate: a B+C step has no first-image figures, a stage-A step no critic figures; the line
+    shows each figure's latest value, and the loss of this step only."""
+    buf = io.StringIO()
+    c = Console(every=1, file=buf, tty=False)
+    stage_a = {"1_reward/generate": 0.5, "2_accuracy/round0": 0.25, "learner/loss": -0.01}
+    stage_bc = {"6_refine/delta_mean": 0.125, "6_refine/stop_rate": 0.5,
+                "3_understanding/verdict_balanced_accuracy": 0.75}  # no loss: every group agreed
+    for step, m in enumerate((stage_a, stage_bc)):
+        c.step(step, 2, m, elapsed=1.0)
+    first, second = buf.getvalue().splitlines()
+    assert "reward A 0.500" in first and "verdict -" in first
+    assert "reward A 0.500" in second and "verdict 0.75" in second and "loss -  " in second

@@ -69,6 +69,17 @@ def test_inspect_latest_step_summary(run_dir: Path) -> None:
     assert "two red squares  [tag: counting]" in text and "[critique 1 R=0.60] <think>c0</think> edit" in text
 
 
+def test_inspect_counts_one_stage_steps_and_shows_each_figures_latest(tmp_path: Path) -> None:
+    """tree.schedule alternate: a B+C step logs no first-image figures (and no loss when every group agreed)."""
+    rd = tmp_path / "alt"
+    rd.mkdir()
+    rows = [{"step": 0, "batch/items": 8.0, "1_reward/generate": 0.5, "2_accuracy/round0": 0.25, "learner/loss": 0.1},
+            {"step": 1, "batch/items": 0.0, "3_understanding/verdict_balanced_accuracy": 0.75}]
+    (rd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text, _ = inspect_run(rd)
+    assert "training: 2 steps logged, last step 1: reward A 0.500, acc A 0.250" in text and "verdict 0.750" in text
+
+
 def test_inspect_step_eval_and_html(run_dir: Path, tmp_path: Path) -> None:
     text, html = inspect_run(run_dir, step=0, html="")
     assert html == run_dir / "inspect" / "step_000000.html" and html.is_file()

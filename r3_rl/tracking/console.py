@@ -19,6 +19,10 @@ def _f(metrics: dict[str, Any], key: str, spec: str = ".3f") -> str:
     return format(v, spec)
 
 
+STAGE_KEYS = ("1_reward/generate", "2_accuracy/round0", "6_refine/delta_mean",
+              "3_understanding/verdict_balanced_accuracy", "6_refine/stop_rate")  # status-line figures of a stage
+
+
 def status_line(metrics: dict[str, Any]) -> str:
     """The per-step numbers worth watching: first-image reward/accuracy, refinement gain, the critic's verdict
     balanced accuracy, stop rate, loss (names: :mod:`r3_rl.tracking.metrics`)."""
@@ -57,6 +61,9 @@ class Console:
         self._progress: Any = None
         self._task: Any = None
         self._first_step: int | None = None
+        # the latest value of each status-line figure: a step that runs one stage only (tree.schedule: alternate)
+        # shows the other stage's figures from the step that last had them
+        self._latest: dict[str, Any] = {}
 
     def print(self, msg: str) -> None:
         if self.enabled:
@@ -73,7 +80,8 @@ class Console:
         if self._first_step is None:
             self._first_step = step
         done = step + 1
-        info = status_line(metrics)
+        self._latest.update({k: v for k, v in metrics.items() if k in STAGE_KEYS})
+        info = status_line({**self._latest, "learner/loss": metrics.get("learner/loss")})  # the loss: this step's
         if self.tty:
             self._bar(done, total, info)
             return
