@@ -100,7 +100,9 @@ class Learner(Section):
     grad_clip: float = Field(1.0, ge=0.0)  # 0 = no clipping
     clip_low: float = Field(0.2, ge=0.0, lt=1.0)  # the ratio's floor is 1 - clip_low
     clip_high: float = Field(0.2, ge=0.0)
-    loss_type: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
+    # how token terms add up (r3_rl/algorithms/losses.py); "modality_mean": a token mean over text tokens plus one
+    # over image tokens, each over the mini-batch (the reference's "1.0 text + 2.0 image" with loss_weight_image 2)
+    loss_type: Literal["token_mean", "seq_mean", "dr_grpo", "modality_mean"] = "token_mean"
     # divide group advantages by the group std: one flag for all stages, or per stage ({reason: true, ...};
     # stages not listed are not normalised)
     normalize_std: bool | StageFlags = False

@@ -20,7 +20,7 @@ def base():
     return policy, sample_items(policy)
 
 
-@pytest.mark.parametrize("loss_type", ["token_mean", "seq_mean", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", ["token_mean", "seq_mean", "dr_grpo", "modality_mean"])
 def test_micro_batches_give_the_full_batch_gradient(base, loss_type: str) -> None:
     policy, items = base
     grads = []
@@ -32,6 +32,25 @@ def test_micro_batches_give_the_full_batch_gradient(base, loss_type: str) -> Non
     for other in grads[1:]:
         for g, ref in zip(other, grads[0]):
             torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-7)
+
+
+def test_modality_mean_adds_a_text_token_mean_and_an_image_token_mean(base) -> None:
+    """The gradient of modality_mean on plans + images is token_mean's on the plans alone plus token_mean's on the
+    images alone (with KL); pooled token_mean on both is not (its image tokens outnumber the plans')."""
+    policy, items = base
+    text = [it for it in items if it.segment.modality == "text"]
+    image = [it for it in items if it.segment.modality == "image"]
+
+    def grads(loss_type: str, batch: list) -> list[torch.Tensor]:
+        p = clone(policy)
+        return step_grads(TorchLearner(p, p.frozen_copy(), learner_cfg(loss_type=loss_type, micro_batch_size=2)),
+                          copy.deepcopy(batch))
+
+    both = grads("modality_mean", items)
+    for g, gt, gi in zip(both, grads("token_mean", text), grads("token_mean", image)):
+        torch.testing.assert_close(g, gt + gi, rtol=1e-4, atol=1e-7)
+    pooled = grads("token_mean", items)
+    assert sum(float((a - b).abs().sum()) for a, b in zip(both, pooled)) > 1e-4
 
 
 def test_ratio_is_one_and_nothing_clipped_before_the_first_update(base) -> None:

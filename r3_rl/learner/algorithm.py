@@ -82,6 +82,30 @@ def old_logps(policy: Any, items: list[TrainItem], micro_batch_size: int) -> lis
     return out
 
 
+TOKEN_LOSS = {"modality_mean": "token_mean"}  # the aggregation behind a loss_type losses.aggregate does not know
+
+
+def modality_mean_loss(items: list[TrainItem], tok_chunk: list[int], tok_mini: list[int], inp: dict[str, Any],
+                       adv: torch.Tensor, weight: torch.Tensor, cfg: Any) -> torch.Tensor:
+    """``loss_type: modality_mean``: this micro-batch's share of (the token mean over the mini-batch's text
+    tokens) + (the token mean over its image tokens), clipped term and KL alike.  With Janus a 100-token plan
+    then weighs as much against its 576-token image as text against images in the reference's loss."""
+    total: torch.Tensor | float = 0.0
+    for modality in ("text", "image"):
+        rows = [k for k, i in enumerate(tok_chunk) if items[i].segment.modality == modality]
+        if not rows:
+            continue
+        at = torch.tensor(rows, device=adv.device)
+        ref = inp["ref_logp"][at] if inp["ref_logp"] is not None else None
+        part, _ = clipped_policy_loss(
+            inp["logp"][at], inp["old_logp"][at], adv[at], inp["mask"][at], clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high, loss_type="token_mean", ref_logp=ref, kl_coef=inp["kl_coef"][at],
+            kl_kind=cfg.kl_kind, kl_importance_weight=cfg.kl_importance_weight, row_weight=weight[at])
+        mini = [i for i in tok_mini if items[i].segment.modality == modality]
+        total = total + part * micro_share(items, [tok_chunk[k] for k in rows], mini, "token_mean")
+    return total  # type: ignore[return-value]
+
+
 class GRPO(Algorithm):
     """Group-relative advantages among Tree-RL siblings; clipped surrogate with a KL penalty to the reference.
 
@@ -143,9 +167,13 @@ class GRPO(Algorithm):
             most = most if isinstance(most, int) else torch.tensor([most[i] for i in tok_chunk], device=dev)
             loss, m = clipped_policy_loss(
                 inp["logp"], inp["old_logp"], adv, inp["mask"], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                loss_type=cfg.loss_type, max_len=most, ref_logp=inp["ref_logp"], kl_coef=inp["kl_coef"],
-                kl_kind=cfg.kl_kind, kl_importance_weight=cfg.kl_importance_weight, row_weight=weight)
-            total = loss * micro_share(items, tok_chunk, tok_mini, cfg.loss_type)
+                loss_type=TOKEN_LOSS.get(cfg.loss_type, cfg.loss_type), max_len=most, ref_logp=inp["ref_logp"],
+                kl_coef=inp["kl_coef"], kl_kind=cfg.kl_kind, kl_importance_weight=cfg.kl_importance_weight,
+                row_weight=weight)
+            if cfg.loss_type == "modality_mean":  # the token_mean call above gives the metrics; this the loss
+                total = modality_mean_loss(items, tok_chunk, tok_mini, inp, adv, weight, cfg)
+            else:
+                total = loss * micro_share(items, tok_chunk, tok_mini, cfg.loss_type)
             metrics.update({k: float(v) for k, v in m.items()})
             if inp["ref_logp"] is not None:  # KL per modality (text and image tokens weigh differently)
                 metrics.update(kl_by_modality(inp["logp"], inp["ref_logp"], inp["mask"],
