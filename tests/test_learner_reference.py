@@ -108,6 +108,37 @@ def test_reference_survives_deepspeed_in_the_trainer_process(janus_path, zero_st
     assert_first_step_is_on_policy(learner.step(copy.deepcopy(items)))
 
 
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_recomputed_old_logprobs_make_the_first_ratio_one_on_janus_in_bf16(janus_path, zero_stage) -> None:
+    """``learner.old_logp: recompute`` on a bf16 Janus under DeepSpeed (ZeRO-3: partitioned weights gathered for
+    the no-grad forward as for the training one): all four stages' first ratio is 1, where the sampler's own
+    log-probs leave it only within BF16_RATIO_TOL."""
+    ratios = {}
+    for mode in ("sampler", "recompute"):
+        policy = bf16_janus(janus_path)
+        items = janus_items(policy)
+        learner = build_learner(policy, policy.frozen_copy(), janus_recipe(janus_path, zero_stage, old_logp=mode))
+        m = learner.step(copy.deepcopy(items))
+        assert_first_step_is_on_policy(m)
+        ratios[mode] = max(1 - m["learner/ratio_min"], m["learner/ratio_max"] - 1)
+    assert ratios["sampler"] > 1e-4 and ratios["recompute"] < 1e-6
+    assert m["learner/sampler_logp_gap_max"] > 0
+
+
+def test_modality_mean_trains_janus_in_bf16_under_zero3(janus_path) -> None:
+    """``loss_type: modality_mean`` with R3's image weight on a bf16 Janus under ZeRO-3: one finite, on-policy
+    step whose gradient differs from pooled token_mean's (its image tokens outweigh the plans there)."""
+    norms = {}
+    for loss_type in ("token_mean", "modality_mean"):
+        policy = bf16_janus(janus_path)
+        items = janus_items(policy)
+        recipe = janus_recipe(janus_path, 3, loss_type=loss_type, loss_weight_image=2.0)
+        m = build_learner(policy, policy.frozen_copy(), recipe).step(copy.deepcopy(items))
+        assert_first_step_is_on_policy(m)
+        norms[loss_type] = m["learner/grad_norm"]
+    assert abs(norms["modality_mean"] / norms["token_mean"] - 1) > 0.01, norms
+
+
 def test_gradient_anchor_pins_one_gradient_order(janus_path) -> None:
     """Ranks run different stages: a plan uses neither the aligner nor the image head, a refinement does.
     DeepSpeed reduces gradients in the order backward produces them, so the orders must agree."""
