@@ -60,6 +60,9 @@ class FlowLearnerCfg(Section):
     adv_clip: float | None = Field(5.0, gt=0.0)  # clamp advantages to +-adv_clip (Flow-GRPO 5); null = off
     ratio_unit: Literal["step", "image"] = "step"  # one ratio per SDE step (Flow-GRPO) or per image (mean log-prob)
     kl_kind: Literal["exact", "r3", "flow_grpo"] = "exact"
+    # true: the unconditional CFG branches carry no gradient (Flow-GRPO detaches them); false: the exact gradient
+    # of the guided policy that sampled (every branch; they share the weights)
+    detach_uncond: bool = False
 
 
 def _check_stage_names(mapping: dict[Any, Any]) -> None:

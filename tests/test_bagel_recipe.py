@@ -123,11 +123,12 @@ def _losses(run: Path) -> list[dict]:
     return steps
 
 
-@pytest.mark.parametrize("old_logp", ["sampler", "recompute"])
-def test_recipe_trains_two_steps_on_a_tiny_bagel_in_process(tiny_dir: str, tmp_path: Path, old_logp: str) -> None:
+@pytest.mark.parametrize("variant", ["learner.old_logp=sampler", "learner.old_logp=recompute",
+                                     "learner.flow.detach_uncond=true"])
+def test_recipe_trains_two_steps_on_a_tiny_bagel_in_process(tiny_dir: str, tmp_path: Path, variant: str) -> None:
     run = tmp_path / "run"
     sets = tiny_sets(tiny_dir, tmp_path) + ["rollout.backend=local", "learner.backend=torch", "learner.ranks=1",
-                                            f"learner.old_logp={old_logp}"]
+                                            variant]
     assert main(["train", str(RECIPE), "--run-dir", str(run)] + [a for s in sets for a in ("--set", s)]) == 0
     steps = _losses(run)
     assert steps[0]["learner/flow_ratio_min"] == pytest.approx(1.0, abs=1e-4)

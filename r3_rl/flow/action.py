@@ -13,7 +13,9 @@ loss weight and closed-form Gaussian KL (:mod:`r3_rl.learner.flow_loss`); it nev
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +62,32 @@ class StepScores:
 
 
 VelocityFor = Callable[[Sequence[int], StepBatch], FlowVelocity]
+
+# learner.flow.detach_uncond: while set, score_traces runs the unconditional CFG branches without gradient
+_DETACH_UNCOND: ContextVar[bool] = ContextVar("detach_uncond", default=False)
+
+
+@contextmanager
+def unconditional_without_gradient(on: bool = True) -> Iterator[None]:
+    """Score traces with the unconditional CFG branches under ``torch.no_grad()`` (Flow-GRPO's
+    ``noise_pred_uncond.detach()``): the same values, but only the conditional branch carries gradient.  Off,
+    the gradient is the exact one of the guided policy that sampled.  Any policy whose ``denoising_scores`` goes
+    through :func:`score_traces` follows it."""
+    token = _DETACH_UNCOND.set(on)
+    try:
+        yield
+    finally:
+        _DETACH_UNCOND.reset(token)
+
+
+def _without_gradient(branch: Any) -> Any:
+    if branch is None:
+        return None
+
+    def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return branch(x, t)
+    return run
 """``velocity_for(members, batch)``: the :class:`FlowVelocity` of ``batch``'s rows, where row ``r`` belongs to
 segment ``members[batch.image[r]]`` (an index into the list given to :func:`score_traces`)."""
 
@@ -78,8 +106,12 @@ def score_traces(traces: Sequence[DenoisingTrace], velocity_for: VelocityFor,
     rows: dict[int, StepScores] = {}
     for members in kinds.values():
         batch = stack_steps([traces[k] for k in members], device=device)
-        logp, mean, std = step_logprobs(velocity_for(members, batch), batch.guidance, batch.x_t, batch.x_next,
-                                        batch.t, batch.delta, batch.eta)
+        velocity = velocity_for(members, batch)
+        if _DETACH_UNCOND.get():
+            velocity = FlowVelocity(velocity.cond, _without_gradient(velocity.text_uncond),
+                                    _without_gradient(velocity.image_uncond))
+        logp, mean, std = step_logprobs(velocity, batch.guidance, batch.x_t, batch.x_next, batch.t, batch.delta,
+                                        batch.eta)
         for pos, k in enumerate(members):
             sel = (batch.image == pos).nonzero().squeeze(1)
             rows[k] = StepScores(logp=logp.index_select(0, sel), mean=mean.index_select(0, sel),

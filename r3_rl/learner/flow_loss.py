@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from r3_rl.algorithms.flow_losses import flow_gaussian_kl, flow_policy_loss
-from r3_rl.flow.action import StepScores
+from r3_rl.flow.action import StepScores, unconditional_without_gradient
 from r3_rl.learner.batch import TrainItem, policy_weight
 
 
@@ -50,7 +50,8 @@ def flow_loss(policy: Any, reference: Any, items: Sequence[TrainItem], advantage
     means over the kept units of these items (:func:`~r3_rl.algorithms.flow_losses.flow_policy_loss`).
     """
     segs = [it.segment for it in items]
-    scores = policy.denoising_scores(segs)
+    with unconditional_without_gradient(cfg.flow.detach_uncond):
+        scores = policy.denoising_scores(segs)
     logp = torch.cat([s.logp for s in scores])
     dev = logp.device
     old = torch.cat([torch.tensor(s.logprobs, dtype=logp.dtype) for s in segs]).to(dev)
