@@ -111,7 +111,9 @@ class Learner(Section):
     normalize_std: bool | StageFlags = False
     # whose std divides, where normalize_std is on: "group" = the group's own (GRPO, TRL's scale_rewards: group);
     # "batch" = the std of every reward of that stage in the step (TRL's scale_rewards: batch, Flow-GRPO's
-    # global_std): small within-group differences are no longer blown up to unit size.  Unbiased std + 1e-6
+    # global_std): small within-group differences are no longer blown up to unit size.  Unbiased std + 1e-6.
+    # Only where a group advantage is divided: not under PPO (GAE), nor for critiques with critic_baseline:
+    # verdict or refined images with refine_baseline: parent
     std_scope: Literal["group", "batch"] = "group"
     # the critique's baseline: "group" = its 8 siblings' mean (GRPO: a group that agrees teaches nothing, however
     # wrong); "verdict" = the mean of the batch's other critiques of parents with the same verdict (correct /

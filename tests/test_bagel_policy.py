@@ -286,6 +286,26 @@ def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients(policy: B
     assert g0.keys() == g1.keys() and all(torch.allclose(g0[k], g1[k], atol=1e-5, rtol=1e-4) for k in g0)
 
 
+def test_detached_unconditional_branches_keep_the_edit_log_probs_and_change_the_gradient(policy: BagelPolicy,
+                                                                                          sampled) -> None:
+    """``learner.flow.detach_uncond`` on BAGEL's edits (text and image CFG both active): the same log-probs, and
+    a gradient that differs (the unconditional branches and their contexts no longer carry any)."""
+    from r3_rl.flow.action import unconditional_without_gradient
+
+    edit = sampled[3][0].segment
+    assert segment_trace(edit).guidance.uses_image_branch
+    results = []
+    for detach in (False, True):
+        model = copy.deepcopy(policy.model)
+        with unconditional_without_gradient(detach):
+            lp = policy.with_model(model).segment_logprobs([edit])[0]
+        lp.sum().backward()
+        results.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (lp0, g0), (lp1, g1) = results
+    torch.testing.assert_close(lp1, lp0, atol=1e-6, rtol=0)
+    assert max(float((g0[k] - g1.get(k, torch.zeros_like(g0[k]))).abs().max()) for k in g0) > 1e-6
+
+
 @pytest.fixture(scope="module")
 def wide_dir(tmp_path_factory):
     """BAGEL's width (2048, heads of 128, 8 query heads per KV head) with one layer, a 2x-width MLP and the tiny

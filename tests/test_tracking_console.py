@@ -70,4 +70,4 @@ def test_a_one_stage_step_shows_the_other_stages_latest_figures() -> None:
         c.step(step, 2, m, elapsed=1.0)
     first, second = buf.getvalue().splitlines()
     assert "reward A 0.500" in first and "verdict -" in first
-    assert "reward A 0.500" in second and "verdict 0.75" in second and "loss -  " in second
+    assert "reward A 0.500*" in second and "verdict 0.75 " in second and "loss -  " in second  # * = carried

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -62,6 +62,8 @@ class StepScores:
 
 
 VelocityFor = Callable[[Sequence[int], StepBatch], FlowVelocity]
+"""``velocity_for(members, batch)``: the :class:`FlowVelocity` of ``batch``'s rows, where row ``r`` belongs to
+segment ``members[batch.image[r]]`` (an index into the list given to :func:`score_traces`)."""
 
 # learner.flow.detach_uncond: while set, score_traces runs the unconditional CFG branches without gradient
 _DETACH_UNCOND: ContextVar[bool] = ContextVar("detach_uncond", default=False)
@@ -80,6 +82,12 @@ def unconditional_without_gradient(on: bool = True) -> Iterator[None]:
         _DETACH_UNCOND.reset(token)
 
 
+def unconditional_detached() -> bool:
+    """Whether :func:`unconditional_without_gradient` is on: a policy may then also encode the unconditional
+    branches' contexts without gradient (BAGEL does), which saves their activations."""
+    return _DETACH_UNCOND.get()
+
+
 def _without_gradient(branch: Any) -> Any:
     if branch is None:
         return None
@@ -88,8 +96,6 @@ def _without_gradient(branch: Any) -> Any:
         with torch.no_grad():
             return branch(x, t)
     return run
-"""``velocity_for(members, batch)``: the :class:`FlowVelocity` of ``batch``'s rows, where row ``r`` belongs to
-segment ``members[batch.image[r]]`` (an index into the list given to :func:`score_traces`)."""
 
 
 def score_traces(traces: Sequence[DenoisingTrace], velocity_for: VelocityFor,
@@ -108,8 +114,8 @@ def score_traces(traces: Sequence[DenoisingTrace], velocity_for: VelocityFor,
         batch = stack_steps([traces[k] for k in members], device=device)
         velocity = velocity_for(members, batch)
         if _DETACH_UNCOND.get():
-            velocity = FlowVelocity(velocity.cond, _without_gradient(velocity.text_uncond),
-                                    _without_gradient(velocity.image_uncond))
+            velocity = replace(velocity, text_uncond=_without_gradient(velocity.text_uncond),
+                               image_uncond=_without_gradient(velocity.image_uncond))  # a subclass stays one
         logp, mean, std = step_logprobs(velocity, batch.guidance, batch.x_t, batch.x_next, batch.t, batch.delta,
                                         batch.eta)
         for pos, k in enumerate(members):

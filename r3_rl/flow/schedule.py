@@ -41,7 +41,8 @@ def _generator(seed: int) -> torch.Generator:
 
 def timestep_grid(num_points: int, shift: float = 3.0) -> tuple[float, ...]:
     """``N`` grid times from 1 to 0: ``t = s*u / (1 + (s-1)*u)`` on ``u = linspace(1, 0, N)`` (BAGEL, DanceGRPO;
-    diffusers' SD3 scheduler, Flow-GRPO's, shifts ``linspace(1, 1/1000, N)`` and appends 0 instead).
+    diffusers' SD3 scheduler, Flow-GRPO's, shifts ``linspace(1, shift(1/1000), N)`` a second time, N steps, and
+    appends 0 instead: its last step starts near 0.009).
 
     ``shift > 1`` spends more steps near the noise end.  Returned as Python floats (float64): the sampler and
     the learner must feed the same ``t`` to the model and to the Gaussian, and Python floats survive JSON

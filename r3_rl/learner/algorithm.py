@@ -16,6 +16,8 @@ made of denoising steps train with their own clip range, weight and Gaussian KL 
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,24 +88,27 @@ TOKEN_LOSS = {"modality_mean": "token_mean"}  # the aggregation behind a loss_ty
 
 
 def modality_mean_loss(items: list[TrainItem], tok_chunk: list[int], tok_mini: list[int], inp: dict[str, Any],
-                       adv: torch.Tensor, weight: torch.Tensor, cfg: Any) -> torch.Tensor:
+                       adv: torch.Tensor, weight: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``loss_type: modality_mean``: this micro-batch's share of (the token mean over the mini-batch's text
-    tokens) + (the token mean over its image tokens), clipped term and KL alike.  With Janus a 100-token plan
+    tokens) + (the token mean over its image tokens), clipped term and KL alike; and the sum of the two
+    modalities' clipped terms in this micro-batch (the ``policy_loss`` metric).  With Janus a 100-token plan
     then weighs as much against its 576-token image as text against images in the reference's loss."""
     total: torch.Tensor | float = 0.0
+    policy = torch.zeros(())
     for modality in ("text", "image"):
         rows = [k for k, i in enumerate(tok_chunk) if items[i].segment.modality == modality]
         if not rows:
             continue
         at = torch.tensor(rows, device=adv.device)
         ref = inp["ref_logp"][at] if inp["ref_logp"] is not None else None
-        part, _ = clipped_policy_loss(
+        part, m = clipped_policy_loss(
             inp["logp"][at], inp["old_logp"][at], adv[at], inp["mask"][at], clip_low=cfg.clip_low,
             clip_high=cfg.clip_high, loss_type="token_mean", ref_logp=ref, kl_coef=inp["kl_coef"][at],
             kl_kind=cfg.kl_kind, kl_importance_weight=cfg.kl_importance_weight, row_weight=weight[at])
         mini = [i for i in tok_mini if items[i].segment.modality == modality]
         total = total + part * micro_share(items, [tok_chunk[k] for k in rows], mini, "token_mean")
-    return total  # type: ignore[return-value]
+        policy = policy + m["policy_loss"].detach().cpu()
+    return total, policy  # type: ignore[return-value]
 
 
 class GRPO(Algorithm):
@@ -165,13 +170,15 @@ class GRPO(Algorithm):
             weight = torch.tensor([policy_weight(cfg, it) for it in rows], device=dev)
             most = ctx["max_len"]  # dr_grpo's normaliser: one per row (or one int, from a plug-in's prepare)
             most = most if isinstance(most, int) else torch.tensor([most[i] for i in tok_chunk], device=dev)
-            loss, m = clipped_policy_loss(
-                inp["logp"], inp["old_logp"], adv, inp["mask"], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                loss_type=TOKEN_LOSS.get(cfg.loss_type, cfg.loss_type), max_len=most, ref_logp=inp["ref_logp"],
-                kl_coef=inp["kl_coef"], kl_kind=cfg.kl_kind, kl_importance_weight=cfg.kl_importance_weight,
-                row_weight=weight)
-            if cfg.loss_type == "modality_mean":  # the token_mean call above gives the metrics; this the loss
-                total = modality_mean_loss(items, tok_chunk, tok_mini, inp, adv, weight, cfg)
+            by_modality = cfg.loss_type == "modality_mean"
+            with torch.no_grad() if by_modality else contextlib.nullcontext():  # there: the metrics only
+                loss, m = clipped_policy_loss(
+                    inp["logp"], inp["old_logp"], adv, inp["mask"], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                    loss_type=TOKEN_LOSS.get(cfg.loss_type, cfg.loss_type), max_len=most, ref_logp=inp["ref_logp"],
+                    kl_coef=inp["kl_coef"], kl_kind=cfg.kl_kind, kl_importance_weight=cfg.kl_importance_weight,
+                    row_weight=weight)
+            if by_modality:
+                total, m["policy_loss"] = modality_mean_loss(items, tok_chunk, tok_mini, inp, adv, weight, cfg)
             else:
                 total = loss * micro_share(items, tok_chunk, tok_mini, cfg.loss_type)
             metrics.update({k: float(v) for k, v in m.items()})

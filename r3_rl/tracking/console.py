@@ -23,13 +23,17 @@ STAGE_KEYS = ("1_reward/generate", "2_accuracy/round0", "6_refine/delta_mean",
               "3_understanding/verdict_balanced_accuracy", "6_refine/stop_rate")  # status-line figures of a stage
 
 
-def status_line(metrics: dict[str, Any]) -> str:
+def status_line(metrics: dict[str, Any], carried: frozenset[str] = frozenset()) -> str:
     """The per-step numbers worth watching: first-image reward/accuracy, refinement gain, the critic's verdict
-    balanced accuracy, stop rate, loss (names: :mod:`r3_rl.tracking.metrics`)."""
-    return (f"reward A {_f(metrics, '1_reward/generate')}  acc A {_f(metrics, '2_accuracy/round0')}  "
-            f"refine dR {_f(metrics, '6_refine/delta_mean', '+.3f')}  "
-            f"verdict {_f(metrics, '3_understanding/verdict_balanced_accuracy', '.2f')}  "
-            f"stop {_f(metrics, '6_refine/stop_rate', '.2f')}  loss {_f(metrics, 'learner/loss', '+.4f')}")
+    balanced accuracy, stop rate, loss (names: :mod:`r3_rl.tracking.metrics`); a figure of ``carried`` (from an
+    earlier step: this one ran the other stage) is marked ``*``."""
+    def f(key: str, spec: str = ".3f") -> str:
+        return _f(metrics, key, spec) + ("*" if key in carried else "")
+
+    return (f"reward A {f('1_reward/generate')}  acc A {f('2_accuracy/round0')}  "
+            f"refine dR {f('6_refine/delta_mean', '+.3f')}  "
+            f"verdict {f('3_understanding/verdict_balanced_accuracy', '.2f')}  "
+            f"stop {f('6_refine/stop_rate', '.2f')}  loss {f('learner/loss', '+.4f')}")
 
 
 def fmt_seconds(s: float) -> str:
@@ -81,7 +85,8 @@ class Console:
             self._first_step = step
         done = step + 1
         self._latest.update({k: v for k, v in metrics.items() if k in STAGE_KEYS})
-        info = status_line({**self._latest, "learner/loss": metrics.get("learner/loss")})  # the loss: this step's
+        carried = frozenset(k for k in self._latest if k not in metrics)
+        info = status_line({**self._latest, "learner/loss": metrics.get("learner/loss")}, carried)  # loss: this step's
         if self.tty:
             self._bar(done, total, info)
             return

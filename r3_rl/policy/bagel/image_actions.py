@@ -24,7 +24,7 @@ import torch
 
 from r3_rl.flow import (DenoisingTrace, EtaSchedule, FlowVelocity, Guidance, StochasticSteps, initial_noise,
                         sample_flow, timestep_grid)
-from r3_rl.flow.action import StepScores, score_traces
+from r3_rl.flow.action import StepScores, score_traces, unconditional_detached
 from r3_rl.policy.bagel.contexts import ContextBuilder, Record
 from r3_rl.policy.bagel.images import decode_latents, to_uint8
 from r3_rl.policy.bagel.layout import ContextCache
@@ -77,7 +77,11 @@ def encode_branches(builder: ContextBuilder, contexts: Sequence[dict[str, Any]],
     caches = {}
     for name in needed:
         rows = [builder.blocks(ctx[name], ctx.get("images", {})) for ctx in contexts]
-        caches[name] = builder.encode(rows, grad_expert)
+        if name != "cond" and unconditional_detached():  # learner.flow.detach_uncond: no activations kept
+            with torch.no_grad():
+                caches[name] = builder.encode(rows, grad_expert)
+        else:
+            caches[name] = builder.encode(rows, grad_expert)
     return caches
 
 
