@@ -90,11 +90,10 @@ class Trainer:
                            groups_per_task=self.recipe.rollout.groups_per_task)
         trees = run_ordered(self.engine, tasks, self.sampling, on_task=self._score_task)
         self.failures.check()  # a run whose rewards keep failing stops here (rewards.max_failure_fraction)
-        if t.schedule == "alternate":  # the reference's: parents are the last stage-A step's first images only
-            if run_a:
-                self.buffer.clear()
-                self._fill_buffer([tr for tr in trees if tr.meta.get("kind") == "A"])
-        else:
+        if t.schedule != "alternate":
+            self._fill_buffer(trees)
+        elif run_a:  # the reference's: parents are the last stage-A step's first images only (its only trees)
+            self.buffer.clear()
             self._fill_buffer(trees)
         return trees
 
@@ -254,9 +253,10 @@ class Trainer:
             self.step = step
             t_roll = time.time()
             # what the parents' tag / prompt / round alone would tell the critic, on the draw rollout makes next
-            shortcuts = {f"{UNDERSTANDING}/shortcut_{k}": v  # only where stages B+C draw parents this step
-                         for k, v in self.buffer.shortcut_accuracy(r.tree.parent_balance).items()
-                         if stages_at(r.tree.schedule, step)[1]}
+            draws_parents = stages_at(r.tree.schedule, step)[1]  # only where stages B+C draw parents this step
+            shortcuts = ({f"{UNDERSTANDING}/shortcut_{k}": v
+                          for k, v in self.buffer.shortcut_accuracy(r.tree.parent_balance).items()}
+                         if draws_parents else {})
             trees = self.rollout(step)
             items, batch_stats, adv_stats = self.algorithm.batch(trees, self.policy.version)
             t_learn = time.time()

@@ -17,7 +17,6 @@ made of denoising steps train with their own clip range, weight and Gaussian KL 
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,9 +81,6 @@ def old_logps(policy: Any, items: list[TrainItem], micro_batch_size: int) -> lis
         for i, lp in zip(tokens, recomputed_logprobs(policy, [items[i] for i in tokens])):
             out[i] = lp
     return out
-
-
-TOKEN_LOSS = {"modality_mean": "token_mean"}  # the aggregation behind a loss_type losses.aggregate does not know
 
 
 def modality_mean_loss(items: list[TrainItem], tok_chunk: list[int], tok_mini: list[int], inp: dict[str, Any],
@@ -171,10 +167,11 @@ class GRPO(Algorithm):
             most = ctx["max_len"]  # dr_grpo's normaliser: one per row (or one int, from a plug-in's prepare)
             most = most if isinstance(most, int) else torch.tensor([most[i] for i in tok_chunk], device=dev)
             by_modality = cfg.loss_type == "modality_mean"
-            with torch.no_grad() if by_modality else contextlib.nullcontext():  # there: the metrics only
+            pooled = "token_mean" if by_modality else cfg.loss_type  # modality_mean: pooled for the metrics only
+            with torch.no_grad() if by_modality else contextlib.nullcontext():
                 loss, m = clipped_policy_loss(
                     inp["logp"], inp["old_logp"], adv, inp["mask"], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                    loss_type=TOKEN_LOSS.get(cfg.loss_type, cfg.loss_type), max_len=most, ref_logp=inp["ref_logp"],
+                    loss_type=pooled, max_len=most, ref_logp=inp["ref_logp"],
                     kl_coef=inp["kl_coef"], kl_kind=cfg.kl_kind, kl_importance_weight=cfg.kl_importance_weight,
                     row_weight=weight)
             if by_modality:

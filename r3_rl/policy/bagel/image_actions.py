@@ -17,6 +17,7 @@ the contexts' understanding tokens and the noised blocks' image markers run with
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -77,10 +78,8 @@ def encode_branches(builder: ContextBuilder, contexts: Sequence[dict[str, Any]],
     caches = {}
     for name in needed:
         rows = [builder.blocks(ctx[name], ctx.get("images", {})) for ctx in contexts]
-        if name != "cond" and unconditional_detached():  # learner.flow.detach_uncond: no activations kept
-            with torch.no_grad():
-                caches[name] = builder.encode(rows, grad_expert)
-        else:
+        detached = name != "cond" and unconditional_detached()  # learner.flow.detach_uncond: no activations kept
+        with torch.no_grad() if detached else contextlib.nullcontext():
             caches[name] = builder.encode(rows, grad_expert)
     return caches
 
