@@ -81,6 +81,31 @@ def test_checkpoint_is_safetensors_not_pickle(tmp_path: Path) -> None:
         ParentBuffer(8).load(tmp_path / "bad.safetensors")
 
 
+@pytest.mark.parametrize("capacity", ["0", "10000001", "-3", "1e9"])
+def test_a_capacity_no_recipe_could_set_is_refused(tmp_path: Path, capacity: str) -> None:
+    """A saved capacity is a deque size allocated on load: the bound is the recipe's own for
+    ``tree.buffer_size`` (an edited file cannot ask for more than a recipe could)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from r3_rl.validate import LIMITS
+
+    buf = ParentBuffer(8, decode=vq_decode)
+    buf.add(entry(0, np.random.default_rng(0)))
+    buf.save(tmp_path / "b.safetensors")
+    with safe_open(str(tmp_path / "b.safetensors"), framework="pt") as f:
+        meta = dict(f.metadata())
+    save_file(load_file(str(tmp_path / "b.safetensors")), str(tmp_path / "edited.safetensors"),
+              metadata={**meta, "capacity": capacity})
+    with pytest.raises(ValueError, match=f"capacity .* not a whole number in 1..{LIMITS['tree.buffer_size'][0]}"):
+        ParentBuffer(8).load(tmp_path / "edited.safetensors")
+    save_file(load_file(str(tmp_path / "b.safetensors")), str(tmp_path / "largest.safetensors"),
+              metadata={**meta, "capacity": str(LIMITS["tree.buffer_size"][0])})
+    largest = ParentBuffer(8)
+    largest.load(tmp_path / "largest.safetensors")
+    assert largest.correct.maxlen == LIMITS["tree.buffer_size"][0] and len(largest) == 1
+
+
 def test_2048_janus_images_checkpoint_in_10s_and_200mb(tmp_path: Path) -> None:
     """buffer_size 2048 of 384x384 images: memory held, checkpoint time, its peak memory and file size."""
     rng = np.random.default_rng(0)

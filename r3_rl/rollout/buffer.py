@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from r3_rl.rollout.parent_mix import SHORTCUT_FEATURES, parent_feature, shortcut_balanced_accuracy
 from r3_rl.trajectory import PromptItem
+from r3_rl.validate import LIMITS
 
 FORMAT = "1"
 Decoder = Callable[[list[int]], np.ndarray]  # image tokens -> HxWx3 uint8 pixels
@@ -184,9 +185,9 @@ class ParentBuffer:
             raise ValueError(f"{path}: not a parent-buffer file of format {FORMAT} (metadata {list(meta)[:4]})")
         tensors = load_file(str(path))
         tokens, png = tensors["tokens"].numpy(), tensors["png"].numpy()
-        capacity = meta.get("capacity", "")
-        if not capacity.isdigit() or not 1 <= int(capacity) <= 10_000_000:
-            raise ValueError(f"{path}: capacity {capacity[:20]!r} is not a whole number in 1..10000000")
+        capacity, most = meta.get("capacity", ""), LIMITS["tree.buffer_size"][0]  # a recipe's own bound
+        if not capacity.isdigit() or not 1 <= int(capacity) <= most:
+            raise ValueError(f"{path}: capacity {capacity[:20]!r} is not a whole number in 1..{most}")
         entries = json.loads(meta.get("entries", "[]"))
         if not isinstance(entries, list):
             raise ValueError(f"{path}: 'entries' is not a list")
