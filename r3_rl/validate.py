@@ -142,6 +142,23 @@ def check_plugins(recipe: Any, source: str, weights: bool = True) -> None:
                         f"supervised critiques to rehearse (the tiny policies have: kind tiny or tiny_flow); "
                         f"set it to 0")
     policy.check_recipe(recipe, source, weights)
+    if weights and recipe.learner.lora is not None:
+        check_lora_targets(recipe, source)
+
+
+def check_lora_targets(recipe: Any, source: str) -> None:
+    """``learner.lora``'s modules against the policy's own, on its module built on the meta device
+    (:meth:`Policy.skeleton`): a misspelt target, or ``train_vision`` for a policy without a vision tower, is
+    refused before the model load and the warm start instead of after them."""
+    from r3_rl.learner.lora import lora_targets
+    from r3_rl.policy.registry import policy_class
+
+    try:
+        skeleton = policy_class(recipe.policy.kind).skeleton(recipe)
+        if skeleton is not None:
+            lora_targets(skeleton, recipe.learner.lora)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
 
 
 def check_regexes(recipe: Any, source: str) -> None:

@@ -81,6 +81,15 @@ class Policy(ABC):
         """Policy-specific recipe checks run before any work (raise a one-line ``UserError``); ``weights``:
         also that ``policy.model`` is on this machine (``r3-rl doctor`` checks that itself, with a fix)."""
 
+    @classmethod
+    def skeleton(cls, recipe: Any) -> "Policy | None":
+        """The recipe's policy with its module built without its weights: on the meta device (module names and
+        shapes from the config alone, no tensor data read, no memory), or a real build where that is cheap and
+        the expensive work comes later (the tiny policy's warm start).  Recipe checks that need module names (a misspelt
+        ``learner.lora.target_modules``) run on it before the model load or the warm start, not after them.
+        ``None`` (this default): such checks wait for the loaded model."""
+        return None
+
     def warm_start(self, recipe: Any, folder: Path, log: Any = None) -> None:
         """Initialise the weights before the first rollout, in the process that owns the run (workers and
         learner ranks receive the weights instead); ``folder`` may cache the result.  Default: nothing."""

@@ -89,16 +89,12 @@ class JanusPolicy(JanusRecipe, Policy):
         source, local_only = resolve_model(model)  # a missing model is the first thing a user needs to hear
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"policy.device: {device!r} but no CUDA device is available here (use cpu)")
-        from transformers import AutoConfig, AutoProcessor, JanusForConditionalGeneration
+        from transformers import JanusForConditionalGeneration
 
         kw.setdefault("local_files_only", local_only)
+        processor = _processor(model, source, kw["local_files_only"])
         try:
-            config = AutoConfig.from_pretrained(source, local_files_only=kw["local_files_only"])
-            if getattr(config, "model_type", None) != "janus":
-                raise UserError(f"policy.model: cannot load '{model}': it is a '{config.model_type}' model, not Janus; "
-                                f"give a local path or a hub id available offline")
             net = JanusForConditionalGeneration.from_pretrained(source, dtype=DTYPES[dtype], **kw)
-            processor = AutoProcessor.from_pretrained(source, local_files_only=kw["local_files_only"])
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"policy.model: cannot load '{model}': {_short(e)}; give a local path or a hub id "
                             f"available offline") from None
@@ -111,6 +107,20 @@ class JanusPolicy(JanusRecipe, Policy):
         if local_only and state.is_file():
             policy.version = int(json.loads(state.read_text()).get("version", 0))
         return policy
+
+    @classmethod
+    def skeleton(cls, recipe: Any) -> "JanusPolicy | None":
+        """``policy.model``'s architecture on the meta device, from its config.json and processor files (a
+        checkpoint not yet on this machine: ``None``, nothing is downloaded for a check)."""
+        source, local_only = resolve_model(recipe.policy.model or "")
+        if not local_only:
+            return None
+        from transformers import AutoConfig, JanusForConditionalGeneration
+
+        processor = _processor(recipe.policy.model, source, True)
+        with torch.device("meta"):
+            net = JanusForConditionalGeneration(AutoConfig.from_pretrained(source, local_files_only=True))
+        return cls(net, processor, recipe.templates.model_dump())
 
     def save_pretrained(self, path: str) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -305,3 +315,21 @@ class JanusPolicy(JanusRecipe, Policy):
 def _short(e: BaseException) -> str:
     line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
     return line[:200]
+
+
+def _processor(model: str, source: str, local_files_only: bool) -> Any:
+    """The checkpoint's processor, after its config says it is a Janus model (both small files: read before
+    the weights, so a wrong folder is named at once)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    def fail(reason: str) -> UserError:
+        return UserError(f"policy.model: cannot load '{model}': {reason}; give a local path or a hub id "
+                         f"available offline")
+
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local_files_only)
+        if getattr(config, "model_type", None) != "janus":
+            raise fail(f"it is a '{config.model_type}' model, not Janus")
+        return AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
+    except (OSError, ValueError, KeyError) as e:
+        raise fail(_short(e)) from None

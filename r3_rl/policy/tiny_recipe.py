@@ -48,6 +48,13 @@ class TinyRecipe:
         return policy
 
     @classmethod
+    def skeleton(cls, recipe: Any) -> Any:
+        """The random-weight build itself, before the warm start: a tiny model builds in milliseconds, and its
+        construction computes (palette codes) where the meta device cannot.  A saved ``policy.model`` has no warm
+        start and loads in a moment: its module is checked once loaded."""
+        return None if recipe.policy.model else cls.from_recipe(recipe, **recipe.policy.options)
+
+    @classmethod
     def check_recipe(cls, recipe: Any, source: str, weights: bool = True) -> None:
         """CPU only; a head count that divides the width; a size a CPU can hold; ``policy.model`` is a folder."""
         if not recipe.policy.device.startswith("cpu"):

@@ -116,12 +116,9 @@ def rebuild_non_persistent(model: BagelModel, device) -> None:
     emb.register_buffer("position_ids", torch.arange(emb.num_positions, device=device)[None], persistent=False)
 
 
-def load_bagel(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-               vae_dtype: torch.dtype = torch.float32) -> LoadedBagel:
-    """Model, VAE, tokenizer and config from a checkpoint directory in the published layout."""
-    from safetensors import safe_open
-
-    path = Path(path)
+def bagel_skeleton(path: Path) -> tuple[BagelModel, Any, BagelConfig, dict[str, Path]]:
+    """The checkpoint's model on the meta device (config and safetensors headers only, no tensor data), its
+    tokenizer, config and weight files; every weight's name and shape checked against the model."""
     if not path.is_dir():
         raise UserError(f"{path}: not a directory (expected a BAGEL checkpoint such as BAGEL-7B-MoT)")
     files = weight_files(path)
@@ -134,8 +131,22 @@ def load_bagel(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
                         f"special-token ids {tokens}")
     with torch.device("meta"):
         model = BagelModel(config)
-    where = str(files[next(iter(files))]) if len(set(files.values())) == 1 else str(path / WEIGHT_INDEX)
-    check_state_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, where)
+    check_state_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, _weights_name(path, files))
+    return model, tokenizer, config, files
+
+
+def _weights_name(path: Path, files: dict[str, Path]) -> str:
+    """The weights file, or the index naming several, for error messages."""
+    return str(files[next(iter(files))]) if len(set(files.values())) == 1 else str(path / WEIGHT_INDEX)
+
+
+def load_bagel(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+               vae_dtype: torch.dtype = torch.float32) -> LoadedBagel:
+    """Model, VAE, tokenizer and config from a checkpoint directory in the published layout."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    model, tokenizer, config, files = bagel_skeleton(path)
     vae = load_flux_vae(path / VAE_FILE, config.vae, dtype=vae_dtype, device=device)  # small: checked before the LLM
     device = torch.device(device)
     by_file: dict[Path, list[str]] = {}
@@ -161,7 +172,7 @@ def load_bagel(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     rebuild_non_persistent(model, device)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
-        raise UserError(f"{where}: key '{left[0]}' was not loaded")
+        raise UserError(f"{_weights_name(path, files)}: key '{left[0]}' was not loaded")
     return LoadedBagel(model.eval(), vae, tokenizer, config)
 
 

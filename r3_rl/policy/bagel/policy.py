@@ -26,13 +26,14 @@ import torch
 
 from r3_rl.errors import UserError
 from r3_rl.flow.action import StepScores, flow_action, is_flow_segment, segment_trace
-from r3_rl.policy.bagel.checkpoint import LoadedBagel, load_bagel, save_bagel
+from r3_rl.policy.bagel.checkpoint import VAE_FILE, LoadedBagel, bagel_skeleton, load_bagel, save_bagel
 from r3_rl.policy.bagel.contexts import ContextBuilder, image_digest, store_images, text_record
 from r3_rl.policy.bagel.image_actions import denoising_scores, flow_settings, sample_images
 from r3_rl.policy.bagel.images import latent_grid
 from r3_rl.policy.bagel.layout import TextBlock
-from r3_rl.policy.bagel.recipe import BagelOptions, BagelRecipe, StageTemplates, check_model_dir
+from r3_rl.policy.bagel.recipe import BagelOptions, BagelRecipe, StageTemplates, bagel_options, check_model_dir
 from r3_rl.policy.bagel.text_actions import closed_block, sample_text, text_logprobs, text_vocabulary
+from r3_rl.policy.bagel.vae import flux_vae_skeleton
 from r3_rl.policy.base import DTYPES, ImageInput, ImageSample, Policy, TextSample
 from r3_rl.trajectory import PromptItem, SamplingParams, Segment
 
@@ -80,6 +81,14 @@ class BagelPolicy(BagelRecipe, Policy):
         if state.is_file():
             policy.version = int(json.loads(state.read_text()).get("version", 0))
         return policy
+
+    @classmethod
+    def skeleton(cls, recipe: Any) -> "BagelPolicy":
+        """``policy.model``'s architecture on the meta device, from its configs and safetensors headers."""
+        path = check_model_dir(recipe.policy.model)
+        model, tokenizer, config, _ = bagel_skeleton(path)
+        loaded = LoadedBagel(model, flux_vae_skeleton(path / VAE_FILE, config.vae), tokenizer, config)
+        return cls(loaded, recipe.templates.model_dump(), bagel_options(recipe.policy.options))
 
     @property
     def model(self) -> torch.nn.Module:

@@ -166,6 +166,19 @@ def build_flux_vae(kwargs: dict) -> FluxVAE:
     return FluxVAE(AutoencoderKL(**kwargs))
 
 
+def flux_vae_skeleton(path: str | Path, vae: VaeConfig = VaeConfig()) -> FluxVAE:
+    """``ae.safetensors``' architecture on the meta device, from its header alone (no tensor data read)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: missing (BAGEL's FLUX VAE weights)")
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    with torch.device("meta"):
+        return build_flux_vae(autoencoder_kwargs(shapes, vae, str(path)))
+
+
 def load_flux_vae(path: str | Path, vae: VaeConfig = VaeConfig(), dtype: torch.dtype = torch.float32,
                   device="cpu") -> FluxVAE:
     """``ae.safetensors`` -> :class:`FluxVAE` (strict: the first missing/unexpected/misshapen key is an error)."""
