@@ -11,7 +11,7 @@ import torch
 from r3_rl.algorithms.advantages import group_advantages, group_stats
 from r3_rl.algorithms.kl import kl_estimate
 from r3_rl.algorithms.losses import aggregate, clipped_policy_loss
-from r3_rl.algorithms.ppo import gae, value_loss
+from r3_rl.algorithms.ppo import gae, value_loss, whiten
 
 NAN = math.nan
 D = torch.float64
@@ -343,6 +343,27 @@ def test_value_loss_clipping():
     assert value_loss(v, old, ret, mask, clip=0.2).item() == pytest.approx(0.5 * 1.69)
     with pytest.raises(ValueError, match="same shape"):
         value_loss(v, old[:1], ret)
+
+
+def test_whiten_matches_verl_masked_whiten_and_leaves_rounding_noise_small():
+    """Peer: verl's ``masked_whiten`` (``verl/utils/torch_functional.py``) with an all-ones mask, written out:
+    mean, unbiased variance, ``(x - mean) * rsqrt(var + 1e-8)``."""
+    def verl(x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean()
+        var = ((x - mean) ** 2).sum() * (x.numel() / (x.numel() - 1)) / x.numel()
+        return (x - mean) * torch.rsqrt(var + 1e-8)
+
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 3, 17, 64):
+        x = torch.randn(n, generator=g) * 3 + 1
+        assert torch.allclose(whiten(x), verl(x), atol=1e-6, rtol=0)
+        assert abs(float(whiten(x).mean())) < 1e-6 and float(whiten(x).std()) == pytest.approx(1.0, abs=1e-6)
+    # equal advantages up to float32 rounding (a batch whose chains all scored alike): they stay about 0
+    # (eps added to the std instead turned ~1e-8 differences into values of order 1, all of one sign)
+    for x in (torch.full((64,), 1 / 3) + torch.tensor([0.0, 3e-8] * 32), torch.full((37,), 0.1)):
+        assert float(whiten(x).abs().max()) < 1e-3
+    with pytest.raises(ValueError, match="at least two"):
+        whiten(torch.tensor([1.0]))
 
 
 def test_one_definition_of_a_group_with_no_signal_everywhere() -> None:

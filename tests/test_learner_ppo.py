@@ -137,3 +137,30 @@ def test_ppo_logs_the_advantages_it_trains_on(tmp_path) -> None:
                if "batch/items" in line)
     assert row["batch/items"] >= 2 and row["learner/optimizer_steps"] == 1.0
     assert row["advantage/std"] > 0 and row["advantage/mean"] != 0
+
+
+def test_old_values_and_log_probs_are_computed_in_eval_mode(base) -> None:
+    """``prepare`` (PPO's old values, ``old_logp: recompute``) runs with every module in eval mode: with LoRA or
+    plug-in dropout the old numbers would otherwise be one dropout draw.  The loss itself trains in train mode."""
+    policy, items = base
+    cfg = learner_cfg(algorithm="ppo", old_logp="recompute", ppo={"critic": "separate"})
+    learner = TorchLearner(clone(policy), None, cfg)
+    modes: dict[str, list[bool]] = {"prepare": [], "loss": []}
+    prepare, loss = learner.algorithm.prepare, learner.algorithm.loss
+
+    def every_mode() -> list[bool]:
+        return [m.training for m in (learner.policy.model, *learner.modules.values())]
+
+    def recording_prepare(*a, **k):
+        modes["prepare"] += every_mode()
+        return prepare(*a, **k)
+
+    def recording_loss(*a, **k):
+        modes["loss"] += every_mode()
+        return loss(*a, **k)
+
+    learner.algorithm.prepare, learner.algorithm.loss = recording_prepare, recording_loss
+    learner.step(copy.deepcopy(items))
+    assert modes["prepare"] and not any(modes["prepare"])
+    assert modes["loss"] and all(modes["loss"])
+    assert not any(every_mode())  # and back to eval after the step

@@ -61,3 +61,13 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     m = mask.to(torch.bool)
     masked = torch.where(m, loss, torch.zeros_like(loss))
     return 0.5 * masked.sum() / m.sum().clamp(min=1)
+
+
+def whiten(advantages: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Advantages shifted to mean 0 and scaled by ``rsqrt(var + eps)`` (unbiased variance), as verl's
+    ``masked_whiten`` and TRL's ``whiten`` do.  ``eps`` under the square root, not added to the standard
+    deviation: advantages that differ only by rounding (~1e-8) stay near 0 instead of being blown up to
+    order-1 values of one sign.  At least two values (one has no variance)."""
+    if advantages.numel() < 2:
+        raise ValueError(f"whiten: needs at least two advantages, got {advantages.numel()}")
+    return (advantages - advantages.mean()) * torch.rsqrt(advantages.var() + eps)

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from r3_rl.algorithms.ppo import gae, value_loss
+from r3_rl.algorithms.ppo import gae, value_loss, whiten
 from r3_rl.errors import UserError
 from r3_rl.learner.algorithm import GRPO, LearnerModels
 from r3_rl.learner.batch import BatchStats, TrainItem, summarize
@@ -190,7 +190,7 @@ class PPO(GRPO):
             a, R = gae(r, old[idx], gamma=p.gamma, lam=p.lam, last_value=0.0)
             adv[idx], ret[idx] = a, R
         if p.normalize_advantages and len(items) > 1:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+            adv = whiten(adv)
         for it, a in zip(items, adv.tolist()):
             it.advantage = a
         summary = BatchStats()

@@ -112,7 +112,11 @@ class TorchLearner:
         if len(self.minibatches(len(items))) > 1:  # several optimiser steps: each a mix of stages and groups
             # the same order on every rank and on a resume: seeded by what every rank knows of the batch
             items = shuffled_by_group(items, f"{max(it.policy_version for it in items)}/{len(items)}")
-        ctx = self.algorithm.prepare(models, items)
+        self._set_train(False)  # old log-probs and values as sampled: no dropout draw (LoRA dropout, a plug-in's)
+        try:
+            ctx = self.algorithm.prepare(models, items)
+        finally:
+            self._set_train(True)
         sums: dict[str, list[float]] = {}
         losses: list[float] = []
         norms: list[float] = []
