@@ -15,7 +15,7 @@ from typing import Any, Callable
 from r3_rl.learner.build import build_learner, needs_frozen_reference
 from r3_rl.learner.registry import load_algorithm
 from r3_rl.policy.registry import build_policy
-from r3_rl.rewards.reward_set import FailureBudget, RewardSet, Scorer
+from r3_rl.rewards.reward_set import FailureBudget, RewardSet, Scorer, reward_specs
 from r3_rl.rollout.engine import build_engine
 from r3_rl.rollout.scoring import StageScorer
 
@@ -56,7 +56,7 @@ class Components:
 
     # ------------------------------------------------------------------ rewards
     def _reward_set(self, specs: list[Any]) -> RewardSet:
-        rewards = RewardSet.from_specs([s.model_dump() for s in specs])
+        rewards = RewardSet.from_specs(reward_specs(self.recipe, specs))
         if rewards.needs_policy:  # self-consistency asks the live policy about its own images
             rewards.bind_policy(self.policy)
         return rewards
@@ -70,7 +70,7 @@ class Components:
         from r3_rl.rollout.ray_rewards import RayRewardSet
 
         self._start_ray()
-        return RayRewardSet([s.model_dump() for s in r.rewards.task], r.rollout.reward_workers,
+        return RayRewardSet(reward_specs(r, r.rewards.task), r.rollout.reward_workers,
                             r.rollout.threads_per_worker, self.log_event, r.ray, r.rollout.max_task_retries)
 
     @cached_property

@@ -83,6 +83,14 @@ class Templates(Section):
     refine: str = "<|im_start|> {prompt} <image> {image} </image> {instruction} <|im_end|> <image>"
     stop_phrase: str = "no further edit needed"
 
+    @field_validator("stop_phrase")
+    @classmethod
+    def _a_phrase(cls, v: str) -> str:
+        if not v.strip():  # "" is in every critique: every critique would stop, and refinement never train
+            raise ValueError("a blank phrase is in every critique (every critique would stop); give the words that "
+                             "end the loop, e.g. 'no further edit needed'")
+        return v
+
 
 class BlocksData(Section):
     rows: int = Field(4, ge=2, le=8)

@@ -182,7 +182,7 @@ def check_learner_ranks(recipe: Any, source: str) -> None:
 
 def check_rewards(recipe: Any, source: str) -> None:
     """Names resolve and options match each reward's signature (constructs them; models load in ``setup``)."""
-    from r3_rl.rewards.reward_set import RewardSet
+    from r3_rl.rewards.reward_set import RewardSet, reward_specs
 
     if not recipe.rewards.task:
         raise UserError(f"{source}: key 'rewards.task': at least one reward, e.g. [{{name: blocks}}] (with none every "
@@ -190,7 +190,7 @@ def check_rewards(recipe: Any, source: str) -> None:
     for key, specs in (("task", recipe.rewards.task), ("eval", recipe.rewards.eval),
                        ("reflect.extra", recipe.rewards.reflect.extra)):
         try:
-            built = RewardSet.from_specs([s.model_dump() for s in specs])
+            built = RewardSet.from_specs(reward_specs(recipe, specs))
         except UserError as e:
             raise UserError(f"{source}: rewards.{key}: {e}") from None
         part = recipe.rewards.reflect.correct_part

@@ -104,6 +104,23 @@ def check_call_shape(what: str, fn: Callable[..., Any], options: dict[str, Any])
         raise UserError(f"{what}: missing required option(s) {', '.join(missing)}; {shape}")
 
 
+def with_recipe_defaults(spec: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` (``{name, weight, options}``) with each of ``defaults`` -- recipe-wide settings such as
+    ``templates.stop_phrase`` -- added to its options where the reward takes an option of that name and the
+    recipe's entry sets none: a reward that reads critiques then stops on the phrase the rollout stops on."""
+    obj, _ = REWARDS.resolve(spec["name"])
+    if isinstance(obj, Reward) or not callable(obj):
+        return spec
+    try:
+        params = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin): nothing to add
+        return spec
+    options = dict(spec.get("options") or {})
+    added = {k: v for k, v in defaults.items() if k not in options and k in params
+             and params[k].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    return {**spec, "options": {**options, **added}} if added else spec
+
+
 def load_reward(spec: str, **options: Any) -> Reward:
     """Instantiate the reward named by ``spec`` with the recipe's ``options``."""
     obj, name = REWARDS.resolve(spec)

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Protocol
 
 from r3_rl.errors import UserError
 from r3_rl.rewards.base import Reward, RewardOutput, RewardSample
-from r3_rl.rewards.registry import load_reward, to_output
+from r3_rl.rewards.registry import load_reward, to_output, with_recipe_defaults
 
 SPEC_KEYS = frozenset({"name", "weight", "options"})
 
@@ -54,6 +54,13 @@ def _check_spec(i: int, spec: Any) -> None:
         raise UserError(f"rewards[{i}] ({spec['name']}): 'weight' must be a finite number, got {w!r}")
     if not isinstance(spec.get("options", {}) or {}, dict):
         raise UserError(f"rewards[{i}] ({spec['name']}): 'options' must be a mapping")
+
+
+def reward_specs(recipe: Any, specs: Iterable[Any]) -> list[dict[str, Any]]:
+    """A recipe's reward entries as :meth:`RewardSet.from_specs` takes them, with the recipe-wide options a reward
+    takes (``templates.stop_phrase`` as ``stop_phrase``) added where the entry sets none."""
+    defaults = {"stop_phrase": recipe.templates.stop_phrase}
+    return [with_recipe_defaults(s.model_dump(), defaults) for s in specs]
 
 
 class Scorer(Protocol):

@@ -59,6 +59,7 @@ def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 # (recipe or None for the shipped one, overrides, extra args, what the one line must say)
 CASES = [
     (None, ["rewards.task=[{name: no_such_reward}]"], [], "unknown reward 'no_such_reward'"),
+    (None, ['templates.stop_phrase="  "'], [], "key 'templates.stop_phrase': Value error, a blank phrase is in every"),
     (None, ["rewards.eval=[{name: blocks, options: {bnary: true}}]"], [], "unknown option 'bnary' (did you mean 'binary'?)"),
     (None, ["data.source=geneval", "data.train=/no/such/prompts.jsonl", "data.eval={good.jsonl}"], [],
      "/no/such/prompts.jsonl: prompt file not found"),

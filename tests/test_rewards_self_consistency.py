@@ -133,3 +133,27 @@ def test_the_rollout_scorer_fills_turn_reward_for_verdict_consistency() -> None:
     assert [t.reward for t in sample.history] == [1.0, None]  # images carry their reward, texts none
     out = load_reward("verdict_consistency")([sample])
     assert not out[0].failed and out[0].score == 1.0  # a stop on a correct image
+
+
+def test_verdict_consistency_stops_on_the_recipes_stop_phrase() -> None:
+    """A real recipe stops on "no further edit" in any wording; verdict_consistency in its ``reflect.extra`` read
+    "No further edit is needed." as an edit (its own default phrase) until the recipe's phrase reached it."""
+    from r3_rl.config import load_recipe
+    from r3_rl.rewards.reward_set import reward_specs
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    extra = "rewards.reflect.extra=[{name: verdict_consistency, weight: 0.5}]"
+    real = load_recipe(recipes / "grpo_geneval.yaml", [extra])
+    (spec,) = reward_specs(real, real.rewards.reflect.extra)
+    assert spec == {"name": "verdict_consistency", "weight": 0.5, "options": {"stop_phrase": "no further edit"}}
+    reward = RewardSet.from_specs([spec]).members[0].reward
+    out = reward([s(None, {}, history("No further edit is needed.", 1.0)),  # the reference's stop, correct image
+                  s(None, {}, history("Make the cat red.", 1.0))])
+    assert [o.score for o in out] == [1.0, 0.0]
+    mine = load_recipe(recipes / "grpo_geneval.yaml",
+                       ["rewards.reflect.extra=[{name: verdict_consistency, options: {stop_phrase: all good}}]"])
+    assert reward_specs(mine, mine.rewards.reflect.extra)[0]["options"] == {"stop_phrase": "all good"}  # the entry's wins
+    tiny = load_recipe(recipes / "tiny_blocks.yaml", [extra])
+    assert reward_specs(tiny, tiny.rewards.reflect.extra)[0]["options"] == {"stop_phrase": "no further edit needed"}
+    # rewards that take no such option are passed through untouched
+    assert reward_specs(tiny, tiny.rewards.task)[0]["options"] == tiny.rewards.task[0].options
