@@ -11,7 +11,7 @@ import torch
 from r3_rl.algorithms.advantages import group_advantages, group_stats
 from r3_rl.algorithms.kl import kl_estimate
 from r3_rl.algorithms.losses import aggregate, clipped_policy_loss
-from r3_rl.algorithms.ppo import gae, value_loss, whiten
+from r3_rl.algorithms.ppo import gae, value_clip_fraction, value_loss, whiten
 
 NAN = math.nan
 D = torch.float64
@@ -343,6 +343,8 @@ def test_value_loss_clipping():
     assert value_loss(v, old, ret, mask, clip=0.2).item() == pytest.approx(0.5 * 1.69)
     with pytest.raises(ValueError, match="same shape"):
         value_loss(v, old[:1], ret)
+    assert value_clip_fraction(v.detach(), old, ret, 0.2) == 0.5  # row 0 took the clipped branch, row 1 did not
+    assert value_clip_fraction(old, old, ret, 0.2) == 0.0  # values that have not moved are never clipped
 
 
 def test_whiten_matches_verl_masked_whiten_and_leaves_rounding_noise_small():

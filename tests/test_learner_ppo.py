@@ -164,3 +164,14 @@ def test_old_values_and_log_probs_are_computed_in_eval_mode(base) -> None:
     assert modes["prepare"] and not any(modes["prepare"])
     assert modes["loss"] and all(modes["loss"])
     assert not any(every_mode())  # and back to eval after the step
+
+
+def test_value_clipfrac_is_logged_and_zero_on_a_single_optimiser_step(base) -> None:
+    """With one optimiser step per batch the values cannot have left the old ones: value_clip never acts (README);
+    over several epochs the critic moves and the clipped branch is taken."""
+    policy, items = base
+    one = TorchLearner(clone(policy), None, learner_cfg(algorithm="ppo", ppo={"vf_coef": 1.0}))
+    assert one.step(copy.deepcopy(items))["learner/value_clipfrac"] == 0.0
+    several = TorchLearner(clone(policy), None, learner_cfg(algorithm="ppo", lr=1e-2, epochs=4,
+                                                           ppo={"vf_coef": 1.0, "value_clip": 0.01}))
+    assert several.step(copy.deepcopy(items))["learner/value_clipfrac"] > 0.0

@@ -63,6 +63,13 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return 0.5 * masked.sum() / m.sum().clamp(min=1)
 
 
+def value_clip_fraction(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float) -> float:
+    """Share of entries whose value loss takes the clipped branch of :func:`value_loss` (verl's ``vf_clipfrac``,
+    TRL's ``val/clipfrac``): how often ``value_clip`` held the critic back."""
+    v_clip = old_values + torch.clamp(values - old_values, -clip, clip)
+    return float(((v_clip - returns) ** 2 > (values - returns) ** 2).float().mean()) if values.numel() else 0.0
+
+
 def whiten(advantages: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Advantages shifted to mean 0 and scaled by ``rsqrt(var + eps)`` (unbiased variance), as verl's
     ``masked_whiten`` and TRL's ``whiten`` do.  ``eps`` under the square root, not added to the standard

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from r3_rl.algorithms.ppo import gae, value_loss, whiten
+from r3_rl.algorithms.ppo import gae, value_clip_fraction, value_loss, whiten
 from r3_rl.errors import UserError
 from r3_rl.learner.algorithm import GRPO, LearnerModels
 from r3_rl.learner.batch import BatchStats, TrainItem, summarize
@@ -206,7 +206,10 @@ class PPO(GRPO):
         p = self.cfg.ppo
         v = self.values(models, [items[i] for i in chunk])
         sl = slice(chunk.start, chunk.stop)
-        vl = value_loss(v, ctx["old_values"][sl].to(v.device), ctx["returns"][sl].to(v.device), clip=p.value_clip)
+        old, ret = ctx["old_values"][sl].to(v.device), ctx["returns"][sl].to(v.device)
+        vl = value_loss(v, old, ret, clip=p.value_clip)
         m.update({"value_loss": float(vl.detach()), "value_mean": float(v.detach().mean()),
-                  "return_mean": float(ctx["returns"][sl].mean())})
+                  "return_mean": float(ret.mean())})
+        if p.value_clip is not None:
+            m["value_clipfrac"] = value_clip_fraction(v.detach(), old, ret, p.value_clip)
         return loss + p.vf_coef * vl * (len(chunk) / len(mini)), m, outputs + [v]
