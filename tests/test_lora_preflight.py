@@ -97,10 +97,13 @@ def test_the_cli_exits_2_in_one_line_before_the_run_dir(tmp_path: Path, capsys: 
     assert len(err.splitlines()) == 1 and "learner.lora.target_modules: 'q_porj'" in err and "tiny_blocks.yaml" in err
 
 
-def test_a_plug_in_without_a_skeleton_is_checked_when_the_adapters_go_in() -> None:
-    """``Policy.skeleton``'s default is ``None``: nothing is built for the check, the learner's own check stays."""
-    example = Path(__file__).resolve().parents[1] / "docs" / "examples" / "gaussian_policy.py"
-    recipe = load_recipe(RECIPES / "tiny_blocks.yaml", [f"policy.kind={example}:GaussianImagePolicy",
+def test_a_plug_in_without_a_skeleton_is_checked_when_the_adapters_go_in(tmp_path: Path) -> None:
+    """``Policy.skeleton``'s default is ``None``: nothing is built for the check, the learner's own check stays.
+    (A file of its own: importing docs/examples' policy here would register its name before test_plugins does.)"""
+    (tmp_path / "bare_policy.py").write_text(
+        "from r3_rl.policy.base import Policy\n\n\nclass BarePolicy(Policy):\n"
+        "    @classmethod\n    def from_recipe(cls, recipe):\n        raise AssertionError('not built for a check')\n")
+    recipe = load_recipe(RECIPES / "tiny_blocks.yaml", [f"policy.kind={tmp_path / 'bare_policy.py'}:BarePolicy",
                                                        "learner.lora={target_modules: [nothing_by_that_name]}"])
     assert policy_class(recipe.policy.kind).skeleton(recipe) is None
     check_lora_targets(recipe, "SRC")
