@@ -52,6 +52,11 @@ def score_chains(trees: list[Tree], rounds: int, rewards: RewardSet, correct_thr
     return out
 
 
+def eval_scores(trees: list[Tree], rounds: int) -> list[list[float | None]]:
+    """``score[i][r]``: the eval reward's total per tree and round (after :func:`score_chains`; None: failed)."""
+    return [[n.meta.get("eval_score") for n in images_by_round(t, rounds)] for t in trees]
+
+
 def changes(correct: list[list[Any]], first: int, last: int) -> tuple[int, int, int]:
     """(improved, worse, scored) between rounds ``first`` and ``last`` over the chains scored at both."""
     pairs = [(row[first], row[last]) for row in correct if row[first] is not None and row[last] is not None]
@@ -69,7 +74,11 @@ def tag_mean(per_tag: dict[str, list[float]], rounds: int) -> list[float]:
     return out
 
 
-def summarise(trees: list[Tree], correct: list[list[Any]], rounds: int) -> dict[str, Any]:
+def summarise(trees: list[Tree], correct: list[list[Any]], rounds: int,
+              scores: list[list[float | None]] | None = None) -> dict[str, Any]:
+    """The report's accuracy figures; with ``scores`` (:func:`eval_scores`) also ``score_mean`` overall and per
+    tag: the mean eval reward, which for a fractional reward (TIIF's questions: the share answered right) is the
+    benchmark's own headline, where ``accuracy`` counts a prompt only when every question is right."""
     n = len(trees)
     report: dict[str, Any] = {"prompts": n, "rounds": rounds, "accuracy": [], "per_tag": {}, "transitions": [],
                               "failed": [sum(1 for row in correct if row[r] is None) for r in range(rounds + 1)]}
@@ -97,9 +106,23 @@ def summarise(trees: list[Tree], correct: list[list[Any]], rounds: int) -> dict[
     # first image against the last round, per prompt: the paired counts behind refinement's standard error
     imp, worse, scored = changes(correct, 0, rounds)
     report["refinement"] = {"improved": imp, "worse": worse, "pairs": scored}
+    if scores is not None:
+        def mean_score(idx: list[int], r: int) -> float:
+            vals = [scores[i][r] for i in idx if scores[i][r] is not None]
+            return sum(vals) / len(vals) if vals else float("nan")
+
+        report["score_mean"] = [mean_score(everyone, r) for r in range(rounds + 1)]
+        report["score_mean_per_tag"] = {tag: [mean_score(idx, r) for r in range(rounds + 1)]
+                                        for tag, idx in sorted(tags.items())}
     report["stop_rate"] = sum(stopped(t) for t in trees) / n if n else 0.0
     report["mean_rounds_used"] = sum(rounds_used(t) for t in trees) / n if n else 0.0
     return report
+
+
+def reports_scores(report: dict[str, Any]) -> bool:
+    """Whether ``score_mean`` says something ``accuracy`` does not (a fractional eval reward): only then is it
+    shown and logged (a binary reward's mean score is its accuracy, a duplicate)."""
+    return any(a != b and a == a for a, b in zip(report.get("score_mean", []), report["accuracy"]))
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -114,10 +137,20 @@ def markdown_table(report: dict[str, Any]) -> str:
     if "accuracy_tag_mean" in report and len(report["per_tag"]) > 1:  # reports written before session 34 lack it
         rows.append("| mean of tags (GenEval's overall score) | | " +
                     " | ".join(f"{v:.3f}" for v in report["accuracy_tag_mean"]) + " |")
+    if reports_scores(report):
+        rows.append("| mean eval score (TIIF: share of questions right) | | " +
+                    " | ".join(f"{v:.3f}" for v in report["score_mean"]) + " |")
     trans = "| improved / worse / unchanged | | - | " + " | ".join(
         f"{t['improved']} / {t['worse']} / {t['unchanged']}" for t in report["transitions"]) + " |"
+    pool = report.get("prompt_pool")
+    of = f" of {pool}" if pool and pool > report["prompts"] else ""
     tail = f"\nstop rate {report['stop_rate']:.3f}, mean rounds used {report['mean_rounds_used']:.2f}, " \
-           f"{report['prompts']} prompts"
+           f"{report['prompts']}{of} prompts"
+    if of:
+        tail += " (a seeded subset: data.eval_size or eval.size; a published score uses the whole set)"
+    if any(report.get("failed", [])):
+        tail += (f"\neval reward failures per round, left out of every figure: "
+                 f"{' / '.join(str(f) for f in report['failed'])}")
     under = understanding_table(report)
     return "\n".join([head, sep, *rows, trans]) + "\n" + tail + "\n" + (f"\n{under}" if under else "")
 
@@ -162,7 +195,7 @@ def evaluate(policy: Policy, prompts: list[PromptItem], sampling: StageSampling,
              max_questions: int | None = None, batch_size: int = 256) -> tuple[dict[str, Any], list[Tree]]:
     trees = r3_chains(policy, prompts, sampling, rounds, stop_phrase, seed=seed, batch_size=batch_size)
     correct = score_chains(trees, rounds, rewards, correct_threshold)
-    report = summarise(trees, correct, rounds)
+    report = summarise(trees, correct, rounds, eval_scores(trees, rounds))
     u: dict[str, Any] = {"verdict": verdict_report(chain_verdicts(trees, correct_threshold))}
     if yes_no:
         u["yes_no"] = ask_yes_no(policy, chain_images(trees, correct_threshold), rewards, correct_threshold,

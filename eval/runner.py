@@ -31,6 +31,7 @@ class Evaluator:
                                  self.rewards, self.recipe.rewards.correct_threshold, seed=self.recipe.seed,
                                  references=self._references, yes_no=e.understanding.yes_no,
                                  max_questions=e.understanding.max_questions, batch_size=e.batch_size)
+        report["prompt_pool"] = self.data.eval_pool_size()  # the set the prompts were drawn from (None: endless)
         write_report(report, self.run_dir / "eval", name, trees, e.dump)
         self.metrics.log_eval(report, step, trees, name)
         return report

@@ -242,6 +242,11 @@ class PromptSource:
                                 f"accuracy")
         return held_out_subset(self._eval_items, n, self.recipe.seed)
 
+    def eval_pool_size(self) -> int | None:
+        """How many held-out prompts :meth:`eval_prompts` draws from (``None`` for Blocks: its held-out
+        generator has no end); known once the eval prompts were read."""
+        return None if self._eval_items is None else len(self._eval_items)
+
     def next_batch(self, n: int) -> list[PromptItem]:
         out = []
         for _ in range(n):

@@ -182,3 +182,35 @@ def test_eval_cli_table_matches_independent_scoring(tmp_path: Path, repo: Path, 
         assert ev.value == pytest.approx(expected["overall"][r], abs=1e-6) and ev.step == 0
     assert "eval/table/text_summary" in acc.Tags()["tensors"] and "eval_trajectories/0" in acc.Tags()["images"]
     assert (run / "eval" / "eval.html").is_file()
+
+
+def test_mean_eval_score_is_tiifs_share_of_questions_right() -> None:
+    """TIIF-Bench's headline pools questions (correct / total per type); the eval's ``accuracy`` counts a prompt
+    only when every question is right.  Fractional scores (vlm_judge's share of questions right) are reported
+    as ``score_mean`` beside it, per round and tag; failures stay out of both and are named in the table."""
+    trees = [chain(i, [0.0, 0.0], None) for i in range(4)]  # even i: counting, odd: colors
+    scores = [[0.75, 1.0], [0.5, None], [1.0, 1.0], [0.25, 0.5]]
+    correct = [[None if s is None else s >= 1.0 for s in row] for row in scores]
+    rep = summarise(trees, correct, 1, scores)
+    assert rep["accuracy"] == pytest.approx([0.25, 2 / 3])
+    assert rep["score_mean"] == pytest.approx([(0.75 + 0.5 + 1.0 + 0.25) / 4, (1.0 + 1.0 + 0.5) / 3])
+    assert rep["score_mean_per_tag"] == {"colors": pytest.approx([0.375, 0.5]),
+                                         "counting": pytest.approx([0.875, 1.0])}
+    rep["prompt_pool"] = 277
+    md = markdown_table(rep)
+    assert "| mean eval score (TIIF: share of questions right) | | 0.625 | 0.833 |" in md
+    assert "4 of 277 prompts (a seeded subset" in md and "eval reward failures per round, left out" in md
+    assert "0 / 1" in md
+    binary = summarise(trees, [[True, True], [False, False], [True, True], [False, False]], 1,
+                       [[1.0, 1.0], [0.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    assert "mean eval score" not in markdown_table(binary)  # equal to accuracy: no second row
+
+
+def test_mean_eval_score_is_logged_only_where_it_is_not_the_accuracy() -> None:
+    from r3_rl.tracking.metrics import eval_metrics
+
+    trees = [chain(i, [0.0], None) for i in range(2)]
+    fractional = summarise(trees, [[False], [True]], 0, [[0.5], [1.0]])
+    assert eval_metrics(fractional)["eval/score_mean/round0"] == pytest.approx(0.75)
+    binary = summarise(trees, [[False], [True]], 0, [[0.0], [1.0]])
+    assert not any(k.startswith("eval/score_mean") for k in eval_metrics(binary))  # no duplicate of accuracy

@@ -303,10 +303,13 @@ def step_metrics(trees: list[Tree], correct_threshold: float, learn: dict[str, f
 
 def eval_metrics(report: dict[str, Any]) -> dict[str, float]:
     """TensorBoard scalars of an evaluation report (see :func:`r3_rl.eval.evaluate.summarise`)."""
+    from r3_rl.eval.evaluate import reports_scores
     from r3_rl.eval.understanding import headline
 
     m = {f"{EVAL}/accuracy_round{r}": a for r, a in enumerate(report["accuracy"])}
     m.update({f"eval/accuracy_tag_mean/round{r}": a for r, a in enumerate(report.get("accuracy_tag_mean", []))})
+    if reports_scores(report):  # a fractional eval reward (TIIF's share of questions right)
+        m.update({f"eval/score_mean/round{r}": a for r, a in enumerate(report["score_mean"])})
     m[f"{EVAL}/stop_rate"] = report["stop_rate"]
     m.update({f"{EVAL}/{k}": v for k, v in headline(report).items()})
     for tag, vals in report["per_tag"].items():
