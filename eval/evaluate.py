@@ -138,7 +138,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         rows.append("| mean of tags (GenEval's overall score) | | " +
                     " | ".join(f"{v:.3f}" for v in report["accuracy_tag_mean"]) + " |")
     if reports_scores(report):
-        rows.append("| mean eval score (TIIF: share of questions right) | | " +
+        rows.append("| mean eval score | | " +
                     " | ".join(f"{v:.3f}" for v in report["score_mean"]) + " |")
     trans = "| improved / worse / unchanged | | - | " + " | ".join(
         f"{t['improved']} / {t['worse']} / {t['unchanged']}" for t in report["transitions"]) + " |"

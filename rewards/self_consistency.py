@@ -115,6 +115,9 @@ class VerdictConsistencyReward(Reward):
 
     def __init__(self, stop_phrase: str = "no further edit needed", correct_threshold: float = 1.0,
                  task: dict[str, Any] | None = None) -> None:
+        if not isinstance(stop_phrase, str) or not stop_phrase.strip():  # "" is in every critique: all would stop
+            raise UserError(f"verdict_consistency option stop_phrase: {stop_phrase!r} is blank; give the words that "
+                            f"end the loop (the recipe's templates.stop_phrase when left out)")
         self.stop_phrase, self.correct_threshold = stop_phrase, float(correct_threshold)
         if task is not None and (not isinstance(task, dict) or not isinstance(task.get("name"), str)
                                  or set(task) - {"name", "options"}):

@@ -198,7 +198,7 @@ def test_mean_eval_score_is_tiifs_share_of_questions_right() -> None:
                                          "counting": pytest.approx([0.875, 1.0])}
     rep["prompt_pool"] = 277
     md = markdown_table(rep)
-    assert "| mean eval score (TIIF: share of questions right) | | 0.625 | 0.833 |" in md
+    assert "| mean eval score | | 0.625 | 0.833 |" in md
     assert "4 of 277 prompts (a seeded subset" in md and "eval reward failures per round, left out" in md
     assert "0 / 1" in md
     binary = summarise(trees, [[True, True], [False, False], [True, True], [False, False]], 1,

@@ -175,3 +175,16 @@ def test_value_clipfrac_is_logged_and_zero_on_a_single_optimiser_step(base) -> N
     several = TorchLearner(clone(policy), None, learner_cfg(algorithm="ppo", lr=1e-2, epochs=4,
                                                            ppo={"vf_coef": 1.0, "value_clip": 0.01}))
     assert several.step(copy.deepcopy(items))["learner/value_clipfrac"] > 0.0
+
+
+def test_rewards_equal_up_to_rounding_give_advantages_near_zero(base) -> None:
+    """The learner's whitening, not only the function's: float32 rewards a rounding error apart (as chains that
+    all scored alike give) stay about 0 instead of being scaled to order 1 (the std + 1e-8 of before)."""
+    policy, items = base
+    cfg = learner_cfg(algorithm="ppo", ppo={"gamma": 0.0, "lam": 0.0})  # a fresh critic: advantage = reward
+    learner = TorchLearner(clone(policy), None, cfg)
+    alike = copy.deepcopy(items)
+    for k, it in enumerate(alike):
+        it.reward = float(torch.tensor(1 / 3 + (3e-8 if k % 2 else 0.0), dtype=torch.float32))
+    ctx = learner.algorithm.prepare(learner.models, alike)
+    assert float(ctx["advantages"].abs().max()) < 1e-3

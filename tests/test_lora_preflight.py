@@ -41,7 +41,7 @@ def recipe_for(kind: str, models: dict[str, str], *sets: str):
     return load_recipe(RECIPES / "tiny_blocks.yaml", [f"policy.kind={kind}", *extra, *sets])
 
 
-@pytest.mark.parametrize("kind", ["tiny", "tiny_flow", "janus", "bagel"])
+@pytest.mark.parametrize("kind", ["janus", "bagel"])  # the tiny policies' skeleton is their build itself
 def test_the_skeleton_is_the_built_module_without_memory(kind: str, models: dict[str, str]) -> None:
     recipe = recipe_for(kind, models)
     skeleton = policy_class(kind).skeleton(recipe)
@@ -49,12 +49,13 @@ def test_the_skeleton_is_the_built_module_without_memory(kind: str, models: dict
     shapes = {n: tuple(p.shape) for n, p in skeleton.model.named_parameters()}
     assert shapes == {n: tuple(p.shape) for n, p in built.model.named_parameters()}
     assert [n for n, _ in skeleton.model.named_modules()] == [n for n, _ in built.model.named_modules()]
-    assert all(p.is_meta for p in skeleton.model.parameters()) == (kind in ("janus", "bagel"))  # tiny: built
+    assert all(p.is_meta for p in skeleton.model.parameters())
     assert skeleton.lora_scope() == built.lora_scope()
 
 
 @pytest.mark.parametrize("kind, target, where", [
     ("tiny", "qproj", "language model"),
+    ("tiny_flow", "qproj", "language model"),
     ("janus", "fc1", "language model"),  # the aligner's: outside the language model
     ("bagel", "q_proj_gen", "language model"),
 ])

@@ -44,6 +44,24 @@ def test_shape_from_a_local_config_is_exact(tmp_path: Path) -> None:
     assert shape.largest_weight == max(p.numel() for p in params)
 
 
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj", ["q_proj", "v_proj"], ["gate_proj", "down_proj"]])
+def test_lora_parameters_equal_what_peft_trains(tmp_path: Path, targets) -> None:
+    """Peer: peft's adapters on the same tiny Janus, through the learner's own target matching.  ``all-linear``
+    counted 0 here (the plan read a string as a regular expression, the learner as a module name)."""
+    from r3_rl.config import LoraCfg
+    from r3_rl.learner.lora import apply_lora
+    from r3_rl.plan.validate import TEMPLATES
+    from r3_rl.policy.janus import JanusPolicy
+    from r3_rl.policy.janus_tiny import make_tiny_janus
+
+    path = make_tiny_janus(tmp_path / "janus", hidden_size=64, num_layers=2)
+    shape = model_shape(load_recipe(GENEVAL, [f"policy.model={path}"]))
+    policy = JanusPolicy.from_pretrained(path, templates=TEMPLATES)
+    apply_lora(policy, LoraCfg(r=4, target_modules=targets))
+    trained = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
+    assert shape.lora_params(4, targets) == trained > 0
+
+
 def test_unknown_model_is_a_one_line_error_and_nothing_is_downloaded(monkeypatch: pytest.MonkeyPatch,
                                                                       capsys: pytest.CaptureFixture) -> None:
     import huggingface_hub

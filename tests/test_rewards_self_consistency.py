@@ -157,3 +157,21 @@ def test_verdict_consistency_stops_on_the_recipes_stop_phrase() -> None:
     assert reward_specs(tiny, tiny.rewards.reflect.extra)[0]["options"] == {"stop_phrase": "no further edit needed"}
     # rewards that take no such option are passed through untouched
     assert reward_specs(tiny, tiny.rewards.task)[0]["options"] == tiny.rewards.task[0].options
+    with pytest.raises(UserError, match="verdict_consistency option stop_phrase: '  ' is blank"):
+        load_reward("verdict_consistency", stop_phrase="  ")  # in every critique: every critique would stop
+
+
+def test_the_runs_reward_sets_carry_the_recipes_stop_phrase(tmp_path: Path) -> None:
+    """Where the run builds its rewards (``Components``: the critique rewards of ``reflect.extra``, the eval's),
+    not only ``reward_specs``: a real recipe's phrase reaches verdict_consistency."""
+    from r3_rl.components import Components
+    from r3_rl.config import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny_blocks.yaml",
+                         ['templates.stop_phrase="no further edit"',
+                          "rewards.reflect.extra=[{name: verdict_consistency, weight: 0.5}]",
+                          "rewards.eval=[{name: blocks, options: {binary: true}}, {name: verdict_consistency}]"])
+    parts = Components(recipe, tmp_path)
+    assert [m.reward.stop_phrase for m in parts.scorer.reflect_extra.members] == ["no further edit"]
+    assert [m.reward.stop_phrase for m in parts.eval_rewards.members if m.reward.name == "verdict_consistency"] \
+        == ["no further edit"]

@@ -69,13 +69,14 @@ class ModelShape:
         return self.params - self.params_trained
 
     def lora_params(self, r: int, targets: list[str] | str) -> int:
-        """Adapter parameters of ``r``-rank LoRA on the language model's matching projections."""
-        import re
-
+        """Adapter parameters of ``r``-rank LoRA on the language model's matching projections; ``targets`` as
+        ``learner.lora.target_modules`` reads it (:func:`r3_rl.learner.lora.lora_targets`): module names, one
+        name as a string, ``all-linear`` every projection."""
         d, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
         shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d), "gate_proj": (d, i),
                   "up_proj": (d, i), "down_proj": (i, d)}
-        hit = [n for n in shapes if (re.search(targets, n) if isinstance(targets, str) else n in targets)]
+        wanted = [targets] if isinstance(targets, str) else list(targets)
+        hit = list(shapes) if "all-linear" in wanted else [n for n in shapes if n in wanted]
         return self.layers * sum(r * (shapes[n][0] + shapes[n][1]) for n in hit)
 
 
