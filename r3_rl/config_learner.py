@@ -45,6 +45,9 @@ class PpoCfg(Section):
     value_clip: float | None = Field(0.2, ge=0.0)  # null = unclipped value loss
     normalize_advantages: bool = True  # whiten GAE advantages over the batch
     critic: Literal["head", "separate"] = "head"  # value head on the policy, or a separate copy of the backbone
+    # the critic's own learning rate (value head, and the separate body): verl's critic.optim.lr; null = learner.lr.
+    # The warm-up and decay schedule scale it as they scale learner.lr; a head's shared trunk trains at learner.lr
+    critic_lr: float | None = Field(None, gt=0.0)
 
 
 class FlowLearnerCfg(Section):

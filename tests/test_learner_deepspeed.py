@@ -128,3 +128,35 @@ def test_zero3_accumulates_micro_batches_like_torch(base) -> None:
         got = weights(ds.policy)
     for k, v in weights(torch_learner.policy).items():
         torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_ppo_critic_lr_under_zero2_matches_torch(base) -> None:
+    """``learner.ppo.critic_lr`` reaches DeepSpeed's optimiser as a parameter group of its own: a ZeRO-2 PPO step
+    with a separate critic rate gives the torch driver's weights, value head included."""
+    from r3_rl.config import Recipe
+    from r3_rl.learner.registry import load_algorithm
+
+    policy, items = base
+    items = copy.deepcopy(items)
+    for i, it in enumerate(items):  # two 3-stage episodes, as tests/test_learner_ppo.py builds them
+        it.episode, it.t, it.reward = f"e{i // 3}", i % 3, [0.1, 1.0, 0.0, 0.5, 0.1, -0.2][i]
+    ppo = {"critic_lr": 1e-2, "normalize_advantages": False}
+    cfg_t = learner_cfg(algorithm="ppo", micro_batch_size=2, lr=1e-4, ppo=ppo)
+    cfg_d = learner_cfg(algorithm="ppo", micro_batch_size=2, lr=1e-4, ppo=ppo, backend="deepspeed",
+                        deepspeed={"zero_stage": 2, "dtype": "fp32"})
+    torch_learner = TorchLearner(clone(policy), None, cfg_t)
+    p = clone(policy)
+    algorithm = load_algorithm(Recipe(learner=cfg_d))
+    modules = algorithm.modules(p)
+    optim = DeepSpeedOptim({"policy": p.model, **modules}, cfg_d, {n: algorithm.module_lr(n) for n in modules})
+    ds = TorchLearner(p, None, cfg_d, optim, modules, algorithm)
+    base_opt = getattr(optim.engine.optimizer, "optimizer", optim.engine.optimizer)
+    assert sorted(g["lr"] for g in base_opt.param_groups) == [1e-4, 1e-2]
+    torch_learner.step(copy.deepcopy(items))
+    ds.step(copy.deepcopy(items))
+    head_t, head_d = torch_learner.modules["value_head"], ds.modules["value_head"]
+    assert float(head_d.bias.detach().abs().max()) > 5e-3  # moved at the critic's rate, not learner.lr's
+    torch.testing.assert_close(head_d.bias.detach(), head_t.bias.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(head_d.weight.detach(), head_t.weight.detach(), rtol=1e-4, atol=1e-5)
+    for k, v in weights(torch_learner.policy).items():
+        torch.testing.assert_close(weights(ds.policy)[k], v, rtol=1e-4, atol=1e-5)

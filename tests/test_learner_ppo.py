@@ -188,3 +188,26 @@ def test_rewards_equal_up_to_rounding_give_advantages_near_zero(base) -> None:
         it.reward = float(torch.tensor(1 / 3 + (3e-8 if k % 2 else 0.0), dtype=torch.float32))
     ctx = learner.algorithm.prepare(learner.models, alike)
     assert float(ctx["advantages"].abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("critic", ["head", "separate"])
+def test_critic_lr_gives_the_critic_its_own_rate(base, critic: str) -> None:
+    """``learner.ppo.critic_lr`` (verl's critic.optim.lr): the value head, and a separate critic's body, step at
+    their own rate; a head's shared trunk at learner.lr.  Adam's first step moves a weight by about its rate, so
+    the step sizes show the rates.  Left out: one parameter group, as before (checkpoints keep their layout)."""
+    policy, items = base
+    cfg = learner_cfg(algorithm="ppo", lr=1e-5, warmup_steps=0, grad_clip=0.0, kl_coef_text=0.0, kl_coef_image=0.0,
+                      ppo={"critic": critic, "critic_lr": 1e-2, "normalize_advantages": False})
+    learner = TorchLearner(clone(policy), None, cfg)
+    groups = learner.optim.optimizer.param_groups
+    assert [g["lr"] for g in groups] == [1e-5, 1e-2]
+    critic_ids = {id(p) for m in learner.modules.values() for p in m.parameters() if p.requires_grad}
+    policy_ids = {id(p) for p in learner.policy.model.parameters() if p.requires_grad}
+    assert {id(p) for p in groups[1]["params"]} == critic_ids - policy_ids  # masters are the fp32 weights here
+    head_before = learner.modules["value_head"].bias.detach().clone()
+    trunk_before = learner.policy.model.model.norm.weight.detach().clone()
+    learner.step(copy.deepcopy(items))
+    assert float((learner.modules["value_head"].bias.detach() - head_before).abs().max()) == pytest.approx(1e-2, rel=0.05)
+    assert float((learner.policy.model.model.norm.weight - trunk_before).abs().max()) <= 1e-5 * 1.05
+    plain = TorchLearner(clone(policy), None, learner_cfg(algorithm="ppo", ppo={"critic": critic}))
+    assert len(plain.optim.optimizer.param_groups) == 1

@@ -147,7 +147,7 @@ def test_gradient_anchor_pins_one_gradient_order(janus_path) -> None:
 
     policy = JanusPolicy.from_pretrained(janus_path, templates=TEMPLATES)
     items = janus_items(policy)
-    params = trainable([policy.model])
+    params, _ = trainable([policy.model])
     names = {id(p): n for n, p in policy.model.named_parameters()}
     order: list[str] = []
     for p in params:

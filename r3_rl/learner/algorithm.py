@@ -60,6 +60,10 @@ class Algorithm:
         """Extra trainable modules (a critic), optimised and checkpointed with the policy; default none."""
         return {}
 
+    def module_lr(self, name: str) -> float | None:
+        """Learning rate of the extra module ``name`` (of :meth:`modules`); ``None``: ``learner.lr``."""
+        return None
+
     def prepare(self, models: LearnerModels, items: list[TrainItem]) -> dict[str, Any]:
         """Quantities computed once per batch, before the epochs; a ``"metrics"`` entry is logged."""
         return {}

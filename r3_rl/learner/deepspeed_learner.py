@@ -91,7 +91,8 @@ class DeepSpeedOptim:
 
     kind = "deepspeed"
 
-    def __init__(self, modules: dict[str, torch.nn.Module], cfg: Any) -> None:
+    def __init__(self, modules: dict[str, torch.nn.Module], cfg: Any, lrs: dict[str, float | None] | None = None
+                 ) -> None:
         backend = ensure_dist_env()
         import deepspeed  # imported here: DS_ACCELERATOR must be set before deepspeed picks an accelerator
 
@@ -100,8 +101,8 @@ class DeepSpeedOptim:
         self.cfg = cfg
         self.dtype = check_precision(compute_dtype(next(iter(modules.values()))), cfg)
         self.container = _Closure(modules)
-        self.params = trainable(list(modules.values()))
-        optimizer = make_adamw(self.params, cfg)
+        self.params, rates = trainable(list(modules.values()), [(lrs or {}).get(name) for name in modules])
+        optimizer = make_adamw(self.params, cfg, rates)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.warmup_steps, cfg.lr_decay_steps, cfg.lr_final))
         self.world_size = torch.distributed.get_world_size()
         self.engine, _, _, _ = deepspeed.initialize(model=self.container, optimizer=optimizer,

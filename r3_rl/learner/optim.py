@@ -48,19 +48,31 @@ def warmup_lambda(warmup_steps: int, decay_steps: int = 0, final: float = 1.0) -
     return factor
 
 
-def trainable(modules: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
+def trainable(modules: list[torch.nn.Module], lrs: list[float | None] | None = None
+              ) -> tuple[list[torch.nn.Parameter], list[float | None]]:
+    """Trainable parameters of ``modules`` in order, each once (tied or shared weights: with the first module
+    that holds them, so a PPO value head's shared trunk stays the policy's), and each one's learning rate
+    (``lrs``, one per module; ``None``: ``learner.lr``)."""
     seen: set[int] = set()
-    out = []
-    for m in modules:
+    out, rates = [], []
+    for m, lr in zip(modules, lrs or [None] * len(modules)):
         for p in m.parameters():
-            if p.requires_grad and id(p) not in seen:  # tied weights appear once
+            if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 out.append(p)
-    return out
+                rates.append(lr)
+    return out, rates
 
 
-def make_adamw(params: list[torch.nn.Parameter], cfg: Any) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+def make_adamw(params: list[torch.nn.Parameter], cfg: Any, lrs: list[float | None] | None = None
+               ) -> torch.optim.AdamW:
+    """AdamW over ``params``; with ``lrs`` (one per parameter, ``None``: ``cfg.lr``) a parameter group per rate,
+    in first-seen order (the schedule scales every group alike)."""
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for p, lr in zip(params, lrs or [None] * len(params)):
+        groups.setdefault(cfg.lr if lr is None else lr, []).append(p)
+    return torch.optim.AdamW([{"params": ps, "lr": lr} for lr, ps in groups.items()], lr=cfg.lr,
+                             betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
 class TorchOptim:
@@ -68,10 +80,11 @@ class TorchOptim:
 
     kind = "torch"
 
-    def __init__(self, modules: list[torch.nn.Module], cfg: Any) -> None:
+    def __init__(self, modules: list[torch.nn.Module], cfg: Any, lrs: list[float | None] | None = None) -> None:
+        """``lrs``: one learning rate per module (``None``: ``cfg.lr``; :meth:`Algorithm.module_lr`)."""
         self.cfg = cfg
         check_precision(compute_dtype(modules[0]), cfg)
-        self._trainable = trainable(modules)
+        self._trainable, self._lrs = trainable(modules, lrs)
         if not self._trainable:
             raise ValueError("no trainable parameters")
 
@@ -87,7 +100,7 @@ class TorchOptim:
 
     @functools.cached_property
     def _optimizer_and_schedule(self) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-        optimizer = make_adamw(self.params, self.cfg)  # the schedule sets the warm-up lr before any step
+        optimizer = make_adamw(self.params, self.cfg, self._lrs)  # the schedule sets the warm-up lr before a step
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(
             self.cfg.warmup_steps, self.cfg.lr_decay_steps, self.cfg.lr_final))
 

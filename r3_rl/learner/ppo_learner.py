@@ -158,6 +158,9 @@ class PPO(GRPO):
     def modules(self, policy: Any) -> dict[str, torch.nn.Module]:
         return critic_modules(policy, self.cfg)
 
+    def module_lr(self, name: str) -> float | None:
+        return self.cfg.ppo.critic_lr  # value_head and critic: every module PPO adds is the critic's
+
     def values(self, models: LearnerModels, items: list[TrainItem]) -> torch.Tensor:
         """``V(s)`` per item from the critic's hidden state over the item's sampling context, ``[B]`` float32."""
         body = models.modules.get("critic")

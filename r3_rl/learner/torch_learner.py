@@ -59,7 +59,8 @@ class TorchLearner:
         # learner.critic_replay: supervised critiques added to each optimiser step's loss (Policy.critique_replay)
         self.replay = replay if cfg.critic_replay.coef > 0 else None
         self.replay_draws = 0  # optimiser steps that drew rehearsal examples: the stream's position, checkpointed
-        self.optim = optim if optim is not None else TorchOptim([policy.model, *self.modules.values()], cfg)
+        self.optim = optim if optim is not None else TorchOptim(
+            [policy.model, *self.modules.values()], cfg, [None, *map(algorithm.module_lr, self.modules)])
         self.skipped_steps = 0  # optimiser steps skipped for a non-finite loss or gradient
         self.updates = 0  # optimiser steps applied
         # data-parallel position (r3_rl.learner.ray_ranks): this rank takes every world-th micro-batch
@@ -259,6 +260,6 @@ def learner_from_recipe(policy: Policy, reference: Any, recipe: Any, algorithm: 
     if cfg.backend == "deepspeed":
         from r3_rl.learner.deepspeed_learner import DeepSpeedOptim
 
-        optim = DeepSpeedOptim({"policy": policy.model, **modules}, cfg)
+        optim = DeepSpeedOptim({"policy": policy.model, **modules}, cfg, {n: algorithm.module_lr(n) for n in modules})
     replay = policy.critique_replay(recipe) if cfg.critic_replay.coef > 0 else None
     return TorchLearner(policy, reference, cfg, optim, modules, algorithm, adapters, replay)
