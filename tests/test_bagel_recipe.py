@@ -67,7 +67,9 @@ def test_shipped_recipe_has_the_reference_settings_and_validates(tiny_dir: str) 
     assert learner["ranks"] == 4 and learner["deepspeed"]["config"]["zero_optimization"]["offload_optimizer"] == {
         "device": "cpu", "pin_memory": True}
     assert (learner["lr"], learner["loss_weight_text"], learner["loss_weight_image"]) == (5e-6, 1.0, 2.0)
-    assert (learner["kl_coef_text"], learner["kl_coef_image"], learner["flow"]["kl_kind"]) == (1e-3, 1e-3, "r3")
+    # the reference's KL 1e-3 is off: its frozen copy does not fit beside DeepSpeed's fp32 gradient partition on 80 GB
+    # (tests/test_plan_bagel.py); the KL kind stays the reference's for a run that restores it
+    assert (learner["kl_coef_text"], learner["kl_coef_image"], learner["flow"]["kl_kind"]) == (0.0, 0.0, "r3")
     assert raw["tree"]["group_size"] == 16 and opts["train_vit"] is False and learner["gradient_checkpointing"]
     assert opts["expert_isolation"] is True
     # as shipped it validates up to the weights, which are not on this machine

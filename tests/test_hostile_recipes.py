@@ -60,6 +60,10 @@ def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 CASES = [
     (None, ["rewards.task=[{name: no_such_reward}]"], [], "unknown reward 'no_such_reward'"),
     (None, ['templates.stop_phrase="  "'], [], "key 'templates.stop_phrase': Value error, a blank phrase is in every"),
+    (None, ["learner.backend=deepspeed", "learner.deepspeed={zero_stage: 1, config: {zero_optimization: "
+            "{overlap_comm: true}}}"], [], "overlap_comm needs ZeRO stage 2"),
+    (None, ["learner.backend=deepspeed", "learner.deepspeed={zero_stage: 2, config: "
+            "{managed_gradient_accumulation: true}}"], [], "would manage gradient accumulation itself"),
     (None, ["rewards.eval=[{name: blocks, options: {bnary: true}}]"], [], "unknown option 'bnary' (did you mean 'binary'?)"),
     (None, ["data.source=geneval", "data.train=/no/such/prompts.jsonl", "data.eval={good.jsonl}"], [],
      "/no/such/prompts.jsonl: prompt file not found"),

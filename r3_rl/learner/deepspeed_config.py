@@ -32,8 +32,11 @@ def ds_config(cfg: Any, world_size: int = 1, dtype: str = "fp32") -> dict[str, A
         "steps_per_print": 2 ** 31 - 1,
         "wall_clock_breakdown": False,
     }
-    if bf16:  # micro-batches accumulate into fp32 gradients (DeepSpeed's default would be bf16)
+    if bf16:  # micro-batches accumulate into fp32 gradients (DeepSpeed's default would be bf16) and ranks reduce
+        # them in fp32 (DeepSpeed's default casts them to bf16 for the all-reduce, even on one rank; verl reduces
+        # in fp32): twice the gradient traffic, the torch backend's update
         conf["data_types"] = {"grad_accum_dtype": "fp32"}
+        conf["communication_data_type"] = "fp32"
     for key, value in d.config.items():
         if isinstance(value, dict) and isinstance(conf.get(key), dict):
             conf[key] = {**conf[key], **value}
@@ -74,7 +77,7 @@ def check_ds_config(cfg: Any, dtype: str) -> None:
     try:
         # as one rank's engine sees it (DeepSpeed reads the world size from its process group, absent here;
         # the batch arithmetic is ours either way)
-        DeepSpeedConfig(ds_config(cfg, 1, dtype), mpu=_Ranks(1))
+        checked = DeepSpeedConfig(ds_config(cfg, 1, dtype), mpu=_Ranks(1))
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
@@ -82,3 +85,14 @@ def check_ds_config(cfg: Any, dtype: str) -> None:
                         f"got {str(err.get('input'))[:40]}") from None
     except Exception as e:  # noqa: BLE001 - DeepSpeed's own asserts and errors, in one line
         raise UserError(f"key 'learner.deepspeed.config': DeepSpeed refuses it: {raised(e)}") from None
+    if getattr(checked, "managed_gradient_accumulation", True) is not False:  # older DeepSpeed ignores the key
+        import deepspeed
+
+        raise UserError(f"learner.backend: deepspeed {deepspeed.__version__} would manage gradient accumulation "
+                        f"itself (the learner accumulates micro-batches; such an engine keeps only the last one's "
+                        f"gradient): install deepspeed>=0.19.8 and leave managed_gradient_accumulation out of "
+                        f"learner.deepspeed.config")
+    zero = checked.zero_config
+    if checked.zero_optimization_stage < 2 and zero.overlap_comm:  # the engine asserts this after the model load
+        raise UserError("key 'learner.deepspeed.config': zero_optimization.overlap_comm needs ZeRO stage 2 with the "
+                        "learner's own gradient accumulation; set it false or use zero_stage: 2")

@@ -49,17 +49,21 @@ def model_states(shape: ModelShape, *, weight_bytes: int, trained: int, zero_sta
 
     ``zero_stage`` None = the torch backend (no sharding); ``trained`` = trainable parameters (LoRA: adapters).
     ``offload``: DeepSpeed's ``offload_optimizer: {device: cpu}`` -- the fp32 master weights, fp32 gradients and
-    Adam moments live in CPU memory (:func:`offloaded_states`), and so do ZeRO-1/2's gradient partitions; the GPU
-    keeps the bf16 weights (ZeRO-3: its shard plus one gathered layer and that layer's gradients), as DeepSpeed's
-    ``estimate_zero2/3_model_states_mem_needs(cpu_offload=True)`` count.
+    Adam moments live in CPU memory (:func:`offloaded_states`); the GPU keeps the bf16 weights (ZeRO-3: its shard
+    plus one gathered layer and that layer's gradients), and under ZeRO-1/2 in mixed precision also the rank's
+    fp32 gradient partition, where micro-batches accumulate before the copy to CPU (DeepSpeed 0.19.8
+    ``stage_1_and_2.py`` ``_build_compact_grad_partition_buffer``, on the accelerator; its
+    ``estimate_zero2_model_states_mem_needs(cpu_offload=True)`` leaves it out), plus a bf16 staging buffer the
+    size of the largest weight.
     """
     if offload and zero_stage:
-        b = weight_bytes
+        b, n = weight_bytes, max(ranks, 1)
         if zero_stage == 3:
             gathered = b * shape.largest_layer
-            return {"weights": b * shape.params / max(ranks, 1) + gathered, "gradients": gathered,
+            return {"weights": b * shape.params / n + gathered, "gradients": gathered,
                     "master weights": 0.0, "optimizer (Adam)": 0.0}
-        return {"weights": b * shape.params, "gradients": 0.0, "master weights": 0.0, "optimizer (Adam)": 0.0}
+        partition = 4 * trained / n + b * shape.largest_weight if b < 4 else 0.0
+        return {"weights": b * shape.params, "gradients": partition, "master weights": 0.0, "optimizer (Adam)": 0.0}
     p, n, b = shape.params, max(ranks, 1), weight_bytes
     mixed = b < 4
     fp32_grads = 4 * trained if mixed else 0  # the optimiser's fp32 copy of the gradients
@@ -70,8 +74,8 @@ def model_states(shape: ModelShape, *, weight_bytes: int, trained: int, zero_sta
     if zero_stage == 0:  # DeepSpeed ZeRO-0 (fp32 only: bf16 would accumulate in bf16)
         return {"weights": b * p, "gradients": b * trained + fp32_grads, "master weights": master,
                 "optimizer (Adam)": adam}
-    if zero_stage == 1:
-        return {"weights": b * p, "gradients": b * trained + fp32_grads / n, "master weights": master / n,
+    if zero_stage == 1:  # bf16: DeepSpeed's BF16_Optimizer keeps fp32 gradients of the whole model, not a share
+        return {"weights": b * p, "gradients": b * trained + fp32_grads, "master weights": master / n,
                 "optimizer (Adam)": adam / n}
     if zero_stage == 2:
         return {"weights": b * p, "gradients": (b * trained + fp32_grads) / n, "master weights": master / n,
