@@ -95,10 +95,11 @@ def test_offloaded_model_states_equal_deepspeeds_own_estimators(params: int, ran
     assert cpu3 >= memory.offloaded_states(params, 2, ranks) * ranks
 
 
-def test_zero2_offload_keeps_an_fp32_gradient_partition_on_the_accelerator() -> None:
-    """Peer for the plan's ZeRO-2 offload gradients: DeepSpeed itself, bf16 with fp32 accumulation and
-    offload_optimizer, after one backward holds an fp32 gradient buffer the size of the rank's partition (here
-    the CPU is the accelerator; on a GPU it is GPU memory)."""
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_offload_keeps_fp32_gradients_on_the_accelerator(zero_stage: int) -> None:
+    """Peer for the plan's offload gradients: DeepSpeed itself, bf16 with fp32 accumulation and offload_optimizer.
+    After a backward ZeRO-2 holds an fp32 buffer the size of the rank's partition, ZeRO-1 a full-size fp32
+    ``grad_accum`` on every trained weight (here the CPU is the accelerator; on a GPU it is GPU memory)."""
     pytest.importorskip("deepspeed")
     import torch
     from learner_helpers import learner_cfg
@@ -107,12 +108,18 @@ def test_zero2_offload_keeps_an_fp32_gradient_partition_on_the_accelerator() -> 
 
     lin = torch.nn.Linear(64, 48).to(torch.bfloat16)
     cfg = learner_cfg(backend="deepspeed", micro_batch_size=4, deepspeed={
-        "zero_stage": 2, "dtype": "bf16", "config": {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}})
+        "zero_stage": zero_stage, "dtype": "bf16",
+        "config": {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}})
     opt = DeepSpeedOptim({"policy": lin}, cfg)
     x = torch.randn(4, 64).bfloat16()
     opt.backward(opt.forward(lambda: (lin(x).float().pow(2).mean(), {}, []))[0])
-    flat = [getattr(group, "flat_partition", None) for group in opt.engine.optimizer.averaged_gradients.values()]
-    assert [(t.dtype, t.numel(), t.device.type) for t in flat] == [(torch.float32, 64 * 48 + 48, "cpu")]  # one rank
+    opt.backward(opt.forward(lambda: (lin(x).float().pow(2).mean(), {}, []))[0])  # a second micro-batch
+    if zero_stage == 2:
+        flat = [getattr(g, "flat_partition", None) for g in opt.engine.optimizer.averaged_gradients.values()]
+        assert [(t.dtype, t.numel(), t.device.type) for t in flat] == [(torch.float32, 64 * 48 + 48, "cpu")]
+    else:
+        accum = [getattr(p, "grad_accum", None) for p in lin.parameters()]
+        assert [(t.dtype, t.shape) for t in accum] == [(torch.float32, p.shape) for p in lin.parameters()]
 
 
 def test_the_shipped_bagel_recipe_is_planned_offline_and_fits_8_gpus_of_80gb(capsys: pytest.CaptureFixture) -> None:

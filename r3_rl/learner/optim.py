@@ -55,7 +55,7 @@ def trainable(modules: list[torch.nn.Module], lrs: list[float | None] | None = N
     (``lrs``, one per module; ``None``: ``learner.lr``)."""
     seen: set[int] = set()
     out, rates = [], []
-    for m, lr in zip(modules, lrs or [None] * len(modules)):
+    for m, lr in zip(modules, lrs or [None] * len(modules), strict=True):
         for p in m.parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
@@ -66,13 +66,14 @@ def trainable(modules: list[torch.nn.Module], lrs: list[float | None] | None = N
 
 def make_adamw(params: list[torch.nn.Parameter], cfg: Any, lrs: list[float | None] | None = None
                ) -> torch.optim.AdamW:
-    """AdamW over ``params``; with ``lrs`` (one per parameter, ``None``: ``cfg.lr``) a parameter group per rate,
-    in first-seen order (the schedule scales every group alike)."""
-    groups: dict[float, list[torch.nn.Parameter]] = {}
-    for p, lr in zip(params, lrs or [None] * len(params)):
-        groups.setdefault(cfg.lr if lr is None else lr, []).append(p)
-    return torch.optim.AdamW([{"params": ps, "lr": lr} for lr, ps in groups.items()], lr=cfg.lr,
-                             betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    """AdamW over ``params``; with ``lrs`` (one per parameter, ``None``: ``cfg.lr``) a parameter group per rate
+    given, in first-seen order, kept apart even where a rate equals ``cfg.lr`` (a resume with another
+    ``learner.lr`` then finds the same groups); the schedule scales every group alike."""
+    groups: dict[float | None, list[torch.nn.Parameter]] = {}
+    for p, lr in zip(params, lrs or [None] * len(params), strict=True):
+        groups.setdefault(lr, []).append(p)
+    return torch.optim.AdamW([{"params": ps, "lr": cfg.lr if lr is None else lr} for lr, ps in groups.items()],
+                             lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
 class TorchOptim:

@@ -50,11 +50,11 @@ def model_states(shape: ModelShape, *, weight_bytes: int, trained: int, zero_sta
     ``zero_stage`` None = the torch backend (no sharding); ``trained`` = trainable parameters (LoRA: adapters).
     ``offload``: DeepSpeed's ``offload_optimizer: {device: cpu}`` -- the fp32 master weights, fp32 gradients and
     Adam moments live in CPU memory (:func:`offloaded_states`); the GPU keeps the bf16 weights (ZeRO-3: its shard
-    plus one gathered layer and that layer's gradients), and under ZeRO-1/2 in mixed precision also the rank's
-    fp32 gradient partition, where micro-batches accumulate before the copy to CPU (DeepSpeed 0.19.8
-    ``stage_1_and_2.py`` ``_build_compact_grad_partition_buffer``, on the accelerator; its
-    ``estimate_zero2_model_states_mem_needs(cpu_offload=True)`` leaves it out), plus a bf16 staging buffer the
-    size of the largest weight.
+    plus one gathered layer and that layer's gradients), and in mixed precision the fp32 gradients DeepSpeed 0.19.8
+    accumulates micro-batches in before the copy to CPU (``stage_1_and_2.py``; its
+    ``estimate_zero2_model_states_mem_needs(cpu_offload=True)`` leaves them out): ZeRO-2 the rank's partition
+    (``_build_compact_grad_partition_buffer``, on the accelerator), ZeRO-1 a full-size ``grad_accum`` of every
+    trained weight and then that partition; plus a bf16 staging buffer the size of the largest weight.
     """
     if offload and zero_stage:
         b, n = weight_bytes, max(ranks, 1)
@@ -63,6 +63,8 @@ def model_states(shape: ModelShape, *, weight_bytes: int, trained: int, zero_sta
             return {"weights": b * shape.params / n + gathered, "gradients": gathered,
                     "master weights": 0.0, "optimizer (Adam)": 0.0}
         partition = 4 * trained / n + b * shape.largest_weight if b < 4 else 0.0
+        if zero_stage == 1 and b < 4:  # unpartitioned gradients: each weight's fp32 grad_accum, whole
+            partition += 4 * trained
         return {"weights": b * shape.params, "gradients": partition, "master weights": 0.0, "optimizer (Adam)": 0.0}
     p, n, b = shape.params, max(ranks, 1), weight_bytes
     mixed = b < 4
