@@ -184,3 +184,8 @@ def test_resume_refuses_an_incompatible_recipe(tmp_path: Path) -> None:
                                                            "learner.refine_baseline=group"]), tmp_path)
     with pytest.raises(UserError, match="checkpoint is at step 6 but the recipe has steps=4"):
         check_compatible({"step": 6}, recipe, tmp_path)
+    # the critic's rate makes an optimiser group of its own: a resume cannot add, drop or change it
+    with pytest.raises(UserError, match=r"recipe key 'learner.ppo.critic_lr' is 0.01 but .* with None"):
+        check_compatible(meta, load_recipe(RECIPE, ["steps=4", "learner.ppo.critic_lr=1e-2"]), tmp_path)
+    older = {"step": 2, "structure": {k: v for k, v in structure(recipe).items() if k != "learner.ppo.critic_lr"}}
+    check_compatible(older, recipe, tmp_path)  # checkpoints written before the key: still resumable
