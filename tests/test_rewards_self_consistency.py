@@ -152,7 +152,8 @@ def test_verdict_consistency_stops_on_the_recipes_stop_phrase() -> None:
     assert [o.score for o in out] == [1.0, 0.0]
     mine = load_recipe(recipes / "grpo_geneval.yaml",
                        ["rewards.reflect.extra=[{name: verdict_consistency, options: {stop_phrase: all good}}]"])
-    assert reward_specs(mine, mine.rewards.reflect.extra)[0]["options"] == {"stop_phrase": "all good"}  # the entry's wins
+    # the entry's own phrase wins
+    assert reward_specs(mine, mine.rewards.reflect.extra)[0]["options"] == {"stop_phrase": "all good"}
     tiny = load_recipe(recipes / "tiny_blocks.yaml", [extra])
     assert reward_specs(tiny, tiny.rewards.reflect.extra)[0]["options"] == {"stop_phrase": "no further edit needed"}
     # rewards that take no such option are passed through untouched

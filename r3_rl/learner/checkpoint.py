@@ -295,8 +295,8 @@ def prune(root: Path, keep_last: int) -> None:
 # ``seed`` draws every step's tasks and ``tree.buffer_size`` is the saved buffer's capacity: a resume with
 # another value would not continue the run it names (hyperparameters such as the learning rate may change).
 STRUCTURAL = ("policy.kind", "policy.options", "policy.model", "policy.tiny", "data.blocks", "learner.algorithm",
-              "learner.backend", "learner.lora", "learner.ppo.critic", "learner.ppo.critic_lr", "learner.deepspeed.zero_stage",
-              "learner.deepspeed.dtype", "learner.ranks", "seed", "tree.buffer_size")
+              "learner.backend", "learner.lora", "learner.ppo.critic", "learner.ppo.critic_lr",
+              "learner.deepspeed.zero_stage", "learner.deepspeed.dtype", "learner.ranks", "seed", "tree.buffer_size")
 
 
 def structure(recipe: Any) -> dict[str, Any]:
