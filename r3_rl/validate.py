@@ -180,6 +180,21 @@ def check_learner_ranks(recipe: Any, source: str) -> None:
         raise UserError(f"{source}: {e}") from None
 
 
+def check_judge_protocol(recipe: Any, source: str) -> None:
+    """GenEval++ is scored by one verdict for the whole checklist (Echo-4o's protocol): a ``vlm_judge`` left on
+    its default ``mode: questions`` would score it by derived yes/no questions instead, a number not comparable
+    with published ones.  Refused unless the entry names its mode."""
+    sets = [s for s in (recipe.data.train, recipe.data.eval) if isinstance(s, str) and s.startswith("geneval++")]
+    if not sets:
+        return
+    for key, specs in (("task", recipe.rewards.task), ("eval", recipe.rewards.eval)):
+        for i, spec in enumerate(specs):
+            if spec.name == "vlm_judge" and "mode" not in spec.options:
+                raise UserError(f"{source}: key 'rewards.{key}[{i}].options.mode': {sets[0]} prompts are judged by "
+                                f"their checklist (GenEval++'s protocol); set mode: checklist, or mode: questions to "
+                                f"ask derived yes/no questions instead")
+
+
 def check_rewards(recipe: Any, source: str) -> None:
     """Names resolve and options match each reward's signature (constructs them; models load in ``setup``)."""
     from r3_rl.rewards.reward_set import RewardSet, reward_specs
@@ -242,6 +257,7 @@ def validate_recipe(recipe: Any, path: str | Path, needs_eval: bool = True) -> N
     check_regexes(recipe, source)
     check_learner_ranks(recipe, source)
     check_rewards(recipe, source)
+    check_judge_protocol(recipe, source)
     check_data(recipe, source, needs_eval)
     check_plugins(recipe, source)  # imports the policy's code (torch): after the checks that import none
     check_device(recipe, source)

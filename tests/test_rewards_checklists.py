@@ -94,3 +94,17 @@ def test_every_shared_record_gets_questions_and_checklist(shared_data: Path) -> 
             total += 1
     assert total > 17000
     json.dumps([q.__dict__ for q in qs])  # questions are plain data (go over HTTP to judges)
+
+
+@pytest.mark.parametrize("mode", ["checklist", "questions"])
+def test_a_vlm_judge_on_geneval_plus_plus_names_its_mode(mode: str) -> None:
+    """GenEval++ prompts with a judge that names its mode validate (the default is refused: tests/test_hostile_recipes)."""
+    from pathlib import Path
+
+    from r3_rl.config import load_recipe
+    from r3_rl.validate import check_judge_protocol
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny_blocks.yaml", [
+        "data.source=geneval", "data.train=geneval:train", "data.eval=geneval++:test",
+        f"rewards.eval=[{{name: vlm_judge, options: {{url: 'http://127.0.0.1:9', model: m, mode: {mode}}}}}]"])
+    check_judge_protocol(recipe, "SRC")
