@@ -99,7 +99,9 @@ def test_initial_workers_that_cannot_be_placed_stop_in_one_line(repo: Path, tmp_
 
 @pytest.mark.timeout(180)
 def test_worker_that_cannot_be_restarted_is_dropped_and_its_task_runs_elsewhere(repo: Path, tmp_path: Path) -> None:
-    """Same trees as without the loss: the lost task runs again on the surviving worker."""
+    """Same trees as without the loss: the lost task runs again on the surviving worker.  Enough tasks that the
+    killed worker still has work after the first result (with 4 tasks, 2 in flight per worker, a loaded machine
+    could finish them all before the kill, and the loss went unseen)."""
     import ray
 
     from r3_rl.policy.registry import build_policy
@@ -111,7 +113,7 @@ def test_worker_that_cannot_be_restarted_is_dropped_and_its_task_runs_elsewhere(
         "tree.group_size=2", "rollout.groups_per_task=1", "rollout.backend=ray", "rollout.workers=2",
         "rollout.threads_per_worker=1", "rollout.cpus_per_worker=2", "ray.placement_timeout_s=1"])
     policy = build_policy(recipe)
-    tasks = step_tasks(recipe, policy, step=1, n_prompts=2, n_parents=2)
+    tasks = step_tasks(recipe, policy, step=1, n_prompts=6, n_parents=6)
     events: list[str] = []
     engine = RayEngine(recipe, policy, events.append)
     engine.group.need = {"CPU": 64}  # from now on a replacement asks for more than any node has
