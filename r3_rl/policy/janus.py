@@ -92,9 +92,9 @@ class JanusPolicy(JanusRecipe, Policy):
         from transformers import JanusForConditionalGeneration
 
         kw.setdefault("local_files_only", local_only)
-        processor = _processor(model, source, kw["local_files_only"])
+        config, processor = _config_and_processor(model, source, kw["local_files_only"])
         try:
-            net = JanusForConditionalGeneration.from_pretrained(source, dtype=DTYPES[dtype], **kw)
+            net = JanusForConditionalGeneration.from_pretrained(source, config=config, dtype=DTYPES[dtype], **kw)
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"policy.model: cannot load '{model}': {_short(e)}; give a local path or a hub id "
                             f"available offline") from None
@@ -115,11 +115,11 @@ class JanusPolicy(JanusRecipe, Policy):
         source, local_only = resolve_model(recipe.policy.model or "")
         if not local_only:
             return None
-        from transformers import AutoConfig, JanusForConditionalGeneration
+        from transformers import JanusForConditionalGeneration
 
-        processor = _processor(recipe.policy.model, source, True)
+        config, processor = _config_and_processor(recipe.policy.model, source, True)
         with torch.device("meta"):
-            net = JanusForConditionalGeneration(AutoConfig.from_pretrained(source, local_files_only=True))
+            net = JanusForConditionalGeneration(config)
         return cls(net, processor, recipe.templates.model_dump())
 
     def save_pretrained(self, path: str) -> None:
@@ -317,8 +317,8 @@ def _short(e: BaseException) -> str:
     return line[:200]
 
 
-def _processor(model: str, source: str, local_files_only: bool) -> Any:
-    """The checkpoint's processor, after its config says it is a Janus model (both small files: read before
+def _config_and_processor(model: str, source: str, local_files_only: bool) -> tuple[Any, Any]:
+    """The checkpoint's config and processor, once the config says it is a Janus model (small files: read before
     the weights, so a wrong folder is named at once)."""
     from transformers import AutoConfig, AutoProcessor
 
@@ -330,6 +330,6 @@ def _processor(model: str, source: str, local_files_only: bool) -> Any:
         config = AutoConfig.from_pretrained(source, local_files_only=local_files_only)
         if getattr(config, "model_type", None) != "janus":
             raise fail(f"it is a '{config.model_type}' model, not Janus")
-        return AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
+        return config, AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
     except (OSError, ValueError, KeyError) as e:
         raise fail(_short(e)) from None
