@@ -101,8 +101,16 @@ def test_zero2_step_matches_torch_resumes_exactly_and_skips_nonfinite(base, tmp_
 
 def test_zero0_checks_gradients_itself(base) -> None:
     policy, items = base
-    ds = _ds_learner(policy, stage=0)
-    ds.step(copy.deepcopy(items))
+    ds = _ds_learner(policy, stage=0, grad_clip=0.05)
+    ref = clone(policy)
+    torch_learner = TorchLearner(ref, ref.frozen_copy(), learner_cfg(micro_batch_size=2, grad_clip=0.05))
+    m_ds, m_t = ds.step(copy.deepcopy(items)), torch_learner.step(copy.deepcopy(items))
+    # DeepSpeed's fp32 ZeRO-0 keeps no norm (it logged NaN): the driver clips and reports it, as the torch driver
+    assert m_t["learner/grad_norm"] > 0.05 and m_ds["learner/grad_norm"] == pytest.approx(m_t["learner/grad_norm"],
+                                                                                          rel=1e-5)
+    clipped = torch_learner.optim.optimizer.state  # Adam's first moment is (1 - beta1) x the clipped gradient
+    for (i, s), t in zip(_adam_state(ds)[0].items(), clipped.values(), strict=True):
+        torch.testing.assert_close(s["exp_avg"], t["exp_avg"], rtol=1e-4, atol=1e-7, msg=str(i))
     w, st = weights(ds.policy), _adam_state(ds)
     hook = ds.policy.model.model.norm.weight.register_hook(lambda g: torch.full_like(g, math.nan))
     m = ds.step(copy.deepcopy(items))

@@ -96,9 +96,10 @@ def test_torch_backend_bf16_layer_trains_like_fp32(fp32_update) -> None:
     assert_update_like_fp32(master.detach() - w0, fp32_update, LAYER_REL_ERR)
 
 
-@pytest.mark.parametrize("zero_stage", [1, 2, 3])
-def test_deepspeed_bf16_layer_trains_like_fp32(fp32_update, zero_stage) -> None:
-    """DeepSpeed's bf16 optimisers (ZeRO-1: BF16_Optimizer, 2: ZeRO, 3: ZeRO-3) keep fp32 masters and state."""
+@pytest.mark.parametrize("zero_stage, offload", [(1, False), (2, False), (3, False), (2, True), (3, True)])
+def test_deepspeed_bf16_layer_trains_like_fp32(fp32_update, zero_stage, offload) -> None:
+    """DeepSpeed's bf16 optimisers (ZeRO-1: BF16_Optimizer, 2: ZeRO, 3: ZeRO-3) keep fp32 masters and state;
+    with ``offload_optimizer`` the step on the CPU partition is torch's fused AdamW (the default loop elsewhere)."""
     pytest.importorskip("deepspeed")
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
@@ -106,9 +107,13 @@ def test_deepspeed_bf16_layer_trains_like_fp32(fp32_update, zero_stage) -> None:
 
     lin = _layer(torch.bfloat16)
     w0 = lin.weight.detach().float().clone()
-    cfg = learner_cfg(lr=LR, backend="deepspeed", micro_batch_size=16, deepspeed={"zero_stage": zero_stage})
+    config = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}} if offload else {}
+    cfg = learner_cfg(lr=LR, backend="deepspeed", micro_batch_size=16,
+                      deepspeed={"zero_stage": zero_stage, "config": config})
     opt = DeepSpeedOptim({"policy": lin}, cfg)
     assert opt.engine.bfloat16_enabled() and opt.engine.get_data_types() == (torch.bfloat16, torch.float32)
+    adamw = opt.engine.optimizer.optimizer
+    assert isinstance(adamw, torch.optim.AdamW) and bool(adamw.defaults["fused"]) == offload
     _train_layer(lin, lambda f: opt.forward(lambda: (f(), {}, []))[0], opt.backward, opt.step)
     master = safe_get_full_fp32_param(lin.weight)
     assert master.dtype == torch.float32 and master.shape == (WIDTH, WIDTH)

@@ -45,6 +45,13 @@ def ds_config(cfg: Any, world_size: int = 1, dtype: str = "fp32") -> dict[str, A
     return conf
 
 
+def optimizer_offload(conf: dict[str, Any]) -> str:
+    """Where a DeepSpeed config (``ds_config``'s dict, or ``learner.deepspeed.config`` alone) puts the optimiser
+    step: ``none`` (on the accelerator), ``cpu`` or ``nvme`` (``offload_optimizer.device``; both step on the CPU)."""
+    zero = conf.get("zero_optimization") or {}
+    return str((zero.get("offload_optimizer") or {}).get("device") or "none")
+
+
 class _Ranks:
     """What DeepSpeed's config asks of a model-parallel unit: the world size, without a process group."""
 

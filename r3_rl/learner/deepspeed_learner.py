@@ -8,12 +8,14 @@ each choice:
   whose size varies from step to step) and weights each micro-batch loss itself, so DeepSpeed must
   neither count micro-steps nor divide by ``gradient_accumulation_steps`` (``scale_wrt_gas=False``).
 * **A torch AdamW handed to DeepSpeed**, not DeepSpeed's fused Adam: no 40-60 s op compile, and the
-  same update rule as the torch backend.
+  same update rule as the torch backend.  Under ``offload_optimizer`` it is torch's fused AdamW, as fast on
+  the CPU partition as DeepSpeed's compiled ``DeepSpeedCPUAdam`` (the default per-tensor loop: 3x slower).
 * **Non-finite steps use DeepSpeed's own overflow path**: with ZeRO >= 1 or bf16 DeepSpeed drops a
   step whose gradient norm is inf/NaN (gradients cleared, optimiser and scheduler untouched) and
   reports it through ``was_step_applied()``.  A non-finite *loss* is routed into that path by
   back-propagating NaN through the micro-batch's outputs.  ZeRO-0 fp32 has no overflow check, so the
-  gradients are checked here.  On several ranks the decision is all-reduced.
+  gradients are checked here (on several ranks the decision is all-reduced), and it reports no gradient
+  norm, so the driver clips there itself, in the optimiser's pre-step hook (after the engine's all-reduce).
 * **bf16 = bf16 weights, fp32 master weights, fp32 optimiser state, fp32 gradient accumulation**: the engine
   runs in the policy's dtype (``policy.dtype``); for bf16 DeepSpeed's bf16 optimiser keeps the fp32 masters
   and ``data_types.grad_accum_dtype: fp32`` makes micro-batches accumulate in fp32 (ZeRO-0 cannot; it is
@@ -38,7 +40,7 @@ from typing import Any, Callable, ContextManager
 
 import torch
 
-from r3_rl.learner.deepspeed_config import ds_config, pick_accelerator
+from r3_rl.learner.deepspeed_config import ds_config, optimizer_offload, pick_accelerator
 from r3_rl.learner.optim import make_adamw, trainable, warmup_lambda
 from r3_rl.learner.precision import check_precision, compute_dtype
 
@@ -102,13 +104,22 @@ class DeepSpeedOptim:
         self.dtype = check_precision(compute_dtype(next(iter(modules.values()))), cfg)
         self.container = _Closure(modules)
         self.params, rates = trainable(list(modules.values()), [(lrs or {}).get(name) for name in modules])
-        optimizer = make_adamw(self.params, cfg, rates)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.warmup_steps, cfg.lr_decay_steps, cfg.lr_final))
         self.world_size = torch.distributed.get_world_size()
-        self.engine, _, _, _ = deepspeed.initialize(model=self.container, optimizer=optimizer,
-                                                    lr_scheduler=scheduler,
-                                                    config=ds_config(cfg, self.world_size, self.dtype))
         self.manual_check = cfg.deepspeed.zero_stage == 0 and self.dtype == "fp32"
+        config = ds_config(cfg, self.world_size, self.dtype)
+        optimizer = make_adamw(self.params, cfg, rates, fused=optimizer_offload(config) != "none")
+        self._clipped_norm = math.nan
+        if self.manual_check:  # DeepSpeed's plain fp32 path clips but keeps no norm: the driver clips instead,
+            config["gradient_clipping"] = 0.0  # inside the optimiser's step, after the engine's all-reduce
+            optimizer.register_step_pre_hook(self._clip)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.warmup_steps, cfg.lr_decay_steps, cfg.lr_final))
+        self.engine, _, _, _ = deepspeed.initialize(model=self.container, optimizer=optimizer,
+                                                    lr_scheduler=scheduler, config=config)
+
+    def _clip(self, *_: Any) -> None:
+        """ZeRO-0 fp32: clip the reduced gradient as the torch driver does, and keep its norm for ``step``."""
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        self._clipped_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
 
     def _any_rank(self, flag: bool) -> bool:
         if self.world_size == 1:
@@ -145,7 +156,7 @@ class DeepSpeedOptim:
                 self.engine.zero_grad()
                 return False, math.nan
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
+        norm = self._clipped_norm if self.manual_check else self.engine.get_global_grad_norm()
         norm = math.nan if norm is None else float(norm)
         return bool(self.engine.was_step_applied()), norm
 

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from r3_rl.learner.deepspeed_config import optimizer_offload
 from r3_rl.plan import memory
 from r3_rl.plan.bagel_shape import bagel_shape
 from r3_rl.plan.memory import DTYPE_BYTES, PROMPT_TOKENS, Stage
@@ -72,7 +73,7 @@ def add_learner(p: Process, recipe: Any, shape: ModelShape, *, micro_batch: int 
     policy_b = b = DTYPE_BYTES[recipe.policy.dtype]  # the compute dtype of rollout and learner alike
     r, targets = (cfg.lora.r, cfg.lora.target_modules) if cfg.lora is not None else DEFAULT_LORA
     trained = shape.lora_params(r, targets) if use_lora else shape.params_trained
-    offload = zero is not None and zero > 0 and _offloads_optimizer(cfg)
+    offload = zero is not None and zero > 0 and optimizer_offload(cfg.deepspeed.config or {}) == "cpu"
     p.resident.update(memory.model_states(shape, weight_bytes=b, trained=trained, zero_stage=zero, ranks=ranks,
                                           offload=offload))
     how = "torch AdamW" if zero is None else f"DeepSpeed ZeRO-{zero}, {ranks} rank(s)"
@@ -176,12 +177,6 @@ class Plan:
     @property
     def fits(self) -> bool:
         return not self.errors and all(v <= USABLE * self.gpu_memory * GB for _, v in self.gpu_totals())
-
-
-def _offloads_optimizer(cfg: Any) -> bool:
-    """Whether ``learner.deepspeed.config`` offloads the optimiser to CPU (``offload_optimizer: {device: cpu}``)."""
-    zero = (cfg.deepspeed.config or {}).get("zero_optimization") or {}
-    return ((zero.get("offload_optimizer") or {}).get("device") or "none") == "cpu"
 
 
 def make_plan(recipe: Any, gpus: int, gpu_memory: float, shape: ModelShape | None = None) -> Plan:
