@@ -90,7 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     recipe = _recipe(args, model=str(args.checkpoint))
     from r3_rl.eval.evaluate import markdown_table
     from r3_rl.eval.runner import Evaluator
-    from r3_rl.tracking.metrics import MetricsLogger
+    from r3_rl.tracking.logger import MetricsLogger
 
     recipe.name = f"{recipe.name}-eval"
     run_dir, parts, data = _sampling_parts(recipe, args.run_dir, args.command)

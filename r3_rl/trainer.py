@@ -28,7 +28,8 @@ from r3_rl.rollout.engine import RolloutEngine, run_ordered
 from r3_rl.rollout.tree_rl import plan_tasks, stage_sampling, stages_at
 from r3_rl.trajectory import Tree, write_trees
 from r3_rl.tracking.console import Console
-from r3_rl.tracking.metrics import EVAL, UNDERSTANDING, MetricsLogger, step_metrics
+from r3_rl.tracking.logger import MetricsLogger
+from r3_rl.tracking.metrics import EVAL, UNDERSTANDING, step_metrics
 
 
 class Trainer:

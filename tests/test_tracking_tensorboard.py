@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from r3_rl.tracking.metrics import MetricsLogger
+from r3_rl.tracking.logger import MetricsLogger
 from r3_rl.tracking.tensorboard import (CAPTION_H, CELL, EMPTY_RGB, HEADER_H, LINE, LINE_RGB, fit_cell, grid_size,
                                         image_strip, trajectory_image, trajectory_markdown)
 from r3_rl.tracking.views import select_trajectories

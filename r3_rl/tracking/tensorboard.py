@@ -1,6 +1,6 @@
 """Rich TensorBoard summaries: framed trajectory image grids, trajectory text, reward/advantage histograms.
 
-Scalars go through :class:`r3_rl.tracking.metrics.MetricsLogger`; this module draws the pictures.
+Scalars go through :class:`r3_rl.tracking.logger.MetricsLogger`; this module draws the pictures.
 A trajectory's grid is a small table drawn into the image itself (TensorBoard shows no per-image caption):
 
 * a header row with the prompt (and tag);
