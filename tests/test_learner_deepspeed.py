@@ -25,9 +25,10 @@ def base():
     return policy, sample_items(policy)
 
 
-def _ds_learner(policy, stage: int, dtype: str = "fp32", **kw) -> TorchLearner:
+def _ds_learner(policy, stage: int, dtype: str = "fp32", config: dict | None = None, **kw) -> TorchLearner:
     p = clone(policy)
-    cfg = learner_cfg(backend="deepspeed", micro_batch_size=2, deepspeed={"zero_stage": stage, "dtype": dtype}, **kw)
+    cfg = learner_cfg(backend="deepspeed", micro_batch_size=2,
+                      deepspeed={"zero_stage": stage, "dtype": dtype, "config": config or {}}, **kw)
     return TorchLearner(p, p.frozen_copy(), cfg, DeepSpeedOptim({"policy": p.model}, cfg))
 
 
@@ -93,6 +94,22 @@ def test_zero2_step_matches_torch_resumes_exactly_and_skips_nonfinite(base, tmp_
         assert torch.equal(v, w[k]), k
     _assert_same_state(st, _adam_state(ds))
     # and the engine carries no poisoned leftovers: the next good step equals the twin's
+    ds.step(copy.deepcopy(items))
+    twin.step(copy.deepcopy(items))
+    for k, v in weights(ds.policy).items():
+        assert torch.equal(weights(twin.policy)[k], v), k
+
+
+def test_offloaded_fused_adamw_resumes_exactly(base, tmp_path: Path) -> None:
+    """``offload_optimizer``: the CPU step is torch's fused AdamW, and a resume takes the same next step."""
+    policy, items = base
+    offload = {"config": {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}}
+    ds, twin = _ds_learner(policy, stage=2, **offload), _ds_learner(policy, stage=2, **offload)
+    assert ds.optim.engine.optimizer.optimizer.defaults["fused"] is True
+    ds.step(copy.deepcopy(items))
+    ds.save(tmp_path / "learner")
+    twin.load(tmp_path / "learner")
+    _assert_same_state(_adam_state(ds), _adam_state(twin))
     ds.step(copy.deepcopy(items))
     twin.step(copy.deepcopy(items))
     for k, v in weights(ds.policy).items():
