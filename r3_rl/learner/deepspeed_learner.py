@@ -41,7 +41,7 @@ from typing import Any, Callable, ContextManager
 import torch
 
 from r3_rl.learner.deepspeed_config import ds_config, optimizer_offload, pick_accelerator
-from r3_rl.learner.optim import make_adamw, trainable, warmup_lambda
+from r3_rl.learner.optim import make_adamw, resume_with_recipe_hyperparameters, trainable, warmup_lambda
 from r3_rl.learner.precision import check_precision, compute_dtype
 
 
@@ -192,7 +192,10 @@ class DeepSpeedOptim:
         from r3_rl.learner.safe_load import make_deepspeed_loads_safe
 
         make_deepspeed_loads_safe(self.engine)  # DeepSpeed's own engine would torch.load(weights_only=False)
-        load_path, _ = self.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+        inner = self.engine.optimizer
+        adamw = getattr(inner, "optimizer", inner)  # ZeRO and BF16_Optimizer wrap the torch AdamW
+        load_path, _ = resume_with_recipe_hyperparameters(
+            adamw, self.engine.lr_scheduler, lambda: self.engine.load_checkpoint(
+                str(path / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True))
         if load_path is None:
             raise FileNotFoundError(f"{path / 'deepspeed'}: no DeepSpeed state")

@@ -81,6 +81,25 @@ def make_adamw(params: list[torch.nn.Parameter], cfg: Any, lrs: list[float | Non
                              lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=fused or None)
 
 
+def resume_with_recipe_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any,
+                                       load: Callable[[], Any]) -> Any:
+    """Run ``load`` (the optimiser's and schedule's saved state) and keep this run's hyperparameters.
+
+    A saved optimiser brings back its ``param_groups`` -- learning rate, betas, weight decay, the fused flag -- and
+    ``LambdaLR`` its ``base_lrs``, so a resume with a lowered ``learner.lr`` (rolling back after a divergence)
+    went on at the saved rate.  Kept from the checkpoint: Adam's moments and step counts, the schedule's position;
+    taken from the recipe: every group option, and the rate ``base x schedule(position)`` (the schedule's shape
+    is the recipe's already: ``LambdaLR`` saves no plain function)."""
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    out = load()
+    for group, options, factor in zip(optimizer.param_groups, fresh, scheduler.lr_lambdas, strict=True):
+        group.update(options)
+        group["lr"] = group["initial_lr"] * factor(scheduler.last_epoch)
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    return out
+
+
 class TorchOptim:
     """AdamW + linear warm-up + global-norm clipping, all in-process; bf16 weights step through fp32 masters."""
 
@@ -156,8 +175,10 @@ class TorchOptim:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        def load() -> None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        resume_with_recipe_hyperparameters(self.optimizer, self.scheduler, load)
         if self.masters.active:
             self.masters.load_state_dict(state["master_weights"])
 
