@@ -264,7 +264,7 @@ class Trainer:
             learn = self.learner.step(items)
             if "learner/loss" in learn:
                 self.policy.version += 1
-                self.engine.sync(self.policy)  # workers sample the next step with the new weights
+                self.engine.sync(self.policy, trainable_only=True)  # the next step samples the new weights
             done = time.time()
             # the learner's numbers pass through: PPO logs the advantages it trains on (its GAE) there
             m = step_metrics(trees, r.rewards.correct_threshold, learn, batch_stats, adv_stats,

@@ -35,7 +35,7 @@ from r3_rl.learner.deepspeed_learner import ensure_dist_env, free_port
 from r3_rl.learner.torch_learner import enable_checkpointing, learner_from_recipe, reduce_metric
 from r3_rl.ray_actors import (ActorLost, ClusterError, ReadyActor, Unplaced, first_line, get_within,
                               start_actors)
-from r3_rl.ray_runtime import actor_died, cpu_state, kill_actors, start_ray, stop_ray
+from r3_rl.ray_runtime import actor_died, kill_actors, pack_state, start_ray, stop_ray, trainable_keys, unpack_state
 
 
 class LearnerRank(ReadyActor):
@@ -55,8 +55,7 @@ class LearnerRank(ReadyActor):
 
         return ray.util.get_node_ip_address(), free_port("")
 
-    def setup(self, master: tuple[str, int], policy_state: dict[str, Any], reference_state: dict[str, Any] | None,
-              version: int) -> bool:
+    def setup(self, master: tuple[str, int], policy_state: Any, reference_state: Any, version: int) -> bool:
         """Join the process group; build policy (+ LoRA), reference and learner.  All ranks call this together."""
         from r3_rl.config import Recipe
         from r3_rl.learner.actions import uses_kl
@@ -78,10 +77,10 @@ class LearnerRank(ReadyActor):
             enable_checkpointing(policy, recipe.learner)  # before LoRA wraps the model
             adapters = apply_lora(policy, lora)
             reference = adapters.reference() if uses_kl(recipe.learner) else None
-        policy.load_state_dict(policy_state, version)  # before DeepSpeed copies the weights into its partitions
+        policy.load_state_dict(unpack_state(policy_state), version)  # before DeepSpeed partitions the weights
         if lora is None and reference_state is not None:
             reference = policy.frozen_copy()
-            reference.model.load_state_dict(reference_state)
+            reference.model.load_state_dict(unpack_state(reference_state))
         self.policy, self.reference_is_copy = policy, lora is None and reference is not None
         self.reference = reference
         self.learner = learner_from_recipe(policy, reference, recipe, adapters=adapters)
@@ -92,8 +91,13 @@ class LearnerRank(ReadyActor):
     def step(self, items: list[Any]) -> dict[str, float]:
         return self.learner.step(items)
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        return cpu_state(self.policy.state_dict())
+    def weights(self, trainable_only: bool = False) -> Any:
+        """This rank's weights for the driver's mirror (:func:`r3_rl.ray_runtime.pack_state`); ``trainable_only``:
+        those a learner step changes (LoRA: the adapters, not the frozen base)."""
+        state = self.policy.state_dict()
+        if trainable_only:
+            state = {k: state[k] for k in trainable_keys(self.policy.model)}
+        return pack_state(state)
 
     def save(self, path: str) -> None:
         if self.rank == 0:
@@ -185,8 +189,10 @@ class RankedLearner:
                     waited = f" (waited {placement:g} s)" if isinstance(got, Unplaced) else ""
                     raise ClusterError(f"learner rank {r} could not be started: {got}{waited}")
             master = self._get(self.ranks[0].address.remote(), "rendezvous")
-            state = cpu_state(policy.state_dict())
-            ref_state = cpu_state(reference.model.state_dict()) if reference is not None and cfg.lora is None else None
+            # put once, passed by reference: an argument given to each rank's call would be stored once per rank
+            state = ray.put(pack_state(policy.state_dict()))
+            ref_state = (ray.put(pack_state(reference.model.state_dict()))
+                         if reference is not None and cfg.lora is None else None)
             self._all([r.setup.remote(master, state, ref_state, policy.version) for r in self.ranks], "set-up")
         except BaseException:
             self.close()
@@ -255,7 +261,8 @@ class RankedLearner:
         ref = ray.put(items)
         metrics = _merge(self._all([r.step.remote(ref) for r in self.ranks], "learner step"))
         if "learner/loss" in metrics:
-            self.policy.load_state_dict(self._get(self.ranks[0].weights.remote(), "weight copy"))
+            update = self._get(self.ranks[0].weights.remote(trainable_only=True), "weight copy")
+            self.policy.load_state_dict(unpack_state(update), partial=True)
         return metrics
 
     # the ranks' DeepSpeed checkpoints hold the trained weights; the mirror exports them
@@ -275,7 +282,7 @@ class RankedLearner:
         ref_file = Path(path).parent / "reference.safetensors"
         self._all([r.load.remote(str(path), str(ref_file) if ref_file.is_file() else None) for r in self.ranks],
                   "checkpoint load")
-        self.policy.load_state_dict(self._get(self.ranks[0].weights.remote(), "weight copy"))
+        self.policy.load_state_dict(unpack_state(self._get(self.ranks[0].weights.remote(), "weight copy")))
 
     def close(self) -> None:
         kill_actors(self.ranks)

@@ -201,15 +201,19 @@ class Policy(ABC):
         with deepspeed.zero.GatheredParameters(params):
             return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
-    def load_state_dict(self, state: dict[str, Any], version: int | None = None) -> None:
+    def load_state_dict(self, state: dict[str, Any], version: int | None = None, partial: bool = False) -> None:
+        """``partial``: ``state`` holds some of the weights (the trainable ones after a learner step); every
+        name must still be the model's."""
         params = self._partitioned()
         if params:  # ZeRO-3: rank 0's values go into every rank's shard
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-                self.model.load_state_dict(state)
+                loaded = self.model.load_state_dict(state, strict=not partial)
         else:
-            self.model.load_state_dict(state)
+            loaded = self.model.load_state_dict(state, strict=not partial)
+        if loaded.unexpected_keys:
+            raise KeyError(f"weights not in the model: {', '.join(loaded.unexpected_keys[:3])}")
         if version is not None:
             self.version = version
 

@@ -27,7 +27,9 @@ class RolloutEngine(Protocol):
     def run(self, tasks: list[RolloutTask], sampling: StageSampling) -> Iterator[tuple[RolloutTask, list[Tree]]]:
         ...
 
-    def sync(self, policy: Policy) -> None:
+    def sync(self, policy: Policy, trainable_only: bool = False) -> None:
+        """Workers sample with ``policy``'s weights from now on; ``trainable_only``: only its trainable weights
+        changed since the last sync (after a learner step), so an engine may send those alone."""
         ...
 
     def close(self) -> None:
@@ -46,7 +48,7 @@ class LocalEngine:
         for task in tasks:
             yield task, run_task(self.policy, task, sampling, self.stop_phrase)
 
-    def sync(self, policy: Policy) -> None:
+    def sync(self, policy: Policy, trainable_only: bool = False) -> None:
         self.policy = policy  # the same object the learner updates: already current
 
     def close(self) -> None:
