@@ -14,6 +14,15 @@ from r3_rl.trajectory import STAGES, Stage
 Beta = Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)]
 
 
+# DeepSpeed config keys the learner writes itself (:func:`r3_rl.learner.deepspeed_config.ds_config`): the recipe key
+LEARNER_OWNED_DS_KEYS = {
+    "train_micro_batch_size_per_gpu": "learner.micro_batch_size", "train_batch_size": "learner.micro_batch_size",
+    "gradient_accumulation_steps": "learner.grad_accum", "gradient_clipping": "learner.grad_clip",
+    "bf16": "learner.deepspeed.dtype", "fp16": "learner.deepspeed.dtype",
+    "optimizer": "learner.lr, learner.betas and learner.weight_decay",
+    "scheduler": "learner.warmup_steps, learner.lr_decay_steps and learner.lr_final"}
+
+
 class DeepSpeedCfg(Section):
     """``learner.backend: deepspeed``: the engine is built from these plus the learner's own keys
     (``micro_batch_size`` -> ``train_micro_batch_size_per_gpu``, ``grad_accum`` -> ``gradient_accumulation_steps``,
@@ -23,6 +32,19 @@ class DeepSpeedCfg(Section):
     # the engine's dtype; left out it follows policy.dtype (bf16: fp32 master weights), which it must agree with
     dtype: Literal["fp32", "bf16"] | None = None
     config: dict[str, Any] = Field(default_factory=dict)  # extra DeepSpeed config keys, merged last (expert use)
+
+    @field_validator("config")
+    @classmethod
+    def _no_learner_owned_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """Keys the learner sets from its own: given here they overrode them after every check (a
+        ``zero_optimization.stage`` past the resume check and the ZeRO-3 refusal; a ``bf16`` against
+        ``policy.dtype``; an ``optimizer`` beside the learner's AdamW)."""
+        stage = "stage" in (v.get("zero_optimization") or {})
+        owned = [k for k in v if k in LEARNER_OWNED_DS_KEYS] + (["zero_optimization.stage"] if stage else [])
+        if owned:
+            use = LEARNER_OWNED_DS_KEYS.get(owned[0], "learner.deepspeed.zero_stage")
+            raise ValueError(f"{owned[0]!r} is set by the learner: use {use} instead")
+        return v
 
 
 class LoraCfg(Section):

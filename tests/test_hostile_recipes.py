@@ -119,8 +119,14 @@ CASES = [
     (None, ["log.chains=100000000000"], [], "key 'log.chains': 100000000000 is over the limit of 4096"),
     (None, ["rewards.reflect.correct_part=nope"], [],
      "key 'rewards.reflect.correct_part': 'nope' names no task reward; expected REWARD or REWARD/COMPONENT of blocks"),
-    (None, ["learner.backend=deepspeed", "learner.deepspeed.config={zero_optimization: {stage: 9}}"], [],
-     "key 'learner.deepspeed.config': DeepSpeed refuses it: DeepSpeedZeroConfig.stage: Input should be 0, 1, 2, 3"),
+    (None, ["learner.backend=deepspeed", "learner.deepspeed.config={zero_optimization: {reduce_bucket_size: 0}}"], [],
+     "key 'learner.deepspeed.config': DeepSpeed refuses it: DeepSpeedZeroConfig.reduce_bucket_size: Input should be"),
+    # keys the learner writes: they overrode learner.deepspeed.zero_stage (past the resume and ZeRO-3 checks) etc.
+    (None, ["learner.backend=deepspeed", "learner.deepspeed.config={zero_optimization: {stage: 3}}"], [],
+     "key 'learner.deepspeed.config': Value error, 'zero_optimization.stage' is set by the learner: use "
+     "learner.deepspeed.zero_stage instead"),
+    (None, ["learner.backend=deepspeed", "learner.deepspeed.config={optimizer: {type: Adam}}"], [],
+     "'optimizer' is set by the learner: use learner.lr, learner.betas and learner.weight_decay instead"),
 ]
 
 
