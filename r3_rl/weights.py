@@ -163,21 +163,29 @@ def policy_facts(recipe: Any, cache_dir: str | Path | None = None) -> ModelFacts
 def checkpoint_bytes(recipe: Any, params: int, image_pixels: int) -> dict[str, int]:
     """Estimated bytes of one checkpoint, by part (an upper bound: every parameter counted as trainable).
 
-    model/ and the KL reference in ``policy.dtype``; AdamW's two moments in the parameter dtype (torch) or
-    fp32 plus fp32 master weights (DeepSpeed bf16); a separate PPO critic doubles model and optimiser; the
-    Tree-RL parent buffer holds up to ``buffer_size`` correct and as many flawed images.
+    model/ in ``policy.dtype``, and the KL reference where the run keeps a frozen copy (no LoRA, a KL weight
+    above 0); AdamW's two moments in the parameter dtype (torch) or fp32 plus fp32 master weights (DeepSpeed
+    bf16), and under DeepSpeed its own module file beside them (the whole module in the engine's dtype, LoRA's
+    frozen base included); a separate PPO critic doubles model and optimiser; the Tree-RL parent buffer holds up
+    to ``buffer_size`` correct and as many flawed images.
     """
+    from r3_rl.learner.actions import uses_kl
+
     learner = recipe.learner
     w = params * DTYPE_BYTES[recipe.policy.dtype]
     lora = learner.lora is not None
-    if learner.backend == "deepspeed":
-        optim = params * (12 if learner.deepspeed.dtype == "bf16" else 8)
+    deepspeed = learner.backend == "deepspeed"
+    if deepspeed:
+        optim = params * (12 if (learner.deepspeed.dtype or recipe.policy.dtype) in ("bf16", "bfloat16") else 8)
     else:
         optim = params * 2 * DTYPE_BYTES[recipe.policy.dtype]
-    parts = {"model": w, "reference": 0 if lora else w, "optimiser": optim}
-    if lora:  # adapters are small; the unmerged policy is saved next to the merged export
+    parts = {"model": w, "reference": w if not lora and uses_kl(learner) else 0, "optimiser": optim}
+    if deepspeed:
+        parts["DeepSpeed module"] = w
+    if lora:  # adapters are small; the torch backend saves the unmerged policy next to the merged export
         parts["optimiser"] = 0
-        parts["unmerged policy"] = w
+        if not deepspeed:
+            parts["unmerged policy"] = w
     if learner.algorithm == "ppo" and learner.ppo.critic == "separate":
         parts["critic"] = w + optim
     tokens = (recipe.data.blocks.rows * recipe.data.blocks.cols if recipe.policy.kind == "tiny"

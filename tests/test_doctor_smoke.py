@@ -14,6 +14,7 @@ from r3_rl.blocks.world import CELL
 from r3_rl.config import load_recipe
 from r3_rl.doctor.gpu import all_reduce_check
 from r3_rl.doctor.smoke import random_model_like, smoke_train
+from r3_rl.trainer import Trainer
 from r3_rl.weights import checkpoint_bytes, checkpoints_on_disk, safetensors_params
 
 
@@ -108,3 +109,27 @@ def test_with_a_gpu_the_doctor_trains_a_random_janus_of_the_recipes_shape(tmp_pa
     train = {f.check: f for f in found}["train"]
     assert train.status == "ok" and "2 steps on a random 2-layer model" in train.detail
     assert not list((tmp_path / "runs").glob("r3rl-doctor-*"))  # its scratch folder is gone
+
+
+@pytest.mark.parametrize("kl", [True, False], ids=["with KL", "no KL"])
+def test_the_checkpoint_estimate_counts_each_deepspeed_file(tmp_path: Path, kl: bool) -> None:
+    """DeepSpeed writes its own module file beside its optimiser shards, and the KL reference is written only
+    when the run keeps a frozen copy: the estimate once left the first out and counted the second always, so
+    with KL on the doctor passed a disk too small (BAGEL: 91 GB under the need).  Each part against its file
+    (bf16, as users run; the tiny model's pickle headers are the slack)."""
+    no_kl = [] if kl else ["learner.kl_coef_text=0", "learner.kl_coef_image=0"]
+    recipe = load_recipe(REPO / "recipes" / "tiny_blocks.yaml", tiny_overrides(tmp_path) + [
+        "learner.backend=deepspeed", "policy.dtype=bfloat16", "learner.deepspeed.dtype=bf16", *no_kl])
+    Trainer(recipe, tmp_path / "run").train()
+    (ckpt,) = (tmp_path / "run" / "checkpoints").glob("step_*")
+    params = safetensors_params(ckpt / "model" / "model.safetensors")
+    parts = checkpoint_bytes(recipe, params, recipe.data.blocks.rows * recipe.data.blocks.cols * CELL * CELL)
+    engine = ckpt / "state" / "learner" / "deepspeed" / "state"
+    reference = ckpt / "state" / "reference.safetensors"
+    written = {"model": (ckpt / "model" / "model.safetensors").stat().st_size,
+               "reference": reference.stat().st_size if reference.exists() else 0,
+               "optimiser": sum(f.stat().st_size for f in engine.glob("*optim_states.pt")),
+               "DeepSpeed module": (engine / "mp_rank_00_model_states.pt").stat().st_size}
+    assert (written["reference"] > 0) == kl
+    for part, size in written.items():
+        assert parts[part] == pytest.approx(size, rel=0.25), (part, parts[part], size)

@@ -70,7 +70,7 @@ def test_zero2_step_matches_torch_resumes_exactly_and_skips_nonfinite(base, tmp_
 
     # exact resume: save after one step, load into a fresh engine, take the same next step on both
     ds.save(tmp_path / "learner")
-    assert not list((tmp_path / "learner").rglob("zero_to_fp32.py"))  # DeepSpeed's script unpickles what it reads
+    assert not list((tmp_path / "learner").rglob("zero_to_*.py"))  # DeepSpeed's scripts unpickle what they read
     twin = _ds_learner(policy, stage=2)
     twin.load(tmp_path / "learner")
     for k, v in weights(ds.policy).items():

@@ -187,9 +187,10 @@ class DeepSpeedOptim:
 
     def save(self, path: Path) -> None:
         self.engine.save_checkpoint(str(path / "deepspeed"), tag="state", save_latest=False)
-        # DeepSpeed copies its zero_to_fp32.py beside the state; that script unpickles whatever checkpoint it is
-        # pointed at (weights_only=False), and the checkpoint's model/ folder already holds the full weights
-        (path / "deepspeed" / "zero_to_fp32.py").unlink(missing_ok=True)
+        # DeepSpeed copies its recovery scripts beside the state; zero_to_fp32.py (zero_to_torch.py runs it)
+        # unpickles whatever checkpoint it is pointed at (weights_only=False), and model/ holds the full weights
+        for script in ("zero_to_fp32.py", "zero_to_torch.py"):
+            (path / "deepspeed" / script).unlink(missing_ok=True)
 
     def load(self, path: Path) -> None:
         from r3_rl.learner.safe_load import make_deepspeed_loads_safe
