@@ -191,10 +191,14 @@ class Trainer:
     def resume(self, path: Path, checked: dict[str, Any] | None = None) -> None:
         """Continue exactly where checkpoint ``path`` left off (same recipe; ``steps`` may be larger);
         ``checked``: what ``check_resumable`` returned for it, when the caller has run it."""
-        from r3_rl.learner.checkpoint import load_checkpoint
+        from r3_rl.learner.checkpoint import load_checkpoint, set_aside_later
 
         load_checkpoint(path, self._checkpoint_parts(), self.recipe, checked)
         self.resumed_from = path
+        for later in set_aside_later(path, self.run_dir):
+            self.log_event(f"resumed at step {self.step}: the later checkpoint {later.name.removeprefix('abandoned-')} "
+                           f"belongs to the abandoned branch; set aside as {later} (--resume auto skips it; "
+                           f"delete it when it is not needed)")
         # the steps after the checkpoint are run again: log them once (a finished run's final checkpoint came
         # before its "after" eval, which runs again; mid-run evals never fall on the last step)
         self.metrics.rewind(self.step, keep_evals=self.step < self.recipe.steps)

@@ -143,6 +143,25 @@ def test_find_resume_and_prune(tmp_path: Path) -> None:
     assert (root / "step_000004").is_dir()  # incomplete ones are neither counted nor deleted by prune
 
 
+def test_resuming_an_earlier_step_sets_the_later_branch_aside(tmp_path: Path) -> None:
+    """Resume step 1 of a run that reached step 3: steps 2-3 are the abandoned branch.  Left in place, a crash
+    after the new branch's step 2 made ``--resume auto`` pick the old step 3 (logs already rewound to step 1)."""
+    from r3_rl.learner.checkpoint import set_aside_later
+
+    recipe = load_recipe(RECIPE, [f"out_dir={tmp_path}", "name=x"])
+    run = tmp_path / "x-20260101-000000"
+    root = run / "checkpoints"
+    first = _fake_ckpt(root, 1)
+    for s in (2, 3):
+        _fake_ckpt(root, s)
+    moved = set_aside_later(first, run)
+    assert [p.name for p in moved] == ["abandoned-step_000002", "abandoned-step_000003"] and all(p.is_dir() for p in moved)
+    assert find_resume("auto", recipe, None) == (first, run)
+    _fake_ckpt(root, 2)  # the new branch saves step 2, then crashes
+    assert find_resume("auto", recipe, None) == (root / "step_000002", run)
+    assert set_aside_later(root / "step_000002", run) == []  # resuming the latest sets nothing aside
+
+
 def test_cli_resume_path_without_checkpoint_is_one_line_error(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture) -> None:
     code = main(["train", str(RECIPE), "--resume", str(tmp_path), "--set", f"out_dir={tmp_path}"])

@@ -113,6 +113,21 @@ def find_resume(where: str, recipe: Any, run_dir: str | None) -> tuple[Path | No
     return ckpt, Path(run_dir) if run_dir is not None else ckpt.parent.parent
 
 
+def set_aside_later(ckpt: Path, run_dir: Path) -> list[Path]:
+    """Resuming ``ckpt`` in ``run_dir`` branches at its step: the complete checkpoints of later steps there are the
+    abandoned branch's, and ``--resume auto`` (latest step first) would pick one after a crash while the logs were
+    rewound to the branch point.  They are renamed ``abandoned-step_N`` (kept, not deleted); returns the new paths."""
+    at = int(ckpt.name[len("step_"):]) if STEP_RE.match(ckpt.name) else int((_meta(ckpt) or {}).get("step", 0))
+    root, moved = Path(run_dir) / CKPT_DIR, []
+    for p in complete_checkpoints(root):
+        if int(p.name[len("step_"):]) > at:
+            dest = root / f"abandoned-{p.name}"
+            dest = dest if not dest.exists() else root / f"abandoned-{p.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            p.rename(dest)
+            moved.append(dest)
+    return moved
+
+
 def previous_report(run_dir: Path, name: str) -> dict[str, Any] | None:
     """An eval report written earlier in this run dir (a resumed run reuses its ``before`` eval)."""
     path = Path(run_dir) / "eval" / f"{name}.json"
