@@ -154,14 +154,15 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """The loop's own state (``state/trainer.pt``): steps done, policy version, RNGs, prompt-sampler position,
         reward-failure counts.  Weights and optimiser belong to the learner, the parent buffer writes its own file."""
-        from r3_rl.learner.checkpoint import FORMAT, global_rng_state
+        from r3_rl.learner.checkpoint import FORMAT
+        from r3_rl.rng_state import global_rng_state
 
         return {"format": FORMAT, "step": self.step, "policy_version": self.policy.version,
                 "rng": self.rng.getstate(), **global_rng_state(), "data_position": self.data.position,
                 "scorer": self.failures.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from r3_rl.learner.checkpoint import set_global_rng_state
+        from r3_rl.rng_state import set_global_rng_state
 
         self.step = state["step"]
         self.policy.version = state["policy_version"]

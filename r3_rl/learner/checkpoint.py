@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import time
@@ -43,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_model
 
@@ -187,28 +185,6 @@ def load_exported(model: torch.nn.Module, folder: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- save
-def global_rng_state() -> dict[str, Any]:
-    """The process-wide RNGs (python, numpy, torch, CUDA) as plain data for ``weights_only`` loading."""
-    return {"python_rng": random.getstate(), "numpy_rng": _numpy_rng_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_global_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`global_rng_state` (format 1's numpy array key state too)."""
-    random.setstate(state["python_rng"])
-    kind, keys, *rest = state["numpy_rng"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(state["torch_rng"])
-    if state.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-
-
-def _numpy_rng_state() -> tuple[Any, ...]:
-    """numpy's global RNG state with its key array as a list: plain data for ``weights_only`` loading."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return kind, keys.tolist(), pos, has_gauss, gauss
-
-
 def _sha256(path: Path) -> str:
     import hashlib
 
