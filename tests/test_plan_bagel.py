@@ -146,3 +146,16 @@ def test_the_shipped_bagel_recipe_is_planned_offline_and_fits_8_gpus_of_80gb(cap
     assert not on_gpu.fits and on_gpu.processes[0].total > learner.total + 40e9
     # 7 GPUs: no spare one, the trainer shares GPU 0 with an actor and it does not fit
     assert not make_plan(load_recipe(BAGEL), 7, 80).fits
+
+
+def test_the_plan_counts_the_nodes_host_memory() -> None:
+    """Offloaded optimiser states of every rank, the full weight state pinned in Ray's object store (and LoRA's
+    last update beside it), the trainer's CPU copy of its GPU weights while it puts a full state."""
+    plan = make_plan(load_recipe(BAGEL), 8, 80)
+    shape, b = plan.shape, 2
+    assert plan.host == {"offloaded optimiser states": memory.offloaded_states(shape.params_trained, b, 4) * 4,
+                         "Ray object store": b * shape.params, "the trainer's CPU copy during a full sync": b * shape.params}
+    lora = make_plan(load_recipe(REPO / "recipes" / "grpo_geneval_7b.yaml"), 8, 80)
+    update = 2 * lora.shape.lora_params(64, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert 0 < update < 0.02 * 2 * lora.shape.params
+    assert lora.host["Ray object store"] == 2 * lora.shape.params + update

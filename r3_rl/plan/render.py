@@ -153,6 +153,13 @@ def render(plan: Plan) -> str:
         ok = "ok" if v <= USABLE * plan.gpu_memory * GB else "OVER"
         out.append(f"  {what:56s} {v / GB:7.1f} GB  {ok}")
     out.append(f"GPUs the actors need: {plan.gpus_needed} of {plan.gpus}")
+    if plan.host:
+        parts = "; ".join(f"{k} {v / GB:.1f}" for k, v in plan.host.items())
+        out.append(f"host (CPU) memory of the node beyond the processes: {sum(plan.host.values()) / GB:.1f} GB ({parts})")
+        if "Ray object store" in plan.host:  # ray.init's default store is 30% of the node's memory
+            store = plan.host["Ray object store"] / GB
+            out.append(f"  Ray's object store (30% of the node's memory unless ray start --object-store-memory) "
+                       f"needs {store:.1f} GB: a node of {store / 0.3:.0f} GB or more")
     out += [f"error: {e}" for e in plan.errors]
     if plan.fits:
         out.append("verdict: fits")

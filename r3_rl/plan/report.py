@@ -158,6 +158,7 @@ class Plan:
     processes: list[Process]
     gpus_needed: int
     errors: list[str]
+    host: dict[str, float] = field(default_factory=dict)  # CPU memory of the whole node, by part (bytes)
 
     def gpu_totals(self) -> list[tuple[str, float]]:
         """Per kind of GPU: (what it holds, bytes), the trainer process added to the fullest one."""
@@ -218,4 +219,25 @@ def make_plan(recipe: Any, gpus: int, gpu_memory: float, shape: ModelShape | Non
     if on_gpu and needed > gpus:
         errors.append(f"the actors need {needed} GPUs (learner.ranks x gpus_per_rank + rollout.workers x "
                       f"gpus_per_worker) but --gpus is {gpus}")
-    return Plan(recipe, shape, gpus, gpu_memory, processes, needed, errors)
+    return Plan(recipe, shape, gpus, gpu_memory, processes, needed, errors, host_memory(recipe, shape))
+
+
+def host_memory(recipe: Any, shape: ModelShape) -> dict[str, float]:
+    """The node's CPU memory the run holds beyond its processes' own: the offloaded optimiser states of every
+    learner rank, and Ray's object store -- the last full weight state stays pinned there (a replacement worker
+    loads it), next to the trainable weights of the last step when they are the smaller part (LoRA) -- plus the
+    trainer's CPU copy of a GPU policy while it puts a full state (:meth:`r3_rl.rollout.ray_engine.RayEngine.sync`)."""
+    cfg, b = recipe.learner, DTYPE_BYTES[recipe.policy.dtype]
+    host: dict[str, float] = {}
+    zero = cfg.deepspeed.zero_stage if cfg.backend == "deepspeed" else 0
+    if zero and optimizer_offload(cfg.deepspeed.config or {}) == "cpu":
+        r, targets = (cfg.lora.r, cfg.lora.target_modules) if cfg.lora is not None else DEFAULT_LORA
+        trained = shape.lora_params(r, targets) if cfg.lora is not None else shape.params_trained
+        host["offloaded optimiser states"] = memory.offloaded_states(trained, b, cfg.ranks) * cfg.ranks
+    if recipe.rollout.backend == "ray":
+        full = b * shape.params
+        update = b * shape.lora_params(cfg.lora.r, cfg.lora.target_modules) if cfg.lora is not None else full
+        host["Ray object store"] = full + (update if 2 * update <= full else 0)
+        if recipe.policy.device.startswith("cuda"):
+            host["the trainer's CPU copy during a full sync"] = full
+    return host
