@@ -82,3 +82,17 @@ def test_resume_with_two_ranks_is_bit_identical(tmp_path: Path) -> None:
     assert resumed.policy.version == straight.policy.version == 2
     for k, v in weights(straight.policy).items():
         assert torch.equal(weights(resumed.policy)[k], v), k
+
+
+def test_a_rank_writing_where_the_trainer_cannot_see_is_found(tmp_path: Path) -> None:
+    """Ranks write into the trainer's run dir; a rank on a node without that shared folder writes into a folder
+    of its own, and the checkpoint was marked complete without its shard (found only at the resume)."""
+    from r3_rl.learner.ray_ranks import unseen_files
+
+    (tmp_path / "deepspeed").mkdir()
+    (tmp_path / "deepspeed" / "rank0.pt").write_bytes(b"x" * 10)
+    (tmp_path / "learner.pt").write_bytes(b"y" * 3)
+    seen_by_rank0 = {"deepspeed/rank0.pt": 10, "learner.pt": 3}
+    assert unseen_files(tmp_path, [seen_by_rank0, seen_by_rank0]) == []  # a shared folder: both see everything
+    assert unseen_files(tmp_path, [seen_by_rank0, {"deepspeed/rank1.pt": 10}]) == [(1, "deepspeed/rank1.pt")]
+    assert unseen_files(tmp_path, [{"learner.pt": 4}]) == [(0, "learner.pt")]  # another file of that name

@@ -38,6 +38,18 @@ from r3_rl.ray_actors import (ActorLost, ClusterError, ReadyActor, Unplaced, fir
 from r3_rl.ray_runtime import actor_died, kill_actors, pack_state, start_ray, stop_ray, trainable_keys, unpack_state
 
 
+def unseen_files(root: Path, written: list[dict[str, int]]) -> list[tuple[int, str]]:
+    """(rank, file) for each file a rank reported writing under ``root`` that this process does not see there
+    with that size: a rank on a node without the run's shared folder wrote into a folder of its own."""
+    unseen = []
+    for rank, files in enumerate(written):
+        for rel, size in files.items():
+            f = root / rel
+            if not f.is_file() or f.stat().st_size != size:
+                unseen.append((rank, rel))
+    return unseen
+
+
 class LearnerRank(ReadyActor):
     """One data-parallel rank: a policy copy, its KL reference and a DeepSpeed learner."""
 
@@ -105,6 +117,10 @@ class LearnerRank(ReadyActor):
         else:  # only the DeepSpeed state is per rank; counters are rank 0's
             Path(path).mkdir(parents=True, exist_ok=True)
             self.learner.optim.save(Path(path))
+
+    def files(self, path: str) -> dict[str, int]:
+        """Every file this rank sees under ``path``, with its size (asked once every rank has saved)."""
+        return {f.relative_to(path).as_posix(): f.stat().st_size for f in Path(path).rglob("*") if f.is_file()}
 
     def load(self, path: str, reference_file: str | None) -> None:
         self.learner.load(Path(path))
@@ -277,6 +293,12 @@ class RankedLearner:
 
     def save(self, path: Path) -> None:
         self._all([r.save.remote(str(path)) for r in self.ranks], "checkpoint save")
+        unseen = unseen_files(Path(path), self._all([r.files.remote(str(path)) for r in self.ranks], "checkpoint save"))
+        if unseen:  # the checkpoint would be marked complete without them, and fail only at the resume
+            rank, rel = unseen[0]
+            raise ClusterError(f"learner rank {rank} (node {self.nodes[rank]}) wrote {rel} where the trainer cannot "
+                               f"see it ({len(unseen)} file(s) in all): out_dir must be a folder every node shares; "
+                               f"the checkpoint was not completed")
 
     def load(self, path: Path) -> None:
         ref_file = Path(path).parent / "reference.safetensors"
