@@ -67,10 +67,12 @@ def test_ranked_learner_config_errors(tmp_path: Path) -> None:
         RankedLearner(policy, None, _recipe(tmp_path, "learner.ranks=2", "learner.deepspeed.zero_stage=3"))
 
 
-def test_resume_with_two_ranks_is_bit_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["learner.lora={r: 4, dropout: 0.5}"]], ids=["full", "lora dropout"])
+def test_resume_with_two_ranks_is_bit_identical(tmp_path: Path, extra: list[str]) -> None:
+    """With LoRA dropout the ranks draw from their own generators: each rank's are in the checkpoint."""
     def run(name: str, steps: int, resume: str | None = None) -> Trainer:
         t = Trainer(load_recipe(RECIPE, tiny_overrides(tmp_path, steps) + LEARNER + [
-            "learner.ranks=2", "threads=1", "eval.dump=0", "learner.micro_batch_size=4"]), tmp_path / name)
+            "learner.ranks=2", "threads=1", "eval.dump=0", "learner.micro_batch_size=4", *extra]), tmp_path / name)
         if resume:
             t.resume(tmp_path / resume)
         t.train()

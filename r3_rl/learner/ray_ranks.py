@@ -112,18 +112,28 @@ class LearnerRank(ReadyActor):
         return pack_state(state)
 
     def save(self, path: str) -> None:
+        from r3_rl.rng_state import global_rng_state
+
         if self.rank == 0:
             self.learner.save(Path(path))
         else:  # only the DeepSpeed state is per rank; counters are rank 0's
             Path(path).mkdir(parents=True, exist_ok=True)
             self.learner.optim.save(Path(path))
+        # this process's own generators (LoRA dropout draws from them): the trainer's trainer.pt holds its own only
+        torch.save(global_rng_state(), Path(path) / f"rng_rank{self.rank}.pt")
 
     def files(self, path: str) -> dict[str, int]:
         """Every file this rank sees under ``path``, with its size (asked once every rank has saved)."""
         return {f.relative_to(path).as_posix(): f.stat().st_size for f in Path(path).rglob("*") if f.is_file()}
 
     def load(self, path: str, reference_file: str | None) -> None:
+        from r3_rl.learner.safe_load import safe_torch_load
+        from r3_rl.rng_state import set_global_rng_state
+
         self.learner.load(Path(path))
+        rng = Path(path) / f"rng_rank{self.rank}.pt"
+        if rng.is_file():  # checkpoints before 2026-12-06 have none
+            set_global_rng_state(safe_torch_load(rng))
         if reference_file and self.reference_is_copy:
             from safetensors.torch import load_model
 
