@@ -13,7 +13,7 @@ Janus-shaped bf16 model (embedding, ``--layers`` decoder layers of width ``--wid
 Printed for each: the put's time and the driver's private memory peak above its size before (``RssAnon``,
 sampled every millisecond: the object store's shared pages are not counted), all workers' load time and the
 largest private peak of a worker from before the weights arrive to the end of its load.  Last, the bytes a LoRA step sends (r 64 on the attention
-projections) against the full state: after a learner step only the trainable weights travel.
+projections, peft's fp32 adapters) against the full state: after a learner step only the trainable weights travel.
 
     python benchmarks/weight_sync.py [--width 2048] [--layers 2] [--intermediate 5632] [--vocab 102400]
                                      [--workers 2] [--repeats 3]
@@ -152,8 +152,8 @@ def main() -> None:
         print(f"  {name:24s} put {m['put']:6.2f} s, driver peak +{m['driver']:6.0f} MB; all loads {m['load']:6.2f} s, "
               f"worker peak +{m['worker']:6.0f} MB")
     print(f"  ours / before: put time {ours['put'] / before['put']:.2f}x, load time {ours['load'] / before['load']:.2f}x")
-    lora = args.layers * 4 * 64 * 2 * args.width * 2  # r 64 on q, k, v, o: A (64 x w) and B (w x 64), bf16
-    print(f"  a LoRA step (r 64 on q, k, v, o) sends {lora / 2 ** 20:.1f} MB of {nbytes / 2 ** 20:.0f} MB "
+    lora = args.layers * 4 * 64 * 2 * args.width * 4  # r 64 on q, k, v, o: A (64 x w) and B (w x 64), peft's fp32
+    print(f"  a LoRA step (r 64 on q, k, v, o; fp32 adapters) sends {lora / 2 ** 20:.1f} MB of {nbytes / 2 ** 20:.0f} MB "
           f"({nbytes / lora:.0f}x less than the full state)")
 
 

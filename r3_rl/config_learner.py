@@ -20,7 +20,12 @@ LEARNER_OWNED_DS_KEYS = {
     "gradient_accumulation_steps": "learner.grad_accum", "gradient_clipping": "learner.grad_clip",
     "bf16": "learner.deepspeed.dtype", "fp16": "learner.deepspeed.dtype",
     "optimizer": "learner.lr, learner.betas and learner.weight_decay",
-    "scheduler": "learner.warmup_steps, learner.lr_decay_steps and learner.lr_final"}
+    "scheduler": "learner.warmup_steps, learner.lr_decay_steps and learner.lr_final",
+    # the learner hands DeepSpeed a torch AdamW (fused under the offload) and reduces bf16 gradients in fp32
+    "zero_force_ds_cpu_optimizer": "the learner's own AdamW (leave the key out)",
+    "zero_allow_untested_optimizer": "the learner's own AdamW (leave the key out)",
+    "data_types": "learner.deepspeed.dtype (gradients accumulate in fp32)",
+    "communication_data_type": "learner.deepspeed.dtype (gradients are reduced in fp32)"}
 
 
 class DeepSpeedCfg(Section):

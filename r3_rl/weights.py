@@ -169,7 +169,7 @@ def checkpoint_bytes(recipe: Any, params: int, image_pixels: int) -> dict[str, i
     frozen base included); a separate PPO critic doubles model and optimiser; the Tree-RL parent buffer holds up
     to ``buffer_size`` correct and as many flawed images.
     """
-    from r3_rl.learner.actions import uses_kl
+    from r3_rl.learner.build import needs_frozen_reference
 
     learner = recipe.learner
     w = params * DTYPE_BYTES[recipe.policy.dtype]
@@ -179,7 +179,7 @@ def checkpoint_bytes(recipe: Any, params: int, image_pixels: int) -> dict[str, i
         optim = params * (12 if (learner.deepspeed.dtype or recipe.policy.dtype) in ("bf16", "bfloat16") else 8)
     else:
         optim = params * 2 * DTYPE_BYTES[recipe.policy.dtype]
-    parts = {"model": w, "reference": w if not lora and uses_kl(learner) else 0, "optimiser": optim}
+    parts = {"model": w, "reference": w if needs_frozen_reference(recipe) else 0, "optimiser": optim}
     if deepspeed:
         parts["DeepSpeed module"] = w
     if lora:  # adapters are small; the torch backend saves the unmerged policy next to the merged export

@@ -127,6 +127,8 @@ CASES = [
      "learner.deepspeed.zero_stage instead"),
     (None, ["learner.backend=deepspeed", "learner.deepspeed.config={optimizer: {type: Adam}}"], [],
      "'optimizer' is set by the learner: use learner.lr, learner.betas and learner.weight_decay instead"),
+    (None, ["learner.backend=deepspeed", "learner.deepspeed.config={zero_force_ds_cpu_optimizer: true}"], [],
+     "'zero_force_ds_cpu_optimizer' is set by the learner: use the learner's own AdamW (leave the key out) instead"),
 ]
 
 

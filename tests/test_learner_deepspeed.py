@@ -191,17 +191,17 @@ def test_ppo_critic_lr_under_zero2_matches_torch(base) -> None:
 @pytest.mark.parametrize("backend", ["torch", "deepspeed"])
 def test_resume_takes_the_recipes_learning_rate_and_betas(base, tmp_path: Path, backend: str) -> None:
     """Rolling back with a lower ``learner.lr``: the saved param_groups and schedule bases used to win (the resumed
-    run went on at the saved rate).  Now the recipe's rate (x the schedule at the saved position), betas and
-    weight decay apply, while Adam's moments and the schedule's position come from the checkpoint."""
+    run went on at the saved rate).  Now the recipe's rate (x the schedule at the saved position), betas, weight
+    decay and clipping norm apply, while Adam's moments and the schedule's position come from the checkpoint."""
     policy, items = base
     schedule = {"warmup_steps": 4, "lr_decay_steps": 10, "lr_final": 0.1}
 
-    def learner(lr: float, betas: list[float]) -> TorchLearner:
+    def learner(lr: float, betas: list[float], grad_clip: float = 1.0) -> TorchLearner:
         if backend == "deepspeed":
-            return _ds_learner(policy, stage=2, lr=lr, betas=betas, weight_decay=0.0, **schedule)
+            return _ds_learner(policy, stage=2, lr=lr, betas=betas, weight_decay=0.0, grad_clip=grad_clip, **schedule)
         p = clone(policy)
         return TorchLearner(p, p.frozen_copy(), learner_cfg(micro_batch_size=2, lr=lr, betas=betas, weight_decay=0.0,
-                                                            **schedule))
+                                                            grad_clip=grad_clip, **schedule))
 
     def adamw(t: TorchLearner) -> torch.optim.AdamW:
         return t.optim.optimizer if backend == "torch" else t.optim.engine.optimizer.optimizer
@@ -209,8 +209,10 @@ def test_resume_takes_the_recipes_learning_rate_and_betas(base, tmp_path: Path, 
     saved = learner(1e-2, [0.9, 0.95])
     saved.step(copy.deepcopy(items))  # schedule position 1 of a 4-step warm-up: factor 2/4
     saved.save(tmp_path / "learner")
-    lowered = learner(1e-3, [0.8, 0.99])
+    lowered = learner(1e-3, [0.8, 0.99], grad_clip=0.5)
     lowered.load(tmp_path / "learner")
+    if backend == "deepspeed":  # ZeRO restores its saved clipping norm; the torch driver reads the recipe's
+        assert lowered.optim.engine.optimizer.clip_grad == 0.5
     assert lowered.optim.lr() == pytest.approx(1e-3 * 2 / 4) and saved.optim.lr() == pytest.approx(1e-2 * 2 / 4)
     (group,) = adamw(lowered).param_groups
     assert group["betas"] == (0.8, 0.99) and group["initial_lr"] == 1e-3

@@ -149,13 +149,14 @@ def test_the_shipped_bagel_recipe_is_planned_offline_and_fits_8_gpus_of_80gb(cap
 
 
 def test_the_plan_counts_the_nodes_host_memory() -> None:
-    """Offloaded optimiser states of every rank, the full weight state pinned in Ray's object store (and LoRA's
-    last update beside it), the trainer's CPU copy of its GPU weights while it puts a full state."""
+    """BAGEL (14.69 B parameters, 14.17 B trained, bf16, 4 ranks, offload): 4 ranks x 16 bytes x 14.17 B / 4 of
+    offloaded states; in the object store the pinned full state (29.4 GB) and rank 0's trained weights on their
+    way to the mirror (28.3 GB); the trainer's CPU copy of its weights during a full sync.  Janus-Pro-7B with LoRA
+    r 64 on q/k/v/o (30 layers, width 4096): the adapters (62.9 M) sit beside the full state, fp32 in the driver
+    and bf16 from rank 0."""
     plan = make_plan(load_recipe(BAGEL), 8, 80)
-    shape, b = plan.shape, 2
-    assert plan.host == {"offloaded optimiser states": memory.offloaded_states(shape.params_trained, b, 4) * 4,
-                         "Ray object store": b * shape.params, "the trainer's CPU copy during a full sync": b * shape.params}
+    assert {k: round(v / 1e9, 1) for k, v in plan.host.items()} == {
+        "offloaded optimiser states": 226.8, "Ray object store": 57.7, "the trainer's CPU copy during a full sync": 29.4}
     lora = make_plan(load_recipe(REPO / "recipes" / "grpo_geneval_7b.yaml"), 8, 80)
-    update = 2 * lora.shape.lora_params(64, ["q_proj", "k_proj", "v_proj", "o_proj"])
-    assert 0 < update < 0.02 * 2 * lora.shape.params
-    assert lora.host["Ray object store"] == 2 * lora.shape.params + update
+    adapters = 30 * 4 * 64 * (4096 + 4096)
+    assert lora.host["Ray object store"] == pytest.approx(2 * lora.shape.params + (4 + 2) * adapters)

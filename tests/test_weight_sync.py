@@ -119,9 +119,11 @@ def test_a_full_fine_tune_step_still_sends_every_weight(lora_setup, monkeypatch:
     was = {name: p.requires_grad for name, p in policy.model.named_parameters()}
     for p in policy.model.parameters():
         p.requires_grad_(True)
+    before = engine._full_id
     try:
         engine.sync(policy, trainable_only=True)
     finally:
         for name, p in policy.model.named_parameters():
             p.requires_grad_(was[name])
     assert sizes == [len(policy.state_dict())]
+    assert engine._full_id == before + 1 and engine._update is None  # a new full state, no update beside it

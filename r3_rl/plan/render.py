@@ -158,8 +158,8 @@ def render(plan: Plan) -> str:
         out.append(f"host (CPU) memory of the node beyond the processes: {sum(plan.host.values()) / GB:.1f} GB ({parts})")
         if "Ray object store" in plan.host:  # ray.init's default store is 30% of the node's memory
             store = plan.host["Ray object store"] / GB
-            out.append(f"  Ray's object store (30% of the node's memory unless ray start --object-store-memory) "
-                       f"needs {store:.1f} GB: a node of {store / 0.3:.0f} GB or more")
+            out.append(f"  Ray's default object store is 30% of the node's memory: {store:.1f} GB in it needs a node of "
+                       f"{store / 0.3:.0f} GB or more (or ray start --object-store-memory)")
     out += [f"error: {e}" for e in plan.errors]
     if plan.fits:
         out.append("verdict: fits")

@@ -223,21 +223,29 @@ def make_plan(recipe: Any, gpus: int, gpu_memory: float, shape: ModelShape | Non
 
 
 def host_memory(recipe: Any, shape: ModelShape) -> dict[str, float]:
-    """The node's CPU memory the run holds beyond its processes' own: the offloaded optimiser states of every
-    learner rank, and Ray's object store -- the last full weight state stays pinned there (a replacement worker
-    loads it), next to the trainable weights of the last step when they are the smaller part (LoRA) -- plus the
-    trainer's CPU copy of a GPU policy while it puts a full state (:meth:`r3_rl.rollout.ray_engine.RayEngine.sync`)."""
+    """The node's CPU memory the run holds beyond its processes' own, at its peak.
+
+    The offloaded optimiser states of every learner rank; Ray's object store: the last full weight state stays
+    pinned (a replacement worker loads it), with LoRA's last update beside it (peft's fp32 adapters in the
+    driver), and with several learner ranks rank 0's trained weights on their way to the driver's mirror beside
+    that -- or, at set-up, the policy (and a frozen KL reference) sent to the ranks; and the trainer's CPU copy of
+    a GPU policy while it puts a full state (:meth:`r3_rl.rollout.ray_engine.RayEngine.sync`)."""
+    from r3_rl.learner.build import needs_frozen_reference
+
     cfg, b = recipe.learner, DTYPE_BYTES[recipe.policy.dtype]
-    host: dict[str, float] = {}
+    lora = shape.lora_params(cfg.lora.r, cfg.lora.target_modules) if cfg.lora is not None else 0
+    trained = lora or shape.params_trained
+    full, host = b * shape.params, {}
     zero = cfg.deepspeed.zero_stage if cfg.backend == "deepspeed" else 0
     if zero and optimizer_offload(cfg.deepspeed.config or {}) == "cpu":
-        r, targets = (cfg.lora.r, cfg.lora.target_modules) if cfg.lora is not None else DEFAULT_LORA
-        trained = shape.lora_params(r, targets) if cfg.lora is not None else shape.params_trained
         host["offloaded optimiser states"] = memory.offloaded_states(trained, b, cfg.ranks) * cfg.ranks
+    store = 0.0
     if recipe.rollout.backend == "ray":
-        full = b * shape.params
-        update = b * shape.lora_params(cfg.lora.r, cfg.lora.target_modules) if cfg.lora is not None else full
-        host["Ray object store"] = full + (update if 2 * update <= full else 0)
-        if recipe.policy.device.startswith("cuda"):
-            host["the trainer's CPU copy during a full sync"] = full
+        store = full + (4 * lora if 2 * 4 * lora <= full else 0)
+    if cfg.ranks > 1:
+        store = max(store + b * trained, full * (2 if needs_frozen_reference(recipe) else 1))
+    if store:
+        host["Ray object store"] = store
+    if recipe.rollout.backend == "ray" and recipe.policy.device.startswith("cuda"):
+        host["the trainer's CPU copy during a full sync"] = full
     return host
