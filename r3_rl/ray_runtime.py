@@ -44,9 +44,9 @@ def pack_state(state: dict[str, Any]) -> Packed:
 
     Ray stores numpy arrays and hands them back as views of its shared memory (pickle protocol 5's out-of-band
     buffers); torch tensors are pickled into private copies on both sides.  996 MB of bf16 weights to 2 workers
-    (``benchmarks/weight_sync.py``, 2 cores): as pickled tensors they cost the driver 1.6 GB and each worker 1.1 GB
-    of private memory, the put 1.38 s and the loads 2.64 s; as these bytes, no private memory beyond the driver's
-    CPU copy of GPU tensors, 0.11 s and 0.21 s."""
+    (``benchmarks/weight_sync.py``, 2 cores, two runs): as pickled tensors they cost the driver 1.6-2.0 GB and each
+    worker 1.1 GB of private memory, the put 1.4-1.8 s and the loads 2.6-3.2 s; as these bytes, no private memory
+    beyond the driver's CPU copy of GPU tensors, 0.1-0.4 s and 0.2-0.3 s."""
     import torch
 
     out: Packed = {}
