@@ -219,6 +219,14 @@ def chain_images(trees: list[Tree], correct_threshold: float) -> list[JudgedImag
     return out
 
 
+def read_report(out_dir: str | Path, name: str) -> dict[str, Any] | None:
+    """The ``<name>.json`` :func:`write_report` wrote, or None (a resumed run reuses its run dir's ``before``)."""
+    try:
+        return json.loads((Path(out_dir) / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def write_report(report: dict[str, Any], out_dir: str | Path, name: str, trees: list[Tree] | None = None,
                  dump: int = 0) -> None:
     """``<name>.json`` + ``<name>.md``; with ``trees`` and ``dump > 0`` also the first ``dump`` chains as

@@ -67,6 +67,7 @@ class Trainer:
         self.rng = random.Random(recipe.seed)
         self.sampling = stage_sampling(recipe)
         self.resumed_from: Path | None = None  # the checkpoint this run continues (see resume)
+        self.reference_file: Path | None = None  # holds exactly self.reference's weights (see _remember_reference)
 
     # ------------------------------------------------------------------ rollout
     @property
@@ -177,7 +178,7 @@ class Trainer:
         from r3_rl.learner.checkpoint import CheckpointParts
 
         return CheckpointParts(policy=self.policy, reference=self.reference, learner=self.learner, loop=self,
-                               buffer=self.buffer)
+                               buffer=self.buffer, reference_file=self.reference_file)
 
     def save_checkpoint(self, step: int | None = None) -> Path:
         """Full state after ``step`` completed steps (default: ``self.step``) -> ``checkpoints/step_NNNNNN``
@@ -186,8 +187,14 @@ class Trainer:
 
         if step is not None:
             self.step = step
-        return save_checkpoint(self.run_dir, self.step, self.recipe.keep_last, self._checkpoint_parts(),
-                               self.recipe)
+        path = save_checkpoint(self.run_dir, self.step, self.recipe.keep_last, self._checkpoint_parts(), self.recipe)
+        self._remember_reference(path)
+        return path
+
+    def _remember_reference(self, checkpoint: Path) -> None:
+        """The checkpoint's reference file holds exactly this run's frozen reference: the next save links it."""
+        ref = checkpoint / "state" / "reference.safetensors"
+        self.reference_file = ref if self.reference is not None and ref.is_file() else None
 
     def resume(self, path: Path, checked: dict[str, Any] | None = None) -> None:
         """Continue exactly where checkpoint ``path`` left off (same recipe; ``steps`` may be larger);
@@ -196,6 +203,7 @@ class Trainer:
 
         load_checkpoint(path, self._checkpoint_parts(), self.recipe, checked)
         self.resumed_from = path
+        self._remember_reference(path)
         for later in set_aside_later(path, self.run_dir):
             self.log_event(f"resumed at step {self.step}: the later checkpoint {later.name.removeprefix('abandoned-')} "
                            f"belongs to the abandoned branch; set aside as {later} (--resume auto skips it; "
@@ -211,9 +219,9 @@ class Trainer:
         """The pre-RL eval; a resumed run reuses its run dir's, or evaluates the resumed weights."""
         if self.step == 0:
             return self.run_eval("before")
-        from r3_rl.learner.checkpoint import previous_report
+        from r3_rl.eval.evaluate import read_report
 
-        return previous_report(self.run_dir, "before") or self.run_eval(f"resume_{self.step:06d}")
+        return read_report(self.run_dir / "eval", "before") or self.run_eval(f"resume_{self.step:06d}")
 
     def _record_environment(self) -> None:
         """``environment.json``: what the numbers hang on besides the recipe; a resume elsewhere is an event."""

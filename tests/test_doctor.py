@@ -184,3 +184,21 @@ def test_ray_cluster_resources_are_read_from_a_running_cluster(ray_session) -> N
     address = ray_session.get_runtime_context().gcs_address
     info = cluster_resources(address, timeout=120)
     assert info["total"]["CPU"] == 4 and info["nodes"] == 1
+
+
+def test_the_disk_check_counts_the_linked_reference_once(repo: Path, tmp_path: Path) -> None:
+    """Checkpoints hard-link the frozen KL reference the first one wrote: 4 checkpoints on disk hold one copy of it
+    (plus the final weights); a disk one byte short of that is a problem, that size is enough."""
+    from r3_rl.weights import DTYPE_BYTES, checkpoint_bytes, checkpoints_on_disk, policy_facts
+
+    sets = [f"out_dir={tmp_path}", "steps=10", "save_every=2", "keep_last=3"]
+    recipe = load_recipe(repo / "recipes" / "tiny_blocks.yaml", sets)
+    facts = policy_facts(recipe)
+    parts = checkpoint_bytes(recipe, facts.params, facts.image_pixels)
+    n = checkpoints_on_disk(recipe)
+    assert n == 4 and parts["reference"] > 0
+    need = n * (sum(parts.values()) - parts["reference"]) + parts["reference"] + facts.params * DTYPE_BYTES[
+        recipe.policy.dtype]
+    for free, status in ((need - 1, "problem"), (need, "ok")):
+        _, found = run_doctor(repo / "recipes" / "tiny_blocks.yaml", sets, free_bytes=lambda path, f=free: f)
+        assert by_check(found)["disk"].status == status, by_check(found)["disk"].line()

@@ -208,3 +208,23 @@ def test_resume_refuses_an_incompatible_recipe(tmp_path: Path) -> None:
         check_compatible(meta, load_recipe(RECIPE, ["steps=4", "learner.ppo.critic_lr=1e-2"]), tmp_path)
     older = {"step": 2, "structure": {k: v for k, v in structure(recipe).items() if k != "learner.ppo.critic_lr"}}
     check_compatible(older, recipe, tmp_path)  # checkpoints written before the key: still resumable
+
+
+def test_the_frozen_reference_is_written_once_and_linked_after(tmp_path: Path) -> None:
+    """The KL reference (a policy-sized file, 29 GB for BAGEL) never changes within a run: the first save writes
+    it, later saves -- and the saves of a run resumed from a checkpoint -- hard-link the file known to hold it."""
+    run = Trainer(load_recipe(RECIPE, _overrides(tmp_path, 3) + ["save_every=1", "keep_last=2"]), tmp_path / "a")
+    run.train()
+    assert run.reference is not None
+    refs = [p / "state" / "reference.safetensors" for p in complete_checkpoints(tmp_path / "a" / "checkpoints")]
+    assert [p.parent.parent.name for p in refs] == ["step_000002", "step_000003"]  # step 1 pruned, its data kept
+    assert refs[0].stat().st_ino == refs[1].stat().st_ino and refs[1].stat().st_nlink == 2
+    with safe_open(str(refs[1]), framework="pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    _assert_same(saved, {k: v for k, v in run.reference.model.state_dict().items() if k in saved}, "reference")
+
+    resumed = Trainer(load_recipe(RECIPE, _overrides(tmp_path, 4) + ["save_every=1"]), tmp_path / "b")
+    resumed.resume(refs[1].parent.parent)
+    resumed.train()
+    (last,) = complete_checkpoints(tmp_path / "b" / "checkpoints")
+    assert (last / "state" / "reference.safetensors").stat().st_ino == refs[1].stat().st_ino

@@ -131,7 +131,7 @@ def check_disk(ctx: Context) -> Finding:
     one = sum(parts.values())
     n = checkpoints_on_disk(recipe)
     final = facts.params * DTYPE_BYTES[recipe.policy.dtype]
-    need = n * one + final
+    need = n * (one - parts["reference"]) + parts["reference"] + final  # every checkpoint links one reference file
     where = Path(recipe.out_dir)
     free = ctx.free_bytes(where)
     biggest = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])[:3])

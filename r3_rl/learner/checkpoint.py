@@ -126,15 +126,6 @@ def set_aside_later(ckpt: Path, run_dir: Path) -> list[Path]:
     return moved
 
 
-def previous_report(run_dir: Path, name: str) -> dict[str, Any] | None:
-    """An eval report written earlier in this run dir (a resumed run reuses its ``before`` eval)."""
-    path = Path(run_dir) / "eval" / f"{name}.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 # ---------------------------------------------------------------------------------------------- parts
 class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]:
@@ -161,6 +152,9 @@ class CheckpointParts:
     learner: Any
     loop: Stateful
     buffer: Any = None
+    # a file that holds exactly ``reference``'s weights (the last checkpoint this process wrote or resumed from):
+    # the frozen reference never changes within a run, so a save hard-links it instead of writing it again
+    reference_file: Path | None = None
 
 
 def load_exported(model: torch.nn.Module, folder: Path) -> None:
@@ -240,6 +234,19 @@ def _clean_partials(root: Path, keep: Path | None = None) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _save_reference(parts: CheckpointParts, dest: Path) -> None:
+    """The frozen KL reference: a hard link to ``parts.reference_file`` when there is one (no bytes written -- a
+    policy-sized file, 29 GB for BAGEL, at every save -- and pruning the older checkpoint keeps the data), else
+    written; a filesystem without hard links falls back to writing."""
+    if parts.reference_file is not None and parts.reference_file.is_file():
+        try:
+            os.link(parts.reference_file, dest)
+            return
+        except OSError:
+            pass
+    save_model(parts.reference.model, str(dest))
+
+
 def save_checkpoint(run_dir: Path, step: int, keep_last: int, parts: CheckpointParts, recipe: Any) -> Path:
     """Write every part's state after ``step`` completed steps; returns the checkpoint folder."""
     root = Path(run_dir) / CKPT_DIR
@@ -255,7 +262,7 @@ def save_checkpoint(run_dir: Path, step: int, keep_last: int, parts: CheckpointP
     if learner.adapters is not None and not learner.saves_weights:  # the export is merged: keep the adapters
         save_model(parts.policy.model, str(state / "policy.safetensors"))
     if parts.reference is not None:
-        save_model(parts.reference.model, str(state / "reference.safetensors"))
+        _save_reference(parts, state / "reference.safetensors")
     learner.save(state / "learner")
     torch.save(parts.loop.state_dict(), state / "trainer.pt")
     if parts.buffer is not None:
