@@ -44,10 +44,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     ckpt, resume_dir, checked = None, None, None
     if args.resume:
-        from r3_rl.learner.checkpoint import check_resumable, find_resume
+        from r3_rl.learner.checkpoint import check_resumable, find_resume, newest_sound
 
         ckpt, resume_dir = find_resume(args.resume, recipe, args.run_dir)
-        if ckpt is not None:
+        if ckpt is not None and args.resume == "auto":  # a damaged newest checkpoint: the one before it, said
+            ckpt, checked = newest_sound(ckpt, recipe, lambda m: print(f"r3-rl: {m}", file=sys.stderr))
+        elif ckpt is not None:
             checked = check_resumable(ckpt, recipe)  # incompatible, damaged or a planted pickle: before any work
     target = str(resume_dir) if resume_dir is not None else args.run_dir
     fresh = target is None or not Path(target).exists()

@@ -228,3 +228,23 @@ def test_the_frozen_reference_is_written_once_and_linked_after(tmp_path: Path) -
     resumed.train()
     (last,) = complete_checkpoints(tmp_path / "b" / "checkpoints")
     assert (last / "state" / "reference.safetensors").stat().st_ino == refs[1].stat().st_ino
+
+
+def test_resume_auto_passes_over_a_damaged_newest_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A crash before the disk flushed the newest checkpoint leaves a truncated file: ``--resume auto`` says so in
+    one line and continues from the checkpoint before it (whose later, damaged one is then set aside); a recipe
+    that does not fit is not damage and still stops."""
+    run = tmp_path / "run"
+    sets = [f"--set={s}" for s in _overrides(tmp_path, 2) + ["save_every=1", "keep_last=3"]]
+    assert main(["train", str(RECIPE), "--run-dir", str(run), *sets]) == 0
+    newest = run / "checkpoints" / "step_000002" / "state" / "trainer.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    capsys.readouterr()
+    more = [f"--set={s}" for s in _overrides(tmp_path, 3) + ["save_every=1", "keep_last=3"]]
+    assert main(["train", str(RECIPE), "--run-dir", str(run), "--resume", "auto", *more]) == 0
+    err = capsys.readouterr().err
+    assert "--resume auto: " in err and "trainer.pt" in err and "trying step_000001" in err
+    assert (run / "checkpoints" / "abandoned-step_000002").is_dir()
+    assert [p.name for p in complete_checkpoints(run / "checkpoints")] == ["step_000001", "step_000002", "step_000003"]
+    assert main(["train", str(RECIPE), "--run-dir", str(run), "--resume", "auto", *more,
+                 "--set=learner.algorithm=ppo", "--set=learner.refine_baseline=group"]) == 2

@@ -40,12 +40,13 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from safetensors.torch import load_file, load_model, save_model
 
 from r3_rl.errors import UserError, raised
+from r3_rl.learner.manifest import file_manifest, verify_files
 from r3_rl.learner.safe_load import safe_torch_load, scan_checkpoint
 
 CKPT_DIR = "checkpoints"
@@ -54,7 +55,6 @@ STEP_RE = re.compile(r"^step_(\d+)$")
 # 3: the parent buffer in state/buffer.safetensors (1-2: pixel lists in trainer.pt); 2: no numpy objects in
 # trainer.pt (1 stored the numpy RNG state as an array).  Older formats still load.
 FORMAT = 3
-HASH_MAX_BYTES = 256 << 20  # files up to this size get a SHA-256 in checkpoint.json; all get their size
 
 
 # ---------------------------------------------------------------------------------------------- finding
@@ -179,45 +179,6 @@ def load_exported(model: torch.nn.Module, folder: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- save
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_manifest(folder: Path) -> dict[str, dict[str, Any]]:
-    """``{relative path: {"bytes", "sha256"}}`` of every file under ``folder`` (no hash past HASH_MAX_BYTES)."""
-    out: dict[str, dict[str, Any]] = {}
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        size = f.stat().st_size
-        out[f.relative_to(folder).as_posix()] = {"bytes": size,
-                                                 "sha256": _sha256(f) if size <= HASH_MAX_BYTES else None}
-    return out
-
-
-def verify_files(path: Path, meta: dict[str, Any]) -> None:
-    """Every file ``checkpoint.json`` lists is there, a regular file, of its size and hash; one line if not."""
-    files = meta.get("files")
-    if files is None:
-        return  # written before the list
-    damaged = "the checkpoint is damaged; resume from an earlier one (--resume PATH) or delete this one"
-    for rel, want in files.items():
-        f = path / rel
-        if ".." in Path(rel).parts or Path(rel).is_absolute() or not isinstance(want, dict):
-            raise UserError(f"{path / MARKER}: bad entry {str(rel)[:80]!r} in 'files'; {damaged}")
-        if f.is_symlink() or not f.is_file():
-            raise UserError(f"{f}: {'a symbolic link' if f.is_symlink() else 'missing'}; {damaged}")
-        size = f.stat().st_size
-        if size != want.get("bytes"):
-            raise UserError(f"{f}: {size} bytes, {want.get('bytes')} when saved; {damaged}")
-        if want.get("sha256") is not None and _sha256(f) != want["sha256"]:
-            raise UserError(f"{f}: contents changed since it was saved (SHA-256 differs); {damaged}")
-
-
 def _check_meta(meta: dict[str, Any], path: Path) -> None:
     """The fields of ``checkpoint.json`` that resuming reads have their types (a hand-edited file is one line)."""
     step = meta.get("step", 0)
@@ -318,6 +279,24 @@ def check_compatible(meta: dict[str, Any], recipe: Any, path: Path) -> None:
         if key in now and now[key] != saved:
             raise UserError(f"{path}: recipe key '{key}' is {now[key]!r} but the checkpoint was written with "
                             f"{saved!r}; resume with the same value")
+
+
+def newest_sound(latest: Path, recipe: Any, warn: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
+    """``--resume auto``: the newest complete checkpoint up to ``latest`` that passes :func:`check_resumable`, and
+    its metadata.  A damaged one (a file truncated by a crash before the disk flushed it, a changed hash) is
+    reported through ``warn`` and the one before it tried; a recipe that does not fit is not damage: it stops."""
+    earlier = [p for p in reversed(complete_checkpoints(latest.parent)) if p.name < latest.name]
+    for path, before in zip([latest, *earlier], [*earlier, None]):
+        meta = _meta(path) or {}
+        if isinstance(meta.get("structure", {}), dict) and isinstance(meta.get("step"), int):
+            check_compatible(meta, recipe, path)
+        try:
+            return path, check_resumable(path, recipe)
+        except UserError as e:
+            if before is None:
+                raise
+            warn(f"--resume auto: {e}; trying {before.name}")
+    raise AssertionError("the loop returns or raises")
 
 
 def check_resumable(path: Path, recipe: Any) -> dict[str, Any]:

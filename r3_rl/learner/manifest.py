@@ -1,0 +1,50 @@
+"""A checkpoint's file list (``checkpoint.json``'s ``files``): every file's size, and the SHA-256 of each up to
+``HASH_MAX_BYTES`` (state files, configs, a small model; a 7B model's shards by size only: hashing them would
+add minutes to every save), written at save and checked before a resume loads anything."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from r3_rl.errors import UserError
+
+HASH_MAX_BYTES = 256 << 20  # files up to this size get a SHA-256 in checkpoint.json; all get their size
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"bytes", "sha256"}}`` of every file under ``folder`` (no hash past HASH_MAX_BYTES)."""
+    out: dict[str, dict[str, Any]] = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        out[f.relative_to(folder).as_posix()] = {"bytes": size,
+                                                 "sha256": _sha256(f) if size <= HASH_MAX_BYTES else None}
+    return out
+
+
+def verify_files(path: Path, meta: dict[str, Any]) -> None:
+    """Every file ``checkpoint.json`` lists is there, a regular file, of its size and hash; one line if not."""
+    files = meta.get("files")
+    if files is None:
+        return  # written before the list
+    damaged = "the checkpoint is damaged; resume from an earlier one (--resume PATH) or delete this one"
+    for rel, want in files.items():
+        f = path / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute() or not isinstance(want, dict):
+            raise UserError(f"{path / 'checkpoint.json'}: bad entry {str(rel)[:80]!r} in 'files'; {damaged}")
+        if f.is_symlink() or not f.is_file():
+            raise UserError(f"{f}: {'a symbolic link' if f.is_symlink() else 'missing'}; {damaged}")
+        size = f.stat().st_size
+        if size != want.get("bytes"):
+            raise UserError(f"{f}: {size} bytes, {want.get('bytes')} when saved; {damaged}")
+        if want.get("sha256") is not None and _sha256(f) != want["sha256"]:
+            raise UserError(f"{f}: contents changed since it was saved (SHA-256 differs); {damaged}")
