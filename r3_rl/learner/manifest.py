@@ -21,14 +21,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_sizes(folder: Path) -> dict[str, int]:
+    """``{relative path: bytes}`` of every file under ``folder``, in path order."""
+    return {f.relative_to(folder).as_posix(): f.stat().st_size
+            for f in sorted(p for p in folder.rglob("*") if p.is_file())}
+
+
 def file_manifest(folder: Path) -> dict[str, dict[str, Any]]:
     """``{relative path: {"bytes", "sha256"}}`` of every file under ``folder`` (no hash past HASH_MAX_BYTES)."""
-    out: dict[str, dict[str, Any]] = {}
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        size = f.stat().st_size
-        out[f.relative_to(folder).as_posix()] = {"bytes": size,
-                                                 "sha256": _sha256(f) if size <= HASH_MAX_BYTES else None}
-    return out
+    return {rel: {"bytes": size, "sha256": _sha256(folder / rel) if size <= HASH_MAX_BYTES else None}
+            for rel, size in file_sizes(folder).items()}
 
 
 def verify_files(path: Path, meta: dict[str, Any]) -> None:

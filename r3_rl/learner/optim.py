@@ -73,8 +73,8 @@ def make_adamw(params: list[torch.nn.Parameter], cfg: Any, lrs: list[float | Non
     ``fused``: torch's one-kernel AdamW, for a step that runs on the CPU (DeepSpeed's optimiser offload): a ZeRO-2
     engine step 2.3x faster there than with the default per-tensor loop and within 7% of DeepSpeed's compiled
     ``DeepSpeedCPUAdam``, without the loop's transient copies (768 MB per 1e8 weights;
-    ``benchmarks/offload_optimizer_step.py``).  Off elsewhere: its
-    rounding differs from the default's in the last bit, and the drivers' steps are compared exactly."""
+    ``benchmarks/offload_optimizer_step.py``).  Off elsewhere: its rounding differs from the default's in the
+    last bit, and the drivers' steps are compared exactly."""
     groups: dict[float | None, list[torch.nn.Parameter]] = {}
     for p, lr in zip(params, lrs or [None] * len(params), strict=True):
         groups.setdefault(lr, []).append(p)

@@ -32,10 +32,11 @@ import torch
 from r3_rl.config_learner import check_ranks
 from r3_rl.policy.base import Policy
 from r3_rl.learner.deepspeed_learner import ensure_dist_env, free_port
+from r3_rl.learner.manifest import file_sizes
 from r3_rl.learner.torch_learner import enable_checkpointing, learner_from_recipe, reduce_metric
 from r3_rl.ray_actors import (ActorLost, ClusterError, ReadyActor, Unplaced, first_line, get_within,
                               start_actors)
-from r3_rl.ray_runtime import actor_died, kill_actors, pack_state, start_ray, stop_ray, trainable_keys, unpack_state
+from r3_rl.ray_runtime import actor_died, kill_actors, pack_state, start_ray, stop_ray, trainable_state, unpack_state
 
 
 def unseen_files(root: Path, written: list[dict[str, int]]) -> list[tuple[int, str]]:
@@ -107,9 +108,7 @@ class LearnerRank(ReadyActor):
         """This rank's weights for the driver's mirror (:func:`r3_rl.ray_runtime.pack_state`); ``trainable_only``:
         those a learner step changes (LoRA: the adapters, not the frozen base)."""
         state = self.policy.state_dict()
-        if trainable_only:
-            state = {k: state[k] for k in trainable_keys(self.policy.model)}
-        return pack_state(state)
+        return pack_state(trainable_state(self.policy.model, state) if trainable_only else state)
 
     def save(self, path: str) -> None:
         from r3_rl.rng_state import global_rng_state
@@ -124,7 +123,7 @@ class LearnerRank(ReadyActor):
 
     def files(self, path: str) -> dict[str, int]:
         """Every file this rank sees under ``path``, with its size (asked once every rank has saved)."""
-        return {f.relative_to(path).as_posix(): f.stat().st_size for f in Path(path).rglob("*") if f.is_file()}
+        return file_sizes(Path(path))
 
     def load(self, path: str, reference_file: str | None) -> None:
         from r3_rl.learner.safe_load import safe_torch_load

@@ -61,6 +61,19 @@ def stages(recipe: Any, shape: ModelShape) -> list[Stage]:
                shape.image_vocab)]
 
 
+def trained_params(cfg: Any, shape: ModelShape, use_lora: bool) -> int:
+    """Parameters the learner trains: LoRA's adapters (``learner.lora``, or the advice's default), else the model's
+    trainable ones."""
+    r, targets = (cfg.lora.r, cfg.lora.target_modules) if cfg.lora is not None else DEFAULT_LORA
+    return shape.lora_params(r, targets) if use_lora else shape.params_trained
+
+
+def offloads_optimizer(cfg: Any, zero: int | None) -> bool:
+    """Whether a ZeRO stage ``zero`` engine steps the optimiser in CPU memory (``offload_optimizer: {device: cpu}``;
+    stage 0 and the torch backend, ``None``, have no offload)."""
+    return bool(zero) and optimizer_offload(cfg.deepspeed.config or {}) == "cpu"
+
+
 def add_learner(p: Process, recipe: Any, shape: ModelShape, *, micro_batch: int | None = None,
                 zero_stage: int | None = -1, ranks: int | None = None, checkpointing: bool | None = None,
                 lora: bool | None = None) -> Process:
@@ -71,9 +84,8 @@ def add_learner(p: Process, recipe: Any, shape: ModelShape, *, micro_batch: int 
     use_lora = (cfg.lora is not None) if lora is None else lora
     zero = (cfg.deepspeed.zero_stage if cfg.backend == "deepspeed" else None) if zero_stage == -1 else zero_stage
     policy_b = b = DTYPE_BYTES[recipe.policy.dtype]  # the compute dtype of rollout and learner alike
-    r, targets = (cfg.lora.r, cfg.lora.target_modules) if cfg.lora is not None else DEFAULT_LORA
-    trained = shape.lora_params(r, targets) if use_lora else shape.params_trained
-    offload = zero is not None and zero > 0 and optimizer_offload(cfg.deepspeed.config or {}) == "cpu"
+    trained = trained_params(cfg, shape, use_lora)
+    offload = offloads_optimizer(cfg, zero)
     p.resident.update(memory.model_states(shape, weight_bytes=b, trained=trained, zero_stage=zero, ranks=ranks,
                                           offload=offload))
     how = "torch AdamW" if zero is None else f"DeepSpeed ZeRO-{zero}, {ranks} rank(s)"
@@ -233,11 +245,10 @@ def host_memory(recipe: Any, shape: ModelShape) -> dict[str, float]:
     from r3_rl.learner.build import needs_frozen_reference
 
     cfg, b = recipe.learner, DTYPE_BYTES[recipe.policy.dtype]
-    lora = shape.lora_params(cfg.lora.r, cfg.lora.target_modules) if cfg.lora is not None else 0
-    trained = lora or shape.params_trained
+    trained = trained_params(cfg, shape, cfg.lora is not None)
+    lora = trained if cfg.lora is not None else 0
     full, host = b * shape.params, {}
-    zero = cfg.deepspeed.zero_stage if cfg.backend == "deepspeed" else 0
-    if zero and optimizer_offload(cfg.deepspeed.config or {}) == "cpu":
+    if offloads_optimizer(cfg, cfg.deepspeed.zero_stage if cfg.backend == "deepspeed" else None):
         host["offloaded optimiser states"] = memory.offloaded_states(trained, b, cfg.ranks) * cfg.ranks
     store = 0.0
     if recipe.rollout.backend == "ray":

@@ -38,7 +38,7 @@ import torch
 
 from r3_rl.policy.base import Policy
 from r3_rl.ray_actors import ActorGroup, ActorLost, ClusterError, ReadyActor, get_within
-from r3_rl.ray_runtime import pack_state, start_ray, stop_ray, trainable_keys, unpack_state
+from r3_rl.ray_runtime import pack_state, start_ray, stop_ray, trainable_state, unpack_state
 from r3_rl.rollout.tree_rl import RolloutTask, StageSampling, run_task
 from r3_rl.trajectory import Tree
 
@@ -171,11 +171,11 @@ class RayEngine:
         state, self._version = policy.state_dict(), policy.version
         self._update = None  # dropped before the put: the old and the new weights are never in the store together
         if trainable_only and self._full is not None:
-            update = {k: state[k] for k in trainable_keys(policy.model)}
+            update = trainable_state(policy.model, state)
             if 2 * _nbytes(update) <= _nbytes(state):
                 self._update = ray.put(pack_state(update))
                 return
-        self._full = None
+        self._full = None  # likewise
         self._full, self._full_id = ray.put(pack_state(state)), self._full_id + 1
 
     def _load(self, worker: Any) -> Any:
