@@ -74,16 +74,6 @@ def unpack_state(packed: Packed) -> dict[str, Any]:
     return out
 
 
-def trainable_keys(model: Any) -> list[str]:
-    """State-dict entries of ``model`` that train (``requires_grad``): all a learner step changes."""
-    return [k for k, v in model.state_dict(keep_vars=True).items() if getattr(v, "requires_grad", False)]
-
-
-def trainable_state(model: Any, state: dict[str, Any]) -> dict[str, Any]:
-    """The entries of ``state`` (``model``'s state dict, gathered) that a learner step changes."""
-    return {k: state[k] for k in trainable_keys(model)}
-
-
 def stop_ray(owned: bool) -> bool:
     """Shut Ray down if ``owned`` (this run started it); returns the new ownership (always False)."""
     import ray

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -219,3 +220,31 @@ def test_resume_takes_the_recipes_learning_rate_and_betas(base, tmp_path: Path, 
     moments = [s["exp_avg"] for s in adamw(saved).state.values()]
     assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(moments, adamw(lowered).state.values(), strict=True))
     assert lowered.step(copy.deepcopy(items))["learner/lr"] == pytest.approx(1e-3 * 3 / 4)
+
+
+def test_zero3_lora_weights_for_the_workers_gather_only_the_adapters(base, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a LoRA step under ZeRO-3 the rollout workers need only the adapters: gathering every weight to send
+    them (as ``state_dict`` does) would put the whole model on one GPU at once.  What is gathered is the adapters,
+    and their values equal a full gather's; the full size is counted without gathering."""
+    import deepspeed
+
+    from r3_rl.learner.build import build_learner
+
+    policy, items = base
+    p = clone(policy)
+    cfg = learner_cfg(backend="deepspeed", micro_batch_size=2, lora={"r": 4, "alpha": 8},
+                      deepspeed={"zero_stage": 3, "dtype": "fp32", "config": {}})
+    build_learner(p, None, SimpleNamespace(learner=cfg)).step(copy.deepcopy(items))
+    gathered: list[list[torch.nn.Parameter]] = []
+    real = deepspeed.zero.GatheredParameters
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters",
+                        lambda params, *a, **kw: gathered.append(list(params)) or real(params, *a, **kw))
+    update = p.trainable_state_dict()
+    assert len(gathered) == 1 and gathered[0] and all(q.requires_grad for q in gathered[0])
+    full = p.state_dict()  # every weight, gathered
+    assert len(gathered[1]) > len(gathered[0])
+    assert set(update) == {k for k in full if "lora_" in k}
+    assert any(float(v.abs().max()) > 0 for k, v in update.items() if "lora_B" in k)  # the step moved them
+    for k, v in update.items():
+        assert torch.equal(v, full[k]), k
+    assert p.weight_nbytes() == sum(v.numel() * v.element_size() for v in full.values())

@@ -13,7 +13,7 @@ from test_rollout_ray import assert_same_trees, local_trees, step_tasks
 from r3_rl.config import load_recipe
 from r3_rl.learner.lora import apply_lora
 from r3_rl.policy.registry import build_policy
-from r3_rl.ray_runtime import pack_state, trainable_keys, unpack_state
+from r3_rl.ray_runtime import pack_state, unpack_state
 from r3_rl.rollout.engine import run_ordered
 from r3_rl.rollout.tree_rl import stage_sampling
 
@@ -84,7 +84,7 @@ def test_after_a_lora_step_only_the_adapters_travel(lora_setup, monkeypatch: pyt
         return real_put(obj, *a, **kw)
     monkeypatch.setattr(ray, "put", counting_put)
     state = policy.state_dict()
-    trainable = sum(state[k].numel() * state[k].element_size() for k in trainable_keys(policy.model))
+    trainable = sum(v.numel() * v.element_size() for v in policy.trainable_state_dict().values())
     full = sum(v.numel() * v.element_size() for v in state.values())
     assert 0 < trainable < full / 4
     for seed in (1, 2):  # two steps: the second update replaces the first

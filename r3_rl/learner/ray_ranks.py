@@ -36,7 +36,7 @@ from r3_rl.learner.manifest import file_sizes
 from r3_rl.learner.torch_learner import enable_checkpointing, learner_from_recipe, reduce_metric
 from r3_rl.ray_actors import (ActorLost, ClusterError, ReadyActor, Unplaced, first_line, get_within,
                               start_actors)
-from r3_rl.ray_runtime import actor_died, kill_actors, pack_state, start_ray, stop_ray, trainable_state, unpack_state
+from r3_rl.ray_runtime import actor_died, kill_actors, pack_state, start_ray, stop_ray, unpack_state
 
 
 def unseen_files(root: Path, written: list[dict[str, int]]) -> list[tuple[int, str]]:
@@ -107,8 +107,7 @@ class LearnerRank(ReadyActor):
     def weights(self, trainable_only: bool = False) -> Any:
         """This rank's weights for the driver's mirror (:func:`r3_rl.ray_runtime.pack_state`); ``trainable_only``:
         those a learner step changes (LoRA: the adapters, not the frozen base)."""
-        state = self.policy.state_dict()
-        return pack_state(trainable_state(self.policy.model, state) if trainable_only else state)
+        return pack_state(self.policy.trainable_state_dict() if trainable_only else self.policy.state_dict())
 
     def save(self, path: str) -> None:
         from r3_rl.rng_state import global_rng_state

@@ -201,6 +201,25 @@ class Policy(ABC):
         with deepspeed.zero.GatheredParameters(params):
             return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
+    def trainable_state_dict(self) -> dict[str, Any]:
+        """The weights a learner step changes (``requires_grad``; LoRA: the adapters), on CPU.  Under ZeRO-3 only
+        these are gathered: gathering the whole model to send its adapters would put every weight on one GPU at
+        once, which is what a single-rank ZeRO-3 (parameters offloaded to CPU) exists to avoid."""
+        entries = self.model.state_dict(keep_vars=True)
+        keys = [k for k, v in entries.items() if getattr(v, "requires_grad", False)]
+        params = [entries[k] for k in keys if hasattr(entries[k], "ds_id")]
+        if not params:
+            return {k: entries[k].detach() for k in keys}
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return {k: entries[k].detach().to("cpu", copy=True) for k in keys}
+
+    def weight_nbytes(self) -> int:
+        """Bytes of the full state dict, without gathering it (a ZeRO-3 weight counts at its full size)."""
+        return sum(getattr(v, "ds_numel", v.numel()) * v.element_size()
+                   for v in self.model.state_dict(keep_vars=True).values())
+
     def load_state_dict(self, state: dict[str, Any], version: int | None = None, partial: bool = False) -> None:
         """``partial``: ``state`` holds some of the weights (the trainable ones after a learner step); every
         name must still be the model's."""

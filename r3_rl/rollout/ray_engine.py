@@ -38,7 +38,7 @@ import torch
 
 from r3_rl.policy.base import Policy
 from r3_rl.ray_actors import ActorGroup, ActorLost, ClusterError, ReadyActor, get_within
-from r3_rl.ray_runtime import pack_state, start_ray, stop_ray, trainable_state, unpack_state
+from r3_rl.ray_runtime import pack_state, start_ray, stop_ray, unpack_state
 from r3_rl.rollout.tree_rl import RolloutTask, StageSampling, run_task
 from r3_rl.trajectory import Tree
 
@@ -168,15 +168,15 @@ class RayEngine:
     def _put(self, policy: Policy, trainable_only: bool = False) -> None:
         import ray
 
-        state, self._version = policy.state_dict(), policy.version
+        self._version = policy.version
         self._update = None  # dropped before the put: the old and the new weights are never in the store together
         if trainable_only and self._full is not None:
-            update = trainable_state(policy.model, state)
-            if 2 * _nbytes(update) <= _nbytes(state):
+            update = policy.trainable_state_dict()
+            if 2 * _nbytes(update) <= policy.weight_nbytes():
                 self._update = ray.put(pack_state(update))
                 return
         self._full = None  # likewise
-        self._full, self._full_id = ray.put(pack_state(state)), self._full_id + 1
+        self._full, self._full_id = ray.put(pack_state(policy.state_dict())), self._full_id + 1
 
     def _load(self, worker: Any) -> Any:
         return worker.load.remote([self._full], self._full_id, self._update, self._version)
