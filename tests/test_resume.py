@@ -248,3 +248,32 @@ def test_resume_auto_passes_over_a_damaged_newest_checkpoint(tmp_path: Path, cap
     assert [p.name for p in complete_checkpoints(run / "checkpoints")] == ["step_000001", "step_000002", "step_000003"]
     assert main(["train", str(RECIPE), "--run-dir", str(run), "--resume", "auto", *more,
                  "--set=learner.algorithm=ppo", "--set=learner.refine_baseline=group"]) == 2
+
+
+def test_a_checkpoint_is_on_disk_before_it_is_named_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file and folder of a checkpoint is fsync'd before its folder is renamed into place, and the parent
+    after the rename, before the older checkpoint is pruned: a power loss cannot leave a 'complete' checkpoint
+    whose data never left the page cache, with the one before it already deleted."""
+    import os
+
+    import r3_rl.learner.checkpoint as checkpoint
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename, real_rmtree = os.fsync, Path.rename, shutil.rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(Path, "rename", lambda self, dest: events.append(("rename", f"{self} -> {dest}"))
+                        or real_rename(self, dest))
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda p, *a, **kw: events.append(("rmtree", str(p)))
+                        or real_rmtree(p, *a, **kw))
+    Trainer(load_recipe(RECIPE, _overrides(tmp_path, 2) + ["save_every=1", "keep_last=1"]), tmp_path / "run").train()
+    root = (tmp_path / "run" / "checkpoints").resolve()
+    (final,) = complete_checkpoints(root)
+    assert final.name == "step_000002"
+    renamed = next(i for i, (kind, what) in enumerate(events) if kind == "rename" and what.endswith(f"-> {final}"))
+    tmp = Path(events[renamed][1].split(" -> ")[0])
+    synced_before = {what for kind, what in events[:renamed] if kind == "fsync"}
+    on_disk = [tmp / p.relative_to(final) for p in final.rglob("*")] + [tmp]
+    assert on_disk and not [str(p) for p in on_disk if str(p) not in synced_before]
+    pruned = next(i for i, (kind, what) in enumerate(events) if kind == "rmtree" and what.endswith("step_000001"))
+    assert ("fsync", str(root)) in events[renamed:pruned]

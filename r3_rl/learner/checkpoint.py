@@ -28,8 +28,10 @@ continues from a state nobody saved.  Checkpoints written before the list (no ``
 
 Atomicity: everything is written into ``checkpoints/.tmp-step_NNNNNN-<pid>/`` and renamed into place only
 once complete, so a crash half-way leaves a ``.tmp-*`` folder that ``--resume auto`` never looks at
-(and the next save removes).  A ``step_*`` folder without ``checkpoint.json`` is ignored too.  Only the
-last ``keep_last`` complete checkpoints are kept.
+(and the next save removes).  A ``step_*`` folder without ``checkpoint.json`` is ignored too.  Every file and
+folder is fsync'd before the rename (and the parent after it), so a power loss cannot leave a checkpoint named
+complete whose data never reached the disk, with the older ones already pruned.  Only the last ``keep_last``
+complete checkpoints are kept.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_model
 
 from r3_rl.errors import UserError, raised
-from r3_rl.learner.manifest import file_manifest, verify_files
+from r3_rl.learner.manifest import file_manifest, sync_path, sync_tree, verify_files
 from r3_rl.learner.safe_load import safe_torch_load, scan_checkpoint
 
 CKPT_DIR = "checkpoints"
@@ -232,13 +234,16 @@ def save_checkpoint(run_dir: Path, step: int, keep_last: int, parts: CheckpointP
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "recipe": recipe.name, "structure": structure(recipe),
             "files": file_manifest(tmp)}
     (tmp / MARKER).write_text(json.dumps(meta, indent=2))
+    sync_tree(tmp)  # on disk before it is named complete and older checkpoints are pruned
     if final.exists():  # re-saving a step (e.g. a finished run resumed): swap, never leave a gap
         old = root / f".old-{final.name}-{os.getpid()}"
         final.rename(old)
         tmp.rename(final)
+        sync_path(root)
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
+        sync_path(root)
     prune(root, keep_last)
     return final
 

@@ -33,6 +33,31 @@ def file_manifest(folder: Path) -> dict[str, dict[str, Any]]:
             for rel, size in file_sizes(folder).items()}
 
 
+def sync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder`` (and ``folder`` itself) to disk.
+
+    Written data sits in the page cache until the kernel flushes it; a checkpoint renamed into place before that
+    -- and the older one pruned -- is lost whole if the node loses power, while ``checkpoint.json`` says it is
+    complete.  torch.distributed.checkpoint fsyncs its files for the same reason (``sync_files``)."""
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            sync_path(p)
+    for d in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda d: -len(d.parts)):
+        sync_path(d)
+    sync_path(folder)
+
+
+def sync_path(path: Path) -> None:
+    """fsync one file or folder (a folder's fsync makes the names in it -- a rename, a new file -- durable)."""
+    import os
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def verify_files(path: Path, meta: dict[str, Any]) -> None:
     """Every file ``checkpoint.json`` lists is there, a regular file, of its size and hash; one line if not."""
     files = meta.get("files")
