@@ -35,9 +35,10 @@ class Components:
         return part in self.__dict__
 
     def _start_ray(self) -> None:
+        from r3_rl.gpu_layout import gpus_for_local_ray
         from r3_rl.ray_runtime import start_ray
 
-        self._owns_ray = start_ray(self.recipe.ray) or self._owns_ray
+        self._owns_ray = start_ray(self.recipe.ray, gpus_for_local_ray(self.recipe)) or self._owns_ray
 
     # ------------------------------------------------------------------ sampling
     @cached_property
@@ -71,7 +72,8 @@ class Components:
 
         self._start_ray()
         return RayRewardSet(reward_specs(r, r.rewards.task), r.rollout.reward_workers,
-                            r.rollout.threads_per_worker, self.log_event, r.ray, r.rollout.max_task_retries)
+                            r.rollout.threads_per_worker, self.log_event, r.ray, r.rollout.max_task_retries,
+                            r.rollout.gpus_per_reward_worker)
 
     @cached_property
     def eval_rewards(self) -> RewardSet:

@@ -211,6 +211,8 @@ class Rollout(Section):
     gpus_per_worker: float = Field(0.0, ge=0.0)
     threads_per_worker: int = Field(0, ge=0)  # torch threads in a worker (0 = cpus_per_worker)
     reward_workers: int = Field(0, ge=0)  # Ray actors scoring the task reward (0 = score in the trainer)
+    # GPU share of each reward actor; 0: it sees no GPU (a reward on device auto runs on CPU, not on GPU 0)
+    gpus_per_reward_worker: float = Field(0.0, ge=0.0)
     max_task_retries: int = Field(3, ge=0)  # times one task may lose its worker before the step fails
     # (also the attempts at restarting a lost worker); a worker that cannot be restarted is dropped and the
     # run carries on while at least min_workers remain, else it stops with one line (exit 2)

@@ -12,8 +12,11 @@ from typing import Any
 from r3_rl.errors import UserError
 
 
-def start_ray(ray_cfg: Any) -> bool:
-    """Start (or join) Ray for ``ray_cfg`` (the recipe's ``ray`` section); True when this call started it."""
+def start_ray(ray_cfg: Any, gpus: list[str] | None = None) -> bool:
+    """Start (or join) Ray for ``ray_cfg`` (the recipe's ``ray`` section); True when this call started it.
+
+    ``gpus``: the GPU ids a local Ray may hand out (:func:`r3_rl.gpu_layout.gpus_for_local_ray`: all but the
+    trainer's); Ray reads them from ``CUDA_VISIBLE_DEVICES`` as it starts, which is set for that moment only."""
     import ray
 
     if ray.is_initialized():
@@ -24,7 +27,12 @@ def start_ray(ray_cfg: Any) -> bool:
         kw["address"] = ray_cfg.address
     else:
         kw["num_cpus"] = ray_cfg.num_cpus or os.cpu_count() or 1
+        if gpus is not None:
+            kw["num_gpus"] = len(gpus)
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
     try:
+        if "num_gpus" in kw:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus or [])
         ray.init(**kw)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"ray.address: cannot join {ray_cfg.address!r}" if ray_cfg.address else "ray: cannot start a local Ray"
@@ -32,6 +40,12 @@ def start_ray(ray_cfg: Any) -> bool:
                 if "Authentication" not in f"{e} {e.__cause__}" else  # Ray >= 2.60 turns token auth on by itself
                 "the cluster uses token authentication: set RAY_AUTH_MODE=token with its token in ~/.ray/auth_token")
         raise UserError(f"{where} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); {hint}") from None
+    finally:
+        if "num_gpus" in kw:  # the trainer's own view of its GPUs is unchanged
+            if before is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = before
     return True
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from r3_rl.errors import UserError
+from r3_rl.gpu_layout import check_gpu_shares
 
 # Upper bounds on sizes (dotted recipe key -> (limit, what it counts)).  Far above any real run, far below
 # what makes a run allocate terabytes or loop for days before it notices.
@@ -256,6 +257,7 @@ def validate_recipe(recipe: Any, path: str | Path, needs_eval: bool = True) -> N
     check_device(recipe, source, count_gpus=False)
     check_regexes(recipe, source)
     check_learner_ranks(recipe, source)
+    check_gpu_shares(recipe, source)
     check_rewards(recipe, source)
     check_judge_protocol(recipe, source)
     check_data(recipe, source, needs_eval)

@@ -42,7 +42,8 @@ def ray_demand(recipe: Any) -> tuple[dict[str, float], list[str]]:
         why.append(f"rollout.workers {r.workers} x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU)")
     if r.reward_workers:
         need["CPU"] += r.reward_workers  # reward actors ask for one CPU each
-        why.append(f"rollout.reward_workers {r.reward_workers} x 1 CPU")
+        need["GPU"] += r.reward_workers * r.gpus_per_reward_worker
+        why.append(f"rollout.reward_workers {r.reward_workers} x (1 CPU, {r.gpus_per_reward_worker:g} GPU)")
     if lr.ranks > 1:
         need["CPU"] += lr.ranks * lr.cpus_per_rank
         need["GPU"] += lr.ranks * lr.gpus_per_rank

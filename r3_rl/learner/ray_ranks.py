@@ -36,6 +36,7 @@ from r3_rl.learner.manifest import file_sizes
 from r3_rl.learner.torch_learner import enable_checkpointing, learner_from_recipe, reduce_metric
 from r3_rl.ray_actors import (ActorLost, ClusterError, ReadyActor, Unplaced, first_line, get_within,
                               start_actors)
+from r3_rl.gpu_layout import actor_recipe_data, gpus_for_local_ray
 from r3_rl.ray_runtime import actor_died, kill_actors, pack_state, start_ray, stop_ray, unpack_state
 
 
@@ -187,14 +188,14 @@ class RankedLearner:
 
         cfg = recipe.learner
         check_ranks(cfg)  # validation refused these already; a guard for recipes built in code
-        self._owns_ray = start_ray(recipe.ray)
+        self._owns_ray = start_ray(recipe.ray, gpus_for_local_ray(recipe))
         self.policy = policy
         self.adapters = None
         if cfg.lora is not None:  # the mirror must have the ranks' parameter names
             from r3_rl.learner.lora import apply_lora
 
             self.adapters = apply_lora(policy, cfg.lora)
-        data = recipe.model_dump(mode="json")
+        data = actor_recipe_data(recipe)
         actor = ray.remote(LearnerRank).options(num_cpus=cfg.cpus_per_rank, num_gpus=cfg.gpus_per_rank,
                                                 max_restarts=0)
         threads = max(1, int(cfg.cpus_per_rank))

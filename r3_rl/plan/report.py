@@ -11,10 +11,10 @@ batch, a VQ decode).  Sizes come from :mod:`r3_rl.plan.memory`.  A GPU fits when
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from r3_rl.gpu_layout import actor_gpus
 from r3_rl.learner.deepspeed_config import optimizer_offload
 from r3_rl.plan import memory
 from r3_rl.plan.bagel_shape import bagel_shape
@@ -225,9 +225,7 @@ def make_plan(recipe: Any, gpus: int, gpu_memory: float, shape: ModelShape | Non
         add_sampling(trainer, recipe, shape, group, "rollout sampling")
     add_sampling(trainer, recipe, shape, recipe.eval.batch_size, "eval sampling")
     processes.append(trainer)
-    needed = math.ceil(cfg.ranks * cfg.gpus_per_rank - 1e-9) if cfg.ranks > 1 else 0
-    needed += math.ceil(r.workers * r.gpus_per_worker - 1e-9) if r.backend == "ray" else 0
-    needed = max(needed, 1 if on_gpu else 0)
+    needed = max(actor_gpus(recipe), 1 if on_gpu else 0)
     if on_gpu and needed > gpus:
         errors.append(f"the actors need {needed} GPUs (learner.ranks x gpus_per_rank + rollout.workers x "
                       f"gpus_per_worker) but --gpus is {gpus}")

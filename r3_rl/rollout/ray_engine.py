@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from r3_rl.policy.base import Policy
+from r3_rl.gpu_layout import actor_recipe_data, gpus_for_local_ray
 from r3_rl.ray_actors import ActorGroup, ActorLost, ClusterError, ReadyActor, get_within
 from r3_rl.ray_runtime import pack_state, start_ray, stop_ray, unpack_state
 from r3_rl.rollout.tree_rl import RolloutTask, StageSampling, run_task
@@ -121,8 +122,8 @@ class RayEngine:
         import ray
 
         r = recipe.rollout
-        self._owns_ray = start_ray(recipe.ray)
-        recipe_data = recipe.model_dump(mode="json")
+        self._owns_ray = start_ray(recipe.ray, gpus_for_local_ray(recipe))
+        recipe_data = actor_recipe_data(recipe)
         threads = r.threads_per_worker or max(1, int(r.cpus_per_worker))
         actor_cls = ray.remote(RolloutWorker).options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
                                                       max_restarts=0, max_task_retries=0)

@@ -43,7 +43,7 @@ class RayRewardSet:
     """Scores on ``workers`` Ray actors; duck-types :meth:`RewardSet.score`.  Lost actors: failures, never zeros."""
 
     def __init__(self, specs: list[dict[str, Any]], workers: int, threads: int, log_event: Callable[[str], None],
-                 ray_cfg: Any = None, attempts: int = 3):
+                 ray_cfg: Any = None, attempts: int = 3, gpus: float = 0.0):
         import ray
 
         probe = RewardSet.from_specs(specs)  # validate specs here: a bad name fails in one line, in the driver
@@ -52,8 +52,12 @@ class RayRewardSet:
                             "reward actors do not hold; set rollout.reward_workers: 0")
         ray_cfg = ray_cfg or RayCfg()
         self.call_timeout_s = ray_cfg.call_timeout_s
-        cls = ray.remote(RewardWorker).options(num_cpus=1, max_restarts=0, max_task_retries=0)
-        self.group = ActorGroup("reward worker", lambda: cls.remote(specs, threads), {"CPU": 1}, ray_cfg,
+        options: dict[str, Any] = {"num_cpus": 1, "num_gpus": gpus, "max_restarts": 0, "max_task_retries": 0}
+        if not gpus:  # Ray sets no CUDA_VISIBLE_DEVICES for an actor without GPUs: it would see all of the node's,
+            # and a reward on device auto would load its models onto GPU 0 (the trainer's or an actor's)
+            options["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
+        cls = ray.remote(RewardWorker).options(**options)
+        self.group = ActorGroup("reward worker", lambda: cls.remote(specs, threads), {"CPU": 1, "GPU": gpus}, ray_cfg,
                                 attempts=attempts, min_alive=1, log_event=log_event)
         self.group.start(workers, lambda a: a.setup.remote())
         log_event(f"rewards: {len(self.group.actors)} Ray reward workers ready ({self.group.describe()})")
