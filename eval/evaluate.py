@@ -14,7 +14,7 @@ markdown table.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from r3_rl.eval.understanding import (
     JudgedImage, ReferenceImage, ask_yes_no, chain_verdicts, reference_report, verdict_report,
 )
 from r3_rl.policy.base import ImageInput, Policy
-from r3_rl.rewards.reward_set import RewardSet
+from r3_rl.rewards.reward_set import RewardFailureError, RewardSet
 from r3_rl.rollout.chain import images_by_round, r3_chains, rounds_used, stopped
 from r3_rl.rollout.scoring import reward_sample
 from r3_rl.rollout.tree_rl import StageSampling
@@ -42,6 +42,8 @@ def score_chains(trees: list[Tree], rounds: int, rewards: RewardSet, correct_thr
         node = unique[(tid, nid)][1]
         node.meta["eval_score"] = res.total
         node.meta["eval_parts"] = res.parts
+        if res.failures:  # why, for the report's failure reasons and `r3-rl inspect`
+            node.meta["eval_failure"] = "; ".join(f"{k}: {v}" for k, v in res.failures.items())
     out = []
     for t in trees:
         row = []
@@ -64,13 +66,14 @@ def changes(correct: list[list[Any]], first: int, last: int) -> tuple[int, int, 
 
 
 def tag_mean(per_tag: dict[str, list[float]], rounds: int) -> list[float]:
-    """Per round, the mean of the tags' accuracies (tags with no scored prompt left out): GenEval's headline
-    "Overall score (avg. over tasks)" in its ``summary_scores.py``.  ``accuracy`` is the mean over prompts,
-    GenEval's "% correct images"; the two differ when tags hold different numbers of prompts."""
+    """Per round, the mean of the tags' accuracies: GenEval's headline "Overall score (avg. over tasks)" in its
+    ``summary_scores.py``.  ``accuracy`` is the mean over prompts, GenEval's "% correct images"; the two differ
+    when tags hold different numbers of prompts.  NaN when a tag has no scored image that round (its eval
+    reward failed on all of them): a mean over the other tags is not GenEval's overall score."""
     out = []
     for r in range(rounds + 1):
-        vals = [v[r] for v in per_tag.values() if v[r] == v[r]]
-        out.append(sum(vals) / len(vals) if vals else float("nan"))
+        vals = [v[r] for v in per_tag.values()]
+        out.append(sum(vals) / len(vals) if vals and all(v == v for v in vals) else float("nan"))
     return out
 
 
@@ -116,7 +119,22 @@ def summarise(trees: list[Tree], correct: list[list[Any]], rounds: int,
                                         for tag, idx in sorted(tags.items())}
     report["stop_rate"] = sum(stopped(t) for t in trees) / n if n else 0.0
     report["mean_rounds_used"] = sum(rounds_used(t) for t in trees) / n if n else 0.0
+    reasons = Counter(node.meta["eval_failure"] for t in trees for node in t.nodes.values()
+                      if "eval_failure" in node.meta)  # per distinct image
+    report["failure_reasons"] = {why[:200]: count for why, count in reasons.most_common(5)}
     return report
+
+
+def check_failures(report: dict[str, Any], max_fraction: float, name: str) -> None:
+    """Stop (one line, :class:`RewardFailureError`) when the eval reward failed on more than ``max_fraction`` of
+    the eval's images (``rewards.max_failure_fraction``, as in training): a report of NaNs is not an eval."""
+    images = report["prompts"] * (report["rounds"] + 1)
+    failed = sum(report.get("failed", []))
+    if images and failed / images > max_fraction:
+        worst = next(iter(report.get("failure_reasons", {})), "unknown")
+        raise RewardFailureError(f"eval {name}: the eval reward failed on {failed}/{images} images "
+                                 f"({failed / images:.0%} > rewards.max_failure_fraction={max_fraction:g}); "
+                                 f"most often: {worst}")
 
 
 def reports_scores(report: dict[str, Any]) -> bool:
@@ -151,6 +169,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     if any(report.get("failed", [])):
         tail += (f"\neval reward failures per round, left out of every figure: "
                  f"{' / '.join(str(f) for f in report['failed'])}")
+        tail += "".join(f"\n  {count} x {why}" for why, count in report.get("failure_reasons", {}).items())
     under = understanding_table(report)
     return "\n".join([head, sep, *rows, trans]) + "\n" + tail + "\n" + (f"\n{under}" if under else "")
 
@@ -197,12 +216,12 @@ def evaluate(policy: Policy, prompts: list[PromptItem], sampling: StageSampling,
     correct = score_chains(trees, rounds, rewards, correct_threshold)
     report = summarise(trees, correct, rounds, eval_scores(trees, rounds))
     u: dict[str, Any] = {"verdict": verdict_report(chain_verdicts(trees, correct_threshold))}
-    if yes_no:
+    if yes_no:  # the same batch bound as the chains: the GPU was sized for eval.batch_size (r3-rl plan)
         u["yes_no"] = ask_yes_no(policy, chain_images(trees, correct_threshold), rewards, correct_threshold,
-                                 max_questions)
+                                 max_questions, batch_size=batch_size)
     if references:
         u["reference"] = reference_report(policy, references, sampling.reflect, stop_phrase, rewards,
-                                          correct_threshold, seed=seed, yes_no=yes_no)
+                                          correct_threshold, seed=seed, yes_no=yes_no, batch_size=batch_size)
     report["understanding"] = u
     return report, trees
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from r3_rl.eval.evaluate import evaluate, write_report
+from r3_rl.eval.evaluate import check_failures, evaluate, write_report
 from r3_rl.eval.understanding import build_references
 from r3_rl.rollout.tree_rl import stage_sampling
 
@@ -34,4 +34,5 @@ class Evaluator:
         report["prompt_pool"] = self.data.eval_pool_size()  # the set the prompts were drawn from (None: endless)
         write_report(report, self.run_dir / "eval", name, trees, e.dump)
         self.metrics.log_eval(report, step, trees, name)
+        check_failures(report, self.recipe.rewards.max_failure_fraction, name)  # written first: it says why
         return report

@@ -60,6 +60,16 @@ def _yes_no(report: dict[str, Any], where: str = "chains") -> float:
     return float(block.get("balanced_accuracy", math.nan)) if block.get("available") else math.nan
 
 
+def _refinement(report: dict[str, Any]) -> float:
+    """Last-round minus first-image accuracy, over the prompts scored in both (the pairs behind its standard
+    error); the two accuracies' difference where a report lacks the pairs.  Equal when no eval reward failed;
+    with failures the accuracies have different denominators and their difference is no paired change."""
+    ref = report.get("refinement") or {}
+    if ref.get("pairs"):
+        return (ref["improved"] - ref["worse"]) / ref["pairs"]
+    return report["accuracy"][-1] - report["accuracy"][0]
+
+
 def synergy_figures(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
     """The three figures (and what they are made of) from two eval reports."""
     b, a = before["accuracy"], after["accuracy"]
@@ -72,8 +82,8 @@ def synergy_figures(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
            "yes_no_before": _yes_no(before), "yes_no_after": _yes_no(after),
            "reference_yes_no_before": _yes_no(before, "reference"), "reference_yes_no_after": _yes_no(after, "reference"),
            "stop_rate_before": before["stop_rate"], "stop_rate_after": after["stop_rate"]}
-    out["refinement_before"] = b[-1] - b[0]
-    out["refinement_after"] = a[-1] - a[0]
+    out["refinement_before"] = _refinement(before)
+    out["refinement_after"] = _refinement(after)
     for key in ("first_image", "verdict", "reference_verdict", "within_tag_verdict", "yes_no", "reference_yes_no"):
         out[f"{key}_gain"] = out[f"{key}_after"] - out[f"{key}_before"]
     out.update(synergy_errors(before, after))

@@ -246,7 +246,7 @@ def reference_report(policy: Policy, refs: list[ReferenceImage], reflect: Sampli
                            "per_image": {"judged_correct": correct, "stop": stops}}
     if yes_no:
         out["yes_no"] = ask_yes_no(policy, [JudgedImage(r.prompt, x, c) for r, x, c in zip(refs, inputs, correct)],
-                                   rewards, correct_threshold)
+                                   rewards, correct_threshold, batch_size=batch_size)
     return out
 
 

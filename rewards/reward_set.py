@@ -2,8 +2,9 @@
 
 The task reward of a stage is ``sum_i weight_i * reward_i``.  If any weighted reward fails for a
 sample, the sample's total is ``None`` (excluded from its group's advantage, counted, logged), never
-0: silent zeros were the reference implementation's worst bug.  An exception inside a reward fails
-that reward's whole batch, with the exception text as the reason; a non-finite score is a failure.
+0: silent zeros were the reference implementation's worst bug.  An exception inside a reward fails only the
+samples that raise it (:func:`call_isolating` splits the batch to find them), with the exception text as the
+reason; a non-finite score is a failure.
 
 :class:`FailureBudget` counts what the rollout scorer scored (per reward too) and, checked by the trainer
 after each rollout, raises a one-line :class:`RewardFailureError` once more than ``max_fraction`` of the
@@ -121,13 +122,7 @@ class RewardSet:
             return out
         for m in self.members:
             name = m.reward.name
-            try:
-                results = [to_output(r) for r in m.reward(samples)]
-                if len(results) != len(samples):
-                    raise ValueError(f"returned {len(results)} results for {len(samples)} samples")
-            except Exception as e:  # a broken reward fails its batch; the run goes on (FailureBudget decides)
-                msg = str(e).splitlines()[0] if str(e) else ""
-                results = [RewardOutput(failure=f"{type(e).__name__}: {msg}") for _ in samples]
+            results = call_isolating(m.reward, samples)  # the run goes on; FailureBudget decides
             for s, r in zip(out, results):
                 if r.failed:
                     s.failures[name] = r.failure or "no score"
@@ -143,6 +138,46 @@ class RewardSet:
                 if s.total is not None:
                     s.total += m.weight * float(r.score)  # type: ignore[arg-type]
         return out
+
+
+def _call(reward: Reward, samples: list[RewardSample]) -> list[RewardOutput] | str:
+    """The reward's outputs, or why it raised (one line).  A wrong number of results fails the whole batch: the
+    reward answered, but which answer is whose is unknown."""
+    try:
+        results = [to_output(r) for r in reward(samples)]
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else ""
+        return f"{type(e).__name__}: {msg}"
+    if len(results) != len(samples):
+        why = f"ValueError: returned {len(results)} results for {len(samples)} samples"
+        return [RewardOutput(failure=why) for _ in samples]
+    return results
+
+
+def call_isolating(reward: Reward, samples: list[RewardSample]) -> list[RewardOutput]:
+    """``reward(samples)``, where a call that raises fails only the samples that make it raise.
+
+    A raising call is split in halves and each half scored on its own, recursively, so one image that crashes a
+    detector fails alone (about 2 log2(n) more calls), not the 1,659 images of a GenEval eval with it.  When both
+    halves fail as their whole did, the reward fails everything it is given (a server down, a bug): the search
+    stops there, two calls later, instead of calling once per sample.  At most ``8 x log2(n)`` extra calls in all
+    (a reward whose message names the batch, failing everywhere): what is not isolated by then fails whole."""
+    got = _call(reward, samples)
+    return got if isinstance(got, list) else _isolate(reward, samples, got, [8 * len(samples).bit_length()])
+
+
+def _isolate(reward: Reward, samples: list[RewardSample], failure: str, calls_left: list[int]) -> list[RewardOutput]:
+    if len(samples) == 1 or calls_left[0] < 2:
+        return [RewardOutput(failure=failure) for _ in samples]
+    calls_left[0] -= 2
+    mid = len(samples) // 2
+    halves = [(part, _call(reward, part)) for part in (samples[:mid], samples[mid:])]
+    if all(got == failure for _, got in halves):
+        return [RewardOutput(failure=failure) for _ in samples]
+    out: list[RewardOutput] = []
+    for part, got in halves:
+        out += got if isinstance(got, list) else _isolate(reward, part, got, calls_left)
+    return out
 
 
 class RewardFailureError(UserError):

@@ -3,6 +3,7 @@ is checked against scoring the dumped PNGs independently (Blocks detector + GenE
 from __future__ import annotations
 
 import json
+import math
 import re
 import zlib
 from pathlib import Path
@@ -50,9 +51,10 @@ def test_geneval_overall_score_is_the_mean_of_tags() -> None:
     rep = summarise(trees, [[True], [False], [False], [False]], 0)
     assert rep["accuracy"] == pytest.approx([0.25]) and rep["accuracy_tag_mean"] == pytest.approx([0.5])
     assert "| mean of tags (GenEval's overall score) | | 0.500 |" in markdown_table(rep)
-    # a tag whose every eval reward failed has no accuracy and is left out of the mean
+    # a tag whose every eval reward failed has no accuracy: a mean over the other tags is not GenEval's overall
+    # score (until 2026-12-06 it was reported as one, 1.0 here, over one tag of two)
     rep = summarise(trees, [[True], [None], [None], [None]], 0)
-    assert rep["accuracy_tag_mean"] == pytest.approx([1.0])
+    assert math.isnan(rep["accuracy_tag_mean"][0]) and rep["accuracy"] == [1.0]
 
 
 def test_score_chains_carries_images_forward_after_a_stop() -> None:
@@ -214,3 +216,64 @@ def test_mean_eval_score_is_logged_only_where_it_is_not_the_accuracy() -> None:
     assert eval_metrics(fractional)["eval/score_mean/round0"] == pytest.approx(0.75)
     binary = summarise(trees, [[False], [True]], 0, [[0.0], [1.0]])
     assert not any(k.startswith("eval/score_mean") for k in eval_metrics(binary))  # no duplicate of accuracy
+
+
+def test_an_eval_reward_failure_fails_its_image_says_why_and_stops_past_the_budget() -> None:
+    """A detector crash on one image: that image alone fails (it used to fail every image of the call, and the eval
+    printed NaN with exit 0), the report says why, refinement is the paired change over the prompts scored in
+    both rounds, and an eval whose reward fails on more than rewards.max_failure_fraction of its images stops."""
+    from r3_rl.eval.evaluate import check_failures
+    from r3_rl.eval.synergy import synergy_figures
+    from r3_rl.rewards.reward_set import RewardFailureError
+
+    def detector(samples, **_):  # noqa: ANN001 - reward plug-in signature
+        if any(int(s.image[0, 0, 0]) == 41 for s in samples):  # tree 2's refined image
+            raise RuntimeError("Mask2Former: boxes out of range")
+        return [1.0 if int(s.image[0, 0, 0]) % 2 else 0.0 for s in samples]
+
+    trees = [chain(i, [0.0, 0.0], None) for i in range(4)]  # img0 = 20 i, img1 = 20 i + 1
+    rewards = RewardSet([WeightedReward(FunctionReward(detector, "geneval"), 1.0)])
+    correct = score_chains(trees, 1, rewards, correct_threshold=1.0)
+    assert correct == [[False, True], [False, True], [False, None], [False, True]]
+    assert trees[2].nodes["img1"].meta["eval_failure"] == "geneval: RuntimeError: Mask2Former: boxes out of range"
+    rep = summarise(trees, correct, 1)
+    assert rep["failed"] == [0, 1]
+    assert rep["failure_reasons"] == {"geneval: RuntimeError: Mask2Former: boxes out of range": 1}
+    assert "1 x geneval: RuntimeError: Mask2Former: boxes out of range" in markdown_table(rep)
+    fig = synergy_figures(rep, rep)
+    assert fig["refinement_after"] == pytest.approx(1.0)  # 3 of 3 pairs improved
+    rep["accuracy"] = [0.25, 1.0]  # had the first round's denominator been 4 and the last's 3
+    assert synergy_figures(rep, rep)["refinement_after"] == pytest.approx(1.0)
+    check_failures(rep, 0.2, "step_5")  # 1 of 8 images
+    with pytest.raises(RewardFailureError, match=r"^eval step_5: the eval reward failed on 1/8 images \(12% > "
+                                                 r"rewards.max_failure_fraction=0.1\); most often: geneval: "
+                                                 r"RuntimeError: Mask2Former"):
+        check_failures(rep, 0.1, "step_5")
+
+
+def test_understanding_batches_are_bounded_by_eval_batch_size(repo: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The yes/no questions and the reference set's critiques ran 256 rows at a time whatever eval.batch_size
+    said: the GPU is sized for eval.batch_size (r3-rl plan; Janus-Pro-7B recipes use 4)."""
+    from r3_rl.blocks.prompts import heldout_prompts
+    from r3_rl.blocks.reference import reference_pairs
+    from r3_rl.config import load_recipe
+    from r3_rl.eval.evaluate import evaluate
+    from r3_rl.policy.registry import build_policy
+    from r3_rl.policy.tiny import TinyUnifiedPolicy
+    from r3_rl.rollout.tree_rl import stage_sampling
+
+    recipe = load_recipe(repo / "recipes" / "tiny_blocks.yaml", tiny_overrides(tmp_path))
+    policy = build_policy(recipe)
+    rows: dict[str, list[int]] = {"answer_yes_no": [], "reflect": []}
+    for name in rows:
+        real = getattr(TinyUnifiedPolicy, name)
+        monkeypatch.setattr(TinyUnifiedPolicy, name, lambda self, first, *a, _real=real, _name=name, **kw:
+                            rows[_name].append(len(first)) or _real(self, first, *a, **kw))
+    prompts = heldout_prompts(24, seed=0)
+    rewards = RewardSet.from_specs([{"name": "blocks", "options": {"binary": True}}])
+    report, _ = evaluate(policy, prompts, stage_sampling(recipe, eval_mode=True), 1, recipe.templates.stop_phrase,
+                         rewards, references=reference_pairs(prompts, 0, 4, 4), batch_size=3)
+    assert report["understanding"]["yes_no"]["available"]
+    assert sum(rows["answer_yes_no"]) > 3 and max(rows["answer_yes_no"]) <= 3
+    assert sum(rows["reflect"]) > 24 and max(rows["reflect"]) <= 3

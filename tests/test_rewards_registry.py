@@ -288,3 +288,51 @@ def test_the_trainer_stops_through_the_failure_budget(tmp_path: Path) -> None:
     msg = str(e.value)
     assert "16/16 samples failed" in msg and "failing: dead x16" in msg and "reward server gone" in msg
     assert trainer.failures.by_reward == {"dead": 16} and "\n" not in msg
+
+
+def test_a_sample_that_crashes_the_reward_fails_alone() -> None:
+    """A detector that raises on one image of a GenEval eval used to fail all 1,659 images of the call (and the
+    eval printed NaN).  The batch is split until the sample that raises is found: it alone fails, with the reason,
+    in about 2 log2(n) more calls; a reward that fails everything is given up on two calls later."""
+    calls: list[int] = []
+
+    class Fragile(Reward):
+        name = "fragile"
+
+        def __call__(self, batch):
+            calls.append(len(batch))
+            if any(s.prompt == "p100" for s in batch):
+                raise RuntimeError("detector crashed on an odd image")
+            return [RewardOutput(score=0.5) for _ in batch]
+
+    batch = [RewardSample(f"p{i}", {}, "generate", 0, np.zeros((2, 2, 3), np.uint8)) for i in range(1659)]
+    out = RewardSet([WeightedReward(Fragile())]).score(batch)
+    assert [i for i, o in enumerate(out) if o.failed] == [100]
+    assert out[100].failures == {"fragile": "RuntimeError: detector crashed on an odd image"}
+    assert all(o.total == 0.5 for i, o in enumerate(out) if i != 100)
+    assert len(calls) <= 1 + 2 * 11
+
+    calls.clear()
+
+    class Down(Reward):
+        name = "down"
+
+        def __call__(self, batch):
+            calls.append(len(batch))
+            raise ConnectionError("reward server gone")
+
+    out = RewardSet([WeightedReward(Down())]).score(batch)
+    assert all(o.failures == {"down": "ConnectionError: reward server gone"} for o in out)
+    assert calls == [1659, 829, 830]
+
+    calls.clear()
+
+    class Chatty(Reward):  # fails everywhere with a message that names the batch: bounded all the same
+        name = "chatty"
+
+        def __call__(self, batch):
+            calls.append(len(batch))
+            raise RuntimeError(f"cannot score {len(batch)} images")
+
+    out = RewardSet([WeightedReward(Chatty())]).score(batch)
+    assert all(o.failed for o in out) and len(calls) <= 1 + 8 * 11
