@@ -18,6 +18,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from r3_rl.errors import UserError
 from r3_rl.eval.understanding import (
     JudgedImage, ReferenceImage, ask_yes_no, chain_verdicts, reference_report, verdict_report,
 )
@@ -239,11 +240,20 @@ def chain_images(trees: list[Tree], correct_threshold: float) -> list[JudgedImag
 
 
 def read_report(out_dir: str | Path, name: str) -> dict[str, Any] | None:
-    """The ``<name>.json`` :func:`write_report` wrote, or None (a resumed run reuses its run dir's ``before``)."""
-    try:
-        return json.loads((Path(out_dir) / f"{name}.json").read_text())
-    except (OSError, ValueError):
+    """The ``<name>.json`` :func:`write_report` wrote, or None where there is none (a resumed run reuses its run
+    dir's ``before``).  One that cannot be read is an error: a resumed run would otherwise measure its gains
+    against the resumed weights instead of the weights before RL, and say nothing."""
+    path = Path(out_dir) / f"{name}.json"
+    if not path.exists():
         return None
+    try:
+        report = json.loads(path.read_text())
+        if not isinstance(report, dict) or not isinstance(report.get("accuracy"), list):
+            raise ValueError("not an eval report")
+        return report
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot be read ({str(e).splitlines()[0][:120]}); restore it, or delete it to "
+                        f"measure this run's gains against the resumed weights instead") from None
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path, name: str, trees: list[Tree] | None = None,
@@ -252,8 +262,11 @@ def write_report(report: dict[str, Any], out_dir: str | Path, name: str, trees: 
     ``<name>_trajectories.jsonl`` + PNGs (what ``r3-rl inspect --eval`` reads) and a static ``<name>.html``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
-    (out / f"{name}.md").write_text(markdown_table(report))
+    for path, text in ((out / f"{name}.json", json.dumps(report, indent=2)),
+                       (out / f"{name}.md", markdown_table(report))):
+        tmp = path.with_name(f".{path.name}.tmp")  # whole or not at all: a resumed run reads before.json back
+        tmp.write_text(text)
+        tmp.replace(path)
     if trees and dump > 0:
         from r3_rl.tracking.html import write_html
         from r3_rl.trajectory import write_trees

@@ -52,6 +52,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         elif ckpt is not None:
             checked = check_resumable(ckpt, recipe)  # incompatible, damaged or a planted pickle: before any work
     target = str(resume_dir) if resume_dir is not None else args.run_dir
+    if ckpt is not None and target is not None:  # the baseline the resumed run's gains are measured against
+        from r3_rl.eval.evaluate import read_report
+
+        read_report(Path(target) / "eval", "before")
     fresh = target is None or not Path(target).exists()
     run_dir = make_run_dir(recipe, target)
     try:

@@ -67,6 +67,7 @@ class Trainer:
         self.rng = random.Random(recipe.seed)
         self.sampling = stage_sampling(recipe)
         self.resumed_from: Path | None = None  # the checkpoint this run continues (see resume)
+        self.eval_pending = False  # resumed from a checkpoint whose step's eval was cut off: run it first
         self.reference_file: Path | None = None  # holds exactly self.reference's weights (see _remember_reference)
 
     # ------------------------------------------------------------------ rollout
@@ -208,12 +209,25 @@ class Trainer:
             self.log_event(f"resumed at step {self.step}: the later checkpoint {later.name.removeprefix('abandoned-')} "
                            f"belongs to the abandoned branch; set aside as {later} (--resume auto skips it; "
                            f"delete it when it is not needed)")
-        # the steps after the checkpoint are run again: log them once (a finished run's final checkpoint came
-        # before its "after" eval, which runs again; mid-run evals never fall on the last step)
-        self.metrics.rewind(self.step, keep_evals=self.step < self.recipe.steps)
+        # the steps after the checkpoint are run again: log them once.  Every eval at a checkpoint's step came
+        # after it: a mid-run eval whose report was written is kept; one cut off (a preemption during an hour-long
+        # eval) runs again first, as does a finished run's "after" eval
+        done = self.step < self.recipe.steps and (self.run_dir / "eval" / f"step_{self.step:06d}.json").is_file()
+        self.eval_pending = self._eval_due(self.step) and not done
+        self.metrics.rewind(self.step, keep_evals=done)
         if self.parts.built("engine"):
             self.engine.sync(self.policy)
         self.console.print(f"resumed from {path}: step {self.step}, policy version {self.policy.version}")
+
+    def _eval_due(self, step: int) -> bool:
+        every = self.recipe.eval.every
+        return bool(every) and 0 < step < self.recipe.steps and step % every == 0
+
+    def _eval_step(self, before: dict[str, Any]) -> None:
+        rep = self.run_eval(f"step_{self.step:06d}")
+        fig = self._log_goals(before, rep)
+        self.console.print(f"eval @ {self.step}: accuracy per round " + " ".join(f"{a:.3f}" for a in rep["accuracy"])
+                           + "; against before RL: " + goals_brief(fig))
 
     def _eval_before(self) -> dict[str, Any]:
         """The pre-RL eval; a resumed run reuses its run dir's, or evaluates the resumed weights."""
@@ -262,6 +276,8 @@ class Trainer:
         self.console.print("eval before RL:\n" + markdown_table(before))
         if self.step == 0:  # the series start (no gain yet, refinement before RL); a resume has logged it
             self._log_goals(before, before, step=0)
+        if self.eval_pending:  # resumed from the checkpoint an eval was cut off after
+            self._eval_step(before)
         t0 = time.time()
         for step in range(self.step, r.steps):
             self.step = step
@@ -290,14 +306,10 @@ class Trainer:
                 self.metrics.log_trajectories(trees + self._sample_chains(step, trees), step)
             self.console.step(step, r.steps, m, time.time() - t0)
             self.step = step + 1  # steps completed: what evals and checkpoints from here on describe
-            if r.eval.every and self.step % r.eval.every == 0 and self.step < r.steps:
-                rep = self.run_eval(f"step_{self.step:06d}")
-                fig = self._log_goals(before, rep)
-                self.console.print(f"eval @ {self.step}: accuracy per round " +
-                                   " ".join(f"{a:.3f}" for a in rep["accuracy"]) + "; against before RL: " +
-                                   goals_brief(fig))
             if r.save_every and self.step % r.save_every == 0 and self.step < r.steps:
-                self.save_checkpoint()
+                self.save_checkpoint()  # before the eval: a run cut off during it loses the eval, not the steps
+            if self._eval_due(self.step):
+                self._eval_step(before)
         self.step = r.steps
         self.save_checkpoint()
         after = self.run_eval("after")

@@ -277,3 +277,56 @@ def test_a_checkpoint_is_on_disk_before_it_is_named_complete(tmp_path: Path, mon
     assert on_disk and not [str(p) for p in on_disk if str(p) not in synced_before]
     pruned = next(i for i, (kind, what) in enumerate(events) if kind == "rmtree" and what.endswith("step_000001"))
     assert ("fsync", str(root)) in events[renamed:pruned]
+
+
+def test_a_run_cut_off_during_an_eval_keeps_the_steps_and_runs_the_eval_again(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint at an eval's step is written before the eval: a preemption during an hour-long eval loses
+    the eval, not the steps since the last save.  ``--resume auto`` runs the cut-off eval first, logs it once,
+    and ends bit-identical to a run that was never stopped (evals draw on their own generators)."""
+    from r3_rl.eval.runner import Evaluator
+
+    sets = _overrides(tmp_path, 4) + ["save_every=2", "eval.every=2"]
+    straight = Trainer(load_recipe(RECIPE, sets), tmp_path / "straight")
+    straight.train()
+
+    real_run = Evaluator.run
+
+    def preempted(self, name: str, step: int):  # noqa: ANN001, ANN202
+        if name == "step_000002":
+            raise KeyboardInterrupt  # the node goes away half-way through the eval
+        return real_run(self, name, step)
+    monkeypatch.setattr(Evaluator, "run", preempted)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(load_recipe(RECIPE, sets), cut).train()
+    monkeypatch.undo()
+    assert [p.name for p in complete_checkpoints(cut / "checkpoints")] == ["step_000002"]
+    assert not (cut / "eval" / "step_000002.json").exists()
+
+    assert main(["train", str(RECIPE), "--run-dir", str(cut), "--resume", "auto"]
+                + [a for s in sets for a in ("--set", s)]) == 0
+    assert (cut / "eval" / "step_000002.json").is_file()
+    rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    eval_steps = [r["step"] for r in rows if any(k.startswith("eval/") for k in r)]
+    assert eval_steps == [0, 2, 4]  # before, the eval run again at step 2, after: each once
+    assert json.loads((cut / "eval" / "step_000002.json").read_text())["accuracy"] == json.loads(
+        (tmp_path / "straight" / "eval" / "step_000002.json").read_text())["accuracy"]
+    exported = LlamaForCausalLM.from_pretrained(str(cut / "checkpoints" / "step_000004" / "model")).state_dict()
+    _assert_same(straight.policy.model.state_dict(), exported, "policy")
+
+
+def test_an_unreadable_before_eval_stops_a_resume(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A truncated eval/before.json used to be read as 'no before eval': the resumed run evaluated its resumed
+    weights as the baseline and measured every gain against them, without a word."""
+    sets = _overrides(tmp_path, 2) + ["save_every=1"]
+    run = tmp_path / "run"
+    Trainer(load_recipe(RECIPE, sets), run).train()
+    before = run / "eval" / "before.json"
+    assert not list(before.parent.glob(".*.tmp"))  # written whole, then renamed
+    before.write_text(before.read_text()[:100])
+    args = ["train", str(RECIPE), "--run-dir", str(run), "--resume", str(run / "checkpoints" / "step_000001")]
+    from conftest import cli_one_line_error
+
+    line = cli_one_line_error(args + [a for s in _overrides(tmp_path, 3) for a in ("--set", s)], capsys)
+    assert "before.json: cannot be read" in line and "delete it" in line
