@@ -2,7 +2,7 @@
 
 The trainer process keeps a policy on ``policy.device`` (it runs the evals and, with ``learner.ranks > 1``,
 mirrors rank 0's weights).  Ray hands out GPU ids lowest first, so a local Ray that sees the trainer's GPU gives
-it to its first GPU actor: for the BAGEL recipe that put learner rank 0 (54.4 GB) beside the trainer (37.0 GB)
+it to its first GPU actor: for the BAGEL recipe that put learner rank 0 (55.4 GB) beside the trainer (37.0 GB)
 on one 80 GB card while GPU 7 stayed idle.  So when the node has a GPU to spare beyond what the actors ask for,
 the local Ray starts without the trainer's GPU (``r3-rl plan``'s "alone on a spare GPU"); when it has none,
 they share it (the plan's "worst case" row).  A joined cluster (``ray.address``) is left as its ``ray start``

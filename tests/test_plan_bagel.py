@@ -122,6 +122,41 @@ def test_offload_keeps_fp32_gradients_on_the_accelerator(zero_stage: int) -> Non
         assert [(t.dtype, t.shape) for t in accum] == [(torch.float32, p.shape) for p in lin.parameters()]
 
 
+@pytest.mark.parametrize("zero_stage, dtype, offload, overlap", [
+    (1, "bf16", False, False), (1, "bf16", True, False), (1, "fp32", False, False), (2, "bf16", False, False),
+    (2, "bf16", True, True), (2, "fp32", False, True)])
+def test_the_reduction_bucket_is_what_deepspeed_allocates(zero_stage: int, dtype: str, offload: bool,
+                                                          overlap: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Peer for the plan's reduction bucket: the buffers DeepSpeed's ZeRO-1/2 optimiser allocates at a backward
+    (reduce_bucket_size elements whatever the model's size; fp32 under ZeRO-1, the weights' dtype under ZeRO-2,
+    twice with overlap_comm; none for ZeRO-1's BF16_Optimizer)."""
+    pytest.importorskip("deepspeed")
+    import torch
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    from learner_helpers import learner_cfg
+
+    from r3_rl.learner.deepspeed_learner import DeepSpeedOptim
+
+    seen: list[int] = []
+    real = DeepSpeedZeroOptimizer.setup_buckets
+
+    def spy(self):  # noqa: ANN001, ANN202
+        real(self)
+        seen.append(sum(t.numel() * t.element_size() for b in self.ipg_buckets.values() for t in b.buffer))
+    monkeypatch.setattr(DeepSpeedZeroOptimizer, "setup_buckets", spy)
+    zero = {"reduce_bucket_size": 1000, "overlap_comm": overlap}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    config = {"zero_optimization": zero}
+    lin = torch.nn.Linear(64, 48).to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    opt = DeepSpeedOptim({"policy": lin}, learner_cfg(backend="deepspeed", micro_batch_size=4, deepspeed={
+        "zero_stage": zero_stage, "dtype": dtype, "config": config}))
+    x = torch.randn(4, 64).to(lin.weight.dtype)
+    opt.backward(opt.forward(lambda: (lin(x).float().pow(2).mean(), {}, []))[0])
+    planned = memory.reduction_bucket(zero_stage, 2 if dtype == "bf16" else 4, offload, config)
+    assert (seen[-1] if seen else 0) == planned
+
+
 def test_the_shipped_bagel_recipe_is_planned_offline_and_fits_8_gpus_of_80gb(capsys: pytest.CaptureFixture) -> None:
     assert main(["plan", str(BAGEL), "--gpus", "8", "--gpu-memory", "80"]) == 0
     out = capsys.readouterr().out
@@ -137,7 +172,8 @@ def test_the_shipped_bagel_recipe_is_planned_offline_and_fits_8_gpus_of_80gb(cap
     assert learner.resident["weights"] == pytest.approx(29.38e9, rel=1e-3) and learner.resident["reference"] == 0
     assert learner.resident["gradients"] == pytest.approx(4 * 14.172e9 / 4 + 2 * bagel_shape(
         load_recipe(BAGEL)).largest_weight, rel=1e-3)
-    assert learner.total == pytest.approx(54.4e9, rel=2e-3) and learner.total <= 0.9 * 80e9
+    assert learner.resident["reduction bucket"] == 2 * 500e6  # DeepSpeed's default bucket, bf16 under ZeRO-2
+    assert learner.total == pytest.approx(55.4e9, rel=2e-3) and learner.total <= 0.9 * 80e9
     # the reference's KL 1e-3 adds its frozen copy: over on 80 GB GPUs, fits on 141 GB ones
     kl = ["learner.kl_coef_text=1e-3", "learner.kl_coef_image=1e-3"]
     assert not make_plan(load_recipe(BAGEL, kl), 8, 80).fits and make_plan(load_recipe(BAGEL, kl), 8, 141).fits

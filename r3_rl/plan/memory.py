@@ -15,6 +15,7 @@ the head twice) and the gradients of one layer's activations.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from r3_rl.plan.shapes import ModelShape
 from r3_rl.policy.sampling import LOGIT_CHUNK_ELEMENTS
@@ -86,6 +87,22 @@ def model_states(shape: ModelShape, *, weight_bytes: int, trained: int, zero_sta
     grads = (fp32_grads if mixed else b * trained) / n + gathered
     return {"weights": b * p / n + gathered, "gradients": grads, "master weights": master / n,  # frozen too
             "optimizer (Adam)": adam / n}
+
+
+REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size
+
+
+def reduction_bucket(zero_stage: int | None, weight_bytes: int, offload: bool, conf: dict[str, Any]) -> float:
+    """Bytes of the gradient reduction bucket DeepSpeed's ZeRO-1/2 optimiser allocates at every backward
+    (``stage_1_and_2.py`` ``setup_buckets``): ``reduce_bucket_size`` elements -- 500 M by default, whatever the
+    model's size -- in fp32 under ZeRO-1 (its fp32 accumulator's staging) and in the weights' dtype under ZeRO-2,
+    twice with ``overlap_comm``.  ZeRO-1 in bf16 without offload runs DeepSpeed's BF16_Optimizer, which has none.
+    DeepSpeed's own memory estimators leave it out (``tests/test_plan_bagel.py`` finds it in the engine)."""
+    if zero_stage not in (1, 2) or (zero_stage == 1 and weight_bytes < 4 and not offload):
+        return 0.0
+    zero = (conf or {}).get("zero_optimization") or {}
+    elements = int(float(zero.get("reduce_bucket_size", REDUCE_BUCKET_ELEMENTS)))
+    return elements * (4 if zero_stage == 1 else weight_bytes) * (2 if zero.get("overlap_comm") else 1)
 
 
 def offloaded_states(trained: int, weight_bytes: int, ranks: int) -> float:

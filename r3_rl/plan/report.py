@@ -97,6 +97,12 @@ def add_learner(p: Process, recipe: Any, shape: ModelShape, *, micro_batch: int 
         cpu = memory.offloaded_states(trained, b, ranks)
         p.notes["master weights"] = p.notes["optimizer (Adam)"] = (
             f"offloaded: {cpu / GB:.1f} GB of CPU memory per rank (fp32 masters, gradients, Adam)")
+    bucket = memory.reduction_bucket(zero, b, offload, cfg.deepspeed.config or {})
+    if bucket:
+        p.resident["reduction bucket"] = bucket
+        elements = bucket / (4 if zero == 1 else b) / 1e6
+        p.notes["reduction bucket"] = (f"DeepSpeed's reduce_bucket_size: {elements:g} M elements in "
+                                       f"{'float32' if zero == 1 else recipe.policy.dtype}, at every backward")
     if cfg.algorithm == "ppo" and cfg.ppo.critic == "separate":  # a second trunk with its own optimiser state
         p.resident["critic (separate)"] = sum(memory.model_states(shape, weight_bytes=b, trained=shape.params_trained,
                                                                   zero_stage=zero, ranks=ranks).values())
