@@ -211,10 +211,11 @@ class Trainer:
                            f"delete it when it is not needed)")
         # the steps after the checkpoint are run again: log them once.  Every eval at a checkpoint's step came
         # after it: a mid-run eval whose report was written is kept; one cut off (a preemption during an hour-long
-        # eval) runs again first, as does a finished run's "after" eval
-        done = self.step < self.recipe.steps and (self.run_dir / "eval" / f"step_{self.step:06d}.json").is_file()
-        self.eval_pending = self._eval_due(self.step) and not done
-        self.metrics.rewind(self.step, keep_evals=done)
+        # eval) runs again first, as does a finished run's "after" eval (an extended run keeps it)
+        due = self._eval_due(self.step)
+        done = (self.run_dir / "eval" / f"step_{self.step:06d}.json").is_file()
+        self.eval_pending = due and not done
+        self.metrics.rewind(self.step, keep_evals=self.step < self.recipe.steps and (done or not due))
         if self.parts.built("engine"):
             self.engine.sync(self.policy)
         self.console.print(f"resumed from {path}: step {self.step}, policy version {self.policy.version}")
