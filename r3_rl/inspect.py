@@ -147,6 +147,8 @@ def trajectory_text(tree: Tree, path: list[Node]) -> str:
         elif n.text is not None:
             text = n.text.replace("\n", " ")
             out.append(f"    [{text_label(n)}] {text[:200]}{'...' if len(text) > 200 else ''}")
+            if len(text) > 200 and n.stage == "reflect" and n.edit_instruction:  # cut off after a long <think>
+                out.append(f"      -> {n.edit_instruction.replace(chr(10), ' ')[:200]}")
     return "\n".join(out)
 
 

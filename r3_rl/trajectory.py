@@ -155,10 +155,24 @@ def _save_png(image: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _load_png(path: Path) -> np.ndarray:
+MAX_IMAGE_PIXELS = 4096 * 4096  # a dump's image is at most this (Janus 384^2, BAGEL 1024^2): more is not ours
+
+
+def _load_png(base_dir: Path, rel: str) -> np.ndarray:
+    """A dump's image, which must lie under the dump's folder: a dump is a file people share, and an absolute or
+    ``../`` path would read (and ``inspect --html`` embed) any image the reader can open."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    path = (base_dir / rel).resolve()
+    if Path(rel).is_absolute() or not path.is_relative_to(base_dir.resolve()):
+        raise ValueError(f"image path {rel[:120]!r} is outside the dump's folder")
+    try:
+        im = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image {rel[:120]!r}: {e}") from None
+    with im:
+        if im.width * im.height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"image {rel[:120]!r} is {im.width}x{im.height} pixels, over {MAX_IMAGE_PIXELS}")
         return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
@@ -185,14 +199,24 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def tree_to_dict(tree: Tree, image_dir: Path, image_prefix: str) -> dict[str, Any]:
-    """Write the tree's images under ``image_dir`` and return its JSON-ready dict."""
+def tree_to_dict(tree: Tree, image_dir: Path, image_prefix: str, written: dict[bytes, str] | None = None
+                 ) -> dict[str, Any]:
+    """Write the tree's images under ``image_dir`` and return its JSON-ready dict.  ``written`` (digest -> path)
+    spans a dump: an image already written -- a "no further edit" copy of its parent -- points at that file
+    instead of being encoded again (a 384 px PNG is about 220 KB and 65 ms)."""
+    import hashlib
+
+    written = {} if written is None else written
     nodes = []
     for node in tree.nodes.values():
         rel = None
         if node.image is not None:
-            rel = f"{image_prefix}/{_safe(tree.id)}/{_safe(node.id)}.png"
-            _save_png(node.image, image_dir / rel)
+            im = np.ascontiguousarray(node.image)
+            digest = hashlib.blake2b(im.tobytes(), digest_size=16, person=str(im.shape).encode()[:16]).digest()
+            rel = written.get(digest)
+            if rel is None:
+                rel = written[digest] = f"{image_prefix}/{_safe(tree.id)}/{_safe(node.id)}.png"
+                _save_png(node.image, image_dir / rel)
         nodes.append(node_to_dict(node, rel))
     return {"id": tree.id, "prompt": dataclasses.asdict(tree.prompt), "meta": tree.meta, "nodes": nodes}
 
@@ -200,7 +224,7 @@ def tree_to_dict(tree: Tree, image_dir: Path, image_prefix: str) -> dict[str, An
 def tree_from_dict(d: dict[str, Any], base_dir: Path) -> Tree:
     tree = Tree(id=d["id"], prompt=PromptItem(**d["prompt"]), meta=d.get("meta", {}))
     for nd in d["nodes"]:
-        img = _load_png(base_dir / nd["image"]) if nd.get("image") else None
+        img = _load_png(base_dir, str(nd["image"])) if nd.get("image") else None
         node = node_from_dict(nd, img)
         tree.nodes[node.id] = node  # stored in insertion (topological) order
     return tree
@@ -221,9 +245,10 @@ def write_trees(trees: Iterable[Tree], jsonl_path: str | Path) -> Path:
     jsonl_path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f"{jsonl_path.stem}_images"
     tmp = jsonl_path.with_suffix(".jsonl.tmp")
+    written: dict[bytes, str] = {}
     with open(tmp, "w") as fh:
         for tree in trees:
-            fh.write(json.dumps(tree_to_dict(tree, jsonl_path.parent, prefix), cls=_Encoder) + "\n")
+            fh.write(json.dumps(tree_to_dict(tree, jsonl_path.parent, prefix, written), cls=_Encoder) + "\n")
     os.replace(tmp, jsonl_path)
     return jsonl_path
 
@@ -234,7 +259,7 @@ def read_trees(jsonl_path: str | Path) -> Iterator[Tree]:
     for line, d in read_jsonl_objects(jsonl_path):
         try:
             tree = tree_from_dict(d, jsonl_path.parent)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OSError) as e:  # OSError: a missing or unreadable image (PIL's too)
             raise UserError(f"{jsonl_path}:{line}: not a trajectory tree r3-rl can read "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         yield tree

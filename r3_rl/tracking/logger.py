@@ -12,6 +12,17 @@ from r3_rl.tracking.metrics import eval_metrics
 from r3_rl.trajectory import Tree
 
 
+def _append_whole_lines(path: Path) -> Any:
+    """``path`` open for appending, a last line cut off mid-write (a killed run) removed first: the next row would
+    otherwise be glued onto it, a line no reader can parse in the middle of the file."""
+    if path.exists():
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    return open(path, "a")
+
+
 class MetricsLogger:
     """Writes scalars to ``metrics.jsonl`` (always) and TensorBoard (``log.tensorboard``), plus rich summaries.
 
@@ -23,7 +34,7 @@ class MetricsLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
         self.slots = slots  # image cells per trajectory grid (rounds + 1): every grid at the same scale
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        self.jsonl = _append_whole_lines(run_dir / "metrics.jsonl")
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -48,7 +59,7 @@ class MetricsLogger:
                 at = int(row["step"])
             except (ValueError, KeyError, TypeError):
                 continue  # a run killed mid-write leaves a partial last line
-            is_eval = any(k.startswith(("eval/", "eval_tag/")) for k in row)
+            is_eval = any(k.startswith(("eval/", "eval_tag/", "0_eval/")) for k in row)  # 0_eval/synergy too
             if at < step or (at == step and is_eval and keep_evals):
                 kept.append(line)
                 if at == step:

@@ -35,7 +35,9 @@ CAPTION_H = 28  # two caption lines under each image
 
 
 def fit_cell(image: np.ndarray, side: int = CELL) -> np.ndarray:
-    """``image`` as ``side x side`` RGB: an integer nearest-neighbour upscale when it divides, else a PIL resize."""
+    """``image`` as ``side x side`` RGB: an integer nearest-neighbour upscale when it divides (a 4x4 Blocks image
+    keeps its hard cells), else a PIL resize -- nearest when enlarging, an area average when shrinking (a 384 px
+    Janus image in a 128 px cell: nearest kept one pixel in nine, and thin stripes came out all white)."""
     im = np.asarray(image, dtype=np.uint8)[..., :3]
     h, w = im.shape[:2]
     if h == w and side % h == 0:
@@ -43,7 +45,8 @@ def fit_cell(image: np.ndarray, side: int = CELL) -> np.ndarray:
         return np.kron(im, np.ones((k, k, 1), dtype=np.uint8)) if k > 1 else im.copy()
     from PIL import Image
 
-    return np.asarray(Image.fromarray(np.ascontiguousarray(im)).resize((side, side), Image.NEAREST), dtype=np.uint8)
+    how = Image.NEAREST if max(h, w) <= side else Image.BOX
+    return np.asarray(Image.fromarray(np.ascontiguousarray(im)).resize((side, side), how), dtype=np.uint8)
 
 
 def _text_band(width: int, height: int, lines: list[str]) -> np.ndarray:
