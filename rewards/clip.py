@@ -8,7 +8,8 @@ the same as ``openai/clip-vit-large-patch14``.  Embeddings come back L2-normalis
 """
 from __future__ import annotations
 
-from typing import Any
+import weakref
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -43,6 +44,21 @@ def to_pil(image: np.ndarray | Image.Image) -> Image.Image:
 def _features(out: Any) -> torch.Tensor:
     """``get_*_features`` returns a tensor (transformers 4) or an output with ``pooler_output`` (5)."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+_LOADED: weakref.WeakValueDictionary[tuple[str, ...], torch.nn.Module] = weakref.WeakValueDictionary()
+
+
+def shared_model(kind: str, name: str, device: torch.device, dtype: torch.dtype,
+                 build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """One copy per process of a frozen reward model: the trainer holds the task rewards and the eval rewards,
+    and GenEval's detector and CLIP in both would be two copies on its GPU (about 2 GB each in fp32).  Held
+    weakly: freed once no reward holds it (every holder's ``unload``)."""
+    key = (kind, name, str(device), str(dtype))
+    model = _LOADED.get(key)
+    if model is None:
+        model = _LOADED[key] = build()
+    return model
 
 
 def load_error(what: str, name: str, e: Exception) -> UserError:
@@ -85,14 +101,19 @@ class ClipEncoder:
             return
         from transformers import AutoModel, AutoProcessor
 
+        def build() -> torch.nn.Module:
+            model = AutoModel.from_pretrained(self.model_name, dtype=self.dtype)
+            if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
+                raise UserError(f"clip: {self.model_name!r} is a {type(model).__name__}, not a CLIP-style model")
+            return model.to(self.device).eval()
+
         try:
             self.processor = AutoProcessor.from_pretrained(self.model_name)
-            model = AutoModel.from_pretrained(self.model_name, dtype=self.dtype)
+            self.model = shared_model("clip", self.model_name, self.device, self.dtype, build)
+        except UserError:
+            raise
         except Exception as e:  # noqa: BLE001 - OSError, ValueError, ... all mean "cannot load"
             raise load_error("clip", self.model_name, e) from None
-        if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
-            raise UserError(f"clip: {self.model_name!r} is a {type(model).__name__}, not a CLIP-style model")
-        self.model = model.to(self.device).eval()
 
     def unload(self) -> None:
         self.model = None

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from r3_rl.errors import UserError
-from r3_rl.rewards.clip import load_error, resolve_device, resolve_dtype
+from r3_rl.rewards.clip import load_error, resolve_device, resolve_dtype, shared_model
 
 # COCO / detector label spellings -> GenEval class names (GenEval's object_names.txt).
 LABEL_ALIASES: dict[str, str] = {
@@ -134,10 +134,11 @@ class Mask2FormerBackend:
 
         try:
             self.processor = AutoImageProcessor.from_pretrained(self.model_name)
-            model = Mask2FormerForUniversalSegmentation.from_pretrained(self.model_name, dtype=self.dtype)
+            self.model = shared_model("mask2former", self.model_name, self.device, self.dtype, lambda: (
+                Mask2FormerForUniversalSegmentation.from_pretrained(self.model_name, dtype=self.dtype)
+                .to(self.device).eval()))
         except Exception as e:  # noqa: BLE001
             raise load_error("geneval (mask2former)", self.model_name, e) from None
-        self.model = model.to(self.device).eval()
         self.labels = {int(i): normalize_label(n, self.label_map) for i, n in self.model.config.id2label.items()}
 
     def unload(self) -> None:
@@ -183,10 +184,10 @@ class Owlv2Backend:
 
         try:
             self.processor = AutoProcessor.from_pretrained(self.model_name)
-            model = Owlv2ForObjectDetection.from_pretrained(self.model_name, dtype=self.dtype)
+            self.model = shared_model("owlv2", self.model_name, self.device, self.dtype, lambda: (
+                Owlv2ForObjectDetection.from_pretrained(self.model_name, dtype=self.dtype).to(self.device).eval()))
         except Exception as e:  # noqa: BLE001
             raise load_error("geneval (owlv2)", self.model_name, e) from None
-        self.model = model.to(self.device).eval()
 
     def unload(self) -> None:
         self.model = None

@@ -276,3 +276,27 @@ def test_geneval_reward_end_to_end_on_tiny_mask2former(tmp_path: Path, tiny_clip
     for o in out:
         assert not o.failed, o.failure
         assert set(o.components) == {"correct", "strict_correct", "partial"} and o.score == o.components["partial"]
+
+
+def test_a_process_holds_one_copy_of_each_reward_model(tmp_path: Path, tiny_clip: str) -> None:
+    """The trainer holds the task rewards and the eval rewards: with GenEval in both its detector and CLIP were
+    loaded twice onto the trainer's GPU (about 2 GB each in fp32).  One copy per (model, device, dtype), freed
+    once no reward holds it."""
+    import gc
+    import weakref
+
+    path = save_tiny_owlv2(tmp_path / "owl")
+    task, ev, half = (load_reward("geneval", detector="owlv2", model=path, clip_model=tiny_clip, device="cpu", **kw)
+                      for kw in ({"binary": False}, {"binary": True}, {"dtype": "bfloat16"}))
+    for r in (task, ev, half):
+        r.setup()
+    assert task.backend.model is ev.backend.model and task.colors.encoder.model is ev.colors.encoder.model
+    assert half.backend.model is not task.backend.model and next(half.backend.model.parameters()).dtype == torch.bfloat16
+    detector, clip = weakref.ref(task.backend.model), weakref.ref(task.colors.encoder.model)
+    task.teardown()
+    gc.collect()
+    assert detector() is ev.backend.model  # still held by the eval reward
+    ev.teardown()
+    half.teardown()
+    gc.collect()
+    assert detector() is None and clip() is None

@@ -119,6 +119,21 @@ def _yaml(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+# reward models a reward entry loads on its device (``auto``: the trainer's GPU), as the defaults measure
+REWARD_MODELS = {"geneval": "geneval: a detector and CLIP, about 2 GB in fp32 with its defaults (Mask2Former "
+                            "Swin-S, CLIP ViT-L/14)", "clip": "clip: CLIP ViT-L/14 by default, about 1.7 GB in fp32"}
+
+
+def uncounted_reward_models(recipe: Any) -> str:
+    """The reward models the trainer loads (task rewards unless ``rollout.reward_workers``, and eval rewards)."""
+    if not recipe.policy.device.startswith("cuda"):
+        return ""
+    specs = list(recipe.rewards.eval) + ([] if recipe.rollout.reward_workers else list(recipe.rewards.task))
+    names = dict.fromkeys(s.name for s in specs if s.name in REWARD_MODELS and
+                          (s.options or {}).get("device", "auto") != "cpu")
+    return "; ".join(REWARD_MODELS[n] for n in names)
+
+
 def render(plan: Plan) -> str:
     s, r = plan.shape, plan.recipe
     out = [f"r3-rl plan: {r.name}, {plan.gpus} GPU(s) of {plan.gpu_memory:g} GB, policy {r.policy.dtype} on "
@@ -153,6 +168,10 @@ def render(plan: Plan) -> str:
         ok = "ok" if v <= USABLE * plan.gpu_memory * GB else "OVER"
         out.append(f"  {what:56s} {v / GB:7.1f} GB  {ok}")
     out.append(f"GPUs the actors need: {plan.gpus_needed} of {plan.gpus}")
+    models = uncounted_reward_models(r)
+    if models:
+        out.append(f"not counted: the reward models the trainer process loads on its GPU ({models}; one copy of "
+                   f"each in the process)")
     if plan.host:
         parts = "; ".join(f"{k} {v / GB:.1f}" for k, v in plan.host.items())
         out.append(f"host (CPU) memory of the node beyond the processes: {sum(plan.host.values()) / GB:.1f} GB ({parts})")
