@@ -38,6 +38,7 @@ class Trainer:
     def __init__(self, recipe: Recipe, run_dir: Path, console: Console | None = None) -> None:
         self.recipe = recipe
         self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)  # events.log: reward actors log as they start, below
         self.console = console or Console(enabled=recipe.log.console)
         if recipe.threads:
             torch.set_num_threads(recipe.threads)

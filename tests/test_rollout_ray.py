@@ -307,3 +307,16 @@ def test_tasks_on_a_replaced_worker_hold_no_place() -> None:
     engine.group.actors[0] = _FakeActor("w0-new", sent)  # replaced: tasks 0 and 1 are on the lost actor
     engine._send(queue, pending, None)
     assert sent[2:] == [("w0-new", 2), ("w0-new", 3)]
+
+
+def test_a_trainer_with_reward_actors_starts_in_a_run_dir_not_made_yet(repo: Path, tmp_path: Path, ray_session) -> None:
+    """Reward actors log an event as they start, before the trainer's logger made the run dir: building a Trainer
+    in code (not through the CLI, which makes the folder first) failed with FileNotFoundError on events.log."""
+    from r3_rl.trainer import Trainer
+
+    recipe = load_recipe(repo / "recipes" / "tiny_blocks.yaml", tiny_overrides(tmp_path) + ["rollout.reward_workers=1"])
+    trainer = Trainer(recipe, tmp_path / "not" / "made" / "yet")
+    try:
+        assert "Ray reward workers ready" in (tmp_path / "not" / "made" / "yet" / "events.log").read_text()
+    finally:
+        trainer.close()

@@ -59,6 +59,7 @@ def lora_setup(repo: Path, tmp_path_factory: pytest.TempPathFactory):
     engine = RayEngine(recipe, policy, events.append)
     yield recipe, policy, engine
     engine.close()
+    assert engine._full is None and engine._update is None  # a Ray the caller keeps pins no closed run's weights
 
 
 def _train_adapters(policy, seed: int) -> None:

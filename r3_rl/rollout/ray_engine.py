@@ -245,6 +245,8 @@ class RayEngine:
         return [get_within(w.pid.remote(), self.call_timeout_s, "pid") for w in self.workers]
 
     def close(self) -> None:
-        """Kill our actors; shut Ray down if this engine started it (no orphaned processes)."""
+        """Kill our actors; shut Ray down if this engine started it (no orphaned processes).  The weights it put are
+        released too: a Ray the caller keeps (a notebook, a sweep) would otherwise pin a policy per closed run."""
         self.group.close()
+        self._full = self._update = None
         self._owns_ray = stop_ray(self._owns_ray)
