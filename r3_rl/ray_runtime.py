@@ -23,15 +23,15 @@ def start_ray(ray_cfg: Any, gpus: list[str] | None = None) -> bool:
         return False
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": ray_cfg.log_to_driver,
                           "configure_logging": False}
+    restrict = gpus is not None and not ray_cfg.address  # a joined cluster keeps what `ray start` gave it
     if ray_cfg.address:
         kw["address"] = ray_cfg.address
     else:
         kw["num_cpus"] = ray_cfg.num_cpus or os.cpu_count() or 1
-        if gpus is not None:
-            kw["num_gpus"] = len(gpus)
     before = os.environ.get("CUDA_VISIBLE_DEVICES")
     try:
-        if "num_gpus" in kw:
+        if restrict:
+            kw["num_gpus"] = len(gpus or [])
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus or [])
         ray.init(**kw)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -41,7 +41,7 @@ def start_ray(ray_cfg: Any, gpus: list[str] | None = None) -> bool:
                 "the cluster uses token authentication: set RAY_AUTH_MODE=token with its token in ~/.ray/auth_token")
         raise UserError(f"{where} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); {hint}") from None
     finally:
-        if "num_gpus" in kw:  # the trainer's own view of its GPUs is unchanged
+        if restrict:  # the trainer's own view of its GPUs is unchanged
             if before is None:
                 os.environ.pop("CUDA_VISIBLE_DEVICES", None)
             else:

@@ -49,15 +49,22 @@ def _features(out: Any) -> torch.Tensor:
 _LOADED: weakref.WeakValueDictionary[tuple[str, ...], torch.nn.Module] = weakref.WeakValueDictionary()
 
 
-def shared_model(kind: str, name: str, device: torch.device, dtype: torch.dtype,
-                 build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+def shared_model(what: str, name: str, device: torch.device, dtype: torch.dtype,
+                 load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """One copy per process of a frozen reward model: the trainer holds the task rewards and the eval rewards,
     and GenEval's detector and CLIP in both would be two copies on its GPU (about 2 GB each in fp32).  Held
-    weakly: freed once no reward holds it (every holder's ``unload``)."""
-    key = (kind, name, str(device), str(dtype))
+    weakly: freed once no reward holds it (every holder's ``unload``).  ``load`` reads the weights (a failure is
+    one line naming ``what`` and ``name``); the model is then moved to ``device``."""
+    key = (what, name, str(device), str(dtype))
     model = _LOADED.get(key)
     if model is None:
-        model = _LOADED[key] = build()
+        try:
+            loaded = load()
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - OSError, ValueError, ... all mean "cannot load"
+            raise load_error(what, name, e) from None
+        model = _LOADED[key] = loaded.to(device).eval()
     return model
 
 
@@ -101,19 +108,17 @@ class ClipEncoder:
             return
         from transformers import AutoModel, AutoProcessor
 
-        def build() -> torch.nn.Module:
+        def load() -> torch.nn.Module:
             model = AutoModel.from_pretrained(self.model_name, dtype=self.dtype)
             if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
                 raise UserError(f"clip: {self.model_name!r} is a {type(model).__name__}, not a CLIP-style model")
-            return model.to(self.device).eval()
+            return model
 
         try:
             self.processor = AutoProcessor.from_pretrained(self.model_name)
-            self.model = shared_model("clip", self.model_name, self.device, self.dtype, build)
-        except UserError:
-            raise
         except Exception as e:  # noqa: BLE001 - OSError, ValueError, ... all mean "cannot load"
             raise load_error("clip", self.model_name, e) from None
+        self.model = shared_model("clip", self.model_name, self.device, self.dtype, load)
 
     def unload(self) -> None:
         self.model = None

@@ -134,11 +134,10 @@ class Mask2FormerBackend:
 
         try:
             self.processor = AutoImageProcessor.from_pretrained(self.model_name)
-            self.model = shared_model("mask2former", self.model_name, self.device, self.dtype, lambda: (
-                Mask2FormerForUniversalSegmentation.from_pretrained(self.model_name, dtype=self.dtype)
-                .to(self.device).eval()))
         except Exception as e:  # noqa: BLE001
             raise load_error("geneval (mask2former)", self.model_name, e) from None
+        self.model = shared_model("geneval (mask2former)", self.model_name, self.device, self.dtype, lambda: (
+            Mask2FormerForUniversalSegmentation.from_pretrained(self.model_name, dtype=self.dtype)))
         self.labels = {int(i): normalize_label(n, self.label_map) for i, n in self.model.config.id2label.items()}
 
     def unload(self) -> None:
@@ -184,10 +183,10 @@ class Owlv2Backend:
 
         try:
             self.processor = AutoProcessor.from_pretrained(self.model_name)
-            self.model = shared_model("owlv2", self.model_name, self.device, self.dtype, lambda: (
-                Owlv2ForObjectDetection.from_pretrained(self.model_name, dtype=self.dtype).to(self.device).eval()))
         except Exception as e:  # noqa: BLE001
             raise load_error("geneval (owlv2)", self.model_name, e) from None
+        self.model = shared_model("geneval (owlv2)", self.model_name, self.device, self.dtype, lambda: (
+            Owlv2ForObjectDetection.from_pretrained(self.model_name, dtype=self.dtype)))
 
     def unload(self) -> None:
         self.model = None

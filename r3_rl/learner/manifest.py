@@ -39,10 +39,11 @@ def sync_tree(folder: Path) -> None:
     Written data sits in the page cache until the kernel flushes it; a checkpoint renamed into place before that
     -- and the older one pruned -- is lost whole if the node loses power, while ``checkpoint.json`` says it is
     complete.  torch.distributed.checkpoint fsyncs its files for the same reason (``sync_files``)."""
-    for p in sorted(folder.rglob("*")):
+    inside = sorted(folder.rglob("*"))
+    for p in inside:
         if p.is_file() and not p.is_symlink():
             sync_path(p)
-    for d in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda d: -len(d.parts)):
+    for d in sorted((p for p in inside if p.is_dir()), key=lambda d: -len(d.parts)):  # deepest first
         sync_path(d)
     sync_path(folder)
 

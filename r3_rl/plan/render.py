@@ -13,6 +13,7 @@ from typing import Any
 
 from r3_rl.config_learner import check_ranks
 from r3_rl.errors import UserError
+from r3_rl.gpu_layout import on_gpu
 from r3_rl.plan.report import GB, USABLE, Plan, make_plan
 
 
@@ -126,7 +127,7 @@ REWARD_MODELS = {"geneval": "geneval: a detector and CLIP, about 2 GB in fp32 wi
 
 def uncounted_reward_models(recipe: Any) -> str:
     """The reward models the trainer loads (task rewards unless ``rollout.reward_workers``, and eval rewards)."""
-    if not recipe.policy.device.startswith("cuda"):
+    if not on_gpu(recipe):
         return ""
     specs = list(recipe.rewards.eval) + ([] if recipe.rollout.reward_workers else list(recipe.rewards.task))
     names = dict.fromkeys(s.name for s in specs if s.name in REWARD_MODELS and

@@ -234,7 +234,7 @@ def make_plan(recipe: Any, gpus: int, gpu_memory: float, shape: ModelShape | Non
     needed = max(actor_gpus(recipe), 1 if on_gpu else 0)
     if on_gpu and needed > gpus:
         errors.append(f"the actors need {needed} GPUs (learner.ranks x gpus_per_rank + rollout.workers x "
-                      f"gpus_per_worker) but --gpus is {gpus}")
+                      f"gpus_per_worker + rollout.reward_workers x gpus_per_reward_worker) but --gpus is {gpus}")
     return Plan(recipe, shape, gpus, gpu_memory, processes, needed, errors, host_memory(recipe, shape))
 
 
