@@ -165,9 +165,10 @@ def checkpoint_bytes(recipe: Any, params: int, image_pixels: int) -> dict[str, i
 
     model/ in ``policy.dtype``, and the KL reference where the run keeps a frozen copy (no LoRA, a KL weight
     above 0); AdamW's two moments in the parameter dtype (torch) or fp32 plus fp32 master weights (DeepSpeed
-    bf16), and under DeepSpeed its own module file beside them (the whole module in the engine's dtype, LoRA's
-    frozen base included); a separate PPO critic doubles model and optimiser; the Tree-RL parent buffer holds up
-    to ``buffer_size`` correct and as many flawed images.
+    bf16), and under DeepSpeed its own module file beside them (the trained module in the engine's dtype); with
+    LoRA only the adapters train and only they are kept beside the merged export (the frozen base is not, see
+    :mod:`r3_rl.learner.frozen`), too small to count; a separate PPO critic doubles model and optimiser; the
+    Tree-RL parent buffer holds up to ``buffer_size`` correct and as many flawed images.
     """
     from r3_rl.learner.build import needs_frozen_reference
 
@@ -179,13 +180,9 @@ def checkpoint_bytes(recipe: Any, params: int, image_pixels: int) -> dict[str, i
         optim = params * (12 if (learner.deepspeed.dtype or recipe.policy.dtype) in ("bf16", "bfloat16") else 8)
     else:
         optim = params * 2 * DTYPE_BYTES[recipe.policy.dtype]
-    parts = {"model": w, "reference": w if needs_frozen_reference(recipe) else 0, "optimiser": optim}
-    if deepspeed:
+    parts = {"model": w, "reference": w if needs_frozen_reference(recipe) else 0, "optimiser": 0 if lora else optim}
+    if deepspeed and not lora:
         parts["DeepSpeed module"] = w
-    if lora:  # adapters are small; the torch backend saves the unmerged policy next to the merged export
-        parts["optimiser"] = 0
-        if not deepspeed:
-            parts["unmerged policy"] = w
     if learner.algorithm == "ppo" and learner.ppo.critic == "separate":
         parts["critic"] = w + optim
     tokens = (recipe.data.blocks.rows * recipe.data.blocks.cols if recipe.policy.kind == "tiny"

@@ -133,3 +133,35 @@ def test_the_checkpoint_estimate_counts_each_deepspeed_file(tmp_path: Path, kl: 
     assert (written["reference"] > 0) == kl
     for part, size in written.items():
         assert parts[part] == pytest.approx(size, rel=0.25), (part, parts[part], size)
+
+
+@pytest.mark.parametrize("backend", ["deepspeed", "torch"])
+def test_a_lora_checkpoint_holds_the_merged_model_once(tmp_path: Path, backend: str) -> None:
+    """With LoRA (bf16) the merged export is the only copy of the model in a checkpoint: DeepSpeed's module file
+    and the torch backend's unmerged state hold the adapters, not the frozen base again (they did: the doctor
+    counted a second model), and the estimate says so.  The resume that reads them back is tested in
+    test_resume.py."""
+    extra = [f"learner.backend={backend}", "learner.lora={r: 4}", "policy.dtype=bfloat16"]
+    if backend == "deepspeed":
+        extra.append("learner.deepspeed.dtype=bf16")
+    recipe = load_recipe(REPO / "recipes" / "tiny_blocks.yaml", tiny_overrides(tmp_path) + extra)
+    Trainer(recipe, tmp_path / "run").train()
+    (ckpt,) = (tmp_path / "run" / "checkpoints").glob("step_*")
+    from safetensors.torch import load_file
+
+    from r3_rl.learner.safe_load import safe_torch_load
+
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+    model = nbytes(load_file(ckpt / "model" / "model.safetensors").values())
+    if backend == "deepspeed":  # its module file: the module's state and ZeRO's frozen-parameter fragments
+        (module_file,) = (ckpt / "state" / "learner").rglob("*model_states.pt")
+        saved = safe_torch_load(module_file)
+        beside = sum(nbytes((saved.get(k) or {}).values()) for k in ("module", "frozen_param_fragments"))
+    else:
+        beside = nbytes(load_file(ckpt / "state" / "policy.safetensors").values())
+    assert 0 < beside < model / 2, (beside, model)  # adapters (and the tiny model's tied lm_head under DeepSpeed)
+    parts = checkpoint_bytes(recipe, safetensors_params(ckpt / "model" / "model.safetensors"), 0)
+    assert parts["model"] == pytest.approx(model, rel=0.25) and parts["optimiser"] == 0
+    assert "DeepSpeed module" not in parts and parts["reference"] == 0

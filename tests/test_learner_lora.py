@@ -98,3 +98,68 @@ def test_lora_goes_into_the_language_model_of_janus_only(tmp_path) -> None:
         wrapped(target_modules=["fc1"])  # the aligner's: outside the language model
     with pytest.raises(UserError, match="learner.lora.train_vision: a TinyUnifiedPolicy has no separate vision"):
         build_learner(tiny_policy(), None, _recipe(lora={"train_vision": True}))
+
+
+def test_lora_checkpoint_keeps_the_adapters_not_the_base_and_checks_the_base(tmp_path) -> None:
+    """The unmerged state beside the merged export is the adapters only (the base is 95%+ of a real model: 14.8 GB
+    of Janus-Pro-7B at every save); a resume loads them onto the base from policy.model after checking, by the
+    fingerprint in the file, that this base is the one they were trained on.  A whole-model file from before
+    fingerprints still loads."""
+    from safetensors import safe_open
+    from safetensors.torch import save_model
+
+    recipe = _recipe(lora={"r": 4, "alpha": 8})
+    policy = tiny_policy()
+    learner = build_learner(policy, None, recipe)
+    items = sample_items(policy)
+    for _ in range(2):
+        learner.step(copy.deepcopy(items))
+    saved = tmp_path / "policy.safetensors"
+    learner.adapters.save(saved)
+    trainable = {n for n, p in policy.model.named_parameters() if p.requires_grad}
+    with safe_open(str(saved), framework="pt") as f:
+        assert set(f.keys()) == trainable and all("lora_" in k for k in f.keys())
+        assert len(f.metadata()["frozen_fingerprint"]) == 64
+    whole = sum(v.numel() * v.element_size() for v in policy.model.state_dict().values())
+    assert saved.stat().st_size < whole / 4
+
+    def fresh(seed: int = 0):
+        p = tiny_policy(seed)
+        return p, build_learner(p, None, recipe)
+
+    twin, twin_learner = fresh()
+    assert not all(torch.equal(weights(twin)[k], v) for k, v in weights(policy).items())  # adapters start fresh
+    twin_learner.adapters.load(saved)
+    for k, v in weights(policy).items():
+        assert torch.equal(weights(twin)[k], v), k
+
+    other, other_learner = fresh(seed=1)  # another base under the same path
+    with pytest.raises(UserError, match=r"policy.safetensors: the frozen \(base\) weights loaded from policy.model"):
+        other_learner.adapters.load(saved)
+
+    old = tmp_path / "old.safetensors"  # the format before: the whole unmerged model
+    save_model(policy.model, str(old))
+    old_twin, old_learner = fresh()
+    old_learner.adapters.load(old)
+    for k, v in weights(policy).items():
+        assert torch.equal(weights(old_twin)[k], v), k
+
+
+def test_the_frozen_fingerprint_sees_another_base_at_real_width() -> None:
+    """At Janus-Pro's width in bf16: the same values give the same fingerprint whatever module holds them; a
+    re-trained copy (every weight nudged), one re-trained column, another dtype or another name give another
+    one; nothing frozen: None."""
+    from r3_rl.learner.frozen import fingerprint
+
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(2048, 2048, generator=gen) * 0.02).to(torch.bfloat16)
+    base = fingerprint([("q_proj.weight", w)])
+    assert base == fingerprint([("q_proj.weight", w.clone())])
+    nudged = (w.float() + torch.randn(2048, 2048, generator=gen) * 1e-3).to(torch.bfloat16)
+    assert fingerprint([("q_proj.weight", nudged)]) != base
+    assert fingerprint([("q_proj.weight", w.float())]) != base
+    column = w.clone()
+    column[:, 5] += 1  # one column re-trained: every row's sample must not sit in the same column
+    assert fingerprint([("q_proj.weight", column)]) != base
+    assert fingerprint([("k_proj.weight", w)]) != base
+    assert fingerprint([]) is None

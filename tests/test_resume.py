@@ -192,6 +192,25 @@ def test_resume_is_bit_identical_with_deepspeed_lora_and_ppo(tmp_path: Path) -> 
     assert straight.learner.optim.engine.lr_scheduler.last_epoch == resumed.learner.optim.engine.lr_scheduler.last_epoch
 
 
+def test_resume_is_bit_identical_with_torch_lora_from_the_adapters_alone(tmp_path: Path) -> None:
+    """The torch backend's checkpoint keeps the LoRA adapters, not the base again: the resume rebuilds the base
+    from the recipe, checks its fingerprint and goes on exactly as the run that was not cut."""
+    extra = ["learner.lora={r: 4, dropout: 0.5}"]
+    straight = Trainer(load_recipe(RECIPE, _overrides(tmp_path, 4) + extra), tmp_path / "straight")
+    straight.train()
+    Trainer(load_recipe(RECIPE, _overrides(tmp_path, 2) + extra), tmp_path / "first").train()
+    ckpt = tmp_path / "first" / "checkpoints" / "step_000002"
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "state" / "policy.safetensors"), framework="pt") as f:
+        assert all("lora_" in k for k in f.keys())
+    resumed = Trainer(load_recipe(RECIPE, _overrides(tmp_path, 4) + extra), tmp_path / "second")
+    resumed.resume(ckpt)
+    resumed.train()
+    assert resumed.policy.version == straight.policy.version == 4
+    _assert_same(straight.policy.model.state_dict(), resumed.policy.model.state_dict(), "policy (base + LoRA)")
+
+
 def test_resume_refuses_an_incompatible_recipe(tmp_path: Path) -> None:
     from r3_rl.learner.checkpoint import check_compatible, structure
 

@@ -134,7 +134,7 @@ def check_disk(ctx: Context) -> Finding:
     need = n * (one - parts["reference"]) + parts["reference"] + final  # every checkpoint links one reference file
     where = Path(recipe.out_dir)
     free = ctx.free_bytes(where)
-    biggest = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])[:3])
+    biggest = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])[:3] if v)
     detail = (f"{recipe.out_dir}: needs up to {human_bytes(need)} ({n} checkpoint(s) of ~{human_bytes(one)}: "
               f"{biggest}; + final weights), {human_bytes(free)} free")
     if free < need:

@@ -3,7 +3,7 @@
 Layout of one checkpoint::
 
     model/                     policy weights (safetensors) + config + tokenizer: loadable by from_pretrained
-                               (LoRA: merged weights; the unmerged state is in state/policy.safetensors)
+                               (LoRA: merged weights; the unmerged adapters are in state/policy.safetensors)
     state/trainer.pt           step, policy version, RNG states (trainer, python, numpy, torch), data-sampler
                                position, reward-failure counts
     state/buffer.safetensors   the Tree-RL parent buffer (image token ids / PNG bytes + JSON metadata)
@@ -11,6 +11,9 @@ Layout of one checkpoint::
                                learner counters, critic weights (PPO)
     state/reference.safetensors  the frozen KL reference (absent with LoRA: it is the base model)
     checkpoint.json            written last: {"step", "policy_version", "complete": true, "files", ...}
+
+Frozen weights (LoRA's base) are in ``model/`` only, merged: the state keeps what trains and a fingerprint of
+the rest, which a resume loads from ``policy.model`` again and checks (:mod:`r3_rl.learner.frozen`).
 
 Each component writes and reads its own part (:class:`CheckpointParts`): the learner exports the policy and
 saves its optimiser state (and, under DeepSpeed, the trained weights), the run loop hands over its
@@ -223,7 +226,7 @@ def save_checkpoint(run_dir: Path, step: int, keep_last: int, parts: CheckpointP
     state = tmp / "state"
     state.mkdir()
     if learner.adapters is not None and not learner.saves_weights:  # the export is merged: keep the adapters
-        save_model(parts.policy.model, str(state / "policy.safetensors"))
+        learner.adapters.save(state / "policy.safetensors")
     if parts.reference is not None:
         _save_reference(parts, state / "reference.safetensors")
     learner.save(state / "learner")
@@ -366,7 +369,7 @@ def _restore(path: Path, meta: dict[str, Any], parts: CheckpointParts) -> None:
     if learner.saves_weights:
         pass  # the learner's own checkpoint restores the module weights (policy, adapters, critic)
     elif learner.adapters is not None:
-        load_model(parts.policy.model, str(state / "policy.safetensors"))
+        learner.adapters.load(state / "policy.safetensors")
     else:
         load_exported(parts.policy.model, path / "model")
     ref_file = state / "reference.safetensors"

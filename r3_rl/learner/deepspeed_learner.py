@@ -41,6 +41,7 @@ from typing import Any, Callable, ContextManager
 import torch
 
 from r3_rl.learner.deepspeed_config import ds_config, optimizer_offload, pick_accelerator
+from r3_rl.learner.frozen import check_loaded_keys, check_same_frozen, frozen_fingerprint, frozen_names
 from r3_rl.learner.optim import make_adamw, resume_with_recipe_hyperparameters, trainable, warmup_lambda
 from r3_rl.learner.precision import check_precision, compute_dtype
 
@@ -113,6 +114,8 @@ class DeepSpeedOptim:
             config["gradient_clipping"] = 0.0  # inside the optimiser's step, after the engine's all-reduce
             optimizer.register_step_pre_hook(self._clip)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.warmup_steps, cfg.lr_decay_steps, cfg.lr_final))
+        # read before ZeRO-3 partitions them: checkpoints leave the frozen weights (LoRA's base) out
+        self.frozen_fingerprint = frozen_fingerprint(self.container)
         self.engine, _, _, _ = deepspeed.initialize(model=self.container, optimizer=optimizer,
                                                     lr_scheduler=scheduler, config=config)
 
@@ -186,7 +189,11 @@ class DeepSpeedOptim:
         return deepspeed.zero.GatheredParameters([p for m in modules for p in m.parameters()], modifier_rank=None)
 
     def save(self, path: Path) -> None:
-        self.engine.save_checkpoint(str(path / "deepspeed"), tag="state", save_latest=False)
+        """DeepSpeed's checkpoint without the frozen weights (:mod:`r3_rl.learner.frozen`), their fingerprint in
+        its client state."""
+        self.engine.save_checkpoint(str(path / "deepspeed"), tag="state", save_latest=False,
+                                    client_state={"frozen_fingerprint": self.frozen_fingerprint},
+                                    exclude_frozen_parameters=self.frozen_fingerprint is not None)
         # DeepSpeed copies its recovery scripts beside the state; zero_to_fp32.py (zero_to_torch.py runs it)
         # unpickles whatever checkpoint it is pointed at (weights_only=False), and model/ holds the full weights
         for script in ("zero_to_fp32.py", "zero_to_torch.py"):
@@ -198,9 +205,18 @@ class DeepSpeedOptim:
         make_deepspeed_loads_safe(self.engine)  # DeepSpeed's own engine would torch.load(weights_only=False)
         inner = self.engine.optimizer
         adamw = getattr(inner, "optimizer", inner)  # ZeRO and BF16_Optimizer wrap the torch AdamW
-        load_path, _ = resume_with_recipe_hyperparameters(
+        frozen = frozen_names(self.container)
+        where = str(path / "deepspeed")
+
+        def load_module(src: dict[str, Any], dst: torch.nn.Module) -> None:  # the frozen weights are not saved
+            missing, unexpected = dst.load_state_dict(src, strict=False)
+            check_loaded_keys(missing, unexpected, frozen, where)
+
+        load_path, client = resume_with_recipe_hyperparameters(
             adamw, self.engine.lr_scheduler, lambda: self.engine.load_checkpoint(
-                str(path / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True))
+                where, tag="state", load_optimizer_states=True, load_lr_scheduler_states=True,
+                custom_load_fn=load_module))
+        check_same_frozen((client or {}).get("frozen_fingerprint"), self.frozen_fingerprint, where)
         if hasattr(inner, "clip_grad"):  # ZeRO and BF16_Optimizer restore the saved clipping norm: the recipe's wins
             inner.clip_grad = self.engine.gradient_clipping()
         if load_path is None:
