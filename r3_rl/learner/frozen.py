@@ -57,7 +57,7 @@ def check_same_frozen(saved: str | None, now: str | None, where: str) -> None:
     if saved is not None and saved != now:
         raise UserError(f"{where}: the frozen (base) weights loaded from policy.model are not those this checkpoint "
                         f"was trained on (fingerprint {str(now)[:12]} vs {saved[:12]}); resume with the same base "
-                        f"model files")
+                        f"model files (and, for a warm-started tiny policy, the run's warmstart/ folder)")
 
 
 def check_loaded_keys(missing: Iterable[str], unexpected: Iterable[str], frozen: set[str], where: str) -> None:
