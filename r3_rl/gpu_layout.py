@@ -24,12 +24,28 @@ def on_gpu(recipe: Any) -> bool:
     return recipe.policy.device.startswith("cuda")
 
 
+def gpus_to_place(shares: list[float]) -> int:
+    """Fewest GPUs that hold actors asking these GPU shares.  Ray gives a share below 1 a part of one GPU, so two
+    actors of 0.6 cannot share one: the sum rounded up (1.8 -> 2 for three of them) undercounts, and the third
+    would wait for a GPU forever.  A share of 1 or more takes that many whole GPUs; the parts are packed first fit,
+    largest first (the fewest GPUs for shares that divide 1, such as 0.5 or 0.25)."""
+    whole = sum(math.ceil(share - 1e-9) for share in shares if share >= 1)
+    room: list[float] = []  # what is left on each GPU the parts use
+    for share in sorted((s for s in shares if 0 < s < 1), reverse=True):
+        fits = next((i for i, left in enumerate(room) if left >= share - 1e-9), None)
+        if fits is None:
+            room.append(1.0 - share)
+        else:
+            room[fits] -= share
+    return whole + len(room)
+
+
 def actor_gpus(recipe: Any) -> int:
-    """Whole GPUs the run's Ray actors occupy: learner ranks (when more than one), rollout and reward workers."""
+    """GPUs the run's Ray actors occupy (:func:`gpus_to_place`): learner ranks (when more than one), rollout and
+    reward workers."""
     r, lr = recipe.rollout, recipe.learner
-    needed = math.ceil(lr.ranks * lr.gpus_per_rank - 1e-9) if lr.ranks > 1 else 0
-    needed += math.ceil(r.reward_workers * r.gpus_per_reward_worker - 1e-9)
-    return needed + (math.ceil(r.workers * r.gpus_per_worker - 1e-9) if r.backend == "ray" else 0)
+    shares = [lr.gpus_per_rank] * (lr.ranks if lr.ranks > 1 else 0) + [r.gpus_per_reward_worker] * r.reward_workers
+    return gpus_to_place(shares + ([r.gpus_per_worker] * r.workers if r.backend == "ray" else []))
 
 
 def visible_gpus() -> list[str]:

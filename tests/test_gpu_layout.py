@@ -12,7 +12,7 @@ import pytest
 from conftest import cli_one_line_error
 
 from r3_rl.config import load_recipe
-from r3_rl.gpu_layout import actor_gpus, actor_recipe_data, gpus_for_local_ray
+from r3_rl.gpu_layout import actor_gpus, actor_recipe_data, gpus_for_local_ray, gpus_to_place
 
 EIGHT = [str(i) for i in range(8)]
 
@@ -37,6 +37,22 @@ def test_a_spare_gpu_keeps_the_trainer_alone_and_a_full_node_shares(repo: Path) 
     reward_gpus = _recipe(repo, "grpo_geneval_bagel.yaml", "rollout.reward_workers=2",
                           "rollout.gpus_per_reward_worker=0.5")
     assert actor_gpus(reward_gpus) == 8 and gpus_for_local_ray(reward_gpus, EIGHT) is None
+
+
+def test_gpu_shares_are_packed_as_ray_places_them(repo: Path) -> None:
+    """Ray gives a share below 1 a part of one GPU: three workers of 0.6 need three GPUs, not the 2 their sum
+    rounds up to (the third would wait forever); shares that divide 1 pack; kinds share a GPU; whole shares add."""
+    assert gpus_to_place([0.6] * 3) == 3
+    assert gpus_to_place([0.5] * 4) == 2 and gpus_to_place([0.25] * 5) == 2
+    assert gpus_to_place([0.5, 0.3, 0.3]) == 2 and gpus_to_place([0.7, 0.3, 0.5, 0.5]) == 2
+    assert gpus_to_place([2, 1, 0.5]) == 4 and gpus_to_place([0, 0]) == 0 and gpus_to_place([]) == 0
+    from r3_rl.doctor.gpu import needed_gpus_here
+
+    packed = _recipe(repo, "grpo_geneval.yaml", "learner.ranks=1", "rollout.workers=3", "rollout.gpus_per_worker=0.6")
+    assert actor_gpus(packed) == 3 and needed_gpus_here(packed)[0] == 3  # the doctor counted ceil(1.8) = 2
+    shared = _recipe(repo, "grpo_geneval.yaml", "learner.ranks=1", "rollout.workers=1", "rollout.gpus_per_worker=0.5",
+                     "rollout.reward_workers=1", "rollout.gpus_per_reward_worker=0.5")
+    assert actor_gpus(shared) == 1  # a worker and a reward worker share one GPU (the plan counted one each)
 
 
 def test_the_local_ray_starts_without_the_trainers_gpu(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,6 @@ the tiny policy), which is how the tests cover them.
 """
 from __future__ import annotations
 
-import math
 import multiprocessing as mp
 import queue
 import tempfile
@@ -19,7 +18,8 @@ from typing import Any
 
 from r3_rl.doctor.base import Context, Finding, ok, problem, skipped
 from r3_rl.doctor.devices import GIB, GpuInfo
-from r3_rl.doctor.ray_check import ray_demand, uses_ray
+from r3_rl.doctor.ray_check import uses_ray
+from r3_rl.gpu_layout import actor_gpus
 
 def describe(gpus: list[GpuInfo]) -> str:
     names = sorted({g.name for g in gpus})
@@ -37,7 +37,7 @@ def needed_gpus_here(recipe: Any) -> tuple[int, list[str]]:
         n = int(index) + 1 if index.isdigit() else 1
         why.append(f"policy.device {device}")
     if uses_ray(recipe) and not recipe.ray.address:
-        gpus = math.ceil(ray_demand(recipe)[0]["GPU"] - 1e-6)
+        gpus = actor_gpus(recipe)  # GPU shares packed as Ray places them, not their sum
         if gpus:
             n = max(n, gpus)
             why.append(f"{gpus} for Ray actors on a local Ray")
