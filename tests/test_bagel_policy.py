@@ -15,7 +15,7 @@ import torch
 
 from r3_rl.config import Recipe, apply_overrides
 from r3_rl.flow import Guidance, timestep_grid
-from r3_rl.flow.action import segment_trace
+from r3_rl.flow.action import is_flow_segment, segment_trace
 from r3_rl.learner.batch import TrainItem
 from r3_rl.learner.torch_learner import TorchLearner
 from r3_rl.policy.bagel import make_tiny_bagel
@@ -344,3 +344,20 @@ def test_bf16_policy_samples_rescores_and_trains_both_experts(request, width: in
                  "language_model.model.layers.0.self_attn.q_proj_moe_gen.weight",
                  "language_model.model.layers.0.mlp_moe_gen.down_proj.weight", "llm2vae.weight"):
         assert not torch.equal(before[name], after[name]), name
+
+
+def test_bf16_recompute_makes_the_first_image_ratio_exactly_one_in_any_micro_batch(tiny_dir) -> None:
+    """bf16 rounds a forward by its batch: an image rescored alone (micro_batch_size 1, as the BAGEL recipe) rather
+    than beside its siblings as it was sampled moved its last steps' log-probs by up to 2e-4 -- twice the default
+    ``flow.clip_low`` -- so the first update, at unchanged weights, clipped some images.  ``learner.old_logp:
+    recompute`` now takes flow items' old log-probs from the learner's own micro-batches too: the first ratio is 1
+    exactly, nothing is clipped, and the sampler's distance is logged for images."""
+    policy = build_policy(bagel_recipe(tiny_dir, "bfloat16"))
+    stages = rollout(policy, seed=6)
+    items = [it for it in items_with_advantages(stages) if it.stage in ("generate", "refine")]
+    assert items and all(is_flow_segment(it.segment) for it in items)
+    cfg = learner_cfg(lr=1e-3, kl_coef_text=0.0, kl_coef_image=0.0, micro_batch_size=1, old_logp="recompute")
+    stats = TorchLearner(policy, None, cfg).step(items)
+    assert stats["learner/flow_ratio_min"] == 1.0 and stats["learner/flow_ratio_max"] == 1.0
+    assert stats["learner/flow_clip_frac"] == 0.0
+    assert 0.0 <= stats["learner/sampler_flow_logp_gap_max"] < 1e-2

@@ -175,6 +175,31 @@ def test_recomputed_old_logprobs_make_the_first_bf16_ratio_exactly_one() -> None
     assert ratios["recompute"] < 1e-6
 
 
+def test_a_rank_recomputes_the_old_logprobs_of_its_own_micro_batches_only(monkeypatch) -> None:
+    """Each learner rank receives the whole batch but trains every world-th micro-batch: recomputing the old
+    log-probs of all of them doubled a rank's learner time (with 4 ranks) instead of adding a quarter.  Rank 1 of
+    2 now rescores only its micro-batches, and each in the composition its loss runs."""
+    import r3_rl.learner.algorithm as algorithm
+
+    base = tiny_policy()
+    base.model.to(torch.bfloat16)
+    items = sample_items(base)
+    assert len(items) >= 4
+    seen: list[list[int]] = []
+    real = algorithm.recomputed_logprobs
+    monkeypatch.setattr(algorithm, "recomputed_logprobs",
+                        lambda policy, rows: seen.append([items.index(r) for r in rows]) or real(policy, rows))
+    cfg = learner_cfg(micro_batch_size=2, grad_accum=0, old_logp="recompute", lr=LR)  # one optimiser step: no shuffle
+    learner = TorchLearner(clone(base), None, cfg)
+    learner.rank, learner.world = 1, 2
+    learner.optim.step = lambda: (True, 0.0)  # one rank alone: no all-reduce to wait for
+    m = learner.step(list(items))
+    mine = [list(c) for c in dict.fromkeys(c for mini in learner.minibatches(len(items))
+                                           for c, _ in learner._my_chunks(mini))]  # its filler repeats one
+    assert seen == mine and len({i for chunk in seen for i in chunk}) < len(items)
+    assert m["learner/ratio_min"] == pytest.approx(1.0, abs=1e-6) and m["learner/ratio_max"] == pytest.approx(1.0, abs=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_warmup_applies_from_the_first_step(dtype) -> None:
     """AdamW's first step moves every weight by exactly its lr: lr * 1/warmup_steps under a 4-step warm-up."""

@@ -24,7 +24,7 @@ import torch
 
 from r3_rl.algorithms.kl import kl_by_modality
 from r3_rl.algorithms.losses import clipped_policy_loss
-from r3_rl.flow.action import is_flow_segment
+from r3_rl.flow.action import is_flow_segment, unconditional_without_gradient
 from r3_rl.learner.actions import micro_batch_inputs, micro_share, most_actions, recomputed_logprobs
 from r3_rl.learner.batch import BatchStats, TrainItem, assign_advantages, collect_items, policy_weight
 from r3_rl.learner.flow_loss import flow_loss, flow_share
@@ -39,6 +39,8 @@ class LearnerModels:
     policy: Any
     reference: Any = None
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)
+    # the micro-batches of the coming step this learner runs (a rank: every world-th); None: all of them
+    chunks: list[range] | None = None
 
 
 class Algorithm:
@@ -75,15 +77,24 @@ class Algorithm:
         raise NotImplementedError(f"{type(self).__name__} does not define loss(...)")
 
 
-def old_logps(policy: Any, items: list[TrainItem], micro_batch_size: int) -> list[torch.Tensor | None]:
-    """``learner.old_logp: recompute``: token items' log-probs by the training forward (None for flow items,
-    whose old log-probs stay the sampler's)."""
-    out: list[torch.Tensor | None] = [None] * len(items)
-    for start in range(0, len(items), micro_batch_size):  # the learner's chunks, then their token rows, as loss()
-        tokens = [i for i in range(start, min(start + micro_batch_size, len(items)))
-                  if not is_flow_segment(items[i].segment)]
+def old_logps(policy: Any, items: list[TrainItem], chunks: list[range], detach_uncond: bool = False
+              ) -> list[torch.Tensor]:
+    """``learner.old_logp: recompute``: the old log-probs of the items in ``chunks`` by the training forward,
+    without gradient, in those micro-batches as :meth:`GRPO.loss` will run them (token rows together; flow items'
+    denoising steps together, ``detach_uncond`` as the loss); other items get an empty tensor.  bf16 rounds a
+    forward by its batch: a BAGEL image rescored in another batch than it was sampled in moved its last steps'
+    log-probs by 2e-4, twice ``flow.clip_low``.  A learner rank passes only its own micro-batches."""
+    out: list[torch.Tensor] = [torch.empty(0)] * len(items)
+    for chunk in dict.fromkeys(chunks):  # each once (a rank's filler repeats one)
+        tokens = [i for i in chunk if not is_flow_segment(items[i].segment)]
         for i, lp in zip(tokens, recomputed_logprobs(policy, [items[i] for i in tokens])):
             out[i] = lp
+        flows = [i for i in chunk if is_flow_segment(items[i].segment)]
+        if flows:
+            with torch.no_grad(), unconditional_without_gradient(detach_uncond):
+                scores = policy.denoising_scores([items[i].segment for i in flows])
+            for i, score in zip(flows, scores):
+                out[i] = score.logp.detach()
     return out
 
 
@@ -137,13 +148,18 @@ class GRPO(Algorithm):
         rollout = getattr(self.recipe, "rollout", None)  # None: each item's own length
         ctx: dict[str, Any] = {"max_len": [most_actions(it, rollout) for it in items]}  # dr_grpo's, per item
         if self.cfg.old_logp == "recompute":
-            ctx["old_logp"] = old_logps(models.policy, items, self.cfg.micro_batch_size)
-            gaps = [(o - torch.tensor(it.segment.logprobs)).abs() for it, o in zip(items, ctx["old_logp"])
-                    if o is not None and o.numel()]
-            if gaps:  # how far the sampler's numbers were from the trainer's
-                every = torch.cat(gaps)
-                ctx["metrics"] = {"learner/sampler_logp_gap_mean": float(every.mean()),
-                                  "learner/sampler_logp_gap_max": float(every.max())}
+            mbs = self.cfg.micro_batch_size
+            chunks = models.chunks if models.chunks is not None else [
+                range(s, min(s + mbs, len(items))) for s in range(0, len(items), mbs)]
+            ctx["old_logp"] = old_logps(models.policy, items, chunks, self.cfg.flow.detach_uncond)
+            ctx["metrics"] = {}
+            for kind, flow in (("", False), ("flow_", True)):  # how far the sampler's numbers were from the trainer's
+                gaps = [(o.cpu().double() - torch.tensor(it.segment.logprobs, dtype=torch.float64)).abs()
+                        for it, o in zip(items, ctx["old_logp"]) if o.numel() and is_flow_segment(it.segment) == flow]
+                if gaps:
+                    every = torch.cat(gaps)
+                    ctx["metrics"].update({f"learner/sampler_{kind}logp_gap_mean": float(every.mean()),
+                                           f"learner/sampler_{kind}logp_gap_max": float(every.max())})
         return ctx
 
     def loss(self, models: LearnerModels, items: list[TrainItem], chunk: range, mini: range,
@@ -188,8 +204,9 @@ class GRPO(Algorithm):
                                               [it.segment.modality for it in rows], cfg.kl_kind))
             outputs.append(inp["logp"])
         if flow_chunk:
+            old_flow = [ctx["old_logp"][i] for i in flow_chunk] if "old_logp" in ctx else None
             loss, m, out = flow_loss(models.policy, models.reference, [items[i] for i in flow_chunk],
-                                     [advantage(i) for i in flow_chunk], cfg)
+                                     [advantage(i) for i in flow_chunk], cfg, old_flow)
             total = total + loss * flow_share(items, flow_chunk, flow_mini, cfg.flow.ratio_unit)
             metrics.update(m)
             outputs.extend(out)

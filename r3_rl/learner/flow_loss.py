@@ -43,8 +43,10 @@ def _rows(scores: list[StepScores], values: Sequence[float], dtype: torch.dtype,
 
 
 def flow_loss(policy: Any, reference: Any, items: Sequence[TrainItem], advantages: Sequence[float],
-              cfg: Any) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
+              cfg: Any, old_logps: Sequence[torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
     """Loss of flow ``items`` (their ``advantages``) under learner settings ``cfg``: ``(loss, metrics, outputs)``.
+    The ratio's old log-probs are the sampler's, or ``old_logps`` (``learner.old_logp: recompute``).
 
     The loss is ``loss_weight_image`` * the clipped surrogate + ``kl_coef_image`` * the mean Gaussian KL, both
     means over the kept units of these items (:func:`~r3_rl.algorithms.flow_losses.flow_policy_loss`).
@@ -54,7 +56,10 @@ def flow_loss(policy: Any, reference: Any, items: Sequence[TrainItem], advantage
         scores = policy.denoising_scores(segs)
     logp = torch.cat([s.logp for s in scores])
     dev = logp.device
-    old = torch.cat([torch.tensor(s.logprobs, dtype=logp.dtype) for s in segs]).to(dev)
+    if old_logps is None:
+        old = torch.cat([torch.tensor(s.logprobs, dtype=logp.dtype) for s in segs]).to(dev)
+    else:
+        old = torch.cat([o.to(dev, logp.dtype) for o in old_logps])
     if old.shape != logp.shape:
         raise ValueError(f"flow loss: the policy rescored {logp.shape[0]} SDE steps but the segments recorded "
                          f"{old.shape[0]}")

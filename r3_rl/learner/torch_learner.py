@@ -114,6 +114,8 @@ class TorchLearner:
             # the same order on every rank and on a resume: seeded by what every rank knows of the batch
             items = shuffled_by_group(items, f"{max(it.policy_version for it in items)}/{len(items)}")
         self._set_train(False)  # old log-probs and values as sampled: no dropout draw (LoRA dropout, a plug-in's)
+        # what the step's micro-batches need is computed for this rank's only (4 ranks: a quarter of the batch each)
+        models.chunks = [c for mini in self.minibatches(len(items)) for c, _ in self._my_chunks(mini)]
         try:
             ctx = self.algorithm.prepare(models, items)
         finally:
