@@ -74,3 +74,25 @@ def test_peak_memory_is_a_chunk_not_the_batch() -> None:
     # a chunk's temporaries (logits, sort values + int64 indices, probs, masks: ~10 x 1 MB) + the weight grad
     assert chunked < 12 * (1 << 18) * 4 + 2 * d * vocab * 4, (chunked, whole)
     assert chunked < whole / 4, (chunked, whole)
+
+
+def test_sampling_draws_the_tokens_torch_multinomial_draws_without_its_host_syncs() -> None:
+    """``sample_tokens`` computes multinomial's one-sample algorithm itself (argmax of p / Exp(1) draws) to drop
+    its two GPU->host reads per token: from the same generator state it must give the very same tokens --
+    peaked and flat rows, rows with masked (-inf) tokens, a Janus-sized vocabulary -- and leave the generator
+    where multinomial leaves it (the next draw agrees too)."""
+    from r3_rl.policy.sampling import sample_tokens
+
+    sp = SamplingParams(temperature=1.0)
+    for seed, (rows, vocab) in enumerate([(4, 7), (16, 16384), (32, 102400)]):
+        gen = torch.Generator().manual_seed(seed)
+        logits = torch.randn(rows, vocab, generator=gen) * torch.linspace(0.1, 12.0, rows).unsqueeze(1)
+        logits[:, : vocab // 3] = float("-inf")  # a mask: allowed tokens only
+        logprobs = torch.log_softmax(logits, dim=-1)
+        ours, theirs = torch.Generator().manual_seed(100 + seed), torch.Generator().manual_seed(100 + seed)
+        for _ in range(3):
+            tokens, lp = sample_tokens(logprobs, sp, ours)
+            expected = torch.multinomial(logprobs.exp(), 1, generator=theirs).squeeze(-1)
+            assert torch.equal(tokens, expected)
+            assert torch.equal(lp, logprobs.gather(-1, expected.unsqueeze(-1)).squeeze(-1))
+            assert (tokens >= vocab // 3).all()
