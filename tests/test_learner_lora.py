@@ -163,3 +163,36 @@ def test_the_frozen_fingerprint_sees_another_base_at_real_width() -> None:
     assert fingerprint([("q_proj.weight", column)]) != base
     assert fingerprint([("k_proj.weight", w)]) != base
     assert fingerprint([]) is None
+
+
+@pytest.mark.parametrize("backend", ["deepspeed", "torch"])
+def test_rollout_workers_compute_the_adapters_as_the_learner_does(tmp_path, backend: str) -> None:
+    """DeepSpeed casts every weight it wraps to bf16, LoRA adapters included, while peft builds them in fp32: a
+    rollout worker (and the trainer's mirror of the ranks) computed fp32 adapters, the learner bf16 ones, so the
+    sampler's log-probs were not the learner's even at equal weights.  Now each copy builds its adapters in the
+    dtype the learner trains them in, and a worker holding the learner's weights scores exactly as the learner."""
+    pytest.importorskip("deepspeed")
+    from conftest import REPO, tiny_overrides
+
+    from r3_rl.config import load_recipe
+    from r3_rl.policy.registry import build_policy
+    from r3_rl.rollout.ray_engine import worker_policy
+
+    sets = [f"learner.backend={backend}", "learner.lora={r: 4}", "policy.dtype=bfloat16"]
+    recipe = load_recipe(REPO / "recipes" / "tiny_blocks.yaml", tiny_overrides(tmp_path) + sets + (
+        ["learner.deepspeed.dtype=bf16"] if backend == "deepspeed" else []))
+    policy = build_policy(recipe)
+    build_learner(policy, None, recipe)
+    with torch.no_grad():  # adapters that matter: lora_B starts at 0
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.5)
+    worker = worker_policy(recipe)
+    learner_dtypes = {n: p.dtype for n, p in policy.model.named_parameters() if "lora_" in n}
+    assert learner_dtypes == {n: p.dtype for n, p in worker.model.named_parameters() if "lora_" in n}
+    assert set(learner_dtypes.values()) == {torch.bfloat16 if backend == "deepspeed" else torch.float32}
+    worker.load_state_dict(policy.trainable_state_dict(), partial=True)
+    segs = [it.segment for it in sample_items(policy)]
+    with torch.no_grad():
+        for a, b in zip(worker.segment_logprobs(segs), policy.segment_logprobs(segs)):
+            assert torch.equal(a, b)

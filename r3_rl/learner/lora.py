@@ -49,13 +49,22 @@ def lora_targets(policy: Policy, cfg: Any) -> list[str]:
             or (linear and isinstance(m, torch.nn.Linear) and m is not head)]
 
 
-def apply_lora(policy: Policy, cfg: Any) -> "LoraAdapters":
-    """Inject LoRA adapters (``learner.lora``) into ``policy.model`` in place."""
+def adapters_in_base_dtype(learner: Any) -> bool:
+    """Whether the adapters compute in the base model's dtype: under DeepSpeed, whose engine casts every weight it
+    wraps to its dtype (bf16 adapters, fp32 masters in the optimiser); the torch backend keeps peft's fp32 ones.
+    Every copy of the policy -- rollout workers, the trainer's mirror of the ranks -- must compute as the learner
+    does, or the sampler's log-probs (fp32 adapters) differ from the learner's (bf16) by more than bf16 rounding."""
+    return learner.backend == "deepspeed"
+
+
+def apply_lora(policy: Policy, cfg: Any, in_base_dtype: bool = False) -> "LoraAdapters":
+    """Inject LoRA adapters (``learner.lora``) into ``policy.model`` in place; in fp32 (peft's default) or, with
+    ``in_base_dtype`` (:func:`adapters_in_base_dtype`), in the dtype of the layer they adapt."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                         target_modules=lora_targets(policy, cfg), bias="none")
-    return LoraAdapters(policy, get_peft_model(policy.model, config))
+    return LoraAdapters(policy, get_peft_model(policy.model, config, autocast_adapter_dtype=not in_base_dtype))
 
 
 class LoraAdapters:

@@ -86,10 +86,10 @@ class LearnerRank(ReadyActor):
         reference: Any = None
         adapters = None
         if lora is not None:  # adapters first, so the driver's parameter names match; reference = adapters off
-            from r3_rl.learner.lora import apply_lora
+            from r3_rl.learner.lora import adapters_in_base_dtype, apply_lora
 
             enable_checkpointing(policy, recipe.learner)  # before LoRA wraps the model
-            adapters = apply_lora(policy, lora)
+            adapters = apply_lora(policy, lora, adapters_in_base_dtype(recipe.learner))
             reference = adapters.reference() if uses_kl(recipe.learner) else None
         policy.load_state_dict(unpack_state(policy_state), version)  # before DeepSpeed partitions the weights
         if lora is None and reference_state is not None:
@@ -192,9 +192,9 @@ class RankedLearner:
         self.policy = policy
         self.adapters = None
         if cfg.lora is not None:  # the mirror must have the ranks' parameter names
-            from r3_rl.learner.lora import apply_lora
+            from r3_rl.learner.lora import adapters_in_base_dtype, apply_lora
 
-            self.adapters = apply_lora(policy, cfg.lora)
+            self.adapters = apply_lora(policy, cfg.lora, adapters_in_base_dtype(cfg))
         data = actor_recipe_data(recipe)
         actor = ray.remote(LearnerRank).options(num_cpus=cfg.cpus_per_rank, num_gpus=cfg.gpus_per_rank,
                                                 max_restarts=0)

@@ -253,9 +253,9 @@ def learner_from_recipe(policy: Policy, reference: Any, recipe: Any, algorithm: 
     if adapters is None:  # a caller that injected adapters enabled checkpointing before (it must precede LoRA)
         enable_checkpointing(policy, cfg)
     if adapters is None and cfg.lora is not None:
-        from r3_rl.learner.lora import apply_lora
+        from r3_rl.learner.lora import adapters_in_base_dtype, apply_lora
 
-        adapters = apply_lora(policy, cfg.lora)
+        adapters = apply_lora(policy, cfg.lora, adapters_in_base_dtype(cfg))
         reference = adapters.reference() if uses_kl(cfg) else None
     modules = algorithm.modules(policy)
     optim = None

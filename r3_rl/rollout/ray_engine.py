@@ -50,9 +50,9 @@ def worker_policy(recipe: Any) -> Policy:
 
     policy = build_policy(recipe)
     if recipe.learner.lora is not None:
-        from r3_rl.learner.lora import apply_lora
+        from r3_rl.learner.lora import adapters_in_base_dtype, apply_lora
 
-        apply_lora(policy, recipe.learner.lora)
+        apply_lora(policy, recipe.learner.lora, adapters_in_base_dtype(recipe.learner))
     return policy
 
 
