@@ -361,3 +361,25 @@ def test_bf16_recompute_makes_the_first_image_ratio_exactly_one_in_any_micro_bat
     assert stats["learner/flow_ratio_min"] == 1.0 and stats["learner/flow_ratio_max"] == 1.0
     assert stats["learner/flow_clip_frac"] == 0.0
     assert 0.0 <= stats["learner/sampler_flow_logp_gap_max"] < 1e-2
+
+
+def test_a_full_fine_tune_resumes_from_its_export_without_the_vae(policy: BagelPolicy, tmp_path) -> None:
+    """The torch backend resumes a full fine-tune from the checkpoint's ``model/`` export.  BAGEL's export holds
+    the VAE (``ae.safetensors``) beside the weight set, and reading every ``.safetensors`` there stopped every such
+    resume ("unexpected decoder.conv_in.bias"); the policy names its weight files, and the trained weights load."""
+    from r3_rl.errors import UserError
+    from r3_rl.learner.checkpoint import load_exported
+
+    trained = policy.with_model(copy.deepcopy(policy.model))
+    with torch.no_grad():
+        for p in trained.model.parameters():
+            p.add_(0.01)
+    trained.save_pretrained(str(tmp_path / "model"))
+    fresh = policy.with_model(copy.deepcopy(policy.model))
+    with pytest.raises(UserError, match="unexpected"):
+        load_exported(fresh.model, tmp_path / "model")  # every file, the VAE's too
+    files = fresh.exported_weight_files(tmp_path / "model")
+    assert [f.name for f in files] == ["ema.safetensors"]
+    load_exported(fresh.model, tmp_path / "model", files)
+    a, b = trained.model.state_dict(), fresh.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

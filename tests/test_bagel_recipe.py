@@ -159,3 +159,16 @@ def test_recipe_as_shipped_trains_with_ray_workers_and_two_deepspeed_zero2_learn
     # each of the 2 ZeRO ranks wrote its own optimiser partition: the ranks ran as Ray actors, not in-process
     shards = sorted(p.name for p in (run / "checkpoints" / "step_000002").rglob("*zero_pp_rank_*optim_states.pt"))
     assert [n.split("zero_pp_rank_")[1][0] for n in shards] == ["0", "1"], shards
+
+
+def test_a_full_fine_tune_on_the_torch_backend_resumes(tiny_dir: str, tmp_path: Path) -> None:
+    """The BAGEL recipe on the torch backend (no LoRA: the default) resumes from its checkpoint's export; the
+    export's VAE file beside the weight set stopped every such resume in one line (exit 2)."""
+    run = tmp_path / "run"
+    sets = tiny_sets(tiny_dir, tmp_path) + ["rollout.backend=local", "learner.backend=torch", "learner.ranks=1",
+                                            "steps=1"]
+    args = ["train", str(RECIPE), "--run-dir", str(run)] + [a for s in sets for a in ("--set", s)]
+    assert main(args) == 0
+    assert main(args[:2] + ["--resume", str(run / "checkpoints" / "step_000001")] + args[4:] + ["--set", "steps=2"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in rows if "batch/items" in r}) == [0, 1]  # step 1 after the resume

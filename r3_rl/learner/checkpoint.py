@@ -162,25 +162,31 @@ class CheckpointParts:
     reference_file: Path | None = None
 
 
-def load_exported(model: torch.nn.Module, folder: Path) -> None:
-    """Load ``save_pretrained`` safetensors (any number of shards) into ``model``, exactly.
+def load_exported(model: torch.nn.Module, folder: Path, files: list[Path] | None = None) -> None:
+    """Load ``save_pretrained`` safetensors (any number of shards; ``files``: the policy's
+    :meth:`~r3_rl.policy.base.Policy.exported_weight_files`, default every one in ``folder``) into ``model``,
+    exactly, one file at a time (a 7B model's shards never sit in host memory together).
 
     Keys missing from the files are accepted only when they are tied to a loaded tensor (``lm_head``
     tied to the embeddings is saved once); anything else missing or unexpected is an error.
     """
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(folder.glob("*.safetensors")) if files is None else files
     if not files:
         raise UserError(f"{folder}: no .safetensors weights")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    result = model.load_state_dict(state, strict=False)
     own = model.state_dict()
-    loaded = {own[k].data_ptr() for k in state if k in own}
-    bad = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]
-    if bad or result.unexpected_keys:
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for f in files:
+        shard = load_file(str(f))
+        unexpected += [k for k in shard if k not in own]
+        model.load_state_dict({k: v for k, v in shard.items() if k in own}, strict=False)
+        seen.update(shard)
+        del shard
+    loaded = {own[k].data_ptr() for k in seen if k in own}
+    bad = [k for k in own if k not in seen and own[k].data_ptr() not in loaded]
+    if bad or unexpected:
         raise UserError(f"{folder}: weights do not match the policy (missing {bad[:3]}, unexpected "
-                        f"{result.unexpected_keys[:3]})")
+                        f"{unexpected[:3]})")
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -371,7 +377,7 @@ def _restore(path: Path, meta: dict[str, Any], parts: CheckpointParts) -> None:
     elif learner.adapters is not None:
         learner.adapters.load(state / "policy.safetensors")
     else:
-        load_exported(parts.policy.model, path / "model")
+        load_exported(parts.policy.model, path / "model", parts.policy.exported_weight_files(path / "model"))
     ref_file = state / "reference.safetensors"
     if parts.reference is not None and ref_file.is_file():
         load_model(parts.reference.model, str(ref_file))

@@ -240,6 +240,12 @@ class Policy(ABC):
         """Write weights (safetensors) + config (+ tokenizer) loadable by ``from_pretrained``."""
         self.model.save_pretrained(path)
 
+    def exported_weight_files(self, folder: Path) -> list[Path]:
+        """The files of a :meth:`save_pretrained` folder that hold ``self.model``'s weights (a resume loads them
+        into the live module): every ``.safetensors`` here; a layout with other weights beside (BAGEL's VAE)
+        names its own."""
+        return sorted(Path(folder).glob("*.safetensors"))
+
 
 def parse_critique(text: str, stop_phrase: str = "no further edit needed") -> tuple[str, bool]:
     """Split a critique into (edit instruction, stop).

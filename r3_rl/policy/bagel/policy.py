@@ -26,7 +26,7 @@ import torch
 
 from r3_rl.errors import UserError
 from r3_rl.flow.action import StepScores, flow_action, is_flow_segment, segment_trace
-from r3_rl.policy.bagel.checkpoint import VAE_FILE, LoadedBagel, bagel_skeleton, load_bagel, save_bagel
+from r3_rl.policy.bagel.checkpoint import VAE_FILE, LoadedBagel, bagel_skeleton, load_bagel, save_bagel, weight_files
 from r3_rl.policy.bagel.contexts import ContextBuilder, image_digest, store_images, text_record
 from r3_rl.policy.bagel.image_actions import denoising_scores, flow_settings, sample_images
 from r3_rl.policy.bagel.images import latent_grid
@@ -105,6 +105,10 @@ class BagelPolicy(BagelRecipe, Policy):
         """The published layout again (loadable by ``policy.kind: bagel`` and by BAGEL's own code)."""
         save_bagel(path, self._model, self.vae, self.tokenizer)
         (Path(path) / STATE_FILE).write_text(json.dumps({"version": self.version}))
+
+    def exported_weight_files(self, folder: Path) -> list[Path]:
+        """The weight set only: ``ae.safetensors`` beside it is the frozen VAE, not part of ``self.model``."""
+        return sorted(set(weight_files(Path(folder)).values()))
 
     def lora_scope(self, train_vision: bool = False) -> list[str]:
         return ["language_model"] + (["vit_model", "connector"] if train_vision else [])
