@@ -189,4 +189,6 @@ class TorchOptim:
     def load(self, path: Path) -> None:
         from r3_rl.learner.safe_load import safe_torch_load
 
-        self.load_state_dict(safe_torch_load(path / "optimizer.pt"))
+        # read onto the CPU: the optimiser moves each moment to its weight's device, the masters copy in place (on
+        # the GPU the saved state beside the live one would be a second set: 3 x 4 bytes a parameter)
+        self.load_state_dict(safe_torch_load(path / "optimizer.pt", map_location="cpu"))
