@@ -101,9 +101,24 @@ class LoraAdapters:
         check_loaded_keys(missing, unexpected, frozen_names(model), str(file))
 
     def export(self, path: str) -> None:
-        """Merged weights into ``path``, loadable by ``from_pretrained`` (the live adapters stay unmerged)."""
-        merged = copy.deepcopy(self.peft_model).merge_and_unload()
+        """Merged weights into ``path``, loadable by ``from_pretrained`` (the live adapters stay unmerged).  The
+        merge runs on a CPU copy (:func:`cpu_copy`): a copy beside the live model on its GPU was 14.8 GB more for
+        Janus-Pro-7B at every checkpoint, past what ``r3-rl plan`` budgets for the trainer's GPU."""
+        merged = cpu_copy(self.peft_model).merge_and_unload()
         self.policy.with_model(merged).save_pretrained(path)
+
+
+def cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``module`` whose every parameter and buffer is copied straight to host memory, one tensor
+    at a time (``deepcopy``'s memo hands it the CPU copies, so no tensor is ever copied on its own device); tied
+    weights stay tied."""
+    memo: dict[int, Any] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if id(tensor) not in memo:
+            host = tensor.detach().to("cpu", copy=True)
+            memo[id(tensor)] = (torch.nn.Parameter(host, requires_grad=tensor.requires_grad)
+                                if isinstance(tensor, torch.nn.Parameter) else host)
+    return copy.deepcopy(module, memo)
 
 
 class AdapterDisabledReference:
