@@ -110,7 +110,8 @@ def test_after_a_lora_step_only_the_adapters_travel(lora_setup, monkeypatch: pyt
 
 
 def test_a_full_fine_tune_step_still_sends_every_weight(lora_setup, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Trainable weights over half the state: one full put, which the replacements load alone."""
+    """Trainable weights over half the state: one full put, which the replacements load alone; the update is
+    sized first, not gathered (under ZeRO-3 that was a whole-model gather and host copy for nothing)."""
     import ray
 
     recipe, policy, engine = lora_setup
@@ -121,6 +122,7 @@ def test_a_full_fine_tune_step_still_sends_every_weight(lora_setup, monkeypatch:
     for p in policy.model.parameters():
         p.requires_grad_(True)
     before = engine._full_id
+    monkeypatch.setattr(policy, "trainable_state_dict", lambda: pytest.fail("gathered an update it cannot send"))
     try:
         engine.sync(policy, trainable_only=True)
     finally:

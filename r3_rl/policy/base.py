@@ -215,10 +215,12 @@ class Policy(ABC):
         with deepspeed.zero.GatheredParameters(params):
             return {k: entries[k].detach().to("cpu", copy=True) for k in keys}
 
-    def weight_nbytes(self) -> int:
-        """Bytes of the full state dict, without gathering it (a ZeRO-3 weight counts at its full size)."""
+    def weight_nbytes(self, trainable_only: bool = False) -> int:
+        """Bytes of the full state dict (``trainable_only``: of :meth:`trainable_state_dict`), without gathering
+        it (a ZeRO-3 weight counts at its full size)."""
         return sum(getattr(v, "ds_numel", v.numel()) * v.element_size()
-                   for v in self.model.state_dict(keep_vars=True).values())
+                   for v in self.model.state_dict(keep_vars=True).values()
+                   if not trainable_only or getattr(v, "requires_grad", False))
 
     def load_state_dict(self, state: dict[str, Any], version: int | None = None, partial: bool = False) -> None:
         """``partial``: ``state`` holds some of the weights (the trainable ones after a learner step); every

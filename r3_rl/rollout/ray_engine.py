@@ -111,10 +111,6 @@ class RolloutWorker(ReadyActor):
         return os.getpid()
 
 
-def _nbytes(state: dict[str, torch.Tensor]) -> int:
-    return sum(v.numel() * v.element_size() for v in state.values())
-
-
 class RayEngine:
     """``rollout.workers`` Ray actors sampling tasks; lost actors are replaced (or dropped) and their task reissued."""
 
@@ -171,11 +167,12 @@ class RayEngine:
 
         self._version = policy.version
         self._update = None  # dropped before the put: the old and the new weights are never in the store together
-        if trainable_only and self._full is not None:
-            update = policy.trainable_state_dict()
-            if 2 * _nbytes(update) <= policy.weight_nbytes():
-                self._update = ray.put(pack_state(update))
-                return
+        # sized before anything is gathered: a full fine-tune under ZeRO-3 gathered and copied every weight for an
+        # update it then dropped, and gathered them all again below (three host copies of the model at once)
+        if trainable_only and self._full is not None and \
+                2 * policy.weight_nbytes(trainable_only=True) <= policy.weight_nbytes():
+            self._update = ray.put(pack_state(policy.trainable_state_dict()))
+            return
         self._full = None  # likewise
         self._full, self._full_id = ray.put(pack_state(policy.state_dict())), self._full_id + 1
 
