@@ -99,8 +99,12 @@ class Components:
     # ------------------------------------------------------------------ learning
     @cached_property
     def reference(self) -> Any:
-        """The frozen KL reference, or ``None`` (LoRA: the learner's base model with adapters off)."""
-        return self.policy.frozen_copy() if needs_frozen_reference(self.recipe) else None
+        """The frozen KL reference, or ``None`` (LoRA: the learner's base model with adapters off).  With
+        ``learner.ranks > 1`` each rank computes with its own; the trainer's only starts theirs and goes into
+        checkpoints, so it stays in host memory (on the trainer's GPU it held a model's worth for the whole run)."""
+        if not needs_frozen_reference(self.recipe):
+            return None
+        return self.policy.frozen_copy(on_host=self.recipe.learner.ranks > 1)
 
     @cached_property
     def algorithm(self) -> Any:

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_overrides
 
 from r3_rl.cli import main
@@ -78,3 +79,26 @@ def test_the_traps_fire_when_a_trainer_is_built(tmp_path: Path, traps: list[str]
     with pytest.raises(AssertionError, match="built"):
         Trainer(load_recipe(RECIPE, tiny_overrides(tmp_path) + sets), tmp_path / "train")
     assert traps == [first]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_the_trainers_reference_stays_in_host_memory_when_ranks_compute_with_their_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ranks: int) -> None:
+    """With learner ranks the trainer's KL reference only starts the ranks' own and goes into checkpoints: it is
+    copied straight into host memory (it sat on the trainer's GPU for the whole run, a model's worth), not beside
+    the policy on its device; in-process it is the learner's and stays with the policy."""
+    import r3_rl.policy.base as base
+    from r3_rl.components import Components
+
+    hosted: list[int] = []
+    real = base.host_copy
+    monkeypatch.setattr(base, "host_copy", lambda module: hosted.append(1) or real(module))
+    recipe = load_recipe(RECIPE, tiny_overrides(tmp_path) + [f"learner.ranks={ranks}", "learner.backend=deepspeed",
+                                                              "learner.kl_coef_text=0.1"])
+    parts = Components(recipe, tmp_path / "run")
+    reference = parts.reference
+    assert len(hosted) == (1 if ranks > 1 else 0)
+    live = dict(parts.policy.model.named_parameters())
+    for name, p in reference.model.named_parameters():
+        assert not p.requires_grad and torch.equal(p, live[name]) and p.data_ptr() != live[name].data_ptr()
+        assert p.device.type == "cpu"

@@ -202,7 +202,7 @@ def test_the_merged_export_copies_the_model_to_the_cpu_one_tensor_at_a_time(tmp_
     """The export merges the adapters on a copy of the model.  ``copy.deepcopy`` made that copy on the model's own
     device -- 14.8 GB more on the trainer's GPU at every checkpoint for Janus-Pro-7B -- so no tensor may be
     deep-copied on its device now: each goes to host memory directly.  The export is the same as before."""
-    from r3_rl.learner.lora import cpu_copy
+    from r3_rl.policy.base import host_copy
 
     policy = tiny_policy()
     learner = build_learner(policy, None, _recipe(lora={"r": 4, "alpha": 8}))
@@ -212,7 +212,7 @@ def test_the_merged_export_copies_the_model_to_the_cpu_one_tensor_at_a_time(tmp_
     for kind in (torch.Tensor, torch.nn.Parameter):  # a parameter has a __deepcopy__ of its own
         monkeypatch.setattr(kind, "__deepcopy__",
                             lambda t, memo, real=kind.__deepcopy__: copied.append(t.device) or real(t, memo))
-    host = cpu_copy(learner.adapters.peft_model)
+    host = host_copy(learner.adapters.peft_model)
     assert copied == []
     live = dict(learner.adapters.peft_model.named_parameters())
     for name, p in host.named_parameters():

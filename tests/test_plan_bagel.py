@@ -188,11 +188,15 @@ def test_the_plan_counts_the_nodes_host_memory() -> None:
     """BAGEL (14.69 B parameters, 14.17 B trained, bf16, 4 ranks, offload): 4 ranks x 16 bytes x 14.17 B / 4 of
     offloaded states; in the object store the pinned full state (29.4 GB) and rank 0's trained weights on their
     way to the mirror (28.3 GB); the trainer's CPU copy of its weights during a full sync.  Janus-Pro-7B with LoRA
-    r 64 on q/k/v/o (30 layers, width 4096): the adapters (62.9 M) sit beside the full state, fp32 in the driver
-    and bf16 from rank 0."""
+    r 64 on q/k/v/o (30 layers, width 4096): the adapters (62.9 M) sit beside the full state, bf16 in the driver
+    (the learner's dtype under DeepSpeed) and from rank 0.  With 4 ranks and KL the trainer's reference is in host
+    memory, not on its GPU."""
     plan = make_plan(load_recipe(BAGEL), 8, 80)
     assert {k: round(v / 1e9, 1) for k, v in plan.host.items()} == {
         "offloaded optimiser states": 226.8, "Ray object store": 57.7, "the trainer's CPU copy during a full sync": 29.4}
     lora = make_plan(load_recipe(REPO / "recipes" / "grpo_geneval_7b.yaml"), 8, 80)
     adapters = 30 * 4 * 64 * (4096 + 4096)
-    assert lora.host["Ray object store"] == pytest.approx(2 * lora.shape.params + (4 + 2) * adapters)
+    assert lora.host["Ray object store"] == pytest.approx(2 * lora.shape.params + (2 + 2) * adapters)
+    janus = make_plan(load_recipe(REPO / "recipes" / "grpo_geneval.yaml"), 8, 80)  # 4 ranks, KL, full fine-tune
+    trainer = next(p for p in janus.processes if p.name == "trainer process")
+    assert trainer.resident["reference"] == 0 and janus.host["the trainer's KL reference"] == 2 * janus.shape.params

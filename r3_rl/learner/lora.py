@@ -17,7 +17,6 @@ the unmerged adapters (:meth:`LoraAdapters.save`) and a fingerprint of the froze
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import torch
 
 from r3_rl.errors import UserError
 from r3_rl.learner.frozen import check_loaded_keys, check_same_frozen, frozen_fingerprint, frozen_names
-from r3_rl.policy.base import Policy
+from r3_rl.policy.base import Policy, host_copy
 from r3_rl.trajectory import Segment
 
 
@@ -102,23 +101,10 @@ class LoraAdapters:
 
     def export(self, path: str) -> None:
         """Merged weights into ``path``, loadable by ``from_pretrained`` (the live adapters stay unmerged).  The
-        merge runs on a CPU copy (:func:`cpu_copy`): a copy beside the live model on its GPU was 14.8 GB more for
-        Janus-Pro-7B at every checkpoint, past what ``r3-rl plan`` budgets for the trainer's GPU."""
-        merged = cpu_copy(self.peft_model).merge_and_unload()
+        merge runs on a copy in host memory (:func:`~r3_rl.policy.base.host_copy`): a copy beside the live model
+        on its GPU was 14.8 GB more for Janus-Pro-7B at every checkpoint, past the plan's trainer GPU."""
+        merged = host_copy(self.peft_model).merge_and_unload()
         self.policy.with_model(merged).save_pretrained(path)
-
-
-def cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of ``module`` whose every parameter and buffer is copied straight to host memory, one tensor
-    at a time (``deepcopy``'s memo hands it the CPU copies, so no tensor is ever copied on its own device); tied
-    weights stay tied."""
-    memo: dict[int, Any] = {}
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if id(tensor) not in memo:
-            host = tensor.detach().to("cpu", copy=True)
-            memo[id(tensor)] = (torch.nn.Parameter(host, requires_grad=tensor.requires_grad)
-                                if isinstance(tensor, torch.nn.Parameter) else host)
-    return copy.deepcopy(module, memo)
 
 
 class AdapterDisabledReference:

@@ -224,9 +224,10 @@ def make_plan(recipe: Any, gpus: int, gpu_memory: float, shape: ModelShape | Non
         trainer.resident["weights"] = b * shape.params
         trainer.notes["weights"] = "its policy copy (mirrors rank 0's weights, runs the evals)"
         kl = (cfg.kl_coef_text > 0 or cfg.kl_coef_image > 0) and cfg.lora is None
-        trainer.resident["reference"] = b * shape.params if kl else 0.0
-        trainer.notes["reference"] = ("kept to start the ranks' references and for checkpoints" if kl else
-                                      "none (LoRA: adapters off)" if cfg.lora is not None else "none (KL weights 0)")
+        trainer.resident["reference"] = 0.0
+        trainer.notes["reference"] = ("in host memory (starts the ranks' references, goes into checkpoints)" if kl
+                                      else "none (LoRA: adapters off)" if cfg.lora is not None else
+                                      "none (KL weights 0)")
     if r.backend == "local":
         add_sampling(trainer, recipe, shape, group, "rollout sampling")
     add_sampling(trainer, recipe, shape, recipe.eval.batch_size, "eval sampling")
@@ -242,11 +243,13 @@ def host_memory(recipe: Any, shape: ModelShape) -> dict[str, float]:
     """The node's CPU memory the run holds beyond its processes' own, at its peak.
 
     The offloaded optimiser states of every learner rank; Ray's object store: the last full weight state stays
-    pinned (a replacement worker loads it), with LoRA's last update beside it (peft's fp32 adapters in the
-    driver), and with several learner ranks rank 0's trained weights on their way to the driver's mirror beside
-    that -- or, at set-up, the policy (and a frozen KL reference) sent to the ranks; and the trainer's CPU copy of
-    a GPU policy while it puts a full state (:meth:`r3_rl.rollout.ray_engine.RayEngine.sync`)."""
+    pinned (a replacement worker loads it), with LoRA's last update beside it (the driver's adapters: bf16 under
+    DeepSpeed, else peft's fp32), and with several learner ranks rank 0's trained weights on their way to the driver's mirror beside
+    that -- or, at set-up, the policy (and a frozen KL reference) sent to the ranks; the trainer's CPU copy of
+    a GPU policy while it puts a full state (:meth:`r3_rl.rollout.ray_engine.RayEngine.sync`); and, with ranks,
+    the trainer's KL reference (:meth:`r3_rl.components.Components.reference`)."""
     from r3_rl.learner.build import needs_frozen_reference
+    from r3_rl.learner.lora import adapters_in_base_dtype
 
     cfg, b = recipe.learner, DTYPE_BYTES[recipe.policy.dtype]
     trained = trained_params(cfg, shape, cfg.lora is not None)
@@ -255,12 +258,15 @@ def host_memory(recipe: Any, shape: ModelShape) -> dict[str, float]:
     if offloads_optimizer(cfg, cfg.deepspeed.zero_stage if cfg.backend == "deepspeed" else None):
         host["offloaded optimiser states"] = memory.offloaded_states(trained, b, cfg.ranks) * cfg.ranks
     store = 0.0
-    if recipe.rollout.backend == "ray":
-        store = full + (4 * lora if 2 * 4 * lora <= full else 0)
+    if recipe.rollout.backend == "ray":  # the driver's adapters: fp32 (peft), in the policy's dtype under DeepSpeed
+        update = lora * (b if adapters_in_base_dtype(cfg) else 4)
+        store = full + (update if 2 * update <= full else 0)
     if cfg.ranks > 1:
         store = max(store + b * trained, full * (2 if needs_frozen_reference(recipe) else 1))
     if store:
         host["Ray object store"] = store
     if recipe.rollout.backend == "ray" and recipe.policy.device.startswith("cuda"):
         host["the trainer's CPU copy during a full sync"] = full
+    if cfg.ranks > 1 and needs_frozen_reference(recipe):
+        host["the trainer's KL reference"] = full
     return host

@@ -159,14 +159,16 @@ class Policy(ABC):
         the merged LoRA export."""
         raise NotImplementedError(f"{type(self).__name__} cannot run on another module (define with_model)")
 
-    def frozen_copy(self) -> "Policy":
+    def frozen_copy(self, on_host: bool = False) -> "Policy":
         """The KL reference: every weight copied, no gradients, nothing shared with the policy.
 
         Nothing may be shared, frozen towers included: DeepSpeed casts (bf16), partitions (ZeRO-3) or
         offloads every parameter of the module it wraps, and a shared tensor would then change under the
-        reference.  So take the copy before DeepSpeed wraps the policy.
+        reference.  So take the copy before DeepSpeed wraps the policy.  ``on_host``: in host memory (a process
+        that only hands the reference on, as the trainer to its learner ranks, keeps no GPU copy).
         """
-        return self.with_model(copy.deepcopy(self.model).eval().requires_grad_(False))
+        model = host_copy(self.model) if on_host else copy.deepcopy(self.model)
+        return self.with_model(model.eval().requires_grad_(False))
 
     # --- understanding (used by the self-consistency reward) ----------------------------------
     def answer_yes_no(self, images: list[ImageInput], questions: list[str]) -> list[float]:
@@ -247,6 +249,19 @@ class Policy(ABC):
         into the live module): every ``.safetensors`` here; a layout with other weights beside (BAGEL's VAE)
         names its own."""
         return sorted(Path(folder).glob("*.safetensors"))
+
+
+def host_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``module`` whose every parameter and buffer is copied straight to host memory, one tensor
+    at a time (``deepcopy``'s memo hands it the CPU copies, so no tensor is ever copied on its own device: a copy
+    of a 7B model beside it on its GPU would be 14.8 GB more); tied weights stay tied."""
+    memo: dict[int, Any] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if id(tensor) not in memo:
+            host = tensor.detach().to("cpu", copy=True)
+            memo[id(tensor)] = (torch.nn.Parameter(host, requires_grad=tensor.requires_grad)
+                                if isinstance(tensor, torch.nn.Parameter) else host)
+    return copy.deepcopy(module, memo)
 
 
 def parse_critique(text: str, stop_phrase: str = "no further edit needed") -> tuple[str, bool]:
