@@ -169,6 +169,7 @@ def test_a_full_fine_tune_on_the_torch_backend_resumes(tiny_dir: str, tmp_path: 
                                             "steps=1"]
     args = ["train", str(RECIPE), "--run-dir", str(run)] + [a for s in sets for a in ("--set", s)]
     assert main(args) == 0
-    assert main(args[:2] + ["--resume", str(run / "checkpoints" / "step_000001")] + args[4:] + ["--set", "steps=2"]) == 0
+    resume = ["--resume", str(run / "checkpoints" / "step_000001")]
+    assert main(args[:2] + resume + args[4:] + ["--set", "steps=2"]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sorted({r["step"] for r in rows if "batch/items" in r}) == [0, 1]  # step 1 after the resume

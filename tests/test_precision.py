@@ -197,7 +197,8 @@ def test_a_rank_recomputes_the_old_logprobs_of_its_own_micro_batches_only(monkey
     mine = [list(c) for c in dict.fromkeys(c for mini in learner.minibatches(len(items))
                                            for c, _ in learner._my_chunks(mini))]  # its filler repeats one
     assert seen == mine and len({i for chunk in seen for i in chunk}) < len(items)
-    assert m["learner/ratio_min"] == pytest.approx(1.0, abs=1e-6) and m["learner/ratio_max"] == pytest.approx(1.0, abs=1e-6)
+    assert m["learner/ratio_min"] == pytest.approx(1.0, abs=1e-6)
+    assert m["learner/ratio_max"] == pytest.approx(1.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

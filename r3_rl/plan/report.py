@@ -244,8 +244,8 @@ def host_memory(recipe: Any, shape: ModelShape) -> dict[str, float]:
 
     The offloaded optimiser states of every learner rank; Ray's object store: the last full weight state stays
     pinned (a replacement worker loads it), with LoRA's last update beside it (the driver's adapters: bf16 under
-    DeepSpeed, else peft's fp32), and with several learner ranks rank 0's trained weights on their way to the driver's mirror beside
-    that -- or, at set-up, the policy (and a frozen KL reference) sent to the ranks; the trainer's CPU copy of
+    DeepSpeed, else peft's fp32), and with several learner ranks rank 0's trained weights on their way to the
+    driver's mirror beside that -- or, at set-up, the policy (and a frozen KL reference) sent to the ranks; the trainer's CPU copy of
     a GPU policy while it puts a full state (:meth:`r3_rl.rollout.ray_engine.RayEngine.sync`); and, with ranks,
     the trainer's KL reference (:meth:`r3_rl.components.Components.reference`)."""
     from r3_rl.learner.build import needs_frozen_reference
