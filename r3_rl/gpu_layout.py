@@ -13,6 +13,7 @@ on ``cuda``, whatever index the trainer's ``policy.device`` names.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from typing import Any
@@ -24,28 +25,38 @@ def on_gpu(recipe: Any) -> bool:
     return recipe.policy.device.startswith("cuda")
 
 
-def gpus_to_place(shares: list[float]) -> int:
-    """Fewest GPUs that hold actors asking these GPU shares.  Ray gives a share below 1 a part of one GPU, so two
-    actors of 0.6 cannot share one: the sum rounded up (1.8 -> 2 for three of them) undercounts, and the third
-    would wait for a GPU forever.  A share of 1 or more takes that many whole GPUs; the parts are packed first fit,
-    largest first (the fewest GPUs for shares that divide 1, such as 0.5 or 0.25)."""
-    whole = sum(math.ceil(share - 1e-9) for share in shares if share >= 1)
-    room: list[float] = []  # what is left on each GPU the parts use
-    for share in sorted((s for s in shares if 0 < s < 1), reverse=True):
-        fits = next((i for i, left in enumerate(room) if left >= share - 1e-9), None)
-        if fits is None:
-            room.append(1.0 - share)
-        else:
-            room[fits] -= share
-    return whole + len(room)
+def gpus_to_place(groups: list[tuple[int, float]]) -> int:
+    """GPUs that hold every actor of ``groups`` (``(count, GPU share)`` per kind of actor), however Ray places them.
+
+    Ray gives a share below 1 a part of one GPU and places actors as they are created, each on a GPU with room
+    left.  So the sum of the shares rounded up undercounts: three actors of 0.6 need three GPUs, not two; and
+    packing largest first does too: two of 0.3 created before two of 0.7 share a GPU and leave the 0.7s one each
+    (3 GPUs, not 2).  This is the most GPUs any order of the kinds needs, placed first fit or best fit (Ray's
+    order of creation is not the recipe's to choose).  A share of 1 or more takes that many whole GPUs."""
+    whole = sum(count * math.ceil(share - 1e-9) for count, share in groups if share >= 1)
+    parts = [(count, share) for count, share in groups if count > 0 and 0 < share < 1]
+    worst = 0
+    for order in itertools.permutations(parts):
+        for best_fit in (False, True):
+            room: list[float] = []  # what is left on each GPU in use
+            for count, share in order:
+                for _ in range(count):
+                    fits = [i for i, left in enumerate(room) if left >= share - 1e-9]
+                    if not fits:
+                        room.append(1.0 - share)
+                    else:
+                        room[min(fits, key=room.__getitem__) if best_fit else fits[0]] -= share
+            worst = max(worst, len(room))
+    return whole + worst
 
 
 def actor_gpus(recipe: Any) -> int:
     """GPUs the run's Ray actors occupy (:func:`gpus_to_place`): learner ranks (when more than one), rollout and
     reward workers."""
     r, lr = recipe.rollout, recipe.learner
-    shares = [lr.gpus_per_rank] * (lr.ranks if lr.ranks > 1 else 0) + [r.gpus_per_reward_worker] * r.reward_workers
-    return gpus_to_place(shares + ([r.gpus_per_worker] * r.workers if r.backend == "ray" else []))
+    groups = [(lr.ranks if lr.ranks > 1 else 0, lr.gpus_per_rank), (r.reward_workers, r.gpus_per_reward_worker),
+              (r.workers if r.backend == "ray" else 0, r.gpus_per_worker)]
+    return gpus_to_place(groups)
 
 
 def visible_gpus() -> list[str]:

@@ -40,12 +40,15 @@ def test_a_spare_gpu_keeps_the_trainer_alone_and_a_full_node_shares(repo: Path) 
 
 
 def test_gpu_shares_are_packed_as_ray_places_them(repo: Path) -> None:
-    """Ray gives a share below 1 a part of one GPU: three workers of 0.6 need three GPUs, not the 2 their sum
-    rounds up to (the third would wait forever); shares that divide 1 pack; kinds share a GPU; whole shares add."""
-    assert gpus_to_place([0.6] * 3) == 3
-    assert gpus_to_place([0.5] * 4) == 2 and gpus_to_place([0.25] * 5) == 2
-    assert gpus_to_place([0.5, 0.3, 0.3]) == 2 and gpus_to_place([0.7, 0.3, 0.5, 0.5]) == 2
-    assert gpus_to_place([2, 1, 0.5]) == 4 and gpus_to_place([0, 0]) == 0 and gpus_to_place([]) == 0
+    """Ray gives a share below 1 a part of one GPU, actor by actor as they are created: three workers of 0.6 need
+    three GPUs, not the 2 their sum rounds up to (the third would wait forever); two of 0.3 created before two of
+    0.7 leave the 0.7s a GPU each (3, where packing largest first says 2); shares that divide 1 pack; kinds that
+    fit together share a GPU in any order; whole shares add."""
+    assert gpus_to_place([(3, 0.6)]) == 3
+    assert gpus_to_place([(4, 0.5)]) == 2 and gpus_to_place([(5, 0.25)]) == 2
+    assert gpus_to_place([(2, 0.3), (2, 0.7)]) == 3
+    assert gpus_to_place([(1, 0.5), (1, 0.5)]) == 1 and gpus_to_place([(2, 0.5), (4, 0.25)]) == 2
+    assert gpus_to_place([(1, 2), (1, 1), (1, 0.5)]) == 4 and gpus_to_place([(2, 0)]) == 0 and gpus_to_place([]) == 0
     from r3_rl.doctor.gpu import needed_gpus_here
 
     packed = _recipe(repo, "grpo_geneval.yaml", "learner.ranks=1", "rollout.workers=3", "rollout.gpus_per_worker=0.6")
@@ -53,6 +56,9 @@ def test_gpu_shares_are_packed_as_ray_places_them(repo: Path) -> None:
     shared = _recipe(repo, "grpo_geneval.yaml", "learner.ranks=1", "rollout.workers=1", "rollout.gpus_per_worker=0.5",
                      "rollout.reward_workers=1", "rollout.gpus_per_reward_worker=0.5")
     assert actor_gpus(shared) == 1  # a worker and a reward worker share one GPU (the plan counted one each)
+    mixed = _recipe(repo, "grpo_geneval.yaml", "learner.ranks=1", "rollout.workers=2", "rollout.gpus_per_worker=0.7",
+                    "rollout.reward_workers=2", "rollout.gpus_per_reward_worker=0.3")
+    assert actor_gpus(mixed) == 3
 
 
 def test_the_local_ray_starts_without_the_trainers_gpu(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -197,6 +197,7 @@ def test_the_plan_counts_the_nodes_host_memory() -> None:
     lora = make_plan(load_recipe(REPO / "recipes" / "grpo_geneval_7b.yaml"), 8, 80)
     adapters = 30 * 4 * 64 * (4096 + 4096)
     assert lora.host["Ray object store"] == pytest.approx(2 * lora.shape.params + (2 + 2) * adapters)
+    assert lora.host["the trainer's CPU copy during a full sync or a LoRA export"] == 2 * lora.shape.params
     janus = make_plan(load_recipe(REPO / "recipes" / "grpo_geneval.yaml"), 8, 80)  # 4 ranks, KL, full fine-tune
     trainer = next(p for p in janus.processes if p.name == "trainer process")
     assert trainer.resident["reference"] == 0 and janus.host["the trainer's KL reference"] == 2 * janus.shape.params

@@ -149,3 +149,15 @@ def test_shared_context_rows_decides_by_repeats_and_tokens() -> None:
     assert shared_context_rows(["a", "b", "c"], [10] * 3, [5] * 3, [15] * 3) is None  # nothing repeats
     # repeats, but short contexts and long targets: 2*2 + 3*49 = 151 >= 3*50 = 150 tokens
     assert shared_context_rows(["a", "a", "b"], [2] * 3, [50] * 3, [50] * 3) is None
+
+
+def test_sampling_refuses_broken_logits_instead_of_drawing_token_zero(policy: TinyUnifiedPolicy,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """NaN logits (a bf16 overflow) used to stop ``torch.multinomial``; the sampler without its host reads checks
+    the sampled log-probs once per call and stops the same way, rather than drawing token 0 on."""
+    import r3_rl.policy.tiny as tiny
+
+    real = tiny.sampling_logprobs
+    monkeypatch.setattr(tiny, "sampling_logprobs", lambda logits, *a, **kw: real(logits * float("nan"), *a, **kw))
+    with pytest.raises(RuntimeError, match="tiny policy sampling: a sampled token has a non-finite log-prob"):
+        policy.reason(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=4), torch.Generator().manual_seed(0))

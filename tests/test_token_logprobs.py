@@ -96,3 +96,22 @@ def test_sampling_draws_the_tokens_torch_multinomial_draws_without_its_host_sync
             assert torch.equal(tokens, expected)
             assert torch.equal(lp, logprobs.gather(-1, expected.unsqueeze(-1)).squeeze(-1))
             assert (tokens >= vocab // 3).all()
+
+
+def test_a_broken_row_of_probabilities_is_refused_once_per_sampling_call() -> None:
+    """``torch.multinomial`` refused a NaN row or one with no allowed token; its one-sample algorithm without
+    those host reads returns token 0 for it, with a non-finite log-prob.  ``check_sampled`` refuses that once per
+    call (a NaN logit must not reach the learner as a NaN loss); healthy rows pass."""
+    from r3_rl.policy.sampling import check_sampled, sample_tokens
+
+    sp = SamplingParams(temperature=1.0)
+    logprobs = torch.log_softmax(torch.randn(3, 10), dim=-1)
+    logprobs[1] = float("nan")
+    logprobs[2] = float("-inf")  # every token masked
+    _, lp = sample_tokens(logprobs, sp, torch.Generator().manual_seed(0))
+    assert torch.isfinite(lp[0]) and not torch.isfinite(lp[1:]).any()
+    for broken in (lp, [[float(lp[0]), float(lp[1])]]):
+        with pytest.raises(RuntimeError, match="non-finite log-prob"):
+            check_sampled(broken, "test")
+    check_sampled(lp[:1], "test")
+    check_sampled([[-0.5, -1.0], []], "test")

@@ -85,7 +85,9 @@ def old_logps(policy: Any, items: list[TrainItem], chunks: list[range], detach_u
     forward by its batch: a BAGEL image rescored in another batch than it was sampled in moved its last steps'
     log-probs by 2e-4, twice ``flow.clip_low``.  A learner rank passes only its own micro-batches."""
     out: list[torch.Tensor] = [torch.empty(0)] * len(items)
-    for chunk in dict.fromkeys(chunks):  # each once (a rank's filler repeats one)
+    # each once (a rank's filler repeats one): ranks may then run different numbers of forwards here, which holds
+    # because these forwards have no collective (ZeRO-3, whose forwards gather, is refused with several ranks)
+    for chunk in dict.fromkeys(chunks):
         tokens = [i for i in chunk if not is_flow_segment(items[i].segment)]
         for i, lp in zip(tokens, recomputed_logprobs(policy, [items[i] for i in tokens])):
             out[i] = lp

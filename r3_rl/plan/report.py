@@ -247,7 +247,8 @@ def host_memory(recipe: Any, shape: ModelShape) -> dict[str, float]:
     DeepSpeed, else peft's fp32), and with several learner ranks rank 0's trained weights on their way to the
     driver's mirror beside that -- or, at set-up, the policy (and a frozen KL reference) sent to the ranks; the trainer's CPU copy of
     a GPU policy while it puts a full state (:meth:`r3_rl.rollout.ray_engine.RayEngine.sync`); and, with ranks,
-    the trainer's KL reference (:meth:`r3_rl.components.Components.reference`)."""
+    the trainer's KL reference (:meth:`r3_rl.components.Components.reference`); with LoRA, the host copy the
+    export merges at each checkpoint (:meth:`r3_rl.learner.lora.LoraAdapters.export`)."""
     from r3_rl.learner.build import needs_frozen_reference
     from r3_rl.learner.lora import adapters_in_base_dtype
 
@@ -265,8 +266,11 @@ def host_memory(recipe: Any, shape: ModelShape) -> dict[str, float]:
         store = max(store + b * trained, full * (2 if needs_frozen_reference(recipe) else 1))
     if store:
         host["Ray object store"] = store
-    if recipe.rollout.backend == "ray" and recipe.policy.device.startswith("cuda"):
-        host["the trainer's CPU copy during a full sync"] = full
+    on_gpu = recipe.policy.device.startswith("cuda")
+    copies = [why for why, when in (("a full sync", recipe.rollout.backend == "ray"),
+                                    ("a LoRA export", cfg.lora is not None)) if when and on_gpu]
+    if copies:  # never at once: a full sync at start and resume, the export's merge copy at each checkpoint
+        host[f"the trainer's CPU copy during {' or '.join(copies)}"] = full
     if cfg.ranks > 1 and needs_frozen_reference(recipe):
         host["the trainer's KL reference"] = full
     return host

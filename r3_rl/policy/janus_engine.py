@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from r3_rl.policy.kv_cache import PreallocatedCache, ReplayCache
-from r3_rl.policy.sampling import cfg_logits, sample_tokens, sampling_logprobs
+from r3_rl.policy.sampling import cfg_logits, check_sampled, sample_tokens, sampling_logprobs
 from r3_rl.policy.shared_context import first_rows, shared_context_rows
 from r3_rl.trajectory import SamplingParams
 
@@ -192,6 +192,7 @@ class JanusEngine:
                 rotary = (cos[:, t:t + 1], sin[:, t:t + 1])
             hidden = self._decode_step(step_emb, full_mask[:, :width + t + 1], step_pos[:, t:t + 1], cache, rotary,
                                        padded)
+        check_sampled(logps, "Janus sampling")
         tokens_l, logps_l, lens = tokens.cpu().tolist(), logps.cpu().tolist(), lengths.cpu().tolist()
         return [tokens_l[i][:lens[i]] for i in range(n)], [logps_l[i][:lens[i]] for i in range(n)]
 

@@ -91,6 +91,16 @@ def token_logprobs(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Te
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
+def check_sampled(logprobs: torch.Tensor | list[list[float]], where: str) -> None:
+    """Once per sampling call (one host read, not one per token): the sampled tokens' log-probs are finite.  A NaN
+    or infinite logit row, or a row with no allowed token, would otherwise go on as token 0 and reach the learner
+    as a NaN loss; ``torch.multinomial`` refused such rows (see :func:`sample_tokens`)."""
+    values = logprobs if torch.is_tensor(logprobs) else torch.tensor([v for row in logprobs for v in row])
+    if values.numel() and not bool(torch.isfinite(values).all()):
+        raise RuntimeError(f"{where}: a sampled token has a non-finite log-prob (its row of probabilities was NaN, "
+                           f"infinite or all zero): the model's logits are broken")
+
+
 def _masked(logits: torch.Tensor, drop: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     if keep is not None:
         drop = drop.scatter(-1, keep.unsqueeze(-1), False)
@@ -103,7 +113,9 @@ def sample_tokens(logprobs: torch.Tensor, sp: SamplingParams,
 
     ``argmax(p / q)`` with ``q ~ Exp(1)`` is what ``torch.multinomial(p, 1)`` computes (the same draws from the
     same generator, so the same tokens), without the input checks it reads back to the host: two GPU syncs per
-    token, about 1,700 a Janus task, each stalling the next step's kernel launches."""
+    token, about 1,700 a Janus task, each stalling the next step's kernel launches.  What those checks caught (a
+    NaN row, or one with no allowed token) shows as a non-finite log-prob of the sampled token instead: a sampler
+    calls :func:`check_sampled` once per call."""
     if sp.greedy or sp.temperature == 0:
         tokens = logprobs.argmax(dim=-1)
     else:

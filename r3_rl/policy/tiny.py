@@ -23,7 +23,7 @@ from r3_rl.config import TinyModel
 from r3_rl.errors import UserError
 from r3_rl.policy.base import ImageInput, ImageSample, Policy, TextSample
 from r3_rl.policy.kv_cache import PreallocatedCache, ReplayCache
-from r3_rl.policy.sampling import cfg_logits, sample_tokens, sampling_logprobs
+from r3_rl.policy.sampling import cfg_logits, check_sampled, sample_tokens, sampling_logprobs
 from r3_rl.policy.shared_context import first_rows, shared_context_rows
 from r3_rl.policy.tiny_mot import MoTLlamaForCausalLM, has_modality_experts, modality_config
 from r3_rl.policy.tiny_recipe import GRID_FILE, TinyRecipe
@@ -229,6 +229,7 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
             out = self._model(input_ids=feed.unsqueeze(1), attention_mask=full_mask[:, :width + t + 1],
                               position_ids=last_pos.unsqueeze(1), cache=cache, use_cache=True)
             logits = out.logits[:, -1].float()
+        check_sampled(logps, "tiny policy sampling")
         segs = []
         for i in range(n):
             k = int(lengths[i])

@@ -16,7 +16,7 @@ import torch
 
 from r3_rl.policy.bagel.layout import Block, ContextCache, TextBlock
 from r3_rl.policy.bagel.model import BagelModel
-from r3_rl.policy.sampling import sample_tokens, sampling_logprobs
+from r3_rl.policy.sampling import check_sampled, sample_tokens, sampling_logprobs
 from r3_rl.trajectory import SamplingParams
 
 
@@ -52,6 +52,7 @@ def sample_text(model: BagelModel, cache: ContextCache, sp: SamplingParams, allo
             break
         nxt = [[TextBlock([tok.im_end if done[r] else int(chosen[r])])] for r in range(n)]
         logits, cache = model.next_token_logits(cache, nxt)
+    check_sampled(logps, "BAGEL text sampling")
     return ids, logps
 
 
