@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from r3_rl.gpu_layout import actor_gpus
+from r3_rl.gpu_layout import actor_gpus, on_gpu
 from r3_rl.learner.deepspeed_config import optimizer_offload
 from r3_rl.plan import memory
 from r3_rl.plan.bagel_shape import bagel_shape
@@ -201,39 +201,41 @@ class Plan:
 def make_plan(recipe: Any, gpus: int, gpu_memory: float, shape: ModelShape | None = None) -> Plan:
     shape = shape or (bagel_shape(recipe) if recipe.policy.kind == "bagel" else model_shape(recipe))
     cfg, r = recipe.learner, recipe.rollout
-    on_gpu = recipe.policy.device.startswith("cuda")
+    gpu = on_gpu(recipe)
     group = recipe.tree.group_size * r.groups_per_task
     b = DTYPE_BYTES[recipe.policy.dtype]
     errors, processes = [], []
     if cfg.ranks > 1:
         processes.append(add_learner(Process("learner rank", 1 / cfg.gpus_per_rank if cfg.gpus_per_rank else 0),
                                      recipe, shape))
-        if on_gpu and not cfg.gpus_per_rank:
+        if gpu and not cfg.gpus_per_rank:
             errors.append("learner.gpus_per_rank is 0 with policy.device cuda: the ranks would see no GPU")
     if r.backend == "ray":
         worker = Process("rollout worker", 1 / r.gpus_per_worker if r.gpus_per_worker else 0,
                          {"weights": b * shape.params})
         worker.notes["weights"] = f"{recipe.policy.dtype}, {shape.params / 1e9:.2f} B parameters"
         processes.append(add_sampling(worker, recipe, shape, group, "sampling"))
-        if on_gpu and not r.gpus_per_worker:
+        if gpu and not r.gpus_per_worker:
             errors.append("rollout.gpus_per_worker is 0 with policy.device cuda: the workers would see no GPU")
-    trainer = Process("trainer process", 1.0 if on_gpu else 0.0)
+    trainer = Process("trainer process", 1.0 if gpu else 0.0)
     if cfg.ranks == 1:
         add_learner(trainer, recipe, shape)
     else:
         trainer.resident["weights"] = b * shape.params
         trainer.notes["weights"] = "its policy copy (mirrors rank 0's weights, runs the evals)"
-        kl = (cfg.kl_coef_text > 0 or cfg.kl_coef_image > 0) and cfg.lora is None
+        from r3_rl.learner.build import needs_frozen_reference
+
         trainer.resident["reference"] = 0.0
-        trainer.notes["reference"] = ("in host memory (starts the ranks' references, goes into checkpoints)" if kl
+        trainer.notes["reference"] = ("in host memory (starts the ranks' references, goes into checkpoints)"
+                                      if needs_frozen_reference(recipe)
                                       else "none (LoRA: adapters off)" if cfg.lora is not None else
                                       "none (KL weights 0)")
     if r.backend == "local":
         add_sampling(trainer, recipe, shape, group, "rollout sampling")
     add_sampling(trainer, recipe, shape, recipe.eval.batch_size, "eval sampling")
     processes.append(trainer)
-    needed = max(actor_gpus(recipe), 1 if on_gpu else 0)
-    if on_gpu and needed > gpus:
+    needed = max(actor_gpus(recipe), 1 if gpu else 0)
+    if gpu and needed > gpus:
         errors.append(f"the actors need {needed} GPUs (learner.ranks x gpus_per_rank + rollout.workers x "
                       f"gpus_per_worker + rollout.reward_workers x gpus_per_reward_worker) but --gpus is {gpus}")
     return Plan(recipe, shape, gpus, gpu_memory, processes, needed, errors, host_memory(recipe, shape))
@@ -245,10 +247,10 @@ def host_memory(recipe: Any, shape: ModelShape) -> dict[str, float]:
     The offloaded optimiser states of every learner rank; Ray's object store: the last full weight state stays
     pinned (a replacement worker loads it), with LoRA's last update beside it (the driver's adapters: bf16 under
     DeepSpeed, else peft's fp32), and with several learner ranks rank 0's trained weights on their way to the
-    driver's mirror beside that -- or, at set-up, the policy (and a frozen KL reference) sent to the ranks; the trainer's CPU copy of
-    a GPU policy while it puts a full state (:meth:`r3_rl.rollout.ray_engine.RayEngine.sync`); and, with ranks,
-    the trainer's KL reference (:meth:`r3_rl.components.Components.reference`); with LoRA, the host copy the
-    export merges at each checkpoint (:meth:`r3_rl.learner.lora.LoraAdapters.export`)."""
+    driver's mirror beside that -- or, at set-up, the policy (and a frozen KL reference) sent to the ranks; the
+    trainer's CPU copy of a GPU policy while it puts a full state (:meth:`r3_rl.rollout.ray_engine.RayEngine.sync`);
+    and, with ranks, the trainer's KL reference (:meth:`r3_rl.components.Components.reference`); with LoRA, the
+    host copy the export merges at each checkpoint (:meth:`r3_rl.learner.lora.LoraAdapters.export`)."""
     from r3_rl.learner.build import needs_frozen_reference
     from r3_rl.learner.lora import adapters_in_base_dtype
 
@@ -266,9 +268,9 @@ def host_memory(recipe: Any, shape: ModelShape) -> dict[str, float]:
         store = max(store + b * trained, full * (2 if needs_frozen_reference(recipe) else 1))
     if store:
         host["Ray object store"] = store
-    on_gpu = recipe.policy.device.startswith("cuda")
+    gpu = on_gpu(recipe)
     copies = [why for why, when in (("a full sync", recipe.rollout.backend == "ray"),
-                                    ("a LoRA export", cfg.lora is not None)) if when and on_gpu]
+                                    ("a LoRA export", cfg.lora is not None)) if when and gpu]
     if copies:  # never at once: a full sync at start and resume, the export's merge copy at each checkpoint
         host[f"the trainer's CPU copy during {' or '.join(copies)}"] = full
     if cfg.ranks > 1 and needs_frozen_reference(recipe):
