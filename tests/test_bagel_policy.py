@@ -349,7 +349,7 @@ def test_bf16_policy_samples_rescores_and_trains_both_experts(request, width: in
 def test_bf16_recompute_makes_the_first_image_ratio_exactly_one_in_any_micro_batch(tiny_dir) -> None:
     """bf16 rounds a forward by its batch: an image rescored alone (micro_batch_size 1, as the BAGEL recipe) rather
     than beside its siblings as it was sampled moved its last steps' log-probs by up to 2e-4 -- twice the default
-    ``flow.clip_low`` -- so the first update, at unchanged weights, clipped some images.  ``learner.old_logp:
+    ``flow.clip_low`` -- so the first update, at unchanged weights, could clip images.  ``learner.old_logp:
     recompute`` now takes flow items' old log-probs from the learner's own micro-batches too: the first ratio is 1
     exactly, nothing is clipped, and the sampler's distance is logged for images."""
     policy = build_policy(bagel_recipe(tiny_dir, "bfloat16"))

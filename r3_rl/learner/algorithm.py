@@ -82,8 +82,8 @@ def old_logps(policy: Any, items: list[TrainItem], chunks: list[range], detach_u
     """``learner.old_logp: recompute``: the old log-probs of the items in ``chunks`` by the training forward,
     without gradient, in those micro-batches as :meth:`GRPO.loss` will run them (token rows together; flow items'
     denoising steps together, ``detach_uncond`` as the loss); other items get an empty tensor.  bf16 rounds a
-    forward by its batch: a BAGEL image rescored in another batch than it was sampled in moved its last steps'
-    log-probs by 2e-4, twice ``flow.clip_low``.  A learner rank passes only its own micro-batches."""
+    forward by its batch: a BAGEL image rescored in another batch than it was sampled in moves its ratio off 1 by
+    more than ``flow.clip_low`` (``benchmarks/flow_old_logp.py``).  A learner rank passes only its own micro-batches."""
     out: list[torch.Tensor] = [torch.empty(0)] * len(items)
     # each once (a rank's filler repeats one): ranks may then run different numbers of forwards here, which holds
     # because these forwards have no collective (ZeRO-3, whose forwards gather, is refused with several ranks)
