@@ -87,6 +87,9 @@ def test_shipped_recipe_has_the_reference_settings_and_validates(tiny_dir: str) 
     ("policy.options={cfg_interval: [0.5, 0.4]}", "policy.options.cfg_interval: expected \\[lo, hi\\]"),
     ("policy.options={edit_renorm: text_channe}", "policy.options.edit_renorm: 'text_channe' is not one of"),
     ("policy.options={expert_isolation: maybe}", "policy.options.expert_isolation: expected true or false, got 'ma"),
+    ("policy.options={gen_steps: 3}", "policy.options.gen_eta 0.7 with gen_steps 3: SDE step 0 \\(t=1, delta=0.25\\) "
+     "has eta=3.13, so its mean keeps -0.225 x the latent .*use an eta scale below 0.632 or at least 4 grid points"),
+    ("policy.options={edit_steps: 4, edit_sde_max_index: 1}", "policy.options.edit_eta 1.0 with edit_steps 4: SDE step 0"),
     ("templates.reason=<|im_start|> {prompt}", "templates.reason': remove <\\|im_start\\|>"),
     ("templates.refine={instruction} {image}", "placeholder {image} is not filled at this stage"),
 ])

@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from r3_rl.flow.schedule import EtaSchedule, StochasticSteps, derive_seed, timestep_grid, train_subset
+from r3_rl.flow.schedule import (EtaSchedule, StochasticSteps, check_sde_steps, derive_seed, sde_mean_coefficient,
+                                 timestep_grid, train_subset)
 
 
 def test_grid_matches_the_r3_generation_grid_and_its_stds():
@@ -107,3 +108,28 @@ def test_round_trip_and_bad_keys():
         StochasticSteps.from_dict({"mode": "sliding_window", "windw": 3})
     with pytest.raises(ValueError, match="valid: random, fixed"):
         StochasticSteps("slide")
+
+
+def test_a_grid_too_coarse_for_its_eta_is_refused_with_what_would_pass():
+    """3 points, shift 3: step 0 has t = 1, delta = 0.25; R3's eta there is 0.7 sqrt(1 / 0.05) = 3.130, so the
+    mean keeps 1 - 9.8 * 0.25 / 2 = -0.225 times the latent (sign flipped); scale < sqrt(8) / sqrt(20) = 0.632."""
+    coarse, eta, every = timestep_grid(3), EtaSchedule("r3", 0.7), StochasticSteps("all")
+    assert sde_mean_coefficient(1.0, 0.25, eta.at(0, coarse)) == pytest.approx(-0.225, abs=1e-12)
+    with pytest.raises(ValueError, match=r"SDE step 0 \(t=1, delta=0.25\) has eta=3.13, so its mean keeps -0.225 x "
+                                         r"the latent .* use an eta scale below 0.632 or at least 4 grid points"):
+        check_sde_steps(coarse, eta, every, shift=3.0)
+    # what the error proposes passes, and just past it does not
+    check_sde_steps(coarse, EtaSchedule("r3", 0.632), every)
+    with pytest.raises(ValueError, match="below 0.632"):
+        check_sde_steps(coarse, EtaSchedule("r3", 0.633), every)
+    check_sde_steps(timestep_grid(4), eta, every)
+    # only the steps the sampler may pick count: step 1 (t = 0.75, delta = 0.75) keeps 1 - 0.49 * 3 * 0.75 / 1.5
+    check_sde_steps(coarse, eta, StochasticSteps("fixed", indices=(1,)))
+    assert StochasticSteps("fixed", indices=(1,)).possible(2) == (1,)
+    assert StochasticSteps("random", max_index=2).possible(20) == (0, 1)
+    # R3's own grids keep 0.81-0.89 on every step their samplers may pick
+    for points, scale, steps in ((16, 0.7, StochasticSteps("random")), (21, 1.0, StochasticSteps("random", max_index=2))):
+        grid, sched = timestep_grid(points), EtaSchedule("r3", scale)
+        kept = [sde_mean_coefficient(grid[i], grid[i] - grid[i + 1], sched.at(i, grid)) for i in steps.possible(points - 1)]
+        assert 0.8 < min(kept) and max(kept) < 1.0
+        check_sde_steps(grid, sched, steps, shift=3.0)

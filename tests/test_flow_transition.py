@@ -47,7 +47,8 @@ def test_euler_step_and_eta_zero_limit():
     x, v = torch.randn(5, 3, 4, dtype=D), torch.randn(5, 3, 4, dtype=D)
     tiny = sde_gaussian(x, v, 0.6, 0.1, 1e-12)[0]
     assert torch.allclose(tiny, euler_step(x, v, 0.1), atol=1e-15, rtol=0)
-    for bad in ({"eta": 0.0}, {"t": 0.0}, {"delta": 0.0}, {"delta": 0.7}):  # not stochastic steps
+    # eta^2 delta / (2 t) = 9 * 0.5 / 2 > 1: the mean would keep -1.25 x the latent
+    for bad in ({"eta": 0.0}, {"t": 0.0}, {"delta": 0.0}, {"delta": 0.7}, {"t": 1.0, "delta": 0.5, "eta": 3.0}):
         kw = {"t": 0.6, "delta": 0.1, "eta": 0.5, **bad}
         with pytest.raises(ValueError, match="sde_gaussian"):
             sde_gaussian(x, v, **kw)

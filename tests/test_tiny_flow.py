@@ -195,7 +195,9 @@ def test_a_saved_policy_keeps_its_settings_unless_the_recipe_names_them(policy: 
 
 @pytest.mark.parametrize("option, needle", [("policy.options.sde_generate={mode: bogus}", "mode 'bogus' is unknown"),
                                             ("policy.options.cfg_interval=[0.5, 0.2]", "guidance interval"),
-                                            ("policy.options.grid_points=1", "num_points must be >= 2")])
+                                            ("policy.options.grid_points=1", "num_points must be >= 2"),
+                                            ("policy.options.grid_points=3", "eta 0.7 with grid_points 3 "
+                                             "\\(sde_generate\\): SDE step 0 .* at least 4 grid points")])
 def test_bad_options_are_one_line_errors(option: str, needle: str) -> None:
     from r3_rl.errors import UserError
 

@@ -163,6 +163,11 @@ class StochasticSteps:
             raise ValueError(f"stochastic steps: num_steps must be >= 1, got {num_steps}")
         return num_steps if self.max_index is None else min(self.max_index, num_steps)
 
+    def possible(self, num_steps: int) -> tuple[int, ...]:
+        """Every step index that :meth:`choose` may return for ``num_steps`` steps (what a recipe check covers)."""
+        lim = self.limit(num_steps)
+        return tuple(sorted(i for i in self.indices if i < lim)) if self.mode == "fixed" else tuple(range(lim))
+
     def choose(self, num_steps: int, *, seed: int = 0, learner_step: int = 0) -> tuple[int, ...]:
         """Sorted SDE step indices for one image (or one sibling group: pass the group's seed to share them)."""
         lim = self.limit(num_steps)
@@ -203,6 +208,48 @@ class StochasticSteps:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StochasticSteps:
         return cls(**known_fields(cls, d, "stochastic steps"))
+
+
+def sde_mean_coefficient(t: float, delta: float, eta: float) -> float:
+    """The latent's coefficient ``1 - eta^2 delta / (2 t)`` in the SDE step's mean (``r3_rl.flow.transition``)."""
+    return 1.0 - eta * eta * delta / (2.0 * t)
+
+
+def _flipped_steps(grid: Sequence[float], eta: EtaSchedule, steps: StochasticSteps) -> list[tuple[int, float]]:
+    """``(index, coefficient)`` of the possible SDE steps whose mean keeps ``<= 0`` times the latent."""
+    coefficients = ((i, sde_mean_coefficient(grid[i], grid[i] - grid[i + 1], eta.at(i, grid)))
+                    for i in steps.possible(len(grid) - 1))
+    return [(i, a) for i, a in coefficients if not a > 0]
+
+
+def check_sde_steps(grid: Sequence[float], eta: EtaSchedule, steps: StochasticSteps,
+                    shift: float | None = None) -> None:
+    """Refuse a grid and eta schedule under which an SDE step ``steps`` may pick keeps ``<= 0`` times the latent.
+
+    R3's eta is large near the noise end (``0.7 sqrt(1 / 0.05) = 3.1`` at ``t = 1``), so a coarse grid's first
+    step (large ``delta``) drives ``1 - eta^2 delta / (2 t)`` to zero or below: the mean then ignores or flips the
+    latent and its noise (std ``eta sqrt(delta)``) swamps it -- images of noise and log-probs of nothing, which
+    nothing downstream notices.  R3's grids (16 and 21 points, shift 3) keep it at 0.81-0.89.  The error names
+    the step and what would pass: the largest eta scale for this grid and, given the grid's ``shift``, the
+    fewest grid points for this scale.
+    """
+    flipped = _flipped_steps(grid, eta, steps)
+    if not flipped:
+        return
+    i, a = flipped[0]
+    hints = []
+    if eta.scale > 0:  # eta is proportional to its scale: a > 0 iff scale < sqrt(2 t / delta) * scale / eta
+        most = min(math.sqrt(2.0 * grid[j] / (grid[j] - grid[j + 1])) * eta.scale / eta.at(j, grid)
+                   for j in steps.possible(len(grid) - 1))
+        hints.append(f"an eta scale below {most:.3g}")
+    if shift is not None:
+        points = next((n for n in range(len(grid) + 1, 1001)
+                       if not _flipped_steps(timestep_grid(n, shift), eta, steps)), None)
+        if points is not None:
+            hints.append(f"at least {points} grid points")
+    raise ValueError(f"SDE step {i} (t={grid[i]:.3g}, delta={grid[i] - grid[i + 1]:.3g}) has eta="
+                     f"{eta.at(i, grid):.3g}, so its mean keeps {a:+.3g} x the latent (1 - eta^2 delta / (2 t) must be "
+                     f"> 0); use {' or '.join(hints) or 'a finer grid'}")
 
 
 def train_subset(num_recorded: int, fraction: float, *, order: str = "first", seed: int = 0) -> tuple[int, ...]:

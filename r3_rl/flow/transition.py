@@ -68,7 +68,8 @@ def sde_gaussian(x: torch.Tensor, v: torch.Tensor, t: float | torch.Tensor, delt
 
     ``t``, ``delta``, ``eta`` are floats or per-row ``[B]`` tensors (a learner batch mixes steps of several
     images).  Refuses ``t <= 0``, ``delta <= 0`` and ``eta <= 0``: those are not stochastic steps (a zero std
-    has no density; ``1 / t`` blows up at the data end).
+    has no density; ``1 / t`` blows up at the data end); and an ``x`` coefficient ``<= 0`` (a grid too coarse
+    for its eta: the step would drop or flip the latent).
     """
     if x.shape != v.shape:
         raise ValueError(f"sde_gaussian: x {tuple(x.shape)} and v {tuple(v.shape)} must have the same shape")
@@ -82,6 +83,9 @@ def sde_gaussian(x: torch.Tensor, v: torch.Tensor, t: float | torch.Tensor, delt
         raise ValueError("sde_gaussian: delta must not exceed t (the step ends at t - delta >= 0)")
     e2 = e64 * e64
     a = 1.0 - e2 * d64 / (2.0 * t64)
+    if not bool((a > 0).all()):  # recipes are checked (schedule.check_sde_steps); this guards direct callers
+        raise ValueError(f"sde_gaussian: eta^2 delta / (2 t) must be < 1 (the mean keeps > 0 times x), got a "
+                         f"coefficient of {float(a.min()):+.3g}; use a finer grid or a smaller eta")
     b = -d64 * (1.0 + e2 * (1.0 - t64) / (2.0 * t64))
     s = e64 * torch.sqrt(d64)
     dtype = compute_dtype(x)

@@ -30,6 +30,7 @@ from r3_rl.blocks import codec, world
 from r3_rl.errors import UserError
 from r3_rl.flow import EtaSchedule, FlowVelocity, Guidance, StochasticSteps, derive_seed, initial_noise, sample_flow
 from r3_rl.flow import timestep_grid
+from r3_rl.flow.schedule import check_sde_steps
 from r3_rl.flow.action import flow_action, is_flow_segment, score_traces, segment_trace
 from r3_rl.policy.base import ImageInput, ImageSample
 from r3_rl.policy.tiny import TinyUnifiedPolicy
@@ -113,9 +114,13 @@ class TinyFlowPolicy(TinyUnifiedPolicy):
                     cfg_image=cfg_image, cfg_interval=list(cfg_interval), share_initial_noise=share_initial_noise,
                     seed=recipe.seed)
         try:  # one-line errors for bad options before any model is built
-            EtaSchedule("r3", eta), timestep_grid(grid_points, shift)
+            grid = timestep_grid(grid_points, shift)
             for key in ("sde_generate", "sde_refine"):
-                StochasticSteps.from_dict(flow[key]).limit(grid_points - 1)
+                steps = StochasticSteps.from_dict(flow[key])
+                try:
+                    check_sde_steps(grid, EtaSchedule("r3", eta), steps, shift)
+                except ValueError as e:
+                    raise ValueError(f"eta {eta} with grid_points {grid_points} ({key}): {e}") from None
             Guidance(cfg_text, cfg_image, interval=tuple(cfg_interval))
             if latent_dim < 1 or head_width < 1:
                 raise ValueError(f"latent_dim and head_width must be >= 1, got {latent_dim}, {head_width}")

@@ -1,7 +1,7 @@
 """The recipe-facing half of the BAGEL policy: its options, template placeholders and recipe checks.
 
-Kept apart from :mod:`r3_rl.policy.bagel.policy` so that checking a recipe imports no torch; the policy class
-inherits it.  What the recipe says, and where it goes:
+Kept apart from :mod:`r3_rl.policy.bagel.policy` so that checking a recipe loads no model code (only the SDE-step
+check imports :mod:`r3_rl.flow`, when the options are built); the policy class inherits it.  What the recipe says, and where it goes:
 
 * ``policy.model``: a local checkpoint directory in the published BAGEL-7B-MoT layout (``llm_config.json``,
   ``vit_config.json``, ``ema.safetensors``, ``ae.safetensors``, the tokenizer); ``policy.dtype`` / ``policy.device``;
@@ -92,6 +92,20 @@ class BagelOptions:
             raise UserError(f"policy.options.expert_isolation: expected true or false, got {self.expert_isolation!r}")
         if self.vae_dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"policy.options.vae_dtype: {self.vae_dtype!r} is not float32, bfloat16 or float16")
+        self._check_sde_steps()
+
+    def _check_sde_steps(self) -> None:
+        """Each image kind's grid fine enough for its eta (``r3_rl.flow.schedule.check_sde_steps``)."""
+        from r3_rl.flow.schedule import EtaSchedule, StochasticSteps, check_sde_steps, timestep_grid
+        for kind, points, eta, steps in (
+                ("gen", self.gen_steps, self.gen_eta, StochasticSteps("random", count=self.gen_sde_count)),
+                ("edit", self.edit_steps, self.edit_eta,
+                 StochasticSteps("random", count=self.edit_sde_count, max_index=self.edit_sde_max_index))):
+            try:
+                check_sde_steps(timestep_grid(points, self.timestep_shift), EtaSchedule("r3", eta), steps,
+                                self.timestep_shift)
+            except ValueError as e:
+                raise UserError(f"policy.options.{kind}_eta {eta} with {kind}_steps {points}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
