@@ -126,7 +126,8 @@ def test_token_rows_and_flow_rows_add_as_separate_means_with_modality_weights():
 
 def test_score_traces_rescores_mixed_kinds_per_segment_with_ratio_one():
     """Generation (CFG) and edit traces in one call: stacked per kind, each segment gets back its own steps."""
-    from test_flow_sampler import EDIT_CFG, GEN_CFG, TinyVelocity, branches, run
+    from test_flow_sampler import (EDIT_CFG, GEN_CFG, TinyVelocity, assert_sample_is_mean_plus_noise, branches, run,
+                                   sampler_noise)
 
     from r3_rl.flow.action import flow_action, score_traces, segment_trace
 
@@ -149,5 +150,5 @@ def test_score_traces_rescores_mixed_kinds_per_segment_with_ratio_one():
     for seg, tr, sc in zip(segs, traces, scores):
         assert sc.logp.shape == (len(tr.steps),)
         assert torch.allclose(sc.logp.double(), torch.tensor(seg.logprobs, dtype=torch.float64), atol=1e-6, rtol=0)
-        assert torch.allclose(sc.mean, torch.stack([s.mean for s in tr.steps]), atol=1e-6, rtol=0)
+        assert_sample_is_mean_plus_noise(sc.mean, sc.std, sampler_noise(tr), torch.stack([s.x_next for s in tr.steps]))
         assert sc.std.tolist() == pytest.approx([s.std for s in tr.steps])

@@ -42,6 +42,23 @@ def branches(net: TinyVelocity, c: torch.Tensor) -> FlowVelocity:
     return FlowVelocity(lambda x, t: net(x, t, c), lambda x, t: net(x, t, c_tu), lambda x, t: net(x, t, c_iu))
 
 
+def sampler_noise(trace) -> torch.Tensor:
+    """``[S, *latent]``: the standard normal draws of ``trace``'s SDE steps, regenerated from its noise seed (the
+    sampler draws one per SDE step of the image, in denoising order, in the Gaussian's compute dtype)."""
+    gen = torch.Generator().manual_seed(trace.noise_seed)
+    dtype = torch.float64 if trace.latent_dtype == "float64" else torch.float32
+    return torch.stack([torch.randn(trace.latent_shape, generator=gen, dtype=dtype) for _ in trace.steps])
+
+
+def assert_sample_is_mean_plus_noise(mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor,
+                                     x_next: torch.Tensor) -> None:
+    """The recorded sample is the rescored mean plus the regenerated noise, up to the latent dtype's rounding
+    (half a bf16 ulp is 2^-8 of the value): the learner's Gaussian is the one the sampler drew from."""
+    std = std.reshape(-1, *([1] * (mean.dim() - 1))).to(mean.dtype)
+    gap = (mean.detach().double() + (std * noise).double() - x_next.double()).abs()
+    assert bool((gap <= 2e-5 + x_next.double().abs() * 2 ** -8).all()), float(gap.max())
+
+
 @pytest.fixture
 def net() -> TinyVelocity:
     torch.manual_seed(0)
@@ -73,11 +90,17 @@ def test_recomputed_logprob_gives_ratio_one(net, guidance, dtype):
     assert torch.equal(out.latents[4].float(), out.traces[4].steps[-1].x_next)  # its last step ends at t = 0
     batch = stack_steps(out.traces)
     assert batch.x_t.dtype == dtype and batch.image.tolist() == [0, 1, 1, 2, 3, 3, 3, 4, 4, 4, 5]
-    lp, mean, _ = step_logprobs(branches(net, c[batch.image]), batch.guidance, batch.x_t, batch.x_next,
-                                batch.t, batch.delta, batch.eta)
+    lp, mean, std = step_logprobs(branches(net, c[batch.image]), batch.guidance, batch.x_t, batch.x_next,
+                                  batch.t, batch.delta, batch.eta)
     ratio = torch.exp(lp.detach().double() - batch.logprob)
     assert float((ratio - 1).abs().max()) < 2e-6
-    assert torch.allclose(mean, batch.mean, atol=1e-5, rtol=0)
+    noise = torch.cat([sampler_noise(tr) for tr in out.traces])
+    assert_sample_is_mean_plus_noise(mean, std, noise, batch.x_next)
+    if dtype == torch.float32:  # the same check is tight where no rounding intervenes
+        assert float((mean.detach() + std * noise - batch.x_next).abs().max()) < 1e-5
+    # the trace keeps its latents in the latent's dtype (exact: the sampler holds the latent in it)
+    assert {s.x_t.dtype for tr in out.traces for s in tr.steps} == {s.x_next.dtype for tr in out.traces
+                                                                     for s in tr.steps} == {dtype}
     lp.sum().backward()  # differentiable through the velocity network
     assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in net.parameters())
     if guidance.text_scale > 1:  # rescoring without the sampled CFG (the R3 reference's mistake) is off

@@ -67,17 +67,17 @@ def test_trace_round_trip_is_exact_json_and_smaller_than_float_lists(dtype):
             tr.grid, tr.guidance, tr.eta, tr.init_seed, tr.noise_seed, tr.latent_dtype)
         for a, b in zip(back.steps, tr.steps):
             assert (a.index, a.t, a.delta, a.eta, a.std, a.logprob) == (b.index, b.t, b.delta, b.eta, b.std, b.logprob)
-            assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("x_t", "x_next", "mean"))
+            assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("x_t", "x_next"))
         if tr.steps:
             floats = {**tr.to_dict(), "steps": [{**s.to_dict(), **{k: getattr(s, k).tolist()
-                                                                    for k in ("x_t", "x_next", "mean")}}
+                                                                    for k in ("x_t", "x_next")}}
                                                 for s in tr.steps]}
             assert len(text) < len(json.dumps(floats))
         assert abs(tr.size_bytes() - len(text)) <= 0.05 * len(text) + 40
     # the round-tripped traces stack and rescore exactly like the originals
     a = stack_steps(traces)
     b = stack_steps([DenoisingTrace.from_dict(json.loads(json.dumps(t.to_dict()))) for t in traces])
-    assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("x_t", "x_next", "mean", "t", "delta", "eta",
+    assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("x_t", "x_next", "t", "delta", "eta",
                                                                      "logprob", "image", "step"))
     assert a.image.tolist() == [0, 1, 1] and a.step.tolist() == [0, 2, 3]
 
@@ -89,15 +89,15 @@ def test_size_estimate_on_a_large_latent_and_ratio_to_float_lists():
                       eta=EtaSchedule("r3", 0.7), guidance=Guidance(), noise_seeds=[1])
     tr = out.traces[0]
     text = json.dumps(tr.to_dict())
-    as_floats = json.dumps([getattr(tr.steps[0], k).tolist() for k in ("x_t", "x_next", "mean")])
+    as_floats = json.dumps([getattr(tr.steps[0], k).tolist() for k in ("x_t", "x_next")])
     assert abs(tr.size_bytes() - len(text)) <= 0.01 * len(text)
     assert len(text) < 0.4 * len(as_floats)  # base64 of float32 vs decimal floats
 
 
 def test_trace_rejects_bad_records():
     d = sampled_traces(2)[1].to_dict()
-    with pytest.raises(ValueError, match="version must be 1"):
-        DenoisingTrace.from_dict({**d, "version": 2})
+    with pytest.raises(ValueError, match="version must be one of 1, 2, got 3"):
+        DenoisingTrace.from_dict({**d, "version": 3})
     with pytest.raises(ValueError, match="did you mean 'noise_seed'"):
         DenoisingTrace.from_dict({**d, "noise_sed": 1})
     with pytest.raises(ValueError, match="missing key"):
@@ -144,3 +144,35 @@ def test_detached_unconditional_branch_gives_flow_grpos_gradient():
     torch.testing.assert_close(lp_peer, lp_exact)
     torch.testing.assert_close(g_detached, g_peer)
     assert float((g_exact - g_detached).abs().max()) > 1e-3
+
+
+def version_1_record(trace: DenoisingTrace) -> dict:
+    """``trace`` as version 1 wrote it: float32 latents and the behaviour mean beside them on every step."""
+    d = trace.to_dict()
+    steps = [{**s.to_dict(), "x_t": encode_tensor(s.x_t.float()), "x_next": encode_tensor(s.x_next.float()),
+              "mean": encode_tensor(s.x_next.float() * 0.5)} for s in trace.steps]
+    return {**d, "version": 1, "steps": steps}
+
+
+def test_a_bf16_trace_is_a_third_of_version_1_and_version_1_records_still_rescore_alike():
+    """Version 2 keeps two latents per SDE step in the latent's own dtype; version 1 kept three float32 tensors.
+    A version-1 record (a buffer saved before) loads, drops its mean, and stacks to the same learner batch."""
+    torch.manual_seed(3)
+    x_T = torch.randn(2, 256, 16).to(torch.bfloat16)
+    out = sample_flow(FlowVelocity(lambda x, t: -x.float()), x_T, grid=timestep_grid(16), sde_steps=[(0, 3), (5,)],
+                      eta=EtaSchedule("r3", 0.7), guidance=Guidance(), noise_seeds=[1, 2])
+    for tr in out.traces:
+        new, old = json.dumps(tr.to_dict()), json.dumps(version_1_record(tr))
+        assert len(new) < 0.35 * len(old)  # 4 bytes an element against 12, plus the head
+        assert {s.x_t.dtype for s in tr.steps} == {torch.bfloat16}
+    legacy = [DenoisingTrace.from_dict(json.loads(json.dumps(version_1_record(tr)))) for tr in out.traces]
+    assert [s.x_t.dtype for s in legacy[0].steps] == [torch.float32, torch.float32]
+    a, b = stack_steps(out.traces), stack_steps(legacy)
+    for k in ("x_t", "x_next", "t", "delta", "eta", "logprob", "image", "step"):
+        assert getattr(a, k).dtype == getattr(b, k).dtype and torch.equal(getattr(a, k), getattr(b, k)), k
+    assert a.x_t.dtype == torch.bfloat16 and a.x_next.dtype == torch.float32
+    # a version-2 record carrying a mean is foreign, not silently accepted
+    d = out.traces[0].to_dict()
+    d["steps"][0]["mean"] = d["steps"][0]["x_t"]
+    with pytest.raises(ValueError, match="SDE step: unknown key 'mean'"):
+        DenoisingTrace.from_dict(d)

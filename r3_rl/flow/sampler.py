@@ -122,6 +122,6 @@ def sample_flow(velocity: FlowVelocity, x_T: torch.Tensor, *, grid: Sequence[flo
             for j, (b, lp) in enumerate(zip(rows, logp.tolist())):
                 traces[b].steps.append(SdeStep(
                     index=i, t=t, delta=delta, eta=etas[i], std=std_value, logprob=lp,
-                    x_t=_own(x_in[j]), x_next=_own(stored[j]), mean=_own(mean[j])))
+                    x_t=_own(x_in[j].to(x_T.dtype)), x_next=_own(stored[j].to(x_T.dtype))))  # exact: see trace.py
         x = x_next.to(x_T.dtype)
     return FlowSample(latents=x, traces=traces)

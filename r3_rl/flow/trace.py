@@ -1,9 +1,14 @@
 """The record of one image action (its denoising trace) and the learner's batch of recorded SDE steps.
 
 A :class:`DenoisingTrace` holds what the learner needs to recompute every stochastic step's Gaussian under
-the same guidance: per SDE step the input latent ``x_t``, the sample ``x_next`` the sampler continued from,
-the behaviour mean and log-prob, and ``t``, ``delta``, ``eta`` as used.  ODE steps leave nothing behind (the
-seeds and the grid rebuild them).  ``to_dict`` is JSON-safe and pickle-free: tensors are base64 of raw
+the same guidance: per SDE step the input latent ``x_t``, the sample ``x_next`` the sampler continued from
+(both in the latent's own dtype, which holds them exactly: the sampler keeps the latent in it between steps),
+the behaviour log-prob, and ``t``, ``delta``, ``eta`` as used.  ODE steps leave nothing behind (the seeds and
+the grid rebuild them).  The behaviour mean is not kept: the learner recomputes it, and the recorded log-prob is
+what its ratio and ``sampler_flow_logp_gap`` compare against.  Version 1 kept three float32 tensors per step
+(the mean too); version 2 keeps two in the latent's dtype: two thirds of the bytes for a float32 latent
+(BAGEL's: 1.05 -> 0.70 MB per SDE step of a 512 px image in base64), a third for a bf16 one.  Version-1 records
+(a buffer or dump saved before) still load; their ``mean`` is dropped.  ``to_dict`` is JSON-safe and pickle-free: tensors are base64 of raw
 little-endian bytes (:mod:`r3_rl.flow.codec`), floats are Python floats (JSON round-trips them exactly).
 This is what a flow policy's ``Segment`` will record for an image.
 """
@@ -20,15 +25,16 @@ from r3_rl.flow.codec import decode_tensor, encode_tensor, encoded_size, torch_d
 from r3_rl.flow.guidance import Guidance
 from r3_rl.flow.schedule import EtaSchedule, known_fields
 
-TRACE_VERSION = 1
-_STEP_TENSORS = ("x_t", "x_next", "mean")
+TRACE_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # 1: steps also held the behaviour mean (dropped on reading)
+_STEP_TENSORS = ("x_t", "x_next")
 _TENSOR_HEAD_CHARS = 60  # '"x_next": {"dtype": "float32", "shape": [...], "b64": ""}, '
 _STEP_SCALARS_CHARS = 150  # index, t, delta, eta, std, logprob with their keys
 
 
 @dataclass
 class SdeStep:
-    """One recorded stochastic step ``x_t -> x_next`` (tensors float32, or float64, on the CPU, no batch dim)."""
+    """One recorded stochastic step ``x_t -> x_next`` (tensors in the latent's dtype, on the CPU, no batch dim)."""
 
     index: int  # denoising step index i: from grid[i] to grid[i+1]
     t: float
@@ -38,7 +44,6 @@ class SdeStep:
     logprob: float  # behaviour log-prob (mean per-element log-density, constants kept)
     x_t: torch.Tensor
     x_next: torch.Tensor
-    mean: torch.Tensor
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {k: getattr(self, k) for k in ("index", "t", "delta", "eta", "std", "logprob")}
@@ -46,14 +51,16 @@ class SdeStep:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SdeStep:
+    def from_dict(cls, d: dict[str, Any], version: int = TRACE_VERSION) -> SdeStep:
+        if version == 1 and isinstance(d, dict):
+            d = {k: v for k, v in d.items() if k != "mean"}
         d = known_fields(cls, d, "SDE step")
         missing = [k for k in ("index", "t", "delta", "eta", "std", "logprob", *_STEP_TENSORS) if k not in d]
         if missing:
             raise ValueError(f"SDE step: missing key(s) {', '.join(missing)}")
         tensors = {k: decode_tensor(d[k], f"SDE step {k}") for k in _STEP_TENSORS}
         if len({tuple(v.shape) for v in tensors.values()}) != 1:
-            raise ValueError("SDE step: x_t, x_next and mean must have the same shape")
+            raise ValueError("SDE step: x_t and x_next must have the same shape")
         return cls(index=int(d["index"]), t=float(d["t"]), delta=float(d["delta"]), eta=float(d["eta"]),
                    std=float(d["std"]), logprob=float(d["logprob"]), **tensors)
 
@@ -85,9 +92,10 @@ class DenoisingTrace:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DenoisingTrace:
-        if not isinstance(d, dict) or d.get("version") != TRACE_VERSION:
+        if not isinstance(d, dict) or d.get("version") not in _READABLE_VERSIONS:
             got = d.get("version") if isinstance(d, dict) else type(d).__name__
-            raise ValueError(f"denoising trace: version must be {TRACE_VERSION}, got {got!r}")
+            raise ValueError(f"denoising trace: version must be one of {', '.join(map(str, _READABLE_VERSIONS))}, "
+                             f"got {got!r}")
         body = known_fields(cls, {k: v for k, v in d.items() if k != "version"}, "denoising trace")
         missing = [k for k in ("latent_shape", "latent_dtype", "grid", "guidance", "eta", "init_seed", "noise_seed",
                                "steps") if k not in body]
@@ -99,7 +107,8 @@ class DenoisingTrace:
         trace = cls(latent_shape=tuple(int(s) for s in body["latent_shape"]), latent_dtype=body["latent_dtype"],
                     grid=tuple(float(t) for t in body["grid"]), guidance=Guidance.from_dict(body["guidance"]),
                     eta=EtaSchedule.from_dict(body["eta"]), init_seed=body["init_seed"],
-                    noise_seed=int(body["noise_seed"]), steps=[SdeStep.from_dict(s) for s in body["steps"]])
+                    noise_seed=int(body["noise_seed"]),
+                    steps=[SdeStep.from_dict(s, d["version"]) for s in body["steps"]])
         for s in trace.steps:
             if tuple(s.x_t.shape) != trace.latent_shape:
                 raise ValueError(f"denoising trace: step {s.index} has shape {tuple(s.x_t.shape)}, "
@@ -118,8 +127,7 @@ class StepBatch:
     """Recorded SDE steps of several images stacked for the learner (``N`` rows, one per step)."""
 
     x_t: torch.Tensor  # [N, *latent_shape] in the latent dtype the sampler fed the model
-    x_next: torch.Tensor  # [N, *latent_shape] float32 (what was sampled)
-    mean: torch.Tensor  # [N, *latent_shape] behaviour mean
+    x_next: torch.Tensor  # [N, *latent_shape] what was sampled, in float32 (float64 for float64 latents)
     t: torch.Tensor  # [N] float64, on the CPU (sde_gaussian moves the coefficients it derives)
     delta: torch.Tensor  # [N] float64, on the CPU
     eta: torch.Tensor  # [N] float64, on the CPU
@@ -158,9 +166,10 @@ def stack_steps(traces: Sequence[DenoisingTrace], select: Sequence[Sequence[int]
     def floats(name: str) -> torch.Tensor:
         return torch.tensor([getattr(s, name) for _, s in rows], dtype=torch.float64)
 
-    return StepBatch(x_t=stacked("x_t").to(torch_dtype(first.latent_dtype)), x_next=stacked("x_next"),
-                     mean=stacked("mean"), t=floats("t"), delta=floats("delta"), eta=floats("eta"),
-                     logprob=floats("logprob").to(device),
+    latent_dtype = torch_dtype(first.latent_dtype)
+    return StepBatch(x_t=stacked("x_t").to(latent_dtype),
+                     x_next=stacked("x_next").to(torch.promote_types(latent_dtype, torch.float32)),
+                     t=floats("t"), delta=floats("delta"), eta=floats("eta"), logprob=floats("logprob").to(device),
                      image=torch.tensor([k for k, _ in rows], dtype=torch.long, device=device),
                      step=torch.tensor([s.index for _, s in rows], dtype=torch.long, device=device),
                      guidance=first.guidance)
