@@ -383,3 +383,27 @@ def test_a_full_fine_tune_resumes_from_its_export_without_the_vae(policy: BagelP
     load_exported(fresh.model, tmp_path / "model", files)
     a, b = trained.model.state_dict(), fresh.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_images_sde_steps_go_through_one_learner_forward_as_the_plan_counts(tiny_dir) -> None:
+    """`r3-rl plan` sizes a flow image's learner activations as context + every SDE step's latent positions
+    (r3_rl.plan.report.learner_positions): all of an image's recorded steps are rescored in one velocity call per
+    CFG branch, kept together for one backward.  Checked on the call the learner makes."""
+    options = TINY_OPTIONS[:-1] + ", gen_sde_count: 3}"
+    sets = ["policy.kind=bagel", f"policy.model={tiny_dir}", "policy.device=cpu", f"policy.options={options}",
+            *TEMPLATES]
+    policy = build_policy(Recipe.model_validate(apply_overrides({}, sets)))
+    image = policy.generate(PROMPTS[:1], [None], IMAGE, torch.Generator().manual_seed(0))[0]
+    assert image.segment.num_actions == 3
+    calls: list[tuple[int, ...]] = []
+    forward = policy.model.predict_velocity
+
+    def recorded(cache, x_t, t, grid, grad_expert=None):
+        calls.append(tuple(x_t.shape))
+        return forward(cache, x_t, t, grid, grad_expert)
+
+    policy.model.predict_velocity = recorded
+    scores = policy.denoising_scores([image.segment])
+    assert scores[0].logp.shape == (3,) and scores[0].logp.requires_grad
+    tokens = (32 // 16) ** 2  # latent positions of a 32 px image
+    assert [c[:2] for c in calls] == [(3, tokens), (3, tokens)]  # cond and text-uncond: 3 steps in one forward each

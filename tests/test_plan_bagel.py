@@ -184,6 +184,23 @@ def test_the_shipped_bagel_recipe_is_planned_offline_and_fits_8_gpus_of_80gb(cap
     assert not make_plan(load_recipe(BAGEL), 7, 80).fits
 
 
+def test_every_sde_step_an_image_trains_counts_in_the_learners_activations() -> None:
+    """R3 trains 1 SDE step per image; Flow-GRPO-style recipes train several, all rescored in one forward
+    against the image's context (tests/test_bagel_policy.py checks that forward).  The refine segment's learner
+    positions: 2804 context + 1024 latent positions per step, 3 CFG rows; activations in proportion."""
+    base = make_plan(load_recipe(BAGEL), 8, 80).processes[0]
+    sets = ["policy.options.gen_sde_count=4", "policy.options.edit_sde_count=4"]
+    four = make_plan(load_recipe(BAGEL, sets), 8, 80).processes[0]
+    assert "1 refine segment(s) x 3 x 3828 tokens, checkpointing on" in base.notes["activations"]
+    assert "1 refine segment(s) x 3 x 6900 tokens (4 SDE steps), checkpointing on" in four.notes["activations"]
+    act = lambda p: p.phases["learner micro-batch"]["activations"]  # noqa: E731
+    assert act(four) / act(base) == pytest.approx((6900 - 1) / (3828 - 1), rel=1e-9)
+    assert four.total > base.total + 4e9  # 5.0 -> 9.1 GB of activations
+    # sampling is unchanged: a denoising step is one forward whichever steps are stochastic
+    assert make_plan(load_recipe(BAGEL, sets), 8, 80).processes[1].total == make_plan(
+        load_recipe(BAGEL), 8, 80).processes[1].total
+
+
 def test_the_plan_counts_the_nodes_host_memory() -> None:
     """BAGEL (14.69 B parameters, 14.17 B trained, bf16, 4 ranks, offload): 4 ranks x 16 bytes x 14.17 B / 4 of
     offloaded states; in the object store the pinned full state (29.4 GB) and rank 0's trained weights on their

@@ -78,7 +78,8 @@ def bagel_shape_from_config(config: Any, options: Any, source: str, vae_params: 
         flow=True, params_active=llm_params - gen_expert, params_llm=llm_params,
         edit_tokens=(options.vae_size[0] // config.latent_downsample) ** 2 + 2,
         image_cfg_rows=1 if options.image_cfg != 1.0 else 0,
-        decode_bytes=VAE_BYTES[options.vae_dtype], decode_chunk=-1)
+        decode_bytes=VAE_BYTES[options.vae_dtype], decode_chunk=-1,
+        gen_sde_steps=options.gen_sde_count, edit_sde_steps=options.edit_sde_count)
 
 
 def _vae_header(file: Path) -> tuple[int, int]:

@@ -61,6 +61,14 @@ def stages(recipe: Any, shape: ModelShape) -> list[Stage]:
                shape.image_vocab)]
 
 
+def learner_positions(stage: Stage, shape: ModelShape) -> int:
+    """Positions one row of a ``stage`` segment puts through the learner's forward: its context and its new
+    tokens -- for a flow image, the latent positions of every SDE step it rescores (each step one forward against
+    the same context, all kept for the one backward)."""
+    steps = {"generate": shape.gen_sde_steps, "refine": shape.edit_sde_steps}.get(stage.name, 1) if shape.flow else 1
+    return stage.context + stage.new_tokens * steps
+
+
 def trained_params(cfg: Any, shape: ModelShape, use_lora: bool) -> int:
     """Parameters the learner trains: LoRA's adapters (``learner.lora``, or the advice's default), else the model's
     trainable ones."""
@@ -111,16 +119,17 @@ def add_learner(p: Process, recipe: Any, shape: ModelShape, *, micro_batch: int 
     p.resident["reference"] = policy_b * shape.params if kl and not use_lora else 0.0
     p.notes["reference"] = ("frozen copy of the policy" if p.resident["reference"] else
                             "none (LoRA: adapters off)" if use_lora else "none (KL weights 0)")
-    worst = max(stages(recipe, shape), key=lambda s: s.rows * (s.context + s.new_tokens))
+    worst = max(stages(recipe, shape), key=lambda s: s.rows * learner_positions(s, shape))
     rehearsal = rehearsal_tokens(recipe, shape)
-    tokens = mbs * worst.rows * (worst.context + worst.new_tokens - 1) + rehearsal
+    tokens = mbs * worst.rows * (learner_positions(worst, shape) - 1) + rehearsal
     saved, backward = memory.activations(shape, tokens, b, ckpt, weight_grads=not use_lora)
     other, _ = memory.activations(shape, tokens, b, not ckpt, weight_grads=not use_lora)
     ref_forward = memory.forward_temporaries(shape, tokens, policy_b) if p.resident["reference"] else 0.0
     p.phases["learner micro-batch"] = {"activations": saved, "backward temporaries": max(backward, ref_forward),
                                        "logits": max(memory.learner_logits(s) for s in stages(recipe, shape))}
-    p.notes["activations"] = (f"{mbs} {worst.name} segment(s) x {worst.rows} x {worst.context + worst.new_tokens} "
-                              f"tokens, checkpointing {'on' if ckpt else 'off'} ({'off' if ckpt else 'on'}: "
+    steps = (learner_positions(worst, shape) - worst.context) // max(worst.new_tokens, 1)
+    p.notes["activations"] = (f"{mbs} {worst.name} segment(s) x {worst.rows} x {learner_positions(worst, shape)} "
+                              f"tokens{f' ({steps} SDE steps)' if steps > 1 else ''}, checkpointing {'on' if ckpt else 'off'} ({'off' if ckpt else 'on'}: "
                               f"{other / GB:.1f} GB)")
     if rehearsal:
         replay = cfg.critic_replay

@@ -63,6 +63,10 @@ class ModelShape:
     image_cfg_rows: int = 0  # extra CFG rows of an edit (BAGEL: image-CFG)
     decode_bytes: int = 0  # bytes per element of the image decoder (0: the policy's dtype)
     decode_chunk: int = 0  # images decoded at once (0: Janus' DECODE_CHUNK, -1: all of a call)
+    # SDE steps the learner rescores per generated / edited flow image: each is one forward over the image's
+    # latent positions, and all of an image's steps are kept for one backward (BAGEL: *_sde_count)
+    gen_sde_steps: int = 1
+    edit_sde_steps: int = 1
 
     @property
     def params_frozen(self) -> int:
