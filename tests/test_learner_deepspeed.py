@@ -189,6 +189,34 @@ def test_ppo_critic_lr_under_zero2_matches_torch(base) -> None:
         torch.testing.assert_close(weights(ds.policy)[k], v, rtol=1e-4, atol=1e-5)
 
 
+def test_a_bf16_engine_leaves_the_value_head_computing_in_float32(base) -> None:
+    """DeepSpeed's bf16 engine casts the value head to bf16 with everything it trains; the head still computes in
+    float32, so a value moves by less than bf16's 2^-8 step in [0.5, 1) -- values that bf16 could not hold."""
+    from r3_rl.config import Recipe
+    from r3_rl.learner.algorithm import LearnerModels
+    from r3_rl.learner.registry import load_algorithm
+
+    policy, items = base
+    items = copy.deepcopy(items)
+    for i, it in enumerate(items):
+        it.episode, it.t, it.reward = f"e{i // 3}", i % 3, [0.1, 1.0, 0.0, 0.5, 0.1, -0.2][i]
+    cfg = learner_cfg(algorithm="ppo", micro_batch_size=2, lr=1e-4, ppo={"critic_lr": 1e-2}, backend="deepspeed",
+                      deepspeed={"zero_stage": 2, "dtype": "bf16"})
+    p = clone(policy)
+    p.model.to(torch.bfloat16)
+    algorithm = load_algorithm(Recipe(learner=cfg))
+    modules = algorithm.modules(p)
+    optim = DeepSpeedOptim({"policy": p.model, **modules}, cfg, {n: algorithm.module_lr(n) for n in modules})
+    learner = TorchLearner(p, None, cfg, optim, modules, algorithm)
+    learner.step(copy.deepcopy(items))
+    head = learner.modules["value_head"]
+    assert head.weight.dtype == torch.bfloat16 and float(head.weight.detach().abs().max()) > 0
+    with torch.no_grad():
+        values = algorithm.values(LearnerModels(p, None, modules), items)
+    assert values.dtype == torch.float32
+    assert not torch.equal(values, values.bfloat16().float())  # bf16 arithmetic would have rounded every one
+
+
 @pytest.mark.parametrize("backend", ["torch", "deepspeed"])
 def test_resume_takes_the_recipes_learning_rate_and_betas(base, tmp_path: Path, backend: str) -> None:
     """Rolling back with a lower ``learner.lr``: the saved param_groups and schedule bases used to win (the resumed

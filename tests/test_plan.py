@@ -219,3 +219,50 @@ def test_the_reward_models_the_trainer_loads_are_named_as_not_counted() -> None:
         "rewards.eval=[{name: geneval, options: {device: cpu}}]", "rollout.reward_workers=2"])
     assert uncounted_reward_models(on_cpu) == ""
     assert uncounted_reward_models(load_recipe(REPO / "recipes" / "tiny_blocks.yaml")) == ""
+
+
+def test_ppo_counts_the_critics_forward_and_a_separate_critic_as_a_copy_of_the_policy() -> None:
+    """PPO's loss runs the critic over each item's context with gradient beside the policy's forward: the
+    learner phase grows by that forward (at least what it measures on the demo's policy), and a separate
+    critic is a copy of the policy -- under LoRA its weights plus its adapters' states (7B: 15.1 GB, where a
+    fully trained critic's 46.5 GB had been counted)."""
+    import sys
+
+    import torch
+
+    from r3_rl.learner.algorithm import LearnerModels
+    from r3_rl.learner.registry import load_algorithm
+    from r3_rl.plan.measure import measured_peak
+    from r3_rl.policy.registry import build_policy
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from learner_helpers import sample_items
+
+    def trainer_phase(recipe):
+        trainer = next(p for p in make_plan(recipe, 8, 80).processes if p.name.startswith("trainer"))
+        return trainer.phases["learner micro-batch"]["activations"], trainer.notes["activations"]
+
+    tiny, group = REPO / "recipes" / "tiny_blocks.yaml", ["learner.refine_baseline=group"]
+    grpo, _ = trainer_phase(load_recipe(tiny, group))
+    recipe = load_recipe(tiny, group + ["learner.algorithm=ppo"])
+    ppo, note = trainer_phase(recipe)
+    mbs = recipe.learner.micro_batch_size
+    assert f"+ the critic over each context ({mbs * 140} tokens)" in note  # 140: the refine stage's context
+    policy = build_policy(recipe)
+    algorithm = load_algorithm(recipe)
+    models = LearnerModels(policy, None, algorithm.modules(policy))
+    items = (sample_items(policy) * mbs)[:mbs]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the profiler sees the calling thread's allocations only
+    try:
+        _, peak = measured_peak(lambda: algorithm.values(models, items).sum().backward())
+    finally:
+        torch.set_num_threads(threads)
+    assert ppo - grpo >= peak > 0
+
+    sets = ["learner.refine_baseline=group", "learner.algorithm=ppo", "learner.ppo.critic=separate"]
+    rank = make_plan(load_recipe(REPO / "recipes" / "grpo_geneval_7b.yaml", sets), 8, 80).processes[0]
+    policy_states = sum(rank.resident[k] for k in ("weights", "gradients", "master weights", "optimizer (Adam)"))
+    assert rank.resident["critic (separate)"] == pytest.approx(policy_states, rel=1e-12)
+    assert 15.0e9 < rank.resident["critic (separate)"] < 15.2e9  # 14.82 GB of bf16 weights + 0.28 of adapter states
+    assert "(its LoRA adapters)" in rank.notes["critic (separate)"]

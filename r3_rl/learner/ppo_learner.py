@@ -122,6 +122,18 @@ def ppo_items(trees: list[Tree], current_version: int, max_staleness: int,
 
 
 # ---------------------------------------------------------------------------------------------- critic
+class ValueHead(torch.nn.Linear):
+    """``Linear(hidden, 1)`` that computes in float32 whatever dtype its weights were given.
+
+    A bf16 DeepSpeed engine casts every module it trains to bf16, this head included; computed in bf16 a value
+    in [0.5, 1) could only move in steps of 2^-8, noise the critic could not fit below and GAE would carry into
+    every advantage.  Its weights keep their names (``value_head.weight`` / ``.bias``: checkpoints load as
+    before) and it is still called as a module (ZeRO-3 gathers its weights in the module's forward hook)."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(features.float(), self.weight.float(), self.bias.float())
+
+
 def critic_modules(policy: Policy, cfg: Any) -> dict[str, torch.nn.Module]:
     """The critic's trainable modules: ``value_head`` (zero-initialised), plus ``critic`` (a copy of the policy's
     module) for ``learner.ppo.critic: separate``."""
@@ -130,7 +142,7 @@ def critic_modules(policy: Policy, cfg: Any) -> dict[str, torch.nn.Module]:
     except NotImplementedError:
         raise UserError(f"learner.algorithm=ppo: a {type(policy).__name__} policy exposes no hidden states "
                         f"for a critic (Policy.value_features)") from None
-    head = torch.nn.Linear(hidden, 1, device=next(policy.model.parameters()).device)
+    head = ValueHead(hidden, 1, device=next(policy.model.parameters()).device)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     out: dict[str, torch.nn.Module] = {"value_head": head}
@@ -172,7 +184,7 @@ class PPO(GRPO):
             critic = self._critic
         head = models.modules["value_head"]
         features = critic.value_features([it.segment for it in items])
-        return head(features.to(head.weight.dtype)).squeeze(-1).float()
+        return head(features).squeeze(-1)  # float32 (ValueHead)
 
     def prepare(self, models: LearnerModels, items: list[TrainItem]) -> dict[str, Any]:
         """GAE advantages and returns from the critic's values before the update; the advantages trained on

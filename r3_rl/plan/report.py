@@ -69,6 +69,11 @@ def learner_positions(stage: Stage, shape: ModelShape) -> int:
     return stage.context + stage.new_tokens * steps
 
 
+def separate_critic(cfg: Any) -> bool:
+    """PPO with ``ppo.critic: separate``: a second copy of the policy's trunk, with its own optimiser state."""
+    return cfg.algorithm == "ppo" and cfg.ppo.critic == "separate"
+
+
 def trained_params(cfg: Any, shape: ModelShape, use_lora: bool) -> int:
     """Parameters the learner trains: LoRA's adapters (``learner.lora``, or the advice's default), else the model's
     trainable ones."""
@@ -111,10 +116,12 @@ def add_learner(p: Process, recipe: Any, shape: ModelShape, *, micro_batch: int 
         elements = bucket / (4 if zero == 1 else b) / 1e6
         p.notes["reduction bucket"] = (f"DeepSpeed's reduce_bucket_size: {elements:g} M elements in "
                                        f"{'float32' if zero == 1 else recipe.policy.dtype}, at every backward")
-    if cfg.algorithm == "ppo" and cfg.ppo.critic == "separate":  # a second trunk with its own optimiser state
-        p.resident["critic (separate)"] = sum(memory.model_states(shape, weight_bytes=b, trained=shape.params_trained,
-                                                                  zero_stage=zero, ranks=ranks).values())
-        p.notes["critic (separate)"] = "weights, gradients, master weights and Adam state of a policy-sized critic"
+    if separate_critic(cfg):  # a second trunk: a copy of the policy (LoRA's adapters included), trained alike
+        p.resident["critic (separate)"] = sum(memory.model_states(shape, weight_bytes=b, trained=trained,
+                                                                  zero_stage=zero, ranks=ranks, offload=offload).values())
+        p.notes["critic (separate)"] = ("a copy of the policy: its weights, and the gradients, master weights and Adam "
+                                        "state of what trains in it" + (" (its LoRA adapters)" if use_lora else "")
+                                        + (" (those offloaded)" if offload else ""))
     kl = cfg.kl_coef_text > 0 or cfg.kl_coef_image > 0
     p.resident["reference"] = policy_b * shape.params if kl and not use_lora else 0.0
     p.notes["reference"] = ("frozen copy of the policy" if p.resident["reference"] else
@@ -122,14 +129,17 @@ def add_learner(p: Process, recipe: Any, shape: ModelShape, *, micro_batch: int 
     worst = max(stages(recipe, shape), key=lambda s: s.rows * learner_positions(s, shape))
     rehearsal = rehearsal_tokens(recipe, shape)
     tokens = mbs * worst.rows * (learner_positions(worst, shape) - 1) + rehearsal
-    saved, backward = memory.activations(shape, tokens, b, ckpt, weight_grads=not use_lora)
-    other, _ = memory.activations(shape, tokens, b, not ckpt, weight_grads=not use_lora)
+    value_tokens = mbs * worst.context if cfg.algorithm == "ppo" else 0  # the critic's forward over each context
+    saved, backward = memory.activations(shape, tokens + value_tokens, b, ckpt, weight_grads=not use_lora)
+    other, _ = memory.activations(shape, tokens + value_tokens, b, not ckpt, weight_grads=not use_lora)
     ref_forward = memory.forward_temporaries(shape, tokens, policy_b) if p.resident["reference"] else 0.0
     p.phases["learner micro-batch"] = {"activations": saved, "backward temporaries": max(backward, ref_forward),
                                        "logits": max(memory.learner_logits(s) for s in stages(recipe, shape))}
     steps = (learner_positions(worst, shape) - worst.context) // max(worst.new_tokens, 1)
     p.notes["activations"] = (f"{mbs} {worst.name} segment(s) x {worst.rows} x {learner_positions(worst, shape)} "
-                              f"tokens{f' ({steps} SDE steps)' if steps > 1 else ''}, checkpointing {'on' if ckpt else 'off'} ({'off' if ckpt else 'on'}: "
+                              f"tokens{f' ({steps} SDE steps)' if steps > 1 else ''}"
+                              f"{f' + the critic over each context ({value_tokens} tokens)' if value_tokens else ''}"
+                              f", checkpointing {'on' if ckpt else 'off'} ({'off' if ckpt else 'on'}: "
                               f"{other / GB:.1f} GB)")
     if rehearsal:
         replay = cfg.critic_replay
@@ -268,7 +278,8 @@ def host_memory(recipe: Any, shape: ModelShape) -> dict[str, float]:
     lora = trained if cfg.lora is not None else 0
     full, host = b * shape.params, {}
     if offloads_optimizer(cfg, cfg.deepspeed.zero_stage if cfg.backend == "deepspeed" else None):
-        host["offloaded optimiser states"] = memory.offloaded_states(trained, b, cfg.ranks) * cfg.ranks
+        copies = 2 if separate_critic(cfg) else 1  # the separate critic's states are offloaded beside the policy's
+        host["offloaded optimiser states"] = memory.offloaded_states(trained, b, cfg.ranks) * cfg.ranks * copies
     store = 0.0
     if recipe.rollout.backend == "ray":  # the driver's adapters: fp32 (peft), in the policy's dtype under DeepSpeed
         update = lora * (b if adapters_in_base_dtype(cfg) else 4)
