@@ -164,8 +164,8 @@ def checkpoint_bytes(recipe: Any, params: int, image_pixels: int) -> dict[str, i
     """Estimated bytes of one checkpoint, by part (an upper bound: every parameter counted as trainable).
 
     model/ in ``policy.dtype``, and the KL reference where the run keeps a frozen copy (no LoRA, a KL weight
-    above 0); AdamW's two moments in the parameter dtype (torch) or fp32 plus fp32 master weights (DeepSpeed
-    bf16), and under DeepSpeed its own module file beside them (the trained module in the engine's dtype); with
+    above 0); AdamW's two fp32 moments plus, for bf16 weights, fp32 master weights (either backend: the torch
+    backend steps bf16 weights through fp32 masters too), and under DeepSpeed its own module file beside them (the trained module in the engine's dtype); with
     LoRA only the adapters train and only they are kept beside the merged export (the frozen base is not, see
     :mod:`r3_rl.learner.frozen`), too small to count; a separate PPO critic doubles model and optimiser; the
     Tree-RL parent buffer holds up to ``buffer_size`` correct and as many flawed images.
@@ -176,10 +176,9 @@ def checkpoint_bytes(recipe: Any, params: int, image_pixels: int) -> dict[str, i
     w = params * DTYPE_BYTES[recipe.policy.dtype]
     lora = learner.lora is not None
     deepspeed = learner.backend == "deepspeed"
-    if deepspeed:
-        optim = params * (12 if (learner.deepspeed.dtype or recipe.policy.dtype) in ("bf16", "bfloat16") else 8)
-    else:
-        optim = params * 2 * DTYPE_BYTES[recipe.policy.dtype]
+    # both backends: AdamW's two fp32 moments, plus fp32 master weights for bf16 / fp16 weights
+    precision = (learner.deepspeed.dtype or recipe.policy.dtype) if deepspeed else recipe.policy.dtype
+    optim = params * (8 if precision in ("fp32", "float32") else 12)
     parts = {"model": w, "reference": w if needs_frozen_reference(recipe) else 0, "optimiser": 0 if lora else optim}
     if deepspeed and not lora:
         parts["DeepSpeed module"] = w

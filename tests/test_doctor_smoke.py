@@ -135,6 +135,20 @@ def test_the_checkpoint_estimate_counts_each_deepspeed_file(tmp_path: Path, kl: 
         assert parts[part] == pytest.approx(size, rel=0.25), (part, parts[part], size)
 
 
+def test_the_checkpoint_estimate_counts_the_torch_backends_fp32_optimiser_state(tmp_path: Path) -> None:
+    """The torch backend steps bf16 weights through fp32 masters with fp32 Adam moments: 12 bytes a parameter in
+    optimizer.pt, where the estimate had counted 2 moments in bf16 (4 bytes: a full fine-tune's file 3x the
+    estimate)."""
+    recipe = load_recipe(REPO / "recipes" / "tiny_blocks.yaml", tiny_overrides(tmp_path) + [
+        "policy.dtype=bfloat16", "learner.kl_coef_text=0", "learner.kl_coef_image=0"])
+    Trainer(recipe, tmp_path / "run").train()
+    (ckpt,) = (tmp_path / "run" / "checkpoints").glob("step_*")
+    params = safetensors_params(ckpt / "model" / "model.safetensors")
+    parts = checkpoint_bytes(recipe, params, recipe.data.blocks.rows * recipe.data.blocks.cols * CELL * CELL)
+    written = (ckpt / "state" / "learner" / "optimizer.pt").stat().st_size
+    assert parts["optimiser"] == 12 * params and parts["optimiser"] == pytest.approx(written, rel=0.25)
+
+
 @pytest.mark.parametrize("backend", ["deepspeed", "torch"])
 def test_a_lora_checkpoint_holds_the_merged_model_once(tmp_path: Path, backend: str) -> None:
     """With LoRA (bf16) the merged export is the only copy of the model in a checkpoint: DeepSpeed's module file

@@ -212,3 +212,63 @@ def test_critic_lr_gives_the_critic_its_own_rate(base, critic: str) -> None:
     assert float((learner.policy.model.model.norm.weight - trunk_before).abs().max()) <= 1e-5 * 1.05
     plain = TorchLearner(clone(policy), None, learner_cfg(algorithm="ppo", ppo={"critic": critic}))
     assert len(plain.optim.optimizer.param_groups) == 1
+
+
+def _old_values_on_rank(rank: int, world: int, port: int, queue) -> None:
+    """One gloo rank: the PPO old values with this rank's micro-batches (as TorchLearner assigns them)."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        from r3_rl.config import Recipe
+
+        policy = tiny_policy()
+        items = sample_items(policy)
+        algorithm = PPO(Recipe(learner=learner_cfg(algorithm="ppo", micro_batch_size=2)))
+        modules = algorithm.modules(policy)
+        torch.nn.init.normal_(modules["value_head"].weight, generator=torch.Generator().manual_seed(0))
+        learner = TorchLearner(policy, None, algorithm.cfg, None, modules, algorithm)
+        learner.rank, learner.world = rank, world
+        models = learner.models
+        models.chunks = [c for mini in learner.minibatches(len(items)) for c, _ in learner._my_chunks(mini)]
+        rows: list[int] = []
+        values = algorithm.values
+        algorithm.values = lambda m, batch: (rows.append(len(batch)), values(m, batch))[1]  # type: ignore[method-assign]
+        with torch.no_grad():
+            queue.put((rank, algorithm.old_values(models, items).tolist(), sum(rows)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_compute_the_old_values_of_their_own_micro_batches_only() -> None:
+    """2 gloo ranks, 6 items in micro-batches of 2: rank 0 values 4 items, rank 1 its 2 (its zero-weight repeat is
+    not run twice), and both get every item's value exactly as one process computes it."""
+    import multiprocessing as mp
+    import socket
+
+    from r3_rl.config import Recipe
+    from r3_rl.learner.algorithm import LearnerModels
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_old_values_on_rank, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    policy = tiny_policy()
+    items = sample_items(policy)
+    algorithm = PPO(Recipe(learner=learner_cfg(algorithm="ppo", micro_batch_size=2)))
+    modules = algorithm.modules(policy)
+    torch.nn.init.normal_(modules["value_head"].weight, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        alone = algorithm.old_values(LearnerModels(policy, None, modules), items).tolist()
+    assert len(set(alone)) == 6  # a head that tells the items apart
+    assert [rows for _, _, rows in got] == [4, 2]
+    assert got[0][1] == got[1][1] == alone

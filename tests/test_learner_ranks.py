@@ -59,6 +59,32 @@ def test_two_ranks_give_the_one_rank_update(tmp_path: Path) -> None:
         ranked.close()
 
 
+def test_two_ranks_train_ppo_and_log_as_one_rank(tmp_path: Path) -> None:
+    """PPO over 2 ranks: each rank computes the old values of its own micro-batches only and the ranks add them
+    up, so GAE sees the one-rank values; every logged mean is the one-rank mean (3 micro-batches: rank 0 runs
+    two, rank 1 one -- the ranks' means are weighted by their micro-batches, not averaged)."""
+    ppo = ["learner.algorithm=ppo", "learner.refine_baseline=group", "learner.ppo.critic_lr=1e-2"]
+    recipe = _recipe(tmp_path, "learner.ranks=2", *ppo)
+    one_recipe = _recipe(tmp_path, "learner.backend=torch", *ppo)
+    mirror, single = build_policy(recipe), build_policy(one_recipe)
+    items = sample_items(single)
+    for i, it in enumerate(items):  # two 3-stage episodes, as tests/test_learner_ppo.py builds them
+        it.episode, it.t, it.reward = f"e{i // 3}", i % 3, [0.1, 1.0, 0.0, 0.5, 0.1, -0.2][i]
+    ranked = build_learner(mirror, mirror.frozen_copy(), recipe)
+    one = build_learner(single, single.frozen_copy(), one_recipe)
+    try:
+        for step in range(2):
+            m2 = ranked.step(copy.deepcopy(items))
+            m1 = one.step(copy.deepcopy(items))
+            assert m1["learner/value_loss"] > 0 and set(m1) == set(m2)
+            for key, value in m1.items():
+                assert math.isclose(m2[key], value, rel_tol=1e-4, abs_tol=1e-6), (step, key, m2[key], value)
+            for k, v in weights(single).items():
+                torch.testing.assert_close(weights(mirror)[k], v, rtol=1e-4, atol=1e-5, msg=f"step {step}: {k}")
+    finally:
+        ranked.close()
+
+
 def test_ranked_learner_config_errors(tmp_path: Path) -> None:
     policy = build_policy(_recipe(tmp_path))
     with pytest.raises(UserError, match="need learner.backend: deepspeed"):

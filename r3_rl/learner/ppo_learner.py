@@ -186,14 +186,37 @@ class PPO(GRPO):
         features = critic.value_features([it.segment for it in items])
         return head(features).squeeze(-1)  # float32 (ValueHead)
 
+    def old_values(self, models: LearnerModels, items: list[TrainItem]) -> torch.Tensor:
+        """``[B]`` float32 on the CPU: every item's value before the update, each micro-batch computed once.
+
+        GAE needs every item's value on every rank, but a rank computes only its own micro-batches
+        (``models.chunks``) and the ranks add theirs up (each position divided by how many ranks filled it:
+        a rank with fewer micro-batches repeats one at weight 0).  Before, every rank ran the critic over the
+        whole batch: at 8 ranks about a third more learner forward work per step."""
+        mbs = self.cfg.micro_batch_size
+        chunks = models.chunks if models.chunks is not None else [
+            range(s, min(s + mbs, len(items))) for s in range(0, len(items), mbs)]
+        old, filled = torch.zeros(len(items)), torch.zeros(len(items))
+        for c in dict.fromkeys(chunks):
+            old[c.start:c.stop] = self.values(models, items[c.start:c.stop]).cpu()
+            filled[c.start:c.stop] = 1.0
+        dist = torch.distributed
+        if models.chunks is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            nccl = dist.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+            both = torch.stack([old, filled]).to(f"cuda:{torch.cuda.current_device()}" if nccl else "cpu")
+            dist.all_reduce(both)
+            old, filled = both.cpu().unbind(0)
+        if not bool((filled > 0).all()):
+            raise RuntimeError(f"PPO: {int((filled == 0).sum())} of {len(items)} items got no value from any rank")
+        return old / filled
+
     def prepare(self, models: LearnerModels, items: list[TrainItem]) -> dict[str, Any]:
         """GAE advantages and returns from the critic's values before the update; the advantages trained on
         (after ``normalize_advantages``) are logged as ``advantage/mean`` and ``advantage/std``."""
         p = self.cfg.ppo
         ctx = super().prepare(models, items)
         with torch.no_grad():
-            old = torch.cat([self.values(models, items[s:s + self.cfg.micro_batch_size])
-                             for s in range(0, len(items), self.cfg.micro_batch_size)]).cpu()
+            old = self.old_values(models, items)
         adv = torch.zeros(len(items))
         ret = torch.zeros(len(items))
         episodes: dict[str, list[int]] = {}

@@ -102,8 +102,10 @@ class LearnerRank(ReadyActor):
         self.learner.rank, self.learner.world = self.rank, self.world
         return True
 
-    def step(self, items: list[Any]) -> dict[str, float]:
-        return self.learner.step(items)
+    def step(self, items: list[Any]) -> tuple[dict[str, float], dict[str, int]]:
+        """The step's metrics and, per metric averaged over micro-batches, how many of this rank's it covers."""
+        metrics = self.learner.step(items)
+        return metrics, dict(self.learner.metric_counts)
 
     def weights(self, trainable_only: bool = False) -> Any:
         """This rank's weights for the driver's mirror (:func:`r3_rl.ray_runtime.pack_state`); ``trainable_only``:
@@ -165,12 +167,21 @@ def bound_all_collectives(timeout_s: float) -> None:
         c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)
 
 
-def _merge(rank_metrics: list[dict[str, float]]) -> dict[str, float]:
-    """Per-rank metrics -> one dict: losses add up (each rank holds its share), the rest is averaged."""
+def _merge(rank_metrics: list[dict[str, float]], rank_counts: list[dict[str, int]]) -> dict[str, float]:
+    """Per-rank metrics -> one dict, as one learner would have logged them: losses add up (each rank holds its
+    share); a mean over micro-batches is weighted by each rank's micro-batches (ranks run unequal numbers: 3
+    micro-batches on 2 ranks are 2 and 1, so a plain mean of the ranks' means is biased); min / max and the rest
+    (the same on every rank) as :func:`reduce_metric` merges them."""
     out: dict[str, float] = {}
     for key in rank_metrics[0]:
-        vals = [m[key] for m in rank_metrics if key in m]
-        out[key] = sum(vals) if key == "learner/loss" else reduce_metric(key, vals)
+        pairs = [(m[key], c.get(key, 0)) for m, c in zip(rank_metrics, rank_counts) if key in m]
+        weight = sum(n for _, n in pairs)
+        if key == "learner/loss":
+            out[key] = sum(v for v, _ in pairs)
+        elif weight and not key.endswith(("min", "max")):
+            out[key] = sum(v * n for v, n in pairs) / weight
+        else:
+            out[key] = reduce_metric(key, [v for v, _ in pairs])
     return out
 
 
@@ -284,7 +295,8 @@ class RankedLearner:
         if not items:
             return {"learner/skipped_empty": 1.0}
         ref = ray.put(items)
-        metrics = _merge(self._all([r.step.remote(ref) for r in self.ranks], "learner step"))
+        results = self._all([r.step.remote(ref) for r in self.ranks], "learner step")
+        metrics = _merge([m for m, _ in results], [c for _, c in results])
         if "learner/loss" in metrics:
             update = self._get(self.ranks[0].weights.remote(trainable_only=True), "weight copy")
             self.policy.load_state_dict(unpack_state(update), partial=True)

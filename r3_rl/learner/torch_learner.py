@@ -23,6 +23,7 @@ from r3_rl.errors import UserError
 from r3_rl.learner.actions import uses_kl
 from r3_rl.learner.algorithm import Algorithm, LearnerModels
 from r3_rl.learner.batch import TrainItem, shuffled_by_group
+from r3_rl.learner.frozen import check_loaded_keys, frozen_names
 from r3_rl.learner.optim import TorchOptim
 from r3_rl.policy.base import Policy
 
@@ -65,6 +66,7 @@ class TorchLearner:
         self.updates = 0  # optimiser steps applied
         # data-parallel position (r3_rl.learner.ray_ranks): this rank takes every world-th micro-batch
         self.rank, self.world = 0, 1
+        self.metric_counts: dict[str, int] = {}  # the last step's micro-batches per logged mean
 
     @property
     def models(self) -> LearnerModels:
@@ -160,6 +162,8 @@ class TorchLearner:
                     sums.setdefault(k, []).extend(v)
         self.skipped_steps += skipped
         metrics = {f"learner/{k}": reduce_metric(k, v) for k, v in sums.items()}
+        # how many micro-batches each of those means is over: ranks' means are merged weighted by them
+        self.metric_counts = {f"learner/{k}": len(v) for k, v in sums.items()}
         if losses:  # the trainer bumps the policy version only when the weights moved
             metrics["learner/loss"] = sum(losses) / len(losses)
             metrics["learner/grad_norm"] = sum(norms) / len(norms)
@@ -204,16 +208,23 @@ class TorchLearner:
                 self.policy.save_pretrained(str(folder))
 
     def state_dict(self) -> dict[str, Any]:
+        """Counters and, on the torch backend, the algorithm's modules -- what trains in them: a separate PPO
+        critic under LoRA is a copy of the policy whose frozen base (14.8 GB at 7B) is the policy's, rebuilt from
+        it on resume (:mod:`r3_rl.learner.frozen`)."""
         own = not self.saves_weights
+        modules = {k: {n: t for n, t in m.state_dict().items() if n not in frozen_names(m)}
+                   for k, m in self.modules.items()} if own else {}
         return {"skipped_steps": self.skipped_steps, "updates": self.updates, "replay_draws": self.replay_draws,
-                "modules": {k: m.state_dict() for k, m in self.modules.items()} if own else {}}
+                "modules": modules}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped_steps = state.get("skipped_steps", 0)
         self.updates = state.get("updates", 0)
         self.replay_draws = state.get("replay_draws", 0)
-        for k, sd in state.get("modules", {}).items():
-            self.modules[k].load_state_dict(sd)
+        for k, sd in state.get("modules", {}).items():  # older checkpoints hold the frozen weights too
+            module = self.modules[k]
+            missing, unexpected = module.load_state_dict(sd, strict=False)
+            check_loaded_keys(missing, unexpected, frozen_names(module), f"learner.pt: module {k!r}")
 
     def save(self, path: Path) -> None:
         """Optimiser, schedule, counters and extra modules into directory ``path``."""
