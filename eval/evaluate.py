@@ -256,10 +256,34 @@ def read_report(out_dir: str | Path, name: str) -> dict[str, Any] | None:
                         f"measure this run's gains against the resumed weights instead") from None
 
 
+def spread_over_tags(trees: list[Tree], n: int) -> list[Tree]:
+    """``n`` of ``trees``, taken in turn from each prompt tag (file order within a tag), returned in file order.
+
+    The eval's dump sample: GenEval's file is sorted by tag, so its first 64 chains of 553 were all
+    ``single_object`` -- the easiest tag, with the least to refine -- in every dump, HTML page and
+    ``r3-rl inspect --eval``.  The pick depends only on the prompts, so every eval of a run dumps the same ones.
+    """
+    queues = list(_indices_by_tag(trees).values())
+    picked: list[int] = []
+    while len(picked) < min(n, len(trees)):
+        for queue in queues:
+            if queue and len(picked) < n:
+                picked.append(queue.pop(0))
+    return [trees[i] for i in sorted(picked)]
+
+
+def _indices_by_tag(trees: list[Tree]) -> dict[str, list[int]]:
+    by_tag: dict[str, list[int]] = {}
+    for i, tree in enumerate(trees):
+        by_tag.setdefault(tree.prompt.tag, []).append(i)
+    return by_tag
+
+
 def write_report(report: dict[str, Any], out_dir: str | Path, name: str, trees: list[Tree] | None = None,
                  dump: int = 0) -> None:
-    """``<name>.json`` + ``<name>.md``; with ``trees`` and ``dump > 0`` also the first ``dump`` chains as
-    ``<name>_trajectories.jsonl`` + PNGs (what ``r3-rl inspect --eval`` reads) and a static ``<name>.html``."""
+    """``<name>.json`` + ``<name>.md``; with ``trees`` and ``dump > 0`` also ``dump`` chains spread over the
+    prompt tags (:func:`spread_over_tags`) as ``<name>_trajectories.jsonl`` + PNGs (what ``r3-rl inspect
+    --eval`` reads) and a static ``<name>.html``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for path, text in ((out / f"{name}.json", json.dumps(report, indent=2)),
@@ -271,5 +295,6 @@ def write_report(report: dict[str, Any], out_dir: str | Path, name: str, trees: 
         from r3_rl.tracking.html import write_html
         from r3_rl.trajectory import write_trees
 
-        write_trees(trees[:dump], out / f"{name}_trajectories.jsonl")
-        write_html(trees[:dump], out / f"{name}.html", title=f"eval {name}", max_paths=1)
+        sample = spread_over_tags(trees, dump)
+        write_trees(sample, out / f"{name}_trajectories.jsonl")
+        write_html(sample, out / f"{name}.html", title=f"eval {name}", max_paths=1)

@@ -277,3 +277,24 @@ def test_understanding_batches_are_bounded_by_eval_batch_size(repo: Path, tmp_pa
     assert report["understanding"]["yes_no"]["available"]
     assert sum(rows["answer_yes_no"]) > 3 and max(rows["answer_yes_no"]) <= 3
     assert sum(rows["reflect"]) > 24 and max(rows["reflect"]) <= 3
+
+
+def test_the_eval_dump_spreads_over_the_tags_of_a_sorted_prompt_file() -> None:
+    """GenEval's 553 prompts are sorted by tag: the first 64 are all single_object, which every eval dump, HTML page
+    and `r3-rl inspect --eval` showed.  The dump takes the tags in turn, in file order, the same pick every eval."""
+    from collections import Counter
+
+    from r3_rl.data import held_out_subset, load_prompts
+    from r3_rl.eval.evaluate import spread_over_tags
+    from r3_rl.trajectory import Tree
+
+    prompts = held_out_subset(load_prompts("geneval", "geneval:test553"), 553, 0)
+    trees = [Tree(id=f"eval-{i}", prompt=p) for i, p in enumerate(prompts)]
+    assert Counter(t.prompt.tag for t in trees[:64]) == {"single_object": 64}
+    sample = spread_over_tags(trees, 64)
+    counts = Counter(t.prompt.tag for t in sample)
+    assert len(sample) == 64 and len(counts) == len({t.prompt.tag for t in trees}) == 6
+    assert max(counts.values()) - min(counts.values()) <= 1  # 64 over 6 tags: 11, 11, 11, 11, 10, 10
+    order = [int(t.id.split("-")[1]) for t in sample]
+    assert order == sorted(order) and [t.id for t in spread_over_tags(trees, 64)] == [t.id for t in sample]
+    assert spread_over_tags(trees[:5], 64) == trees[:5]  # fewer chains than the dump: all of them

@@ -133,3 +133,24 @@ def test_labels_tell_failed_from_unscored() -> None:
     c = chain(1, [1.0, 0.0], None)
     assert text_label(c.nodes["plan"]) == "plan"  # eval chains score images only
     assert image_caption(c.nodes["img1"], c.nodes["img0"]) == "r1 refine R=0.00 (-1.00)"
+
+
+def test_a_cell_keeps_a_wide_images_aspect_and_draws_grey_images() -> None:
+    """A 512 x 1024 image fills the cell's width and half its height, centred on white (it had been squashed
+    into a square); grey HxW and HxWx1 images are drawn (they had raised inside image_strip)."""
+    from r3_rl.tracking.tensorboard import CELL, fit_cell, image_strip
+
+    wide = np.zeros((512, 1024, 3), dtype=np.uint8)
+    wide[..., 0] = 200
+    cell = fit_cell(wide)
+    assert cell.shape == (CELL, CELL, 3)
+    quarter = CELL // 4
+    assert (cell[:quarter] == 255).all() and (cell[-quarter:] == 255).all()
+    assert (cell[quarter:-quarter] == (200, 0, 0)).all()
+    grey = np.full((16, 16), 90, dtype=np.uint8)
+    for image in (grey, grey[..., None]):
+        assert (fit_cell(image) == 90).all()
+    strip = image_strip([grey, wide, np.full((4, 4, 4), 7, dtype=np.uint8)], ["a", "b", "c"], header="p")
+    assert strip.ndim == 3 and strip.shape[2] == 3
+    with pytest.raises(ValueError, match="HxW, HxWx1, HxWx3 or HxWx4"):
+        fit_cell(np.zeros((4, 4, 2), dtype=np.uint8))

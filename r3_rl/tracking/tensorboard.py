@@ -13,7 +13,8 @@ A trajectory's grid is a small table drawn into the image itself (TensorBoard sh
   4-slot grid at about 0.6 of its size, and a browser drops some 1-px lines at that scale (seen in
   headless Chromium on the images tab).
 
-Images are resized to ``CELL`` x ``CELL`` (nearest neighbour: Blocks cells stay crisp).
+Images are fitted into ``CELL`` x ``CELL`` (:func:`fit_cell`: Blocks cells stay crisp, photos are area-averaged,
+a non-square image keeps its aspect ratio).
 """
 from __future__ import annotations
 
@@ -34,19 +35,34 @@ HEADER_H = 16  # the prompt row
 CAPTION_H = 28  # two caption lines under each image
 
 
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 of an HxW grey, HxWx1, HxWx3 or HxWx4 (alpha dropped) image."""
+    im = np.asarray(image, dtype=np.uint8)
+    if im.ndim == 2:
+        im = im[..., None]
+    if im.ndim != 3 or im.shape[2] not in (1, 3, 4):
+        raise ValueError(f"an image must be HxW, HxWx1, HxWx3 or HxWx4, got shape {im.shape}")
+    return np.repeat(im, 3, axis=2) if im.shape[2] == 1 else im[..., :3]
+
+
 def fit_cell(image: np.ndarray, side: int = CELL) -> np.ndarray:
     """``image`` as ``side x side`` RGB: an integer nearest-neighbour upscale when it divides (a 4x4 Blocks image
     keeps its hard cells), else a PIL resize -- nearest when enlarging, an area average when shrinking (a 384 px
-    Janus image in a 128 px cell: nearest kept one pixel in nine, and thin stripes came out all white)."""
-    im = np.asarray(image, dtype=np.uint8)[..., :3]
+    Janus image in a 128 px cell: nearest kept one pixel in nine, and thin stripes came out all white).  A
+    non-square image keeps its aspect ratio, centred on white (a 1024x512 image is not squashed); grey images
+    are drawn in grey."""
+    im = as_rgb(image)
     h, w = im.shape[:2]
     if h == w and side % h == 0:
         k = side // h
         return np.kron(im, np.ones((k, k, 1), dtype=np.uint8)) if k > 1 else im.copy()
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     how = Image.NEAREST if max(h, w) <= side else Image.BOX
-    return np.asarray(Image.fromarray(np.ascontiguousarray(im)).resize((side, side), how), dtype=np.uint8)
+    source = Image.fromarray(np.ascontiguousarray(im))
+    if h == w:
+        return np.asarray(source.resize((side, side), how), dtype=np.uint8)
+    return np.asarray(ImageOps.pad(source, (side, side), method=how, color=(255, 255, 255)), dtype=np.uint8)
 
 
 def _text_band(width: int, height: int, lines: list[str]) -> np.ndarray:
