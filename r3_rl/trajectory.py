@@ -13,6 +13,7 @@ them back gives equal objects (floats are written with ``repr`` precision, image
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
@@ -176,6 +177,48 @@ def _load_png(base_dir: Path, rel: str) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
+MAX_CONTEXT_PNG_BYTES = 64 << 20  # an input image a dump's context points at (BAGEL's 1024 px PNG: about 2 MB)
+
+
+def _map_png_refs(value: Any, key: str, fn: Any) -> Any:
+    """A copy of ``value`` (a segment context: dicts, lists, scalars) with every ``{key: str}`` dict replaced by
+    ``fn(str)``; lists of scalars (token ids) are returned as they are."""
+    if isinstance(value, dict):
+        if len(value) == 1 and isinstance(value.get(key), str):
+            return fn(value[key])
+        return {k: _map_png_refs(v, key, fn) for k, v in value.items()}
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        return [_map_png_refs(v, key, fn) for v in value]
+    return value
+
+
+def _context_png_to_file(b64: str, image_dir: Path, folder: str, written: dict[bytes, str]) -> dict[str, str]:
+    """An input image a context carries as base64 PNG, written once per dump (every critique and edit of a
+    parent repeats it: half a BAGEL dump's JSONL), as ``{"png_file": path}``; the PNG bytes are kept as they are."""
+    import hashlib
+
+    digest = b"png:" + hashlib.blake2b(b64.encode("ascii"), digest_size=16).digest()
+    rel = written.get(digest)
+    if rel is None:
+        rel = written[digest] = f"{folder}/input_{digest[4:12].hex()}.png"
+        path = image_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.png")
+        tmp.write_bytes(base64.b64decode(b64))
+        os.replace(tmp, path)
+    return {"png_file": rel}
+
+
+def _context_png_from_file(base_dir: Path, rel: str) -> dict[str, str]:
+    """The inverse of :func:`_context_png_to_file`, with :func:`_load_png`'s folder rule and a size cap."""
+    path = (base_dir / rel).resolve()
+    if Path(rel).is_absolute() or not path.is_relative_to(base_dir.resolve()):
+        raise ValueError(f"image path {rel[:120]!r} is outside the dump's folder")
+    if path.stat().st_size > MAX_CONTEXT_PNG_BYTES:
+        raise ValueError(f"image {rel[:120]!r} is over {MAX_CONTEXT_PNG_BYTES >> 20} MiB")
+    return {"png": base64.b64encode(path.read_bytes()).decode("ascii")}
+
+
 def node_to_dict(node: Node, image_path: str | None) -> dict[str, Any]:
     d = {f.name: getattr(node, f.name) for f in dataclasses.fields(Node) if f.name != "image"}
     d["segment"] = dataclasses.asdict(node.segment) if node.segment is not None else None
@@ -217,7 +260,11 @@ def tree_to_dict(tree: Tree, image_dir: Path, image_prefix: str, written: dict[b
             if rel is None:
                 rel = written[digest] = f"{image_prefix}/{_safe(tree.id)}/{_safe(node.id)}.png"
                 _save_png(node.image, image_dir / rel)
-        nodes.append(node_to_dict(node, rel))
+        d = node_to_dict(node, rel)
+        if d["segment"] is not None:
+            d["segment"]["context"] = _map_png_refs(d["segment"]["context"], "png", lambda b64: _context_png_to_file(
+                b64, image_dir, f"{image_prefix}/{_safe(tree.id)}", written))
+        nodes.append(d)
     return {"id": tree.id, "prompt": dataclasses.asdict(tree.prompt), "meta": tree.meta, "nodes": nodes}
 
 
@@ -225,6 +272,9 @@ def tree_from_dict(d: dict[str, Any], base_dir: Path) -> Tree:
     tree = Tree(id=d["id"], prompt=PromptItem(**d["prompt"]), meta=d.get("meta", {}))
     for nd in d["nodes"]:
         img = _load_png(base_dir, str(nd["image"])) if nd.get("image") else None
+        if isinstance(nd.get("segment"), dict) and "context" in nd["segment"]:
+            nd = {**nd, "segment": {**nd["segment"], "context": _map_png_refs(
+                nd["segment"]["context"], "png_file", lambda rel: _context_png_from_file(base_dir, rel))}}
         node = node_from_dict(nd, img)
         tree.nodes[node.id] = node  # stored in insertion (topological) order
     return tree

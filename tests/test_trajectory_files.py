@@ -116,3 +116,35 @@ def test_an_image_already_in_the_dump_is_not_written_again(tmp_path: Path) -> No
     for t, back in zip(trees, read_trees(dump)):
         for nid in ("img0", "img1", "img2"):
             assert np.array_equal(back.nodes[nid].image, t.nodes[nid].image), nid
+
+
+def test_an_input_image_every_critique_repeats_is_written_once_and_read_back_exactly(tmp_path: Path) -> None:
+    """A BAGEL critique or edit keeps its input image in its context as base64 PNG, so every sibling repeats its
+    parent's (half of a BAGEL dump's JSONL).  The dump writes each such PNG once, as its bytes, points the
+    contexts at it, and reads the contexts back bit for bit; the tree in memory is left as it was; a context path
+    out of the dump's folder is refused."""
+    from r3_rl.policy.bagel.contexts import store_images
+    from r3_rl.trajectory import Segment
+
+    rng = np.random.default_rng(0)
+    parent = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    images = store_images([parent])
+    t = Tree("t0", PromptItem("p0", "a photo of a cat"))
+    t.add(Node("img0", None, "generate", 0, "g", 0, image=parent))
+    for k in range(4):
+        context = {"blocks": [{"text": [1, 2, 3]}, {"vit": 0}], "images": images}
+        t.add(Node(f"crit{k}", "img0", "reflect", 1, "g", 0, text="add a dog",
+                   segment=Segment("text", context, [4, 5], [-1.0, -2.0])))
+    dump = write_trees([t], tmp_path / "step_000000.jsonl")
+    text = dump.read_text()
+    assert images["0"]["png"] not in text and text.count('"png_file"') == 4
+    assert len(list((tmp_path / "step_000000_images").rglob("input_*.png"))) == 1
+    assert t.nodes["crit0"].segment.context["images"] is images  # the tree in memory is unchanged
+    (back,) = read_trees(dump)
+    for k in range(4):
+        assert back.nodes[f"crit{k}"].segment.context == t.nodes[f"crit{k}"].segment.context
+    d = json.loads(text.splitlines()[0])
+    d["nodes"][1]["segment"]["context"]["images"]["0"]["png_file"] = "../../elsewhere.png"
+    dump.write_text(json.dumps(d) + "\n")
+    with pytest.raises(UserError, match=r"step_000000.jsonl:1: .*outside the dump's folder"):
+        list(read_trees(dump))
