@@ -189,14 +189,21 @@ def test_ppo_critic_lr_under_zero2_matches_torch(base) -> None:
         torch.testing.assert_close(weights(ds.policy)[k], v, rtol=1e-4, atol=1e-5)
 
 
-def test_a_bf16_engine_leaves_the_value_head_computing_in_float32(base) -> None:
+@pytest.mark.parametrize("width", [32, 2048])
+def test_a_bf16_engine_leaves_the_value_head_computing_in_float32(base, width: int) -> None:
     """DeepSpeed's bf16 engine casts the value head to bf16 with everything it trains; the head still computes in
-    float32, so a value moves by less than bf16's 2^-8 step in [0.5, 1) -- values that bf16 could not hold."""
-    from r3_rl.config import Recipe
+    float32, so a value moves by less than bf16's 2^-8 step in [0.5, 1) -- values that bf16 could not hold.  At
+    the test width and at Janus-Pro-1B's (2048)."""
+    from r3_rl.config import Recipe, Templates
     from r3_rl.learner.algorithm import LearnerModels
     from r3_rl.learner.registry import load_algorithm
+    from r3_rl.policy.tiny import TinyUnifiedPolicy
 
     policy, items = base
+    if width != 32:
+        policy = TinyUnifiedPolicy.build(Templates().model_dump(), rows=2, cols=2, hidden_size=width, num_layers=1,
+                                         num_heads=16, intermediate_size=2 * width, max_positions=128, seed=0)
+        items = sample_items(policy)
     items = copy.deepcopy(items)
     for i, it in enumerate(items):
         it.episode, it.t, it.reward = f"e{i // 3}", i % 3, [0.1, 1.0, 0.0, 0.5, 0.1, -0.2][i]
