@@ -407,3 +407,26 @@ def test_an_images_sde_steps_go_through_one_learner_forward_as_the_plan_counts(t
     assert scores[0].logp.shape == (3,) and scores[0].logp.requires_grad
     tokens = (32 // 16) ** 2  # latent positions of a 32 px image
     assert [c[:2] for c in calls] == [(3, tokens), (3, tokens)]  # cond and text-uncond: 3 steps in one forward each
+
+
+def test_siblings_share_one_encoding_of_their_parent_image(policy: BagelPolicy, sampled, monkeypatch) -> None:
+    """Tree-RL's siblings critique and edit the same parent: its PNG is encoded once per call and the rows share
+    the stored dict (16 siblings had encoded and carried 16 copies of a ~0.7 MB string at 512 px)."""
+    import pickle
+
+    from r3_rl.policy.bagel import contexts
+
+    calls = []
+    store = contexts.store_images
+    monkeypatch.setattr(contexts, "store_images", lambda images: (calls.append(len(images)), store(images))[1])
+    _, images, _, _ = sampled
+    inputs = [ImageInput(images[0].image)] * 3 + [ImageInput(images[2].image)]
+    g = torch.Generator().manual_seed(0)
+    critiques = policy.reflect(PROMPTS[:1] * 3 + PROMPTS[2:3], inputs, TEXT, g)
+    stored = [c.segment.context["images"] for c in critiques]
+    assert calls == [1, 1] and stored[0] is stored[1] is stored[2] and stored[3] is not stored[0]
+    edits = policy.refine(PROMPTS[:1] * 3 + PROMPTS[2:3], inputs, ["add a cat"] * 4, IMAGE, g)
+    assert calls == [1, 1, 1, 1] and edits[0].segment.context["images"] is edits[2].segment.context["images"]
+    # what crosses Ray: the shared dict pickles once
+    one = len(pickle.dumps(stored[0]))
+    assert len(pickle.dumps([c.segment for c in critiques])) < 2.5 * one

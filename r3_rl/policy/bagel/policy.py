@@ -27,7 +27,7 @@ import torch
 from r3_rl.errors import UserError
 from r3_rl.flow.action import StepScores, flow_action, is_flow_segment, segment_trace
 from r3_rl.policy.bagel.checkpoint import VAE_FILE, LoadedBagel, bagel_skeleton, load_bagel, save_bagel, weight_files
-from r3_rl.policy.bagel.contexts import ContextBuilder, image_digest, store_images, text_record
+from r3_rl.policy.bagel.contexts import ContextBuilder, image_digest, stored_per_row, text_record
 from r3_rl.policy.bagel.image_actions import denoising_scores, flow_settings, sample_images
 from r3_rl.policy.bagel.images import latent_grid
 from r3_rl.policy.bagel.layout import TextBlock
@@ -179,18 +179,19 @@ class BagelPolicy(BagelRecipe, Policy):
     def reflect(self, prompts: list[PromptItem], images: list[ImageInput], sampling: SamplingParams,
                 generator: torch.Generator | None = None) -> list[TextSample]:
         system = [self._text(self.options.reflect_system)] if self.options.reflect_system else []
-        contexts = [{"stage": "reflect", "images": store_images([img.image]),
+        stored = stored_per_row([img.image for img in images])
+        contexts = [{"stage": "reflect", "images": inputs,
                      "blocks": system + [{"vit": 0}, self._text(self.templates.reflect.format(prompt=p.prompt))]}
-                    for p, img in zip(prompts, images)]
+                    for p, inputs in zip(prompts, stored)]
         return self._sample_text(contexts, sampling, generator)
 
     def refine(self, prompts: list[PromptItem], images: list[ImageInput], instructions: list[str],
                sampling: SamplingParams, generator: torch.Generator | None = None) -> list[ImageSample]:
         contexts = []
-        for img, instruction in zip(images, instructions):
+        for img, instruction, inputs in zip(images, instructions, stored_per_row([img.image for img in images])):
             vae = self.builder.vae_block(img.image)
             text = self._text(self.templates.refine.format(instruction=instruction))
-            contexts.append({"stage": "refine", "images": store_images([img.image]),
+            contexts.append({"stage": "refine", "images": inputs,
                              "cond": [{"vae": 0}, {"vit": 0}, text], "text_uncond": [{"vae": 0}, {"vit": 0}],
                              "image_uncond": [text], "grid": list(vae.grid)})
         keys = [(p.id, image_digest(img.image)) for p, img in zip(prompts, images)]
