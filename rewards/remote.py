@@ -82,8 +82,9 @@ class RemoteReward(Reward):
         return None
 
     def _score_batch(self, batch: list[RewardSample]) -> list[RewardOutput]:
-        body = json.dumps({"samples": [sample_to_json(s, history=self.send_history) for s in batch]},
-                          allow_nan=False).encode("utf-8")
+        encoded: dict[int, Any] = {}  # one PNG per image array in the request
+        samples = [sample_to_json(s, history=self.send_history, encoded=encoded) for s in batch]
+        body = json.dumps({"samples": samples}, allow_nan=False).encode("utf-8")
         why = self._over_limit(batch, body)
         if why is None:
             return self._send(batch, body)

@@ -93,11 +93,24 @@ def decode_image(data: Any, where: str = "image", max_pixels: int | None = None)
         raise WireError(f"{where}: not a base64-encoded image ({type(e).__name__})") from None
 
 
-def sample_to_json(sample: RewardSample, history: bool = True) -> dict[str, Any]:
+def sample_to_json(sample: RewardSample, history: bool = True,
+                   encoded: dict[int, tuple[Any, str | None]] | None = None) -> dict[str, Any]:
+    """The wire form of ``sample``.  ``encoded`` (pass one dict for a whole request) keeps each image array's PNG:
+    the judged image is also its history's last turn, and siblings share their parent's, so a refine sample had
+    encoded the same pixels three times (~50 ms each at 512 px, in the driver's scoring loop)."""
+    cache: dict[int, tuple[Any, str | None]] = {} if encoded is None else encoded
+
+    def png(image: np.ndarray | None) -> str | None:
+        if image is None:
+            return None
+        if id(image) not in cache:  # the array is kept beside its PNG, so its id is not reused meanwhile
+            cache[id(image)] = (image, encode_image(image))
+        return cache[id(image)][1]
+
     return {
         "prompt": sample.prompt, "metadata": sample.metadata, "stage": sample.stage, "round": sample.round,
-        "text": sample.text, "image": encode_image(sample.image),
-        "history": [{"stage": t.stage, "round": t.round, "text": t.text, "image": encode_image(t.image),
+        "text": sample.text, "image": png(sample.image),
+        "history": [{"stage": t.stage, "round": t.round, "text": t.text, "image": png(t.image),
                      "reward": t.reward} for t in sample.history] if history else [],
     }
 

@@ -49,6 +49,28 @@ def start(server: ThreadingHTTPServer) -> threading.Thread:
 
 
 # ---------------------------------------------------------------- wire format
+def test_a_request_encodes_each_image_array_once(monkeypatch) -> None:
+    """A refine sample's image is also its history's last turn, and siblings share their parent: two siblings'
+    samples hold 3 distinct arrays in 6 places, and one request encodes 3 PNGs (it had encoded 6), with the same
+    wire form as encoding each place alone."""
+    from r3_rl.rewards import wire
+
+    rng = np.random.default_rng(0)
+    parent, a, b = (rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for _ in range(3))
+
+    def sibling(image):
+        return RewardSample(prompt="p", metadata={}, stage="refine", round=1, image=image, history=[
+            Turn(stage="generate", round=0, image=parent), Turn(stage="refine", round=1, image=image)])
+
+    alone = [json.dumps(sample_to_json(sibling(im))) for im in (a, b)]
+    calls = []
+    encode = wire.encode_image
+    monkeypatch.setattr(wire, "encode_image", lambda im: (calls.append(1), encode(im))[1])
+    encoded: dict = {}
+    shared = [json.dumps(sample_to_json(sibling(im), encoded=encoded)) for im in (a, b)]
+    assert len(calls) == 3 and shared == alone
+
+
 def test_wire_round_trip_is_lossless() -> None:
     s = sample(TIIF)
     back = sample_from_json(json.loads(json.dumps(sample_to_json(s))))
