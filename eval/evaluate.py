@@ -27,6 +27,7 @@ from r3_rl.rewards.reward_set import RewardFailureError, RewardSet
 from r3_rl.rollout.chain import images_by_round, r3_chains, rounds_used, stopped
 from r3_rl.rollout.scoring import reward_sample
 from r3_rl.rollout.tree_rl import StageSampling
+from r3_rl.tracking.views import spread_sample
 from r3_rl.trajectory import PromptItem, Tree
 
 
@@ -257,26 +258,13 @@ def read_report(out_dir: str | Path, name: str) -> dict[str, Any] | None:
 
 
 def spread_over_tags(trees: list[Tree], n: int) -> list[Tree]:
-    """``n`` of ``trees``, taken in turn from each prompt tag (file order within a tag), returned in file order.
+    """``n`` of ``trees``, taken in turn from each prompt tag, in file order (:func:`spread_sample`).
 
     The eval's dump sample: GenEval's file is sorted by tag, so its first 64 chains of 553 were all
     ``single_object`` -- the easiest tag, with the least to refine -- in every dump, HTML page and
     ``r3-rl inspect --eval``.  The pick depends only on the prompts, so every eval of a run dumps the same ones.
     """
-    queues = list(_indices_by_tag(trees).values())
-    picked: list[int] = []
-    while len(picked) < min(n, len(trees)):
-        for queue in queues:
-            if queue and len(picked) < n:
-                picked.append(queue.pop(0))
-    return [trees[i] for i in sorted(picked)]
-
-
-def _indices_by_tag(trees: list[Tree]) -> dict[str, list[int]]:
-    by_tag: dict[str, list[int]] = {}
-    for i, tree in enumerate(trees):
-        by_tag.setdefault(tree.prompt.tag, []).append(i)
-    return by_tag
+    return spread_sample(trees, n, lambda tree: tree.prompt.tag)
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path, name: str, trees: list[Tree] | None = None,

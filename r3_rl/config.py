@@ -275,6 +275,7 @@ class Log(Section):
     tensorboard: bool = True
     trajectories_every: int = Field(10, ge=0)
     chains: int = Field(2, ge=0)  # full R3 chains sampled for the logs at those steps (not trained on)
+    dump_trees: int = Field(64, ge=0)  # trees of such a step written to trajectories/ (spread over tree kinds and tags)
     console: bool = True
 
 

@@ -30,6 +30,7 @@ from r3_rl.trajectory import Tree, write_trees
 from r3_rl.tracking.console import Console
 from r3_rl.tracking.logger import MetricsLogger
 from r3_rl.tracking.metrics import EVAL, UNDERSTANDING, step_metrics
+from r3_rl.tracking.views import spread_sample
 
 
 class Trainer:
@@ -304,7 +305,9 @@ class Trainer:
             self.metrics.log(m, step)
             every = r.log.trajectories_every  # under tree.schedule alternate, the B+C step after it too
             if every and (step % every == 0 or (r.tree.schedule == "alternate" and step % every == 1)):
-                write_trees(trees, self.run_dir / "trajectories" / f"step_{step:06d}.jsonl")
+                if r.log.dump_trees:  # a sample: every tree of a large step is minutes of PNG encoding
+                    dumped = spread_sample(trees, r.log.dump_trees, lambda t: (t.meta.get("kind"), t.prompt.tag))
+                    write_trees(dumped, self.run_dir / "trajectories" / f"step_{step:06d}.jsonl")
                 self.metrics.log_trajectories(trees + self._sample_chains(step, trees), step)
             self.console.step(step, r.steps, m, time.time() - t0)
             self.step = step + 1  # steps completed: what evals and checkpoints from here on describe

@@ -148,3 +148,19 @@ def test_an_input_image_every_critique_repeats_is_written_once_and_read_back_exa
     dump.write_text(json.dumps(d) + "\n")
     with pytest.raises(UserError, match=r"step_000000.jsonl:1: .*outside the dump's folder"):
         list(read_trees(dump))
+
+
+def test_a_logged_step_dumps_a_sample_spread_over_tree_kinds(tmp_path: Path) -> None:
+    """``log.dump_trees`` bounds a logged step's dump (every tree of a 256-prompt step at 512 px is minutes of PNG
+    encoding on the training loop): the sample takes first-image and refine trees in turn."""
+    from conftest import tiny_overrides
+
+    from r3_rl.config import load_recipe
+    from r3_rl.trainer import Trainer
+
+    repo = Path(__file__).resolve().parents[1]
+    recipe = load_recipe(repo / "recipes" / "tiny_blocks.yaml", tiny_overrides(tmp_path, steps=2) + [
+        "log.dump_trees=2", "tree.prompts_per_step=3", "tree.refine_groups_per_step=3", "log.tensorboard=false"])
+    Trainer(recipe, tmp_path / "run").train()
+    trees = list(read_trees(tmp_path / "run" / "trajectories" / "step_000001.jsonl"))  # step 0 has no parents yet
+    assert len(trees) == 2 and sorted(t.meta["kind"] for t in trees) == ["A", "BC"]

@@ -6,7 +6,9 @@ buffered image -> critique -> refined image for a refine-stage tree, the whole R
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections import deque
+from itertools import zip_longest
+from typing import Any, Callable, Iterator
 
 from r3_rl.trajectory import Node, Tree
 
@@ -103,3 +105,22 @@ def text_label(node: Node) -> str:
 def prompt_line(tree: Tree) -> str:
     tag = tree.prompt.metadata.get("tag")
     return tree.prompt.prompt + (f"  [tag: {tag}]" if tag else "")
+
+
+def spread_sample(trees: list[Tree], n: int, key: Callable[[Tree], Any]) -> list[Tree]:
+    """``n`` of ``trees``, taken in turn from each ``key`` group (file order within a group), in file order:
+    a dump's sample that covers every tag (and tree kind) however the trees are sorted.  A tuple key spreads by
+    its first part first: with ``(kind, tag)`` two picks are a first-image tree and a refine tree."""
+    groups: dict[Any, deque[int]] = {}
+    for i, tree in enumerate(trees):
+        groups.setdefault(key(tree), deque()).append(i)
+    families: dict[Any, list[deque[int]]] = {}
+    for k, group in groups.items():
+        families.setdefault(k[0] if isinstance(k, tuple) else k, []).append(group)
+    queues = [q for rank in zip_longest(*families.values()) for q in rank if q is not None]
+    picked: list[int] = []
+    while len(picked) < min(n, len(trees)):
+        for queue in queues:
+            if queue and len(picked) < n:
+                picked.append(queue.popleft())
+    return [trees[i] for i in sorted(picked)]
