@@ -115,15 +115,12 @@ class Trainer:
         self.metrics.close()
 
     def _fill_buffer(self, trees: list[Tree]) -> None:
-        for tr in trees:
-            for n in tr.nodes.values():
-                if n.image is None or n.reward is None or n.segment is None:
-                    continue
-                if n.round >= self.recipe.tree.max_round:
-                    continue
-                self.buffer.add(BufferEntry(prompt=tr.prompt, image=n.image, image_tokens=n.image_tokens,
-                                            reward=n.reward, correct=bool(n.meta.get("correct")), round=n.round,
-                                            source=f"{tr.id}/{n.id}"))
+        self.buffer.add_many(
+            BufferEntry(prompt=tr.prompt, image=n.image, image_tokens=n.image_tokens, reward=n.reward,
+                        correct=bool(n.meta.get("correct")), round=n.round, source=f"{tr.id}/{n.id}")
+            for tr in trees for n in tr.nodes.values()
+            if n.image is not None and n.reward is not None and n.segment is not None
+            and n.round < self.recipe.tree.max_round)
 
     def _sample_chains(self, step: int, trees: list[Tree]) -> list[Tree]:
         """A few full R3 chains (training sampling, up to ``tree.max_round`` rounds) on this step's prompts,

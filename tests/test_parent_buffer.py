@@ -197,3 +197,23 @@ def test_a_format_2_checkpoint_resumes_with_its_buffer(tmp_path: Path) -> None:
     a, b = back.buffer.sample(16, 0.5, random.Random(3)), saved.sample(16, 0.5, random.Random(3))
     assert [x.source for x in a] == [y.source for y in b]
     assert all(np.array_equal(x.image, y.image) and x.image_tokens == y.image_tokens for x, y in zip(a, b))
+
+
+def test_adding_more_than_capacity_at_once_stores_only_the_survivors(monkeypatch) -> None:
+    """add_many leaves the buffer as adding one by one does (each pool keeps its last ``capacity``), without
+    encoding the images it would evict in the same call: 30 images into pools of 4 encode 8 PNGs, not 30."""
+    from r3_rl.rollout import buffer as buffer_module
+
+    rng = np.random.default_rng(0)
+    entries = [entry(i, rng, tokens=False) for i in range(30)]
+    one_by_one = ParentBuffer(4)
+    for e in entries:
+        one_by_one.add(e)
+    encoded = []
+    png = buffer_module._png
+    monkeypatch.setattr(buffer_module, "_png", lambda image: (encoded.append(1), png(image))[1])
+    at_once = ParentBuffer(4)
+    at_once.add_many(iter(entries))
+    assert len(encoded) == 8
+    for a, b in ((one_by_one.correct, at_once.correct), (one_by_one.flawed, at_once.flawed)):
+        assert [s.source for s in a] == [s.source for s in b] and [s.png for s in a] == [s.png for s in b]
