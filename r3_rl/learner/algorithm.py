@@ -169,7 +169,7 @@ class GRPO(Algorithm):
         """Token rows: the clipped surrogate with per-row weights (modality x stage) and the per-token KL.  Image
         rows made of denoising steps: the flow loss (:mod:`r3_rl.learner.flow_loss`).  The two kinds' means add."""
         cfg = self.cfg
-        flow = [is_flow_segment(items[i].segment) for i in range(len(items))]
+        flow = {i: is_flow_segment(items[i].segment) for i in (*chunk, *mini)}  # not the whole batch: per call
         tok_chunk, tok_mini = [i for i in chunk if not flow[i]], [i for i in mini if not flow[i]]
         flow_chunk, flow_mini = [i for i in chunk if flow[i]], [i for i in mini if flow[i]]
 
