@@ -201,6 +201,23 @@ def test_a_rank_recomputes_the_old_logprobs_of_its_own_micro_batches_only(monkey
     assert m["learner/ratio_max"] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_the_ranks_sampler_gap_means_merge_weighted_by_the_actions_each_covers() -> None:
+    """A rank's ``sampler_logp_gap_mean`` is over its own micro-batches' actions; the learner reports how many,
+    and the ranks' merge weights by them: the mean one process would log over all of them."""
+    from r3_rl.learner.ray_ranks import _merge
+
+    base = tiny_policy()
+    base.model.to(torch.bfloat16)
+    items = sample_items(base)
+    learner = TorchLearner(clone(base), None, learner_cfg(micro_batch_size=2, old_logp="recompute", lr=LR))
+    m = learner.step(copy.deepcopy(items))
+    key = "learner/sampler_logp_gap_mean"
+    assert learner.metric_counts[key] == sum(it.segment.num_actions for it in items) and m[key] > 0
+    merged = _merge([{key: 1.0, "learner/sampler_logp_gap_max": 2.0}, {key: 4.0, "learner/sampler_logp_gap_max": 5.0}],
+                    [{key: 30}, {key: 10}])
+    assert merged == {key: (30 * 1.0 + 10 * 4.0) / 40, "learner/sampler_logp_gap_max": 5.0}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_warmup_applies_from_the_first_step(dtype) -> None:
     """AdamW's first step moves every weight by exactly its lr: lr * 1/warmup_steps under a 4-step warm-up."""

@@ -154,7 +154,7 @@ class GRPO(Algorithm):
             chunks = models.chunks if models.chunks is not None else [
                 range(s, min(s + mbs, len(items))) for s in range(0, len(items), mbs)]
             ctx["old_logp"] = old_logps(models.policy, items, chunks, self.cfg.flow.detach_uncond)
-            ctx["metrics"] = {}
+            ctx["metrics"], ctx["metric_counts"] = {}, {}
             for kind, flow in (("", False), ("flow_", True)):  # how far the sampler's numbers were from the trainer's
                 gaps = [(o.cpu().double() - torch.tensor(it.segment.logprobs, dtype=torch.float64)).abs()
                         for it, o in zip(items, ctx["old_logp"]) if o.numel() and is_flow_segment(it.segment) == flow]
@@ -162,6 +162,8 @@ class GRPO(Algorithm):
                     every = torch.cat(gaps)
                     ctx["metrics"].update({f"learner/sampler_{kind}logp_gap_mean": float(every.mean()),
                                            f"learner/sampler_{kind}logp_gap_max": float(every.max())})
+                    # a rank's mean is over its own micro-batches' actions: ranks merge weighted by these
+                    ctx["metric_counts"][f"learner/sampler_{kind}logp_gap_mean"] = int(every.numel())
         return ctx
 
     def loss(self, models: LearnerModels, items: list[TrainItem], chunk: range, mini: range,

@@ -172,6 +172,7 @@ class TorchLearner:
         metrics["learner/optimizer_steps"] = float(len(losses))
         metrics["learner/lr"] = self.optim.lr()
         metrics.update(ctx.get("metrics", {}))
+        self.metric_counts.update(ctx.get("metric_counts", {}))
         return metrics
 
     def _draw_rehearsal(self) -> Any:
