@@ -148,25 +148,40 @@ class Tree:
 # --------------------------------------------------------------------------------------------
 
 def _save_png(image: np.ndarray, path: Path) -> None:
+    import io
+
     from PIL import Image
 
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buf, format="PNG")
+    _write_png_bytes(buf.getvalue(), path)
+
+
+def _write_png_bytes(data: bytes, path: Path) -> None:
+    """``data`` at ``path``, whole or not at all (a temporary file renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(tmp)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _inside_dump(base_dir: Path, rel: str) -> Path:
+    """The file a dump names, which must lie under the dump's folder: a dump is a file people share, and an
+    absolute or ``../`` path would read (and ``inspect --html`` embed) any image the reader can open."""
+    path = (base_dir / rel).resolve()
+    if Path(rel).is_absolute() or not path.is_relative_to(base_dir.resolve()):
+        raise ValueError(f"image path {rel[:120]!r} is outside the dump's folder")
+    return path
 
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # a dump's image is at most this (Janus 384^2, BAGEL 1024^2): more is not ours
 
 
 def _load_png(base_dir: Path, rel: str) -> np.ndarray:
-    """A dump's image, which must lie under the dump's folder: a dump is a file people share, and an absolute or
-    ``../`` path would read (and ``inspect --html`` embed) any image the reader can open."""
+    """A dump's image (:func:`_inside_dump`), at most :data:`MAX_IMAGE_PIXELS`."""
     from PIL import Image
 
-    path = (base_dir / rel).resolve()
-    if Path(rel).is_absolute() or not path.is_relative_to(base_dir.resolve()):
-        raise ValueError(f"image path {rel[:120]!r} is outside the dump's folder")
+    path = _inside_dump(base_dir, rel)
     try:
         im = Image.open(path)
     except Image.DecompressionBombError as e:
@@ -201,19 +216,13 @@ def _context_png_to_file(b64: str, image_dir: Path, folder: str, written: dict[b
     rel = written.get(digest)
     if rel is None:
         rel = written[digest] = f"{folder}/input_{digest[4:12].hex()}.png"
-        path = image_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.png")
-        tmp.write_bytes(base64.b64decode(b64))
-        os.replace(tmp, path)
+        _write_png_bytes(base64.b64decode(b64), image_dir / rel)
     return {"png_file": rel}
 
 
 def _context_png_from_file(base_dir: Path, rel: str) -> dict[str, str]:
     """The inverse of :func:`_context_png_to_file`, with :func:`_load_png`'s folder rule and a size cap."""
-    path = (base_dir / rel).resolve()
-    if Path(rel).is_absolute() or not path.is_relative_to(base_dir.resolve()):
-        raise ValueError(f"image path {rel[:120]!r} is outside the dump's folder")
+    path = _inside_dump(base_dir, rel)
     if path.stat().st_size > MAX_CONTEXT_PNG_BYTES:
         raise ValueError(f"image {rel[:120]!r} is over {MAX_CONTEXT_PNG_BYTES >> 20} MiB")
     return {"png": base64.b64encode(path.read_bytes()).decode("ascii")}

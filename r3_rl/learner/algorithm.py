@@ -42,6 +42,13 @@ class LearnerModels:
     # the micro-batches of the coming step this learner runs (a rank: every world-th); None: all of them
     chunks: list[range] | None = None
 
+    def own_chunks(self, n: int, micro_batch_size: int) -> list[range]:
+        """What :meth:`Algorithm.prepare` computes per micro-batch for ``n`` items: :attr:`chunks`, or else every
+        micro-batch of ``micro_batch_size``."""
+        if self.chunks is not None:
+            return self.chunks
+        return [range(s, min(s + micro_batch_size, n)) for s in range(0, n, micro_batch_size)]
+
 
 class Algorithm:
     """Base of every ``learner.algorithm``.  ``recipe`` is the whole recipe (``recipe.learner`` holds the
@@ -150,9 +157,7 @@ class GRPO(Algorithm):
         rollout = getattr(self.recipe, "rollout", None)  # None: each item's own length
         ctx: dict[str, Any] = {"max_len": [most_actions(it, rollout) for it in items]}  # dr_grpo's, per item
         if self.cfg.old_logp == "recompute":
-            mbs = self.cfg.micro_batch_size
-            chunks = models.chunks if models.chunks is not None else [
-                range(s, min(s + mbs, len(items))) for s in range(0, len(items), mbs)]
+            chunks = models.own_chunks(len(items), self.cfg.micro_batch_size)
             ctx["old_logp"] = old_logps(models.policy, items, chunks, self.cfg.flow.detach_uncond)
             ctx["metrics"], ctx["metric_counts"] = {}, {}
             for kind, flow in (("", False), ("flow_", True)):  # how far the sampler's numbers were from the trainer's

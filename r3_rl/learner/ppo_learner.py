@@ -193,9 +193,7 @@ class PPO(GRPO):
         (``models.chunks``) and the ranks add theirs up (each position divided by how many ranks filled it:
         a rank with fewer micro-batches repeats one at weight 0).  Before, every rank ran the critic over the
         whole batch: at 8 ranks about a third more learner forward work per step."""
-        mbs = self.cfg.micro_batch_size
-        chunks = models.chunks if models.chunks is not None else [
-            range(s, min(s + mbs, len(items))) for s in range(0, len(items), mbs)]
+        chunks = models.own_chunks(len(items), self.cfg.micro_batch_size)
         old, filled = torch.zeros(len(items)), torch.zeros(len(items))
         for c in dict.fromkeys(chunks):
             old[c.start:c.stop] = self.values(models, items[c.start:c.stop]).cpu()

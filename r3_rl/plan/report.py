@@ -99,8 +99,8 @@ def add_learner(p: Process, recipe: Any, shape: ModelShape, *, micro_batch: int 
     policy_b = b = DTYPE_BYTES[recipe.policy.dtype]  # the compute dtype of rollout and learner alike
     trained = trained_params(cfg, shape, use_lora)
     offload = offloads_optimizer(cfg, zero)
-    p.resident.update(memory.model_states(shape, weight_bytes=b, trained=trained, zero_stage=zero, ranks=ranks,
-                                          offload=offload))
+    states = memory.model_states(shape, weight_bytes=b, trained=trained, zero_stage=zero, ranks=ranks, offload=offload)
+    p.resident.update(states)
     how = "torch AdamW" if zero is None else f"DeepSpeed ZeRO-{zero}, {ranks} rank(s)"
     p.notes["weights"] = f"{b}-byte, {shape.params / 1e9:.2f} B parameters ({how})"
     p.notes["gradients"] = f"{trained / 1e9:.3f} B trained" + (" (LoRA adapters)" if use_lora else "")
@@ -117,8 +117,7 @@ def add_learner(p: Process, recipe: Any, shape: ModelShape, *, micro_batch: int 
         p.notes["reduction bucket"] = (f"DeepSpeed's reduce_bucket_size: {elements:g} M elements in "
                                        f"{'float32' if zero == 1 else recipe.policy.dtype}, at every backward")
     if separate_critic(cfg):  # a second trunk: a copy of the policy (LoRA's adapters included), trained alike
-        p.resident["critic (separate)"] = sum(memory.model_states(shape, weight_bytes=b, trained=trained,
-                                                                  zero_stage=zero, ranks=ranks, offload=offload).values())
+        p.resident["critic (separate)"] = sum(states.values())
         p.notes["critic (separate)"] = ("a copy of the policy: its weights, and the gradients, master weights and Adam "
                                         "state of what trains in it" + (" (its LoRA adapters)" if use_lora else "")
                                         + (" (those offloaded)" if offload else ""))
