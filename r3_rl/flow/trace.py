@@ -7,7 +7,7 @@ the behaviour log-prob, and ``t``, ``delta``, ``eta`` as used.  ODE steps leave 
 the grid rebuild them).  The behaviour mean is not kept: the learner recomputes it, and the recorded log-prob is
 what its ratio and ``sampler_flow_logp_gap`` compare against.  Version 1 kept three float32 tensors per step
 (the mean too); version 2 keeps two in the latent's dtype: two thirds of the bytes for a float32 latent
-(BAGEL's: 1.05 -> 0.70 MB per SDE step of a 512 px image in base64), a third for a bf16 one.  Version-1 records
+(BAGEL's: 1.05 -> 0.70 MB per SDE step of a 512 px image in base64, ``benchmarks/trace_size.py``), a third for a bf16 one.  Version-1 records
 (a buffer or dump saved before) still load; their ``mean`` is dropped.  ``to_dict`` is JSON-safe and pickle-free: tensors are base64 of raw
 little-endian bytes (:mod:`r3_rl.flow.codec`), floats are Python floats (JSON round-trips them exactly).
 This is what a flow policy's ``Segment`` will record for an image.
