@@ -33,6 +33,42 @@ def test_rewards_and_eval_import_under_r3_rl() -> None:
     assert Path(ev.__file__).parent.name == "eval"
 
 
+# import name -> the distribution that pyproject.toml declares for it, where the two differ
+_DISTRIBUTIONS = {"yaml": "pyyaml", "PIL": "pillow", "open_clip": "open-clip-torch"}
+
+
+def _declared(repo: Path) -> set[str]:
+    """Distribution names of ``dependencies`` and every extra, lower-case, ``-`` for ``_``."""
+    import re
+
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    specs = [*project["dependencies"], *(s for extra in project["optional-dependencies"].values() for s in extra)]
+    return {re.match(r"[A-Za-z0-9_.-]+", s).group(0).lower().replace("_", "-") for s in specs}
+
+
+def test_every_third_party_import_is_declared(repo: Path) -> None:
+    """Each package the shipped code imports (at module level or inside a function) is a declared dependency or
+    extra: one that only arrives through another package's dependencies (h11 through uvicorn, anyio through
+    starlette, huggingface_hub through transformers) can be dropped by that package's next release."""
+    import ast
+
+    local = {"r3_rl", "rewards", "eval", "__future__"}
+    imported: dict[str, str] = {}
+    for folder in ("r3_rl", "rewards", "eval"):
+        for path in sorted((repo / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+                for name in names:
+                    top = name.split(".")[0]
+                    if top not in local and top not in sys.stdlib_module_names:
+                        imported.setdefault(top, str(path.relative_to(repo)))
+    declared = _declared(repo)
+    missing = {top: where for top, where in imported.items()
+               if _DISTRIBUTIONS.get(top, top).lower().replace("_", "-") not in declared}
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
 def _package_data(repo: Path) -> list[str]:
     return tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["r3_rl.prompt_sets"]
 

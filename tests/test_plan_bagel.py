@@ -210,7 +210,8 @@ def test_the_plan_counts_the_nodes_host_memory() -> None:
     memory, not on its GPU."""
     plan = make_plan(load_recipe(BAGEL), 8, 80)
     assert {k: round(v / 1e9, 1) for k, v in plan.host.items()} == {
-        "offloaded optimiser states": 226.8, "Ray object store": 57.7, "the trainer's CPU copy during a full sync": 29.4}
+        "offloaded optimiser states": 226.8, "Ray object store": 57.7, "the trainer's CPU copy during a full sync": 29.4,
+        "the trainer's parent buffer, full": 3.2, "the trainer's eval chains": 5.2}  # tests/test_plan_host_images.py
     lora = make_plan(load_recipe(REPO / "recipes" / "grpo_geneval_7b.yaml"), 8, 80)
     adapters = 30 * 4 * 64 * (4096 + 4096)
     assert lora.host["Ray object store"] == pytest.approx(2 * lora.shape.params + (2 + 2) * adapters)

@@ -48,8 +48,9 @@ def flow_loss(policy: Any, reference: Any, items: Sequence[TrainItem], advantage
     """Loss of flow ``items`` (their ``advantages``) under learner settings ``cfg``: ``(loss, metrics, outputs)``.
     The ratio's old log-probs are the sampler's, or ``old_logps`` (``learner.old_logp: recompute``).
 
-    The loss is ``loss_weight_image`` * the clipped surrogate + ``kl_coef_image`` * the mean Gaussian KL, both
-    means over the kept units of these items (:func:`~r3_rl.algorithms.flow_losses.flow_policy_loss`).
+    The loss is ``loss_weight_image`` * the stage's ``learner.stage_weights`` * the clipped surrogate +
+    ``kl_coef_image`` * the mean Gaussian KL, both means over the kept units of these items
+    (:func:`~r3_rl.algorithms.flow_losses.flow_policy_loss`).
     """
     segs = [it.segment for it in items]
     with unconditional_without_gradient(cfg.flow.detach_uncond):

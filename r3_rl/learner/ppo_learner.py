@@ -23,7 +23,8 @@ policy's last hidden state over the context (image features included: Janus read
 there, exactly as when it sampled); the backbone is shared, so the value loss shapes the policy's
 features, weighted by ``vf_coef``.  ``separate`` -- the same on a copy of the policy that trains what
 the policy trains (its frozen towers stay frozen).  The value head starts at zero, so the first
-advantages are the plain returns.
+advantages are the stage rewards' (gamma x lam)-discounted sums (the plain returns only with ``lam: 1``),
+whitened when ``learner.ppo.normalize_advantages``.
 """
 from __future__ import annotations
 

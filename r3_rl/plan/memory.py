@@ -166,3 +166,35 @@ def sampling_peak(shape: ModelShape, stage: Stage, segments: int, b: int) -> dic
     return {"KV cache": kv_cache(shape, rows, stage.context + stage.new_tokens, b),
             "prefill activations": forward_temporaries(shape, rows * forward, b),
             "logits": logits(segments, stage.vocab, stage.top_p) + rows * stage.vocab * 4}
+
+
+def png_bytes_at_most(side: int) -> int:
+    """An upper bound of one ``side`` x ``side`` RGB image's PNG: its pixels, one filter byte a row, zlib's
+    5 bytes per stored 64 KB block when nothing compresses, and the chunk headers.  Generated images compress
+    to about half of it (0.47 of 0.79 MB at 512 px)."""
+    raw = side * (3 * side + 1)
+    return raw + 5 * (raw // 65535 + 1) + 128
+
+
+def parent_buffer(shape: ModelShape, capacity: int) -> float:
+    """The trainer's Tree-RL parent buffer when full (:class:`r3_rl.rollout.buffer.ParentBuffer`): ``capacity``
+    correct and ``capacity`` flawed parents.  An image the policy can decode again (Janus) is kept as int32 token
+    ids; a flow-matched one (BAGEL) as PNG bytes, counted at :func:`png_bytes_at_most`."""
+    if not shape.image_side:
+        return 0.0
+    each = 4 * shape.image_tokens if not shape.flow and shape.image_tokens else png_bytes_at_most(shape.image_side)
+    return 2.0 * capacity * each
+
+
+def eval_chains(shape: ModelShape, prompts: int, rounds: int) -> float:
+    """What one eval keeps until it has scored every chain (:func:`r3_rl.eval.evaluate.evaluate`): each prompt's
+    images after rounds 0..``rounds`` as pixels, and for a policy whose segments carry their input image as a
+    base64 PNG (BAGEL: :func:`r3_rl.policy.bagel.contexts.store_images`) two of those per critiqued image, one in
+    the critique's context and one in the edit's (a Janus context keeps the image's token ids: negligible)."""
+    if not shape.image_side:
+        return 0.0
+    pixels = 3 * shape.image_side ** 2
+    per_chain = (rounds + 1) * pixels
+    if shape.flow:
+        per_chain += rounds * 2 * 4 * -(-png_bytes_at_most(shape.image_side) // 3)
+    return float(prompts * per_chain)

@@ -174,7 +174,8 @@ def render(plan: Plan) -> str:
         out.append(f"not counted: the reward models the trainer process loads on its GPU ({models}; one copy of "
                    f"each in the process)")
     if plan.host:
-        parts = "; ".join(f"{k} {v / GB:.1f}" for k, v in plan.host.items())
+        parts = "; ".join(f"{k} {v / GB:.1f}" if v >= 0.05 * GB else f"{k} {v / 1e6:.1f} MB"
+                          for k, v in plan.host.items())
         out.append(f"host (CPU) memory of the node beyond the processes: {sum(plan.host.values()) / GB:.1f} GB ({parts})")
         if "Ray object store" in plan.host:  # ray.init's default store is 30% of the node's memory
             store = plan.host["Ray object store"] / GB

@@ -268,7 +268,9 @@ def host_memory(recipe: Any, shape: ModelShape) -> dict[str, float]:
     driver's mirror beside that -- or, at set-up, the policy (and a frozen KL reference) sent to the ranks; the
     trainer's CPU copy of a GPU policy while it puts a full state (:meth:`r3_rl.rollout.ray_engine.RayEngine.sync`);
     and, with ranks, the trainer's KL reference (:meth:`r3_rl.components.Components.reference`); with LoRA, the
-    host copy the export merges at each checkpoint (:meth:`r3_rl.learner.lora.LoraAdapters.export`)."""
+    host copy the export merges at each checkpoint (:meth:`r3_rl.learner.lora.LoraAdapters.export`); the trainer's
+    parent buffer when full and one eval's chains (:func:`r3_rl.plan.memory.parent_buffer`,
+    :func:`r3_rl.plan.memory.eval_chains`: BAGEL keeps both as images, Janus its parents as token ids)."""
     from r3_rl.learner.build import needs_frozen_reference
     from r3_rl.learner.lora import adapters_in_base_dtype
 
@@ -294,4 +296,10 @@ def host_memory(recipe: Any, shape: ModelShape) -> dict[str, float]:
         host[f"the trainer's CPU copy during {' or '.join(copies)}"] = full
     if cfg.ranks > 1 and needs_frozen_reference(recipe):
         host["the trainer's KL reference"] = full
+    buffer = memory.parent_buffer(shape, recipe.tree.buffer_size)
+    if buffer:
+        host["the trainer's parent buffer, full"] = buffer
+    chains = memory.eval_chains(shape, recipe.eval.size or recipe.data.eval_size, recipe.eval.rounds)
+    if chains:
+        host["the trainer's eval chains"] = chains
     return host

@@ -1,7 +1,7 @@
 """The sampling distribution, as one pure function used both when sampling and when training.
 
 Every policy turns raw next-token logits into the distribution it samples from with
-:func:`sampling_logprobs` (allowed-token mask -> CFG already applied by the caller -> temperature ->
+:func:`sampling_logprobs` (CFG, which the caller has already combined -> allowed-token mask -> temperature ->
 top-k -> top-p), and the learner recomputes log-probs with the very same function.  That is what makes
 the policy ratio exactly 1 before the first update, and it is where the reference implementation
 went wrong (it sampled a guided, tempered, nucleus-filtered distribution but trained on the plain
