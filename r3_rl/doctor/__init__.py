@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from r3_rl.doctor import checks, gpu, ray_check
+from r3_rl.doctor import checks, gpu, memory_check, ray_check
 from r3_rl.doctor.base import Context, Finding, problem
 from r3_rl.errors import EXIT_USAGE, UserError
 
@@ -31,6 +31,7 @@ CHECKS: list[tuple[str, CheckFn]] = [
     ("gpus", gpu.check_gpus),
     ("nccl", gpu.check_nccl),
     ("ray", ray_check.check_ray),
+    ("memory", memory_check.check_memory),
     ("disk", checks.check_disk),
     ("train", gpu.check_train),
 ]
