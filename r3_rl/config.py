@@ -238,12 +238,24 @@ class RayCfg(Section):
 
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)  # a local Ray's CPUs (default: the machine's cores)
+    # a local Ray's object store in GB (default: Ray's, 30% of the node's memory, at most 200 GB or /dev/shm);
+    # `r3-rl plan` lists what the run keeps there, `r3-rl doctor` compares it with the store the node would get
+    object_store_gb: float | None = Field(None, gt=0)
     log_to_driver: bool = True  # print the actors' stdout/stderr in the trainer's console
     # how long to wait for the cluster: an actor to find a node with room; one call (weight load, rollout task,
     # reward batch, checkpoint); one collective between learner ranks (then a rank lost mid-step stops the run)
     placement_timeout_s: float = Field(60.0, gt=0)
     call_timeout_s: float = Field(900.0, gt=0)
     collective_timeout_s: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _local_only(self) -> "RayCfg":
+        """A joined cluster keeps the CPUs and store `ray start` gave it: ray.init refuses them with an address."""
+        given = [k for k in ("num_cpus", "object_store_gb") if getattr(self, k) is not None]
+        if self.address and given:
+            raise ValueError(f"{' and '.join(given)} size a local Ray and cannot be set with address "
+                             f"{self.address!r} (give them to `ray start` on the cluster instead)")
+        return self
 
 
 class Understanding(Section):

@@ -28,6 +28,8 @@ def start_ray(ray_cfg: Any, gpus: list[str] | None = None) -> bool:
         kw["address"] = ray_cfg.address
     else:
         kw["num_cpus"] = ray_cfg.num_cpus or os.cpu_count() or 1
+        if ray_cfg.object_store_gb is not None:
+            kw["object_store_memory"] = int(ray_cfg.object_store_gb * 1e9)
     before = os.environ.get("CUDA_VISIBLE_DEVICES")
     try:
         if restrict:

@@ -60,6 +60,7 @@ LIMITS: dict[str, tuple[int, str]] = {
     "rollout.max_task_retries": (100, "retries of one rollout task"),
     **{f"rollout.{s}.max_new_tokens": (65_536, "tokens per sample") for s in ("reason", "generate", "reflect", "refine")},
     "ray.num_cpus": (1_048_576, "CPUs of a local Ray"),
+    "ray.object_store_gb": (1_048_576, "GB of a local Ray's object store"),
 }
 MAX_SAMPLES_PER_STEP = 1 << 20  # group_size x (prompt groups + refine groups)
 PLACEHOLDER = re.compile(r"\{([^{}\s]*)\}")

@@ -67,10 +67,35 @@ def test_host_memory_and_ray_object_store_against_the_node() -> None:
     small = _run(BAGEL, _gpus(8, 80), 128e9)
     store = small["Ray object store"]
     assert store[0] == "problem" and "57.7 GB" in store[1] and "38.4 GB" in store[1]
-    assert "--object-store-memory=" in store[2] and "ray.address=auto" in store[2]
+    assert store[2].startswith("--set ray.object_store_gb=73 ")  # 57.7 GB and a quarter more
+    given = _run(BAGEL, _gpus(8, 80), 128e9, ["ray.object_store_gb=73"])["Ray object store"]
+    assert given[0] == "ok" and "gets 73.0 GB (ray.object_store_gb)" in given[1]
+    assert _run(BAGEL, _gpus(8, 80), 2e12, ["ray.object_store_gb=50"])["Ray object store"][0] == "problem"
     # on a cluster the host figures are several nodes': left to r3-rl plan
     cluster = _run(BAGEL, _gpus(8, 80), 128e9, ["ray.address=auto"])
     assert cluster["host memory"][0] == "skipped" and "Ray object store" not in cluster
+
+
+def test_object_store_gb_sizes_the_local_ray_and_is_refused_with_an_address(capsys: pytest.CaptureFixture) -> None:
+    """The key reaches ray.init as object_store_memory (bytes); with ray.address it and num_cpus would be ignored
+    (a cluster keeps what `ray start` gave it), so the recipe is refused in one line; the plan says whether it is
+    room enough."""
+    from unittest import mock
+
+    from r3_rl.errors import UserError
+    from r3_rl.ray_runtime import start_ray
+
+    recipe = load_recipe(BAGEL, ["ray.object_store_gb=73"])
+    with mock.patch("ray.is_initialized", return_value=False), mock.patch("ray.init") as init:
+        assert start_ray(recipe.ray)
+    assert init.call_args.kwargs["object_store_memory"] == 73_000_000_000
+    for key in ("ray.object_store_gb=73", "ray.num_cpus=4"):
+        with pytest.raises(UserError, match="cannot be set with address 'auto'"):
+            load_recipe(BAGEL, [key, "ray.address=auto"])
+    main(["plan", str(BAGEL), "--set", "ray.object_store_gb=50"])
+    assert "ray.object_store_gb gives the object store 50 GB: less than the 57.7 GB it needs" in capsys.readouterr().out
+    main(["plan", str(BAGEL)])
+    assert "(or --set ray.object_store_gb=58; on a cluster ray start --object-store-memory)" in capsys.readouterr().out
 
 
 def test_the_tiny_recipe_needs_nothing_of_a_gpu_or_the_host() -> None:

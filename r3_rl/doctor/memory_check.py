@@ -112,10 +112,11 @@ def _host(recipe: Any, host: dict[str, float], total: int, ray: bool) -> list[Fi
              if need > total else ok(line)]
     store = host.get("Ray object store", 0.0)
     if ray and store:
-        default = ray_default_store(total)
-        line = (f"Ray object store: the run keeps up to {store / GB:.1f} GB in it; a local Ray gets "
-                f"{default / GB:.1f} GB here (30% of the memory, at most 200 GB or what /dev/shm holds)")
-        found.append(ok(line) if store <= default else problem(
-            line, f"start Ray yourself with room for it (`ray start --head --object-store-memory="
-                  f"{int(store * 1.25)}`) and --set ray.address=auto"))
+        given = recipe.ray.object_store_gb
+        has = given * GB if given is not None else ray_default_store(total)
+        line = (f"Ray object store: the run keeps up to {store / GB:.1f} GB in it; a local Ray gets {has / GB:.1f} GB "
+                + ("(ray.object_store_gb)" if given is not None else
+                   "here (30% of the memory, at most 200 GB or what /dev/shm holds)"))
+        found.append(ok(line) if store <= has else problem(
+            line, f"--set ray.object_store_gb={-(-store * 1.25 // GB):.0f} (within the node's memory)"))
     return found

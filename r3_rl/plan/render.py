@@ -177,10 +177,16 @@ def render(plan: Plan) -> str:
         parts = "; ".join(f"{k} {v / GB:.1f}" if v >= 0.05 * GB else f"{k} {v / 1e6:.1f} MB"
                           for k, v in plan.host.items())
         out.append(f"host (CPU) memory of the node beyond the processes: {sum(plan.host.values()) / GB:.1f} GB ({parts})")
-        if "Ray object store" in plan.host:  # ray.init's default store is 30% of the node's memory
+        given = None if r.ray.address else r.ray.object_store_gb
+        if "Ray object store" in plan.host and given is not None:
+            store = plan.host["Ray object store"] / GB
+            out.append(f"  ray.object_store_gb gives the object store {given:g} GB: "
+                       + (f"room for the {store:.1f} GB" if store <= given else f"less than the {store:.1f} GB it needs"))
+        elif "Ray object store" in plan.host:  # ray.init's default store is 30% of the node's memory
             store = plan.host["Ray object store"] / GB
             out.append(f"  Ray's default object store is 30% of the node's memory: {store:.1f} GB in it needs a node of "
-                       f"{store / 0.3:.0f} GB or more (or ray start --object-store-memory)")
+                       f"{store / 0.3:.0f} GB or more (or --set ray.object_store_gb={-(-store // 1):.0f}; on a cluster "
+                       f"ray start --object-store-memory)")
     out += [f"error: {e}" for e in plan.errors]
     if plan.fits:
         out.append("verdict: fits")
