@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--client-timeout", type=float_up_to(MAX_CLIENT_TIMEOUT_S), default=30.0,
                     help="seconds a client has to send a request head, and again its body (default 30)")
     sr.add_argument("--verbose", action="store_true", help="log every request")
-    dr = sub.add_parser("doctor", help="preflight: check weights, GPUs, NCCL, Ray, rewards and disk before a run")
+    dr = sub.add_parser("doctor", help="preflight: check weights, GPUs, NCCL, Ray, rewards, memory and disk before a run")
     dr.add_argument("recipe", help="YAML recipe")
     dr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe key, as for train (repeatable)")

@@ -187,7 +187,7 @@ def chains_summary(trees: list[Tree], correct_threshold: float = 1.0) -> str:
 
     scores = [n.meta.get("eval_score") for t in trees for n in t.nodes.values() if n.image is not None]
     failed = sum(1 for x in scores if x is None)
-    lines = [f"  {len(trees)} eval chains, {len(scores)} images scored by the eval reward ({failed} failed), "
+    lines = [f"  {len(trees)} R3 chains, {len(scores)} images scored by the eval reward ({failed} failed), "
              f"stop rate {fmt(sum(stopped(t) for t in trees) / len(trees))}"]
     moves: dict[int, list[int]] = {}
     for t in trees:
@@ -225,9 +225,10 @@ def inspect_run(run_dir: str | Path, step: int | None = None, eval_name: str | N
         return _inspect_dump(run_dir, html, limit)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
-    if not any((run_dir / f).exists() for f in ("recipe.yaml", "metrics.jsonl", "trajectories", "eval")):
-        raise UserError(f"{run_dir}: not an r3-rl run directory (no recipe.yaml, metrics.jsonl, trajectories/ "
-                        f"or eval/)")
+    if not any((run_dir / f).exists() for f in ("recipe.yaml", "metrics.jsonl", "trajectories", "eval",
+                                                "rollout.jsonl")):
+        raise UserError(f"{run_dir}: not an r3-rl run directory (no recipe.yaml, metrics.jsonl, trajectories/, "
+                        f"eval/ or rollout.jsonl)")
     text = [run_overview(run_dir)]
     steps, evals = trajectory_files(run_dir), eval_files(run_dir)
     dump: Path | None = None
@@ -246,6 +247,8 @@ def inspect_run(run_dir: str | Path, step: int | None = None, eval_name: str | N
         dump, label = steps[step], f"step {step}"
     elif steps:
         dump, label = steps[max(steps)], f"step {max(steps)}"
+    elif (run_dir / "rollout.jsonl").is_file():  # `r3-rl rollout`'s run dir: its trees are the run
+        dump, label = run_dir / "rollout.jsonl", "rollout"
     html_path = None
     if dump is not None:
         trees = list(read_trees(dump))
@@ -262,7 +265,8 @@ def inspect_run(run_dir: str | Path, step: int | None = None, eval_name: str | N
             write_html(trees, html_path, title=f"{run_dir.name}: {label}")
             text.append(f"\nwrote {html_path}")
     elif html is not None:
-        raise UserError(f"--html: {run_dir} has no trajectory dumps yet (trajectories/ or eval/*_trajectories.jsonl)")
+        raise UserError(f"--html: {run_dir} has no trajectory dumps yet (trajectories/, eval/*_trajectories.jsonl "
+                        f"or rollout.jsonl)")
     return printable("\n".join(text)), html_path
 
 

@@ -64,6 +64,11 @@ def test_eval_and_rollout_build_only_the_policy_and_rewards(tmp_path: Path, trap
     assert main(["rollout", str(RECIPE), "--num", "3", *_args(tmp_path, "rollout")]) == 0
     assert (tmp_path / "rollout" / "rollout.jsonl").read_text().count("\n") == 3
     assert traps == [], capsys.readouterr().err
+    # `r3-rl inspect` reads a rollout run dir's trees as it reads a training dump (it had printed "no steps")
+    assert main(["inspect", str(tmp_path / "rollout"), "--html"]) == 0
+    shown = capsys.readouterr().out
+    assert f"rollout: {tmp_path / 'rollout' / 'rollout.jsonl'}" in shown and "3 R3 chains" in shown
+    assert (tmp_path / "rollout" / "inspect" / "rollout.html").is_file()
     # both record what their numbers hang on besides the recipe
     for run, command in (("eval", "eval"), ("rollout", "rollout")):
         records = read_records(tmp_path / run)

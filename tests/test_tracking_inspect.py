@@ -90,7 +90,7 @@ def test_inspect_step_eval_and_html(run_dir: Path, tmp_path: Path) -> None:
     text, html = inspect_run(run_dir, eval_name="after", html=tmp_path / "after.html")
     assert "| **overall** | 2 | **0.500** | **1.000** |" in text
     # eval scores live in node.meta["eval_score"]: none of them is a failed reward
-    assert "2 eval chains, 3 images scored by the eval reward (0 failed), stop rate 0.500" in text
+    assert "2 R3 chains, 3 images scored by the eval reward (0 failed), stop rate 0.500" in text
     assert "round 1: refined images improved/worse/unchanged 1/0/0" in text
     assert "critic: stop on correct images 1.000 (of 1), edit on flawed images 1.000 (of 1)" in text
     assert "prompt <1> & co" in text and "[critique 1 (stop)] <think>look</think> no further" in text  # eval texts are unscored
