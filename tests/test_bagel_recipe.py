@@ -129,7 +129,7 @@ def _losses(run: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("variant", ["learner.old_logp=sampler", "learner.old_logp=recompute",
-                                     "learner.flow.detach_uncond=true"])
+                                     "learner.flow.detach_uncond=true", "learner.lora={r: 4}"])
 def test_recipe_trains_two_steps_on_a_tiny_bagel_in_process(tiny_dir: str, tmp_path: Path, variant: str) -> None:
     run = tmp_path / "run"
     sets = tiny_sets(tiny_dir, tmp_path) + ["rollout.backend=local", "learner.backend=torch", "learner.ranks=1",

@@ -219,3 +219,29 @@ def test_the_plan_counts_the_nodes_host_memory() -> None:
     janus = make_plan(load_recipe(REPO / "recipes" / "grpo_geneval.yaml"), 8, 80)  # 4 ranks, KL, full fine-tune
     trainer = next(p for p in janus.processes if p.name == "trainer process")
     assert trainer.resident["reference"] == 0 and janus.host["the trainer's KL reference"] == 2 * janus.shape.params
+
+
+def test_lora_adapts_both_experts_and_the_plan_counts_them(tmp_path: Path) -> None:
+    """BAGEL's image actions train the generation expert only and its text actions the understanding expert only
+    (``expert_isolation``), so a LoRA target names both experts' copy: ``q_proj`` and ``q_proj_moe_gen``.  With
+    adapters on the understanding expert alone (until 2026-12-06) every image-only micro-batch failed its
+    backward at step 0 (the run test: tests/test_bagel_recipe.py's LoRA variant).  The plan counts the adapters
+    of both, as peft makes them."""
+    from r3_rl.learner.lora import apply_lora
+    from r3_rl.policy.bagel.tiny import make_tiny_bagel
+    from r3_rl.policy.registry import build_policy
+
+    path = make_tiny_bagel(tmp_path / "tiny", hidden_size=64, num_layers=2)
+    for targets in ("[q_proj, v_proj]", "[q_proj_moe_gen, gate_proj]", "all-linear"):
+        recipe = load_recipe(BAGEL, [f"policy.model={path}", "policy.device=cpu", "policy.dtype=float32",
+                                     "policy.options={image_size: 32, gen_steps: 6, edit_steps: 6, ode_steps: 4, "
+                                     "vit_size: [32, 16, 4], vae_size: [32, 16, 16]}",
+                                     f"learner.lora={{r: 4, target_modules: {targets}}}"])
+        policy = build_policy(recipe)
+        adapters = apply_lora(policy, recipe.learner.lora)
+        names = [n for n, p in adapters.peft_model.named_parameters() if p.requires_grad]
+        trained = sum(p.numel() for p in adapters.peft_model.parameters() if p.requires_grad)
+        assert any("_moe_gen." in n or "mlp_moe_gen" in n for n in names), targets
+        assert any("_moe_gen" not in n for n in names), targets
+        if targets != "all-linear":  # all-linear also adapts BAGEL's connectors and latent heads, which the plan leaves out
+            assert bagel_shape(recipe).lora_params(4, recipe.learner.lora.target_modules) == trained, targets

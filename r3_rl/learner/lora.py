@@ -35,9 +35,10 @@ def lora_targets(policy: Policy, cfg: Any) -> list[str]:
     roots = policy.lora_scope(cfg.train_vision)
     scope = [(n, m) for n, m in policy.model.named_modules()
              if n and any(r == "" or n == r or n.startswith(r + ".") for r in roots)]
-    wanted = [cfg.target_modules] if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
+    written = [cfg.target_modules] if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
     present = {n.rsplit(".", 1)[-1] for n, _ in scope}
-    missing = [t for t in wanted if t not in present and t != "all-linear"]
+    missing = [t for t in written if t not in present and t != "all-linear"]
+    wanted = [t for t in policy.lora_target_names(written) if t in present or t == "all-linear"]
     where = "language model" + (" or vision tower" if cfg.train_vision else "")
     if missing:
         raise UserError(f"learner.lora.target_modules: {missing[0]!r} is not a module of the policy's {where} "

@@ -80,8 +80,10 @@ class ModelShape:
         shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d), "gate_proj": (d, i),
                   "up_proj": (d, i), "down_proj": (i, d)}
         wanted = [targets] if isinstance(targets, str) else list(targets)
+        wanted += [n[: -len("_moe_gen")] for n in wanted if n.endswith("_moe_gen")]  # BAGEL: either expert's name
         hit = list(shapes) if "all-linear" in wanted else [n for n in shapes if n in wanted]
-        return self.layers * sum(r * (shapes[n][0] + shapes[n][1]) for n in hit)
+        experts = 2 if self.params_llm else 1  # MoT: a name stands for both experts' copies (lora_target_names)
+        return experts * self.layers * sum(r * (shapes[n][0] + shapes[n][1]) for n in hit)
 
 
 def _count(model: Any, prefix: str) -> int:

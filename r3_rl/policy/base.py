@@ -153,6 +153,11 @@ class Policy(ABC):
             raise UserError(f"learner.lora.train_vision: a {type(self).__name__} has no separate vision tower")
         return [""]
 
+    def lora_target_names(self, wanted: list[str]) -> list[str]:
+        """The module names ``learner.lora.target_modules`` stands for in this policy (this default: as written).
+        A Mixture-of-Transformers policy widens each name to every expert's copy of that projection."""
+        return list(wanted)
+
     # --- copies --------------------------------------------------------------------------------
     def with_model(self, model: torch.nn.Module) -> "Policy":
         """This policy computing with ``model`` (same architecture) instead of its own: the KL reference,

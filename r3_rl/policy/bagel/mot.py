@@ -34,6 +34,7 @@ from transformers.models.qwen2.modeling_qwen2 import (Qwen2MLP, Qwen2RMSNorm, Qw
 
 KV = tuple[torch.Tensor, torch.Tensor]
 EXPERTS = ("und", "gen")
+GEN_SUFFIX = "_moe_gen"  # the generation expert's copy of a projection or norm: q_proj -> q_proj_moe_gen
 
 
 def expert_grad(expert: str, grad_expert: str | None) -> ContextManager:
@@ -89,7 +90,7 @@ class MoTAttention(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         hidden, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         eps = config.rms_norm_eps
-        for suffix in ("", "_moe_gen"):
+        for suffix in ("", GEN_SUFFIX):
             setattr(self, f"q_proj{suffix}", nn.Linear(hidden, q_dim, bias=True))
             setattr(self, f"k_proj{suffix}", nn.Linear(hidden, kv_dim, bias=True))
             setattr(self, f"v_proj{suffix}", nn.Linear(hidden, kv_dim, bias=True))
@@ -113,7 +114,7 @@ class MoTAttention(nn.Module):
                 mask: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
         """h [B, L, H]; mask [B, 1, L, Lpast + L] bool (True = may attend); returns (out, this block's (k, v))."""
         b, n, _ = h.shape
-        qkv = route(h, self._qkv(""), self._qkv("_moe_gen"))
+        qkv = route(h, self._qkv(""), self._qkv(GEN_SUFFIX))
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
         q = q.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)

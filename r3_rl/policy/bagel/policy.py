@@ -31,6 +31,7 @@ from r3_rl.policy.bagel.contexts import ContextBuilder, image_digest, stored_per
 from r3_rl.policy.bagel.image_actions import denoising_scores, flow_settings, sample_images
 from r3_rl.policy.bagel.images import latent_grid
 from r3_rl.policy.bagel.layout import TextBlock
+from r3_rl.policy.bagel.mot import GEN_SUFFIX
 from r3_rl.policy.bagel.recipe import BagelOptions, BagelRecipe, StageTemplates, bagel_options, check_model_dir
 from r3_rl.policy.bagel.text_actions import closed_block, sample_text, text_logprobs, text_vocabulary
 from r3_rl.policy.bagel.vae import flux_vae_skeleton
@@ -112,6 +113,20 @@ class BagelPolicy(BagelRecipe, Policy):
 
     def lora_scope(self, train_vision: bool = False) -> list[str]:
         return ["language_model"] + (["vit_model", "connector"] if train_vision else [])
+
+    def lora_target_names(self, wanted: list[str]) -> list[str]:
+        """Each attention projection named for both experts: ``q_proj`` is the understanding expert's and
+        ``q_proj_moe_gen`` the generation expert's (their MLPs share names already: ``mlp.gate_proj``,
+        ``mlp_moe_gen.gate_proj``).  With ``expert_isolation`` an image action trains the generation expert
+        only and a text action the understanding expert only, so adapters on one expert alone leave the other
+        stage's micro-batches nothing to train (the default q/k/v/o had no generation-expert adapter: every
+        image-only micro-batch failed its backward)."""
+        out = list(wanted)
+        for name in wanted:
+            twin = name[: -len(GEN_SUFFIX)] if name.endswith(GEN_SUFFIX) else name + GEN_SUFFIX
+            if twin not in out:
+                out.append(twin)
+        return out
 
     # ------------------------------------------------------------------ helpers
     def _text(self, text: str) -> dict[str, Any]:
