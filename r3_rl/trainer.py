@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from r3_rl.components import Components
@@ -46,7 +47,12 @@ class Trainer:
         check_recipe_precision(recipe)  # a precision the learner cannot train fails before any model loads
         check_ranks(recipe.learner)  # so does a learner-rank layout it cannot run
         torch.manual_seed(recipe.seed)
+        # Python's and numpy's global generators too: nothing here draws from them, but a plug-in may, and they
+        # go into trainer.pt -- seeded, two runs of one recipe save the same state
+        random.seed(recipe.seed)
+        np.random.seed(recipe.seed)
         self.step = 0
+        self.restarts_before = 0  # rollout workers restarted before the checkpoint this run resumed from
         self.parts = Components(recipe, run_dir, self.console, self.log_event)
         # rewards set up before the warm start: a reward server that is down, a detector path that is wrong,
         # fails in one line now, not after minutes of warm start (rewards that ask the policy build it first)
@@ -77,6 +83,11 @@ class Trainer:
     def engine(self) -> RolloutEngine:
         """The rollout engine (``rollout.backend``), started with the policy's current weights on first use."""
         return self.parts.engine
+
+    def worker_restarts(self) -> int:
+        """Rollout workers restarted in the whole run, the runs it resumed from included (never starts the engine)."""
+        engine = self.parts.__dict__.get("engine")  # Components.engine is a cached_property: started on first use
+        return self.restarts_before + (engine.restarts if engine is not None else 0)
 
     def log_event(self, message: str) -> None:
         """Something a user must be able to find later (worker restarts, reissued tasks): console + events.log."""
@@ -160,7 +171,7 @@ class Trainer:
 
         return {"format": FORMAT, "step": self.step, "policy_version": self.policy.version,
                 "rng": self.rng.getstate(), **global_rng_state(), "data_position": self.data.position,
-                "scorer": self.failures.state_dict()}
+                "scorer": self.failures.state_dict(), "worker_restarts": self.worker_restarts()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from r3_rl.rng_state import set_global_rng_state
@@ -173,6 +184,7 @@ class Trainer:
         if "buffer" in state:  # formats 1-2 kept the parent buffer here (3: state/buffer.safetensors)
             self.buffer.load_legacy(state["buffer"])
         self.failures.load_state_dict(state["scorer"])
+        self.restarts_before = int(state.get("worker_restarts", 0))  # checkpoints before 2026-12-06 have none
 
     def _checkpoint_parts(self) -> Any:
         from r3_rl.learner.checkpoint import CheckpointParts
@@ -297,7 +309,7 @@ class Trainer:
             done = time.time()
             # the learner's numbers pass through: PPO logs the advantages it trains on (its GAE) there
             m = step_metrics(trees, r.rewards.correct_threshold, learn, batch_stats, adv_stats,
-                             t_learn - t_roll, done - t_learn, self.engine.restarts)
+                             t_learn - t_roll, done - t_learn, self.worker_restarts())
             m.update(shortcuts)
             self.metrics.log(m, step)
             every = r.log.trajectories_every  # under tree.schedule alternate, the B+C step after it too

@@ -18,7 +18,7 @@ from r3_rl.cli import main
 from r3_rl.config import load_recipe
 from r3_rl.environment import read_records
 from r3_rl.errors import UserError
-from r3_rl.learner.checkpoint import MARKER, complete_checkpoints, find_resume, prune
+from r3_rl.learner.checkpoint import MARKER, checkpoints_before, complete_checkpoints, find_resume, prune
 from r3_rl.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -349,3 +349,40 @@ def test_an_unreadable_before_eval_stops_a_resume(tmp_path: Path, capsys: pytest
 
     line = cli_one_line_error(args + [a for s in _overrides(tmp_path, 3) for a in ("--set", s)], capsys)
     assert "before.json: cannot be read" in line and "delete it" in line
+
+
+def test_the_checkpoints_before_a_step_are_ordered_by_number(tmp_path: Path) -> None:
+    """``--resume auto`` falls back from a damaged newest checkpoint to the ones before it; past step 999999 their
+    names no longer sort as their steps (``step_1000000`` < ``step_999999`` as text), and the fallback had
+    skipped every earlier one."""
+    root = tmp_path / "checkpoints"
+    for step in (999_998, 999_999, 1_000_000, 1_000_001):
+        _fake_ckpt(root, step)
+    assert [p.name for p in checkpoints_before(root / "step_1000001")] == [
+        "step_1000000", "step_999999", "step_999998"]
+    assert [p.name for p in checkpoints_before(root / "step_999999")] == ["step_999998"]
+
+
+def test_the_trainer_seeds_every_global_generator_and_keeps_worker_restarts(tmp_path: Path) -> None:
+    """Python's and numpy's global generators go into trainer.pt: unseeded, two runs of one recipe (and a run and
+    its resume, each a new process) saved different states.  Workers restarted before a checkpoint stay counted
+    after a resume (``rollout/worker_restarts`` began again at 0)."""
+    import random
+
+    random.seed(7)
+    np.random.seed(7)  # whatever ran before in this process
+    recipe = load_recipe(RECIPE, _overrides(tmp_path, 1))
+    trainer = Trainer(recipe, tmp_path / "run")
+    assert random.random() == random.Random(recipe.seed).random()
+    assert np.random.random() == np.random.RandomState(recipe.seed).random_sample()
+
+    class Restarted:
+        restarts = 2
+    trainer.parts.__dict__["engine"] = Restarted()  # a Ray engine that lost two workers
+    state = trainer.state_dict()
+    assert state["worker_restarts"] == 2
+    again = Trainer(recipe, tmp_path / "again")
+    assert again.worker_restarts() == 0 and "engine" not in again.parts.__dict__  # asking starts no engine
+    again.load_state_dict(state)
+    again.parts.__dict__["engine"] = Restarted()
+    assert again.worker_restarts() == 4

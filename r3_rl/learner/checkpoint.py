@@ -80,6 +80,14 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoints_before(latest: Path) -> list[Path]:
+    """The complete checkpoints beside ``latest`` with a lower step, newest first: compared as numbers, since
+    names compare wrongly past step 999999 (``step_1000000`` sorts before ``step_999999``)."""
+    step = int(STEP_RE.match(latest.name).group(1))  # type: ignore[union-attr]
+    return [p for p in reversed(complete_checkpoints(latest.parent))
+            if int(STEP_RE.match(p.name).group(1)) < step]  # type: ignore[union-attr]
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     done = complete_checkpoints(Path(run_dir) / CKPT_DIR)
     return done[-1] if done else None
@@ -299,7 +307,7 @@ def newest_sound(latest: Path, recipe: Any, warn: Callable[[str], None]) -> tupl
     """``--resume auto``: the newest complete checkpoint up to ``latest`` that passes :func:`check_resumable`, and
     its metadata.  A damaged one (a file truncated by a crash before the disk flushed it, a changed hash) is
     reported through ``warn`` and the one before it tried; a recipe that does not fit is not damage: it stops."""
-    earlier = [p for p in reversed(complete_checkpoints(latest.parent)) if p.name < latest.name]
+    earlier = checkpoints_before(latest)
     for path, before in zip([latest, *earlier], [*earlier, None]):
         meta = _meta(path) or {}
         if isinstance(meta.get("structure", {}), dict) and isinstance(meta.get("step"), int):

@@ -12,6 +12,7 @@ buffer applies them to what it holds (:meth:`r3_rl.rollout.buffer.ParentBuffer.s
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any, Hashable, Sequence
 
@@ -49,4 +50,6 @@ def shortcut_balanced_accuracy(groups: Sequence[tuple[Sequence[Hashable], Sequen
         for values, dist in ((c, correct), (f, flawed)):
             for v in values:
                 dist[v] += 1.0 / (len(values) * len(usable))
-    return 0.5 * sum(max(correct[v], flawed[v]) for v in set(correct) | set(flawed))
+    # fsum: exact whatever the order, and a set of strings iterates in a per-process (PYTHONHASHSEED) order --
+    # a plain sum logged other last digits in a resumed run's new process
+    return 0.5 * math.fsum(max(correct[v], flawed[v]) for v in set(correct) | set(flawed))
