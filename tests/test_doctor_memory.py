@@ -12,7 +12,8 @@ from r3_rl.config import load_recipe
 from r3_rl.doctor import memory_check
 from r3_rl.doctor.base import Context
 from r3_rl.doctor.devices import GpuInfo
-from r3_rl.doctor.memory_check import check_memory, physical_memory, ray_default_store
+from r3_rl.doctor.devices import physical_memory
+from r3_rl.doctor.memory_check import check_memory, ray_default_store
 
 REPO = Path(__file__).resolve().parents[1]
 BAGEL = REPO / "recipes" / "grpo_geneval_bagel.yaml"

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from r3_rl.doctor.devices import physical_memory
+
 Status = Literal["ok", "skipped", "problem"]
 
 
@@ -34,12 +36,6 @@ def problem(detail: str, fix: str = "") -> Finding:
     return Finding("problem", detail, fix)
 
 
-def _physical_memory() -> int:
-    from r3_rl.doctor.memory_check import physical_memory
-
-    return physical_memory()
-
-
 def disk_free(path: Path) -> int:
     """Free bytes on the file system holding ``path`` (its nearest existing ancestor)."""
     path = path.resolve()
@@ -55,7 +51,7 @@ class Context:
     recipe_path: Path
     recipe: Any
     free_bytes: Callable[[Path], int] = disk_free  # tests inject a full disk here
-    host_memory: Callable[[], int] = field(default_factory=lambda: _physical_memory)  # tests inject a small node
+    host_memory: Callable[[], int] = physical_memory  # tests inject a small node
     timeout: float = 3.0  # seconds for a network probe (a TCP connect, a health check)
     ray_timeout: float = 30.0  # seconds to join a Ray cluster and read its resources
     problems: int = 0  # problems found by the checks so far

@@ -17,7 +17,6 @@ With ``ray.address`` the host figures belong to several nodes and are left to ``
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,17 +27,6 @@ GB = 1e9
 RAY_DEFAULT_STORE_FRACTION = 0.3  # ray.init's object_store_memory default: 30% of the node's memory ...
 RAY_DEFAULT_STORE_CAP = 200e9  # ... capped at 200 GB (ray_constants.DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES) ...
 RAY_SHM_FLOOR = 10e9  # ... and at /dev/shm's size, but never below 10 GB (REQUIRE_SHM_SIZE_THRESHOLD)
-
-
-def physical_memory(cgroup: Path = Path("/sys/fs/cgroup/memory.max")) -> int:
-    """Bytes of memory this machine gives the run: its physical memory, or a container's cgroup limit (v2)
-    where that is lower (a container on a 2 TB node may have 200 GB)."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    try:
-        limit = cgroup.read_text().strip()
-    except OSError:
-        return total
-    return min(total, int(limit)) if limit.isdigit() else total
 
 
 def ray_default_store(total: int, shm: Path = Path("/dev/shm")) -> float:
