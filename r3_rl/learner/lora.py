@@ -45,8 +45,15 @@ def lora_targets(policy: Policy, cfg: Any) -> list[str]:
                         f"(e.g. {', '.join(sorted(n for n in present if n.endswith('proj'))[:6]) or 'all-linear'})")
     head = policy.model.get_output_embeddings() if hasattr(policy.model, "get_output_embeddings") else None
     linear = "all-linear" in wanted
-    return [n for n, m in scope if n.rsplit(".", 1)[-1] in wanted
-            or (linear and isinstance(m, torch.nn.Linear) and m is not head)]
+    named = [(n, m) for n, m in scope if n.rsplit(".", 1)[-1] in wanted]
+    out = [n for n, m in scope if linear and isinstance(m, torch.nn.Linear) and m is not head]
+    for n, m in named:  # a name may stand for a container of per-expert copies (the tiny policy's
+        # ModalityExperts: q_proj.text and q_proj.image), which peft cannot wrap: each of its layers is adapted
+        layers = [n] if isinstance(m, torch.nn.Linear) or not any(True for _ in m.children()) else [
+            f"{n}.{c}" for c, child in m.named_children() if isinstance(child, torch.nn.Linear)]
+        out += [x for x in layers if x not in out]
+    order = {n: i for i, (n, _) in enumerate(policy.model.named_modules())}
+    return sorted(out, key=order.__getitem__)
 
 
 def adapters_in_base_dtype(learner: Any) -> bool:

@@ -29,6 +29,7 @@ import torch
 from r3_rl.policy.kv_cache import PreallocatedCache, ReplayCache
 from r3_rl.policy.sampling import cfg_logits, check_sampled, sample_tokens, sampling_logprobs
 from r3_rl.policy.shared_context import first_rows, shared_context_rows
+from r3_rl.policy.zero3 import gathered
 from r3_rl.trajectory import SamplingParams
 
 
@@ -246,7 +247,8 @@ class JanusEngine:
     def decode_images(self, tokens: torch.Tensor, mean: Sequence[float], std: Sequence[float],
                       rescale: float) -> np.ndarray:
         """VQ tokens ``[B, N]`` -> uint8 ``[B, H, W, 3]``, as the image processor's ``postprocess``."""
-        x = self.model.decode_image_tokens(tokens.to(self.device)).float()  # [B, H, W, 3], normalised
+        with gathered(self.model.model.vqmodel.quantize):  # it reads its codebook's weight (ZeRO-3: a shard)
+            x = self.model.decode_image_tokens(tokens.to(self.device)).float()  # [B, H, W, 3], normalised
         m = torch.tensor(mean, device=x.device)
         s = torch.tensor(std, device=x.device)
         return ((x * s + m) / rescale).clamp(0, 255).to(torch.uint8).cpu().numpy()

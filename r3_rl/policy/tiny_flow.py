@@ -59,7 +59,9 @@ class VelocityHead(nn.Module):
         tf = t.to(dtype)[:, None] * self.freqs.to(dtype)
         per_row = torch.cat([x.reshape(n, -1), h_last.to(dtype), tf.sin(), tf.cos()], dim=-1)
         inp = torch.cat([x, per_row[:, None].expand(n, c, per_row.shape[-1]), h_cells.to(dtype),
-                         self.cell.weight[None].expand(n, c, -1)], dim=-1)
+                         # called, not read: ZeRO-3 gathers a module's weight when it is called (a read of
+                         # .weight saw a 0-wide shard); the lookup of every row is the weight itself
+                         self.cell(torch.arange(c, device=x.device))[None].expand(n, c, -1).to(dtype)], dim=-1)
         return self.net(inp)
 
 

@@ -273,6 +273,17 @@ def _step(opt: torch.optim.Optimizer, model: torch.nn.Module, loss: torch.Tensor
     return float(loss.detach())
 
 
+def one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int) -> Any:
+    """The warm start's learning rate: one cycle up to ``lr`` over the first 10% of ``steps`` and down again.
+
+    A short warm start gets a warm-up of at least one whole step (OneCycleLR ends its warm-up at
+    ``pct_start * steps - 1``: with 10 steps that is step 0, a zero-length phase it divides by), and under 3
+    steps a constant ``lr``; from 20 steps on it is the 10% it always was."""
+    if steps < 3:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=max(0.1, 2 / steps))
+
+
 def warmstart(policy: TinyUnifiedPolicy, recipe: Any, log: Any = None,
               loss_fn: Callable[[Any, list[tuple[list[int], list[int]]]], torch.Tensor] = sft_loss) -> dict[str, float]:
     """``warmstart.steps`` optimiser steps of ``loss_fn`` (default: cross-entropy on every target; the tiny flow
@@ -285,7 +296,7 @@ def warmstart(policy: TinyUnifiedPolicy, recipe: Any, log: Any = None,
     model = policy.model
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(cfg.steps, 1), pct_start=0.1)
+    sched = one_cycle(opt, cfg.lr, cfg.steps)
     t0, loss_v, trajectories_per_step = time.time(), float("nan"), max(1, cfg.batch_size // 4)
     for step in range(cfg.steps):
         examples = synthetic_examples(policy, prompts, step * trajectories_per_step, trajectories_per_step, cfg, rng)
