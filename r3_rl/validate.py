@@ -143,6 +143,10 @@ def check_plugins(recipe: Any, source: str, weights: bool = True) -> None:
         raise UserError(f"{source}: key 'learner.critic_replay.coef': policy.kind {recipe.policy.kind!r} has no "
                         f"supervised critiques to rehearse (the tiny policies have: kind tiny or tiny_flow); "
                         f"set it to 0")
+    if recipe.learner.algorithm == "ppo" and getattr(policy, "critic_features", None) is False:
+        raise UserError(f"{source}: key 'learner.algorithm': ppo needs a critic that reads the policy's hidden "
+                        f"states, which policy.kind {recipe.policy.kind!r} does not expose (Policy.value_features); "
+                        f"use grpo")
     policy.check_recipe(recipe, source, weights)
     if weights and recipe.learner.lora is not None:
         check_lora_targets(recipe, source)

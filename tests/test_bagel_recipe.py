@@ -92,6 +92,7 @@ def test_shipped_recipe_has_the_reference_settings_and_validates(tiny_dir: str) 
     ("policy.options={edit_steps: 4, edit_sde_max_index: 1}", "policy.options.edit_eta 1.0 with edit_steps 4: SDE step 0"),
     ("templates.reason=<|im_start|> {prompt}", "templates.reason': remove <\\|im_start\\|>"),
     ("templates.refine={instruction} {image}", "placeholder {image} is not filled at this stage"),
+    ("learner.algorithm=ppo", "key 'learner.algorithm': ppo needs a critic .* policy.kind 'bagel' does not expose"),
 ])
 def test_bad_bagel_settings_are_one_line_errors_before_any_work(tiny_dir: str, change: str, match: str) -> None:
     recipe = load_recipe(RECIPE, [f"policy.model={tiny_dir}", "policy.device=cpu", "rollout.gpus_per_worker=0",

@@ -180,6 +180,10 @@ class Policy(ABC):
         """Probability that the answer to ``questions[i]`` about ``images[i]`` is "yes" (no sampling)."""
         raise NotImplementedError(f"{type(self).__name__} cannot answer questions about images")
 
+    # False: no :meth:`value_features`, so ``learner.algorithm: ppo`` is refused before any work (a built-in family
+    # says so on its recipe side); None: unknown until the learner is built (a plug-in's)
+    critic_features: bool | None = None
+
     # --- optional: supervised critiques rehearsed during RL (``learner.critic_replay``) ------------
     replays_critiques: bool = False  # a built-in family says so on its recipe side too (checked before any work)
 

@@ -115,6 +115,7 @@ class BagelRecipe:
     """Mixin of :class:`~r3_rl.policy.bagel.policy.BagelPolicy` (``from_recipe`` builds that class)."""
 
     template_fields: dict[str, set[str]] = {"reason": {"prompt"}, "reflect": {"prompt"}, "refine": {"instruction"}}
+    critic_features = False  # no value_features yet: PPO is refused at validation (it had waited for the model load)
 
     @classmethod
     def from_recipe(cls, recipe: Any, **options: Any) -> Any:
