@@ -7,6 +7,7 @@ The loop itself holds no maths and no I/O detail: its parts are built by :class:
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from pathlib import Path
@@ -104,7 +105,9 @@ class Trainer:
                    if run_bc else [])
         tasks = plan_tasks(step, self.recipe.seed, prompts, parents, t.group_size,
                            groups_per_task=self.recipe.rollout.groups_per_task)
-        trees = run_ordered(self.engine, tasks, self.sampling, on_task=self._score_task)
+        local = self.recipe.rollout.backend == "local"  # Ray workers sample with their own whole weights
+        with self.sampling_weights() if local else contextlib.nullcontext():
+            trees = run_ordered(self.engine, tasks, self.sampling, on_task=self._score_task)
         self.failures.check()  # a run whose rewards keep failing stops here (rewards.max_failure_fraction)
         if t.schedule != "alternate":
             self._fill_buffer(trees)
@@ -145,15 +148,26 @@ class Trainer:
             return []
         prompts = [t.prompt for t in trees if t.meta.get("kind") == "A"][:n]  # this step's prompts
         rounds = self.recipe.tree.max_round
-        chains = r3_chains(self.policy, prompts, self.sampling, rounds, self.recipe.templates.stop_phrase,
-                           seed=self.recipe.seed * 1_000_003 + step, tag=f"chain-s{step}")
+        with self.sampling_weights():
+            chains = r3_chains(self.policy, prompts, self.sampling, rounds, self.recipe.templates.stop_phrase,
+                               seed=self.recipe.seed * 1_000_003 + step, tag=f"chain-s{step}")
         score_chains(chains, rounds, self.eval_rewards, self.recipe.rewards.correct_threshold)
         return chains
 
     # ------------------------------------------------------------------ evaluation
     def run_eval(self, name: str, step: int | None = None) -> dict[str, Any]:
         """Evaluate the current weights (``eval/<name>.*``), logged at ``step`` (default ``self.step``)."""
-        return self.evaluator.run(name, self.step if step is None else step)
+        with self.sampling_weights():
+            return self.evaluator.run(name, self.step if step is None else step)
+
+    def sampling_weights(self) -> Any:
+        """The context this process samples in: under single-rank ZeRO-3 the policy's weights gathered once and
+        DeepSpeed's per-call hooks off (:meth:`r3_rl.learner.deepspeed_learner.DeepSpeedOptim.for_sampling`);
+        otherwise nothing."""
+        optim = getattr(self.learner, "optim", None)
+        if optim is None or not hasattr(optim, "for_sampling"):  # learner ranks: the mirror's weights are whole
+            return contextlib.nullcontext()
+        return optim.for_sampling([self.policy.model])
 
     def _log_goals(self, before: dict[str, Any], report: dict[str, Any], step: int | None = None) -> dict[str, Any]:
         """The demo's three figures of ``report`` against ``before`` (:mod:`r3_rl.eval.synergy`), logged as

@@ -67,8 +67,10 @@ def test_modality_experts_take_lora_on_each_copy(tmp_path: Path) -> None:
 def test_zero3_in_the_trainer_process_samples_and_trains(policy: str, tmp_path: Path) -> None:
     """One learner rank under ZeRO-3 makes the trainer's own policy the partitioned module, whose weights DeepSpeed
     gathers only while a module is called.  Two reads of a weight failed on the empty shard before step 0's eval:
-    tiny_flow's velocity head read its cell embedding's weight (``mat1 and mat2 shapes cannot be multiplied``),
-    and transformers' Janus VQ quantizer reads its codebook's (``shape '[2, 4, 4, 0]' is invalid``)."""
+    tiny_flow's velocity head read its cell embedding's weight (``mat1 and mat2 shapes cannot be multiplied``; now
+    called), and transformers' Janus VQ quantizer reads its codebook's (``shape '[2, 4, 4, 0]' is invalid``; the
+    trainer now samples with the weights gathered, ``Trainer.sampling_weights``, and the parent buffer's decode
+    of a drawn parent reads the codebook inside ``r3_rl.policy.zero3.gathered``)."""
     pytest.importorskip("deepspeed")
     zero3 = ["learner.backend=deepspeed", "learner.deepspeed.zero_stage=3", "learner.deepspeed.dtype=fp32",
              "threads=1"]

@@ -188,6 +188,19 @@ class DeepSpeedOptim:
 
         return deepspeed.zero.GatheredParameters([p for m in modules for p in m.parameters()], modifier_rank=None)
 
+    def for_sampling(self, modules: list[torch.nn.Module]) -> ContextManager[Any]:
+        """Sampling with ``modules`` in this process (the trainer's own rollout and evals) under ZeRO-3.
+
+        ZeRO-3 hooks every submodule to fetch its shard before each call and release it after; sampling calls the
+        model once per token, so a run's step spent its time in that bookkeeping -- 0.4-0.7 s for the tiny recipe's
+        rollout instead of 0.1 s, and 38 s on the step after the first updates (the hooks re-record their trace
+        of module calls).  As TRL's ``unwrap_model_for_generation`` does, the weights are gathered once and the
+        hooks removed for the duration, then put back (``trl.models.utils``).  The whole policy is on the device
+        meanwhile, as when it samples under ZeRO-2."""
+        if self.engine.zero_optimization_stage() != 3:
+            return contextlib.nullcontext()
+        return _gathered_without_hooks(self.engine, modules)
+
     def save(self, path: Path) -> None:
         """DeepSpeed's checkpoint without the frozen weights (:mod:`r3_rl.learner.frozen`), their fingerprint in
         its client state."""
@@ -221,3 +234,16 @@ class DeepSpeedOptim:
             inner.clip_grad = self.engine.gradient_clipping()
         if load_path is None:
             raise FileNotFoundError(f"{path / 'deepspeed'}: no DeepSpeed state")
+
+
+@contextlib.contextmanager
+def _gathered_without_hooks(engine: Any, modules: list[torch.nn.Module]) -> Any:
+    import deepspeed
+    from trl.models.utils import add_hooks, remove_hooks
+
+    with deepspeed.zero.GatheredParameters([p for m in modules for p in m.parameters()]):
+        remove_hooks(engine)
+        try:
+            yield
+        finally:
+            add_hooks(engine)

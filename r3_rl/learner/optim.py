@@ -169,6 +169,10 @@ class TorchOptim:
     def gathered(self, modules: list[torch.nn.Module]) -> ContextManager[Any]:
         return contextlib.nullcontext()
 
+    def for_sampling(self, modules: list[torch.nn.Module]) -> ContextManager[Any]:
+        """Nothing to do: the torch backend's weights are whole (:meth:`DeepSpeedOptim.for_sampling`)."""
+        return contextlib.nullcontext()
+
     def state_dict(self) -> dict[str, Any]:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.masters.active:
