@@ -192,11 +192,11 @@ class DeepSpeedOptim:
         """Sampling with ``modules`` in this process (the trainer's own rollout and evals) under ZeRO-3.
 
         ZeRO-3 hooks every submodule to fetch its shard before each call and release it after; sampling calls the
-        model once per token, so a run's step spent its time in that bookkeeping -- 0.4-0.7 s for the tiny recipe's
-        rollout instead of 0.1 s, and 38 s on the step after the first updates (the hooks re-record their trace
-        of module calls).  As TRL's ``unwrap_model_for_generation`` does, the weights are gathered once and the
-        hooks removed for the duration, then put back (``trl.models.utils``).  The whole policy is on the device
-        meanwhile, as when it samples under ZeRO-2."""
+        model once per token, so a run's step spent its time in that bookkeeping -- 3.2x ZeRO-2's rollout time for
+        the tiny recipe, and 13-33 s on one step after the first updates, where the hooks re-record their trace of
+        module calls (``benchmarks/zero3_sampling.py``).  As TRL's ``unwrap_model_for_generation`` does, the
+        weights are gathered once and the hooks removed for the duration, then put back (``trl.models.utils``).
+        The whole policy is on the device meanwhile, as when it samples under ZeRO-2."""
         if self.engine.zero_optimization_stage() != 3:
             return contextlib.nullcontext()
         return _gathered_without_hooks(self.engine, modules)
