@@ -23,7 +23,6 @@ from typing import Any
 
 from r3_rl.doctor.base import Context, Finding, ok, problem, skipped
 
-GB = 1e9
 RAY_DEFAULT_STORE_FRACTION = 0.3  # ray.init's object_store_memory default: 30% of the node's memory ...
 RAY_DEFAULT_STORE_CAP = 200e9  # ... capped at 200 GB (ray_constants.DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES) ...
 RAY_SHM_FLOOR = 10e9  # ... and at /dev/shm's size, but never below 10 GB (REQUIRE_SHM_SIZE_THRESHOLD)
@@ -39,18 +38,12 @@ def ray_default_store(total: int, shm: Path = Path("/dev/shm")) -> float:
     return min(RAY_DEFAULT_STORE_FRACTION * total, cap)
 
 
-def _plan(recipe: Any, gpus: int, gpu_memory_gb: float) -> Any:
-    from r3_rl.plan.report import make_plan
-
-    return make_plan(recipe, gpus, gpu_memory_gb)
-
-
 def check_memory(ctx: Context) -> list[Finding]:
     from r3_rl.doctor.gpu import needed_gpus_here
     from r3_rl.doctor.ray_check import uses_ray
     from r3_rl.errors import UserError
     from r3_rl.plan.render import advice
-    from r3_rl.plan.report import USABLE
+    from r3_rl.plan.report import GB, USABLE, make_plan
 
     recipe = ctx.recipe
     need, _ = needed_gpus_here(recipe)
@@ -60,9 +53,9 @@ def check_memory(ctx: Context) -> list[Finding]:
     try:
         if gpus:
             memory_gb = min(g.total for g in gpus) / GB
-            plan = _plan(recipe, len(gpus), memory_gb)
+            plan = make_plan(recipe, len(gpus), memory_gb)
         else:
-            plan = _plan(recipe, max(need, 1), 80.0)  # the host figures do not depend on the GPUs
+            plan = make_plan(recipe, max(need, 1), 80.0)  # the host figures do not depend on the GPUs
     except (UserError, OSError, ValueError):
         return [skipped("needs the policy's shape (see weights)")]
     found = []
@@ -86,6 +79,8 @@ def check_memory(ctx: Context) -> list[Finding]:
 
 
 def _host(recipe: Any, host: dict[str, float], total: int, ray: bool) -> list[Finding]:
+    from r3_rl.plan.report import GB  # lazily, as in check_memory: the plan imports the policies
+
     if recipe.ray.address:
         return [skipped(f"host memory: ray.address {recipe.ray.address} spreads the run over the cluster's nodes "
                         f"(`r3-rl plan` lists what each part needs)")]

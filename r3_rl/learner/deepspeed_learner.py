@@ -199,7 +199,7 @@ class DeepSpeedOptim:
         The whole policy is on the device meanwhile, as when it samples under ZeRO-2."""
         if self.engine.zero_optimization_stage() != 3:
             return contextlib.nullcontext()
-        return _gathered_without_hooks(self.engine, modules)
+        return _without_hooks(self.engine, self.gathered(modules))
 
     def save(self, path: Path) -> None:
         """DeepSpeed's checkpoint without the frozen weights (:mod:`r3_rl.learner.frozen`), their fingerprint in
@@ -237,11 +237,10 @@ class DeepSpeedOptim:
 
 
 @contextlib.contextmanager
-def _gathered_without_hooks(engine: Any, modules: list[torch.nn.Module]) -> Any:
-    import deepspeed
+def _without_hooks(engine: Any, gathered: ContextManager[Any]) -> Any:
     from trl.models.utils import add_hooks, remove_hooks
 
-    with deepspeed.zero.GatheredParameters([p for m in modules for p in m.parameters()]):
+    with gathered:
         remove_hooks(engine)
         try:
             yield
