@@ -253,8 +253,8 @@ class RayCfg(Section):
         """A joined cluster keeps the CPUs and store `ray start` gave it: ray.init refuses them with an address."""
         given = [k for k in ("num_cpus", "object_store_gb") if getattr(self, k) is not None]
         if self.address and given:
-            raise ValueError(f"{' and '.join(given)} size a local Ray and cannot be set with address "
-                             f"{self.address!r} (give them to `ray start` on the cluster instead)")
+            raise ValueError(f"{' and '.join(given)} {'size' if len(given) > 1 else 'sizes'} a local Ray and cannot "
+                             f"be set with address {self.address!r} (give it to `ray start` on the cluster instead)")
         return self
 
 
