@@ -8,6 +8,7 @@ The loop itself holds no maths and no I/O detail: its parts are built by :class:
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from r3_rl.rollout.buffer import BufferEntry, ParentBuffer
 from r3_rl.rollout.engine import RolloutEngine, run_ordered
 from r3_rl.rollout.tree_rl import plan_tasks, stage_sampling, stages_at
 from r3_rl.trajectory import Tree, write_trees
+from r3_rl.tracking.background import BackgroundWriter
 from r3_rl.tracking.console import Console
 from r3_rl.tracking.logger import MetricsLogger
 from r3_rl.tracking.metrics import EVAL, UNDERSTANDING, step_metrics
@@ -78,6 +80,7 @@ class Trainer:
         self.resumed_from: Path | None = None  # the checkpoint this run continues (see resume)
         self.eval_pending = False  # resumed from a checkpoint whose step's eval was cut off: run it first
         self.reference_file: Path | None = None  # holds exactly self.reference's weights (see _remember_reference)
+        self.dumps = BackgroundWriter()  # trajectory dumps are written while the next step runs
 
     # ------------------------------------------------------------------ rollout
     @property
@@ -123,10 +126,23 @@ class Trainer:
             self.scorer.compose(tr)
 
     def close(self) -> None:
-        """Stop rollout workers, reward actors, learner ranks (and a Ray this run started), flush logs; safe to
-        call twice."""
-        self.parts.close()
-        self.metrics.close()
+        """Finish the dump under way, stop rollout workers, reward actors, learner ranks (and a Ray this run
+        started), flush logs; safe to call twice.  A failed dump is an event here, not an error: close may run
+        while another error is on its way out (a run that ends normally has raised it already, in ``_train``)."""
+        try:
+            self.dumps.close(raise_errors=False, on_error=self.log_event)
+        finally:
+            self.parts.close()
+            self.metrics.close()
+
+    def _dump(self, step: int, trees: list[Tree]) -> None:
+        """A sample of the step's trees to ``trajectories/step_N.jsonl``, written on the writer's thread.  The
+        sample is copied first (its images shared, not copied): nothing the loop does later can change a tree
+        while the thread reads it."""
+        dumped = spread_sample(trees, self.recipe.log.dump_trees, lambda t: (t.meta.get("kind"), t.prompt.tag))
+        images = {id(n.image): n.image for t in dumped for n in t.nodes.values() if n.image is not None}
+        path = self.run_dir / "trajectories" / f"step_{step:06d}.jsonl"
+        self.dumps.submit(str(path.relative_to(self.run_dir)), write_trees, copy.deepcopy(dumped, images), path)
 
     def _fill_buffer(self, trees: list[Tree]) -> None:
         self.buffer.add_many(
@@ -329,8 +345,7 @@ class Trainer:
             every = r.log.trajectories_every  # under tree.schedule alternate, the B+C step after it too
             if every and (step % every == 0 or (r.tree.schedule == "alternate" and step % every == 1)):
                 if r.log.dump_trees:  # a sample: every tree of a large step is minutes of PNG encoding
-                    dumped = spread_sample(trees, r.log.dump_trees, lambda t: (t.meta.get("kind"), t.prompt.tag))
-                    write_trees(dumped, self.run_dir / "trajectories" / f"step_{step:06d}.jsonl")
+                    self._dump(step, trees)
                 self.metrics.log_trajectories(trees + self._sample_chains(step, trees), step)
             self.console.step(step, r.steps, m, time.time() - t0)
             self.step = step + 1  # steps completed: what evals and checkpoints from here on describe
@@ -339,6 +354,7 @@ class Trainer:
             if self._eval_due(self.step):
                 self._eval_step(before)
         self.step = r.steps
+        self.dumps.wait()  # a dump that failed fails the run, as it did when it was written on the loop
         self.save_checkpoint()
         after = self.run_eval("after")
         self.console.print("eval after RL:\n" + markdown_table(after))
