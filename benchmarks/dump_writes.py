@@ -1,9 +1,9 @@
 """A logged step's trajectory dump written on the training loop (r3-rl before 2026-12-06) against handed to the
 trainer's background writer (:class:`r3_rl.tracking.background.BackgroundWriter`), in one run.
 
-The dump is ``--trees`` trees of ``--images`` images each (``log.dump_trees`` is 64; a BAGEL tree holds 8
-siblings), ``--size`` px photo-like images (smooth colour plus noise: a 1024 px one is about 2 MB of PNG, as a
-BAGEL image).  Printed: how long the loop is blocked each way, and the wall time of "dump, then a step's work"
+The dump is ``--trees`` trees of ``--images`` images each (``log.dump_trees`` is 64: a step of 32 prompts
+in groups of 8, say), ``--size`` px photo-like images (smooth colour plus noise: a 1024 px one is about 2 MB of
+PNG, as a 1024 px BAGEL image).  Printed: how long the loop is blocked each way, and the wall time of "dump, then a step's work"
 against the two overlapped, where the step's work is ``--work`` seconds of one-thread torch matmuls (a GPU step
 mostly waits on the device, which leaves the CPU to the writer; this is the CPU-only stand-in; by default as long
 as the dump took on the loop, so the best the overlap can do is 0.5x, on a machine with a core to spare).

@@ -1,8 +1,9 @@
 """File writes the training loop hands off: a trajectory dump is written while the next step samples and learns.
 
 Why: a logged step's dump (``log.dump_trees`` trees, ``trajectories/step_N.jsonl`` and its PNGs) is PNG
-encoding -- about 0.16 s per 1024 px image, so a BAGEL step's 64 trees block the loop for a minute and a half
-(``python benchmarks/dump_writes.py``).  Pillow's encoder, zlib and the file writes release the GIL, so on a
+encoding -- about 0.16 s per 1024 px image, so a full dump of 1024 px images (64 trees of 8) blocks the loop for
+a minute and a half (``python benchmarks/dump_writes.py``); the shipped BAGEL recipe's (4 trees of 16 images of
+512 px a step) for a few seconds.  Pillow's encoder, zlib and the file writes release the GIL, so on a
 thread they overlap the next step's GPU work.
 
 Rules: one write at a time, and at most one waiting (``submit`` waits for the one under way first: memory stays
