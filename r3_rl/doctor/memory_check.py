@@ -25,14 +25,15 @@ from r3_rl.doctor.base import Context, Finding, ok, problem, skipped
 
 RAY_DEFAULT_STORE_FRACTION = 0.3  # ray.init's object_store_memory default: 30% of the node's memory ...
 RAY_DEFAULT_STORE_CAP = 200e9  # ... capped at 200 GB (ray_constants.DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES) ...
-RAY_SHM_FLOOR = 10e9  # ... and at /dev/shm's size, but never below 10 GB (REQUIRE_SHM_SIZE_THRESHOLD)
+RAY_SHM_FLOOR = 10e9  # ... and at /dev/shm's free space, but never below 10 GB (REQUIRE_SHM_SIZE_THRESHOLD)
 
 
 def ray_default_store(total: int, shm: Path = Path("/dev/shm")) -> float:
     """The object store a local Ray started without ``object_store_memory`` gets on a node of ``total`` bytes."""
     cap = RAY_DEFAULT_STORE_CAP
     try:
-        cap = min(cap, max(RAY_SHM_FLOOR, 0.95 * shutil.disk_usage(shm).total))
+        # Ray reads the space free now (statvfs f_bavail: a /dev/shm already half used by another job counts half)
+        cap = min(cap, max(RAY_SHM_FLOOR, 0.95 * shutil.disk_usage(shm).free))
     except OSError:
         pass
     return min(RAY_DEFAULT_STORE_FRACTION * total, cap)
@@ -99,7 +100,7 @@ def _host(recipe: Any, host: dict[str, float], total: int, ray: bool) -> list[Fi
         has = given * GB if given is not None else ray_default_store(total)
         line = (f"Ray object store: the run keeps up to {store / GB:.1f} GB in it; a local Ray gets {has / GB:.1f} GB "
                 + ("(ray.object_store_gb)" if given is not None else
-                   "here (30% of the memory, at most 200 GB or what /dev/shm holds)"))
+                   "here (30% of the memory, at most 200 GB or what /dev/shm has free, never below 10 GB)"))
         found.append(ok(line) if store <= has else problem(
             line, f"--set ray.object_store_gb={-(-store * 1.25 // GB):.0f} (within the node's memory)"))
     return found
