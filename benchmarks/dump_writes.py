@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -23,7 +24,8 @@ sys.path.insert(0, str(REPO))
 from r3_rl.arguments import OneLineArgumentParser, float_up_to, int_at_least  # noqa: E402
 
 
-def photo_like(size: int, seed: int) -> "object":
+def photo_like(size: int, seed: int) -> Any:
+    """A ``size`` px RGB image of smooth colour and noise (about 2 MB of PNG at 1024 px, as a photo)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -32,7 +34,7 @@ def photo_like(size: int, seed: int) -> "object":
     return (base + rng.normal(0, 8, (size, size, 3))).clip(0, 255).astype(np.uint8)
 
 
-def make_trees(trees: int, images: int, size: int) -> list:
+def make_trees(trees: int, images: int, size: int) -> list[Any]:
     from r3_rl.trajectory import Node, PromptItem, Tree
 
     out = []

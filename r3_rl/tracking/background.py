@@ -6,8 +6,8 @@ a minute and a half (``python benchmarks/dump_writes.py``); the shipped BAGEL re
 512 px a step) for a few seconds.  Pillow's encoder, zlib and the file writes release the GIL, so on a
 thread they overlap the next step's GPU work.
 
-Rules: one write at a time, and at most one waiting (``submit`` waits for the one under way first: memory stays
-one dump's images, which the loop already held).  A write that fails is not lost: its error is raised by the next
+Rules: one write at a time and none queued (``submit`` waits for the one under way first: besides the loop's
+own trees, memory holds at most one dump's copy, whose images the loop already holds).  A write that fails is not lost: its error is raised by the next
 ``submit`` or by ``wait``, naming what was being written.  ``close(raise_errors=False)`` -- the trainer's clean-up,
 which may run while another exception is under way -- reports it through ``on_error`` instead of raising.
 """
