@@ -10,7 +10,7 @@ from r3_rl.cli import main
 from r3_rl.config import load_recipe
 from r3_rl.errors import UserError
 from r3_rl.plan import memory
-from r3_rl.plan.render import _with, advice, render
+from r3_rl.plan.render import _with, advice
 from r3_rl.plan.report import make_plan
 from r3_rl.plan.shapes import model_shape
 
@@ -204,21 +204,6 @@ def test_plan_counts_the_critique_rehearsal_beside_the_micro_batch() -> None:
             assert peak <= growth <= 5 * peak, (questions, peak, growth)
     finally:
         torch.set_num_threads(threads)
-
-
-def test_the_reward_models_the_trainer_loads_are_named_as_not_counted() -> None:
-    """GenEval's detector and CLIP sit on the trainer's GPU beside its policy copy; the plan has no size for them
-    and says so rather than leaving them out silently (a reward on device cpu, or task rewards on reward
-    workers, are not on it)."""
-    from r3_rl.plan.render import uncounted_reward_models
-
-    geneval = load_recipe(REPO / "recipes" / "grpo_geneval.yaml")
-    assert uncounted_reward_models(geneval).startswith("geneval: a detector and CLIP, about 2 GB")
-    assert "not counted: the reward models the trainer process loads" in render(make_plan(geneval, 8, 80))
-    on_cpu = load_recipe(REPO / "recipes" / "grpo_geneval.yaml", [
-        "rewards.eval=[{name: geneval, options: {device: cpu}}]", "rollout.reward_workers=2"])
-    assert uncounted_reward_models(on_cpu) == ""
-    assert uncounted_reward_models(load_recipe(REPO / "recipes" / "tiny_blocks.yaml")) == ""
 
 
 def test_ppo_counts_the_critics_forward_and_a_separate_critic_as_a_copy_of_the_policy() -> None:

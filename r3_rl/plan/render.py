@@ -13,7 +13,6 @@ from typing import Any
 
 from r3_rl.config_learner import check_ranks
 from r3_rl.errors import UserError
-from r3_rl.gpu_layout import on_gpu
 from r3_rl.plan.report import GB, USABLE, Plan, make_plan
 
 
@@ -120,19 +119,10 @@ def _yaml(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-# reward models a reward entry loads on its device (``auto``: the trainer's GPU), as the defaults measure
-REWARD_MODELS = {"geneval": "geneval: a detector and CLIP, about 2 GB in fp32 with its defaults (Mask2Former "
-                            "Swin-S, CLIP ViT-L/14)", "clip": "clip: CLIP ViT-L/14 by default, about 1.7 GB in fp32"}
-
-
-def uncounted_reward_models(recipe: Any) -> str:
-    """The reward models the trainer loads (task rewards unless ``rollout.reward_workers``, and eval rewards)."""
-    if not on_gpu(recipe):
-        return ""
-    specs = list(recipe.rewards.eval) + ([] if recipe.rollout.reward_workers else list(recipe.rewards.task))
-    names = dict.fromkeys(s.name for s in specs if s.name in REWARD_MODELS and
-                          (s.options or {}).get("device", "auto") != "cpu")
-    return "; ".join(REWARD_MODELS[n] for n in names)
+def uncounted_reward_models(plan: Plan) -> str:
+    """The GPU reward models the plan has no size for (:mod:`r3_rl.plan.reward_models`), each named once."""
+    names = dict.fromkeys(m.describe() for p in plan.processes for m in p.reward_models if m.params is None)
+    return "; ".join(names)
 
 
 def render(plan: Plan) -> str:
@@ -169,10 +159,9 @@ def render(plan: Plan) -> str:
         ok = "ok" if v <= USABLE * plan.gpu_memory * GB else "OVER"
         out.append(f"  {what:56s} {v / GB:7.1f} GB  {ok}")
     out.append(f"GPUs the actors need: {plan.gpus_needed} of {plan.gpus}")
-    models = uncounted_reward_models(r)
+    models = uncounted_reward_models(plan)
     if models:
-        out.append(f"not counted: the reward models the trainer process loads on its GPU ({models}; one copy of "
-                   f"each in the process)")
+        out.append(f"not counted: reward models on a GPU with no size here ({models})")
     if plan.host:
         parts = "; ".join(f"{k} {v / GB:.1f}" if v >= 0.05 * GB else f"{k} {v / 1e6:.1f} MB"
                           for k, v in plan.host.items())

@@ -2,10 +2,11 @@
 
 The processes a recipe starts: ``learner.ranks`` learner ranks (Ray actors with ``gpus_per_rank``; one rank
 is the trainer process itself), ``rollout.workers`` sampling actors with ``gpus_per_worker`` (``rollout.backend:
-ray``; local rollout samples in the trainer process), and the trainer process on ``policy.device`` -- which
+ray``; local rollout samples in the trainer process), ``rollout.reward_workers`` with ``gpus_per_reward_worker``
+(their task rewards' models, :mod:`r3_rl.plan.reward_models`), and the trainer process on ``policy.device`` -- which
 Ray does not know about, so it shares GPU 0 with an actor (worst case) unless ``--gpus`` leaves a GPU spare:
 then it runs alone there, and Ray must be started without that GPU (``CUDA_VISIBLE_DEVICES``).  A process's peak is what it keeps (weights,
-optimiser state, reference) plus the largest of its phases (a learner micro-batch, a sampling call, an eval
+optimiser state, reference, reward models) plus the largest of its phases (a learner micro-batch, a sampling call, an eval
 batch, a VQ decode).  Sizes come from :mod:`r3_rl.plan.memory`.  A GPU fits when its total stays under
 ``USABLE`` of its memory (the rest: CUDA context, NCCL buffers, allocator fragmentation).
 """
@@ -19,6 +20,7 @@ from r3_rl.learner.deepspeed_config import optimizer_offload
 from r3_rl.plan import memory
 from r3_rl.plan.bagel_shape import bagel_shape
 from r3_rl.plan.memory import DTYPE_BYTES, PROMPT_TOKENS, Stage
+from r3_rl.plan.reward_models import RewardModel, reward_models, trainer_reward_specs
 from r3_rl.plan.shapes import ModelShape, model_shape
 from r3_rl.policy.janus import DECODE_CHUNK
 
@@ -34,6 +36,7 @@ class Process:
     resident: dict[str, float] = field(default_factory=dict)  # kept for the whole run: component -> bytes
     phases: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> its components
     notes: dict[str, str] = field(default_factory=dict)  # component -> how it was sized
+    reward_models: list[RewardModel] = field(default_factory=list)  # on its GPU, sized or not
 
     def peak_phase(self) -> tuple[str, dict[str, float]]:
         if not self.phases:
@@ -216,6 +219,16 @@ class Plan:
         return not self.errors and all(v <= USABLE * self.gpu_memory * GB for _, v in self.gpu_totals())
 
 
+def add_reward_models(process: Process, specs: list[Any]) -> Process:
+    """The reward models ``specs`` load on ``process``'s GPU, kept for the whole run (:mod:`r3_rl.plan.reward_models`)."""
+    process.reward_models = reward_models(specs)
+    sized = [m for m in process.reward_models if m.params]
+    if sized:
+        process.resident["reward models"] = sum(m.bytes for m in sized)
+        process.notes["reward models"] = "; ".join(m.describe() for m in sized) + " (weights only)"
+    return process
+
+
 def make_plan(recipe: Any, gpus: int, gpu_memory: float, shape: ModelShape | None = None) -> Plan:
     shape = shape or (bagel_shape(recipe) if recipe.policy.kind == "bagel" else model_shape(recipe))
     cfg, r = recipe.learner, recipe.rollout
@@ -235,6 +248,9 @@ def make_plan(recipe: Any, gpus: int, gpu_memory: float, shape: ModelShape | Non
         processes.append(add_sampling(worker, recipe, shape, group, "sampling"))
         if gpu and not r.gpus_per_worker:
             errors.append("rollout.gpus_per_worker is 0 with policy.device cuda: the workers would see no GPU")
+    if r.reward_workers and gpu and r.gpus_per_reward_worker:
+        processes.append(add_reward_models(Process("reward worker", min(1 / r.gpus_per_reward_worker, r.reward_workers)),
+                                           recipe.rewards.task))
     trainer = Process("trainer process", 1.0 if gpu else 0.0)
     if cfg.ranks == 1:
         add_learner(trainer, recipe, shape)
@@ -251,6 +267,8 @@ def make_plan(recipe: Any, gpus: int, gpu_memory: float, shape: ModelShape | Non
     if r.backend == "local":
         add_sampling(trainer, recipe, shape, group, "rollout sampling")
     add_sampling(trainer, recipe, shape, recipe.eval.batch_size, "eval sampling")
+    if gpu:
+        add_reward_models(trainer, trainer_reward_specs(recipe))
     processes.append(trainer)
     needed = max(actor_gpus(recipe), 1 if gpu else 0)
     if gpu and needed > gpus:
