@@ -97,11 +97,11 @@ def run_overview(run_dir: Path) -> str:
         for r in rows:  # each figure's latest value: under tree.schedule alternate a step runs one stage only
             last.update({k: r[k] for k in STAGE_KEYS if k in r})
         lines.append(f"  training: {len(rows)} steps logged, last step {last['step']}: "
-                     f"reward A {fmt(last.get('1_reward/generate'))}, "
-                     f"acc A {fmt(last.get('2_accuracy/round0'))}, "
-                     f"refine dR {fmt(last.get('6_refine/delta_mean'))}, "
-                     f"verdict {fmt(last.get('3_understanding/verdict_balanced_accuracy'))}, "
-                     f"stop rate {fmt(last.get('6_refine/stop_rate'))}")
+                     f"reward A {fmtn(last.get('1_reward/generate'))}, "
+                     f"acc A {fmtn(last.get('2_accuracy/round0'))}, "
+                     f"refine dR {fmtn(last.get('6_refine/delta_mean'))}, "
+                     f"verdict {fmtn(last.get('3_understanding/verdict_balanced_accuracy'))}, "
+                     f"stop rate {fmtn(last.get('6_refine/stop_rate'))}")
     else:
         lines.append("  training: no steps logged")
     for p in sorted((run_dir / "eval").glob("*.json")) if (run_dir / "eval").is_dir() else []:

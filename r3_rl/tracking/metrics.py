@@ -242,7 +242,7 @@ def throughput_metrics(trees: list[Tree], rollout_s: float) -> dict[str, float]:
             elif n.segment.token_ids:
                 mod = "image" if n.segment.modality == "image" else "text"
                 tokens[mod] += len(n.segment.token_ids)
-                if not n.segment.sampling.greedy:  # greedy tokens have log-prob 0: no entropy to estimate
+                if not n.segment.sampling.greedy:  # a greedy token was not drawn: its (tempered) log-prob estimates no entropy
                     neg_logp[mod] -= sum(n.segment.logprobs)
     counts = {"images": images, "text_tokens": tokens["text"]}
     if tokens["image"] or not sde_steps:
