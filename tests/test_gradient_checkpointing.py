@@ -124,3 +124,52 @@ def test_recipe_key_turns_it_on_through_build_learner() -> None:
     build_learner(policy, None, SimpleNamespace(learner=Learner(gradient_checkpointing=True)))
     assert checkpointing_enabled(policy.model)
     assert Learner.model_fields["gradient_checkpointing"].default is False
+
+
+def test_siblings_context_copies_are_not_held_through_the_step() -> None:
+    """Each row's copy of its shared context's keys/values is made inside the layer and freed after its
+    ``torch.cat`` -- not made for every layer up front and held, by the cache that the checkpoints keep for their
+    recompute, until backward (until 2026-12-06; ``benchmarks/shared_context_memory.py``).  Against that up-front
+    gather, in the same process: the same log-probs and gradients, bit for bit, and a peak lower by at least a
+    quarter of the copies' bytes (measured here: 39%; the rest are freed before the peak either way)."""
+    from r3_rl.plan.measure import measured_peak
+    from r3_rl.policy.kv_cache import ReplayCache
+    from r3_rl.policy.tiny import TinyUnifiedPolicy
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the profiler sees the calling thread's allocations only
+    torch.manual_seed(0)
+    policy = TinyUnifiedPolicy.build(Templates().model_dump(), rows=4, cols=4, hidden_size=256, num_layers=4,
+                                     num_heads=4, intermediate_size=512)
+    enable_gradient_checkpointing(policy.model)
+    g = torch.Generator().manual_seed(1)
+    prompts = [PromptItem("0", "two red squares")] * 16
+    with torch.no_grad():
+        first = policy.generate(prompts[:1], [None], IMAGE_SP, g)[0]
+        parents = [ImageInput(first.image, first.image_tokens)] * 16
+        segs = [s.segment for s in policy.refine(prompts, parents, ["add a red square"] * 16, IMAGE_SP, g)]
+
+    def step() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        policy.model.zero_grad(set_to_none=True)
+        lps = policy.segment_logprobs(segs)
+        sum(lp.sum() for lp in lps).backward()
+        return [lp.detach() for lp in lps], [p.grad.clone() for p in policy.model.parameters()]
+
+    def up_front(self: ReplayCache, rows: torch.Tensor) -> ReplayCache:
+        return ReplayCache(len(self.layers), [(layer.keys.index_select(0, rows), layer.values.index_select(0, rows))
+                                              for layer in self.layers])
+
+    real = ReplayCache.select
+    try:
+        step()
+        (lps, grads), peak = measured_peak(step)
+        ReplayCache.select = up_front  # type: ignore[method-assign]
+        step()
+        (old_lps, old_grads), old_peak = measured_peak(step)
+    finally:
+        ReplayCache.select = real  # type: ignore[method-assign]
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(lps, old_lps)) and all(map(torch.equal, grads, old_grads))
+    context = len(segs[0].context["input_ids"])
+    copies = len(segs) * 4 * 2 * context * 256 * 4  # rows x layers x (keys, values) x positions x width x fp32
+    assert old_peak - peak >= copies / 4, (old_peak, peak, copies)

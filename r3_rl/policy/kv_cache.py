@@ -56,9 +56,10 @@ class PreallocatedCache(Cache):
 
 
 class _ReplayLayer(DynamicLayer):
-    def __init__(self, past: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def __init__(self, past: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 rows: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.past = past
+        self.past, self.rows = past, rows
         if past is not None:
             self.keys, self.values = past
             self.device = past[0].device
@@ -68,8 +69,11 @@ class _ReplayLayer(DynamicLayer):
         if self.past is None:
             self.keys, self.values = key_states, value_states
         else:
-            self.keys = torch.cat([self.past[0], key_states], dim=-2)
-            self.values = torch.cat([self.past[1], value_states], dim=-2)
+            past_k, past_v = self.past
+            if self.rows is not None:  # each row's context, gathered here: a copy that lives only until the cat
+                past_k, past_v = past_k.index_select(0, self.rows), past_v.index_select(0, self.rows)
+            self.keys = torch.cat([past_k, key_states], dim=-2)
+            self.values = torch.cat([past_v, value_states], dim=-2)
         self.device = key_states.device
         self.is_initialized = True
         return self.keys, self.values
@@ -78,16 +82,22 @@ class _ReplayLayer(DynamicLayer):
 class ReplayCache(Cache):
     """A training-forward cache safe to replay: ``update`` never accumulates, it rebuilds past + new."""
 
-    def __init__(self, num_layers: int, past: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
-        layers = [_ReplayLayer(past[i] if past is not None else None) for i in range(num_layers)]
+    def __init__(self, num_layers: int, past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 rows: torch.Tensor | None = None) -> None:
+        layers = [_ReplayLayer(past[i] if past is not None else None, rows) for i in range(num_layers)]
         super().__init__(layers=layers)
 
     def select(self, rows: torch.Tensor) -> "ReplayCache":
         """A new cache whose past is row ``rows[i]`` of this one's keys/values (a differentiable index).
 
+        The rows are gathered inside each layer's ``update``, not here: gathered up front, every layer's
+        per-row copy of the context lived for the whole forward -- and, under activation checkpointing, until
+        backward, since the checkpoint keeps the cache for its recompute.  For Janus-Pro-7B's refine
+        micro-batch (8 siblings x 2 CFG rows over a 1,634-position context) that was 16 x 0.8 GB.  Now a
+        layer's copy is freed as soon as its ``torch.cat`` has read it (``benchmarks/shared_context_memory.py``).
         This cache is left as it is: a replay of the forward that filled it must find it unchanged."""
-        past = [(layer.keys.index_select(0, rows), layer.values.index_select(0, rows)) for layer in self.layers]
-        return ReplayCache(len(self.layers), past)
+        past = [(layer.keys, layer.values) for layer in self.layers]
+        return ReplayCache(len(self.layers), past, rows)
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
