@@ -19,9 +19,10 @@ from typing import Any, Iterable
 
 from r3_rl.weights import DTYPE_BYTES, WeightsMissing, count_params, locate, weight_files
 
-# The default reward models' parameters, counted on the meta device with transformers' own classes from the
-# published configs (CLIP ViT-L/14 as openai/clip-vit-large-patch14; Mask2Former with a Swin-S backbone and
-# COCO's 80 instance classes; OWLv2 B/16), as tests/test_plan.py counts them again.
+# The default reward models' parameters, counted on the meta device with transformers' own classes built to
+# the published architectures (CLIP ViT-L/14: 427.6 M, as its model card says; Mask2Former's defaults with a
+# Swin-S backbone and COCO's 80 instance classes; OWLv2's defaults, which are B/16), as
+# tests/test_plan_reward_models.py counts them again.
 CLIP_L14 = "openai/clip-vit-large-patch14"
 MASK2FORMER_SWIN_S = "facebook/mask2former-swin-small-coco-instance"
 OWLV2_B16 = "google/owlv2-base-patch16-ensemble"
