@@ -288,6 +288,7 @@ def load_references(path: str) -> list[ReferenceImage]:
     from PIL import Image
 
     from r3_rl.jsonl import read_jsonl_objects
+    from r3_rl.textfiles import NotRegularFile, open_if_regular
 
     p = Path(path)
     if not p.is_file():
@@ -298,10 +299,10 @@ def load_references(path: str) -> list[ReferenceImage]:
         if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("image"), str):
             raise UserError(f"{p}:{lineno}: needs string fields 'prompt' and 'image' (a PNG path)")
         img_path = p.parent / rec["image"]
-        try:
-            with Image.open(img_path) as im:
+        try:  # a FIFO named as an image would block the eval before it starts: refused
+            with open_if_regular(img_path) as fh, Image.open(fh) as im:
                 pixels = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except OSError as e:
+        except (OSError, NotRegularFile, Image.DecompressionBombError) as e:
             raise UserError(f"{p}:{lineno}: cannot read image {img_path}: {e}") from None
         meta = rec.get("metadata") or {k: v for k, v in rec.items() if k not in ("prompt", "image", "kind")}
         out.append(ReferenceImage(PromptItem(id=f"ref-{lineno}", prompt=rec["prompt"], metadata=meta), pixels, None,

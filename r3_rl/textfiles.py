@@ -1,15 +1,19 @@
 """Reading files a user hands us (recipes, prompt sets): one-line errors naming the file and line, and size caps.
 
 A hostile or broken file must not become a traceback, a hang or a memory blow-up: a FIFO or a directory is
-refused before it is opened, bytes that are not UTF-8 are reported as ``file:line``, and YAML aliases (which
-let 1.5 KB expand to hundreds of MB: "billion laughs") are limited by the size of the expanded document.
+refused before anything is read from it (checked on the open descriptor, opened without blocking), bytes that
+are not UTF-8 are reported as ``file:line``, and YAML aliases (which let 1.5 KB expand to hundreds of MB:
+"billion laughs") are limited by the size of the expanded document.  Trajectory dumps (images included) and a
+user's reference images are opened the same way (:func:`open_if_regular`).
 """
 from __future__ import annotations
 
 import functools
 import gzip
+import os
+import stat
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from r3_rl.errors import UserError
 
@@ -17,15 +21,37 @@ MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; 1 MiB is far beyond an
 MAX_RECIPE_NODES = 100_000  # keys + values after expanding YAML aliases
 
 
+class NotRegularFile(ValueError):
+    """A path that names a FIFO, a device or a directory: reading it could block forever or mean nothing."""
+
+
+def open_if_regular(path: str | Path) -> BinaryIO:
+    """``open(path, "rb")``, refusing (:class:`NotRegularFile`) anything but a regular file.
+
+    The file is opened without blocking and checked on the open descriptor, so a FIFO is refused instead of
+    hanging the reader, and a file swapped for a FIFO between a check and the open is caught too.  Missing or
+    unreadable files raise the ``OSError`` that ``open`` would."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(f"{path} is not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def open_regular(path: str | Path, what: str = "file") -> Any:
     """``open(path, "rb")`` for a regular file, or a one-line :class:`UserError` (missing, FIFO, directory, denied)."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: {what} not found")
-    if not p.is_file():
-        raise UserError(f"{p}: {what} is not a regular file")
     try:
-        return open(p, "rb")
+        return open_if_regular(p)
+    except NotRegularFile:
+        raise UserError(f"{p}: {what} is not a regular file") from None
     except OSError as e:
         raise UserError(f"{p}: cannot read {what} ({e.strerror or e})") from None
 

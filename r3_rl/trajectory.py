@@ -19,12 +19,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, BinaryIO, Iterable, Iterator, Literal
 
 import numpy as np
 
 from r3_rl.errors import UserError
 from r3_rl.jsonl import read_jsonl_objects
+from r3_rl.textfiles import NotRegularFile, open_if_regular
 
 Stage = Literal["reason", "generate", "reflect", "refine"]
 Modality = Literal["text", "image"]
@@ -174,6 +175,16 @@ def _inside_dump(base_dir: Path, rel: str) -> Path:
     return path
 
 
+def _open_in_dump(base_dir: Path, rel: str) -> BinaryIO:
+    """A dump's file (:func:`_inside_dump`), opened only if it is a regular file: a FIFO planted where an image
+    should be would block the reader (``r3-rl inspect``) forever."""
+    path = _inside_dump(base_dir, rel)
+    try:
+        return open_if_regular(path)
+    except NotRegularFile:
+        raise ValueError(f"image path {rel[:120]!r} is not a regular file") from None
+
+
 MAX_IMAGE_PIXELS = 4096 * 4096  # a dump's image is at most this (Janus 384^2, BAGEL 1024^2): more is not ours
 
 
@@ -181,15 +192,15 @@ def _load_png(base_dir: Path, rel: str) -> np.ndarray:
     """A dump's image (:func:`_inside_dump`), at most :data:`MAX_IMAGE_PIXELS`."""
     from PIL import Image
 
-    path = _inside_dump(base_dir, rel)
-    try:
-        im = Image.open(path)
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"image {rel[:120]!r}: {e}") from None
-    with im:
-        if im.width * im.height > MAX_IMAGE_PIXELS:
-            raise ValueError(f"image {rel[:120]!r} is {im.width}x{im.height} pixels, over {MAX_IMAGE_PIXELS}")
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    with _open_in_dump(base_dir, rel) as fh:
+        try:
+            im = Image.open(fh)
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"image {rel[:120]!r}: {e}") from None
+        with im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"image {rel[:120]!r} is {im.width}x{im.height} pixels, over {MAX_IMAGE_PIXELS}")
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
 MAX_CONTEXT_PNG_BYTES = 64 << 20  # an input image a dump's context points at (BAGEL's 1024 px PNG: about 2 MB)
@@ -222,10 +233,10 @@ def _context_png_to_file(b64: str, image_dir: Path, folder: str, written: dict[b
 
 def _context_png_from_file(base_dir: Path, rel: str) -> dict[str, str]:
     """The inverse of :func:`_context_png_to_file`, with :func:`_load_png`'s folder rule and a size cap."""
-    path = _inside_dump(base_dir, rel)
-    if path.stat().st_size > MAX_CONTEXT_PNG_BYTES:
-        raise ValueError(f"image {rel[:120]!r} is over {MAX_CONTEXT_PNG_BYTES >> 20} MiB")
-    return {"png": base64.b64encode(path.read_bytes()).decode("ascii")}
+    with _open_in_dump(base_dir, rel) as fh:
+        if os.fstat(fh.fileno()).st_size > MAX_CONTEXT_PNG_BYTES:
+            raise ValueError(f"image {rel[:120]!r} is over {MAX_CONTEXT_PNG_BYTES >> 20} MiB")
+        return {"png": base64.b64encode(fh.read()).decode("ascii")}
 
 
 def node_to_dict(node: Node, image_path: str | None) -> dict[str, Any]:
@@ -279,7 +290,11 @@ def tree_to_dict(tree: Tree, image_dir: Path, image_prefix: str, written: dict[b
 
 def tree_from_dict(d: dict[str, Any], base_dir: Path) -> Tree:
     tree = Tree(id=d["id"], prompt=PromptItem(**d["prompt"]), meta=d.get("meta", {}))
-    for nd in d["nodes"]:
+    if not isinstance(d["nodes"], list):
+        raise TypeError(f"'nodes' is {type(d['nodes']).__name__}, not a list")
+    for i, nd in enumerate(d["nodes"]):
+        if not isinstance(nd, dict):
+            raise TypeError(f"node {i} is {type(nd).__name__}, not an object")
         img = _load_png(base_dir, str(nd["image"])) if nd.get("image") else None
         if isinstance(nd.get("segment"), dict) and "context" in nd["segment"]:
             nd = {**nd, "segment": {**nd["segment"], "context": _map_png_refs(
@@ -318,7 +333,8 @@ def read_trees(jsonl_path: str | Path) -> Iterator[Tree]:
     for line, d in read_jsonl_objects(jsonl_path):
         try:
             tree = tree_from_dict(d, jsonl_path.parent)
-        except (KeyError, TypeError, ValueError, OSError) as e:  # OSError: a missing or unreadable image (PIL's too)
+        # OSError: a missing or unreadable image (PIL's too); AttributeError: a value of the wrong JSON type
+        except (KeyError, TypeError, ValueError, OSError, AttributeError) as e:
             raise UserError(f"{jsonl_path}:{line}: not a trajectory tree r3-rl can read "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         yield tree

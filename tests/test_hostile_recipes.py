@@ -7,6 +7,7 @@ the warm start), with no run dir left behind.  Most run in-process (fast); one g
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -181,13 +182,13 @@ def test_unreadable_files_name_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     """Permission errors (the tests run as root, so `chmod 000` would not stop a read: simulated)."""
     p = tmp_path / "secret.jsonl"
     p.write_text(GENEVAL_LINE + "\n")
-    real_open = open
+    real_open = os.open  # user files are opened with os.open (non-blocking, then checked: textfiles.open_if_regular)
 
     def denied(file, *a, **kw):  # noqa: ANN001, ANN002, ANN003
         if str(file) == str(p):
             raise PermissionError(13, "Permission denied")
         return real_open(file, *a, **kw)
-    monkeypatch.setattr("builtins.open", denied)
+    monkeypatch.setattr("os.open", denied)
     with pytest.raises(UserError, match=r"secret.jsonl: cannot read file \(Permission denied\)"):
         list(read_jsonl_objects(p))
     r = tmp_path / "r.yaml"
