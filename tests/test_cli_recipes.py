@@ -39,7 +39,7 @@ def test_shipped_recipes_validate(repo: Path, recipe: str) -> None:
     ("steps: 3\n", ["learner.lr=-1e-4"], "key 'learner.lr'"),
     ("steps: 3\n", ["learner.clip_low=1.0"], "key 'learner.clip_low': Input should be less than 1"),
     ("steps: 3\n", ["learner.kl_coef_text=-0.1"], "key 'learner.kl_coef_text'"),
-    ("steps: 3\n", ["learner.betas=[0.9, 1.0]"], "key 'learner.betas.1'"),
+    ("steps: 3\n", ["learner.betas=[0.9, 1.0]"], "key 'learner.betas[1]'"),
     ("steps: 3\n", ["eval.size=0"], "key 'eval.size'"),
     ("steps: 3\n", ["rollout.generate.cfg_scale=-2"], "key 'rollout.generate.cfg_scale'"),
 ])

@@ -79,7 +79,7 @@ CASES = [
     (None, ["rewards.reason_format=(unclosed"], [], "key 'rewards.reason_format': not a valid regular expression"),
     (None, [], ["--run-dir", "/dev/null/run"], "--run-dir /dev/null/run: /dev/null is not a directory"),
     (None, ["learner.lr=1e999"], [], "key 'learner.lr': inf is not a finite number"),
-    (None, ["learner.betas=[0.9, .nan]"], [], "key 'learner.betas.1': Input should be a finite number"),
+    (None, ["learner.betas=[0.9, .nan]"], [], "key 'learner.betas[1]': Input should be a finite number"),
     (None, ["tree.group_size=1000000000000"], [], "key 'tree.group_size': 1000000000000 is over the limit of 1024"),
     (None, ["tree.prompts_per_step=60000", "tree.group_size=1000"], [], "over the limit of 1048576"),
     (None, ["policy.tiny.hidden_size=100000000"], [], "key 'policy.tiny.hidden_size': 100000000 is over the limit"),
