@@ -296,15 +296,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train" and argv is None:  # the real CLI process (tests call main() in-process)
         from r3_rl import interrupts
 
-        interrupts.install()  # Ctrl-C cleans up, and the process ends even if clean-up hangs
+        interrupts.install()  # Ctrl-C or SIGTERM cleans up, and the process ends even if clean-up hangs
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
         print(f"r3-rl: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("r3-rl: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        from r3_rl.interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
+
+        terminated = isinstance(e, Terminated)
+        print(f"r3-rl: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from r3_rl import interrupts
 from r3_rl.errors import UserError
 
 
@@ -36,6 +37,7 @@ def start_ray(ray_cfg: Any, gpus: list[str] | None = None) -> bool:
             kw["num_gpus"] = len(gpus or [])
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus or [])
         ray.init(**kw)
+        interrupts.reclaim()  # ray.init's SIGTERM handler aborts without clean-up: Ctrl-C's path is ours again
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"ray.address: cannot join {ray_cfg.address!r}" if ray_cfg.address else "ray: cannot start a local Ray"
         hint = ("start one with `ray start --head` or remove ray.address to start a local Ray"

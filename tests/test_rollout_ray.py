@@ -214,7 +214,12 @@ def test_train_with_ray_backend_leaves_no_ray_process(repo: Path, tmp_path: Path
     assert wait_no_ray_processes(root) == []
 
 
-def test_ctrl_c_shuts_ray_down(repo: Path, tmp_path: Path, ray_tmp) -> None:
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                             (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_shuts_ray_down(repo: Path, tmp_path: Path, ray_tmp, sig: int, code: int, said: str
+                                          ) -> None:
+    """Ctrl-C, or ``kill PID`` (a scheduler's SIGTERM: Python's default would die with no clean-up), mid-training:
+    the workers and the Ray the run started are gone, and the exit code says which signal."""
     root, env = ray_tmp
     proc = subprocess.Popen(train_cmd(repo, tmp_path, steps=10_000), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -227,13 +232,13 @@ def test_ctrl_c_shuts_ray_down(repo: Path, tmp_path: Path, ray_tmp) -> None:
             time.sleep(0.5)
         assert ray_processes(root), "expected the run's Ray processes while it trains"
         time.sleep(2)  # mid-training
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err[-3000:]
-    assert "interrupted" in err
+    assert proc.returncode == code, err[-3000:]
+    assert f"r3-rl: {said}" in err
     assert wait_no_ray_processes(root) == []
 
 
