@@ -11,6 +11,7 @@ import re
 import threading
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -37,6 +38,28 @@ def _tree(tree_id: str = "t0", images: tuple[np.ndarray, ...] = (), context: dic
     for i, img in enumerate(images):
         t.add(Node(id=f"g{i}", parent="r0", stage="generate", round=0, group_id="g/i", policy_version=0, image=img))
     return t
+
+
+def _error_reading(read: Callable[[], Any], fifo: Path) -> BaseException | None:
+    """What ``read()`` raised (None if nothing), run in a thread: a read that blocks on ``fifo`` (opening a FIFO
+    waits for a writer) is released with one, and the test fails."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            read()
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - the thread reports whatever happened
+            outcome.append(e)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(10)
+    if th.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        th.join(10)
+        pytest.fail(f"reading {fifo.name} blocked on a FIFO instead of refusing it")
+    return outcome[0]
 
 
 # ------------------------------------------------------------------------------------------------ data.py
@@ -183,23 +206,8 @@ def test_a_fifo_or_folder_is_refused_before_it_is_opened(tmp_path: Path) -> None
         return
     fifo = tmp_path / "pipe.jsonl"
     os.mkfifo(fifo)
-    outcome: list[BaseException | None] = []
-
-    def read() -> None:
-        try:
-            list(read_jsonl_objects(fifo))
-            outcome.append(None)
-        except BaseException as e:  # noqa: BLE001 - the thread reports whatever happened
-            outcome.append(e)
-
-    th = threading.Thread(target=read, daemon=True)
-    th.start()
-    th.join(5)
-    if th.is_alive():  # blocked opening the FIFO: release it, then fail
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        th.join(5)
-        pytest.fail("reading a FIFO blocked instead of being refused")
-    assert isinstance(outcome[0], UserError) and "is not a regular file" in str(outcome[0])
+    err = _error_reading(lambda: list(read_jsonl_objects(fifo)), fifo)
+    assert isinstance(err, UserError) and "is not a regular file" in str(err)
 
 
 # ------------------------------------------------------------------------------------------------ run_dir.py
@@ -253,28 +261,6 @@ def test_a_bin_without_torch_dtype_counts_float32_parameters(tmp_path: Path) -> 
 
 
 # ------------------------------------------------------------------------------------------------ read_trees on a shared dump
-def _read_in_thread(path: Path, fifo: Path) -> BaseException | None:
-    """Read ``path``'s trees in a thread; a read that blocks on ``fifo`` is released and fails the test."""
-    outcome: list[BaseException | None] = []
-
-    def read() -> None:
-        try:
-            list(read_trees(path))
-            outcome.append(None)
-        except BaseException as e:  # noqa: BLE001 - the thread reports whatever happened
-            outcome.append(e)
-
-    th = threading.Thread(target=read, daemon=True)
-    th.start()
-    th.join(10)
-    if th.is_alive():  # blocked opening the FIFO: give it a writer and an end, then fail
-        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        os.close(fd)
-        th.join(10)
-        pytest.fail(f"reading {path.name} blocked on a FIFO instead of refusing it")
-    return outcome[0]
-
-
 def test_a_node_that_is_not_an_object_is_a_one_line_error(tmp_path: Path) -> None:
     path = write_trees([_tree()], tmp_path / "d.jsonl")
     d = json.loads(path.read_text())
@@ -299,7 +285,7 @@ def test_a_fifo_in_a_dumps_image_folder_is_refused_not_waited_on(tmp_path: Path,
     assert len(list(read_trees(path))) == 1
     target.unlink()
     os.mkfifo(target)
-    err = _read_in_thread(path, target)
+    err = _error_reading(lambda: list(read_trees(path)), target)
     assert isinstance(err, UserError), err
     assert re.search(r"d\.jsonl:1: not a trajectory tree r3-rl can read \(ValueError: image path .* is not a regular "
                      r"file\)", str(err)), str(err)
@@ -347,21 +333,6 @@ def test_a_users_reference_set_names_the_line_of_a_bad_image(tmp_path: Path) -> 
         return
     os.mkfifo(tmp_path / "pipe.png")
     ref.write_text(json.dumps({"prompt": "p", "image": "pipe.png"}) + "\n")
-    outcome: list[BaseException | None] = []
-
-    def read() -> None:
-        try:
-            load_references(str(ref))
-            outcome.append(None)
-        except BaseException as e:  # noqa: BLE001 - the thread reports whatever happened
-            outcome.append(e)
-
-    th = threading.Thread(target=read, daemon=True)
-    th.start()
-    th.join(10)
-    if th.is_alive():
-        os.close(os.open(tmp_path / "pipe.png", os.O_WRONLY | os.O_NONBLOCK))
-        th.join(10)
-        pytest.fail("a FIFO named as a reference image blocked the read")
-    assert isinstance(outcome[0], UserError) and re.search(r"refs\.jsonl:1: cannot read image .*pipe\.png: .*not a "
-                                                           r"regular file", str(outcome[0])), outcome[0]
+    err = _error_reading(lambda: load_references(str(ref)), tmp_path / "pipe.png")
+    assert isinstance(err, UserError) and re.search(r"refs\.jsonl:1: cannot read image .*pipe\.png: .*not a regular "
+                                                    r"file", str(err)), err
