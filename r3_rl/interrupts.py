@@ -74,18 +74,17 @@ def install(grace_s: float = 60.0) -> InterruptWatchdog | None:
     global _installed
     if threading.current_thread() is not threading.main_thread():
         return None
-    watchdog = InterruptWatchdog(grace_s)
-    signal.signal(signal.SIGINT, watchdog)
-    signal.signal(signal.SIGTERM, watchdog)
-    _installed = watchdog
-    return watchdog
+    _installed = InterruptWatchdog(grace_s)
+    reclaim()
+    return _installed
 
 
 def reclaim() -> None:
-    """Install the watchdog again after a library replaced it below Python: ``ray.init`` puts a C++ failure
-    handler on SIGTERM in the driver, which logs a stack and aborts (exit -6) with no clean-up, leaving the
-    run's workers and Ray behind.  Python's ``getsignal`` does not see that, so the handlers are set anew.
-    A no-op where :func:`install` was not called (tests, notebooks) or off the main thread."""
+    """Set the installed watchdog as the SIGINT and SIGTERM handler; called again after a library replaced it
+    below Python: ``ray.init`` puts a C++ failure handler on SIGTERM in the driver, which logs a stack and aborts
+    (exit -6) with no clean-up, leaving the run's workers and Ray behind.  Python's ``getsignal`` does not see
+    that, so the handlers are set anew.  A no-op where :func:`install` was not called (tests, notebooks) or off
+    the main thread."""
     if _installed is None or threading.current_thread() is not threading.main_thread():
         return
     signal.signal(signal.SIGINT, _installed)
