@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -289,6 +290,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _in_recipe(message: str, args: argparse.Namespace) -> str:
+    """An error about a recipe key (``policy.model: cannot load ...``, raised while the run is built) names the
+    recipe file too, as the validator's errors do; ``eval``'s ``policy.model`` is its ``--checkpoint``, not the
+    recipe's."""
+    recipe = getattr(args, "recipe", None)
+    head = re.match(r"([a-z_]+)[.\[: ]", message)
+    if recipe is None or head is None or message.startswith(str(recipe)):
+        return message
+    from r3_rl.config import Recipe
+
+    if head.group(1) not in Recipe.model_fields:
+        return message
+    if args.command == "eval" and message.startswith("policy.model"):
+        return f"--checkpoint{message.removeprefix('policy.model')}"  # the message names the path itself
+    return f"{recipe}: {message}"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -300,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        print(f"r3-rl: error: {e}", file=sys.stderr)
+        print(f"r3-rl: error: {_in_recipe(str(e), args)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
         from r3_rl.interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated

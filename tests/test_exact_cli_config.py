@@ -104,7 +104,7 @@ def test_eval_checks_the_checkpoint_as_policy_model_before_any_work(tmp_path: Pa
     empty.mkdir()
     sets = ["--set", f"out_dir={tmp_path / 'runs'}"]
     err = cli_one_line_error(["eval", str(TINY), "--checkpoint", str(empty), *sets], capsys)
-    assert f"policy.model: cannot load '{empty}': no config.json there" in err
+    assert err.startswith(f"r3-rl: error: --checkpoint: cannot load '{empty}': no config.json there"), err
     assert no_sampling == []
     err = cli_one_line_error(["eval", str(TINY), "--checkpoint", str(tmp_path / "nope"), *sets], capsys)
     assert err == f"r3-rl: error: --checkpoint {tmp_path / 'nope'}: no such directory"
@@ -252,3 +252,35 @@ def test_unknown_keys_in_optional_sections_and_list_entries_say_what_is_valid() 
     _refused(["rewards.reflect.extra=[{name: verdict_consistency, optons: {}}]"],
              "unknown key 'rewards.reflect.extra[0].optons' (did you mean 'options'?)")
     _refused(["rewards.task=[{name: blocks, weight: abc}]"], "key 'rewards.task[0].weight': ")
+
+
+def test_an_error_raised_while_building_a_recipe_key_names_the_recipe_file(tmp_path: Path, capsys: pytest.CaptureFixture
+                                                                          ) -> None:
+    """A load-time error about ``policy.model`` (not the validator's) said only ``policy.model: ...``: which recipe
+    it came from was left to the user; the CLI now prefixes the file, as the validator's errors do."""
+    empty = tmp_path / "model"
+    empty.mkdir()
+    sets = ["--set", f"out_dir={tmp_path / 'runs'}", "--set", f"policy.model={empty}"]
+    err = cli_one_line_error(["train", str(TINY), *sets], capsys)
+    assert err.startswith(f"r3-rl: error: {TINY}: policy.model: cannot load '{empty}': no config.json there"), err
+    err = cli_one_line_error(["train", str(TINY), "--set", "steps=-1"], capsys)  # already named: not twice
+    assert err == f"r3-rl: error: {TINY}: key 'steps': Input should be greater than or equal to 0, got -1"
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("policy.model: x", "R.yaml: policy.model: x"),
+    ("rewards[0]: unknown key(s) ['z']", "R.yaml: rewards[0]: unknown key(s) ['z']"),
+    ("learner.lora.target_modules: 'q' matches nothing", "R.yaml: learner.lora.target_modules: 'q' matches nothing"),
+    ("R.yaml: key 'steps': bad", "R.yaml: key 'steps': bad"),
+    ("dataset 'a/b' (split 'train'): cannot load", "dataset 'a/b' (split 'train'): cannot load"),
+    ("--run-dir /x: not a directory", "--run-dir /x: not a directory"),
+])
+def test_only_messages_that_start_with_a_recipe_key_get_the_file(message: str, expected: str) -> None:
+    """The prefix goes on ``section.key:`` / ``section[i]:`` messages only, never twice, never on a flag's or a
+    dataset's error (``dataset`` is not a recipe section)."""
+    from argparse import Namespace
+
+    from r3_rl.cli import _in_recipe
+
+    assert _in_recipe(message, Namespace(command="train", recipe="R.yaml")) == expected
+    assert _in_recipe(message, Namespace(command="serve")) == message  # no recipe argument: as raised

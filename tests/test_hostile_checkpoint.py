@@ -273,7 +273,7 @@ def test_a_damaged_model_folder_or_warm_start_cache_is_one_line(run: tuple[Path,
     recipe = str(repo / "recipes" / "tiny_blocks.yaml")
     line = cli_one_line_error(["eval", recipe, "--checkpoint", str(model), "--run-dir", str(tmp_path / "ev")]
                               + [a for s in tiny_overrides(tmp_path) for a in ("--set", s)], capsys)
-    assert f"policy.model: {model}: cannot load it (SafetensorError" in line, line
+    assert f"--checkpoint: {model}: cannot load it (SafetensorError" in line, line
 
     args = ["train", recipe, "--run-dir", str(tmp_path / "r")] + [a for s in tiny_overrides(tmp_path, steps=1)
                                                                    for a in ("--set", s)]
