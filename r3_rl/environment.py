@@ -31,7 +31,8 @@ NUMERIC_PACKAGES = ("torch", "transformers", "numpy", "tokenizers", "safetensors
 NUMERIC_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_NUM_THREADS", "OMP_NUM_THREADS",
                      "CUBLAS_WORKSPACE_CONFIG", "NVIDIA_TF32_OVERRIDE", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE")
 # The fields two records are compared on (``when`` and ``command`` describe the record, not the machine).
-COMPARED = ("r3_rl", "python", "cpu", "cpu_capability", "torch_threads", "gpus", "packages", "variables")
+# the CUDA runtime too: torch's "+cuXXX" tag names it for a wheel, not for a build from source or a conda package
+COMPARED = ("r3_rl", "python", "cpu", "cpu_capability", "torch_threads", "gpus", "cuda", "packages", "variables")
 
 
 def package_version(name: str) -> str | None:

@@ -51,6 +51,10 @@ def test_differences_name_what_changed() -> None:
                                                    "uncommitted_changes": False})) == [
         "r3_rl.commit 0123456789abcdef -> fedcba9876543210"]
     assert differences(fake_env(), fake_env(platform="Linux-6.1", when="later")) == [], "not what numbers hang on"
+    # a torch built from source (or conda's) has no "+cu124" tag: the runtime version is the one that says it
+    gpu = fake_env(gpus=["NVIDIA H100"], cuda="12.4", packages={"torch": "2.13.0", "transformers": "5.25.0",
+                                                              "numpy": "2.4.6"})
+    assert differences(gpu, {**gpu, "cuda": "12.8"}) == ["cuda 12.4 -> 12.8"]
 
 
 def test_records_append_and_compare_with_the_start(tmp_path: Path) -> None:
