@@ -105,7 +105,8 @@ def _jsonable(value: Any) -> bool:
         return False
 
 
-def _load_dataset(name: str, split: str) -> Any:
+def _load_dataset(name: str, split: str) -> tuple[Any, str | None]:
+    """``(dataset, the split it is)``: None where ``split`` does not apply (one file, a plain ``Dataset`` folder)."""
     import datasets
 
     p = Path(name)
@@ -114,21 +115,21 @@ def _load_dataset(name: str, split: str) -> Any:
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise UserError(f"dataset {name}: no split {split!r} (splits: {', '.join(ds)})")
-            ds = ds[split]
-        return ds
+            return ds[split], split
+        return ds, None
     builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
     if p.suffix in builders:
         if not p.is_file():
             raise UserError(f"dataset {name}: file not found")
-        return datasets.load_dataset(builders[p.suffix], data_files=name, split="train")
-    return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(builders[p.suffix], data_files=name, split="train"), None
+    return datasets.load_dataset(name, split=split), split
 
 
 def read_hf_prompts(name: str, column: str, split: str = "train") -> list[PromptItem]:
     """Prompts from a `datasets` dataset's ``column``; other JSON-serialisable columns become metadata
     (images and other binary columns are left out: trajectories are written as JSON)."""
     try:
-        ds = _load_dataset(name, split)
+        ds, split_used = _load_dataset(name, split)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs one line
@@ -141,11 +142,12 @@ def read_hf_prompts(name: str, column: str, split: str = "train") -> list[Prompt
     first = ds[0]
     keep = [c for c in ds.column_names if c != column and _jsonable(first[c])]
     items = []
+    label = Path(name).name if split_used is None else f"{Path(name).name}:{split_used}"  # train / test rows: apart
     for i, row in enumerate(ds):
         text = row[column]
         if not isinstance(text, str) or not text.strip():
             raise UserError(f"dataset {name}: row {i}: {column!r} must be a non-empty string, got {text!r}")
-        items.append(PromptItem(id=f"{Path(name).name}:{i}", prompt=text.strip(),
+        items.append(PromptItem(id=f"{label}:{i}", prompt=text.strip(),
                                 metadata={k: row[k] for k in keep}, source=name))
     return items
 

@@ -94,16 +94,21 @@ def test_datasets_disk_dict_file_and_errors(tmp_path: Path) -> None:
     train = read_hf_prompts(str(tmp_path / "dd"), "text", "train")
     assert [i.prompt for i in train] == ["a cat", "a dog"] and train[1].metadata == {"tag": "y", "n": 2}
     assert [i.prompt for i in read_hf_prompts(str(tmp_path / "dd"), "text", "test")] == ["a cow"]
+    # the split is in the id: row 0 of train and row 0 of test were both "dd:0"
+    assert [i.id for i in train] == ["dd:train:0", "dd:train:1"]
+    assert [i.id for i in read_hf_prompts(str(tmp_path / "dd"), "text", "test")] == ["dd:test:0"]
     with pytest.raises(UserError, match=r"no split 'validation' \(splits: train, test\)"):
         read_hf_prompts(str(tmp_path / "dd"), "text", "validation")
     with pytest.raises(UserError, match=r"data.prompt_column: 'prompt' not in dataset"):
         read_hf_prompts(str(tmp_path / "dd"), "prompt", "train")
     dd["train"].save_to_disk(str(tmp_path / "single"))  # a plain Dataset folder: the split is irrelevant
-    assert len(read_hf_prompts(str(tmp_path / "single"), "text", "test")) == 2
+    assert [i.id for i in read_hf_prompts(str(tmp_path / "single"), "text", "test")] == ["single:0", "single:1"]
 
     p = write_jsonl(tmp_path / "local.jsonl", [{"prompt": "one", "tag": "t"}, {"prompt": "", "tag": "t"}])
     with pytest.raises(UserError, match=r"row 1: 'prompt' must be a non-empty string"):
         load_prompts("hf", str(p), "prompt")
+    one = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "one"}])
+    assert [i.id for i in load_prompts("hf", str(one), "prompt", "test")] == ["one.jsonl:0"]  # a file has no split
     with pytest.raises(UserError, match=r"dataset 'no/such-dataset-r3rl' \(split 'train'\): cannot load"):
         read_hf_prompts("no/such-dataset-r3rl", "prompt", "train")
 
