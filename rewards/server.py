@@ -82,6 +82,12 @@ def _error(code: int, message: str, close: bool = False, **headers: str) -> JSON
     return JSONResponse({"error": message}, status_code=code, headers=headers or None)
 
 
+def _not_json(constant: str) -> Any:
+    """``NaN``, ``Infinity`` and ``-Infinity`` are not JSON, though Python's parser takes them: a ``NaN`` turn
+    reward would score as a flawed image instead of being refused."""
+    raise ValueError(f"{constant} is not a JSON value")
+
+
 async def _drain(request: Request, size: int, timeout: float) -> bool:
     """Read and drop a refused body of ``size`` bytes when it is small; True when all of it arrived in time
     (h11 ends the stream at Content-Length, so a finished stream is the whole body)."""
@@ -163,7 +169,7 @@ class ScoreService:
         code, reply = self._score_json(raw)
         try:
             return code, json.dumps(reply, allow_nan=False).encode()
-        except ValueError as e:  # a NaN or infinity in what the reward returned
+        except (ValueError, TypeError) as e:  # a NaN or infinity, or a value JSON has no form for (a tuple key)
             return 500, json.dumps({"error": f"reward reply is not JSON ({e})"}).encode()
 
     def _score_json(self, raw: bytearray) -> tuple[int, dict[str, Any]]:
@@ -173,7 +179,7 @@ class ScoreService:
             return 413, {"error": f"request holds about {values} JSON values, over the server's limit of "
                                   f"{MAX_JSON_VALUES}; send smaller batches"}
         try:
-            body = json.loads(raw)
+            body = json.loads(raw, parse_constant=_not_json)
         except (ValueError, RecursionError) as e:  # bad UTF-8 / JSON, 5,000-digit ints, 200,000-deep nesting
             return 400, {"error": f"body is not JSON ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})"}
         del raw
