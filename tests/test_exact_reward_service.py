@@ -507,3 +507,14 @@ def test_nan_in_a_request_body_is_a_400(constant: bytes) -> None:
     body = bytearray(b'{"samples": [{"prompt": "p", "history": [{"stage": "generate", "reward": %s}]}]}' % constant)
     code, reply = ScoreService(_Len(), Limits())._score_json(body)
     assert code == 400 and reply["error"].startswith("body is not JSON")
+
+
+@pytest.mark.parametrize("field, where", [
+    ({"round": True}, "samples[0].round: expected int, got bool"),
+    ({"history": [{"stage": "generate", "reward": True}]}, "samples[0].history[0].reward: expected int/float, got bool"),
+    ({"history": [{"stage": "generate", "round": False}]}, "samples[0].history[0].round: expected int, got bool"),
+])
+def test_a_boolean_round_or_reward_in_a_request_is_refused(field: dict[str, Any], where: str) -> None:
+    """``true`` is an int to Python: a turn's reward ``true`` was read as 1.0 (a correct image), ``round: true`` as 1."""
+    with pytest.raises(WireError, match=f"^{where.replace('[', '[[]')}$"):
+        sample_from_json({"prompt": "p", **field})
