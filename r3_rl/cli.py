@@ -295,7 +295,7 @@ def _in_recipe(message: str, args: argparse.Namespace) -> str:
     recipe file too, as the validator's errors do; ``eval``'s ``policy.model`` is its ``--checkpoint``, not the
     recipe's."""
     recipe = getattr(args, "recipe", None)
-    head = re.match(r"([a-z_]+)[.\[: ]", message)
+    head = re.match(r"([a-z_]+)(?:[.\[][^\s:]*)?:", message)  # "policy.model:", "rewards[0]:", not "learner rank 1"
     if recipe is None or head is None or message.startswith(str(recipe)):
         return message
     from r3_rl.config import Recipe

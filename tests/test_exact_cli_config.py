@@ -274,10 +274,14 @@ def test_an_error_raised_while_building_a_recipe_key_names_the_recipe_file(tmp_p
     ("R.yaml: key 'steps': bad", "R.yaml: key 'steps': bad"),
     ("dataset 'a/b' (split 'train'): cannot load", "dataset 'a/b' (split 'train'): cannot load"),
     ("--run-dir /x: not a directory", "--run-dir /x: not a directory"),
+    ("learner.algorithm=ppo: a X has no value head", "R.yaml: learner.algorithm=ppo: a X has no value head"),
+    ("rollout worker 3 could not be restarted: no node", "rollout worker 3 could not be restarted: no node"),
+    ("learner rank 1 was lost during the learner step", "learner rank 1 was lost during the learner step"),
 ])
 def test_only_messages_that_start_with_a_recipe_key_get_the_file(message: str, expected: str) -> None:
     """The prefix goes on ``section.key:`` / ``section[i]:`` messages only, never twice, never on a flag's or a
-    dataset's error (``dataset`` is not a recipe section)."""
+    dataset's error (``dataset`` is not a recipe section), nor on a run-time failure whose first word happens to be
+    a section's name (``rollout worker 3``, ``learner rank 1``)."""
     from argparse import Namespace
 
     from r3_rl.cli import _in_recipe
