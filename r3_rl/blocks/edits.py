@@ -285,8 +285,10 @@ def _position_fix(grid: np.ndarray, objs: list[Obj], req: dict, treq: dict, a: O
         a2, b2 = (b[0], b[1], s, a[3]), (a[0], a[1], t, b[3])
         swapped = np.array(grid, copy=True)
         swapped[a[0], a[1]], swapped[b[0], b[1]] = grid[b[0], b[1]], grid[a[0], a[1]]
-        if (_holds((a2[0], a2[1]), s, b2, rel, cell) or _move_cells(swapped, a2, [b2], rel, cell)[:-1]
-                or _move_cells(swapped, b2, [a2], inv, cell)[:-1]):
+        # a move after the swap: to a free cell (the mover's own is listed only where the relation holds there)
+        if (_holds((a2[0], a2[1]), s, b2, rel, cell)
+                or any(p != (a2[0], a2[1]) for p in _move_cells(swapped, a2, [b2], rel, cell))
+                or any(p != (b2[0], b2[1]) for p in _move_cells(swapped, b2, [a2], inv, cell))):
             return EditOp("swap", s, target=t), note
     return full_note
 
