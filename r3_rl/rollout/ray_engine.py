@@ -156,11 +156,14 @@ class RayEngine:
         self._put(policy, trainable_only)
         refs = [(i, self._load(w)) for i, w in self.group.items()]
         deadline = time.monotonic() + self.call_timeout_s
+        lost: list[tuple[int, str]] = []
         for i, ref in refs:
             try:
                 get_within(ref, deadline - time.monotonic(), "loading the weights")
             except ActorLost as e:  # died between steps: its replacement loads the new weights
-                self._replace(i, str(e))
+                lost.append((i, str(e)))
+        for i, why in lost:  # after every wait: a slow replacement must not use up the others' shared deadline
+            self._replace(i, why)
 
     def _put(self, policy: Policy, trainable_only: bool = False) -> None:
         import ray

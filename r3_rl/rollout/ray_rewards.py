@@ -75,6 +75,7 @@ class RayRewardSet:
         refs = [(i, a.score.remote(c) if c else None) for (i, a), c in zip(actors, chunks)]
         out: list[ScoredSample | None] = [None] * len(samples)
         deadline = time.monotonic() + self.call_timeout_s
+        lost: list[tuple[int, str]] = []
         for k, ((i, ref), chunk) in enumerate(zip(refs, chunks)):
             if ref is None:
                 continue
@@ -83,9 +84,13 @@ class RayRewardSet:
             except ActorLost as e:
                 got = [ScoredSample(total=None, failures={"reward_worker": f"reward actor lost ({e})"})
                        for _ in chunk]
-                self.group.replace(i, f"{e}; its {len(chunk)} samples are marked failed", lambda a: a.setup.remote())
+                lost.append((i, f"{e}; its {len(chunk)} samples are marked failed"))
             for j, res in enumerate(got):
                 out[k + j * n] = res
+        # replaced after every wait: a slow replacement (placement, start, set-up) must not use up the shared
+        # deadline of the healthy actors still scoring, which would then be failed and replaced too
+        for i, why in lost:
+            self.group.replace(i, why, lambda a: a.setup.remote())
         return out  # type: ignore[return-value]
 
     def close(self) -> None:
