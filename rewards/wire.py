@@ -115,13 +115,16 @@ def sample_to_json(sample: RewardSample, history: bool = True,
     }
 
 
-def _get(d: dict[str, Any], key: str, kinds: tuple[type, ...], where: str, default: Any = ...) -> Any:
+def _get(d: dict[str, Any], key: str, kinds: tuple[type, ...], where: str, default: Any = ...,
+         refuse_bool: bool = True) -> Any:
+    """``d[key]`` if it is one of ``kinds``; a JSON ``true`` is refused where ``kinds`` are numbers (Python counts
+    it as the int 1) unless ``refuse_bool`` is off for a caller that refuses it with its own message."""
     if key not in d:
         if default is ...:
             raise WireError(f"{where}: missing '{key}'")
         return default
     v = d[key]
-    if v is not None and (not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds)):  # true is no int
+    if v is not None and (not isinstance(v, kinds) or (refuse_bool and isinstance(v, bool) and bool not in kinds)):
         raise WireError(f"{where}.{key}: expected {'/'.join(k.__name__ for k in kinds)}, got {type(v).__name__}")
     return v
 
@@ -175,7 +178,7 @@ def output_from_json(d: Any, where: str = "results[0]") -> RewardOutput:
     (a NaN ``correct`` part would otherwise read as "flawed", a ``true`` score as 1.0)."""
     if not isinstance(d, dict):
         raise WireError(f"{where}: expected an object, got {type(d).__name__}")
-    raw_score = _get(d, "score", (int, float, bool), where, None)  # a bool: refused below, as not a finite number
+    raw_score = _get(d, "score", (int, float), where, None, refuse_bool=False)  # a bool: refused just below
     score = None if raw_score is None else _finite(raw_score)
     if raw_score is not None and score is None:
         raise WireError(f"{where}.score: expected a finite number, got {str(raw_score)[:40]}")

@@ -214,6 +214,8 @@ def test_a_boolean_score_or_a_missing_score_from_a_server_is_not_a_number() -> N
     """Catches `true` read as score 1.0 and a reply with no score and no failure read as a success."""
     with pytest.raises(WireError, match=r"results\[0\]\.score: expected a finite number, got True"):
         output_from_json({"score": True})
+    with pytest.raises(WireError, match=r"^results\[0\]\.score: expected int/float, got str$"):  # bool is no kind
+        output_from_json({"score": "0.5"})
     with pytest.raises(WireError, match=r"results\[0\]\.components\.c: expected a finite number"):
         output_from_json({"score": 0.5, "components": {"c": False}})
     out = output_from_json({"score": None})
