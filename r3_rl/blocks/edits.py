@@ -173,6 +173,11 @@ def _move_cells(grid: np.ndarray, mover: Obj, targets: list[Obj], rel: str, cell
     return [p for p in free if all(_holds(p, mover[2], t, rel, cell) for t in targets)]
 
 
+def _can_move(grid: np.ndarray, mover: Obj, targets: list[Obj], rel: str, cell: int) -> bool:
+    """A free cell, not the mover's own, from which ``mover`` would stand in ``rel`` to every target."""
+    return any(p != (mover[0], mover[1]) for p in _move_cells(grid, mover, targets, rel, cell))
+
+
 def apply_edit(grid: np.ndarray, op: EditOp, rng: np.random.Generator, cell: int = CELL) -> np.ndarray:
     """A new grid with ``op`` applied (unchanged copy when the op does not apply)."""
     out = np.array(grid, dtype=np.int64, copy=True)
@@ -274,21 +279,19 @@ def _position_fix(grid: np.ndarray, objs: list[Obj], req: dict, treq: dict, a: O
         n = len(_match(objs, cls))
         if n > k:  # extras make "the first" ambiguous after a move: remove them first
             return EditOp("remove", cls), f"the image has {number_word(n)} {_noun(cls, n)} but needs {number_word(k)}"
-    if any(p != (a[0], a[1]) for p in _move_cells(grid, a, targets, rel, cell)):
+    if _can_move(grid, a, targets, rel, cell):
         return EditOp("move", s, relation=rel, target=t), note
     b = targets[0]
     inv = INVERSE_RELATION[rel]
-    if len(targets) == 1 and any(p != (b[0], b[1]) for p in _move_cells(grid, b, [a], inv, cell)):
+    if len(targets) == 1 and _can_move(grid, b, [a], inv, cell):
         return EditOp("move", t, relation=inv, target=s), note
     if len(targets) == 1:
         # swapping fixes it, or (objects stuck at opposite edges of a long grid) makes a move possible
         a2, b2 = (b[0], b[1], s, a[3]), (a[0], a[1], t, b[3])
         swapped = np.array(grid, copy=True)
         swapped[a[0], a[1]], swapped[b[0], b[1]] = grid[b[0], b[1]], grid[a[0], a[1]]
-        # a move after the swap: to a free cell (the mover's own is listed only where the relation holds there)
-        if (_holds((a2[0], a2[1]), s, b2, rel, cell)
-                or any(p != (a2[0], a2[1]) for p in _move_cells(swapped, a2, [b2], rel, cell))
-                or any(p != (b2[0], b2[1]) for p in _move_cells(swapped, b2, [a2], inv, cell))):
+        if (_holds((a2[0], a2[1]), s, b2, rel, cell) or _can_move(swapped, a2, [b2], rel, cell)
+                or _can_move(swapped, b2, [a2], inv, cell)):
             return EditOp("swap", s, target=t), note
     return full_note
 
