@@ -303,7 +303,10 @@ def _in_recipe(message: str, args: argparse.Namespace) -> str:
     if head.group(1) not in Recipe.model_fields:
         return message
     if args.command == "eval" and message.startswith("policy.model"):
-        return f"--checkpoint{message.removeprefix('policy.model')}"  # the message names the path itself
+        from r3_rl.policy.tiny_recipe import BUILD_TINY_HINT
+
+        # the message names the path itself; "leave policy.model empty" is no advice for a checkpoint
+        return f"--checkpoint{message.removeprefix('policy.model').replace(BUILD_TINY_HINT, '')}"
     return f"{recipe}: {message}"
 
 

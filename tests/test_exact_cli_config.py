@@ -104,7 +104,8 @@ def test_eval_checks_the_checkpoint_as_policy_model_before_any_work(tmp_path: Pa
     empty.mkdir()
     sets = ["--set", f"out_dir={tmp_path / 'runs'}"]
     err = cli_one_line_error(["eval", str(TINY), "--checkpoint", str(empty), *sets], capsys)
-    assert err.startswith(f"r3-rl: error: --checkpoint: cannot load '{empty}': no config.json there"), err
+    assert err == (f"r3-rl: error: --checkpoint: cannot load '{empty}': no config.json there; give a directory "
+                   f"written by save_pretrained"), err  # not "(or leave policy.model empty ...)": eval has none
     assert no_sampling == []
     err = cli_one_line_error(["eval", str(TINY), "--checkpoint", str(tmp_path / "nope"), *sets], capsys)
     assert err == f"r3-rl: error: --checkpoint {tmp_path / 'nope'}: no such directory"
@@ -262,7 +263,8 @@ def test_an_error_raised_while_building_a_recipe_key_names_the_recipe_file(tmp_p
     empty.mkdir()
     sets = ["--set", f"out_dir={tmp_path / 'runs'}", "--set", f"policy.model={empty}"]
     err = cli_one_line_error(["train", str(TINY), *sets], capsys)
-    assert err.startswith(f"r3-rl: error: {TINY}: policy.model: cannot load '{empty}': no config.json there"), err
+    assert err == (f"r3-rl: error: {TINY}: policy.model: cannot load '{empty}': no config.json there; give a "
+                   f"directory written by save_pretrained (or leave policy.model empty to build the tiny model)"), err
     err = cli_one_line_error(["train", str(TINY), "--set", "steps=-1"], capsys)  # already named: not twice
     assert err == f"r3-rl: error: {TINY}: key 'steps': Input should be greater than or equal to 0, got -1"
 

@@ -26,7 +26,7 @@ from r3_rl.policy.kv_cache import PreallocatedCache, ReplayCache
 from r3_rl.policy.sampling import cfg_logits, check_sampled, sample_tokens, sampling_logprobs
 from r3_rl.policy.shared_context import first_rows, shared_context_rows
 from r3_rl.policy.tiny_mot import MoTLlamaForCausalLM, has_modality_experts, modality_config
-from r3_rl.policy.tiny_recipe import GRID_FILE, TinyRecipe
+from r3_rl.policy.tiny_recipe import BUILD_TINY_HINT, GRID_FILE, TinyRecipe
 from r3_rl.policy.tiny_tokenizer import PLACEHOLDER, build_tokenizer, image_token, template_words
 from r3_rl.trajectory import PromptItem, SamplingParams, Segment
 
@@ -124,7 +124,7 @@ class TinyUnifiedPolicy(TinyRecipe, Policy):
         p = Path(path)
         if not (p / "config.json").is_file():
             raise UserError(f"policy.model: cannot load '{path}': no config.json there; give a directory written "
-                            f"by save_pretrained (or leave policy.model empty to build the tiny model)")
+                            f"by save_pretrained{BUILD_TINY_HINT}")
         model = (MoTLlamaForCausalLM if has_modality_experts(LlamaConfig.from_pretrained(path))
                  else LlamaForCausalLM).from_pretrained(path)
         tok = PreTrainedTokenizerFast.from_pretrained(path)

@@ -12,6 +12,10 @@ from typing import Any
 
 from r3_rl.errors import UserError
 
+# The tail of the tiny policy's "cannot load" error: advice about the recipe, which `r3-rl eval` drops because
+# its model is --checkpoint, not policy.model.
+BUILD_TINY_HINT = " (or leave policy.model empty to build the tiny model)"
+
 # reflect tokens a described critique (``warmstart.describe``) of a busy 4x4 grid needs: the longest of 3000
 # synthetic ones is 28 words with "objects", 31 with "counts", verdict included
 DESCRIBED_CRITIQUE_TOKENS = 40
@@ -83,7 +87,7 @@ class TinyRecipe:
         model = recipe.policy.model
         if weights and model and not (Path(model).expanduser() / "config.json").is_file():
             raise UserError(f"policy.model: cannot load '{model}': no config.json there; give a directory written "
-                            f"by save_pretrained (or leave policy.model empty to build the tiny model)")
+                            f"by save_pretrained{BUILD_TINY_HINT}")
         if weights and model and "image_input" in t.model_fields_set:  # a saved model reads images its own way
             grid_file = Path(model).expanduser() / GRID_FILE
             try:
