@@ -214,7 +214,7 @@ def test_critic_lr_gives_the_critic_its_own_rate(base, critic: str) -> None:
     assert len(plain.optim.optimizer.param_groups) == 1
 
 
-def _old_values_on_rank(rank: int, world: int, port: int, queue) -> None:
+def _old_values_on_rank(rank: int, world: int, port: int, queue, n_items: int) -> None:
     """One gloo rank: the PPO old values with this rank's micro-batches (as TorchLearner assigns them)."""
     import os
 
@@ -225,7 +225,7 @@ def _old_values_on_rank(rank: int, world: int, port: int, queue) -> None:
         from r3_rl.config import Recipe
 
         policy = tiny_policy()
-        items = sample_items(policy)
+        items = sample_items(policy)[:n_items]
         algorithm = PPO(Recipe(learner=learner_cfg(algorithm="ppo", micro_batch_size=2)))
         modules = algorithm.modules(policy)
         torch.nn.init.normal_(modules["value_head"].weight, generator=torch.Generator().manual_seed(0))
@@ -242,9 +242,12 @@ def _old_values_on_rank(rank: int, world: int, port: int, queue) -> None:
         torch.distributed.destroy_process_group()
 
 
-def test_ranks_compute_the_old_values_of_their_own_micro_batches_only() -> None:
-    """2 gloo ranks, 6 items in micro-batches of 2: rank 0 values 4 items, rank 1 its 2 (its zero-weight repeat is
-    not run twice), and both get every item's value exactly as one process computes it."""
+@pytest.mark.parametrize("n_items, rows", [(6, [4, 2]), (2, [2, 2])])
+def test_ranks_compute_the_old_values_of_their_own_micro_batches_only(n_items: int, rows: list[int]) -> None:
+    """2 gloo ranks, micro-batches of 2.  6 items: rank 0 values 4 items, rank 1 its 2 (its zero-weight repeat is
+    not run twice).  2 items: one micro-batch, which rank 1 repeats at weight 0, so both ranks value the same two
+    items and their sum is divided by 2 (a sum left undivided doubled them).  Either way both ranks get every item's
+    value exactly as one process computes it."""
     import multiprocessing as mp
     import socket
 
@@ -256,19 +259,19 @@ def test_ranks_compute_the_old_values_of_their_own_micro_batches_only() -> None:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_old_values_on_rank, args=(r, 2, port, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_old_values_on_rank, args=(r, 2, port, queue, n_items)) for r in range(2)]
     for p in procs:
         p.start()
     got = sorted(queue.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=60)
     policy = tiny_policy()
-    items = sample_items(policy)
+    items = sample_items(policy)[:n_items]
     algorithm = PPO(Recipe(learner=learner_cfg(algorithm="ppo", micro_batch_size=2)))
     modules = algorithm.modules(policy)
     torch.nn.init.normal_(modules["value_head"].weight, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         alone = algorithm.old_values(LearnerModels(policy, None, modules), items).tolist()
-    assert len(set(alone)) == 6  # a head that tells the items apart
-    assert [rows for _, _, rows in got] == [4, 2]
+    assert len(set(alone)) == n_items  # a head that tells the items apart
+    assert [r for _, _, r in got] == rows
     assert got[0][1] == got[1][1] == alone
