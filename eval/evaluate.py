@@ -223,7 +223,8 @@ def evaluate(policy: Policy, prompts: list[PromptItem], sampling: StageSampling,
                                  max_questions, batch_size=batch_size)
     if references:
         u["reference"] = reference_report(policy, references, sampling.reflect, stop_phrase, rewards,
-                                          correct_threshold, seed=seed, yes_no=yes_no, batch_size=batch_size)
+                                          correct_threshold, seed=seed, yes_no=yes_no, batch_size=batch_size,
+                                          max_questions=max_questions)
     report["understanding"] = u
     return report, trees
 

@@ -221,8 +221,9 @@ def ask_yes_no(policy: Policy, images: list[JudgedImage], rewards: RewardSet, co
 # ---------------------------------------------------------------------------------------------- reference set
 def reference_report(policy: Policy, refs: list[ReferenceImage], reflect: SamplingParams, stop_phrase: str,
                      rewards: RewardSet, correct_threshold: float, seed: int = 0, yes_no: bool = True,
-                     batch_size: int = 256) -> dict[str, Any]:
-    """Verdicts (and yes/no answers) of ``policy`` on the reference images, judged by the eval reward."""
+                     batch_size: int = 256, max_questions: int | None = None) -> dict[str, Any]:
+    """Verdicts (and yes/no answers, at most ``max_questions`` per image as on the model's own images) of
+    ``policy`` on the reference images, judged by the eval reward."""
     scored = rewards.score([RewardSample(prompt=r.prompt.prompt, metadata=r.prompt.metadata, stage="generate",
                                          round=0, image=r.image) for r in refs])
     correct = [None if s.total is None else bool(s.total >= correct_threshold) for s in scored]
@@ -246,7 +247,7 @@ def reference_report(policy: Policy, refs: list[ReferenceImage], reflect: Sampli
                            "per_image": {"judged_correct": correct, "stop": stops}}
     if yes_no:
         out["yes_no"] = ask_yes_no(policy, [JudgedImage(r.prompt, x, c) for r, x, c in zip(refs, inputs, correct)],
-                                   rewards, correct_threshold, batch_size=batch_size)
+                                   rewards, correct_threshold, max_questions, batch_size=batch_size)
     return out
 
 
