@@ -75,7 +75,9 @@ def _yes_no(value: Any, where: str) -> str:
 
 
 def parse_answers(text: str, n: int) -> list[str]:
-    """``n`` yes/no answers from a JSON ``{"Q1": "yes", ...}`` / ``{"answers": [...]}`` reply or yes/no lines."""
+    """``n`` yes/no answers from a JSON ``{"Q1": "yes", ...}`` / ``{"answers": [...]}`` reply or yes/no lines
+    (``1. yes``, ``No.``, ``yes, a cat``); a line where yes/no runs on into words (``No idea``) or meets its
+    opposite (``Yes and no``) is a parse failure, counted as the reward's failure, not read as an answer."""
     obj = extract_json_object(text)
     if isinstance(obj, dict):
         if isinstance(obj.get("answers"), list):
@@ -93,8 +95,11 @@ def parse_answers(text: str, n: int) -> list[str]:
     else:
         values = []
         for line in text.splitlines():
-            m = re.match(r"^\s*(?:q?\d+\s*[:.)]\s*)?(yes|no)\b", line, flags=re.IGNORECASE)
-            if m:
+            m = re.match(r"^\s*(?:q?\d+\s*[:.)]\s*)?(yes|no)\b(.*)$", line, flags=re.IGNORECASE)
+            if m:  # "yes." / "yes, a cat" answer; "No idea" or "Yes and no" does not: a failure, not a guess
+                rest = m.group(2)
+                if re.match(r"\s+\w", rest) or re.search(r"\b(?:yes|no)\b", rest, flags=re.IGNORECASE):
+                    raise JudgeParseError(f"ambiguous answer line in the judge's reply: {line.strip()[:80]!r}")
                 values.append(m.group(1))
         if not values:
             raise JudgeParseError(f"no yes/no answers in the judge's reply: {text[:80]!r}")

@@ -53,6 +53,10 @@ def weight_files(path: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{index}: expected a JSON object with a 'weight_map'") from None
+        # each value a shard's file name beside the index: not a path out of the checkpoint ("/etc/x", "../x")
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v for v in weight_map.values()):
+            raise UserError(f"{index}: 'weight_map' must map each weight name to the file name of a shard in {path}")
         return {k: path / v for k, v in weight_map.items()}
     raise UserError(f"{path}: no BAGEL weights (expected {WEIGHT_FILES[0]}, {WEIGHT_FILES[1]} or {WEIGHT_INDEX})")
 

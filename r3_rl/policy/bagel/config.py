@@ -22,6 +22,7 @@ VIT_CONFIG = "vit_config.json"
 # The fields the code reads from each JSON; a file missing one is refused up front.
 _LLM_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "vocab_size", "rms_norm_eps")
+_FLOAT_FIELDS = ("rms_norm_eps",)  # every other required field is a count or a size: an integer
 _VIT_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size",
                  "image_size")
 
@@ -100,8 +101,9 @@ def _read_json(path: Path) -> dict:
 def _require(path: Path, data: dict, keys: tuple[str, ...]) -> None:
     for key in keys:
         value = data.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise UserError(f"{path}: '{key}' must be a positive number, got {value!r}")
+        kinds, what = ((int, float), "number") if key in _FLOAT_FIELDS else ((int,), "integer")
+        if not isinstance(value, kinds) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"{path}: '{key}' must be a positive {what}, got {value!r}")
 
 
 def llm_config_from_dict(data: dict, path: Path | str = LLM_CONFIG):
