@@ -99,12 +99,32 @@ def weight_files(folder: Path, key: str = "policy.model") -> list[Path]:
     return files
 
 
+SAFETENSORS_MAX_HEADER = 100_000_000  # bytes: the safetensors library refuses a longer header too
+
+
 def safetensors_params(path: Path) -> int:
-    """Number of values stored in a safetensors file, from its header alone."""
+    """Number of values stored in a safetensors file, from its header alone.  A file that is not one -- a download
+    cut short, a header length no real file has (read before anything is allocated for it) -- is
+    :class:`WeightsMissing`, which ``r3-rl doctor`` and ``r3-rl plan`` report in one line."""
+    def damaged(why: str) -> WeightsMissing:
+        return WeightsMissing(f"{path}: not a complete safetensors file ({why})",
+                              "download the model again, or point at a folder written by save_pretrained")
+
     with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    return sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+        head = fh.read(8)
+        if len(head) != 8:
+            raise damaged(f"{len(head)} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > SAFETENSORS_MAX_HEADER:
+            raise damaged(f"a header length of {n} bytes, over {SAFETENSORS_MAX_HEADER}")
+        raw = fh.read(n)
+    if len(raw) != n:
+        raise damaged(f"the header is cut at {len(raw)} of {n} bytes")
+    try:
+        header = json.loads(raw)
+        return sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    except (ValueError, RecursionError, AttributeError, TypeError, KeyError):
+        raise damaged("the header is not a JSON object of tensors with shapes") from None
 
 
 def count_params(files: list[Path], config: dict[str, Any]) -> int:
