@@ -13,19 +13,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from test_janus_policy import (
+    TEMPLATES as JANUS_TEMPLATES,  # the Janus tests' stage templates
+)
 
 from r3_rl.errors import UserError
 from r3_rl.trajectory import PromptItem, SamplingParams, Segment
 
-JANUS_TEMPLATES = {
-    "system": "You draw and check pictures.",
-    "reason": "Plan how to draw: {prompt}",
-    "generate": "{prompt}",
-    "generate_uncond": "",
-    "reflect": "Target: {prompt}. How to further edit the image?",
-    "refine": "{prompt}. Edit: {instruction}",
-    "stop_phrase": "no further edit needed",
-}
 BOI, EOI, PLACE = "<begin_of_image>", "<end_of_image>", "<image_placeholder>"
 
 
@@ -421,7 +415,11 @@ def test_mot_layers_route_attention_mlp_and_both_norms():
     """Catches a layer whose norms (or projections) stay shared between the modalities."""
     from transformers import LlamaConfig
 
-    from r3_rl.policy.tiny_mot import ModalityExperts, MoTLlamaForCausalLM, modality_config
+    from r3_rl.policy.tiny_mot import (
+        ModalityExperts,
+        MoTLlamaForCausalLM,
+        modality_config,
+    )
 
     config = modality_config(LlamaConfig(vocab_size=40, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=2), 9, 19)
