@@ -428,18 +428,21 @@ def test_self_consistency_refuses_a_policy_giving_extra_probabilities() -> None:
 
 
 # ---------------------------------------------------------------- bugs the round found (fixed in session 46)
+@pytest.mark.parametrize("reader", ["loader", "recipe check"])
 @pytest.mark.parametrize("weight_map", [[], {"a": 5}, {"a": "/etc/passwd"}, {"a": "../outside.safetensors"}])
-def test_index_weight_map_must_name_shards_inside_the_checkpoint(tmp_path, weight_map) -> None:
+def test_index_weight_map_must_name_shards_inside_the_checkpoint(tmp_path, weight_map, reader) -> None:
     """Catches the missing weight_map validation (a raw AttributeError/TypeError, or a shard path followed out of
     the checkpoint, until session 46): bad types or escaping shard names must be a one-line UserError."""
     import json
 
     from r3_rl.policy.bagel.checkpoint import weight_files
+    from r3_rl.policy.bagel.recipe import weight_set
 
     index = tmp_path / "model.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path.parent / "outside.safetensors").write_bytes(b"")  # "../outside" exists: refused for where it is
     with pytest.raises(UserError) as e:
-        weight_files(tmp_path)
+        (weight_files if reader == "loader" else weight_set)(tmp_path)
     assert str(e.value).startswith(f"{index}: ") and "\n" not in str(e.value)
 
 

@@ -23,7 +23,7 @@ from r3_rl.errors import UserError
 from r3_rl.policy.bagel.config import (LLM_CONFIG, SPECIAL_TOKENS, VIT_CONFIG, BagelConfig, TokenIds,
                                        published_llm_dict, read_bagel_config, vit_config_to_dict)
 from r3_rl.policy.bagel.model import BagelModel
-from r3_rl.policy.bagel.recipe import WEIGHT_FILES, WEIGHT_INDEX
+from r3_rl.policy.bagel.recipe import WEIGHT_FILES, WEIGHT_INDEX, read_weight_map
 from r3_rl.policy.bagel.state_check import check_state_keys
 from r3_rl.policy.bagel.vae import FluxVAE, load_flux_vae
 
@@ -47,17 +47,8 @@ def weight_files(path: Path) -> dict[str, Path]:
         if (path / name).is_file():
             with safe_open(str(path / name), framework="pt") as f:
                 return {k: path / name for k in f.keys()}
-    index = path / WEIGHT_INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{index}: expected a JSON object with a 'weight_map'") from None
-        # each value a shard's file name beside the index: not a path out of the checkpoint ("/etc/x", "../x")
-        if not isinstance(weight_map, dict) or not all(
-                isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v for v in weight_map.values()):
-            raise UserError(f"{index}: 'weight_map' must map each weight name to the file name of a shard in {path}")
-        return {k: path / v for k, v in weight_map.items()}
+    if (path / WEIGHT_INDEX).is_file():
+        return {k: path / v for k, v in read_weight_map(path).items()}
     raise UserError(f"{path}: no BAGEL weights (expected {WEIGHT_FILES[0]}, {WEIGHT_FILES[1]} or {WEIGHT_INDEX})")
 
 

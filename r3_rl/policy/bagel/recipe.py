@@ -173,17 +173,27 @@ def weight_set(path: Path) -> list[Path]:
     for name in WEIGHT_FILES:
         if (path / name).is_file():
             return [path / name]
-    index = path / WEIGHT_INDEX
-    if not index.is_file():
+    if not (path / WEIGHT_INDEX).is_file():
         raise UserError(f"policy.model: cannot load '{path}': no weights ({', '.join(WEIGHT_FILES)} or {WEIGHT_INDEX})")
-    try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise UserError(f"{index}: expected a JSON object with a 'weight_map'") from None
+    shards = sorted(set(read_weight_map(path).values()))
     missing = [s for s in shards if not (path / s).is_file()]
     if missing:
         raise UserError(f"policy.model: {path} lacks {len(missing)} of {len(shards)} weight shards ({missing[0]}, ...)")
     return [path / s for s in shards]
+
+
+def read_weight_map(path: Path) -> dict[str, str]:
+    """``model.safetensors.index.json``'s weight name -> shard file, each shard a file name beside the index: not a
+    path out of the checkpoint (``/etc/x``, ``../x``).  The recipe check and the loader both read the index here."""
+    index = path / WEIGHT_INDEX
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{index}: expected a JSON object with a 'weight_map'") from None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v for v in weight_map.values()):
+        raise UserError(f"{index}: 'weight_map' must map each weight name to the file name of a shard in {path}")
+    return weight_map
 
 
 @dataclass
