@@ -103,8 +103,9 @@ SAFETENSORS_MAX_HEADER = 100_000_000  # bytes: the safetensors library refuses a
 
 
 def safetensors_params(path: Path) -> int:
-    """Number of values stored in a safetensors file, from its header alone.  A file that is not one -- a download
-    cut short, a header length no real file has (read before anything is allocated for it) -- is
+    """Number of values stored in a safetensors file, from its header and its size.  A file that is not one -- a
+    download cut short (in the header or in the tensors after it), a header length no real file has (read before
+    anything is allocated for it) -- is
     :class:`WeightsMissing`, which ``r3-rl doctor`` and ``r3-rl plan`` report in one line."""
     def damaged(why: str) -> WeightsMissing:
         return WeightsMissing(f"{path}: not a complete safetensors file ({why})",
@@ -121,10 +122,15 @@ def safetensors_params(path: Path) -> int:
     if len(raw) != n:
         raise damaged(f"the header is cut at {len(raw)} of {n} bytes")
     try:
-        header = json.loads(raw)
-        return sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
-    except (ValueError, RecursionError, AttributeError, TypeError, KeyError):
-        raise damaged("the header is not a JSON object of tensors with shapes") from None
+        tensors = [t for k, t in json.loads(raw).items() if k != "__metadata__"]
+        count = sum(math.prod(t["shape"]) for t in tensors)
+        data_end = max((int(t["data_offsets"][1]) for t in tensors), default=0)
+    except (ValueError, RecursionError, AttributeError, TypeError, KeyError, IndexError):
+        raise damaged("the header is not a JSON object of tensors with shapes and data offsets") from None
+    size = path.stat().st_size
+    if size < 8 + n + data_end:  # the header arrived whole, the tensors did not
+        raise damaged(f"{size} bytes, the header names {8 + n + data_end}")
+    return count
 
 
 def count_params(files: list[Path], config: dict[str, Any]) -> int:

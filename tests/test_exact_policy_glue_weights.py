@@ -47,14 +47,16 @@ def test_safetensors_params_reads_a_little_endian_header_and_skips_metadata(tmp_
 
 
 @pytest.mark.parametrize("content, why", [
-    (struct.pack("<Q", 5) + b"nope!", "the header is not a JSON object of tensors with shapes"),
-    (struct.pack("<Q", 2) + b"[]", "the header is not a JSON object of tensors with shapes"),
+    (struct.pack("<Q", 5) + b"nope!", "the header is not a JSON object of tensors with shapes and data offsets"),
+    (struct.pack("<Q", 2) + b"[]", "the header is not a JSON object of tensors with shapes and data offsets"),
+    (struct.pack("<Q", 37) + b'{"a": {"shape": [2], "dtype": "F32"}}',
+     "the header is not a JSON object of tensors with shapes and data offsets"),
     (b"\x10\x00\x00", "3 bytes, shorter than the 8-byte header length"),  # a download cut short (until session 46:
     # struct.error, which no caller caught: a traceback from r3-rl plan and doctor)
     (struct.pack("<Q", 2 ** 40) + b"{}", "a header length of 1099511627776 bytes, over 100000000"),  # read with no
     # cap until session 46: 1 TiB asked of the allocator (MemoryError), a few GB really allocated on a big host
     (struct.pack("<Q", 10) + b"{}", "the header is cut at 2 of 10 bytes"),
-], ids=["not-json", "a-list", "3-bytes", "1-tib-header", "cut-header"])
+], ids=["not-json", "a-list", "no-offsets", "3-bytes", "1-tib-header", "cut-header"])
 def test_a_damaged_safetensors_file_is_weights_missing_in_one_line(tmp_path: Path, content: bytes, why: str) -> None:
     """Catches a damaged or hostile safetensors header read as anything but WeightsMissing naming the file (the
     error r3-rl doctor and plan report in one line with the fix)."""
@@ -64,6 +66,22 @@ def test_a_damaged_safetensors_file_is_weights_missing_in_one_line(tmp_path: Pat
         weights.safetensors_params(f)
     assert str(e.value) == f"{f}: not a complete safetensors file ({why})"
     assert e.value.fix.startswith("download the model again")
+
+
+def test_a_safetensors_file_cut_in_its_tensors_is_weights_missing(tmp_path: Path) -> None:
+    """Catches a download cut after the header passing the doctor (until session 47 only the header was read,
+    so a file missing its last tensor bytes counted its parameters and failed later, at load time)."""
+    from safetensors.torch import save_file
+
+    whole = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(3, 4), "b": torch.zeros(4, dtype=torch.bfloat16)}, str(whole))
+    assert weights.safetensors_params(whole) == 12 + 4  # the library's own file, whole
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[:-1])
+    with pytest.raises(weights.WeightsMissing) as e:
+        weights.safetensors_params(cut)
+    assert str(e.value) == f"{cut}: not a complete safetensors file ({len(data) - 1} bytes, the header names {len(data)})"
 
 
 def test_bin_parameter_count_defaults_to_float32_and_reads_torch_dtype(tmp_path: Path) -> None:
