@@ -56,12 +56,20 @@ def open_regular(path: str | Path, what: str = "file") -> Any:
         raise UserError(f"{p}: cannot read {what} ({e.strerror or e})") from None
 
 
-def utf8_lines(path: str | Path, what: str = "file") -> Iterator[tuple[int, str]]:
+def utf8_lines(path: str | Path, what: str = "file", max_bytes: int | None = None) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of a UTF-8 file (gzip-compressed when its name ends in ``.gz``); a bad byte is
-    ``file:line: not valid UTF-8 (...)``."""
-    with open_regular(path, what) as raw_fh, (gzip.GzipFile(fileobj=raw_fh) if str(path).endswith(".gz")
-                                              else raw_fh) as fh:
-        for lineno, raw in enumerate(fh, 1):
+    ``file:line: not valid UTF-8 (...)``.  ``max_bytes`` caps what is read -- for a ``.gz`` file what it
+    decompresses to, whose size on disk says nothing (1000x for a gzip bomb) -- and no line is read past it."""
+    gz = str(path).endswith(".gz")
+    with open_regular(path, what) as raw_fh, (gzip.GzipFile(fileobj=raw_fh) if gz else raw_fh) as fh:
+        lineno, left = 0, max_bytes
+        while raw := fh.readline(-1 if left is None else left + 1):
+            lineno += 1
+            if left is not None:
+                left -= len(raw)
+                if left < 0:
+                    raise UserError(f"{path}: {what} is over the limit of {max_bytes} bytes"
+                                    f"{' once decompressed' if gz else ''}")
             try:
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -71,9 +79,9 @@ def utf8_lines(path: str | Path, what: str = "file") -> Iterator[tuple[int, str]
 
 def read_utf8(path: str | Path, what: str = "file", max_bytes: int | None = None) -> str:
     p = Path(path)
-    if max_bytes is not None and p.is_file() and p.stat().st_size > max_bytes:
+    if max_bytes is not None and p.is_file() and p.stat().st_size > max_bytes:  # the usual case, named exactly
         raise UserError(f"{p}: {what} is {p.stat().st_size} bytes, over the limit of {max_bytes}")
-    return "".join(line for _, line in utf8_lines(p, what))
+    return "".join(line for _, line in utf8_lines(p, what, max_bytes))
 
 
 def expanded_size(obj: Any, limit: int) -> int:
