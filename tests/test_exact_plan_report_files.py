@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from test_exact_policies_plan import _shape  # a hand-sized ModelShape, as round 9C's plan cases use
 
 from r3_rl.errors import UserError
 
@@ -89,14 +90,6 @@ def test_a_third_run_in_the_same_second_gets_its_own_folder(tmp_path: Path, monk
 
 
 # ------------------------------------------------------------------------------------------------ plan/report.py
-def _shape(**kw):
-    from r3_rl.plan.shapes import ModelShape
-
-    sizes = dict(source="hand", hidden=64, layers=4, heads=4, kv_heads=4, head_dim=16, intermediate=128,
-                 text_vocab=100, image_vocab=10, image_tokens=4, vision_tokens=4, params=3 * 10 ** 9,
-                 params_trained=2 * 10 ** 9, params_vision=0, largest_layer=10, largest_weight=10)
-    sizes.update(kw)
-    return ModelShape(**sizes)
 
 
 def _sp(max_new_tokens: int = 0, cfg_scale: float = 1.0, top_p: float = 1.0):
