@@ -62,3 +62,20 @@ def step_grads(learner: Any, items: list[TrainItem]) -> list[torch.Tensor]:
     m = learner.step(items)
     assert m["learner/optimizer_steps"] == 1.0
     return seen
+
+
+def ppo_episodes() -> tuple[TinyUnifiedPolicy, list[TrainItem]]:
+    """A tiny policy and six sampled items as two PPO episodes of three steps, (0, 1, 2) and (3, 4, 5), with
+    rewards (0.1, 1.0, 0.0) and (0.5, 0.1, -0.2): the GAE cases' hand-worked inputs."""
+    policy = tiny_policy()
+    items = sample_items(policy)
+    for i, it in enumerate(items):
+        it.episode, it.t, it.reward = f"e{i // 3}", i % 3, [0.1, 1.0, 0.0, 0.5, 0.1, -0.2][i]
+    return policy, items
+
+
+def ppo_learner(policy: TinyUnifiedPolicy, **ppo: Any) -> Any:
+    """A torch-backend PPO learner on a copy of ``policy`` with the ``learner.ppo`` options ``ppo``."""
+    from r3_rl.learner.torch_learner import TorchLearner
+
+    return TorchLearner(clone(policy), None, learner_cfg(algorithm="ppo", ppo=ppo))

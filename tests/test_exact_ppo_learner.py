@@ -50,21 +50,15 @@ def test_a_reflect_whose_reward_failed_has_no_stage_reward() -> None:
 # ------------------------------------------------------------------ PPO: prepare (GAE inputs, advantages, metrics)
 @pytest.fixture(scope="module")
 def ppo_base():
-    from learner_helpers import sample_items, tiny_policy
+    from learner_helpers import ppo_episodes
 
-    policy = tiny_policy()
-    items = sample_items(policy)
-    for i, it in enumerate(items):  # episodes (0, 1, 2) and (3, 4, 5)
-        it.episode, it.t, it.reward = f"e{i // 3}", i % 3, [0.1, 1.0, 0.0, 0.5, 0.1, -0.2][i]
-    return policy, items
+    return ppo_episodes()
 
 
 def _ppo_learner(policy, **ppo):
-    from learner_helpers import clone, learner_cfg
+    from learner_helpers import ppo_learner
 
-    from r3_rl.learner.torch_learner import TorchLearner
-
-    return TorchLearner(clone(policy), None, learner_cfg(algorithm="ppo", ppo=ppo))
+    return ppo_learner(policy, **ppo)
 
 
 def test_gae_runs_over_each_episode_in_time_order_not_list_order(ppo_base):
