@@ -2,6 +2,7 @@
 path included), and the same log-probs and gradients as without it, on the tiny policy and on Janus."""
 from __future__ import annotations
 
+import gc
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -159,13 +160,21 @@ def test_siblings_context_copies_are_not_held_through_the_step() -> None:
         return ReplayCache(len(self.layers), [(layer.keys.index_select(0, rows), layer.values.index_select(0, rows))
                                               for layer in self.layers])
 
+    def lowest_peak(select: Callable[..., ReplayCache]) -> tuple[tuple[list[torch.Tensor], list[torch.Tensor]], int]:
+        """The lowest of three measured peaks: what a process that ran other tests first adds (a late free of a
+        garbage cycle, another thread's tensor) only ever raises one, and once made a 39% gap read 22%."""
+        ReplayCache.select = select  # type: ignore[method-assign]
+        step()
+        runs = []
+        for _ in range(3):
+            gc.collect()
+            runs.append(measured_peak(step))
+        return runs[0][0], min(p for _, p in runs)
+
     real = ReplayCache.select
     try:
-        step()
-        (lps, grads), peak = measured_peak(step)
-        ReplayCache.select = up_front  # type: ignore[method-assign]
-        step()
-        (old_lps, old_grads), old_peak = measured_peak(step)
+        (lps, grads), peak = lowest_peak(real)
+        (old_lps, old_grads), old_peak = lowest_peak(up_front)
     finally:
         ReplayCache.select = real  # type: ignore[method-assign]
         torch.set_num_threads(threads)
