@@ -52,6 +52,15 @@ def cli_one_line_error(args: list[str], capsys: pytest.CaptureFixture) -> str:
     return err[0]
 
 
+@pytest.fixture(scope="module")
+def ppo_base():
+    """``(tiny policy, six items as two PPO episodes)`` with hand-worked rewards (``learner_helpers.ppo_episodes``),
+    built once per module: the GAE and value-loss cases of two test modules read it, none changes it."""
+    from learner_helpers import ppo_episodes
+
+    return ppo_episodes()
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session (about 5 s and 1 GB to start), shut down at the end.

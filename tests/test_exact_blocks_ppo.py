@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from learner_helpers import ppo_learner
 
 from r3_rl.blocks import edits, prompts, reference, world
 from r3_rl.blocks.edits import EditOp, apply_edit, critique_text, diagnose, flaw_candidates, parse_edit
@@ -361,26 +362,13 @@ def test_chains_skip_nodes_of_policy_version_minus_one():
     assert [[n.id for n in c] for c in chains(tree)] == [["c", "r"]]
 
 
-@pytest.fixture(scope="module")
-def ppo_base():
-    from learner_helpers import ppo_episodes
-
-    return ppo_episodes()
-
-
-def _ppo_learner(policy, **ppo):
-    from learner_helpers import ppo_learner
-
-    return ppo_learner(policy, **ppo)
-
-
 def test_gae_returns_are_advantages_plus_values_and_episodes_end_at_zero(ppo_base):
     """Catches the returns set to the advantages (no + V) and a finished episode bootstrapped from its own last
     value.  V = 0.5 everywhere (a zero head with bias 0.5), gamma 0.9, lam 0.5: deltas r + 0.45 - 0.5 (last:
     r - 0.5), A_t = delta_t + 0.45 A_{t+1}; episode (0.1, 1, 0): A = (0.37625, 0.725, -0.5), R = A + 0.5;
     episode (0.5, 0.1, -0.2): A = (0.33075, -0.265, -0.7)."""
     policy, items = ppo_base
-    learner = _ppo_learner(policy, gamma=0.9, lam=0.5, normalize_advantages=False)
+    learner = ppo_learner(policy, gamma=0.9, lam=0.5, normalize_advantages=False)
     with torch.no_grad():
         learner.modules["value_head"].bias.fill_(0.5)
     ctx = learner.algorithm.prepare(learner.models, copy.deepcopy(items))
@@ -397,7 +385,7 @@ def test_two_items_are_whitened(ppo_base):
     two = copy.deepcopy(items[:2])
     for k, it in enumerate(two):
         it.episode, it.t = f"solo{k}", 0  # rewards 0.1, 1.0; a fresh critic: advantages = rewards
-    learner = _ppo_learner(policy, gamma=1.0, lam=1.0, normalize_advantages=True)
+    learner = ppo_learner(policy, gamma=1.0, lam=1.0, normalize_advantages=True)
     ctx = learner.algorithm.prepare(learner.models, two)
     assert ctx["advantages"].tolist() == pytest.approx([-(0.5 ** 0.5), 0.5 ** 0.5], abs=1e-4)
 
@@ -409,7 +397,7 @@ def test_value_loss_is_weighted_by_the_micro_batch_share(ppo_base):
     from r3_rl.learner.algorithm import GRPO
 
     policy, items = ppo_base
-    learner = _ppo_learner(policy, gamma=0.0, lam=0.0, normalize_advantages=False, vf_coef=1.0)
+    learner = ppo_learner(policy, gamma=0.0, lam=0.0, normalize_advantages=False, vf_coef=1.0)
     its = copy.deepcopy(items)
     alg, models = learner.algorithm, learner.models
     ctx = alg.prepare(models, its)

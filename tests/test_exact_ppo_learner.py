@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from learner_helpers import ppo_learner
 
 from r3_rl.trajectory import Node, PromptItem, Segment, Tree
 
@@ -48,25 +49,12 @@ def test_a_reflect_whose_reward_failed_has_no_stage_reward() -> None:
 
 
 # ------------------------------------------------------------------ PPO: prepare (GAE inputs, advantages, metrics)
-@pytest.fixture(scope="module")
-def ppo_base():
-    from learner_helpers import ppo_episodes
-
-    return ppo_episodes()
-
-
-def _ppo_learner(policy, **ppo):
-    from learner_helpers import ppo_learner
-
-    return ppo_learner(policy, **ppo)
-
-
 def test_gae_runs_over_each_episode_in_time_order_not_list_order(ppo_base):
     """Catches the per-episode sort by ``t`` dropped (GAE then runs over the items in list order).  Items listed
     in reverse, zero critic, gamma 0.5, lam 1: advantages are discounted returns-to-go by t; episode (0.1, 1, 0):
     (0.1 + 0.5 + 0, 1 + 0, 0) = (0.6, 1.0, 0.0); episode (0.5, 0.1, -0.2): (0.5 + 0.05 - 0.05, 0.1 - 0.1, -0.2)."""
     policy, items = ppo_base
-    learner = _ppo_learner(policy, gamma=0.5, lam=1.0, normalize_advantages=False)
+    learner = ppo_learner(policy, gamma=0.5, lam=1.0, normalize_advantages=False)
     its = copy.deepcopy(items)[::-1]  # t order 2, 1, 0, 2, 1, 0
     ctx = learner.algorithm.prepare(learner.models, its)
     assert ctx["advantages"].tolist() == pytest.approx([-0.2, 0.0, 0.5, 0.0, 1.0, 0.6], abs=1e-6)
@@ -77,7 +65,7 @@ def test_items_carry_the_advantages_and_the_logged_mean_and_std_are_theirs(ppo_b
     advantage/mean logging the std.  V = 0.5 everywhere, gamma 0.9, lam 0.5: A = (0.37625, 0.725, -0.5, 0.33075,
     -0.265, -0.7) (worked out in test_exact_blocks_ppo), mean -0.0055, unbiased std 0.5516..."""
     policy, items = ppo_base
-    learner = _ppo_learner(policy, gamma=0.9, lam=0.5, normalize_advantages=False)
+    learner = ppo_learner(policy, gamma=0.9, lam=0.5, normalize_advantages=False)
     with torch.no_grad():
         learner.modules["value_head"].bias.fill_(0.5)
     its = copy.deepcopy(items)
@@ -108,7 +96,7 @@ def test_old_values_refuse_items_that_no_micro_batch_covered(ppo_base):
     """Catches the coverage check dropped (items no rank computed would get V_old = 0/0 = NaN, silently).
     This learner runs only micro-batch 0-2 of 6 items: 4 items have no old value."""
     policy, items = ppo_base
-    learner = _ppo_learner(policy)
+    learner = ppo_learner(policy)
     models = copy.copy(learner.models)
     models.chunks = [range(0, 2)]
     with pytest.raises(RuntimeError, match="4 of 6 items got no value"):
@@ -121,7 +109,7 @@ def _loss_at(policy, items, **ppo):
     hand and the new critic at V = 1 (zero head weight, bias 1): the value loss then depends only on these."""
     from r3_rl.learner.algorithm import GRPO
 
-    learner = _ppo_learner(policy, normalize_advantages=False, **ppo)
+    learner = ppo_learner(policy, normalize_advantages=False, **ppo)
     its = copy.deepcopy(items)
     alg, models = learner.algorithm, learner.models
     ctx = alg.prepare(models, its)
