@@ -118,10 +118,11 @@ def _load_dataset(name: str, split: str) -> tuple[Any, str | None]:
             return ds[split], split
         return ds, None
     builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-    if p.suffix in builders:
+    suffix = Path(p.name.removesuffix(".gz")).suffix  # a .jsonl.gz is a jsonl file (datasets reads the gzip)
+    if suffix in builders:
         if not p.is_file():
             raise UserError(f"dataset {name}: file not found")
-        return datasets.load_dataset(builders[p.suffix], data_files=name, split="train"), None
+        return datasets.load_dataset(builders[suffix], data_files=name, split="train"), None
     return datasets.load_dataset(name, split=split), split
 
 

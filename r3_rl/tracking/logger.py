@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,9 @@ class MetricsLogger:
                         self.tb.add_scalar(k, v, step)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}  # bools become 0/1
+        # any real number: numpy scalars (np.float32, np.int64) too, which a reward's or a plug-in's figures often
+        # are; bools become 0/1.  Anything else (text, lists) is not a scalar.
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, numbers.Real)}
         self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
