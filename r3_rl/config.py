@@ -145,6 +145,14 @@ class Warmstart(Section):
     def _describe_bool(cls, v: Any) -> Any:
         return {True: "objects", False: "none"}.get(v, v) if isinstance(v, bool) else v
 
+    @model_validator(mode="after")
+    def _critic_steps_follow_the_main_ones(self) -> "Warmstart":
+        """``steps: 0`` is no warm start at all: critic steps there would be silently skipped."""
+        if self.critic_steps and not self.steps:
+            raise ValueError(f"critic_steps={self.critic_steps} run after the main warm-start steps, but steps=0 "
+                             f"(no warm start); set steps >= 1 or critic_steps: 0")
+        return self
+
 
 class Tree(Section):
     """Tree-RL: stage groups of `group_size` siblings."""
