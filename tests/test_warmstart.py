@@ -180,15 +180,18 @@ def test_flaw_candidates_are_all_judged_incorrect_and_hold_what_perturb_draws() 
 def test_the_new_warm_start_options_change_its_cache_key_only_when_set() -> None:
     from r3_rl.policy.warmstart import _key
 
-    r = Recipe()
+    def warm() -> Recipe:  # critic steps need main steps to follow
+        return Recipe(warmstart={"steps": 5})
+
+    r = warm()
     base = _key(r)
-    assert "describe" not in base and _key(Recipe()) == base
+    assert "describe" not in base and _key(warm()) == base
     r.warmstart.describe = "objects"
     assert _key(r) != base
-    counted = Recipe()
+    counted = warm()
     counted.warmstart.describe = "counts"
     assert _key(counted) not in (base, _key(r))
-    r2 = Recipe()
+    r2 = warm()
     r2.warmstart.critic_steps = 10
     assert _key(r2) not in (base, _key(r))
 
