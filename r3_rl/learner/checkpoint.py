@@ -106,7 +106,8 @@ def find_resume(where: str, recipe: Any, run_dir: str | None) -> tuple[Path | No
         runs = sorted(Path(recipe.out_dir).glob(f"{recipe.name}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
         for run in runs:
             ckpt = latest_checkpoint(run)
-            if ckpt is not None:
+            # ``x-*`` also matches recipe ``x-lowlr``'s runs: a checkpoint names the recipe that wrote it
+            if ckpt is not None and (_meta(ckpt) or {}).get("recipe", recipe.name) == recipe.name:
                 return ckpt, run
         return None, None
     p = Path(where)
