@@ -332,19 +332,25 @@ def test_tiny_decode_drops_pad_and_the_stop_token(tiny):
     assert tiny.decode([vocab["<think>"], vocab["red"], vocab["</think>"]]) == "<think> red </think>"
 
 
-def test_tiny_segments_differing_only_in_top_p_keep_their_own_distribution(tiny):
-    """Catches grouping segments without top_p: a batch would score a segment under another segment's top_p."""
-    vocab = tiny.tok.get_vocab()
-    ctx = tiny.render("reason", prompt="a red square")
+def assert_each_sampling_scored_as_alone(policy, samplings: list[SamplingParams]) -> None:
+    """Two segments of one plan that differ only in their sampling settings: scored in one batch, each gets the
+    log-probs it gets alone, and the two differ (the setting matters)."""
+    vocab = policy.tok.get_vocab()
+    ctx = policy.render("reason", prompt="a red square")
     targets = [vocab["red"], vocab["square"], vocab["<|im_end|>"]]
-    segs = [Segment(modality="text", context={"input_ids": ctx}, token_ids=targets, logprobs=[],
-                    sampling=SamplingParams(temperature=1.0, top_p=tp)) for tp in (1.0, 0.2)]
+    segs = [Segment(modality="text", context={"input_ids": ctx}, token_ids=targets, logprobs=[], sampling=sp)
+            for sp in samplings]
     with torch.no_grad():
-        together = tiny.segment_logprobs(segs)
-        alone = [tiny.segment_logprobs([s])[0] for s in segs]
+        together = policy.segment_logprobs(segs)
+        alone = [policy.segment_logprobs([s])[0] for s in segs]
     for a, b in zip(together, alone):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     assert not torch.allclose(alone[0], alone[1])
+
+
+def test_tiny_segments_differing_only_in_top_p_keep_their_own_distribution(tiny):
+    """Catches grouping segments without top_p: a batch would score a segment under another segment's top_p."""
+    assert_each_sampling_scored_as_alone(tiny, [SamplingParams(temperature=1.0, top_p=tp) for tp in (1.0, 0.2)])
 
 
 def test_tiny_yes_no_needs_both_words_in_the_vocabulary():

@@ -28,6 +28,7 @@ from r3_rl.policy.base import ImageInput
 from r3_rl.policy.critique_replay import CritiqueReplay
 from r3_rl.policy.tiny import TinyUnifiedPolicy
 from r3_rl.trajectory import PromptItem, SamplingParams, Segment
+from test_exact_policies_plan import assert_each_sampling_scored_as_alone
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny_blocks.yaml"
@@ -168,12 +169,17 @@ def test_questions_are_drawn_without_repeats(policy: TinyUnifiedPolicy) -> None:
 
 
 # ------------------------------------------------------------------ optimiser step and schedule
-def test_step_clips_the_gradient_norm_to_one_and_returns_the_loss() -> None:
-    """Catches a clip threshold other than 1.0: gradient (3, 4), norm 5, is applied as (0.6, 0.8)."""
+def _one_parameter_model() -> tuple[torch.nn.Parameter, torch.nn.Module, torch.optim.Optimizer]:
+    """A zero 2-vector parameter in a module, with plain SGD at rate 1: a step moves it by minus the gradient."""
     w = torch.nn.Parameter(torch.zeros(2))
     model = torch.nn.Module()
     model.w = w
-    opt = torch.optim.SGD([w], lr=1.0)
+    return w, model, torch.optim.SGD([w], lr=1.0)
+
+
+def test_step_clips_the_gradient_norm_to_one_and_returns_the_loss() -> None:
+    """Catches a clip threshold other than 1.0: gradient (3, 4), norm 5, is applied as (0.6, 0.8)."""
+    w, model, opt = _one_parameter_model()
     c = torch.tensor([3.0, 4.0])
     assert ws._step(opt, model, (w * c).sum() + 2.0) == 2.0
     assert w.detach().tolist() == pytest.approx([-0.6, -0.8])
@@ -181,10 +187,7 @@ def test_step_clips_the_gradient_norm_to_one_and_returns_the_loss() -> None:
 
 def test_step_starts_from_zero_gradients() -> None:
     """Catches a missing zero_grad: unclipped gradient (0.3, 0.4) twice moves w by 2 x, not 3 x."""
-    w = torch.nn.Parameter(torch.zeros(2))
-    model = torch.nn.Module()
-    model.w = w
-    opt = torch.optim.SGD([w], lr=1.0)
+    w, model, opt = _one_parameter_model()
     c = torch.tensor([0.3, 0.4])
     ws._step(opt, model, (w * c).sum())
     assert ws._step(opt, model, (w * c).sum()) == pytest.approx(-0.25)  # w = -c: -(0.09 + 0.16)
@@ -387,16 +390,7 @@ def test_value_features_are_each_contexts_last_hidden_state_whatever_the_padding
 def test_segments_differing_only_in_temperature_or_top_k_keep_their_own_distribution(
         policy: TinyUnifiedPolicy, field: str, values: tuple) -> None:
     """Catches the log-prob groups keyed without temperature or top_k."""
-    vocab = policy.tok.get_vocab()
-    ctx = policy.render("reason", prompt="a photo of a red square")
-    targets = [vocab["red"], vocab["square"], policy.stop_id]
-    segs = [Segment("text", {"input_ids": ctx}, targets, [], SamplingParams(**{field: v})) for v in values]
-    with torch.no_grad():
-        together = policy.segment_logprobs(segs)
-        alone = [policy.segment_logprobs([s])[0] for s in segs]
-    for a, b in zip(together, alone):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-    assert not torch.allclose(alone[0], alone[1])
+    assert_each_sampling_scored_as_alone(policy, [SamplingParams(**{field: v}) for v in values])
 
 
 def test_with_model_leaves_the_original_policy_alone(policy: TinyUnifiedPolicy) -> None:
