@@ -133,7 +133,7 @@ def test_worker_that_cannot_be_restarted_is_dropped_and_its_task_runs_elsewhere(
         engine.close()
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_worker_that_hangs_has_its_tasks_reissued_after_the_call_timeout(repo: Path, tmp_path: Path) -> None:
     """A worker frozen (SIGSTOP) with two tasks sent to it: after ``ray.call_timeout_s`` the task it runs is
     declared lost, the worker replaced once, and both its tasks run again elsewhere -- the very same trees."""
@@ -145,18 +145,21 @@ def test_worker_that_hangs_has_its_tasks_reissued_after_the_call_timeout(repo: P
 
     recipe = load_recipe(repo / "recipes" / "tiny_blocks.yaml", tiny_overrides(tmp_path) + [
         "tree.group_size=2", "rollout.groups_per_task=1", "rollout.backend=ray", "rollout.workers=2",
-        "rollout.threads_per_worker=1", "rollout.cpus_per_worker=1", "ray.call_timeout_s=15"])
+        "rollout.threads_per_worker=1", "rollout.cpus_per_worker=1", "ray.call_timeout_s=120"])
     policy = build_policy(recipe)
     tasks = step_tasks(recipe, policy, step=1, n_prompts=2, n_parents=2)
     assert len(tasks) == 2 * TASKS_PER_WORKER  # so each worker is sent two at once
     events: list[str] = []
     engine = RayEngine(recipe, policy, events.append)
+    # the workers' set-up (and the replacement's) keeps the recipe's 120 s: a fresh worker importing torch on a
+    # loaded 2-core machine once took over 15 s; the rollout tasks' timeout, under test here, is 15 s
+    engine.call_timeout_s = 15
     frozen = engine.worker_pids()[1]
     os.kill(frozen, signal.SIGSTOP)
     try:
         t0 = time.monotonic()
         trees = run_ordered(engine, tasks, stage_sampling(recipe))
-        assert 15 <= time.monotonic() - t0 < 90
+        assert 15 <= time.monotonic() - t0 < 150
         assert engine.restarts == 1 and frozen not in engine.worker_pids()
         lost = [e for e in events if " lost (" in e]
         assert len(lost) == 1 and "did not finish within 15 s (ray.call_timeout_s)" in lost[0], events
