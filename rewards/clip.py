@@ -85,7 +85,7 @@ class ClipEncoder:
             raise UserError("clip option 'pretrained' is for backend open_clip; transformers loads 'model'")
         self.model_name, self.backend, self.pretrained = model, backend, pretrained
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
-        self.batch_size = int(batch_size)
+        self.batch_size = max(1, int(batch_size))  # 0 would make range() step 0
         self.model: Any = None
 
     def load(self) -> None:
