@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
+import math
 from functools import lru_cache
 from typing import Any, Iterator, Mapping
 
@@ -121,8 +122,8 @@ def check_tag_mix(tag_mix: Mapping[str, float] | None, what: str) -> dict[str, f
     for tag, w in mix.items():
         if tag not in TAGS:
             raise UserError(f"{what}: unknown tag {tag!r}{close_match(tag, TAGS)}; valid tags: {', '.join(TAGS)}")
-        if not isinstance(w, (int, float)) or w < 0:
-            raise UserError(f"{what}: weight of {tag!r} must be a number >= 0, got {w!r}")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise UserError(f"{what}: weight of {tag!r} must be a finite number >= 0, got {w!r}")
     if sum(mix.values()) <= 0:
         raise UserError(f"{what}: at least one tag needs a positive weight")
     return {t: float(w) for t, w in mix.items() if w > 0}
