@@ -196,7 +196,7 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     """Read a GenEval / GenEval++ / TIIF jsonl and check every record yields questions (file:line errors)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: file not found")
+        raise UserError(f"{path}: {'a directory, not a jsonl file' if path.is_dir() else 'file not found'}")
     records = []
     for lineno, rec in read_jsonl_objects(path):
         meta = {k: v for k, v in rec.items() if k not in ("prompt", "tag")}
