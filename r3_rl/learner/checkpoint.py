@@ -97,8 +97,9 @@ def find_resume(where: str, recipe: Any, run_dir: str | None) -> tuple[Path | No
     """``--resume auto|PATH`` -> (checkpoint to load or None, run dir to continue in or None for a new one).
 
     ``auto``: the latest complete checkpoint of ``run_dir`` when given, else of the newest
-    ``<out_dir>/<name>-*`` run that has one written by this recipe name; nothing found = a fresh run.  ``PATH``: a checkpoint folder,
-    a run dir or its ``checkpoints/`` folder (then its latest complete checkpoint); nothing there is an error.
+    ``<out_dir>/<name>-*`` run that has one written by this recipe name; nothing found = a fresh run.
+    ``PATH``: a checkpoint folder, a run dir or its ``checkpoints/`` folder (then its latest complete
+    checkpoint); nothing there is an error.
     """
     if where == "auto":
         if run_dir is not None:
