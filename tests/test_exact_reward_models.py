@@ -89,7 +89,7 @@ def test_load_records_missing_file(tmp_path: Path) -> None:
     assert str(e.value) == f"{p}: file not found"
     with pytest.raises(UserError) as e:  # a folder named where the prompt file should be: say so
         load_records(tmp_path)
-    assert str(e.value) == f"{tmp_path}: a directory, not a jsonl file"
+    assert str(e.value) == f"{tmp_path}: file is not a regular file"
 
 
 # ---------------------------------------------------------------- self consistency
