@@ -235,6 +235,38 @@ def test_a_resave_of_a_step_leaves_one_folder_and_names_the_policy_version(saved
     assert meta["format"] == ck.FORMAT == 3 and "state/buffer.safetensors" in meta["files"]
 
 
+def test_a_crash_between_the_swaps_renames_leaves_the_old_copy_for_resume(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Re-saving step 3 with ``keep_last: 1`` dies after the old copy is renamed aside and before the new one is
+    renamed in: ``--resume`` (auto and a path) still finds step 3, the old copy put back, not a fresh run."""
+    policy, reference, learner = _learner(0)
+    parts = ck.CheckpointParts(policy, reference, learner, _Loop({"step": 3}), ParentBuffer(3))
+    recipe = _recipe(tmp_path, "steps=5")
+    run = tmp_path / "x-1"
+    first = ck.save_checkpoint(run, 3, 1, parts, recipe)
+    first_meta = (first / ck.MARKER).read_text()
+    real_rename = Path.rename
+
+    def crash_on_the_second(self: Path, target: Any) -> Any:
+        if self.name.startswith(".tmp-"):
+            raise KeyboardInterrupt  # the process dies here
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", crash_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint(run, 3, 1, parts, recipe)
+    monkeypatch.setattr(Path, "rename", real_rename)
+    root = run / "checkpoints"
+    assert not (root / "step_000003").exists() and ck.complete_checkpoints(root) == []  # the gap
+    assert ck.find_resume(str(run), recipe, None) == (root / "step_000003", run)
+    assert (root / "step_000003" / ck.MARKER).read_text() == first_meta  # the old copy, whole
+    (root / "step_000003").rename(root / f".old-step_000003-{os.getpid()}")  # the gap again, now found by --resume auto
+    assert ck.find_resume("auto", recipe, None) == (root / "step_000003", run)
+    assert ck.restore_interrupted_swap(root) == []  # nothing left to restore; an incomplete .old- stays put
+    (root / ".old-step_000007-1").mkdir()
+    assert ck.restore_interrupted_swap(root) == [] and not (root / "step_000007").exists()
+
+
 def test_a_round_trip_restores_weights_reference_buffer_counters_and_optimiser(saved: tuple, tmp_path: Path) -> None:
     path, policy, reference, learner = saved
     new_policy, new_reference, new_learner = _learner(1)

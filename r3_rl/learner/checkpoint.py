@@ -31,7 +31,8 @@ continues from a state nobody saved.  Checkpoints written before the list (no ``
 
 Atomicity: everything is written into ``checkpoints/.tmp-step_NNNNNN-<pid>/`` and renamed into place only
 once complete, so a crash half-way leaves a ``.tmp-*`` folder that ``--resume auto`` never looks at
-(and the next save removes).  A ``step_*`` folder without ``checkpoint.json`` is ignored too.  Every file and
+(and the next save removes).  A crash in the middle of re-saving a step (renaming the old copy aside, then the
+new one into place) leaves the old copy as ``.old-step_NNNNNN-<pid>``: ``--resume`` renames it back.  A ``step_*`` folder without ``checkpoint.json`` is ignored too.  Every file and
 folder is fsync'd before the rename (and the parent after it), so a power loss cannot leave a checkpoint named
 complete whose data never reached the disk, with the older ones already pruned.  Only the last ``keep_last``
 complete checkpoints are kept.
@@ -57,6 +58,7 @@ from r3_rl.learner.safe_load import safe_torch_load, scan_checkpoint
 CKPT_DIR = "checkpoints"
 MARKER = "checkpoint.json"
 STEP_RE = re.compile(r"^step_(\d+)$")
+OLD_RE = re.compile(r"^\.old-(step_\d+)-\d+$")  # a re-saved step's previous copy, set aside for the swap
 # 3: the parent buffer in state/buffer.safetensors (1-2: pixel lists in trainer.pt); 2: no numpy objects in
 # trainer.pt (1 stored the numpy RNG state as an array).  Older formats still load.
 FORMAT = 3
@@ -88,7 +90,26 @@ def checkpoints_before(latest: Path) -> list[Path]:
             if int(STEP_RE.match(p.name).group(1)) < step]  # type: ignore[union-attr]
 
 
+def restore_interrupted_swap(root: Path) -> list[Path]:
+    """Put back a re-saved step whose swap a crash cut in two; returns the folders restored.
+
+    Re-saving ``step_N`` renames it to ``.old-step_N-PID`` and then the new copy to ``step_N``: a crash between
+    the two renames leaves no ``step_N`` at all, and with ``keep_last: 1`` no checkpoint to resume from.  The
+    old copy was complete (it had been named ``step_N``), so it is renamed back; the next save would delete it.
+    """
+    if not root.is_dir():
+        return []
+    restored = []
+    for p in sorted(root.iterdir()):
+        m = OLD_RE.match(p.name)
+        if m and p.is_dir() and _meta(p) is not None and not (root / m.group(1)).exists():
+            p.rename(root / m.group(1))
+            restored.append(root / m.group(1))
+    return restored
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    restore_interrupted_swap(Path(run_dir) / CKPT_DIR)
     done = complete_checkpoints(Path(run_dir) / CKPT_DIR)
     return done[-1] if done else None
 
@@ -118,6 +139,7 @@ def find_resume(where: str, recipe: Any, run_dir: str | None) -> tuple[Path | No
         ckpt = p
     else:
         root = p if p.name == CKPT_DIR else p / CKPT_DIR
+        restore_interrupted_swap(root)
         done = complete_checkpoints(root)
         if not done:
             raise UserError(f"--resume {where}: no complete checkpoint there (expected a checkpoint folder with "
