@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 from r3_rl.config import Recipe, recipe_yaml, save_recipe
 from r3_rl.errors import UserError
+from r3_rl.stamps import new_stamped_dir, stamped_path
 
 
 def _refuse_links(path: Path) -> None:
@@ -26,23 +26,18 @@ def _keep_previous_recipe(path: Path, recipe: Recipe) -> None:
     never claims its first steps ran with the new settings."""
     old = path / "recipe.yaml"
     if old.is_file() and old.read_text() != recipe_yaml(recipe):
-        old.rename(path / f"recipe.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+        old.rename(stamped_path(path, "recipe", ".yaml", sep="."))
 
 
 def make_run_dir(recipe: Recipe, run_dir: str | None = None) -> Path:
-    if run_dir:
-        path = Path(run_dir)
-        if path.is_dir():
-            _refuse_links(path)
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = Path(recipe.out_dir) / f"{recipe.name}-{stamp}"
-        n = 1
-        while path.exists():  # two runs in the same second
-            path = Path(recipe.out_dir) / f"{recipe.name}-{stamp}-{n}"
-            n += 1
+    path = Path(run_dir) if run_dir else Path(recipe.out_dir)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        if run_dir:
+            if path.is_dir():
+                _refuse_links(path)
+            path.mkdir(parents=True, exist_ok=True)
+        else:  # a new <name>-<time>; two runs in the same second get -1, -2, ...
+            path = new_stamped_dir(path, recipe.name)
         _keep_previous_recipe(path, recipe)
         save_recipe(recipe, path / "recipe.yaml")
     except OSError as e:

@@ -462,9 +462,61 @@ def test_a_linked_folder_inside_a_run_dir_is_refused(tmp_path: Path) -> None:
 
 
 def test_three_runs_in_the_same_second_get_three_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from r3_rl import run_dir
+    from r3_rl import run_dir, stamps
 
-    monkeypatch.setattr(run_dir.time, "strftime", lambda fmt: "20260101-000000")
+    monkeypatch.setattr(stamps.time, "strftime", lambda fmt: "20260101-000000")
     recipe = _recipe(tmp_path)
     got = [run_dir.make_run_dir(recipe).name for _ in range(3)]
     assert got == ["x-20260101-000000", "x-20260101-000000-1", "x-20260101-000000-2"]
+
+
+def test_a_run_dir_taken_by_another_process_between_check_and_mkdir_is_not_shared(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs started in the same second (a benchmark's parallel runs): the other process creates the name this
+    one found free; this run must make the next name, not write into the other run's folder."""
+    from r3_rl import run_dir, stamps
+
+    monkeypatch.setattr(stamps.time, "strftime", lambda fmt: "20260101-000000")
+    real_mkdir, raced = Path.mkdir, []
+
+    def other_process_first(self: Path, *args: Any, **kwargs: Any) -> None:
+        if self.name == "x-20260101-000000" and not raced:
+            raced.append(self)
+            real_mkdir(self)
+            (self / "recipe.yaml").write_text("theirs")
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", other_process_first)
+    got = run_dir.make_run_dir(_recipe(tmp_path))
+    assert got == tmp_path / "x-20260101-000000-1"
+    assert (tmp_path / "x-20260101-000000" / "recipe.yaml").read_text() == "theirs"
+
+
+def test_two_resumes_with_changed_settings_in_one_second_keep_both_earlier_recipes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from r3_rl import run_dir, stamps
+
+    monkeypatch.setattr(stamps.time, "strftime", lambda fmt: "20260101-000000")
+    run = tmp_path / "run"
+    texts = []
+    for lr in ("0.001", "0.002", "0.003"):
+        run_dir.make_run_dir(_recipe(tmp_path, f"learner.lr={lr}"), str(run))
+        texts.append((run / "recipe.yaml").read_text())
+    assert sorted(p.name for p in run.iterdir()) == ["recipe.20260101-000000-1.yaml", "recipe.20260101-000000.yaml",
+                                                     "recipe.yaml"]
+    assert (run / "recipe.20260101-000000.yaml").read_text() == texts[0]
+    assert (run / "recipe.20260101-000000-1.yaml").read_text() == texts[1]
+
+
+def test_two_abandons_of_one_step_in_one_second_keep_all_three_branches(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from r3_rl import stamps
+
+    monkeypatch.setattr(stamps.time, "strftime", lambda fmt: "20260101-000000")
+    root = tmp_path / "checkpoints"
+    for branch in ("first", "second", "third"):
+        (_ckpt(root, 2) / "branch").write_text(branch)
+        ck.set_aside_later(_ckpt(root, 1) if branch == "first" else root / "step_000001", tmp_path)
+    kept = {p.name: (p / "branch").read_text() for p in root.iterdir() if p.name.startswith("abandoned-")}
+    assert kept == {"abandoned-step_000002": "first", "abandoned-step_000002-20260101-000000": "second",
+                    "abandoned-step_000002-20260101-000000-1": "third"}

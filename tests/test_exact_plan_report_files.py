@@ -77,10 +77,10 @@ def test_a_resume_keeps_the_earlier_recipe_only_when_it_differs(tmp_path: Path) 
 
 def test_a_third_run_in_the_same_second_gets_its_own_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Catches ``if`` for ``while`` in the same-second loop: the third run would write into the second's folder."""
-    from r3_rl import run_dir
+    from r3_rl import run_dir, stamps
 
     recipe = _tiny_recipe(tmp_path)
-    monkeypatch.setattr(run_dir.time, "strftime", lambda fmt, *a: "20260102-030405")
+    monkeypatch.setattr(stamps.time, "strftime", lambda fmt, *a: "20260102-030405")
     (tmp_path / f"{recipe.name}-20260102-030405").mkdir()
     (tmp_path / f"{recipe.name}-20260102-030405-1").mkdir()
     got = run_dir.make_run_dir(recipe)

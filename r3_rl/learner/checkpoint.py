@@ -54,6 +54,7 @@ from safetensors.torch import load_file, load_model, save_model
 from r3_rl.errors import UserError, raised
 from r3_rl.learner.manifest import file_manifest, sync_path, sync_tree, verify_files
 from r3_rl.learner.safe_load import safe_torch_load, scan_checkpoint
+from r3_rl.stamps import stamped_path
 
 CKPT_DIR = "checkpoints"
 MARKER = "checkpoint.json"
@@ -157,7 +158,7 @@ def set_aside_later(ckpt: Path, run_dir: Path) -> list[Path]:
     for p in complete_checkpoints(root):
         if int(p.name[len("step_"):]) > at:
             dest = root / f"abandoned-{p.name}"
-            dest = dest if not dest.exists() else root / f"abandoned-{p.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            dest = dest if not dest.exists() else stamped_path(root, f"abandoned-{p.name}")
             p.rename(dest)
             moved.append(dest)
     return moved
