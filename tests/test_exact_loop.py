@@ -2,6 +2,8 @@
 (engine) and the warm start's synthetic trajectories (warmstart).  Scripted stubs, hand-worked expectations."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -131,6 +133,23 @@ def test_run_ordered_puts_tasks_in_order_and_rejects_duplicates_and_losses() -> 
         run_ordered(FakeEngine([0, 0, 1]), tasks, SAMPLING)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match=r"tasks \[1\] of step 5 never came back"):
         run_ordered(FakeEngine([0]), tasks, SAMPLING)  # type: ignore[arg-type]
+
+
+def test_run_ordered_rejects_a_task_that_was_never_sent() -> None:
+    """A worker answering with a stale task (index 7 of a 2-task step) must not vanish from the step unnoticed."""
+    tasks = plan_tasks(5, 0, [P1, P2], [], 2, 1)
+    stray = replace(tasks[0], index=7)
+
+    class StrayEngine:
+        restarts = 0
+
+        def run(self, sent, sampling):
+            yield sent[0], ["tree0"]
+            yield stray, ["tree7"]
+            yield sent[1], ["tree1"]
+
+    with pytest.raises(RuntimeError, match=r"task 7 of step 5 came back but was never sent \(sent: \[0, 1\]\)"):
+        run_ordered(StrayEngine(), tasks, SAMPLING)  # type: ignore[arg-type]
 
 
 # --- warm start --------------------------------------------------------------------------------------------

@@ -69,10 +69,14 @@ def run_ordered(engine: RolloutEngine, tasks: list[RolloutTask], sampling: Stage
     """All trees of ``tasks`` in task order, whatever order the engine finished them in.
 
     ``on_task`` is called with each task's trees as soon as it finishes (the trainer scores there).
-    Each task must come back exactly once: a lost or duplicated task is a bug, never silently tolerated.
+    Each task must come back exactly once: a lost, duplicated or unknown task is a bug, never silently tolerated.
     """
     done: dict[int, list[Tree]] = {}
+    expected = {t.index for t in tasks}
     for task, trees in engine.run(tasks, sampling):
+        if task.index not in expected:
+            raise RuntimeError(f"rollout: task {task.index} of step {task.step} came back but was never sent "
+                               f"(sent: {sorted(expected)})")
         if task.index in done:
             raise RuntimeError(f"rollout: task {task.index} of step {task.step} came back twice")
         done[task.index] = trees
