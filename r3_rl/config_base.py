@@ -1,15 +1,47 @@
 """The base of every recipe section, shared by :mod:`r3_rl.config` and :mod:`r3_rl.config_learner`."""
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from r3_rl.errors import UserError
 
 
+def _bool_for_number(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` holds a YAML ``true``/``false`` where ``annotation`` wants a number, not a bool.
+
+    pydantic's lax mode reads ``lr: true`` as 1.0 and ``seed: yes`` as 1 (YAML 1.1 spells booleans ``yes``/``on``
+    too): a recipe that says something else than it means would train silently.  Containers are looked into
+    (``dict[str, float]`` tag weights, lists of numbers); ``Any`` and unions that admit ``bool`` are left alone.
+    """
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _bool_for_number(args[0], value)
+    if origin in (typing.Union, types.UnionType):
+        return bool not in args and any(_bool_for_number(a, value) for a in args)
+    if isinstance(value, bool):
+        return annotation in (int, float)
+    if origin is dict and len(args) == 2 and isinstance(value, dict):
+        return any(_bool_for_number(args[1], v) for v in value.values())
+    if origin in (list, tuple) and args and isinstance(value, (list, tuple)):
+        item = args[0]
+        return any(_bool_for_number(item, v) for v in value)
+    return False
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and _bool_for_number(field.annotation, value):
+            raise ValueError("must be a number, not true/false (YAML reads true/false/yes/no/on/off as booleans)")
+        return value
 
 
 def plugin_name(registry: Any, v: Any) -> Any:

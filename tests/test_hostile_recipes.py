@@ -80,6 +80,12 @@ CASES = [
     (None, [], ["--run-dir", "/dev/null/run"], "--run-dir /dev/null/run: /dev/null is not a directory"),
     (None, ["learner.lr=1e999"], [], "key 'learner.lr': inf is not a finite number"),
     (None, ["learner.betas=[0.9, .nan]"], [], "key 'learner.betas[1]': Input should be a finite number"),
+    # YAML booleans where a number belongs: pydantic's lax mode read `lr: true` as 1.0 and `steps: on` as 1
+    (None, ["learner.lr=true"], [], "key 'learner.lr': Value error, must be a number, not true/false"),
+    (None, ["steps=on"], [], "key 'steps': Value error, must be a number, not true/false"),
+    (None, ["tree.correct_parent_fraction=no"], [], "key 'tree.correct_parent_fraction': Value error, must be a number"),
+    (None, ["data.blocks.tags={counting: true, colors: 1}"], [], "key 'data.blocks.tags': Value error, must be a number"),
+    (None, ["learner.betas=[0.9, false]"], [], "key 'learner.betas': Value error, must be a number, not true/false"),
     (None, ["tree.group_size=1000000000000"], [], "key 'tree.group_size': 1000000000000 is over the limit of 1024"),
     (None, ["tree.prompts_per_step=60000", "tree.group_size=1000"], [], "over the limit of 1048576"),
     (None, ["policy.tiny.hidden_size=100000000"], [], "key 'policy.tiny.hidden_size': 100000000 is over the limit"),
