@@ -11,7 +11,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -180,7 +180,7 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def _lying_buffer(ckpt: Path) -> None:
+def _lying_buffer(ckpt: Path, lie: Callable[[dict], None] = lambda e: e.update(tokens=[0, 10 ** 9])) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -188,7 +188,7 @@ def _lying_buffer(ckpt: Path) -> None:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     entries = json.loads(meta["entries"])
-    entries[0]["tokens"] = [0, 10 ** 9]
+    lie(entries[0])
     save_file(load_file(str(path)), str(path), metadata={**meta, "entries": json.dumps(entries)})
     _edit_meta(ckpt, files=None)  # as an attacker would: the file list goes too
 
@@ -209,6 +209,9 @@ DAMAGE = {
     "a step that is not a number": (lambda c: _edit_meta(c, step="4"), "'step' must be a whole number >= 0, got '4'"),
     "a structure that is not a mapping": (lambda c: _edit_meta(c, structure=[1]), "'structure' must be a mapping"),
     "a buffer span past its data": (_lying_buffer, "entry 0: 'tokens' span [0, 1000000000] is not within the file's"),
+    # a flawed image filed among the correct parents would be taught as "no further edit needed"
+    "a buffer entry in the other pool": (lambda c: _lying_buffer(c, lambda e: e.update(correct=not e["correct"])),
+                                         "entry 0: in pool "),
 }
 
 

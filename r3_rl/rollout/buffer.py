@@ -243,6 +243,8 @@ def _stored_entry(e: Any, tokens: np.ndarray, png: np.ndarray, where: str) -> _S
     reward, rnd, prompt = e.get("reward"), e.get("round"), e.get("prompt")
     if (span_t is None and span_p is None) or type(e.get("correct")) is not bool or type(rnd) is not int or rnd < 0:
         raise ValueError(f"{where}: needs an image span, a true/false 'correct' and a whole 'round' >= 0")
+    if (e["pool"] == "correct") is not e["correct"]:  # a flawed image among the correct parents is taught as right
+        raise ValueError(f"{where}: in pool {e['pool']!r} but 'correct' is {str(e['correct']).lower()}")
     if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not np.isfinite(reward):
         raise ValueError(f"{where}: 'reward' must be a finite number, got {str(reward)[:40]}")
     if (not isinstance(prompt, dict) or not isinstance(prompt.get("id"), str)
