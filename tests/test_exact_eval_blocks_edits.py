@@ -393,3 +393,16 @@ def test_position_against_two_targets_needs_every_target() -> None:
     g = _grid(2, 4, {(0, 0): ("square", "red"), (1, 2): ("square", "red"), (0, 1): ("circle", "blue")})
     assert critique_text(g, md) == ("<think> the circle is not right of the square </think> "
                                     "move the circle right of the square")
+
+
+def test_a_position_clause_against_two_targets_that_no_move_can_fix_is_redrawn_not_a_crash() -> None:
+    """"a circle left of two squares" with both squares in column 0: no cell is left of them, and a move or swap
+    names one target.  ``diagnose`` raised "found no fix"; now the circle is taken out (the next round adds it)."""
+    meta = {"prompt": "two squares and a circle left of the squares",
+            "include": [{"class": "square", "count": 2}, {"class": "circle", "count": 1, "position": ["left of", 0]}]}
+    grid = _grid(4, 4, {(0, 0): ("square", "red"), (3, 0): ("square", "red"), (1, 2): ("circle", "blue")})
+    assert diagnose(grid, meta) == [EditOp("remove", "circle")]
+    assert critique_text(grid, meta) == ("<think> the circle is not left of the square </think> "
+                                         f"{edits.edit_text(EditOp('remove', 'circle'))}")
+    removed = apply_edit(grid, EditOp("remove", "circle"), np.random.default_rng(0))
+    assert diagnose(removed, meta) == [EditOp("add", "circle", None)]

@@ -293,6 +293,10 @@ def _position_fix(grid: np.ndarray, objs: list[Obj], req: dict, treq: dict, a: O
         if (_holds((a2[0], a2[1]), s, b2, rel, cell) or _can_move(swapped, a2, [b2], rel, cell)
                 or _can_move(swapped, b2, [a2], inv, cell)):
             return EditOp("swap", s, target=t), note
+    if len(targets) > 1 and full_note is None:
+        # a move or swap names one target; against several (a custom prompt's "left of two squares") no cell
+        # may do: take the object out, and the next round's "add" draws it again (it raised "found no fix")
+        return EditOp("remove", s), note
     return full_note
 
 
