@@ -45,7 +45,7 @@ def test_tiny_recipe_passes(repo: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert rc == 0, out
     checks = {line.split()[1]: line.split()[0] for line in out[:-1]}
     assert checks["recipe"] == checks["data"] == checks["weights"] == checks["disk"] == "ok"
-    assert checks["reward"] == "ok"  # "reward blocks (task+eval)": constructed and set up
+    assert checks["reward"] == "ok"  # "reward blocks (task)" and "(eval)": their options differ; each constructed and set up
     assert checks["ray"] == "skipped"
     if NO_GPU:  # every check that needs a GPU says so, and the rest still ran
         gpu_lines = [line for line in out[:-1] if line.split()[1] in ("gpus", "nccl", "train")]

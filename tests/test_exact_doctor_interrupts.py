@@ -277,6 +277,26 @@ def test_a_cluster_is_judged_on_its_free_resources(monkeypatch: pytest.MonkeyPat
     assert found.detail.endswith(": 2 GPU requested, 1 free (pending actors would wait forever)")
 
 
+@pytest.mark.parametrize("workers,status", [(3, "problem"), (2, "ok")])
+def test_fractional_gpu_shares_on_a_cluster_are_packed_not_summed(monkeypatch: pytest.MonkeyPatch, workers: int,
+                                                                  status: str) -> None:
+    """Three 0.6-GPU workers sum to 1.8 <= 2 free GPUs, but each share sits on one GPU: Ray fits two and keeps the
+    third pending for ever.  The doctor compared the sum with the free GPUs and said ok."""
+    from r3_rl.doctor import ray_check
+
+    monkeypatch.setattr(ray_check, "tcp_probe", lambda host, port, timeout: None)
+    monkeypatch.setattr(ray_check, "cluster_resources", lambda address, timeout: {
+        "total": {"CPU": 16.0, "GPU": 2.0}, "available": {"CPU": 16.0, "GPU": 2.0}, "nodes": 1})
+    ctx = _ctx(["rollout.backend=ray", f"rollout.workers={workers}", "rollout.gpus_per_worker=0.6",
+                "rollout.cpus_per_worker=1", "ray.address=10.0.0.1:6379"], [])
+    found = ray_check.check_ray(ctx)
+    assert found.status == status, found.detail
+    if status == "problem":
+        assert found.detail.endswith("1.8 GPU (rollout.workers 3 x (1 CPU, 0.6 GPU)): the GPU shares pack onto 3 "
+                                     "whole GPUs (one actor's share never spans two), 2 free (pending actors would "
+                                     "wait forever)")
+
+
 # ------------------------------------------------------------------------------------------ doctor: smoke
 def test_the_smoke_recipe_leaves_the_users_recipe_alone(tmp_path: Path) -> None:
     from r3_rl.doctor.smoke import NOISE_REWARD, smoke_recipe

@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from r3_rl.doctor.base import Context, Finding, ok, problem, skipped
+from r3_rl.gpu_layout import actor_gpus
 
 PROBE = """
 import json, sys
@@ -122,6 +123,10 @@ def check_ray(ctx: Context) -> Finding:
     have = (f"cluster at {address}: {info['nodes']} node(s), {total.get('CPU', 0):g} CPU "
             f"({free.get('CPU', 0):g} free), {total.get('GPU', 0):g} GPU ({free.get('GPU', 0):g} free)")
     lacks = shortfall(need, free)
+    packed = actor_gpus(recipe)  # each actor's GPU share sits on one GPU: three 0.6 shares need three GPUs
+    if not lacks and packed > free.get("GPU", 0.0) + 1e-6:
+        lacks = [f"the GPU shares pack onto {packed} whole GPUs (one actor's share never spans two), "
+                 f"{free.get('GPU', 0.0):g} free"]
     if lacks:
         return problem(f"{have}; {asks}: {', '.join(lacks)} (pending actors would wait forever)", fix_size)
     return ok(f"{have}; {asks}")
