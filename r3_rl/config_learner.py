@@ -44,7 +44,8 @@ class DeepSpeedCfg(Section):
         """Keys the learner sets from its own: given here they overrode them after every check (a
         ``zero_optimization.stage`` past the resume check and the ZeRO-3 refusal; a ``bf16`` against
         ``policy.dtype``; an ``optimizer`` beside the learner's AdamW)."""
-        stage = "stage" in (v.get("zero_optimization") or {})
+        zero = v.get("zero_optimization")
+        stage = isinstance(zero, dict) and "stage" in zero  # not a mapping: DeepSpeed's own check refuses it
         owned = [k for k in v if k in LEARNER_OWNED_DS_KEYS] + (["zero_optimization.stage"] if stage else [])
         if owned:
             use = LEARNER_OWNED_DS_KEYS.get(owned[0], "learner.deepspeed.zero_stage")

@@ -26,6 +26,7 @@ LIMITS: dict[str, tuple[int, str]] = {
     "steps": (10_000_000, "training steps"),
     "keep_last": (1_000, "checkpoints kept"),
     "threads": (1_024, "torch threads"),
+    "rollout.threads_per_worker": (1_024, "torch threads per rollout worker"),
     "policy.tiny.hidden_size": (8_192, "width of the tiny CPU policy"),
     "policy.tiny.num_layers": (128, "layers of the tiny CPU policy"),
     "policy.tiny.num_heads": (256, "attention heads of the tiny CPU policy"),
@@ -239,6 +240,10 @@ def check_data(recipe: Any, source: str, needs_eval: bool = True) -> None:
         from r3_rl.blocks.prompts import check_tag_mix
 
         check_tag_mix(d.blocks.tags, f"{source}: key 'data.blocks.tags'")
+        for key in ("train", "eval"):  # never read: the run would use Blocks prompts without a word
+            if getattr(d, key):
+                raise UserError(f"{source}: key 'data.{key}': {getattr(d, key)!r} is not read with data.source "
+                                f"'blocks' (its prompts are generated); set data.source: geneval, tiif or hf to use it")
         return
     if not d.train:
         raise UserError(f"{source}: key 'data.train': required for data.source={d.source!r} (a jsonl path or dataset)")

@@ -391,3 +391,15 @@ def test_a_plain_line_is_exact() -> None:
     c.step(0, 100, {"1_reward/generate": 0.5, "learner/loss": -0.01}, elapsed=3725.0)
     assert buf.getvalue() == ("step   1/100  reward A 0.500  acc A -  refine dR -  verdict -  stop -  loss -0.0100  "
                               "elapsed 1:02:05  eta 102:26:15\n")
+
+
+def test_a_prompt_file_beside_the_blocks_generator_is_a_data_problem() -> None:
+    """``r3-rl train`` refuses ``data.train`` with ``data.source: blocks`` (the file would never be read); the
+    doctor said "Blocks generator" ok and "the run can start"."""
+    from r3_rl.doctor.checks import check_data
+
+    found = check_data(_ctx(["data.train=prompts.jsonl"]))
+    assert found.status == "problem"
+    assert found.detail == (f"{TINY}: key 'data.train': 'prompts.jsonl' is not read with data.source 'blocks' (its "
+                            f"prompts are generated); set data.source: geneval, tiif or hf to use it")
+    assert check_data(_ctx()).status == "ok"

@@ -38,6 +38,12 @@ def check_data(ctx: Context) -> Finding:
 
     d = ctx.recipe.data
     if d.source == "blocks":
+        from r3_rl.validate import check_data as validate_data
+
+        try:  # a data.train / data.eval file beside the generator would never be read: train refuses it
+            validate_data(ctx.recipe, str(ctx.recipe_path))
+        except UserError as e:
+            return problem(str(e), "set data.source to the file's format, or leave data.train / data.eval out")
         return ok(f"Blocks generator, {d.blocks.rows}x{d.blocks.cols} grid, tags {', '.join(d.blocks.tags)}")
     fix = "use a built-in set (`r3-rl data` lists them), or fix the file / dataset named above"
     try:
