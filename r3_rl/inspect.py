@@ -105,23 +105,25 @@ def run_overview(run_dir: Path) -> str:
     else:
         lines.append("  training: no steps logged")
     for p in sorted((run_dir / "eval").glob("*.json")) if (run_dir / "eval").is_dir() else []:
-        try:
+        try:  # every field read inside: a foreign report's "understanding": "x" was a traceback, not a line
             rep = json.loads(p.read_text())
             acc = " ".join(fmt(a) for a in rep["accuracy"])
-        except (ValueError, KeyError, TypeError, RecursionError) as e:  # damaged or foreign: said, not skipped
+            under = headline(rep)
+            line = (f"  eval {p.stem}: accuracy per round {acc} (stop rate {fmt(rep.get('stop_rate'))}, "
+                    f"{rep.get('prompts')} prompts); verdict balanced accuracy "
+                    f"{fmtn(under['verdict_balanced_accuracy'])} "
+                    f"(within tags {fmtn(under['verdict_within_tag_balanced_accuracy'])})"
+                    + (f", reference set {fmtn(under['reference_balanced_accuracy'])}"
+                       if "reference_balanced_accuracy" in under else ""))
+            kinds = ((rep.get("understanding") or {}).get("reference") or {}).get("per_kind")
+            by_kind = ", ".join(f"{kind} {fmt(v['stop_rate'])} ({v['images']})" for kind, v in kinds.items()) \
+                if kinds else ""
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:  # damaged or foreign: said
             lines.append(f"  eval {p.stem}: unreadable ({type(e).__name__}: {printable(str(e))[:80]})")
             continue
-        under = headline(rep)
-        lines.append(f"  eval {p.stem}: accuracy per round {acc} (stop rate {fmt(rep.get('stop_rate'))}, "
-                     f"{rep.get('prompts')} prompts); verdict balanced accuracy "
-                     f"{fmtn(under['verdict_balanced_accuracy'])} "
-                     f"(within tags {fmtn(under['verdict_within_tag_balanced_accuracy'])})"
-                     + (f", reference set {fmtn(under['reference_balanced_accuracy'])}"
-                        if "reference_balanced_accuracy" in under else ""))
-        kinds = ((rep.get("understanding") or {}).get("reference") or {}).get("per_kind")
-        if kinds:
-            lines.append("    reference set, stop rate by kind: " + ", ".join(
-                f"{kind} {fmt(v['stop_rate'])} ({v['images']})" for kind, v in kinds.items()))
+        lines.append(line)
+        if by_kind:
+            lines.append("    reference set, stop rate by kind: " + by_kind)
     steps = list(trajectory_files(run_dir))
     if steps:
         lines.append(f"  trajectory dumps: {len(steps)} (steps {steps[0]}..{steps[-1]})")

@@ -129,7 +129,11 @@ def reply_text(reply: Any) -> str:
     except (KeyError, IndexError, TypeError):
         raise JudgeParseError("judge reply has no choices[0].message.content") from None
     if isinstance(content, list):
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        parts = [p.get("text", "") for p in content if isinstance(p, dict)]
+        bad = [t for t in parts if not isinstance(t, str)]
+        if bad:  # a part {"text": null} raised TypeError out of the reward instead of failing this sample
+            raise JudgeParseError(f"judge message content part is {type(bad[0]).__name__}, not text")
+        content = "".join(parts)
     if not isinstance(content, str):
         raise JudgeParseError(f"judge message content is {type(content).__name__}, not text")
     return content

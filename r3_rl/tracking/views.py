@@ -73,7 +73,7 @@ def select_trajectories(trees: list[Tree], limit: int) -> list[tuple[Tree, list[
 
 
 def image_caption(node: Node, previous: Node | None = None) -> str:
-    """``r1 refine R=0.750 (+0.250)`` -- round, stage and reward (change against the image it refined)."""
+    """``r1 refine R=0.75 (+0.25)`` -- round, stage and reward (change against the image it refined)."""
     s = node_score(node)
     cap = f"r{node.round} {node.stage}{reward_text(node)}"
     p = node_score(previous) if previous is not None else None
