@@ -7,8 +7,6 @@ line; the CLI prints it and exits 2.
 """
 from __future__ import annotations
 
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,9 +14,10 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from r3_rl.config_base import Section
+from r3_rl.config_errors import one_line
 from r3_rl.config_base import plugin_name as _plugin_name
 from r3_rl.config_learner import CriticReplayCfg, DeepSpeedCfg, FlowLearnerCfg, Learner, LoraCfg, PpoCfg, StageFlags  # noqa: F401 (re-exported)
-from r3_rl.errors import UserError, close_match
+from r3_rl.errors import UserError
 from r3_rl.textfiles import yaml_load_unique
 from r3_rl.trajectory import SamplingParams
 
@@ -331,51 +330,6 @@ class Recipe(Section):
 
 # ------------------------------------------------------------------------------------------------
 
-def _section(annotation: Any) -> Any:
-    """The section class a field holds: ``LoraCfg`` for ``LoraCfg | None`` (the first pydantic model of a union),
-    else the annotation itself."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return next((a for a in typing.get_args(annotation) if hasattr(a, "model_fields")), annotation)
-    return annotation
-
-
-def _fields_at(path: tuple[Any, ...]) -> list[str]:
-    """Valid keys of the section at ``path`` (for 'did you mean'): through optional sections (``learner.lora``)
-    and list entries (``rewards.task[0]``, whose index pydantic gives as an int)."""
-    model: Any = Recipe
-    for part in path:
-        model = _section(model)
-        if isinstance(part, int):
-            args = typing.get_args(model)
-            if typing.get_origin(model) is not list or not args:
-                return []
-            model = args[0]
-            continue
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        model = field.annotation
-    return list(getattr(_section(model), "model_fields", {}))
-
-
-def _key(loc: tuple[Any, ...]) -> str:
-    """``rewards.task[0].weight``: a list entry's index as the recipe validator writes it (:mod:`r3_rl.validate`)."""
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-
-
-def _one_line(err: ValidationError, source: str) -> str:
-    e = err.errors()[0]
-    loc = tuple(p for p in e["loc"])
-    key = _key(loc)
-    if e["type"] == "extra_forbidden":
-        valid = _fields_at(loc[:-1])
-        hint = close_match(str(loc[-1]), valid) or (f" (valid: {', '.join(valid)})" if valid else "")
-        return f"{source}: unknown key '{key}'{hint}"
-    got = e.get("input")
-    got_s = f", got {got!r}" if not isinstance(got, dict) else ""
-    return f"{source}: key '{key}': {e['msg']}{got_s}"
-
-
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set learner.lr=1e-4")
@@ -414,7 +368,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise UserError(_one_line(e, str(path))) from None
+        raise UserError(one_line(e, str(path), Recipe)) from None
 
 
 def recipe_yaml(recipe: Recipe) -> str:

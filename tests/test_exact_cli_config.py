@@ -290,3 +290,17 @@ def test_only_messages_that_start_with_a_recipe_key_get_the_file(message: str, e
 
     assert _in_recipe(message, Namespace(command="train", recipe="R.yaml")) == expected
     assert _in_recipe(message, Namespace(command="serve")) == message  # no recipe argument: as raised
+
+
+@pytest.mark.parametrize("sets,line", [
+    # pydantic's loc carried the union branch it tried ("target_modules.list[str]") and the first branch's reason
+    (["learner.lora={target_modules: 5}"],
+     "key 'learner.lora.target_modules': Input should be a valid list or a valid string, got 5"),
+    (["learner.lora={r: 8, target_modules: [1]}"], "key 'learner.lora.target_modules[0]': Input should be a valid "
+                                                   "string, got 1"),
+    (["data.blocks.tags={colors: x}"], "key 'data.blocks.tags.colors': Input should be a valid number, unable to "
+                                       "parse string as a number, got 'x'"),  # a mapping key is kept
+    (["learner.lora={rr: 8}"], "unknown key 'learner.lora.rr' (did you mean 'r'?)"),
+])
+def test_a_union_fields_error_names_the_recipe_key_and_every_branchs_reason(sets: list[str], line: str) -> None:
+    assert _refused(sets, line) == f"{TINY}: {line}"
