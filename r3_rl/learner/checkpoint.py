@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -52,116 +51,15 @@ import torch
 from safetensors.torch import load_file, load_model, save_model
 
 from r3_rl.errors import UserError, raised
+from r3_rl.learner.checkpoint_find import (  # noqa: F401 (re-exported: callers find and load through this module)
+    CKPT_DIR, MARKER, OLD_RE, STEP_RE, _meta, checkpoints_before, complete_checkpoints, find_resume,
+    latest_checkpoint, restore_interrupted_swap, set_aside_later)
 from r3_rl.learner.manifest import file_manifest, sync_path, sync_tree, verify_files
 from r3_rl.learner.safe_load import safe_torch_load, scan_checkpoint
-from r3_rl.stamps import stamped_path
 
-CKPT_DIR = "checkpoints"
-MARKER = "checkpoint.json"
-STEP_RE = re.compile(r"^step_(\d+)$")
-OLD_RE = re.compile(r"^\.old-(step_\d+)-\d+$")  # a re-saved step's previous copy, set aside for the swap
 # 3: the parent buffer in state/buffer.safetensors (1-2: pixel lists in trainer.pt); 2: no numpy objects in
 # trainer.pt (1 stored the numpy RNG state as an array).  Older formats still load.
 FORMAT = 3
-
-
-# ---------------------------------------------------------------------------------------------- finding
-def _meta(path: Path) -> dict[str, Any] | None:
-    try:
-        meta = json.loads((path / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) and meta.get("complete") is True else None
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root`` (a ``checkpoints/`` folder), oldest first."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if p.is_dir() and (m := STEP_RE.match(p.name)) and _meta(p) is not None]
-    return [p for _, p in sorted(found)]
-
-
-def checkpoints_before(latest: Path) -> list[Path]:
-    """The complete checkpoints beside ``latest`` with a lower step, newest first: compared as numbers, since
-    names compare wrongly past step 999999 (``step_1000000`` sorts before ``step_999999``)."""
-    step = int(STEP_RE.match(latest.name).group(1))  # type: ignore[union-attr]
-    return [p for p in reversed(complete_checkpoints(latest.parent))
-            if int(STEP_RE.match(p.name).group(1)) < step]  # type: ignore[union-attr]
-
-
-def restore_interrupted_swap(root: Path) -> list[Path]:
-    """Put back a re-saved step whose swap a crash cut in two; returns the folders restored.
-
-    Re-saving ``step_N`` renames it to ``.old-step_N-PID`` and then the new copy to ``step_N``: a crash between
-    the two renames leaves no ``step_N`` at all, and with ``keep_last: 1`` no checkpoint to resume from.  The
-    old copy was complete (it had been named ``step_N``), so it is renamed back; the next save would delete it.
-    """
-    if not root.is_dir():
-        return []
-    restored = []
-    for p in sorted(root.iterdir()):
-        m = OLD_RE.match(p.name)
-        if m and p.is_dir() and _meta(p) is not None and not (root / m.group(1)).exists():
-            p.rename(root / m.group(1))
-            restored.append(root / m.group(1))
-    return restored
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    restore_interrupted_swap(Path(run_dir) / CKPT_DIR)
-    done = complete_checkpoints(Path(run_dir) / CKPT_DIR)
-    return done[-1] if done else None
-
-
-def find_resume(where: str, recipe: Any, run_dir: str | None) -> tuple[Path | None, Path | None]:
-    """``--resume auto|PATH`` -> (checkpoint to load or None, run dir to continue in or None for a new one).
-
-    ``auto``: the latest complete checkpoint of ``run_dir`` when given, else of the newest
-    ``<out_dir>/<name>-*`` run that has one written by this recipe name; nothing found = a fresh run.
-    ``PATH``: a checkpoint folder, a run dir or its ``checkpoints/`` folder (then its latest complete
-    checkpoint); nothing there is an error.
-    """
-    if where == "auto":
-        if run_dir is not None:
-            return latest_checkpoint(Path(run_dir)), Path(run_dir)
-        runs = sorted(Path(recipe.out_dir).glob(f"{recipe.name}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for run in runs:
-            ckpt = latest_checkpoint(run)
-            # ``x-*`` also matches recipe ``x-lowlr``'s runs: a checkpoint names the recipe that wrote it
-            if ckpt is not None and (_meta(ckpt) or {}).get("recipe", recipe.name) == recipe.name:
-                return ckpt, run
-        return None, None
-    p = Path(where)
-    if (p / MARKER).is_file():
-        if _meta(p) is None:
-            raise UserError(f"--resume {where}: checkpoint is incomplete (interrupted while saving); use --resume auto")
-        ckpt = p
-    else:
-        root = p if p.name == CKPT_DIR else p / CKPT_DIR
-        restore_interrupted_swap(root)
-        done = complete_checkpoints(root)
-        if not done:
-            raise UserError(f"--resume {where}: no complete checkpoint there (expected a checkpoint folder with "
-                            f"{MARKER}, or a run dir with {CKPT_DIR}/step_*)")
-        ckpt = done[-1]
-    return ckpt, Path(run_dir) if run_dir is not None else ckpt.parent.parent
-
-
-def set_aside_later(ckpt: Path, run_dir: Path) -> list[Path]:
-    """Resuming ``ckpt`` in ``run_dir`` branches at its step: the complete checkpoints of later steps there are the
-    abandoned branch's, and ``--resume auto`` (latest step first) would pick one after a crash while the logs were
-    rewound to the branch point.  They are renamed ``abandoned-step_N`` (kept, not deleted); returns the new paths."""
-    at = int(ckpt.name[len("step_"):]) if STEP_RE.match(ckpt.name) else int((_meta(ckpt) or {}).get("step", 0))
-    root, moved = Path(run_dir) / CKPT_DIR, []
-    for p in complete_checkpoints(root):
-        if int(p.name[len("step_"):]) > at:
-            dest = root / f"abandoned-{p.name}"
-            dest = dest if not dest.exists() else stamped_path(root, f"abandoned-{p.name}")
-            p.rename(dest)
-            moved.append(dest)
-    return moved
 
 
 # ---------------------------------------------------------------------------------------------- parts
