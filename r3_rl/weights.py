@@ -84,7 +84,15 @@ def weight_files(folder: Path, key: str = "policy.model") -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+            try:  # cut off mid-download, or not an index: one line with the fix, not a JSONDecodeError
+                weight_map = json.loads(index.read_text(errors="replace")).get("weight_map")
+                shards = sorted(set(weight_map.values()))
+                if not shards or not all(isinstance(s, str) for s in shards):
+                    raise ValueError("no shard names")
+            except (ValueError, AttributeError, TypeError, RecursionError) as e:
+                raise WeightsMissing(f"{key}: {index} is not a readable shard index with a 'weight_map' "
+                                     f"({type(e).__name__}): an interrupted download?",
+                                     "download the model again (`hf download REPO` resumes)") from None
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise WeightsMissing(f"{key}: {folder} lacks {len(missing)} of {len(shards)} weight shards "

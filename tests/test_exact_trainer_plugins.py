@@ -180,6 +180,23 @@ def test_a_shard_holding_several_tensors_is_one_weight_file(tmp_path: Path) -> N
     assert weights.weight_files(tmp_path) == [tmp_path / "s-1.safetensors", tmp_path / "s-2.safetensors"]
 
 
+@pytest.mark.parametrize("index,why", [('{"weight_map": {"a": "s-1.safe', "JSONDecodeError"),  # cut off
+                                       ('{"metadata": {}}', "AttributeError"),  # no weight_map
+                                       ('{"weight_map": {}}', "ValueError"),  # no shard at all
+                                       ('[1, 2]', "AttributeError")])
+def test_an_unreadable_shard_index_is_weights_missing_with_the_download_fix(tmp_path: Path, index: str,
+                                                                            why: str) -> None:
+    """A shard index cut off mid-download raised a bare JSONDecodeError (the doctor's "check itself failed",
+    no fix); one without a ``weight_map`` gave no weight files and no error."""
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(weights.WeightsMissing) as e:
+        weights.weight_files(tmp_path, "policy.model")
+    assert str(e.value) == (f"policy.model: {tmp_path / 'model.safetensors.index.json'} is not a readable shard "
+                            f"index with a 'weight_map' ({why}): an interrupted download?")
+    assert e.value.fix == "download the model again (`hf download REPO` resumes)"
+
+
 def test_a_header_length_of_exactly_the_cap_is_read_not_refused(tmp_path: Path) -> None:
     """Catches the header cap applied with >= (a header exactly 100 MB long is still a valid file)."""
     f = tmp_path / "cap.safetensors"
