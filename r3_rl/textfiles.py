@@ -12,6 +12,7 @@ import functools
 import gzip
 import os
 import stat
+import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
@@ -63,7 +64,13 @@ def utf8_lines(path: str | Path, what: str = "file", max_bytes: int | None = Non
     gz = str(path).endswith(".gz")
     with open_regular(path, what) as raw_fh, (gzip.GzipFile(fileobj=raw_fh) if gz else raw_fh) as fh:
         lineno, left = 0, max_bytes
-        while raw := fh.readline(-1 if left is None else left + 1):
+        while True:
+            try:
+                raw = fh.readline(-1 if left is None else left + 1)
+            except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a bad header, a short file, a damaged block
+                raise UserError(f"{path}: not a valid gzip file ({e})") from None
+            if not raw:
+                break
             lineno += 1
             if left is not None:
                 left -= len(raw)
