@@ -145,6 +145,13 @@ class TinyFlowPolicy(TinyUnifiedPolicy):
                 raise UserError(f"policy.options.{key}: {options[key]} differs from the saved policy's "  # type: ignore[index]
                                 f"{flow[key]} ({path}); leave it out to use the saved one")
         flow.update(options or {})
+        try:  # the recipe's options were checked against the defaults; check them with the saved settings too
+            grid = timestep_grid(flow["grid_points"], flow["shift"])
+            for key in ("sde_generate", "sde_refine"):
+                check_sde_steps(grid, EtaSchedule("r3", flow["eta"]), StochasticSteps.from_dict(flow[key]),
+                                flow["shift"])
+        except ValueError as e:
+            raise UserError(f"policy.options (tiny_flow) with the saved policy's settings ({path}): {e}") from None
         policy = cls(base.model, base.tok, templates, base.rows, base.cols, flow)
         head = load_file(str(Path(path) / HEAD_FILE))
         policy.model.flow_head.load_state_dict({k.removeprefix("flow_head."): v for k, v in head.items()})
