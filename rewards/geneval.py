@@ -53,7 +53,7 @@ class ColorClassifier:
         if obj.mask is not None:
             blank = Image.new("RGB", image.size, self.background)
             image = Image.composite(image, blank, Image.fromarray(obj.mask.astype("uint8") * 255, mode="L"))
-        x0, y0, x1, y1 = obj.box
+        x0, y0, x1, y1 = (round(v) for v in obj.box)  # PIL rounds the box: floor the crop at 1 pixel after it
         x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)  # a degenerate box still gives a 1-pixel crop
         return image.crop((x0, y0, x1, y1))
 
