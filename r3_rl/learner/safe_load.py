@@ -59,7 +59,7 @@ def safe_torch_load(path: Path | str, map_location: Any = None, deepspeed: bool 
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported (?:global|operand)[^\n.]*", str(e))
+        found = re.search(r"Unsupported (?:global|operand)(?:[^\n.]|\.(?=\w))*", str(e))  # a name's dots
         raise _refusal(path, found.group(0) if found else "it is not a weights-only pickle") from None
     except (OSError, EOFError, RuntimeError, ValueError) as e:
         raise UserError(f"{path}: cannot read checkpoint file ({type(e).__name__}: "
