@@ -84,6 +84,9 @@ class GenevalReward(Reward):
         self.threshold = d["threshold"] if threshold is None else float(threshold)
         self.counting_threshold = d["counting_threshold"] if counting_threshold is None else float(counting_threshold)
         self.nms_threshold = d["nms_threshold"] if nms_threshold is None else float(nms_threshold)
+        if isinstance(counting_tags, str) or not all(isinstance(t, str) for t in counting_tags):
+            # a bare string was read as its letters ({"c", "o", ...}): the counting threshold never applied
+            raise TypeError(f"geneval reward option 'counting_tags' must be a list of tags, got {counting_tags!r}")
         self.counting_tags, self.max_objects = set(counting_tags), int(max_objects)
         self.position_threshold, self.batch_size = float(position_threshold), max(1, int(batch_size))
         self.backend: Any = (Mask2FormerBackend(model, device, dtype, label_map=label_map) if detector == "mask2former"

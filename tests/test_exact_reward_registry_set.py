@@ -332,6 +332,13 @@ def test_counting_tags_option_is_honoured() -> None:
     assert out.components["correct"] == 1.0 and r.backend.calls[0][2] == 0.9
 
 
+@pytest.mark.parametrize("tags", ["numeracy", ["numeracy", 3]])
+def test_counting_tags_that_are_not_a_list_of_tags_are_refused(tags: object) -> None:
+    """``counting_tags: numeracy`` was read as the set of its letters, so the counting threshold never applied."""
+    with pytest.raises(TypeError, match=r"^geneval reward option 'counting_tags' must be a list of tags, got "):
+        scripted_reward([], counting_tags=tags)
+
+
 def test_bad_metadata_failure_names_the_key() -> None:
     """Catches the metadata error's text dropped from the failure (which clause is wrong lost)."""
     (out,) = scripted_reward([])([sample(_white(), include=[{"class": "cat", "count": 0}])])
