@@ -10,14 +10,18 @@ from r3_rl.stamps import new_stamped_dir, stamped_path
 
 
 def _refuse_links(path: Path) -> None:
-    """A run dir that exists (a resume, or ``--run-dir`` again) must hold no symbolic link: the run writes
+    """A run dir that exists (a resume, or ``--run-dir`` again) must hold no symbolic link (nor FIFO): the run writes
     ``recipe.yaml``, ``events.log``, ``final/``, ``trajectories/`` ... in place, and a link planted in a run dir
     someone else wrote would redirect those writes anywhere (the folder itself may be a link)."""
     for dirpath, dirnames, filenames in os.walk(path):
         for name in dirnames + filenames:
-            if (Path(dirpath) / name).is_symlink():
-                raise UserError(f"run dir {path}: {Path(dirpath, name).relative_to(path)} is a symbolic link; the "
+            entry = Path(dirpath) / name
+            if entry.is_symlink():
+                raise UserError(f"run dir {path}: {entry.relative_to(path)} is a symbolic link; the "
                                 f"run would write through it (replace it with a real file or folder)")
+            if not (entry.is_dir() or entry.is_file()):  # a FIFO named recipe.yaml: writing it waits for ever
+                raise UserError(f"run dir {path}: {entry.relative_to(path)} is not a regular file or folder "
+                                f"(a FIFO, socket or device); the run would block or write into it (remove it)")
 
 
 def _keep_previous_recipe(path: Path, recipe: Recipe) -> None:
@@ -25,7 +29,7 @@ def _keep_previous_recipe(path: Path, recipe: Recipe) -> None:
     rewritten; the one the earlier steps ran with is kept beside it as ``recipe.<time>.yaml``, so the run dir
     never claims its first steps ran with the new settings."""
     old = path / "recipe.yaml"
-    if old.is_file() and old.read_text() != recipe_yaml(recipe):
+    if old.is_file() and old.read_bytes() != recipe_yaml(recipe).encode():  # bytes: any file, UTF-8 or not
         old.rename(stamped_path(path, "recipe", ".yaml", sep="."))
 
 

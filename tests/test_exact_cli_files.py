@@ -112,6 +112,34 @@ def test_a_link_deep_in_a_run_dir_is_named_by_its_path_inside_it(tmp_path: Path)
                             f"through it (replace it with a real file or folder)")
 
 
+@pytest.mark.timeout(30)
+def test_a_fifo_planted_in_a_run_dir_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """A FIFO named ``recipe.yaml`` in an existing ``--run-dir``: writing the recipe blocked for ever."""
+    import os
+
+    from r3_rl.run_dir import make_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    os.mkfifo(run / "recipe.yaml")
+    with pytest.raises(UserError) as e:
+        make_run_dir(_tiny_recipe(tmp_path), str(run))
+    assert str(e.value) == (f"run dir {run}: recipe.yaml is not a regular file or folder (a FIFO, socket or "
+                            f"device); the run would block or write into it (remove it)")
+
+
+def test_a_run_dirs_recipe_that_is_not_utf8_is_kept_aside_not_a_traceback(tmp_path: Path) -> None:
+    """``recipe.yaml`` holding bytes that are not UTF-8 raised UnicodeDecodeError out of the comparison."""
+    from r3_rl.run_dir import make_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_bytes(b"name: x\nseed: \xff\n")
+    assert make_run_dir(_tiny_recipe(tmp_path), str(run)) == run
+    kept = [p for p in run.iterdir() if p.name != "recipe.yaml"]
+    assert len(kept) == 1 and kept[0].name.startswith("recipe.") and kept[0].read_bytes() == b"name: x\nseed: \xff\n"
+
+
 def test_a_dangling_link_holds_its_stamped_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Catches ``exists()`` alone (False for a link to nothing): the name would be handed out and a rename or a
     ``mkdir`` would go through the link, or ``mkdir`` fail on it for ever."""
