@@ -218,10 +218,12 @@ def test_reward_errors_name_their_list_and_correct_part_takes_a_component() -> N
     check_rewards(load_recipe(TINY, ["rewards.reflect.correct_part=blocks/correct"]), SRC)
 
 
-def test_geneval_plus_plus_judge_needs_a_mode_in_the_task_rewards_too() -> None:
-    sets = ["data.source=geneval", "data.train=geneval:train", "data.eval=geneval++:test",
+@pytest.mark.parametrize("train,held_out", [("geneval:train", "geneval++:test"),  # held-out prompts
+                                             ("geneval++:test", "geneval:test")])  # training prompts (round 12A)
+def test_geneval_plus_plus_judge_needs_a_mode_in_the_task_rewards_too(train: str, held_out: str) -> None:
+    sets = ["data.source=geneval", f"data.train={train}", f"data.eval={held_out}",
             "rewards.task=[{name: vlm_judge, options: {url: 'http://127.0.0.1:9', model: m}}]"]
-    with pytest.raises(UserError, match=r"key 'rewards\.task\[0\]\.options\.mode': geneval\+\+:test prompts"):
+    with pytest.raises(UserError, match=r"^r\.yaml: key 'rewards\.task\[0\]\.options\.mode': geneval\+\+:test prompts"):
         check_judge_protocol(load_recipe(TINY, sets), SRC)
 
 

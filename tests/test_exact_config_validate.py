@@ -24,7 +24,6 @@ from r3_rl.validate import (
     LIMITS,
     check_data,
     check_device,
-    check_judge_protocol,
     check_numbers,
     check_plugins,
     check_run_dir,
@@ -318,13 +317,6 @@ def test_ppo_with_the_tiny_policy_and_critic_replay_off_with_janus_pass_the_plug
 def test_lora_targets_wait_for_the_weights_where_they_are_not_here() -> None:
     """``weights=False`` (plan, doctor): the BAGEL skeleton reads the checkpoint, absent here -- not an error."""
     check_plugins(load_recipe(BAGEL, ["learner.lora={r: 4}"]), SRC, weights=False)
-
-
-def test_geneval_plus_plus_training_prompts_need_a_judge_mode_too() -> None:
-    sets = ["data.source=geneval", "data.train=geneval++:test", "data.eval=geneval:test",
-            "rewards.task=[{name: vlm_judge, options: {url: 'http://127.0.0.1:9', model: m}}]"]
-    with pytest.raises(UserError, match=r"^r\.yaml: key 'rewards\.task\[0\]\.options\.mode': geneval\+\+:test "):
-        check_judge_protocol(load_recipe(TINY, sets), SRC)
 
 
 # ---------------------------------------------------------------- validate.py: data and run dir

@@ -18,13 +18,14 @@ import torch
 from PIL import Image
 
 from r3_rl.errors import UserError
-from r3_rl.rewards.base import Reward, RewardOutput, RewardSample
+from r3_rl.rewards.base import Reward, RewardOutput
 from r3_rl.rewards.clip import DEFAULT_CLIP, ClipEncoder, load_error, resolve_device, resolve_dtype, shared_model
 from r3_rl.rewards.detectors import DetectedObject
 from r3_rl.rewards.geneval import ColorClassifier, GenevalReward
 from r3_rl.rewards.registry import check_call_shape, load_reward, to_output, with_recipe_defaults
 from r3_rl.rewards.reward_set import FailureBudget, RewardFailureError, RewardSet, ScoredSample, WeightedReward, reward_specs
 from test_rewards_models import PALETTE, StubEncoder, sample, scripted_reward
+from test_exact_reward_plumbing import _samples
 
 PLUGINS = '''
 from r3_rl.rewards.base import Reward, RewardOutput
@@ -72,11 +73,6 @@ def plugins(tmp_path: Path) -> Path:
     p = tmp_path / "registry_set_rewards.py"
     p.write_text(PLUGINS)
     return p
-
-
-def _samples(n: int) -> list[RewardSample]:
-    return [RewardSample(prompt=f"p{i}", metadata={}, stage="generate", round=0,
-                         image=np.zeros((2, 2, 3), np.uint8)) for i in range(n)]
 
 
 # ---------------------------------------------------------------- base

@@ -477,14 +477,20 @@ def test_metrics_rows_need_an_integer_step(tmp_path: Path) -> None:
                                                 "refine dR -, verdict -, stop rate -")
 
 
-def test_a_loss_only_step_counts_as_logged(tmp_path: Path) -> None:
-    """Catches 'learner/loss' left out of the training-row test: a run of loss-only rows read as no steps logged."""
+
+def _training_line(tmp_path: Path, metrics: str) -> str:
+    """``r3-rl inspect``'s training line for a run dir whose ``metrics.jsonl`` holds ``metrics``."""
     rd = tmp_path / "run"
     rd.mkdir()
-    (rd / "metrics.jsonl").write_text('{"step": 0, "learner/loss": 0.5}\n{"step": 1, "learner/loss": 0.25}\n'
-                                      '{"step": 2, "eval/x": 1.0}\n')
-    assert run_overview(rd).splitlines()[1] == ("  training: 2 steps logged, last step 1: reward A -, acc A -, "
-                                                "refine dR -, verdict -, stop rate -")
+    (rd / "metrics.jsonl").write_text(metrics)
+    return run_overview(rd).splitlines()[1]
+
+
+def test_a_loss_only_step_counts_as_logged(tmp_path: Path) -> None:
+    """Catches 'learner/loss' left out of the training-row test: a run of loss-only rows read as no steps logged."""
+    metrics = '{"step": 0, "learner/loss": 0.5}\n{"step": 1, "learner/loss": 0.25}\n{"step": 2, "eval/x": 1.0}\n'
+    assert _training_line(tmp_path, metrics) == ("  training: 2 steps logged, last step 1: reward A -, acc A -, "
+                                                 "refine dR -, verdict -, stop rate -")
 
 
 def test_each_image_caption_compares_with_the_image_before_it() -> None:
@@ -528,12 +534,10 @@ def test_a_refine_node_without_a_parent_is_skipped_in_the_chain_moves() -> None:
 
 def test_a_figure_of_zero_is_its_latest_value(tmp_path: Path) -> None:
     """Catches figures taken only when truthy: a reward that fell to 0.0 still showed the step before's 0.5."""
-    rd = tmp_path / "run"
-    rd.mkdir()
-    (rd / "metrics.jsonl").write_text('{"step": 0, "batch/items": 4, "1_reward/generate": 0.5, "6_refine/stop_rate": 1}\n'
-                                      '{"step": 1, "batch/items": 4, "1_reward/generate": 0.0, "6_refine/stop_rate": 0}\n')
-    assert run_overview(rd).splitlines()[1] == ("  training: 2 steps logged, last step 1: reward A 0.000, acc A -, "
-                                                "refine dR -, verdict -, stop rate 0.000")
+    metrics = ('{"step": 0, "batch/items": 4, "1_reward/generate": 0.5, "6_refine/stop_rate": 1}\n'
+               '{"step": 1, "batch/items": 4, "1_reward/generate": 0.0, "6_refine/stop_rate": 0}\n')
+    assert _training_line(tmp_path, metrics) == ("  training: 2 steps logged, last step 1: reward A 0.000, acc A -, "
+                                                 "refine dR -, verdict -, stop rate 0.000")
 
 
 def test_a_critique_is_shown_on_one_line() -> None:
