@@ -32,8 +32,9 @@ continues from a state nobody saved.  Checkpoints written before the list (no ``
 Atomicity: everything is written into ``checkpoints/.tmp-step_NNNNNN-<pid>/`` and renamed into place only
 once complete, so a crash half-way leaves a ``.tmp-*`` folder that ``--resume auto`` never looks at
 (and the next save removes).  A crash in the middle of re-saving a step (renaming the old copy aside, then the
-new one into place) leaves the old copy as ``.old-step_NNNNNN-<pid>``: ``--resume`` renames it back.  A ``step_*`` folder without ``checkpoint.json`` is ignored too.  Every file and
-folder is fsync'd before the rename (and the parent after it), so a power loss cannot leave a checkpoint named
+new one into place) leaves the old copy as ``.old-step_NNNNNN-<pid>``: ``--resume`` renames it back
+(:mod:`r3_rl.learner.checkpoint_find`).  A ``step_*`` folder without ``checkpoint.json`` is ignored too.  Every
+file and folder is fsync'd before the rename (and the parent after it), so a power loss cannot leave a checkpoint named
 complete whose data never reached the disk, with the older ones already pruned.  Only the last ``keep_last``
 complete checkpoints are kept.
 """
