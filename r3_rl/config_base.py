@@ -10,6 +10,16 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 from r3_rl.errors import UserError
 
 
+def type_members(annotation: Any) -> list[Any]:
+    """The types a value of ``annotation`` may have: a union's members, ``Annotated``'s base, else itself."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return type_members(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return [m for a in args for m in type_members(a)]
+    return [annotation]
+
+
 def _bool_for_number(annotation: Any, value: Any) -> bool:
     """Whether ``value`` holds a YAML ``true``/``false`` where ``annotation`` wants a number, not a bool.
 
@@ -17,18 +27,20 @@ def _bool_for_number(annotation: Any, value: Any) -> bool:
     too): a recipe that says something else than it means would train silently.  Containers are looked into
     (``dict[str, float]`` tag weights, lists of numbers); ``Any`` and unions that admit ``bool`` are left alone.
     """
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Annotated:
-        return _bool_for_number(args[0], value)
-    if origin in (typing.Union, types.UnionType):
-        return bool not in args and any(_bool_for_number(a, value) for a in args)
-    if isinstance(value, bool):
-        return annotation in (int, float)
-    if origin is dict and len(args) == 2 and isinstance(value, dict):
-        return any(_bool_for_number(args[1], v) for v in value.values())
-    if origin in (list, tuple) and args and isinstance(value, (list, tuple)):
-        item = args[0]
-        return any(_bool_for_number(item, v) for v in value)
+    members = type_members(annotation)
+    if bool in members:
+        return False
+    for m in members:
+        origin, args = typing.get_origin(m), typing.get_args(m)
+        if isinstance(value, bool):
+            if m in (int, float):
+                return True
+        elif origin is dict and len(args) == 2 and isinstance(value, dict):
+            if any(_bool_for_number(args[1], v) for v in value.values()):
+                return True
+        elif origin in (list, tuple) and args and isinstance(value, (list, tuple)):
+            if any(_bool_for_number(args[0], v) for v in value):
+                return True
     return False
 
 

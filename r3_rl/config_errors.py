@@ -5,21 +5,19 @@ take it as an argument.
 """
 from __future__ import annotations
 
-import types
 import typing
 from typing import Any
 
 from pydantic import ValidationError
 
+from r3_rl.config_base import type_members
 from r3_rl.errors import close_match
 
 
 def _section(annotation: Any) -> Any:
     """The section class a field holds: ``LoraCfg`` for ``LoraCfg | None`` (the first pydantic model of a union),
     else the annotation itself."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return next((a for a in typing.get_args(annotation) if hasattr(a, "model_fields")), annotation)
-    return annotation
+    return next((m for m in type_members(annotation) if hasattr(m, "model_fields")), annotation)
 
 
 def _fields_at(root: Any, path: tuple[Any, ...]) -> list[str]:
@@ -41,16 +39,6 @@ def _fields_at(root: Any, path: tuple[Any, ...]) -> list[str]:
     return list(getattr(_section(model), "model_fields", {}))
 
 
-def _members(annotation: Any) -> list[Any]:
-    """The types a value of ``annotation`` may have: a union's members, ``Annotated``'s base, else itself."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Annotated:
-        return _members(args[0])
-    if origin in (typing.Union, types.UnionType):
-        return [m for a in args for m in _members(a)]
-    return [annotation]
-
-
 def _recipe_loc(root: Any, loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], bool]:
     """``loc`` as the recipe spells it, and whether pydantic's union-branch tags were left out of it.
 
@@ -61,7 +49,7 @@ def _recipe_loc(root: Any, loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], bool]
     out: list[Any] = []
     dropped = False
     for part in loc:
-        cands = [m for k in kinds for m in _members(k)]
+        cands = [m for k in kinds for m in type_members(k)]
         nxt: list[Any] = []
         for c in cands:
             origin, args = typing.get_origin(c), typing.get_args(c)
@@ -89,14 +77,14 @@ def one_line(err: ValidationError, source: str, root: Any) -> str:
     as the recipe spells it: ``r.yaml: key 'learner.lr': ...``, ``r.yaml: unknown key 'x' (did you mean ...)``."""
     errors = err.errors()
     e = errors[0]
-    loc, dropped = _recipe_loc(root, tuple(e["loc"]))
     if e["type"] == "extra_forbidden":  # the last part is the user's unknown key: kept as written
-        loc = _recipe_loc(root, tuple(e["loc"])[:-1])[0] + tuple(e["loc"])[-1:]
+        section = _recipe_loc(root, tuple(e["loc"])[:-1])[0]
+        valid = _fields_at(root, section)
+        unknown = e["loc"][-1]
+        hint = close_match(str(unknown), valid) or (f" (valid: {', '.join(valid)})" if valid else "")
+        return f"{source}: unknown key '{_key(section + (unknown,))}'{hint}"
+    loc, dropped = _recipe_loc(root, tuple(e["loc"]))
     key = _key(loc)
-    if e["type"] == "extra_forbidden":
-        valid = _fields_at(root, loc[:-1])
-        hint = close_match(str(loc[-1]), valid) or (f" (valid: {', '.join(valid)})" if valid else "")
-        return f"{source}: unknown key '{key}'{hint}"
     msg = e["msg"]
     if dropped:  # every branch of the union said why: "a valid list or a valid string", not only the first
         msgs = [x["msg"] for x in errors if _recipe_loc(root, tuple(x["loc"]))[0] == loc]
