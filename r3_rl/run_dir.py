@@ -9,7 +9,7 @@ from r3_rl.errors import UserError
 from r3_rl.stamps import new_stamped_dir, stamped_path
 
 
-def _refuse_links(path: Path) -> None:
+def _refuse_redirects(path: Path) -> None:
     """A run dir that exists (a resume, or ``--run-dir`` again) must hold no symbolic link (nor FIFO): the run writes
     ``recipe.yaml``, ``events.log``, ``final/``, ``trajectories/`` ... in place, and a link planted in a run dir
     someone else wrote would redirect those writes anywhere (the folder itself may be a link)."""
@@ -38,7 +38,7 @@ def make_run_dir(recipe: Recipe, run_dir: str | None = None) -> Path:
     try:
         if run_dir:
             if path.is_dir():
-                _refuse_links(path)
+                _refuse_redirects(path)
             path.mkdir(parents=True, exist_ok=True)
         else:  # a new <name>-<time>; two runs in the same second get -1, -2, ...
             path = new_stamped_dir(path, recipe.name)

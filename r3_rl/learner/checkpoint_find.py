@@ -63,9 +63,14 @@ def restore_interrupted_swap(root: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    restore_interrupted_swap(Path(run_dir) / CKPT_DIR)
     done = complete_checkpoints(Path(run_dir) / CKPT_DIR)
     return done[-1] if done else None
+
+
+def _latest_to_resume(run_dir: Path) -> Path | None:
+    """:func:`latest_checkpoint` once an interrupted swap is put back: only a resume renames anything."""
+    restore_interrupted_swap(Path(run_dir) / CKPT_DIR)
+    return latest_checkpoint(run_dir)
 
 
 def find_resume(where: str, recipe: Any, run_dir: str | None) -> tuple[Path | None, Path | None]:
@@ -78,10 +83,10 @@ def find_resume(where: str, recipe: Any, run_dir: str | None) -> tuple[Path | No
     """
     if where == "auto":
         if run_dir is not None:
-            return latest_checkpoint(Path(run_dir)), Path(run_dir)
+            return _latest_to_resume(Path(run_dir)), Path(run_dir)
         runs = sorted(Path(recipe.out_dir).glob(f"{recipe.name}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
         for run in runs:
-            ckpt = latest_checkpoint(run)
+            ckpt = _latest_to_resume(run)
             # ``x-*`` also matches recipe ``x-lowlr``'s runs: a checkpoint names the recipe that wrote it
             if ckpt is not None and (_meta(ckpt) or {}).get("recipe", recipe.name) == recipe.name:
                 return ckpt, run
