@@ -78,7 +78,19 @@ def to_output(x: Any) -> RewardOutput:
             return RewardOutput(failure=f"reward returned {type(x).__name__}, expected a number")
     if out.failure is None and out.score is not None and not math.isfinite(float(out.score)):
         return RewardOutput(failure=f"reward returned a non-finite score ({out.score})", reason=out.reason)
+    bad = [k for k, v in out.components.items() if not _finite_number(v)]
+    if out.failure is None and bad:  # else a NaN part is plotted, and a text part raised out of RewardSet.score
+        parts = ", ".join(f"{k}={str(out.components[k])[:40]!r}" for k in bad[:3])
+        return RewardOutput(failure=f"reward returned a component that is not a finite number ({parts})",
+                            reason=out.reason)
     return out
+
+
+def _finite_number(v: Any) -> bool:
+    try:
+        return math.isfinite(float(v)) and not isinstance(v, (str, bytes))
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def check_call_shape(what: str, fn: Callable[..., Any], options: dict[str, Any]) -> None:

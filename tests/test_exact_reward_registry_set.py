@@ -413,3 +413,27 @@ def test_clip_reward_teardown_releases_the_model(tmp_path: Path) -> None:
     r.teardown()
     assert r.encoder.model is None
     assert inspect.signature(ClipEncoder).parameters["batch_size"].default == 32
+
+
+def test_a_component_that_is_not_a_finite_number_fails_its_sample() -> None:
+    """Catches components passed through unchecked: a NaN part was logged as a NaN mean, and a text part raised a
+    ValueError out of ``RewardSet.score`` (outside the per-sample isolation), stopping the run with a traceback.
+    The reward server already refuses both (``output_to_json``); in-process scoring now agrees."""
+    class Parts(Reward):
+        name = "parts"
+
+        def __call__(self, samples):
+            return [RewardOutput(score=1.0, components={"ok": 0.5}),
+                    RewardOutput(score=1.0, components={"fit": float("nan")}),
+                    RewardOutput(score=1.0, components={"grade": "high", "ok": 1}),
+                    RewardOutput(score=0.25, components={"n": np.int64(3)})]
+
+    out = RewardSet([WeightedReward(Parts(), 2.0)]).score(_samples(4))
+    assert out[0].total == 2.0 and out[0].parts == {"parts": 1.0, "parts/ok": 0.5}
+    assert out[1].total is None and out[1].failures == {
+        "parts": "reward returned a component that is not a finite number (fit='nan')"}
+    assert out[2].total is None and out[2].failures == {
+        "parts": "reward returned a component that is not a finite number (grade='high')"}
+    assert out[3].total == 0.5 and out[3].parts == {"parts": 0.25, "parts/n": 3.0}
+    failed = to_output(RewardOutput(score=None, components={"x": float("inf")}, failure="offline"))
+    assert failed.failure == "offline"  # an explicit failure keeps its own reason
