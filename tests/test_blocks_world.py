@@ -8,8 +8,9 @@ from collections import deque
 import numpy as np
 import pytest
 
-from r3_rl.blocks import codec, detector, edits, prompts, world
-from r3_rl.blocks.edits import EditOp, apply_edit, critique_text, diagnose, edit_text, judge, parse_edit, perturb
+from r3_rl.blocks import codec, detector, edits, prompts, synthesis, world
+from r3_rl.blocks.edits import EditOp, apply_edit, critique_text, diagnose, edit_text, judge, parse_edit
+from r3_rl.blocks.synthesis import perturb
 from r3_rl.errors import UserError
 from r3_rl.policy.base import parse_critique
 from r3_rl.rewards.base import RewardSample
@@ -195,7 +196,7 @@ def test_every_generated_text_uses_only_words():
     rng = np.random.default_rng(6)
     for md in ALL_MD:
         texts = [md["prompt"], edits.plan_text(md)]
-        g = edits.random_correct_grid(md, rng, distractors=1)
+        g = synthesis.random_correct_grid(md, rng, distractors=1)
         texts += [critique_text(g, md), critique_text(perturb(g, md, rng), md), critique_text(random_grid(rng), md)]
         for t in texts:
             assert set(t.split()) <= words, t
@@ -286,7 +287,7 @@ def test_random_correct_grids_and_perturbations():
     rng = np.random.default_rng(7)
     for md in ALL_MD:
         for distractors in (0, 2):
-            g = edits.random_correct_grid(md, rng, distractors=distractors)
+            g = synthesis.random_correct_grid(md, rng, distractors=distractors)
             assert judge(g, md).correct and diagnose(g, md) == []
             bad = perturb(g, md, rng)
             assert not judge(bad, md).correct and diagnose(bad, md)
@@ -295,7 +296,7 @@ def test_random_correct_grids_and_perturbations():
     with pytest.raises(UserError, match="Blocks shape"):
         diagnose(np.zeros((4, 4), int), {"include": [{"class": "dog", "count": 1}]})
     with pytest.raises(UserError, match="cannot place"):
-        edits.random_correct_grid(prompts.enumerate_tag("position")[2], rng, rows=1, cols=4)  # "above" in 1 row
+        synthesis.random_correct_grid(prompts.enumerate_tag("position")[2], rng, rows=1, cols=4)  # "above" in 1 row
 
 
 @pytest.mark.parametrize("rows, cols, n", [(4, 4, 600), (3, 3, 150), (5, 5, 150), (3, 6, 150), (6, 2, 150)])
@@ -305,7 +306,7 @@ def test_repeated_diagnose_and_edit_converges(rows, cols, n):
     for i in range(n):
         md = ALL_MD[int(rng.integers(len(ALL_MD)))]
         if i % 2:
-            g = perturb(edits.random_correct_grid(md, rng, rows, cols, distractors=int(rng.integers(3))), md, rng)
+            g = perturb(synthesis.random_correct_grid(md, rng, rows, cols, distractors=int(rng.integers(3))), md, rng)
             limit = 4  # one mistake takes a few rounds at most
         else:
             g = random_grid(rng, rows, cols)
@@ -326,7 +327,7 @@ def test_repeated_diagnose_and_edit_converges(rows, cols, n):
 def test_blocks_reward():
     rng = np.random.default_rng(8)
     md = prompts.enumerate_tag("color_attr")[0]
-    good = edits.random_correct_grid(md, rng)
+    good = synthesis.random_correct_grid(md, rng)
     bad = perturb(good, md, rng)
     samples = [RewardSample(prompt=md["prompt"], metadata=md, stage="generate", round=0, image=codec.encode(g))
                for g in (good, bad)]

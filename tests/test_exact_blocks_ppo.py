@@ -17,8 +17,9 @@ import pytest
 import torch
 from learner_helpers import ppo_learner
 
-from r3_rl.blocks import edits, prompts, reference, world
-from r3_rl.blocks.edits import EditOp, apply_edit, critique_text, diagnose, flaw_candidates, parse_edit
+from r3_rl.blocks import prompts, reference, synthesis, world
+from r3_rl.blocks.edits import EditOp, apply_edit, critique_text, diagnose, parse_edit
+from r3_rl.blocks.synthesis import flaw_candidates
 from r3_rl.errors import UserError
 from r3_rl.trajectory import PromptItem
 
@@ -116,7 +117,7 @@ def test_random_correct_grid_refuses_more_objects_than_cells():
     """Catches the capacity check letting rows*cols+1 objects through (200 hopeless tries, another message)."""
     md = {"prompt": "five squares", "include": [{"class": "square", "count": 5}]}
     with pytest.raises(UserError, match="needs more objects than a 2x2 grid holds"):
-        edits.random_correct_grid(md, np.random.default_rng(0), rows=2, cols=2)
+        synthesis.random_correct_grid(md, np.random.default_rng(0), rows=2, cols=2)
 
 
 def test_flaw_candidates_include_the_missing_object():
@@ -227,7 +228,7 @@ def test_reference_kind_names_the_first_fix(monkeypatch):
     circle" first needs a square added (include order), then the first circle recoloured -> flawed:add."""
     bad = np.zeros((4, 4), int)
     bad[0, 0], bad[1, 1] = T("circle", "red"), T("circle", "blue")
-    monkeypatch.setattr(edits, "perturb", lambda grid, md, rng: bad.copy())
+    monkeypatch.setattr(synthesis, "perturb", lambda grid, md, rng: bad.copy())
     refs = reference.reference_pairs(_items(["a photo of a red square and a blue circle"]), 0, 4, 4)
     assert [r.kind for r in refs] == ["correct", "flawed:add"]
     assert refs[1].image_tokens == bad.reshape(-1).tolist()

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from test_tracking_inspect import chain
 
-from r3_rl.blocks import edits, prompts
-from r3_rl.blocks.edits import EditOp, apply_edit, critique_text, diagnose, flaw_candidates, parse_edit, plan_text
+from r3_rl.blocks import edits, prompts, synthesis
+from r3_rl.blocks.edits import EditOp, apply_edit, critique_text, diagnose, parse_edit, plan_text
+from r3_rl.blocks.synthesis import flaw_candidates
 from r3_rl.blocks.world import objects, token_of
 from r3_rl.errors import UserError
 from r3_rl.eval import synergy
@@ -236,7 +237,7 @@ def test_move_cells_include_the_movers_own_but_can_move_does_not() -> None:
     # a 1x2 grid: square at column 0, circle at column 1; "left of" holds only where the square already is
     g = _grid(1, 2, {(0, 0): ("square", "red"), (0, 1): ("circle", "blue")})
     sq, ci = objects(g)[0], objects(g)[1]
-    assert edits._move_cells(g, sq, [ci], "left of", 8) == [(0, 0)]
+    assert edits.move_cells(g, sq, [ci], "left of", 8) == [(0, 0)]
     assert not edits._can_move(g, sq, [ci], "left of", 8)
 
 
@@ -279,10 +280,10 @@ def test_position_fix_moves_the_target_when_the_object_cannot_move() -> None:
 
 def test_random_correct_grid_fills_a_grid_exactly_and_adds_the_distractors() -> None:
     md = {"include": [{"class": "square", "count": 4}], "exclude": [{"class": "square", "count": 5}]}
-    g = edits.random_correct_grid(md, np.random.default_rng(0), rows=2, cols=2)
+    g = synthesis.random_correct_grid(md, np.random.default_rng(0), rows=2, cols=2)
     assert (g > 0).all()
     one = {"include": [{"class": "square", "count": 1}]}
-    g = edits.random_correct_grid(one, np.random.default_rng(1), distractors=2)
+    g = synthesis.random_correct_grid(one, np.random.default_rng(1), distractors=2)
     assert len(objects(g)) == 3 and sum(o[2] == "square" for o in objects(g)) == 1
 
 
@@ -290,7 +291,7 @@ def test_flaw_candidates_are_one_mistake_each_and_all_flawed() -> None:
     md = {"include": [{"class": "square", "count": 2}], "exclude": [{"class": "square", "count": 3}]}
     g = _grid(2, 3, {(0, 0): ("square", "red"), (0, 2): ("square", "red"), (1, 2): ("circle", "blue")})
     for seed in range(6):
-        cands = edits._mutations(g, md, np.random.default_rng(seed), 8)
+        cands = synthesis._mutations(g, md, np.random.default_rng(seed), 8)
         counts = [len([o for o in objects(c) if o[2] == "square"]) for c in cands]
         assert counts[0] == 1  # missing: one fewer than asked
         assert counts[-1] == 3  # extra: exactly the excluded count
@@ -307,7 +308,7 @@ def test_wrong_colour_candidate_touches_only_the_counted_objects() -> None:
     md = {"include": [{"class": "square", "count": 1, "color": "red"}]}
     g = _grid(2, 3, {(0, 0): ("square", "red"), (0, 1): ("square", "red"), (0, 2): ("square", "red")})
     for seed in range(10):
-        cand = edits._mutations(g, md, np.random.default_rng(seed), 8)[1]
+        cand = synthesis._mutations(g, md, np.random.default_rng(seed), 8)[1]
         assert objects(cand)[0][3] != "red" and [o[3] for o in objects(cand)[1:]] == ["red", "red"]
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from r3_rl.blocks import edits
+from r3_rl.blocks import edits, synthesis
 from r3_rl.blocks.world import object_of, token_of
 from r3_rl.config import Recipe
 from r3_rl.data import BlocksPrompts
@@ -229,7 +229,7 @@ def test_critic_images_draw_flaw_kinds_evenly(monkeypatch) -> None:  # noqa: ANN
     missing = np.zeros((4, 4), np.int64)  # diagnosed "add"
     recolored = missing.copy()
     recolored[0, 0] = token_of("circle", "blue")  # diagnosed "recolor"
-    monkeypatch.setattr(edits, "flaw_candidates", lambda grid, m, rng: [missing] * 9 + [recolored])
+    monkeypatch.setattr(synthesis, "flaw_candidates", lambda grid, m, rng: [missing] * 9 + [recolored])
     cfg = SimpleNamespace(miss_prob=0.0)
     out = ws.critic_images(_OnePrompt(PromptItem("x", "a photo of a red circle", meta)), 0, 400, cfg,
                            np.random.default_rng(0), 4, 4)
@@ -378,7 +378,7 @@ def test_synergy_figures_keep_before_and_after_apart() -> None:
 def test_refine_example_follows_its_critiques_first_fix(policy, monkeypatch) -> None:  # noqa: ANN001
     """Catches the refine example taught another fix (ops[-1]) than the critique before it names (ops[0])."""
     meta = {"include": [{"class": "square", "count": 1}, {"class": "circle", "count": 1}]}
-    monkeypatch.setattr(edits, "perturb", lambda good, m, rng: np.zeros_like(good))  # both objects missing
+    monkeypatch.setattr(synthesis, "perturb", lambda good, m, rng: np.zeros_like(good))  # both objects missing
     cfg = SimpleNamespace(flaw_prob=1.0, random_layouts=0.0, questions=0, random_edits=0.0, rounds=1, miss_prob=0.0,
                           fix_prob=1.0, describe="none")
     ex = ws.synthetic_examples(policy, _OnePrompt(PromptItem("x", "a photo of a square and a circle", meta)), 0, 1,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from r3_rl.blocks import edits
+from r3_rl.blocks import edits, synthesis
 from r3_rl.config import Recipe
 from r3_rl.data import BlocksPrompts
 from r3_rl.policy.registry import build_policy
@@ -170,10 +170,10 @@ def test_critic_steps_draw_flaw_kinds_evenly_and_label_each_image_with_its_truth
 
 def test_flaw_candidates_are_all_judged_incorrect_and_hold_what_perturb_draws() -> None:
     meta = {"include": [{"class": "circle", "count": 1, "color": "red"}, {"class": "square", "count": 1}]}
-    grid = edits.random_correct_grid(meta, np.random.default_rng(0))
-    cands = edits.flaw_candidates(grid, meta, np.random.default_rng(1))
+    grid = synthesis.random_correct_grid(meta, np.random.default_rng(0))
+    cands = synthesis.flaw_candidates(grid, meta, np.random.default_rng(1))
     assert cands and all(not edits.judge(c, meta).correct for c in cands)
-    drawn = edits.perturb(grid, meta, np.random.default_rng(1))  # the same draws, one candidate picked
+    drawn = synthesis.perturb(grid, meta, np.random.default_rng(1))  # the same draws, one candidate picked
     assert any(np.array_equal(drawn, c) for c in cands)
 
 

@@ -1,7 +1,7 @@
 """Plans, critiques and grid edits: the language the Blocks world's R3 loop speaks.
 
 Used to synthesise supervised warm-start trajectories (plan -> correct grid; flawed grid -> critique
--> edited grid) and to check critiques.  All texts use only :data:`r3_rl.blocks.world.WORDS`.
+-> edited grid; the grids themselves are :mod:`r3_rl.blocks.synthesis`') and to check critiques.  All texts use only :data:`r3_rl.blocks.world.WORDS`.
 
 Edit instructions (``edit_text`` / ``parse_edit``), with "first"/"last" in raster order:
   * ``add a [colour] SHAPE``           a new object in a random empty cell (random colour if none given)
@@ -35,8 +35,8 @@ import numpy as np
 from r3_rl.blocks.codec import sprite_box
 from r3_rl.blocks.detector import grid_detections
 from r3_rl.blocks.world import (
-    CELL, COLS, COLORS, INVERSE_RELATION, PLURALS, RELATIONS, ROWS, SHAPES, article, number_word,
-    object_of, objects, token_of,
+    CELL, COLORS, INVERSE_RELATION, PLURALS, RELATIONS, SHAPES, article, number_word,
+    objects, token_of,
 )
 from r3_rl.errors import UserError
 from r3_rl.rewards.geneval_rules import RuleResult, evaluate, relative_position
@@ -158,7 +158,7 @@ def parse_edit(text: str) -> EditOp | None:
 
 
 # ------------------------------------------------------------------ applying edits
-def _match(objs: list[Obj], shape: str, color: str | None = None) -> list[Obj]:
+def match_objects(objs: list[Obj], shape: str, color: str | None = None) -> list[Obj]:
     return [o for o in objs if o[2] == shape and (color is None or o[3] == color)]
 
 
@@ -167,7 +167,7 @@ def _holds(cell_a: tuple[int, int], shape_a: str, b: Obj, rel: str, cell: int) -
     return rel in relative_position(box_a, sprite_box(b[0], b[1], b[2], cell))
 
 
-def _move_cells(grid: np.ndarray, mover: Obj, targets: list[Obj], rel: str, cell: int) -> list[tuple[int, int]]:
+def move_cells(grid: np.ndarray, mover: Obj, targets: list[Obj], rel: str, cell: int) -> list[tuple[int, int]]:
     """Empty cells (or the mover's own) from which ``mover`` stands in ``rel`` to every target."""
     free = [(int(r), int(c)) for r, c in zip(*np.nonzero(grid == 0))] + [(mover[0], mover[1])]
     return [p for p in free if all(_holds(p, mover[2], t, rel, cell) for t in targets)]
@@ -175,7 +175,7 @@ def _move_cells(grid: np.ndarray, mover: Obj, targets: list[Obj], rel: str, cell
 
 def _can_move(grid: np.ndarray, mover: Obj, targets: list[Obj], rel: str, cell: int) -> bool:
     """A free cell, not the mover's own, from which ``mover`` would stand in ``rel`` to every target."""
-    return any(p != (mover[0], mover[1]) for p in _move_cells(grid, mover, targets, rel, cell))
+    return any(p != (mover[0], mover[1]) for p in move_cells(grid, mover, targets, rel, cell))
 
 
 def apply_edit(grid: np.ndarray, op: EditOp, rng: np.random.Generator, cell: int = CELL) -> np.ndarray:
@@ -188,19 +188,19 @@ def apply_edit(grid: np.ndarray, op: EditOp, rng: np.random.Generator, cell: int
             r, c = free[int(rng.integers(len(free)))]
             out[r, c] = token_of(op.shape, op.color or COLORS[int(rng.integers(len(COLORS)))])
     elif op.kind == "remove":
-        hits = _match(objs, op.shape, op.color)
+        hits = match_objects(objs, op.shape, op.color)
         if hits:
             out[hits[-1][0], hits[-1][1]] = 0
     elif op.kind == "recolor":
-        hits = [o for o in _match(objs, op.shape, op.color) if o[3] != op.new_color]
+        hits = [o for o in match_objects(objs, op.shape, op.color) if o[3] != op.new_color]
         if hits and op.new_color in COLORS:
             out[hits[0][0], hits[0][1]] = token_of(op.shape, op.new_color)
     elif op.kind in ("move", "swap"):
-        a, b = _match(objs, op.shape), _match(objs, op.target or "")
+        a, b = match_objects(objs, op.shape), match_objects(objs, op.target or "")
         if a and b and op.kind == "swap":
             out[a[0][0], a[0][1]], out[b[0][0], b[0][1]] = out[b[0][0], b[0][1]], out[a[0][0], a[0][1]]
         elif a and b and op.relation in RELATIONS:
-            cells = _move_cells(out, a[0], b[:1], op.relation, cell)
+            cells = move_cells(out, a[0], b[:1], op.relation, cell)
             if cells:
                 r, c = cells[int(rng.integers(len(cells)))]
                 tok = out[a[0][0], a[0][1]]
@@ -238,13 +238,13 @@ def _notes(grid: np.ndarray, metadata: dict[str, Any], cell: int) -> list[tuple[
     full_note = (EditOp("remove", clutter[2], clutter[3]), "the grid is too full") if clutter else None
     out: list[tuple[EditOp, str]] = []
     for ex in exclude:
-        s, n = ex["class"], len(_match(objs, ex["class"]))
+        s, n = ex["class"], len(match_objects(objs, ex["class"]))
         if n >= ex["count"]:
             out.append((EditOp("remove", s), f"the image has {number_word(n)} {_noun(s, n)} but needs {number_word(ex['count'] - 1)}"))
     firsts: list[list[Obj] | None] = []
     for req in include:
         s, k, col = req["class"], req["count"], req.get("color")
-        have = _match(objs, s)
+        have = match_objects(objs, s)
         firsts.append(None)
         if len(have) < k:
             note = f"the image has {number_word(len(have))} {_noun(s, len(have))} but needs {number_word(k)}"
@@ -276,7 +276,7 @@ def _position_fix(grid: np.ndarray, objs: list[Obj], req: dict, treq: dict, a: O
     s, t, rel = req["class"], treq["class"], req["position"][0]
     note = f"the {s} is not {rel} the {t}"
     for cls, k in ((s, req["count"]), (t, treq["count"])):
-        n = len(_match(objs, cls))
+        n = len(match_objects(objs, cls))
         if n > k:  # extras make "the first" ambiguous after a move: remove them first
             return EditOp("remove", cls), f"the image has {number_word(n)} {_noun(cls, n)} but needs {number_word(k)}"
     if _can_move(grid, a, targets, rel, cell):
@@ -312,108 +312,3 @@ def critique_text(grid: np.ndarray, metadata: dict[str, Any], cell: int = CELL) 
         return f"<think> the image matches the prompt </think> {STOP_TEXT}"
     op, note = notes[0]
     return f"<think> {note} </think> {edit_text(op)}"
-
-
-# ------------------------------------------------------------------ synthesis
-def random_correct_grid(metadata: dict[str, Any], rng: np.random.Generator, rows: int = ROWS, cols: int = COLS,
-                        *, distractors: int = 0, cell: int = CELL) -> np.ndarray:
-    """A random grid GenEval judges correct: exactly the requested objects (random colours where none
-    is asked), positions satisfying GenEval's margin rule, plus up to ``distractors`` objects of shapes
-    the prompt does not mention."""
-    check_metadata(metadata)
-    include = metadata.get("include", [])
-    mentioned = {r["class"] for r in include} | {r["class"] for r in metadata.get("exclude", [])}
-    others = [s for s in SHAPES if s not in mentioned]
-    if sum(r["count"] for r in include) > rows * cols:
-        raise UserError(f"prompt {metadata.get('prompt')!r} needs more objects than a {rows}x{cols} grid holds")
-    for _ in range(200):
-        grid = np.zeros((rows, cols), dtype=np.int64)
-        placed: list[list[Obj]] = []
-        ok = True
-        for req in include:
-            group = []
-            for _k in range(req["count"]):
-                color = req.get("color") or COLORS[int(rng.integers(len(COLORS)))]
-                probe: Obj = (0, 0, req["class"], color)
-                if "position" in req:
-                    rel, j = req["position"]
-                    free = list(dict.fromkeys(p for p in _move_cells(grid, probe, placed[j], rel, cell) if grid[p] == 0))
-                else:
-                    free = [tuple(p) for p in np.argwhere(grid == 0)]
-                if not free:
-                    ok = False
-                    break
-                r, c = free[int(rng.integers(len(free)))]
-                grid[r, c] = token_of(req["class"], color)
-                group.append((int(r), int(c), req["class"], color))
-            if not ok:
-                break
-            placed.append(group)
-        if not ok:
-            continue
-        for _d in range(distractors if others else 0):
-            free = np.argwhere(grid == 0)
-            if len(free):
-                r, c = free[int(rng.integers(len(free)))]
-                grid[r, c] = token_of(others[int(rng.integers(len(others)))], COLORS[int(rng.integers(len(COLORS)))])
-        if judge(grid, metadata, cell).correct:
-            return grid
-    raise UserError(f"cannot place prompt {metadata.get('prompt')!r} correctly in a {rows}x{cols} grid")
-
-
-def _mutations(grid: np.ndarray, metadata: dict[str, Any], rng: np.random.Generator, cell: int) -> list[np.ndarray]:
-    """One candidate per plausible mistake kind (missing, extra, colour, shape, position)."""
-    objs = objects(grid)
-    include = metadata.get("include", [])
-    cands = []
-    for req in include:
-        s, k = req["class"], req["count"]
-        have = _match(objs, s)
-        g = grid.copy()
-        for o in have[k - 1:]:  # missing object: one fewer than asked
-            g[o[0], o[1]] = 0
-        cands.append(g)
-        if have:
-            o = have[int(rng.integers(min(k, len(have))))]
-            shape, color = object_of(grid[o[0], o[1]])  # type: ignore[misc]
-            g = grid.copy()  # wrong colour
-            g[o[0], o[1]] = token_of(shape, [c for c in COLORS if c != color][int(rng.integers(len(COLORS) - 1))])
-            cands.append(g)
-            g = grid.copy()  # wrong shape
-            g[o[0], o[1]] = token_of([x for x in SHAPES if x != shape][int(rng.integers(len(SHAPES) - 1))], color)
-            cands.append(g)
-        if "position" in req and have:
-            a, t = have[0], include[req["position"][1]]["class"]
-            g = apply_edit(grid, EditOp("swap", s, target=t), rng, cell)
-            cands.append(g)
-            free = [tuple(p) for p in np.argwhere(grid == 0)]
-            if free:
-                g = grid.copy()
-                r, c = free[int(rng.integers(len(free)))]
-                g[r, c], g[a[0], a[1]] = g[a[0], a[1]], 0
-                cands.append(g)
-    for ex in metadata.get("exclude", []):  # extra object
-        g = grid.copy()
-        while len(_match(objects(g), ex["class"])) < ex["count"] and (g == 0).any():
-            g = apply_edit(g, EditOp("add", ex["class"]), rng, cell)
-        cands.append(g)
-    return cands
-
-
-def flaw_candidates(grid: np.ndarray, metadata: dict[str, Any], rng: np.random.Generator,
-                    cell: int = CELL) -> list[np.ndarray]:
-    """Every one-mistake variant of ``grid`` (the kinds :func:`perturb` draws from) that is judged incorrect."""
-    check_metadata(metadata)
-    cands = _mutations(np.array(grid, dtype=np.int64, copy=True), metadata, rng, cell)
-    return [g for g in cands if not judge(g, metadata, cell).correct]
-
-
-def perturb(grid: np.ndarray, metadata: dict[str, Any], rng: np.random.Generator, cell: int = CELL) -> np.ndarray:
-    """A flawed variant of ``grid`` with one plausible mistake, always judged incorrect."""
-    check_metadata(metadata)
-    grid = np.array(grid, dtype=np.int64, copy=True)
-    cands = _mutations(grid, metadata, rng, cell)
-    for i in rng.permutation(len(cands)):
-        if not judge(cands[i], metadata, cell).correct:
-            return cands[i]
-    raise UserError(f"cannot make a flawed variant for prompt {metadata.get('prompt')!r} (no include/exclude?)")

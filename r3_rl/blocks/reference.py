@@ -5,7 +5,7 @@ draws other images, so a before/after comparison mixes "sees better" with "is sh
 These images are the same for every checkpoint of a run (a pure function of the prompts and ``seed``).
 The correct image has a random layout (not the warm start's canonical one: the critic must judge
 layouts it was never taught to draw); the flawed one is the same image with one plausible mistake
-(:func:`r3_rl.blocks.edits.perturb`: a missing, extra, recoloured, reshaped or misplaced object).  Its
+(:func:`r3_rl.blocks.synthesis.perturb`: a missing, extra, recoloured, reshaped or misplaced object).  Its
 ``kind`` names the mistake by the first fix the Blocks world would make (:func:`r3_rl.blocks.edits.diagnose`):
 ``flawed:add`` (the fix adds an object), ``flawed:remove``, ``flawed:recolor``, ``flawed:move`` or
 ``flawed:swap``, so the eval can say which mistakes the critic sees.
@@ -16,7 +16,7 @@ import zlib
 
 import numpy as np
 
-from r3_rl.blocks import codec, edits
+from r3_rl.blocks import codec, edits, synthesis
 from r3_rl.trajectory import PromptItem, ReferenceImage
 
 
@@ -25,8 +25,8 @@ def reference_pairs(prompts: list[PromptItem], seed: int, rows: int, cols: int) 
     out: list[ReferenceImage] = []
     for p in prompts:
         rng = np.random.default_rng([seed, zlib.crc32(p.prompt.encode())])
-        good = edits.random_correct_grid(p.metadata, rng, rows, cols)
-        bad = edits.perturb(good, p.metadata, rng)
+        good = synthesis.random_correct_grid(p.metadata, rng, rows, cols)
+        bad = synthesis.perturb(good, p.metadata, rng)
         for grid, kind in ((good, "correct"), (bad, f"flawed:{edits.diagnose(bad, p.metadata)[0].kind}")):
             out.append(ReferenceImage(prompt=p, image=codec.encode(grid), image_tokens=grid.reshape(-1).tolist(),
                                       kind=kind))

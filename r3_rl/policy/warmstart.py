@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
-from r3_rl.blocks import edits
+from r3_rl.blocks import edits, synthesis
 from r3_rl.data import BlocksPrompts
 from r3_rl.errors import UserError, raised
 from r3_rl.policy.base import ImageInput
@@ -58,7 +58,7 @@ def canonical_grid(metadata: dict, rng: np.random.Generator, rows: int, cols: in
 
     Colours not fixed by the prompt are random.  A pretrained model draws in its own habitual layouts;
     a canonical one gives the tiny model the same head start within a CPU-minute budget.  Falls back to
-    :func:`edits.random_correct_grid` when the canonical layout does not satisfy the prompt.
+    :func:`synthesis.random_correct_grid` when the canonical layout does not satisfy the prompt.
     """
     from r3_rl.blocks.world import COLORS, token_of
 
@@ -82,7 +82,7 @@ def canonical_grid(metadata: dict, rng: np.random.Generator, rows: int, cols: in
                 k = next(cells)
                 grid[k // cols, k % cols] = tok(req)
     if not edits.judge(grid, metadata).correct:
-        return edits.random_correct_grid(metadata, rng, rows, cols)
+        return synthesis.random_correct_grid(metadata, rng, rows, cols)
     return grid
 
 
@@ -137,11 +137,11 @@ def critic_images(prompts: BlocksPrompts, start: int, n: int, cfg: Any, rng: np.
         item = prompts.train_prompt(k)
         meta = item.metadata
         grid = (canonical_grid(meta, rng, rows, cols) if rng.random() < 0.5
-                else edits.random_correct_grid(meta, rng, rows, cols))
+                else synthesis.random_correct_grid(meta, rng, rows, cols))
         flawed = rng.random() < 0.5
         if flawed:
             by_kind: dict[str, list[np.ndarray]] = {}
-            for flaw in edits.flaw_candidates(grid, meta, rng):
+            for flaw in synthesis.flaw_candidates(grid, meta, rng):
                 by_kind.setdefault(edits.diagnose(flaw, meta)[0].kind, []).append(flaw)
             kinds = sorted(by_kind)
             pick = by_kind[kinds[int(rng.integers(len(kinds)))]]
@@ -177,14 +177,14 @@ def synthetic_examples(policy: TinyUnifiedPolicy, prompts: BlocksPrompts, start:
         plan = edits.plan_text(meta)
         good = canonical_grid(meta, rng, rows, cols)
         flawed = rng.random() < cfg.flaw_prob
-        cur = edits.perturb(good, meta, rng) if flawed else good
+        cur = synthesis.perturb(good, meta, rng) if flawed else good
         ctx = policy.render("reason", prompt=item.prompt)
         out.append((ctx, policy.encode(plan) + [policy.stop_id]))
         out.append((ctx + policy.encode(plan) + [policy.stop_id] + policy.encode(policy.templates["generate"]),
                     policy.encode(_words(cur))))
         if cfg.random_layouts and rng.random() < cfg.random_layouts:  # judge content, not layout: critique a randomly laid-out image
-            alt = edits.random_correct_grid(meta, rng, rows, cols)
-            cur = edits.perturb(alt, meta, rng) if flawed else alt
+            alt = synthesis.random_correct_grid(meta, rng, rows, cols)
+            cur = synthesis.perturb(alt, meta, rng) if flawed else alt
         out.extend(question_examples(policy, cur, meta, cfg.questions, rng))
         if cfg.random_edits and rng.random() < cfg.random_edits:
             out.append(instruction_example(policy, item.prompt, cur, rng))
