@@ -155,6 +155,27 @@ def test_a_refusal_names_the_whole_global_not_its_first_dotted_part(tmp_path: Pa
         safe_torch_load(f)
 
 
+def test_a_blocked_module_is_named_in_the_refusal(tmp_path: Path) -> None:
+    """torch blocks some modules outright (``posix``, ``subprocess``) with another sentence, "Trying to load
+    unsupported GLOBAL posix.system whose module posix is blocked": the one line names the call (it said only "it is
+    not a weights-only pickle")."""
+    import os
+    import pickle
+
+    from r3_rl.learner.safe_load import safe_torch_load
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    (tmp_path / "trainer.pt").write_bytes(pickle.dumps({"rng": Payload()}, protocol=2))
+    with pytest.raises(UserError) as e:
+        safe_torch_load(tmp_path / "trainer.pt")
+    assert str(e.value).startswith(f"{tmp_path / 'trainer.pt'}: refusing to load it: unsupported GLOBAL "
+                                   f"{os.system.__module__}.system whose module {os.system.__module__} is blocked; "
+                                   "only tensors and plain data are accepted")
+
+
 def test_numpy_state_and_the_allowlisted_numpy_classes_pass_the_scan_and_the_load(tmp_path: Path) -> None:
     """Format 1's numpy RNG state (a uint32 array) loads; a pickle naming an allowlisted numpy class (its GLOBAL is
     ``numpy.dtypes.UInt32DType``) passes the scan as it passes the load: the two allowlists agree."""

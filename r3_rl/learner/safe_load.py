@@ -59,7 +59,10 @@ def safe_torch_load(path: Path | str, map_location: Any = None, deepspeed: bool 
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported (?:global|operand)(?:[^\n.]|\.(?=\w))*", str(e))  # a name's dots
+        # torch's reasons: "Unsupported global: GLOBAL a.b.c was not an allowed global ...", "Unsupported operand
+        # 105", or for a module it never allows, "Trying to load unsupported GLOBAL posix.system whose module
+        # posix is blocked" (kept up to the sentence's end: a name's dots are not one)
+        found = re.search(r"(?:Unsupported (?:global|operand)|unsupported GLOBAL)(?:[^\n.]|\.(?=\w))*", str(e))
         raise _refusal(path, found.group(0) if found else "it is not a weights-only pickle") from None
     except (OSError, EOFError, RuntimeError, ValueError) as e:
         raise UserError(f"{path}: cannot read checkpoint file ({type(e).__name__}: "
