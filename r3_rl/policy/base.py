@@ -213,9 +213,11 @@ class Policy(ABC):
             return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def trainable_state_dict(self) -> dict[str, Any]:
-        """The weights a learner step changes (``requires_grad``; LoRA: the adapters), on CPU.  Under ZeRO-3 only
-        these are gathered: gathering the whole model to send its adapters would put every weight on one GPU at
-        once, which is what a single-rank ZeRO-3 (parameters offloaded to CPU) exists to avoid."""
+        """The weights a learner step changes (``requires_grad``; LoRA: the adapters), detached: views of the live
+        weights on their own device, except under ZeRO-3, where they are gathered and copied to CPU.  Callers pack
+        them at once (``pack_state``), before the next step changes them in place.  Under ZeRO-3 only these are
+        gathered: gathering the whole model to send its adapters would put every weight on one GPU at once, which
+        is what a single-rank ZeRO-3 (parameters offloaded to CPU) exists to avoid."""
         entries = self.model.state_dict(keep_vars=True)
         keys = [k for k, v in entries.items() if getattr(v, "requires_grad", False)]
         params = [entries[k] for k in keys if hasattr(entries[k], "ds_id")]
