@@ -21,6 +21,7 @@ from r3_rl.components import Components
 from r3_rl.config import Recipe
 from r3_rl.config_learner import check_ranks
 from r3_rl.data import PromptSource
+from r3_rl.errors import UserError
 from r3_rl.eval.evaluate import markdown_table
 from r3_rl.eval.runner import Evaluator
 from r3_rl.eval.synergy import GOALS, goals_brief, synergy_figures, synergy_lines, understanding_line
@@ -256,10 +257,30 @@ class Trainer:
         due = self._eval_due(self.step)
         done = (self.run_dir / "eval" / f"step_{self.step:06d}.json").is_file()
         self.eval_pending = due and not done
-        self.metrics.rewind(self.step, keep_evals=self.step < self.recipe.steps and (done or not due))
+        keep_evals = self.step < self.recipe.steps and (done or not due)
+        self.metrics.rewind(self.step, keep_evals=keep_evals)
+        if keep_evals and done:
+            self._relog_eval_summaries(f"step_{self.step:06d}")
         if self.parts.built("engine"):
             self.engine.sync(self.policy)
         self.console.print(f"resumed from {path}: step {self.step}, policy version {self.policy.version}")
+
+    def _relog_eval_summaries(self, name: str) -> None:
+        """TensorBoard's purge at the resumed step hid the kept eval's table and grids with its scalars; the rewind
+        logs the scalars again, and these come back from the eval's files (the grids from the chains it dumped,
+        ``eval.dump``: none where it dumped none)."""
+        from r3_rl.eval.evaluate import read_report
+        from r3_rl.trajectory import read_trees
+
+        dumped = self.run_dir / "eval" / f"{name}_trajectories.jsonl"
+        try:
+            report = read_report(self.run_dir / "eval", name)
+            trees = list(read_trees(dumped)) if dumped.is_file() else []
+        except UserError as e:  # a damaged file costs only the pictures: the run goes on, and says so
+            self.log_event(f"resumed: the eval {name}'s table and grids are not shown again in TensorBoard ({e})")
+            return
+        if report is not None:
+            self.metrics.log_eval_summaries(report, self.step, trees, name)
 
     def _eval_due(self, step: int) -> bool:
         every = self.recipe.eval.every

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -339,3 +340,75 @@ def test_the_eval_table_is_titled_with_the_evals_name(tmp_path: Path) -> None:
     logger.close()
     table = events(tmp_path / "tb").Tensors("eval/table/text_summary")[0].tensor_proto.string_val[0].decode()
     assert table.startswith("**after**\n\n|")
+
+
+def _python_loader(tb_dir: Path) -> Any:
+    """The run as TensorBoard's Python loader reads it (``tensorboard --load_fast=false``): unlike the legacy
+    ``EventAccumulator`` it purges text and images too, and it takes a run's first SessionLog START as its start."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator as PluginAccumulator
+
+    acc = PluginAccumulator(str(tb_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_a_resumed_run_replaces_the_replayed_steps_in_tensorboards_python_loader(tmp_path: Path) -> None:
+    """A run logs steps 0-5, a new process resumes from step 2 and logs 2-4 again.  The rewind's purge was the run's
+    first SessionLog START, which that loader ignores: steps 2-5 were drawn twice, old values and new.  The run's
+    first writer now marks the start, so the rewind's purge counts (TensorBoard's default Rust loader showed the
+    new values either way; checked by hand with ``tensorboard --load_fast=true`` and ``false``)."""
+    logger = MetricsLogger(tmp_path, tensorboard=True)
+    for step in range(6):
+        logger.log({"r": float(step)}, step)
+    logger.close()
+    resumed = MetricsLogger(tmp_path, tensorboard=True)  # events already there: no second start
+    resumed.rewind(2, keep_evals=True)
+    for step in range(2, 5):
+        resumed.log({"r": 10.0 + step}, step)
+    resumed.close()
+    from tensorboard.util.tensor_util import make_ndarray
+
+    got = [(e.step, float(make_ndarray(e.tensor_proto))) for e in _python_loader(tmp_path / "tb").Tensors("r")]
+    assert got == [(0, 0.0), (1, 1.0), (2, 12.0), (3, 13.0), (4, 14.0)]
+
+
+def test_a_resume_shows_the_kept_evals_table_and_grids_again(tmp_path: Path) -> None:
+    """The purge at the resumed step hides the kept eval's table and grids along with its scalars; the rewind logged
+    the scalars again, and until 2026-12-07 the table and the grids stayed hidden.  Now they come back from the
+    eval's files; a damaged dump costs only the pictures, with an event saying so."""
+    from types import SimpleNamespace
+
+    from r3_rl.eval.evaluate import write_report
+    from r3_rl.trainer import Trainer
+
+    report = {"prompts": 4, "rounds": 1, "accuracy": [0.25, 0.5], "per_tag": {"colors": [0.0, 1.0]},
+              "tag_counts": {"colors": 4}, "stop_rate": 0.5, "mean_rounds_used": 1.0, "failed": [0, 0],
+              "transitions": [{"round": 1, "improved": 1, "worse": 0, "unchanged": 3}]}
+    chains = trees()
+    write_report(report, tmp_path / "eval", "step_000002", chains, dump=4)
+    logger = MetricsLogger(tmp_path, tensorboard=True)
+    logger.log_eval(report, 2, chains, "step_000002")
+    logger.log({"1_reward/generate": 0.5}, 2)  # the step the resume replays
+    logger.close()
+    said: list[str] = []
+    logger = MetricsLogger(tmp_path, tensorboard=True)
+    logger.rewind(2, keep_evals=True)
+    Trainer._relog_eval_summaries(SimpleNamespace(run_dir=tmp_path, metrics=logger, step=2, log_event=said.append),
+                                  "step_000002")
+    logger.close()
+    acc = _python_loader(tmp_path / "tb")
+    grids = [t for t in acc.Tags()["tensors"] if t.startswith("eval_trajectories/") and "/text" not in t]
+    assert [e.step for e in acc.Tensors("eval/table/text_summary")] == [2] and said == []
+    assert grids and all([e.step for e in acc.Tensors(t)] == [2] for t in grids)
+    table = acc.Tensors("eval/table/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert table.startswith("**step_000002**\n\n|")
+    assert [e.step for e in acc.Tensors("0_eval/accuracy_round0")] == [2]  # the rewind's own re-log, once
+
+    (tmp_path / "eval" / "step_000002_trajectories.jsonl").write_text("{not json\n")
+    logger = MetricsLogger(tmp_path, tensorboard=True)
+    logger.rewind(2, keep_evals=True)
+    Trainer._relog_eval_summaries(SimpleNamespace(run_dir=tmp_path, metrics=logger, step=2, log_event=said.append),
+                                  "step_000002")
+    logger.close()
+    assert len(said) == 1 and said[0].startswith("resumed: the eval step_000002's table and grids are not shown "
+                                                 "again in TensorBoard (")

@@ -40,7 +40,12 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+            tb_dir = run_dir / "tb"
+            fresh = not any(tb_dir.glob("events.out.tfevents.*"))
+            # a run's first writer marks its start (a SessionLog START at step 0): TensorBoard's Python loader
+            # (``--load_fast=false``) takes the first START of a run as its beginning and purges only on a later
+            # one, so without it the purge a rewind writes was ignored there and replayed steps were drawn twice
+            self.tb = SummaryWriter(log_dir=str(tb_dir), purge_step=0 if fresh else None)
 
     def rewind(self, step: int, keep_evals: bool = True) -> None:
         """Forget what was logged after the checkpoint at ``step``: a resumed run replays those steps.
@@ -105,6 +110,12 @@ class MetricsLogger:
     def log_eval(self, report: dict[str, Any], step: int, trees: list[Tree] | None = None, name: str = "eval") -> None:
         """Eval scalars, the per-round table as text and (when given) a few eval trajectories."""
         self.log(eval_metrics(report), step)
+        self.log_eval_summaries(report, step, trees, name)
+
+    def log_eval_summaries(self, report: dict[str, Any], step: int, trees: list[Tree] | None = None,
+                           name: str = "eval") -> None:
+        """An eval's table and trajectory grids, without its scalars: what a rewind logs again from the eval's
+        files after TensorBoard's purge hid them (:meth:`rewind` re-logs the scalars itself)."""
         if self.tb is None:
             return
         from r3_rl.eval.evaluate import markdown_table
