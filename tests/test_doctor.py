@@ -184,6 +184,7 @@ def test_ray_cluster_resources_are_read_from_a_running_cluster(ray_session) -> N
     address = ray_session.get_runtime_context().gcs_address
     info = cluster_resources(address, timeout=120)
     assert info["total"]["CPU"] == 4 and info["nodes"] == 1
+    assert info["free_gpus_per_node"] == [info["available"].get("GPU", 0.0)]  # one node: its free GPUs are all
 
 
 def test_the_disk_check_counts_the_linked_reference_once(repo: Path, tmp_path: Path) -> None:

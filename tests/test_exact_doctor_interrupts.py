@@ -14,6 +14,7 @@ import signal
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -403,3 +404,43 @@ def test_a_prompt_file_beside_the_blocks_generator_is_a_data_problem() -> None:
     assert found.detail == (f"{TINY}: key 'data.train': 'prompts.jsonl' is not read with data.source 'blocks' (its "
                             f"prompts are generated); set data.source: geneval, tiif or hf to use it")
     assert check_data(_ctx()).status == "ok"
+
+
+def test_multi_gpu_actors_are_placed_node_by_node() -> None:
+    """Best fit, largest first: a 4-GPU actor takes a node with 4 free; 2-GPU actors fill the 2s; what is left over is
+    named by its recipe key, once per actor."""
+    from r3_rl.doctor.ray_check import unplaced_multi_gpu_actors
+
+    ranks = ("learner.ranks", 2, 4.0)
+    assert unplaced_multi_gpu_actors([ranks], [4.0, 2.0, 2.0]) == ["learner.ranks"]
+    assert unplaced_multi_gpu_actors([ranks], [4.0, 4.0]) == []
+    assert unplaced_multi_gpu_actors([ranks], [8.0]) == []
+    # best fit: the 2-GPU worker goes to the 3-GPU node, leaving the 5 for the 4-GPU rank (first fit would not)
+    assert unplaced_multi_gpu_actors([("learner.ranks", 2, 2.0), ("rollout.workers", 1, 4.0)], [5.0, 3.0]) == \
+        ["learner.ranks"]
+    assert unplaced_multi_gpu_actors([("rollout.workers", 2, 2.0), ("rollout.workers", 1, 3.0)], [5.0, 2.0]) == []
+    # 1-GPU and fractional actors are the totals' to judge; 1.9999999 free is 2 GPUs, 1.5 is one
+    assert unplaced_multi_gpu_actors([("rollout.workers", 9, 1.0), ("rollout.reward_workers", 3, 0.5)], [1.0]) == []
+    assert unplaced_multi_gpu_actors([("learner.ranks", 1, 2.0)], [1.9999999]) == []
+    assert unplaced_multi_gpu_actors([("learner.ranks", 1, 2.0)], [1.5, 1.5]) == ["learner.ranks"]
+
+
+@pytest.mark.parametrize("per_node,status", [([4.0, 2.0, 2.0], "problem"), ([4.0, 4.0], "ok"), (None, "ok")])
+def test_a_cluster_is_judged_node_by_node_for_multi_gpu_actors(monkeypatch: pytest.MonkeyPatch, per_node: Any,
+                                                                status: str) -> None:
+    """Two 4-GPU learner ranks on 8 free GPUs, but 4 + 2 + 2 of them: Ray keeps the second rank pending for ever, and
+    the doctor, comparing totals, said ok.  Without the per-node figures (an older Ray) the totals decide."""
+    from r3_rl.doctor import ray_check
+
+    monkeypatch.setattr(ray_check, "tcp_probe", lambda host, port, timeout: None)
+    monkeypatch.setattr(ray_check, "cluster_resources", lambda address, timeout: {
+        "total": {"CPU": 32.0, "GPU": 8.0}, "available": {"CPU": 32.0, "GPU": 8.0}, "nodes": 3,
+        "free_gpus_per_node": per_node})
+    ctx = _ctx(["learner.ranks=2", "learner.gpus_per_rank=4", "learner.cpus_per_rank=1",
+                "ray.address=10.0.0.1:6379"], [])
+    found = ray_check.check_ray(ctx)
+    assert found.status == status, found.detail
+    if status == "problem":
+        assert found.detail.endswith("8 GPU (learner.ranks 2 x (1 CPU, 4 GPU)): 1 of learner.ranks fit on no node (one "
+                                     "actor's GPUs sit on one node; GPUs free per node: 4, 2, 2) (pending actors "
+                                     "would wait forever)")

@@ -9,6 +9,7 @@ milliseconds when nothing listens.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -23,7 +24,13 @@ import json, sys
 import ray
 ray.init(address=sys.argv[1], log_to_driver=False, configure_logging=False, logging_level="ERROR")
 alive = [n for n in ray.nodes() if n.get("Alive")]
-print(json.dumps({"total": ray.cluster_resources(), "available": ray.available_resources(), "nodes": len(alive)}))
+try:  # a private API: without it, the doctor checks the cluster's totals only
+    from ray._private.state import available_resources_per_node
+    per_node = [float(r.get("GPU", 0.0)) for r in available_resources_per_node().values()]
+except Exception:
+    per_node = None
+print(json.dumps({"total": ray.cluster_resources(), "available": ray.available_resources(), "nodes": len(alive),
+                  "free_gpus_per_node": per_node}))
 ray.shutdown()
 """
 
@@ -56,6 +63,25 @@ def shortfall(need: dict[str, float], have: dict[str, float]) -> list[str]:
     """``"4 GPU requested, 2 free"`` for each resource the cluster lacks (float slack for fractional GPUs)."""
     return [f"{need[k]:g} {k} requested, {have.get(k, 0.0):g} free" for k in ("CPU", "GPU")
             if need[k] > have.get(k, 0.0) + 1e-6]
+
+
+def unplaced_multi_gpu_actors(groups: list[tuple[str, int, float]], free_per_node: list[float]) -> list[str]:
+    """The actors of ``groups`` (``(recipe key, count, GPU share)``) asking for more than one GPU that no node has
+    room for: Ray puts all of one actor's GPUs on one node, so two 4-GPU ranks need two nodes with 4 free, and 8
+    GPUs free as 4 + 2 + 2 hold one.  Placed largest first, each on the node with the least room that fits (best
+    fit decreasing); one recipe key per actor left over.  Necessary, not sufficient: the 1-GPU actors Ray creates
+    first may take a node's GPUs before a larger actor comes."""
+    room = [math.floor(free + 1e-6) for free in free_per_node]
+    wants = sorted(((math.ceil(share - 1e-9), key) for key, count, share in groups if share > 1
+                    for _ in range(count)), key=lambda w: -w[0])
+    left: list[str] = []
+    for n, key in wants:
+        fits = [i for i, r in enumerate(room) if r >= n]
+        if not fits:
+            left.append(key)
+            continue
+        room[min(fits, key=room.__getitem__)] -= n
+    return left
 
 
 def host_port(address: str) -> tuple[str, int] | None:
@@ -127,6 +153,17 @@ def check_ray(ctx: Context) -> Finding:
     if not lacks and packed > free.get("GPU", 0.0) + 1e-6:
         lacks = [f"the GPU shares pack onto {packed} whole GPUs (one actor's share never spans two), "
                  f"{free.get('GPU', 0.0):g} free"]
+    per_node = info.get("free_gpus_per_node")
+    if not lacks and per_node:
+        r, lr = recipe.rollout, recipe.learner
+        groups = [("learner.ranks", lr.ranks if lr.ranks > 1 else 0, lr.gpus_per_rank),
+                  ("rollout.reward_workers", r.reward_workers, r.gpus_per_reward_worker),
+                  ("rollout.workers", r.workers if r.backend == "ray" else 0, r.gpus_per_worker)]
+        left = unplaced_multi_gpu_actors(groups, per_node)
+        if left:
+            counts = ", ".join(f"{left.count(k)} of {k}" for k in dict.fromkeys(left))
+            lacks = [f"{counts} fit on no node (one actor's GPUs sit on one node; GPUs free per node: "
+                     f"{', '.join(f'{g:g}' for g in sorted(per_node, reverse=True))})"]
     if lacks:
         return problem(f"{have}; {asks}: {', '.join(lacks)} (pending actors would wait forever)", fix_size)
     return ok(f"{have}; {asks}")
