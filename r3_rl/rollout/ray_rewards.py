@@ -33,6 +33,9 @@ class RewardWorker(ReadyActor):
         if self.threads:
             torch.set_num_threads(self.threads)
         self.rewards = RewardSet.from_specs(self.specs)
+        # the models load here, in the set-up's own deadline: lazily, on the first score() call, a big detector
+        # loaded inside the scoring deadline, and every replacement actor timed out the same way
+        self.rewards.setup()
         return True
 
     def score(self, samples: list[RewardSample]) -> list[ScoredSample]:
