@@ -194,9 +194,11 @@ def ask_yes_no(policy: Policy, images: list[JudgedImage], rewards: RewardSet, co
             questions = questions_for(im.prompt.metadata)[:max_questions]
         except UserError:
             continue  # a prompt without questions
+        tag = im.prompt.metadata.get("tag")  # judged as the eval reward judges the prompt (GenEval: counting threshold)
         for q in questions:
             if q.check is not None:
-                checks.append((len(asks), RewardSample(prompt=im.prompt.prompt, metadata=q.check, stage="generate",
+                meta = q.check if tag is None else {**q.check, "tag": tag}
+                checks.append((len(asks), RewardSample(prompt=im.prompt.prompt, metadata=meta, stage="generate",
                                                        round=0, image=im.image.image)))
                 asks.append((i, q.question, None))
             elif im.correct:  # no clause to judge: the expected answers hold on a correct image only
