@@ -173,7 +173,7 @@ def _merge(rank_metrics: list[dict[str, float]], rank_counts: list[dict[str, int
     micro-batches on 2 ranks are 2 and 1, so a plain mean of the ranks' means is biased); min / max and the rest
     (the same on every rank) as :func:`reduce_metric` merges them."""
     out: dict[str, float] = {}
-    for key in rank_metrics[0]:
+    for key in dict.fromkeys(k for m in rank_metrics for k in m):  # a key only some ranks log (kl_image) too
         pairs = [(m[key], c.get(key, 0)) for m, c in zip(rank_metrics, rank_counts) if key in m]
         weight = sum(n for _, n in pairs)
         if key == "learner/loss":

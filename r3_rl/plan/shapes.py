@@ -143,7 +143,9 @@ def model_shape(recipe: Any) -> ModelShape:
             layer = 4 * t.hidden_size ** 2 + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size
             shape = replace(shape, params=shape.params + t.num_layers * layer,
                             params_trained=shape.params_trained + t.num_layers * layer,
-                            largest_layer=max(shape.largest_layer, 2 * layer))
+                            largest_layer=max(shape.largest_layer, 2 * layer),
+                            # a MoT model: LoRA adapts both copies of a target (lora_params), a token uses one
+                            params_llm=shape.params + t.num_layers * layer, params_active=shape.params)
         return shape
     name = pol.model or ""
     if not name and pol.kind != "janus":  # a plug-in family: only a transformers config.json gives its shape
