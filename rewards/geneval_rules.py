@@ -138,6 +138,11 @@ def validate_metadata(metadata: dict[str, Any]) -> None:
                 raise UserError(f"{at} 'region' must be one of {list(REGIONS)}, got {req['region']!r}")
             if "size" in req and req["size"] not in SIZES:
                 raise UserError(f"{at} 'size' must be one of {list(SIZES)}, got {req['size']!r}")
+    for j, ex in enumerate(exclude):  # "fewer than n of a class" against includes asking for n or more of it
+        asked = sum(req["count"] for req in include if req["class"] == ex["class"])
+        if asked >= ex["count"]:
+            raise UserError(f"metadata exclude[{j}] (fewer than {ex['count']} {ex['class']}) contradicts 'include', "
+                            f"which asks for {asked}: no image can be judged correct")
 
 
 def _area(det: Detection) -> float:

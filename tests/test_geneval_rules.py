@@ -10,7 +10,7 @@ import os
 import pytest
 
 from r3_rl.errors import UserError
-from r3_rl.rewards.geneval_rules import Detection, evaluate, relative_position
+from r3_rl.rewards.geneval_rules import Detection, evaluate, relative_position, validate_metadata
 
 
 def D(label, x, y, color=None, score=1.0, size=10.0):
@@ -180,6 +180,19 @@ def test_geneval_plus_plus_extensions():
 def test_bad_metadata_is_a_user_error(bad, match):
     with pytest.raises(UserError, match=match):
         evaluate([], bad)
+
+
+def test_an_exclude_no_image_can_meet_beside_its_include_is_refused():
+    """GenEval's exclude {cat, 3} means "fewer than 3 cats": beside an include asking for 3 cats (or 2 red and 1
+    black), no image is ever judged correct and every reward of the prompt is 0 -- a silent waste of its rollouts.
+    The counting prompts' own pattern (include 2, exclude 3) stays valid; the shipped sets have no such line."""
+    with pytest.raises(UserError, match=r"^metadata exclude\[0\] \(fewer than 3 cat\) contradicts 'include', which "
+                                        r"asks for 3: no image can be judged correct$"):
+        validate_metadata({"include": [{"class": "cat", "count": 2, "color": "red"},
+                                       {"class": "cat", "count": 1, "color": "black"}],
+                           "exclude": [{"class": "cat", "count": 3}]})
+    validate_metadata({"include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}]})
+    validate_metadata({"include": [{"class": "dog", "count": 3}], "exclude": [{"class": "cat", "count": 1}]})
 
 
 # ------------------------------------------------------------------ the real GenEval files
