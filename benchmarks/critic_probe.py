@@ -2,7 +2,7 @@
 
 A saved tiny policy (a run's ``warmstart/`` or ``final/`` folder, anything ``save_pretrained`` wrote) critiques
 N images greedily: correct grids of held-out-style prompts in the warm start's canonical layout and in random
-layouts, flawed 70% of the time by :func:`r3_rl.blocks.edits.perturb` (the warm start's own flaws).  Printed per
+layouts, flawed 70% of the time by :func:`r3_rl.blocks.synthesis.perturb` (the warm start's own flaws).  Printed per
 layout and flaw kind (the Blocks world's first fix: ``add``, ``remove``, ``recolor``, ``move``, ``swap``;
 ``correct`` when there is none): the count and the stop rate (on ``correct`` the higher the better, on a flaw
 the lower).  Unlike ``critic_flaw_kinds.py`` it needs no run, and every kind gets tens of images.  Prompts come
@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from r3_rl.arguments import OneLineArgumentParser, int_at_least  # noqa: E402
-from r3_rl.blocks import edits  # noqa: E402
+from r3_rl.blocks import edits, synthesis  # noqa: E402
 from r3_rl.blocks.prompts import TAGS  # noqa: E402
 from r3_rl.config import load_recipe  # noqa: E402
 from r3_rl.data import BlocksPrompts  # noqa: E402
@@ -49,9 +49,9 @@ def stop_rates(policy: TinyUnifiedPolicy, prompts: BlocksPrompts, n: int, seed: 
             item = prompt_of(k)
             meta = item.metadata
             grid = (canonical_grid(meta, rng, policy.rows, policy.cols) if layout == "canonical"
-                    else edits.random_correct_grid(meta, rng, policy.rows, policy.cols))
+                    else synthesis.random_correct_grid(meta, rng, policy.rows, policy.cols))
             if rng.random() < 0.7:
-                grid = edits.perturb(grid, meta, rng)
+                grid = synthesis.perturb(grid, meta, rng)
             ops = edits.diagnose(grid, meta)
             items.append(item)
             images.append(ImageInput(image=np.zeros(0), image_tokens=grid.reshape(-1).tolist()))

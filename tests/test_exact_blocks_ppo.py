@@ -45,7 +45,7 @@ def test_recolour_skips_objects_already_of_the_new_colour():
 
 
 def test_move_may_keep_the_mover_in_a_cell_where_the_relation_holds():
-    """Catches _move_cells dropping the mover's own cell: "move the circle below the square" on a circle already
+    """Catches move_cells dropping the mover's own cell: "move the circle below the square" on a circle already
     straight below picks between its own cell (1, 0) and the free diagonal (1, 1), never (0, 1) beside the square."""
     g = np.zeros((2, 2), int)
     g[0, 0], g[1, 0] = T("square", "red"), T("circle", "red")
@@ -410,8 +410,8 @@ def test_value_loss_is_weighted_by_the_micro_batch_share(ppo_base):
     assert float(total - base) == pytest.approx(0.2525 * 2 / 6, abs=1e-6)
 
 
-# Found by round 8C: _position_fix tested the swap with ``_move_cells(...)[:-1]`` to leave out the mover's own
-# cell, but _move_cells lists that cell only when the relation already holds there (never, on this branch), so
+# Found by round 8C: _position_fix tested the swap with ``move_cells(...)[:-1]`` to leave out the mover's own
+# cell, but move_cells lists that cell only when the relation already holds there (never, on this branch), so
 # [:-1] dropped a real free cell instead.  Here the only fix after a swap is moving the square to (1, 2): diagnose
 # missed it and reported "the grid is too full" (removing the unrelated triangle) on a grid with two free cells.
 def test_position_fix_swaps_when_one_cell_works_after_the_swap():

@@ -278,7 +278,9 @@ def test_replies_are_json_whatever_the_reward_returns() -> None:
         assert resp.status == 200 and resp.getheader("Content-Type") == "application/json", raw[:200]
         first, second = json.loads(raw)["results"]
         assert first == {"score": 1.0, "components": {"c": 1.0}, "reason": "\ud800", "failure": None}
-        assert second["failure"] == "non-finite component c=nan" and b"NaN" not in raw
+        # refused in the server's to_output, before the wire's own guard (output_to_json) is reached
+        assert second["failure"] == "reward returned a component that is not a finite number (c='nan')"
+        assert b"NaN" not in raw
     finally:
         srv.shutdown()
         srv.server_close()
