@@ -1,7 +1,8 @@
 """Plans, critiques and grid edits: the language the Blocks world's R3 loop speaks.
 
 Used to synthesise supervised warm-start trajectories (plan -> correct grid; flawed grid -> critique
--> edited grid; the grids themselves are :mod:`r3_rl.blocks.synthesis`') and to check critiques.  All texts use only :data:`r3_rl.blocks.world.WORDS`.
+-> edited grid; the grids themselves come from :mod:`r3_rl.blocks.synthesis`) and to check critiques.  All
+texts use only :data:`r3_rl.blocks.world.WORDS`.
 
 Edit instructions (``edit_text`` / ``parse_edit``), with "first"/"last" in raster order:
   * ``add a [colour] SHAPE``           a new object in a random empty cell (random colour if none given)
