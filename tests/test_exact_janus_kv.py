@@ -9,13 +9,12 @@ import base64
 import copy
 import io
 import json
-from collections import OrderedDict
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from test_exact_policies_plan import _StubEngine  # records what JanusPolicy hands its engine
+from test_exact_policies_plan import _detached, _StubEngine  # _StubEngine: what JanusPolicy hands its engine
 from test_exact_sampling_ray import ScriptedHead, _swapped  # a head with scripted logits, swapped in for a block
 from test_janus_policy import TEMPLATES
 
@@ -31,13 +30,6 @@ def janus(tmp_path_factory):
     torch.set_num_threads(1)
     path = make_tiny_janus(tmp_path_factory.mktemp("janus14c") / "tiny")
     return JanusPolicy.from_pretrained(path, templates=TEMPLATES, dtype="float32", device="cpu")
-
-
-def _detached(janus):
-    """A shallow copy with its own decoded-pixel cache (nothing leaks into the shared fixture)."""
-    p = copy.copy(janus)
-    p._decoded = OrderedDict()
-    return p
 
 
 # ============================================================================ prompts through the policy

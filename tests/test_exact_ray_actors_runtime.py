@@ -15,31 +15,10 @@ import torch
 
 from r3_rl.config import RayCfg
 from r3_rl.errors import UserError
-
-
-class _Clock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def monotonic(self) -> float:
-        return self.t
+from test_exact_ray_engine_ranks import _Clock, _fake_init, _group
 
 
 # ============================================================================ ray_runtime
-def _fake_init(monkeypatch, fail: BaseException | None = None) -> dict:
-    import ray
-
-    seen: dict = {}
-
-    def init(**kw):
-        seen.update(kw, visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
-        if fail is not None:
-            raise fail
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", init)
-    return seen
-
-
 def test_start_ray_leaves_a_running_ray_to_its_owner(monkeypatch) -> None:
     """A Ray already running (tests, notebooks) is not ours: start_ray says False and does not call init."""
     import ray
@@ -153,27 +132,6 @@ def test_await_start_raises_unplaced_for_an_actor_no_node_took_and_kills_it(monk
 
 
 # ============================================================================ ray_actors: ActorGroup
-def _group(monkeypatch, started, attempts=1, min_alive=1, fail_prepare=(), tick=0.0):
-    """An ActorGroup (placement 5 s, call 50 s); each wait advances the clock by ``tick`` s."""
-    import r3_rl.ray_actors as ra
-
-    rec = SimpleNamespace(events=[], killed=[], timeouts=[], clock=_Clock())
-    monkeypatch.setattr(ra, "time", rec.clock)
-    monkeypatch.setattr(ra, "start_actors", lambda factory, n, need, placement_s, start_s: [next(started)
-                                                                                           for _ in range(n)])
-
-    def get_within(ref, timeout_s, what):
-        rec.timeouts.append(timeout_s)
-        rec.clock.t += tick
-        if ref in fail_prepare:
-            raise ra.ActorLost(f"it: RayActorError: {ref} died")
-    monkeypatch.setattr(ra, "get_within", get_within)
-    monkeypatch.setattr(ra, "kill_actors", lambda actors: rec.killed.extend(actors))
-    g = ra.ActorGroup("rollout worker", lambda: None, {"CPU": 1}, RayCfg(placement_timeout_s=5, call_timeout_s=50),
-                      attempts=attempts, min_alive=min_alive, log_event=rec.events.append)
-    return g, rec
-
-
 def test_group_set_ups_share_one_deadline(monkeypatch) -> None:
     """Three set-ups of 20 s each within a 50 s call timeout: 50, 30, 10 s left, not 50 s each."""
     g, rec = _group(monkeypatch, iter([("a", "n-a"), ("b", "n-b"), ("c", "n-c")]), tick=20.0)

@@ -218,17 +218,18 @@ def test_start_actors_share_one_placement_and_one_start_deadline(monkeypatch) ->
     assert [node for _, node in out] == ["node0", "node1"]
 
 
-def _group(monkeypatch, started, attempts=1, min_alive=1, fail_prepare=()):
-    """An ActorGroup (placement 5 s, call 50 s) whose starts, waits and kills are recorded."""
+def _group(monkeypatch, started, attempts=1, min_alive=1, fail_prepare=(), tick=0.0):
+    """An ActorGroup (placement 5 s, call 50 s) whose starts, waits and kills are recorded; each wait advances the
+    clock (``rec.clock``) by ``tick`` s."""
     import r3_rl.ray_actors as ra
 
-    rec = SimpleNamespace(events=[], killed=[], timeouts=[])
-    clock = _Clock()
-    monkeypatch.setattr(ra, "time", clock)
+    rec = SimpleNamespace(events=[], killed=[], timeouts=[], clock=_Clock())
+    monkeypatch.setattr(ra, "time", rec.clock)
     monkeypatch.setattr(ra, "start_actors", lambda factory, n, need, placement_s, start_s: [next(started) for _ in range(n)])
 
     def get_within(ref, timeout_s, what):
         rec.timeouts.append(timeout_s)
+        rec.clock.t += tick
         if ref in fail_prepare:
             raise ra.ActorLost(f"it: RayActorError: {ref} died")
     monkeypatch.setattr(ra, "get_within", get_within)
