@@ -251,3 +251,20 @@ def test_ppo_counts_the_critics_forward_and_a_separate_critic_as_a_copy_of_the_p
     assert rank.resident["critic (separate)"] == pytest.approx(policy_states, rel=1e-12)
     assert 15.0e9 < rank.resident["critic (separate)"] < 15.2e9  # 14.82 GB of bf16 weights + 0.28 of adapter states
     assert "(its LoRA adapters)" in rank.notes["critic (separate)"]
+
+
+def test_the_kl_references_forward_covers_the_micro_batch_not_the_rehearsal(monkeypatch) -> None:
+    """The frozen reference scores the micro-batch's tokens for the KL; the critic_replay rehearsal has no KL term,
+    so the reference never sees it.  Its forward was sized over both (round 14D's note): every forward the plan
+    sizes is the same with the rehearsal on as off."""
+    import r3_rl.plan.report as report
+
+    calls: list[tuple[int, int]] = []
+    real = report.memory.forward_temporaries
+    monkeypatch.setattr(report.memory, "forward_temporaries",
+                        lambda shape, tokens, b: calls.append((tokens, b)) or real(shape, tokens, b))
+    tiny = REPO / "recipes" / "tiny_blocks.yaml"
+    make_plan(load_recipe(tiny), 8, 80)  # the demo recipe keeps a KL reference (kl_coef_text 0.02)
+    off, calls[:] = list(calls), []
+    make_plan(load_recipe(tiny, ["learner.critic_replay.coef=1", "learner.critic_replay.examples=128"]), 8, 80)
+    assert off and calls == off

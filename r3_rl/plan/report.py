@@ -134,7 +134,8 @@ def add_learner(p: Process, recipe: Any, shape: ModelShape, *, micro_batch: int 
     value_tokens = mbs * worst.context if cfg.algorithm == "ppo" else 0  # the critic's forward over each context
     saved, backward = memory.activations(shape, tokens + value_tokens, b, ckpt, weight_grads=not use_lora)
     other, _ = memory.activations(shape, tokens + value_tokens, b, not ckpt, weight_grads=not use_lora)
-    ref_forward = memory.forward_temporaries(shape, tokens, policy_b) if p.resident["reference"] else 0.0
+    # the reference scores the micro-batch only: the rehearsal's cross-entropy has no KL term
+    ref_forward = memory.forward_temporaries(shape, tokens - rehearsal, policy_b) if p.resident["reference"] else 0.0
     p.phases["learner micro-batch"] = {"activations": saved, "backward temporaries": max(backward, ref_forward),
                                        "logits": max(memory.learner_logits(s) for s in stages(recipe, shape))}
     steps = (learner_positions(worst, shape) - worst.context) // max(worst.new_tokens, 1)
