@@ -257,6 +257,15 @@ def test_a_ray_store_exactly_its_need_is_enough() -> None:
 
 
 # ------------------------------------------------------------------------------------------ doctor: ray
+def _scripted_cluster(monkeypatch: pytest.MonkeyPatch, info: dict) -> Any:
+    """``r3_rl.doctor.ray_check`` with a head that answers and a cluster reporting ``info`` (no Ray joined)."""
+    from r3_rl.doctor import ray_check
+
+    monkeypatch.setattr(ray_check, "tcp_probe", lambda host, port, timeout: None)
+    monkeypatch.setattr(ray_check, "cluster_resources", lambda address, timeout: info)
+    return ray_check
+
+
 def test_a_port_that_is_not_a_number_is_no_address() -> None:
     from r3_rl.doctor.ray_check import host_port
 
@@ -265,10 +274,7 @@ def test_a_port_that_is_not_a_number_is_no_address() -> None:
 
 def test_a_cluster_is_judged_on_its_free_resources(monkeypatch: pytest.MonkeyPatch) -> None:
     """4 GPUs in the cluster, 1 free: Ray would keep two 1-GPU rollout workers pending."""
-    from r3_rl.doctor import ray_check
-
-    monkeypatch.setattr(ray_check, "tcp_probe", lambda host, port, timeout: None)
-    monkeypatch.setattr(ray_check, "cluster_resources", lambda address, timeout: {
+    ray_check = _scripted_cluster(monkeypatch, {
         "total": {"CPU": 16.0, "GPU": 4.0}, "available": {"CPU": 16.0, "GPU": 1.0}, "nodes": 2})
     ctx = _ctx(["rollout.backend=ray", "rollout.workers=2", "rollout.gpus_per_worker=1", "rollout.cpus_per_worker=1",
                 "ray.address=10.0.0.1:6379"], [])
@@ -283,10 +289,7 @@ def test_fractional_gpu_shares_on_a_cluster_are_packed_not_summed(monkeypatch: p
                                                                   status: str) -> None:
     """Three 0.6-GPU workers sum to 1.8 <= 2 free GPUs, but each share sits on one GPU: Ray fits two and keeps the
     third pending for ever.  The doctor compared the sum with the free GPUs and said ok."""
-    from r3_rl.doctor import ray_check
-
-    monkeypatch.setattr(ray_check, "tcp_probe", lambda host, port, timeout: None)
-    monkeypatch.setattr(ray_check, "cluster_resources", lambda address, timeout: {
+    ray_check = _scripted_cluster(monkeypatch, {
         "total": {"CPU": 16.0, "GPU": 2.0}, "available": {"CPU": 16.0, "GPU": 2.0}, "nodes": 1})
     ctx = _ctx(["rollout.backend=ray", f"rollout.workers={workers}", "rollout.gpus_per_worker=0.6",
                 "rollout.cpus_per_worker=1", "ray.address=10.0.0.1:6379"], [])
@@ -430,10 +433,7 @@ def test_a_cluster_is_judged_node_by_node_for_multi_gpu_actors(monkeypatch: pyte
                                                                 status: str) -> None:
     """Two 4-GPU learner ranks on 8 free GPUs, but 4 + 2 + 2 of them: Ray keeps the second rank pending for ever, and
     the doctor, comparing totals, said ok.  Without the per-node figures (an older Ray) the totals decide."""
-    from r3_rl.doctor import ray_check
-
-    monkeypatch.setattr(ray_check, "tcp_probe", lambda host, port, timeout: None)
-    monkeypatch.setattr(ray_check, "cluster_resources", lambda address, timeout: {
+    ray_check = _scripted_cluster(monkeypatch, {
         "total": {"CPU": 32.0, "GPU": 8.0}, "available": {"CPU": 32.0, "GPU": 8.0}, "nodes": 3,
         "free_gpus_per_node": per_node})
     ctx = _ctx(["learner.ranks=2", "learner.gpus_per_rank=4", "learner.cpus_per_rank=1",

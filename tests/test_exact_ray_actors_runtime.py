@@ -15,7 +15,7 @@ import torch
 
 from r3_rl.config import RayCfg
 from r3_rl.errors import UserError
-from test_exact_ray_engine_ranks import _Clock, _fake_init, _group
+from test_exact_ray_engine_ranks import _T, _Clock, _fake_init, _group, _Policy, _running_engine
 
 
 # ============================================================================ ray_runtime
@@ -273,20 +273,6 @@ class _LoadingWorker:
         return f"load-{self.name}"
 
 
-class _Policy:
-    def __init__(self, trainable_bytes: int, total_bytes: int, version: int) -> None:
-        self.trainable_bytes, self.total_bytes, self.version = trainable_bytes, total_bytes, version
-
-    def weight_nbytes(self, trainable_only: bool = False) -> int:
-        return self.trainable_bytes if trainable_only else self.total_bytes
-
-    def state_dict(self) -> dict:
-        return {"base": torch.zeros(2), "lora": torch.ones(1)}
-
-    def trainable_state_dict(self) -> dict:
-        return {"lora": torch.ones(1)}
-
-
 def _syncing_engine(monkeypatch, names, tick=0.0):
     import ray
 
@@ -356,6 +342,8 @@ def test_worker_sets_its_torch_threads_when_it_builds_the_policy(monkeypatch) ->
 
 # ============================================================================ ray_engine: the in-flight queue
 class _Worker:
+    """A rollout actor that records each task by name (``str(task)``: the ``_T`` tasks compare by identity)."""
+
     def __init__(self, name: str) -> None:
         self.name, self.sent = name, []
         self.run = SimpleNamespace(remote=lambda task, sampling: self._send(task))
@@ -363,30 +351,6 @@ class _Worker:
     def _send(self, task) -> str:
         self.sent.append(str(task))
         return f"{self.name}:{task}"
-
-
-class _T:
-    def __init__(self, index: int, step: int = 4) -> None:
-        self.index, self.step = index, step
-
-    def __str__(self) -> str:
-        return f"t{self.index}"
-
-
-def _running_engine(monkeypatch, workers: dict, max_reissues=3, timeout=100.0):
-    import ray
-
-    import r3_rl.rollout.ray_engine as re_mod
-    from r3_rl.rollout.ray_engine import RayEngine
-
-    clock = _Clock(0.0)
-    monkeypatch.setattr(re_mod, "time", clock)
-    monkeypatch.setattr(ray, "put", lambda obj: "sampling-ref")
-    e = RayEngine.__new__(RayEngine)
-    e.group = SimpleNamespace(actors=dict(workers), items=lambda: list(e.group.actors.items()))
-    e.max_reissues, e.call_timeout_s, e.events, e.replaced = max_reissues, timeout, [], []
-    e.log_event = e.events.append
-    return e, clock
 
 
 def _lost_on(monkeypatch, dead: str):
@@ -401,6 +365,9 @@ def _lost_on(monkeypatch, dead: str):
 
 
 def _replaces_with(e, fresh):
+    """The engine's ``_replace`` puts ``fresh`` in the lost slot and records ``(slot, why)`` in ``e.replaced``."""
+    e.replaced = []
+
     def replace(slot, why):
         e.replaced.append((slot, why))
         e.group.actors[slot] = fresh
@@ -413,7 +380,7 @@ def test_a_wait_after_a_slow_consumer_is_zero_not_negative(monkeypatch) -> None:
     ray.wait gets timeout 0 (Ray refuses a negative one)."""
     import ray
 
-    e, clock = _running_engine(monkeypatch, {0: _Worker("a"), 1: _Worker("b")})
+    e, clock = _running_engine(monkeypatch, {0: _Worker("a"), 1: _Worker("b")}, max_reissues=3)
     waits: list = []
 
     def wait(refs, num_returns, timeout):
@@ -434,7 +401,7 @@ def test_a_timed_out_wait_fails_the_oldest_task_and_replaces_its_worker(monkeypa
     import ray
 
     a, fresh = _Worker("a"), _Worker("fresh")
-    e, clock = _running_engine(monkeypatch, {0: a})
+    e, clock = _running_engine(monkeypatch, {0: a}, max_reissues=3)
     _replaces_with(e, fresh)
     calls = iter([True])
     monkeypatch.setattr(ray, "wait", lambda refs, num_returns, timeout: ([], refs) if next(calls, False)
@@ -451,7 +418,7 @@ def test_a_reissued_task_goes_to_the_front_of_the_queue(monkeypatch) -> None:
     import ray
 
     a, fresh = _Worker("a"), _Worker("fresh")
-    e, _ = _running_engine(monkeypatch, {0: a})
+    e, _ = _running_engine(monkeypatch, {0: a}, max_reissues=3)
     _replaces_with(e, fresh)
     monkeypatch.setattr(ray, "wait", lambda refs, num_returns, timeout: ([refs[0]], refs[1:]))
     _lost_on(monkeypatch, "a")
