@@ -50,13 +50,18 @@ def gpus_to_place(groups: list[tuple[int, float]]) -> int:
     return whole + worst
 
 
-def actor_gpus(recipe: Any) -> int:
-    """GPUs the run's Ray actors occupy (:func:`gpus_to_place`): learner ranks (when more than one), rollout and
-    reward workers."""
+def actor_groups(recipe: Any) -> list[tuple[str, int, float]]:
+    """The run's Ray actors as ``(recipe key, count, GPU share)``: learner ranks (when more than one), reward
+    workers, rollout workers (with the Ray backend)."""
     r, lr = recipe.rollout, recipe.learner
-    groups = [(lr.ranks if lr.ranks > 1 else 0, lr.gpus_per_rank), (r.reward_workers, r.gpus_per_reward_worker),
-              (r.workers if r.backend == "ray" else 0, r.gpus_per_worker)]
-    return gpus_to_place(groups)
+    return [("learner.ranks", lr.ranks if lr.ranks > 1 else 0, lr.gpus_per_rank),
+            ("rollout.reward_workers", r.reward_workers, r.gpus_per_reward_worker),
+            ("rollout.workers", r.workers if r.backend == "ray" else 0, r.gpus_per_worker)]
+
+
+def actor_gpus(recipe: Any) -> int:
+    """GPUs the run's Ray actors occupy (:func:`gpus_to_place` over :func:`actor_groups`)."""
+    return gpus_to_place([(count, share) for _, count, share in actor_groups(recipe)])
 
 
 def visible_gpus() -> list[str]:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from r3_rl.errors import UserError, raised
 from r3_rl.plugins import Registry, check_options
 from r3_rl.rewards.base import Reward, RewardOutput, RewardSample
+from r3_rl.rewards.wire import finite_float
 
 ENTRY_POINT_GROUP = "r3_rl.rewards"
 
@@ -78,19 +79,13 @@ def to_output(x: Any) -> RewardOutput:
             return RewardOutput(failure=f"reward returned {type(x).__name__}, expected a number")
     if out.failure is None and out.score is not None and not math.isfinite(float(out.score)):
         return RewardOutput(failure=f"reward returned a non-finite score ({out.score})", reason=out.reason)
-    bad = [k for k, v in out.components.items() if not _finite_number(v)]
+    # the wire's rule (rewards.wire.finite_float), except that a bool counts as 0/1 in-process, as a score does
+    bad = [k for k, v in out.components.items() if not isinstance(v, bool) and finite_float(v) is None]
     if out.failure is None and bad:  # else a NaN part is plotted, and a text part raised out of RewardSet.score
         parts = ", ".join(f"{k}={str(out.components[k])[:40]!r}" for k in bad[:3])
         return RewardOutput(failure=f"reward returned a component that is not a finite number ({parts})",
                             reason=out.reason)
     return out
-
-
-def _finite_number(v: Any) -> bool:
-    try:
-        return math.isfinite(float(v)) and not isinstance(v, (str, bytes))
-    except (TypeError, ValueError, OverflowError):
-        return False
 
 
 def check_call_shape(what: str, fn: Callable[..., Any], options: dict[str, Any]) -> None:

@@ -149,7 +149,7 @@ def sample_from_json(d: Any, where: str = "samples[0]", max_pixels: int | None =
         text=_get(d, "text", (str,), where, None))
 
 
-def _finite(v: Any) -> float | None:
+def finite_float(v: Any) -> float | None:
     """``v`` as a finite float, or None (a bool, a non-number, NaN, infinity, an integer too big for a float)."""
     if isinstance(v, (bool, str, bytes)):
         return None
@@ -162,8 +162,8 @@ def _finite(v: Any) -> float | None:
 
 def output_to_json(out: RewardOutput) -> dict[str, Any]:
     """A result as JSON without NaN or infinity: a non-finite score or component makes a success a failure."""
-    score = None if out.score is None else _finite(out.score)
-    comps = {k: _finite(v) for k, v in out.components.items()}
+    score = None if out.score is None else finite_float(out.score)
+    comps = {k: finite_float(v) for k, v in out.components.items()}
     failure = out.failure
     if failure is None and score is None:
         failure = f"non-finite score {out.score}"
@@ -179,11 +179,11 @@ def output_from_json(d: Any, where: str = "results[0]") -> RewardOutput:
     if not isinstance(d, dict):
         raise WireError(f"{where}: expected an object, got {type(d).__name__}")
     raw_score = _get(d, "score", (int, float), where, None, refuse_bool=False)  # a bool: refused just below
-    score = None if raw_score is None else _finite(raw_score)
+    score = None if raw_score is None else finite_float(raw_score)
     if raw_score is not None and score is None:
         raise WireError(f"{where}.score: expected a finite number, got {str(raw_score)[:40]}")
     raw_comps = _get(d, "components", (dict,), where, {}) or {}
-    comps = {k: _finite(v) for k, v in raw_comps.items()}
+    comps = {k: finite_float(v) for k, v in raw_comps.items()}
     bad = [k for k, v in comps.items() if v is None]
     if bad:
         raise WireError(f"{where}.components.{str(bad[0])[:40]}: expected a finite number, "

@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 from r3_rl.doctor.base import Context, Finding, ok, problem, skipped
-from r3_rl.gpu_layout import actor_gpus
+from r3_rl.gpu_layout import actor_gpus, actor_groups
 
 PROBE = """
 import json, sys
@@ -155,11 +155,7 @@ def check_ray(ctx: Context) -> Finding:
                  f"{free.get('GPU', 0.0):g} free"]
     per_node = info.get("free_gpus_per_node")
     if not lacks and per_node:
-        r, lr = recipe.rollout, recipe.learner
-        groups = [("learner.ranks", lr.ranks if lr.ranks > 1 else 0, lr.gpus_per_rank),
-                  ("rollout.reward_workers", r.reward_workers, r.gpus_per_reward_worker),
-                  ("rollout.workers", r.workers if r.backend == "ray" else 0, r.gpus_per_worker)]
-        left = unplaced_multi_gpu_actors(groups, per_node)
+        left = unplaced_multi_gpu_actors(actor_groups(recipe), per_node)
         if left:
             counts = ", ".join(f"{left.count(k)} of {k}" for k in dict.fromkeys(left))
             lacks = [f"{counts} fit on no node (one actor's GPUs sit on one node; GPUs free per node: "
