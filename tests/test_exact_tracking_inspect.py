@@ -391,11 +391,15 @@ def test_a_resume_shows_the_kept_evals_table_and_grids_again(tmp_path: Path) -> 
     logger.log({"1_reward/generate": 0.5}, 2)  # the step the resume replays
     logger.close()
     said: list[str] = []
-    logger = MetricsLogger(tmp_path, tensorboard=True)
-    logger.rewind(2, keep_evals=True)
-    Trainer._relog_eval_summaries(SimpleNamespace(run_dir=tmp_path, metrics=logger, step=2, log_event=said.append),
-                                  "step_000002")
-    logger.close()
+
+    def resume_at_step_2() -> None:  # a new process: the rewind, then the trainer's re-log of the kept eval
+        logger = MetricsLogger(tmp_path, tensorboard=True)
+        logger.rewind(2, keep_evals=True)
+        Trainer._relog_eval_summaries(SimpleNamespace(run_dir=tmp_path, metrics=logger, step=2,
+                                                      log_event=said.append), "step_000002")
+        logger.close()
+
+    resume_at_step_2()
     acc = _python_loader(tmp_path / "tb")
     grids = [t for t in acc.Tags()["tensors"] if t.startswith("eval_trajectories/") and "/text" not in t]
     assert [e.step for e in acc.Tensors("eval/table/text_summary")] == [2] and said == []
@@ -405,10 +409,6 @@ def test_a_resume_shows_the_kept_evals_table_and_grids_again(tmp_path: Path) -> 
     assert [e.step for e in acc.Tensors("0_eval/accuracy_round0")] == [2]  # the rewind's own re-log, once
 
     (tmp_path / "eval" / "step_000002_trajectories.jsonl").write_text("{not json\n")
-    logger = MetricsLogger(tmp_path, tensorboard=True)
-    logger.rewind(2, keep_evals=True)
-    Trainer._relog_eval_summaries(SimpleNamespace(run_dir=tmp_path, metrics=logger, step=2, log_event=said.append),
-                                  "step_000002")
-    logger.close()
+    resume_at_step_2()
     assert len(said) == 1 and said[0].startswith("resumed: the eval step_000002's table and grids are not shown "
                                                  "again in TensorBoard (")
