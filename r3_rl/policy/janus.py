@@ -26,7 +26,8 @@ import torch
 from r3_rl.errors import UserError
 from r3_rl.policy.base import DTYPES, ImageInput, ImageSample, Policy, TextSample
 from r3_rl.policy.janus_engine import JanusEngine
-from r3_rl.policy.janus_prompts import check_templates, image_ref, png_pixels, uncond_ids, user_content
+from r3_rl.policy.janus_prompts import (check_templates, image_ref, png_pixels, uncond_ids, user_content,
+                                        without_control_tokens)
 from r3_rl.policy.janus_recipe import JanusRecipe, resolve_model
 from r3_rl.policy.sampling import token_logprobs
 from r3_rl.trajectory import PromptItem, SamplingParams, Segment
@@ -49,6 +50,8 @@ class JanusPolicy(JanusRecipe, Policy):
         self.image_token, self.boi = processor.image_token, processor.image_start_token
         self.eoi = processor.image_end_token
         self.image_token_id, self.boi_id, self.eoi_id = ids(self.image_token), ids(self.boi), ids(self.eoi)
+        special = set(self.tok.all_special_tokens) | {self.image_token, self.boi, self.eoi}
+        self.control_tokens = tuple(sorted(special, key=len, reverse=True))  # never read from prompt text
         if self.pad_id is None or self.bos_id is None or self.eos_id is None:
             raise UserError("policy.model: the tokenizer needs BOS, EOS and pad tokens (Janus-Pro's have them)")
         cfg = model.config
@@ -158,7 +161,7 @@ class JanusPolicy(JanusRecipe, Policy):
 
     # ------------------------------------------------------------------ prompts
     def _ids(self, stage: str, values: dict[str, str], image: bool, image_mode: bool) -> list[int]:
-        template = self.templates[stage]
+        template, values = self.templates[stage], without_control_tokens(values, self.control_tokens)
         if stage == "generate" and values.get("plan") and "{plan}" not in template:
             template = template + " " + values["plan"]  # the plan joins the user turn (T2I-R1 style)
         return self._chat_ids(user_content(template, values, image), image_mode)
@@ -301,7 +304,8 @@ class JanusPolicy(JanusRecipe, Policy):
         self._model.eval()
         yes, no = self._answer_ids(YES), self._answer_ids(NO)
         yes, no = sorted(yes - no), sorted(no - yes)
-        ctx = [self._chat_ids(user_content("{image}{prompt}", {"prompt": q}, True), False) for q in questions]
+        asked = [without_control_tokens({"prompt": q}, self.control_tokens) for q in questions]
+        ctx = [self._chat_ids(user_content("{image}{prompt}", values, True), False) for values in asked]
         emb, mask, pos = self.engine.embed(ctx, [np.asarray(im.image) for im in images], left=True)
         hidden = self.engine._trunk(emb, mask, pos, use_cache=False).last_hidden_state[:, -1]
         probs = torch.softmax(self._model.lm_head(hidden).float(), dim=-1)

@@ -78,6 +78,22 @@ def user_content(template: str, values: dict[str, str], with_image: bool) -> lis
     return content
 
 
+def without_control_tokens(values: dict[str, str], control: tuple[str, ...]) -> dict[str, str]:
+    """``values`` with every control-token string (``<image_placeholder>``, BOS/EOS, ...) removed.
+
+    A prompt, plan or critique is text: a literal ``<image_placeholder>`` in it would otherwise tokenize as the
+    special token and expand into an image block with no image behind it.  Removing the string is what
+    ``decode_text(skip_special_tokens=True)`` already does to the model's own output.  ``control`` longest first,
+    so a token containing another is removed whole.
+    """
+    def clean(text: str) -> str:
+        for token in control:
+            text = text.replace(token, "")
+        return text
+
+    return {k: clean(v) if isinstance(v, str) else v for k, v in values.items()}
+
+
 def uncond_ids(ids: list[int], keep: set[int], pad_id: int) -> list[int]:
     """The CFG null stream: every id outside ``keep`` (BOS, image boundaries/placeholders) -> pad."""
     return [t if t in keep else pad_id for t in ids]

@@ -23,7 +23,7 @@ from PIL import Image
 
 from r3_rl.policy.bagel.images import encode_latents, image_tensor
 from r3_rl.policy.bagel.layout import Block, ContextCache, TextBlock, VaeBlock, VitBlock
-from r3_rl.policy.bagel.model import BagelModel
+from r3_rl.policy.bagel.model import BagelModel, text_block
 from r3_rl.policy.janus_prompts import image_ref, png_pixels
 
 Record = dict[str, Any]
@@ -31,8 +31,8 @@ LATENT_CACHE = 64  # edit inputs whose VAE latents are kept (a rollout group and
 
 
 def text_record(tokenizer, text: str, tokens) -> Record:
-    """``<|im_start|>`` + text + ``<|im_end|>``: BAGEL's text block, no role, no chat template."""
-    return {"text": [tokens.im_start, *tokenizer.encode(text, add_special_tokens=False), tokens.im_end]}
+    """``<|im_start|>`` + text + ``<|im_end|>``: BAGEL's text block (:func:`model.text_block`) as a record."""
+    return {"text": list(text_block(tokenizer, text, tokens).ids)}
 
 
 def store_images(images: Sequence[np.ndarray]) -> dict[str, Any]:

@@ -182,6 +182,9 @@ class BagelModel(nn.Module):
 
 
 def text_block(tokenizer, text: str, tokens) -> TextBlock:
-    """BAGEL's text block: ``<|im_start|>`` + text + ``<|im_end|>``, no role, no chat template."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    """BAGEL's text block: ``<|im_start|>`` + text + ``<|im_end|>``, no role, no chat template.
+
+    The text is text: a literal ``<|im_end|>`` or ``<|vision_start|>`` in a prompt or critique is encoded as its
+    characters (``split_special_tokens``), so it cannot close the block or open an image early."""
+    ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
     return TextBlock([tokens.im_start, *ids, tokens.im_end])

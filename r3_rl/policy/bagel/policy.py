@@ -185,7 +185,8 @@ class BagelPolicy(BagelRecipe, Policy):
             cond = self._system() + [self._text(self.templates.reason.format(prompt=p.prompt))]
             if plan is not None:
                 ids = self._plan_ids.get(plan)
-                ids = ids if ids is not None else self.tokenizer.encode(plan, add_special_tokens=False)
+                ids = ids if ids is not None else self.tokenizer.encode(plan, add_special_tokens=False,
+                                                                          split_special_tokens=True)
                 cond.append({"text": closed_block(ids, self.tokens)})
             contexts.append({"stage": "generate", "cond": cond, "text_uncond": self._system(),
                              "grid": list(self.grid)})
