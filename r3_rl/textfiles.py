@@ -80,8 +80,9 @@ def utf8_lines(path: str | Path, what: str = "file", max_bytes: int | None = Non
             try:
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as e:
+                column = len(raw[:e.start].decode("utf-8")) + 1  # in characters, as an editor counts them
                 raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                                f"{e.start + 1}); save the file as UTF-8") from None
+                                f"{column}); save the file as UTF-8") from None
 
 
 def read_utf8(path: str | Path, what: str = "file", max_bytes: int | None = None) -> str:

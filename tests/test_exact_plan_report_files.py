@@ -265,6 +265,17 @@ def test_a_bad_utf8_byte_is_named_by_line_and_one_based_column(tmp_path: Path) -
     assert str(e.value) == f"{p}:2: not valid UTF-8 (byte 0xff at column 3); save the file as UTF-8"
 
 
+def test_the_bad_utf8_column_counts_characters_not_bytes(tmp_path: Path) -> None:
+    """"éà" is two characters in four bytes: the bad byte after them is at column 3, where an editor shows it."""
+    from r3_rl.textfiles import read_utf8
+
+    p = tmp_path / "t.txt"
+    p.write_bytes("ok\néà".encode() + b"\xffcd\n")
+    with pytest.raises(UserError) as e:
+        read_utf8(p)
+    assert str(e.value) == f"{p}:2: not valid UTF-8 (byte 0xff at column 3); save the file as UTF-8"
+
+
 def test_expanded_size_counts_to_limit_plus_one_and_the_recipe_cap_is_inclusive() -> None:
     """Catches the alias-bomb counter stopping at ``limit`` (never over it) and ``>=`` refusing exactly the cap."""
     from r3_rl.textfiles import MAX_RECIPE_NODES, check_expanded_size, expanded_size
