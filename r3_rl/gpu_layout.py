@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from r3_rl.errors import UserError
 
@@ -50,18 +50,30 @@ def gpus_to_place(groups: list[tuple[int, float]]) -> int:
     return whole + worst
 
 
-def actor_groups(recipe: Any) -> list[tuple[str, int, float]]:
-    """The run's Ray actors as ``(recipe key, count, GPU share)``: learner ranks (when more than one), reward
-    workers, rollout workers (with the Ray backend)."""
+REWARD_ACTOR_CPUS = 1  # what each reward actor asks Ray for (rollout.ray_rewards)
+
+
+class ActorKind(NamedTuple):
+    """One kind of the run's Ray actors: its recipe key, how many, and what each asks Ray for."""
+    key: str
+    count: int
+    gpus: float
+    cpus: float
+
+
+def actor_groups(recipe: Any) -> list[ActorKind]:
+    """The run's Ray actors, in the order the doctor names them: rollout workers (with the Ray backend), reward
+    workers, learner ranks (when more than one).  A kind the run does not start has count 0."""
     r, lr = recipe.rollout, recipe.learner
-    return [("learner.ranks", lr.ranks if lr.ranks > 1 else 0, lr.gpus_per_rank),
-            ("rollout.reward_workers", r.reward_workers, r.gpus_per_reward_worker),
-            ("rollout.workers", r.workers if r.backend == "ray" else 0, r.gpus_per_worker)]
+    return [ActorKind("rollout.workers", r.workers if r.backend == "ray" else 0, r.gpus_per_worker,
+                       r.cpus_per_worker),
+            ActorKind("rollout.reward_workers", r.reward_workers, r.gpus_per_reward_worker, REWARD_ACTOR_CPUS),
+            ActorKind("learner.ranks", lr.ranks if lr.ranks > 1 else 0, lr.gpus_per_rank, lr.cpus_per_rank)]
 
 
 def actor_gpus(recipe: Any) -> int:
     """GPUs the run's Ray actors occupy (:func:`gpus_to_place` over :func:`actor_groups`)."""
-    return gpus_to_place([(count, share) for _, count, share in actor_groups(recipe)])
+    return gpus_to_place([(g.count, g.gpus) for g in actor_groups(recipe)])
 
 
 def visible_gpus() -> list[str]:

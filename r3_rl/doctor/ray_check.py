@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 from r3_rl.doctor.base import Context, Finding, ok, problem, skipped
-from r3_rl.gpu_layout import actor_gpus, actor_groups
+from r3_rl.gpu_layout import ActorKind, actor_gpus, actor_groups
 
 PROBE = """
 import json, sys
@@ -43,19 +43,11 @@ def ray_demand(recipe: Any) -> tuple[dict[str, float], list[str]]:
     """CPUs and GPUs the run's Ray actors request (all alive at once), and where each comes from."""
     need = {"CPU": 0.0, "GPU": 0.0}
     why = []
-    r, lr = recipe.rollout, recipe.learner
-    if r.backend == "ray":
-        need["CPU"] += r.workers * r.cpus_per_worker
-        need["GPU"] += r.workers * r.gpus_per_worker
-        why.append(f"rollout.workers {r.workers} x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU)")
-    if r.reward_workers:
-        need["CPU"] += r.reward_workers  # reward actors ask for one CPU each
-        need["GPU"] += r.reward_workers * r.gpus_per_reward_worker
-        why.append(f"rollout.reward_workers {r.reward_workers} x (1 CPU, {r.gpus_per_reward_worker:g} GPU)")
-    if lr.ranks > 1:
-        need["CPU"] += lr.ranks * lr.cpus_per_rank
-        need["GPU"] += lr.ranks * lr.gpus_per_rank
-        why.append(f"learner.ranks {lr.ranks} x ({lr.cpus_per_rank:g} CPU, {lr.gpus_per_rank:g} GPU)")
+    for kind in actor_groups(recipe):
+        if kind.count:
+            need["CPU"] += kind.count * kind.cpus
+            need["GPU"] += kind.count * kind.gpus
+            why.append(f"{kind.key} {kind.count} x ({kind.cpus:g} CPU, {kind.gpus:g} GPU)")
     return need, why
 
 
@@ -65,14 +57,14 @@ def shortfall(need: dict[str, float], have: dict[str, float]) -> list[str]:
             if need[k] > have.get(k, 0.0) + 1e-6]
 
 
-def unplaced_multi_gpu_actors(groups: list[tuple[str, int, float]], free_per_node: list[float]) -> list[str]:
-    """The actors of ``groups`` (``(recipe key, count, GPU share)``) asking for more than one GPU that no node has
+def unplaced_multi_gpu_actors(groups: list[ActorKind], free_per_node: list[float]) -> list[str]:
+    """The actors of ``groups`` (:func:`gpu_layout.actor_groups`) asking for more than one GPU that no node has
     room for: Ray puts all of one actor's GPUs on one node, so two 4-GPU ranks need two nodes with 4 free, and 8
     GPUs free as 4 + 2 + 2 hold one.  Placed largest first, each on the node with the least room that fits (best
     fit decreasing); one recipe key per actor left over.  Necessary, not sufficient: the 1-GPU actors Ray creates
     first may take a node's GPUs before a larger actor comes."""
     room = [math.floor(free + 1e-6) for free in free_per_node]
-    wants = sorted(((math.ceil(share - 1e-9), key) for key, count, share in groups if share > 1
+    wants = sorted(((math.ceil(share - 1e-9), key) for key, count, share, *_ in groups if share > 1
                     for _ in range(count)), key=lambda w: -w[0])
     left: list[str] = []
     for n, key in wants:

@@ -18,6 +18,7 @@ import torch
 
 from r3_rl.config import RayCfg
 from r3_rl.errors import UserError
+from r3_rl.gpu_layout import REWARD_ACTOR_CPUS
 from r3_rl.ray_actors import ActorGroup, ActorLost, ReadyActor, get_within
 from r3_rl.rewards.base import RewardSample
 from r3_rl.rewards.reward_set import RewardSet, ScoredSample
@@ -55,7 +56,8 @@ class RayRewardSet:
                             "reward actors do not hold; set rollout.reward_workers: 0")
         ray_cfg = ray_cfg or RayCfg()
         self.call_timeout_s = ray_cfg.call_timeout_s
-        options: dict[str, Any] = {"num_cpus": 1, "num_gpus": gpus, "max_restarts": 0, "max_task_retries": 0}
+        options: dict[str, Any] = {"num_cpus": REWARD_ACTOR_CPUS, "num_gpus": gpus, "max_restarts": 0,
+                                   "max_task_retries": 0}
         if not gpus:  # Ray sets no CUDA_VISIBLE_DEVICES for an actor without GPUs: it would see all of the node's,
             # and a reward on device auto would load its models onto GPU 0 (the trainer's or an actor's)
             options["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
