@@ -24,8 +24,10 @@ SAMPLES = 4096  # values read from each frozen tensor
 
 
 def frozen_names(module: torch.nn.Module) -> set[str]:
-    """State-dict names of what does not train in ``module``: frozen parameters, buffers, and the second name of
-    a tied weight (``lm_head.weight`` beside the embedding), which a load fills through the first."""
+    """State-dict names of what does not train in ``module``: frozen parameters and buffers.  A tied weight
+    (``lm_head.weight`` beside the embedding) goes under both its names together: both are frozen, or both train
+    and are saved (``remove_duplicate=False``), so a checkpoint never holds one name of a trained tie without the
+    other."""
     trained = {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
     return set(module.state_dict(keep_vars=True)) - trained
 
