@@ -20,7 +20,7 @@ SHORTCUT_FEATURES = ("tag", "prompt", "round")
 
 
 def parent_feature(parent: Any, feature: str) -> Hashable:
-    """``feature`` of a buffered parent (anything with ``.prompt`` and ``.round``): the prompt's tag (``""``
+    """``feature`` of a buffered parent (anything with ``.prompt`` and ``.round``): the prompt's tag (``"all"``
     when untagged), the prompt text, or the round the image was made in (0: a first image)."""
     if feature == "tag":
         return parent.prompt.tag
