@@ -208,8 +208,10 @@ class GRPO(Algorithm):
             else:
                 total = loss * micro_share(items, tok_chunk, tok_mini, cfg.loss_type)
             metrics.update({k: float(v) for k, v in m.items()})
-            if inp["ref_logp"] is not None:  # KL per modality (text and image tokens weigh differently)
-                metrics.update(kl_by_modality(inp["logp"], inp["ref_logp"], inp["mask"],
+            if inp["ref_logp"] is not None:  # KL per modality (text and image tokens weigh differently), over the
+                # rows the loss keeps: a row without an advantage is dropped there, and its log-probs may be garbage
+                kept = inp["mask"].to(torch.bool) & ~torch.isnan(adv).unsqueeze(1)
+                metrics.update(kl_by_modality(inp["logp"], inp["ref_logp"], kept,
                                               [it.segment.modality for it in rows], cfg.kl_kind))
             outputs.append(inp["logp"])
         if flow_chunk:
