@@ -102,12 +102,15 @@ class DenoisingTrace:
         if missing:
             raise ValueError(f"denoising trace: missing key(s) {', '.join(missing)}")
         torch_dtype(body["latent_dtype"])  # a clear error for an unknown dtype name
-        if not (body["init_seed"] is None or isinstance(body["init_seed"], int)):
-            raise ValueError(f"denoising trace: init_seed must be an integer or null, got {body['init_seed']!r}")
+        for key, nullable in (("init_seed", True), ("noise_seed", False)):  # a seed is never "5", 5.7 or true
+            value = body[key]
+            if not ((nullable and value is None) or (isinstance(value, int) and not isinstance(value, bool))):
+                raise ValueError(f"denoising trace: {key} must be an integer{' or null' if nullable else ''}, "
+                                 f"got {value!r}")
         trace = cls(latent_shape=tuple(int(s) for s in body["latent_shape"]), latent_dtype=body["latent_dtype"],
                     grid=tuple(float(t) for t in body["grid"]), guidance=Guidance.from_dict(body["guidance"]),
                     eta=EtaSchedule.from_dict(body["eta"]), init_seed=body["init_seed"],
-                    noise_seed=int(body["noise_seed"]),
+                    noise_seed=body["noise_seed"],
                     steps=[SdeStep.from_dict(s, d["version"]) for s in body["steps"]])
         for s in trace.steps:
             if tuple(s.x_t.shape) != trace.latent_shape:
