@@ -93,6 +93,9 @@ def test_shipped_recipe_has_the_reference_settings_and_validates(tiny_dir: str) 
     ("templates.reason=<|im_start|> {prompt}", "templates.reason': remove <\\|im_start\\|>"),
     ("templates.refine={instruction} {image}", "placeholder {image} is not filled at this stage"),
     ("learner.algorithm=ppo", "key 'learner.algorithm': ppo needs a critic .* policy.kind 'bagel' does not expose"),
+    ("policy.options={image_cfg: 0.5}", "policy.options.image_cfg: expected a number >= 1 \\(1: no image guidance"),
+    ("rollout.refine.cfg_scale=1.0", "key 'policy.options.image_cfg': 1.5 has no effect while "
+     "rollout.refine.cfg_scale is 1 \\(BAGEL guides an edit by the image only on top of its text guidance\\)"),
 ])
 def test_bad_bagel_settings_are_one_line_errors_before_any_work(tiny_dir: str, change: str, match: str) -> None:
     recipe = load_recipe(RECIPE, [f"policy.model={tiny_dir}", "policy.device=cpu", "rollout.gpus_per_worker=0",
@@ -100,6 +103,15 @@ def test_bad_bagel_settings_are_one_line_errors_before_any_work(tiny_dir: str, c
     with pytest.raises(UserError, match=match) as err:
         validate_recipe(recipe, RECIPE)
     assert "\n" not in str(err.value)
+
+
+def test_image_cfg_left_at_its_default_is_no_error_without_text_cfg(tiny_dir: str) -> None:
+    """Only an image_cfg the recipe sets is refused when it cannot act: the default 1.5 beside
+    ``rollout.refine.cfg_scale: 1`` (no guidance at all, e.g. for speed) validates."""
+    recipe = load_recipe(RECIPE, [f"policy.model={tiny_dir}", "policy.device=cpu", "rollout.gpus_per_worker=0",
+                                  "learner.gpus_per_rank=0", "rollout.refine.cfg_scale=1.0",
+                                  "policy.options={image_size: 32}"])
+    validate_recipe(recipe, RECIPE)
 
 
 def test_a_checkpoint_directory_missing_a_file_is_named(tiny_dir: str, tmp_path: Path) -> None:

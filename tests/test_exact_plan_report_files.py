@@ -107,8 +107,8 @@ def test_stage_sizes_give_generate_and_refine_their_cfg_rows() -> None:
     # the prompt allowance is 96 tokens; an input image is 4 vision tokens + 2 markers
     assert got == [Stage("reason", 96, 20, 1, 100, False), Stage("generate", 116, 4, 2, 10, True),
                    Stage("reflect", 102, 30, 1, 100, False), Stage("refine", 96 + 6 + 7 + 30, 4, 3, 10, False)]
-    rollout.refine = _sp()  # no text CFG: the image-CFG row only
-    assert stages(SimpleNamespace(rollout=rollout), _shape(image_cfg_rows=1))[3].rows == 2
+    rollout.refine = _sp()  # no text CFG: no image-CFG row either (BAGEL guides by the image on top of the text)
+    assert stages(SimpleNamespace(rollout=rollout), _shape(image_cfg_rows=1))[3].rows == 1
 
 
 def _learner_recipe(kl_text: float = 0.0, kl_image: float = 0.01, replay=None):

@@ -649,16 +649,18 @@ def test_validate_learner_check_counts_the_policy_and_its_reference_before_the_s
     assert abs(check.before - (2 * weights + adam)) < 0.01 * weights
 
 
-def test_bagel_image_cfg_below_one_still_needs_its_row_and_fp16_vae_decodes_in_two_bytes():
-    """Catches ``image_cfg > 1.0`` (an allowed scale of 0.5 still runs the image-CFG row) and fp16 VAE counted as 4
-    bytes an element."""
+def test_bagel_image_cfg_needs_its_row_only_above_one_and_fp16_vae_decodes_in_two_bytes():
+    """Catches ``image_cfg != 1.0`` for ``> 1.0`` (at 1 the image-unconditional branch is never encoded), a scale
+    below 1 accepted (BAGEL ignores it), and fp16 VAE counted as 4 bytes an element."""
     from r3_rl.plan.bagel_shape import bagel_shape
 
     def shape(**options):
         return bagel_shape(SimpleNamespace(policy=SimpleNamespace(model="ByteDance-Seed/BAGEL-7B-MoT",
                                                                   options=options)))
 
-    half = shape(image_cfg=0.5, vae_dtype="float16")
+    half = shape(image_cfg=1.2, vae_dtype="float16")
     assert (half.image_cfg_rows, half.decode_bytes) == (1, 2)
+    with pytest.raises(UserError, match=r"policy.options.image_cfg: expected a number >= 1 .*got 0.5"):
+        shape(image_cfg=0.5)
     off = shape(image_cfg=1.0, vae_dtype="bfloat16")
     assert (off.image_cfg_rows, off.decode_bytes) == (0, 2)

@@ -77,7 +77,7 @@ def bagel_shape_from_config(config: Any, options: Any, source: str, vae_params: 
         image_side=options.image_size, vq_channels=vae_channels,
         flow=True, params_active=llm_params - gen_expert, params_llm=llm_params,
         edit_tokens=(options.vae_size[0] // config.latent_downsample) ** 2 + 2,
-        image_cfg_rows=1 if options.image_cfg != 1.0 else 0,
+        image_cfg_rows=1 if options.image_cfg > 1.0 else 0,  # and only with text-CFG: plan.report.stages
         decode_bytes=VAE_BYTES[options.vae_dtype], decode_chunk=-1,
         gen_sde_steps=options.gen_sde_count, edit_sde_steps=options.edit_sde_count)
 

@@ -55,7 +55,8 @@ def stages(recipe: Any, shape: ModelShape) -> list[Stage]:
     def st(name: str, context: int, new: int, vocab: int) -> Stage:
         sp = getattr(r, name)
         rows = 2 if name in ("generate", "refine") and sp.cfg_scale != 1.0 else 1
-        rows += shape.image_cfg_rows if name == "refine" else 0  # BAGEL edits: image-CFG's row
+        # BAGEL edits: image-CFG's row, encoded only on top of text-CFG (flow.Guidance.uses_image_branch)
+        rows += shape.image_cfg_rows if name == "refine" and sp.cfg_scale > 1.0 else 0
         return Stage(name, context, new, rows, vocab, sp.top_p < 1.0)
     return [st("reason", PROMPT_TOKENS, r.reason.max_new_tokens, shape.text_vocab),
             st("generate", PROMPT_TOKENS + r.reason.max_new_tokens, shape.image_tokens, shape.image_vocab),

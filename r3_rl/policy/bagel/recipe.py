@@ -50,7 +50,8 @@ class BagelOptions:
     edit_sde_count: int = 1
     edit_sde_max_index: int = 2                # edits' SDE steps only among the first 2 steps (R3)
     cfg_interval: tuple[float, float] = (0.4, 1.0)  # guidance iff lo < t <= hi
-    image_cfg: float = 1.5                     # image-CFG of edits (text-CFG: rollout.<stage>.cfg_scale)
+    image_cfg: float = 1.5                     # image-CFG of edits, >= 1; applied only on top of text-CFG
+    #                                            (rollout.refine.cfg_scale > 1), as in BAGEL
     gen_renorm: str = "global"
     edit_renorm: str = "text_channel"
     share_initial_noise: bool = True           # siblings start from the same x_T (R3)
@@ -75,6 +76,9 @@ class BagelOptions:
         for name in ("timestep_shift", "gen_eta", "edit_eta", "image_cfg"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
                 raise UserError(f"policy.options.{name}: expected a number > 0, got {getattr(self, name)!r}")
+        if self.image_cfg < 1:  # BAGEL guides with the image only above 1: a smaller scale would be ignored
+            raise UserError(f"policy.options.image_cfg: expected a number >= 1 (1: no image guidance; BAGEL applies "
+                            f"none below 1 either), got {self.image_cfg!r}")
         lo_hi = tuple(self.cfg_interval)
         if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] < lo_hi[1] <= 1.0:
             raise UserError(f"policy.options.cfg_interval: expected [lo, hi] with 0 <= lo < hi <= 1, got {lo_hi}")
@@ -128,9 +132,14 @@ class BagelRecipe:
     def check_recipe(cls, recipe: Any, source: str, weights: bool = True) -> None:
         """Options valid, templates free of BAGEL's markers, ``policy.model`` a checkpoint directory."""
         try:
-            bagel_options(recipe.policy.options)
+            options = bagel_options(recipe.policy.options)
         except UserError as e:
             raise UserError(f"{source}: {e}") from None
+        text_cfg = recipe.rollout.refine.cfg_scale
+        if "image_cfg" in recipe.policy.options and options.image_cfg > 1 and text_cfg <= 1:
+            raise UserError(f"{source}: key 'policy.options.image_cfg': {options.image_cfg:g} has no effect while "
+                            f"rollout.refine.cfg_scale is {text_cfg:g} (BAGEL guides an edit by the image only on top "
+                            f"of its text guidance); set rollout.refine.cfg_scale above 1, or image_cfg: 1")
         for stage, text in recipe.templates.model_dump().items():
             for marker in MARKERS:
                 if marker in text and stage in ("system", "reason", "reflect", "refine"):
