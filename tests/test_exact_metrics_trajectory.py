@@ -325,16 +325,19 @@ def test_a_rewind_without_keep_evals_drops_the_eval_at_the_step(tmp_path: Path) 
     assert rows == [{"step": 4, "1_reward/generate": 0.5}]
 
 
-def test_a_rewind_keeps_an_eval_tag_row_at_the_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["eval_tag/colors/round0", "0_eval/synergy/first_image_gain"])
+def test_a_rewind_keeps_an_eval_tag_row_at_the_step(tmp_path: Path, key: str) -> None:
+    """Eval rows (``eval_tag/``, and ``0_eval/`` ones such as a synergy-only row; round 15 audit) are logged before
+    the checkpoint at their step: a rewind to that step keeps them and drops the training row."""
     from r3_rl.tracking.logger import MetricsLogger
 
     logger = MetricsLogger(tmp_path, tensorboard=False)
-    logger.log({"eval_tag/colors/round0": 0.5}, 5)
+    logger.log({key: 0.5}, 5)
     logger.log({"1_reward/generate": 0.6}, 5)
     logger.rewind(5)
     logger.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rows == [{"step": 5, "eval_tag/colors/round0": 0.5}]
+    assert rows == [{"step": 5, key: 0.5}]
 
 def test_a_rewind_skips_a_row_that_is_not_an_object(tmp_path: Path) -> None:
     from r3_rl.tracking.logger import MetricsLogger

@@ -104,21 +104,6 @@ def test_reopening_drops_only_the_cut_off_last_line(tmp_path) -> None:
     assert rows == [{"step": 0, "a": 1.0}, {"step": 1, "a": 3.0}]
 
 
-def test_a_rewind_keeps_a_synergy_only_eval_row_at_the_step(tmp_path) -> None:
-    """``0_eval/synergy/...`` rows are evals logged before the checkpoint: kept at the step, like ``eval/``."""
-    import json
-
-    from r3_rl.tracking.logger import MetricsLogger
-
-    log = MetricsLogger(tmp_path, tensorboard=False)
-    log.log({"0_eval/synergy/first_image_gain": 0.1}, 3)
-    log.log({"1_reward/generate": 0.5}, 3)
-    log.rewind(3)
-    log.close()
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rows == [{"step": 3, "0_eval/synergy/first_image_gain": 0.1}]
-
-
 # ---------------------------------------------------------------------------------------------------- synergy
 def test_a_gain_of_exactly_the_goal_meets_it() -> None:
     """Accuracy 0.2 -> 0.3 is a gain of exactly 10 points, and 0.3 -> 0.35 a refinement of exactly 5: both goals
