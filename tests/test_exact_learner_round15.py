@@ -361,3 +361,14 @@ def test_kl_per_modality_leaves_out_the_rows_the_loss_drops() -> None:
     algo, models = GRPO(Recipe(learner=cfg)), LearnerModels(FakePolicy(2), FakeReference({0: 5.0, 1: 0.4}))
     _, m, _ = algo.loss(models, items, range(0, 2), range(0, 2), algo.prepare(models, items))
     assert m["kl_text"] == pytest.approx(-0.4, abs=1e-6)
+
+
+def test_value_loss_refuses_a_fractional_mask_as_the_policy_loss_does() -> None:
+    """A 0.5 in the mask would be read as 1 (counted whole); 0/1 floats and bools are accepted alike."""
+    from r3_rl.algorithms.ppo import value_loss
+
+    v, old, ret = torch.tensor([1.0, 3.0]), torch.tensor([1.0, 3.0]), torch.tensor([0.0, 0.0])
+    with pytest.raises(ValueError, match="mask must hold only 0/1"):
+        value_loss(v, old, ret, torch.tensor([1.0, 0.5]))
+    assert float(value_loss(v, old, ret, torch.tensor([1.0, 0.0]))) == pytest.approx(0.5)
+    assert float(value_loss(v, old, ret, torch.tensor([True, True]))) == pytest.approx(0.5 * (1 + 9) / 2)

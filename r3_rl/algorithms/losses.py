@@ -41,7 +41,7 @@ LossType = Literal["token_mean", "seq_mean", "dr_grpo"]
 LOSS_TYPES: tuple[str, ...] = ("token_mean", "seq_mean", "dr_grpo")
 
 
-def _check_mask(mask: torch.Tensor) -> torch.Tensor:
+def binary_mask(mask: torch.Tensor) -> torch.Tensor:
     """Binary mask as bool.  Fractional weights are refused: they would be silently binarised."""
     if mask.dtype != torch.bool:
         if not bool(((mask == 0) | (mask == 1)).all()):
@@ -61,7 +61,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: LossType,
     if per_token.dim() != 2 or per_token.shape != mask.shape:
         raise ValueError(f"aggregate: per_token {tuple(per_token.shape)} and mask {tuple(mask.shape)} must be the "
                          "same [B, T] shape")
-    m = _check_mask(mask)
+    m = binary_mask(mask)
     if rows is not None:
         m = m & rows.to(torch.bool).unsqueeze(1)
     n_rows = per_token.new_tensor(per_token.shape[0]) if rows is None else rows.to(per_token.dtype).sum()
@@ -140,7 +140,7 @@ def clipped_policy_loss(
         raise ValueError("kl_coef is non-zero but ref_logp is None: the KL penalty needs reference log-probs")
 
     rows = ~torch.isnan(advantages)
-    m = _check_mask(mask) & rows.unsqueeze(1)
+    m = binary_mask(mask) & rows.unsqueeze(1)
     adv = torch.where(rows, advantages, torch.zeros_like(advantages)).to(logp.dtype).unsqueeze(1)
     # Zero the inputs (not only the outputs) at ignored positions: a NaN/inf there would otherwise reach the
     # gradient through exp()'s backward (0 * inf = NaN) even though torch.where discards its value.

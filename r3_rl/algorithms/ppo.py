@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from r3_rl.algorithms.losses import binary_mask
+
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, *, gamma: float = 1.0, lam: float = 0.95,
         last_value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +60,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
         return 0.5 * loss.mean()
     if mask.shape != values.shape:
         raise ValueError(f"value_loss: mask {tuple(mask.shape)} must match values {tuple(values.shape)}")
-    m = mask.to(torch.bool)
+    m = binary_mask(mask)  # fractional weights refused, as in the policy loss: they would be silently binarised
     masked = torch.where(m, loss, torch.zeros_like(loss))
     return 0.5 * masked.sum() / m.sum().clamp(min=1)
 
