@@ -359,3 +359,12 @@ def test_a_trace_seed_of_another_type_is_refused_by_name(key, value) -> None:
     d = sampled_traces(2)[1].to_dict()
     with pytest.raises(ValueError, match=f"{key} must be an integer"):
         DenoisingTrace.from_dict({**d, key: value})
+
+
+def test_a_tensor_record_with_true_in_its_shape_is_refused() -> None:
+    """``true`` is an int to Python (1): a shape of ``[true, 2]`` must not pass for ``[1, 2]``."""
+    from r3_rl.flow.codec import decode_tensor, encode_tensor
+
+    record = encode_tensor(torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="shape must be a list of non-negative ints, got \\[True, 2\\]"):
+        decode_tensor({**record, "shape": [True, 2]})

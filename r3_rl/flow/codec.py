@@ -54,7 +54,7 @@ def decode_tensor(d: dict[str, Any], what: str = "tensor") -> torch.Tensor:
     dtype = torch_dtype(d["dtype"])
     np_type = np.dtype(_CODECS[d["dtype"]][1])
     shape = d["shape"]
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):  # not true/false
         raise ValueError(f"{what}: shape must be a list of non-negative ints, got {shape!r}")
     try:
         data = base64.b64decode(d["b64"], validate=True)
