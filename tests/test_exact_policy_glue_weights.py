@@ -327,7 +327,7 @@ class _Tok:
     def decode(self, ids, skip_special_tokens=True):
         return " ".join(f"t{i}" for i in ids)
 
-    def encode(self, text, add_special_tokens=False):
+    def encode(self, text, add_special_tokens=False, split_special_tokens=False):
         return {"Yes": [1], " Yes": [2, 50], "yes": [1], " yes": [3], "No": [4], " No": [5, 51], "no": [4],
                 " no": [6]}.get(text, [len(text)])
 

@@ -743,9 +743,9 @@ def test_step_copies_rank_0_weights_only_after_an_update(monkeypatch) -> None:
 def _layout(device="cuda:0", address=None, ranks=1, gpus_per_rank=1.0, backend="ray", workers=2, gpus_per_worker=1.0,
             reward_workers=0, gpus_per_reward_worker=0.0):
     return SimpleNamespace(ray=SimpleNamespace(address=address), policy=SimpleNamespace(device=device),
-                           learner=SimpleNamespace(ranks=ranks, gpus_per_rank=gpus_per_rank),
+                           learner=SimpleNamespace(ranks=ranks, gpus_per_rank=gpus_per_rank, cpus_per_rank=1),
                            rollout=SimpleNamespace(backend=backend, workers=workers, gpus_per_worker=gpus_per_worker,
-                                                   reward_workers=reward_workers,
+                                                   cpus_per_worker=1, reward_workers=reward_workers,
                                                    gpus_per_reward_worker=gpus_per_reward_worker))
 
 
