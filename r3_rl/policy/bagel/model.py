@@ -181,10 +181,12 @@ class BagelModel(nn.Module):
         return self.logits(out.last_hidden()), out.cache
 
 
-def text_block(tokenizer, text: str, tokens) -> TextBlock:
-    """BAGEL's text block: ``<|im_start|>`` + text + ``<|im_end|>``, no role, no chat template.
+def text_ids(tokenizer, text: str) -> list[int]:
+    """The ids of ``text`` as text: a literal ``<|im_end|>`` or ``<|vision_start|>`` in a prompt, plan or critique is
+    encoded as its characters (``split_special_tokens``), so it cannot close a block or open an image early."""
+    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
 
-    The text is text: a literal ``<|im_end|>`` or ``<|vision_start|>`` in a prompt or critique is encoded as its
-    characters (``split_special_tokens``), so it cannot close the block or open an image early."""
-    ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
-    return TextBlock([tokens.im_start, *ids, tokens.im_end])
+
+def text_block(tokenizer, text: str, tokens) -> TextBlock:
+    """BAGEL's text block: ``<|im_start|>`` + text (:func:`text_ids`) + ``<|im_end|>``, no role, no chat template."""
+    return TextBlock([tokens.im_start, *text_ids(tokenizer, text), tokens.im_end])

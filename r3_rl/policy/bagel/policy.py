@@ -31,6 +31,7 @@ from r3_rl.policy.bagel.contexts import ContextBuilder, image_digest, stored_per
 from r3_rl.policy.bagel.image_actions import denoising_scores, flow_settings, sample_images
 from r3_rl.policy.bagel.images import latent_grid
 from r3_rl.policy.bagel.layout import TextBlock
+from r3_rl.policy.bagel.model import text_ids
 from r3_rl.policy.bagel.mot import GEN_SUFFIX
 from r3_rl.policy.bagel.recipe import BagelOptions, BagelRecipe, StageTemplates, bagel_options, check_model_dir
 from r3_rl.policy.bagel.text_actions import closed_block, sample_text, text_logprobs, text_vocabulary
@@ -185,8 +186,7 @@ class BagelPolicy(BagelRecipe, Policy):
             cond = self._system() + [self._text(self.templates.reason.format(prompt=p.prompt))]
             if plan is not None:
                 ids = self._plan_ids.get(plan)
-                ids = ids if ids is not None else self.tokenizer.encode(plan, add_special_tokens=False,
-                                                                          split_special_tokens=True)
+                ids = ids if ids is not None else text_ids(self.tokenizer, plan)
                 cond.append({"text": closed_block(ids, self.tokens)})
             contexts.append({"stage": "generate", "cond": cond, "text_uncond": self._system(),
                              "grid": list(self.grid)})
