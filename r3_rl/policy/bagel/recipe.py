@@ -135,8 +135,11 @@ class BagelRecipe:
             options = bagel_options(recipe.policy.options)
         except UserError as e:
             raise UserError(f"{source}: {e}") from None
-        text_cfg = recipe.rollout.refine.cfg_scale
-        if "image_cfg" in recipe.policy.options and options.image_cfg > 1 and text_cfg <= 1:
+        from r3_rl.flow.guidance import Guidance
+
+        text_cfg = recipe.rollout.refine.cfg_scale  # an edit's guidance as the policy builds it (flow_settings)
+        edit = Guidance(text_scale=float(text_cfg), image_scale=options.image_cfg)
+        if "image_cfg" in recipe.policy.options and options.image_cfg > 1 and not edit.uses_image_branch:
             raise UserError(f"{source}: key 'policy.options.image_cfg': {options.image_cfg:g} has no effect while "
                             f"rollout.refine.cfg_scale is {text_cfg:g} (BAGEL guides an edit by the image only on top "
                             f"of its text guidance); set rollout.refine.cfg_scale above 1, or image_cfg: 1")
