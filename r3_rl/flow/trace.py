@@ -104,7 +104,7 @@ class DenoisingTrace:
         torch_dtype(body["latent_dtype"])  # a clear error for an unknown dtype name
         for key, nullable in (("init_seed", True), ("noise_seed", False)):  # a seed is never "5", 5.7 or true
             value = body[key]
-            if not ((nullable and value is None) or (isinstance(value, int) and not isinstance(value, bool))):
+            if not ((nullable and value is None) or type(value) is int):
                 raise ValueError(f"denoising trace: {key} must be an integer{' or null' if nullable else ''}, "
                                  f"got {value!r}")
         trace = cls(latent_shape=tuple(int(s) for s in body["latent_shape"]), latent_dtype=body["latent_dtype"],
