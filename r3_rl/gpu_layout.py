@@ -61,7 +61,7 @@ class ActorKind(NamedTuple):
     cpus: float
 
 
-def actor_groups(recipe: Any) -> list[ActorKind]:
+def actor_kinds(recipe: Any) -> list[ActorKind]:
     """The run's Ray actors, in the order the doctor names them: rollout workers (with the Ray backend), reward
     workers, learner ranks (when more than one).  A kind the run does not start has count 0."""
     r, lr = recipe.rollout, recipe.learner
@@ -72,8 +72,8 @@ def actor_groups(recipe: Any) -> list[ActorKind]:
 
 
 def actor_gpus(recipe: Any) -> int:
-    """GPUs the run's Ray actors occupy (:func:`gpus_to_place` over :func:`actor_groups`)."""
-    return gpus_to_place([(g.count, g.gpus) for g in actor_groups(recipe)])
+    """GPUs the run's Ray actors occupy (:func:`gpus_to_place` over :func:`actor_kinds`)."""
+    return gpus_to_place([(kind.count, kind.gpus) for kind in actor_kinds(recipe)])
 
 
 def visible_gpus() -> list[str]:

@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 from r3_rl.doctor.base import Context, Finding, ok, problem, skipped
-from r3_rl.gpu_layout import ActorKind, actor_gpus, actor_groups
+from r3_rl.gpu_layout import ActorKind, actor_gpus, actor_kinds
 
 PROBE = """
 import json, sys
@@ -43,7 +43,7 @@ def ray_demand(recipe: Any) -> tuple[dict[str, float], list[str]]:
     """CPUs and GPUs the run's Ray actors request (all alive at once), and where each comes from."""
     need = {"CPU": 0.0, "GPU": 0.0}
     why = []
-    for kind in actor_groups(recipe):
+    for kind in actor_kinds(recipe):
         if kind.count:
             need["CPU"] += kind.count * kind.cpus
             need["GPU"] += kind.count * kind.gpus
@@ -57,14 +57,14 @@ def shortfall(need: dict[str, float], have: dict[str, float]) -> list[str]:
             if need[k] > have.get(k, 0.0) + 1e-6]
 
 
-def unplaced_multi_gpu_actors(groups: list[ActorKind], free_per_node: list[float]) -> list[str]:
-    """The actors of ``groups`` (:func:`gpu_layout.actor_groups`) asking for more than one GPU that no node has
+def unplaced_multi_gpu_actors(kinds: list[ActorKind], free_per_node: list[float]) -> list[str]:
+    """The actors of ``kinds`` (:func:`gpu_layout.actor_kinds`) asking for more than one GPU that no node has
     room for: Ray puts all of one actor's GPUs on one node, so two 4-GPU ranks need two nodes with 4 free, and 8
     GPUs free as 4 + 2 + 2 hold one.  Placed largest first, each on the node with the least room that fits (best
     fit decreasing); one recipe key per actor left over.  Necessary, not sufficient: the 1-GPU actors Ray creates
     first may take a node's GPUs before a larger actor comes."""
     room = [math.floor(free + 1e-6) for free in free_per_node]
-    wants = sorted(((math.ceil(share - 1e-9), key) for key, count, share, *_ in groups if share > 1
+    wants = sorted(((math.ceil(share - 1e-9), key) for key, count, share, *_ in kinds if share > 1
                     for _ in range(count)), key=lambda w: -w[0])
     left: list[str] = []
     for n, key in wants:
@@ -147,7 +147,7 @@ def check_ray(ctx: Context) -> Finding:
                  f"{free.get('GPU', 0.0):g} free"]
     per_node = info.get("free_gpus_per_node")
     if not lacks and per_node:
-        left = unplaced_multi_gpu_actors(actor_groups(recipe), per_node)
+        left = unplaced_multi_gpu_actors(actor_kinds(recipe), per_node)
         if left:
             counts = ", ".join(f"{left.count(k)} of {k}" for k in dict.fromkeys(left))
             lacks = [f"{counts} fit on no node (one actor's GPUs sit on one node; GPUs free per node: "
