@@ -50,6 +50,12 @@ def binary_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def kept_tokens(mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool: the tokens :func:`clipped_policy_loss` trains on -- the mask's, in rows whose advantage is
+    not NaN (a NaN advantage drops its row).  Figures logged beside the loss (the KL per modality) use the same."""
+    return binary_mask(mask) & ~torch.isnan(advantages).unsqueeze(1)
+
+
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: LossType,
               max_len: int | torch.Tensor | None = None, *, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Reduce a ``[B, T]`` per-token quantity to a scalar according to ``loss_type`` (module docstring).
@@ -140,7 +146,7 @@ def clipped_policy_loss(
         raise ValueError("kl_coef is non-zero but ref_logp is None: the KL penalty needs reference log-probs")
 
     rows = ~torch.isnan(advantages)
-    m = binary_mask(mask) & rows.unsqueeze(1)
+    m = kept_tokens(mask, advantages)
     adv = torch.where(rows, advantages, torch.zeros_like(advantages)).to(logp.dtype).unsqueeze(1)
     # Zero the inputs (not only the outputs) at ignored positions: a NaN/inf there would otherwise reach the
     # gradient through exp()'s backward (0 * inf = NaN) even though torch.where discards its value.

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from r3_rl.algorithms.kl import kl_by_modality
-from r3_rl.algorithms.losses import clipped_policy_loss
+from r3_rl.algorithms.losses import clipped_policy_loss, kept_tokens
 from r3_rl.flow.action import is_flow_segment, unconditional_without_gradient
 from r3_rl.learner.actions import micro_batch_inputs, micro_share, most_actions, recomputed_logprobs
 from r3_rl.learner.batch import BatchStats, TrainItem, assign_advantages, collect_items, policy_weight
@@ -210,8 +210,7 @@ class GRPO(Algorithm):
             metrics.update({k: float(v) for k, v in m.items()})
             if inp["ref_logp"] is not None:  # KL per modality (text and image tokens weigh differently), over the
                 # rows the loss keeps: a row without an advantage is dropped there, and its log-probs may be garbage
-                kept = inp["mask"].to(torch.bool) & ~torch.isnan(adv).unsqueeze(1)
-                metrics.update(kl_by_modality(inp["logp"], inp["ref_logp"], kept,
+                metrics.update(kl_by_modality(inp["logp"], inp["ref_logp"], kept_tokens(inp["mask"], adv),
                                               [it.segment.modality for it in rows], cfg.kl_kind))
             outputs.append(inp["logp"])
         if flow_chunk:
