@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from r3_rl.errors import UserError
-from r3_rl.policy.bagel import BagelModel, TextBlock
-from r3_rl.policy.bagel.tiny import build_tiny_tokenizer, tiny_bagel_config, tiny_flux_vae
+from r3_rl.policy.bagel import TextBlock
+from r3_rl.policy.bagel.tiny import tiny_bagel, tiny_flux_vae
 
 SCALE, SHIFT = 0.3611, 0.1159  # BAGEL's FLUX VAE constants
 
@@ -25,9 +25,8 @@ SCALE, SHIFT = 0.3611, 0.1159  # BAGEL's FLUX VAE constants
 @pytest.fixture(scope="module")
 def tiny():
     """(model, tokenizer): the tiny BAGEL in fp32 (ViT: 4 px patches, 8x8 table; latents: 8x8 table)."""
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    return BagelModel(tiny_bagel_config(tok)).eval(), tok
+    model, tok = tiny_bagel(seed=0)
+    return model.eval(), tok
 
 
 @pytest.fixture(scope="module")

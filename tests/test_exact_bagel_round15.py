@@ -56,12 +56,10 @@ def test_unpatchify_refuses_tokens_that_are_not_whole_patches():
 @pytest.fixture(scope="module")
 def tiny():
     """(model, tokenizer): the tiny BAGEL in fp32, as the other exact BAGEL tests build it."""
-    from r3_rl.policy.bagel import BagelModel
-    from r3_rl.policy.bagel.tiny import build_tiny_tokenizer, tiny_bagel_config
+    from r3_rl.policy.bagel.tiny import tiny_bagel
 
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    return BagelModel(tiny_bagel_config(tok)).eval(), tok
+    model, tok = tiny_bagel(seed=0)
+    return model.eval(), tok
 
 
 def test_cache_select_takes_each_row_own_next_position_and_next_block():

@@ -347,12 +347,10 @@ def test_context_cache_concat_pads_invalid_and_appended_takes_the_new_counters()
 @pytest.fixture(scope="module")
 def tiny():
     """A seeded tiny BAGEL built in memory, with its tokenizer."""
-    from r3_rl.policy.bagel import BagelModel
-    from r3_rl.policy.bagel.tiny import build_tiny_tokenizer, tiny_bagel_config
+    from r3_rl.policy.bagel.tiny import tiny_bagel
 
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    return BagelModel(tiny_bagel_config(tok)).eval(), tok
+    model, tok = tiny_bagel(seed=0)
+    return model.eval(), tok
 
 
 def test_text_record_closes_the_block():

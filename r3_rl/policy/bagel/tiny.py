@@ -74,17 +74,24 @@ def tiny_flux_vae(width: int = 32, blocks: int = 1):
     return build_flux_vae(flux_kwargs((width,) * 4, blocks))
 
 
+def tiny_bagel(seed: int = 0, **sizes):
+    """``(model, tokenizer)``: a tiny BAGEL built in memory from :func:`tiny_bagel_config` (``sizes``), its weights
+    drawn after ``torch.manual_seed(seed)``."""
+    from r3_rl.policy.bagel.model import BagelModel
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    return BagelModel(tiny_bagel_config(tokenizer, **sizes)), tokenizer
+
+
 def make_tiny_bagel(path: str | Path, seed: int = 0, **sizes) -> str:
     """Build a seeded tiny BAGEL + VAE + tokenizer and save them in the published layout; returns ``str(path)``.
 
     ``sizes`` go to :func:`tiny_bagel_config` (``hidden_size``, ``num_layers`` ...).
     """
     from r3_rl.policy.bagel.checkpoint import save_bagel
-    from r3_rl.policy.bagel.model import BagelModel
 
-    tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(seed)
-    model = BagelModel(tiny_bagel_config(tokenizer, **sizes))
+    model, tokenizer = tiny_bagel(seed, **sizes)
     vae = tiny_flux_vae()
     save_bagel(path, model, vae, tokenizer)
     return str(path)
