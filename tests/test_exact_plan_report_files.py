@@ -111,6 +111,21 @@ def test_stage_sizes_give_generate_and_refine_their_cfg_rows() -> None:
     assert stages(SimpleNamespace(rollout=rollout), _shape(image_cfg_rows=1))[3].rows == 1
 
 
+def test_a_cfg_scale_below_one_is_an_unconditional_row_for_janus_but_none_for_a_flow_policy() -> None:
+    """Janus and the tiny policy mix any scale but 1 with an unconditional row (``cfg_logits``); BAGEL's flow
+    guidance encodes its text-unconditional branch only above 1 (``Guidance.active``), so a 0.5 costs it no row.
+    Catches the plan counting Janus's rule for a flow policy (session 52: BAGEL planned 2 rows it never built)."""
+    from r3_rl.plan.report import stages
+
+    rollout = SimpleNamespace(reason=_sp(20), generate=_sp(cfg_scale=0.5), reflect=_sp(30), refine=_sp(cfg_scale=0.5))
+    janus = stages(SimpleNamespace(rollout=rollout), _shape())
+    flow = stages(SimpleNamespace(rollout=rollout), _shape(flow=True, image_cfg_rows=1))
+    assert [s.rows for s in janus] == [1, 2, 1, 2]
+    assert [s.rows for s in flow] == [1, 1, 1, 1]
+    rollout.generate = rollout.refine = _sp(cfg_scale=4.0)
+    assert [s.rows for s in stages(SimpleNamespace(rollout=rollout), _shape(flow=True, image_cfg_rows=1))] == [1, 2, 1, 3]
+
+
 def _learner_recipe(kl_text: float = 0.0, kl_image: float = 0.01, replay=None):
     learner = SimpleNamespace(micro_batch_size=2, ranks=1, gradient_checkpointing=True, lora=None, backend="torch",
                               deepspeed=SimpleNamespace(zero_stage=0, config=None), algorithm="grpo",
