@@ -101,6 +101,13 @@ def test_train_subset_of_one_recorded_step() -> None:
     assert train_subset(4, 0.5) == (0, 1)
 
 
+@pytest.mark.parametrize("kw", [{"fraction": 0.0}, {"fraction": 1.5}, {"fraction": 0.5, "order": "last"}])
+def test_train_subset_refuses_a_bad_setting_even_with_no_recorded_step(kw) -> None:
+    """Catches the settings checked only after the early return for an image with no SDE step recorded."""
+    with pytest.raises(ValueError, match="train_subset: (fraction must lie in|order 'last' is unknown)"):
+        train_subset(0, **kw)
+
+
 def test_derive_seed_is_63_bit() -> None:
     """Seeds fit 63 bits: catches the dropped `>> 1` (2^-200 chance to pass by luck)."""
     assert all(0 <= derive_seed(7, k, "sde") < 2**63 for k in range(200))

@@ -258,16 +258,17 @@ def train_subset(num_recorded: int, fraction: float, *, order: str = "first", se
     ``order="first"`` takes them in denoising order (Flow-GRPO's ``timestep_fraction``); ``"random"`` a seeded
     random subset (DanceGRPO's per-sample permutation, R3's ``timestep_sample_ratio``).
     """
-    if num_recorded < 1:
-        return ()
+    # the settings are checked first: an image with no recorded step must not hide a bad one
     if not 0 < fraction <= 1:
         raise ValueError(f"train_subset: fraction must lie in (0, 1], got {fraction}")
+    if order not in ("first", "random"):
+        raise ValueError(f"train_subset: order {order!r} is unknown; valid: first, random")
+    if num_recorded < 1:
+        return ()
     k = max(1, int(num_recorded * fraction))
     if order == "first":
         return tuple(range(k))
-    if order == "random":
-        return tuple(sorted(int(i) for i in torch.randperm(num_recorded, generator=_generator(seed))[:k]))
-    raise ValueError(f"train_subset: order {order!r} is unknown; valid: first, random")
+    return tuple(sorted(int(i) for i in torch.randperm(num_recorded, generator=_generator(seed))[:k]))
 
 
 def known_fields(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
