@@ -323,8 +323,9 @@ class Recipe(Section):
     @field_validator("name")
     @classmethod
     def _name_is_path_safe(cls, v: str) -> str:
-        if not v or any(c in v for c in "/\\ "):
-            raise ValueError("must be non-empty with no '/', '\\' or spaces")
+        # the name starts the run folder's name: a tab or a newline in it would make a folder no shell lists plainly
+        if not v or any(c in "/\\" or c.isspace() or not c.isprintable() for c in v):
+            raise ValueError("must be non-empty with no '/', '\\', spaces or control characters")
         return v
 
 
@@ -340,6 +341,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise UserError(f"--set {item!r}: {(str(e.problem or e).splitlines() or [''])[0]}") from None
     except yaml.YAMLError:
         value = raw
+    except RecursionError:  # thousands of "[": as the recipe file's own check says, never a traceback
+        raise UserError(f"--set {key.strip()}=...: value nested too deeply ({len(raw)} characters)") from None
     return key.strip().split("."), value
 
 

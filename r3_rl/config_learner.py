@@ -2,6 +2,7 @@
 DeepSpeed, LoRA and PPO (kept apart from :mod:`r3_rl.config`, which re-exports every name here)."""
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -203,8 +204,8 @@ class Learner(Section):
         if not isinstance(v, dict):
             raise ValueError("must be a mapping of stage -> weight, e.g. {reflect: 1.5, refine: 1.5}")
         _check_stage_names(v)
-        odd = [k for k, x in v.items()
-               if isinstance(x, bool) or not isinstance(x, (int, float)) or not (x >= 0 and x < float("inf"))]
+        odd = [k for k, x in v.items()  # an int past the largest float would overflow float(x) below
+               if isinstance(x, bool) or not isinstance(x, (int, float)) or not (0 <= x <= sys.float_info.max)]
         if odd:
             raise ValueError(f"stage {odd[0]!r}: expected a finite weight >= 0, got {v[odd[0]]!r}")
         return {k: float(x) for k, x in v.items()}

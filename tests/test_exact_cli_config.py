@@ -152,7 +152,7 @@ def test_section_bounds_and_cross_field_rules() -> None:
     assert load_recipe(TINY, ["rollout.workers=2", "rollout.min_workers=2"]).rollout.min_workers == 2
     _refused(["ray.address=auto", "ray.num_cpus=4"], "key 'ray': Value error, num_cpus sizes a local Ray")
     _refused(["tree.schedule=alternate", "tree.refine_groups_per_step=0"], "refine_groups_per_step must be >= 1")
-    _refused(["name=my run"], "key 'name': Value error, must be non-empty with no '/', '\\' or spaces")
+    _refused(["name=my run"], "key 'name': Value error, must be non-empty with no '/', '\\', spaces or control characters")
 
 
 # ---------------------------------------------------------------- config_learner.py
