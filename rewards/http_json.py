@@ -6,8 +6,9 @@ Used by the reward-server client and the VLM judge.  Why each rule:
   each read, so a server that sends one byte a second holds a 2 s request forever.  Every attempt here runs
   under ``asyncio.wait_for(timeout)``, which cancels it wherever it is (connect, headers, body).
 * **Bounded retries** (Flow-GRPO sets 1000: a dead server then looks like a hung run): at most ``retries``
-  more attempts, only for transient faults (connection errors, timeouts, 5xx, 429).  A ``Retry-After`` on a
-  429/503 is honoured, up to ``max_retry_after`` seconds; a server that asks for longer fails the call at once.
+  more attempts, only for transient faults (connection errors, timeouts, 5xx, 429).  A ``Retry-After`` on any of
+  those replies (servers send it on 429 and 503) is honoured, up to ``max_retry_after`` seconds; a server that
+  asks for longer fails the call at once.
 * **Replies are capped** at ``max_reply_bytes``, decoded: a hostile server cannot make the client buffer
   gigabytes.  The client asks for an uncompressed reply; one layer of gzip or deflate is still read (some
   servers compress regardless), decompressed here with the cap applied as it grows -- httpx would inflate
@@ -21,6 +22,7 @@ Used by the reward-server client and the VLM judge.  Why each rule:
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
 import json
 import time
@@ -101,6 +103,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # "-0000" or no zone: an HTTP date is GMT (RFC 9110), never this machine's local time
+        when = when.replace(tzinfo=datetime.timezone.utc)
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 

@@ -124,7 +124,8 @@ def _get(d: dict[str, Any], key: str, kinds: tuple[type, ...], where: str, defau
             raise WireError(f"{where}: missing '{key}'")
         return default
     v = d[key]
-    if v is not None and (not isinstance(v, kinds) or (refuse_bool and isinstance(v, bool) and bool not in kinds)):
+    if (v is not None or default is ...) and (  # a required field cannot be null
+            not isinstance(v, kinds) or (refuse_bool and isinstance(v, bool) and bool not in kinds)):
         raise WireError(f"{where}.{key}: expected {'/'.join(k.__name__ for k in kinds)}, got {type(v).__name__}")
     return v
 
