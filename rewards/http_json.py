@@ -141,6 +141,13 @@ class _Inflater:
         if len(self.out) > self.cap:
             raise HttpError(f"reply from {self.url} is over {self.cap} bytes")
 
+    def finish(self) -> bytearray:
+        """The decoded body, once the compressed stream ended: a reply cut short (its gzip trailer missing) is a
+        failed transfer, retried, even where the part that came decodes to valid JSON."""
+        if self.zlib is not None and not self.zlib.eof:
+            raise HttpError(f"reply from {self.url} ended inside its compressed data", retryable=True)
+        return self.out
+
 
 async def _once(client: httpx.AsyncClient, method: str, url: str, body: bytes | None, headers: dict[str, str],
                 timeout: float, max_reply_bytes: int, secrets: tuple[str, ...]) -> Any:
@@ -149,7 +156,7 @@ async def _once(client: httpx.AsyncClient, method: str, url: str, body: bytes | 
             inflater = _Inflater(resp.headers.get("content-encoding", ""), url, max_reply_bytes)
             async for chunk in resp.aiter_raw():
                 inflater.feed(chunk)
-            raw = inflater.out
+            raw = inflater.finish()
     except httpx.TimeoutException:
         raise HttpError(f"no reply from {url} within {timeout:g}s", retryable=True) from None
     except httpx.HTTPError as e:  # refused, reset, closed mid-reply, truncated body, ...

@@ -567,3 +567,25 @@ def test_an_http_date_without_a_zone_is_read_as_gmt_not_local_time(monkeypatch) 
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
+
+
+def test_a_gzip_reply_cut_before_its_trailer_is_a_retryable_failure_not_an_answer() -> None:
+    """Session 52: the inflater never checked that the compressed stream ended, so a reply cut inside its gzip
+    trailer (CRC and size: the last 8 bytes) whose JSON had already arrived was taken as the answer."""
+    import gzip
+
+    from r3_rl.rewards.http_json import HttpError, _Inflater
+
+    whole = gzip.compress(b'{"scores": [1.0]}')
+    ok = _Inflater("gzip", "http://x", 1000)
+    ok.feed(whole)
+    assert bytes(ok.finish()) == b'{"scores": [1.0]}'
+    cut = _Inflater("gzip", "http://x", 1000)
+    cut.feed(whole[:-8])
+    assert bytes(cut.out) == b'{"scores": [1.0]}'  # the JSON is all there ...
+    with pytest.raises(HttpError, match=r"^reply from http://x ended inside its compressed data$") as e:
+        cut.finish()  # ... but the transfer was not
+    assert e.value.retryable
+    plain = _Inflater("identity", "http://x", 1000)
+    plain.feed(b"{}")
+    assert bytes(plain.finish()) == b"{}"
