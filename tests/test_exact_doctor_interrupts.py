@@ -418,7 +418,8 @@ def test_multi_gpu_actors_are_placed_node_by_node() -> None:
     assert unplaced_multi_gpu_actors([ranks], [4.0, 2.0, 2.0]) == ["learner.ranks"]
     assert unplaced_multi_gpu_actors([ranks], [4.0, 4.0]) == []
     assert unplaced_multi_gpu_actors([ranks], [8.0]) == []
-    # best fit: the 2-GPU worker goes to the 3-GPU node, leaving the 5 for the 4-GPU rank (first fit would not)
+    # largest first: the 4-GPU worker takes the 5-GPU node, one 2-GPU rank the 3, the other finds no 2 free
+    # (first fit places these alike; test_exact_doctor_round16 has the case where best fit differs)
     assert unplaced_multi_gpu_actors([("learner.ranks", 2, 2.0), ("rollout.workers", 1, 4.0)], [5.0, 3.0]) == \
         ["learner.ranks"]
     assert unplaced_multi_gpu_actors([("rollout.workers", 2, 2.0), ("rollout.workers", 1, 3.0)], [5.0, 2.0]) == []
