@@ -17,23 +17,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO
+from test_exact_doctor_interrupts import TINY, _ctx, _gpus  # the doctor's context on the tiny recipe, H100s
 from r3_rl.config import load_recipe
-from r3_rl.doctor.base import Context
 from r3_rl.doctor.devices import GIB, GpuInfo
-
-TINY = REPO / "recipes" / "tiny_blocks.yaml"
-
-
-def _ctx(sets: list[str] | None = None, gpus: list[GpuInfo] | None = None, **kw) -> Context:
-    ctx = Context(TINY, load_recipe(TINY, sets or []), **kw)
-    if gpus is not None:
-        ctx._memo["gpus"] = gpus
-    return ctx
-
-
-def _gpus(n: int) -> list[GpuInfo]:
-    return [GpuInfo(i, "NVIDIA H100", 80 * GIB, 79 * GIB) for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------------ doctor: ray
