@@ -17,23 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from test_exact_config_validate import TINY, _refused  # a one-line refusal, less its file prefix
 from r3_rl.arguments import OneLineArgumentParser, int_at_least
 from r3_rl.config import Recipe, load_recipe
 from r3_rl.errors import UserError
 from r3_rl.plugins import Registry
 from r3_rl.textfiles import read_recipe_yaml
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "recipes" / "tiny_blocks.yaml"
-
-
-def _refused(sets: list[str], path: Path = TINY) -> str:
-    """``load_recipe(path, sets)`` fails with one line; returns it without the file prefix."""
-    with pytest.raises(UserError) as e:
-        load_recipe(path, sets)
-    msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"{path}: "), msg
-    return msg[len(f"{path}: "):]
 
 
 # ---------------------------------------------------------------- config.py / config_learner.py: bounds
