@@ -56,10 +56,9 @@ def stages(recipe: Any, shape: ModelShape) -> list[Stage]:
         sp = getattr(r, name)
         # Janus / tiny mix every scale but 1 with an unconditional row; a flow policy (BAGEL) encodes its
         # text-unconditional branch only above 1 (flow.Guidance.active): 0.5 guides nothing there
-        guided = sp.cfg_scale > 1.0 if shape.flow else sp.cfg_scale != 1.0
-        rows = 2 if name in ("generate", "refine") and guided else 1
+        guided = name in ("generate", "refine") and (sp.cfg_scale > 1.0 if shape.flow else sp.cfg_scale != 1.0)
         # BAGEL edits: image-CFG's row, encoded only on top of text-CFG (flow.Guidance.uses_image_branch)
-        rows += shape.image_cfg_rows if name == "refine" and sp.cfg_scale > 1.0 else 0
+        rows = 1 + guided + (shape.image_cfg_rows if name == "refine" and guided else 0)
         return Stage(name, context, new, rows, vocab, sp.top_p < 1.0)
     return [st("reason", PROMPT_TOKENS, r.reason.max_new_tokens, shape.text_vocab),
             st("generate", PROMPT_TOKENS + r.reason.max_new_tokens, shape.image_tokens, shape.image_vocab),
