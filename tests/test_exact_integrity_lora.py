@@ -114,6 +114,19 @@ def test_a_symbolic_link_to_a_matching_file_is_refused_as_a_link(tmp_path: Path)
         manifest.verify_files(ckpt, meta)
 
 
+def test_a_symbolic_link_to_a_folder_of_matching_files_is_refused_as_a_link(tmp_path: Path) -> None:
+    """A linked folder reads every file under it from outside the checkpoint, as a linked file would."""
+    ckpt = tmp_path / "c"
+    meta = _listed(ckpt, {"model/w.bin": b"abc"})
+    elsewhere = tmp_path / "elsewhere"
+    (ckpt / "model").rename(elsewhere)
+    (ckpt / "model").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(UserError) as e:
+        manifest.verify_files(ckpt, meta)
+    assert str(e.value) == (f"{ckpt / 'model'}: a symbolic link; the checkpoint is damaged; "
+                            "resume from an earlier one (--resume PATH) or delete this one")
+
+
 # ------------------------------------------------------------------------------------------------ safe loading
 
 
