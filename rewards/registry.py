@@ -15,6 +15,7 @@ machinery is :class:`r3_rl.plugins.Registry`, shared with the policy and algorit
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from typing import Any, Callable
@@ -77,6 +78,10 @@ def to_output(x: Any) -> RewardOutput:
             out = RewardOutput(score=float(x))
         except (TypeError, ValueError):
             return RewardOutput(failure=f"reward returned {type(x).__name__}, expected a number")
+    texts = {k: str(v) for k, v in (("reason", out.reason), ("failure", out.failure))
+             if v is not None and not isinstance(v, str)}
+    if texts:  # a reason or failure that is not text (an exception, a number) as text: the server's JSON and the
+        out = dataclasses.replace(out, **texts)  # client's check take strings only, and the logs show it as such
     if out.failure is None and out.score is not None and not math.isfinite(float(out.score)):
         return RewardOutput(failure=f"reward returned a non-finite score ({out.score})", reason=out.reason)
     # the wire's rule (rewards.wire.finite_float), except that a bool counts as 0/1 in-process, as a score does

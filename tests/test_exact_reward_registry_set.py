@@ -100,6 +100,20 @@ def test_to_output_failure_texts() -> None:
     assert to_output(ok) is ok
 
 
+def test_a_reason_or_failure_that_is_not_text_becomes_text_and_crosses_the_wire() -> None:
+    """A reward that returns a number as its reason or an exception as its failure: before, the server sent it on
+    as it was and the client failed the sample ("reason: expected str"); the reward's own object is left as it is."""
+    from r3_rl.rewards.wire import output_from_json, output_to_json
+
+    given = RewardOutput(score=0.5, reason=0.25)  # type: ignore[arg-type]
+    out = to_output(given)
+    assert (out.score, out.reason, out.failure) == (0.5, "0.25", None) and given.reason == 0.25
+    back = output_from_json(output_to_json(out))
+    assert (back.score, back.reason, back.failure) == (0.5, "0.25", None)
+    failed = to_output(RewardOutput(failure=ValueError("judge offline"), reason=["a", 1]))  # type: ignore[arg-type]
+    assert (failed.failure, failed.reason, failed.failed) == ("judge offline", "['a', 1]", True)
+    assert output_from_json(output_to_json(failed)).failure == "judge offline"
+
 def test_a_string_score_fails_only_its_sample(plugins: Path) -> None:
     """Catches ``to_output`` catching only TypeError: one '0.x' string from a parser failed the whole batch."""
     class Parsed(Reward):

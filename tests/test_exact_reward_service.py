@@ -492,12 +492,27 @@ class _NumpyReason(Reward):
         return [RewardOutput(score=1.0, reason=np.float32(0.5)) for _ in samples]  # type: ignore[arg-type]
 
 
+class _TupleKey(Reward):
+    """Returns a component named by a tuple (json.dumps cannot encode the key: TypeError, not ValueError)."""
+
+    name = "tuple_key"
+
+    def __call__(self, samples: list[RewardSample]) -> list[RewardOutput]:
+        return [RewardOutput(score=1.0, components={("a", 1): 0.5}) for _ in samples]  # type: ignore[dict-item]
+
+
 # Found by round 8A: _score_body caught only ValueError from json.dumps; a reason or component key JSON cannot
 # encode raised TypeError, which escaped the worker thread, and Starlette answered a plain-text 500 with a traceback.
 def test_an_unencodable_reward_reply_is_a_json_500() -> None:
     """Catches a reward reply json cannot encode escaping _score_body instead of becoming a JSON 500."""
-    code, raw = ScoreService(_NumpyReason(), Limits())._score_body(bytearray(b'{"samples": [{"prompt": "p"}]}'))
+    code, raw = ScoreService(_TupleKey(), Limits())._score_body(bytearray(b'{"samples": [{"prompt": "p"}]}'))
     assert code == 500 and json.loads(raw)["error"].startswith("reward reply is not JSON (")
+
+
+def test_a_reason_that_is_not_text_is_sent_as_text() -> None:
+    """A numpy float reason is sent as the text "0.5" (session 53): before, the whole batch was a 500."""
+    code, raw = ScoreService(_NumpyReason(), Limits())._score_body(bytearray(b'{"samples": [{"prompt": "p"}]}'))
+    assert code == 200 and json.loads(raw)["results"][0]["reason"] == "0.5"
 
 
 # Found by round 8A: Python's json.loads accepts the non-JSON constants NaN and Infinity; a history turn's
