@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from r3_rl.config_base import type_members
-from r3_rl.errors import close_match
+from r3_rl.errors import close_match, shown
 
 
 def _section(annotation: Any) -> Any:
@@ -92,5 +92,5 @@ def one_line(err: ValidationError, source: str, root: Any) -> str:
         rest = [m.removeprefix(prefix) if m.startswith(prefix) else m for m in dict.fromkeys(msgs[1:]) if m != msg]
         msg = " or ".join([msg, *rest])
     got = e.get("input")
-    got_s = f", got {got!r}" if not isinstance(got, dict) else ""
+    got_s = f", got {shown(got)}" if not isinstance(got, dict) else ""
     return f"{source}: key '{key}': {msg}{got_s}"

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from r3_rl.config_base import Section, plugin_name
-from r3_rl.errors import UserError, close_match
+from r3_rl.errors import UserError, close_match, shown
 from r3_rl.trajectory import STAGES, Stage
 
 # Adam's moment decay: 1 or more never forgets (and diverges)
@@ -207,7 +207,7 @@ class Learner(Section):
         odd = [k for k, x in v.items()  # an int past the largest float would overflow float(x) below
                if isinstance(x, bool) or not isinstance(x, (int, float)) or not (0 <= x <= sys.float_info.max)]
         if odd:
-            raise ValueError(f"stage {odd[0]!r}: expected a finite weight >= 0, got {v[odd[0]]!r}")
+            raise ValueError(f"stage {odd[0]!r}: expected a finite weight >= 0, got {shown(v[odd[0]])}")
         return {k: float(x) for k, x in v.items()}
 
     @field_validator("normalize_std", mode="before")
@@ -217,7 +217,7 @@ class Learner(Section):
             _check_stage_names(v)
             odd = [k for k, x in v.items() if not isinstance(x, bool)]
             if odd:
-                raise ValueError(f"stage {odd[0]!r}: expected true/false, got {v[odd[0]]!r}")
+                raise ValueError(f"stage {odd[0]!r}: expected true/false, got {shown(v[odd[0]])}")
         elif not isinstance(v, bool):
             raise ValueError("must be true/false or a mapping of stage -> true/false")
         return v

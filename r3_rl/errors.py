@@ -18,6 +18,13 @@ def close_match(word: str, candidates: Iterable[str]) -> str:
     return f" (did you mean {best[0]!r}?)" if best else ""
 
 
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` for a one-line error, cut to ``limit`` characters: a 400-digit number or a long list
+    given where a number belongs is named by its start, not echoed whole."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}... ({len(text)} characters)"
+
+
 def raised(e: BaseException) -> str:
     """``RuntimeError: cannot open x (pk/rw.py:3)``: what user code raised, first line only, and where -- the
     one line a plug-in's failure gets instead of a traceback."""

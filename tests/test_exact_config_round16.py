@@ -134,11 +134,24 @@ def test_a_stage_weight_too_large_for_a_float_is_one_line_not_a_traceback() -> N
     """A 400-digit integer passed ``x < inf`` and then overflowed ``float(x)``: an OverflowError traceback."""
     big = "1" + "0" * 400
     msg = _refused([f"learner.stage_weights={{refine: {big}}}"])
-    assert msg.startswith(f"key 'learner.stage_weights': Value error, stage 'refine': expected a finite weight >= 0, "
-                          f"got {big}")
+    assert msg == (f"key 'learner.stage_weights': Value error, stage 'refine': expected a finite weight >= 0, "
+                   f"got {big[:57]}... (401 characters)")  # named by its start, not echoed whole (session 53)
     top = int(1.7976931348623157e308)  # the largest float, as an integer: still a weight
     assert load_recipe(TINY, [f"learner.stage_weights={{refine: {top}}}"]).learner.stage_weights == {
         "refine": 1.7976931348623157e308}
+
+
+def test_a_long_value_is_named_by_its_start_and_a_short_one_whole() -> None:
+    """The value a recipe key refuses is echoed up to 60 characters (session 53): a 100-number list given for the
+    learning rate filled the terminal."""
+    long = "[" + ", ".join(str(i) for i in range(100)) + "]"
+    assert _refused([f"learner.lr={long}"]) == (
+        f"key 'learner.lr': Input should be a valid number, got {long[:57]}... ({len(long)} characters)")
+    assert _refused(["learner.lr=abc"]) == ("key 'learner.lr': Input should be a valid number, "
+                                            "unable to parse string as a number, got 'abc'")
+    assert _refused(["learner.normalize_std={refine: " + "x" * 70 + "}"]) == (
+        "key 'learner.normalize_std': Value error, stage 'refine': expected true/false, got '" + "x" * 56
+        + "... (72 characters)")
 
 
 # ---------------------------------------------------------------- config.py: --set
