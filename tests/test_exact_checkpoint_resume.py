@@ -85,6 +85,25 @@ def test_resume_auto_never_continues_another_recipes_run_whose_name_starts_the_s
     assert ck.find_resume("auto", recipe, None) == (mine / "checkpoints" / "step_000002", mine)
 
 
+def test_resume_auto_leaves_another_recipes_interrupted_swap_as_it_is(tmp_path: Path) -> None:
+    """``x-lowlr``'s run, cut between the two renames of a re-save, keeps its ``.old-`` copy for ``x-lowlr``'s own
+    resume: before session 53, ``--resume auto`` for ``x`` renamed it back and then did not resume that run."""
+    recipe = _recipe(tmp_path)
+    mine, other = tmp_path / "x-20260101-000000", tmp_path / "x-lowlr-20260102-000000"
+    _ckpt(mine / "checkpoints", 2, {"complete": True, "step": 2, "recipe": "x"})
+    _ckpt(other / "checkpoints", 4, {"complete": True, "step": 4, "recipe": "x-lowlr"})
+    swapped = _ckpt(other / "checkpoints", 5, {"complete": True, "step": 5, "recipe": "x-lowlr"})
+    swapped.rename(other / "checkpoints" / ".old-step_000005-123")
+    now = time.time()
+    os.utime(mine, (now - 100, now - 100))
+    os.utime(other, (now, now))
+    assert ck.find_resume("auto", recipe, None) == (mine / "checkpoints" / "step_000002", mine)
+    assert sorted(p.name for p in (other / "checkpoints").iterdir()) == [".old-step_000005-123", "step_000004"]
+    # the recipe that wrote it puts it back and resumes it; a swap's copy outranks the complete steps below it
+    lowlr = _recipe(tmp_path, "name=x-lowlr")
+    assert ck.find_resume("auto", lowlr, None) == (other / "checkpoints" / "step_000005", other)
+
+
 def test_resume_auto_takes_the_most_recently_modified_run(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path)
     old, new = tmp_path / "x-b", tmp_path / "x-a"  # the newer run sorts first by name

@@ -62,6 +62,17 @@ def restore_interrupted_swap(root: Path) -> list[Path]:
     return restored
 
 
+def _resumable_as_is(root: Path) -> Path | None:
+    """What :func:`_latest_to_resume` would pick under ``root``, found without renaming anything: the newest complete
+    checkpoint or interrupted swap's old copy (a swap's copy of step N outranks the complete steps below N)."""
+    found = [(int(p.name[len("step_"):]), p) for p in complete_checkpoints(root)]
+    if root.is_dir():
+        found += [(int(m.group(1)[len("step_"):]), p) for p in root.iterdir()
+                  if (m := OLD_RE.match(p.name)) and p.is_dir() and _meta(p) is not None
+                  and not (root / m.group(1)).exists()]
+    return max(found, key=lambda x: x[0])[1] if found else None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     done = complete_checkpoints(Path(run_dir) / CKPT_DIR)
     return done[-1] if done else None
@@ -86,10 +97,11 @@ def find_resume(where: str, recipe: Any, run_dir: str | None) -> tuple[Path | No
             return _latest_to_resume(Path(run_dir)), Path(run_dir)
         runs = sorted(Path(recipe.out_dir).glob(f"{recipe.name}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
         for run in runs:
-            ckpt = _latest_to_resume(run)
-            # ``x-*`` also matches recipe ``x-lowlr``'s runs: a checkpoint names the recipe that wrote it
+            # ``x-*`` also matches recipe ``x-lowlr``'s runs: a checkpoint names the recipe that wrote it, and
+            # another recipe's run is left as it is (its interrupted swap too) until that recipe resumes it
+            ckpt = _resumable_as_is(run / CKPT_DIR)
             if ckpt is not None and (_meta(ckpt) or {}).get("recipe", recipe.name) == recipe.name:
-                return ckpt, run
+                return _latest_to_resume(run), run
         return None, None
     p = Path(where)
     if (p / MARKER).is_file():
