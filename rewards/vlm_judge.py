@@ -63,6 +63,11 @@ def extract_json_object(text: str) -> Any:
     return None
 
 
+# after a line's yes/no: its opposite, or a word that takes the answer back ("Yes, but the car is blue",
+# "No, although ...", "Yes, partly"); "yes, a cat" and "no, there is none" stay answers
+HEDGE = r"\b(?:yes|no|but|however|although|though|except|partly|partially|somewhat|maybe|perhaps|possibly)\b"
+
+
 def _yes_no(value: Any, where: str) -> str:
     v = value.strip().strip(".!,;:\"'").strip().lower() if isinstance(value, str) else value
     if v is True:
@@ -76,8 +81,9 @@ def _yes_no(value: Any, where: str) -> str:
 
 def parse_answers(text: str, n: int) -> list[str]:
     """``n`` yes/no answers from a JSON ``{"Q1": "yes", ...}`` / ``{"answers": [...]}`` reply or yes/no lines
-    (``1. yes``, ``No.``, ``yes, a cat``); a line where yes/no runs on into words (``No idea``) or meets its
-    opposite (``Yes and no``) is a parse failure, counted as the reward's failure, not read as an answer."""
+    (``1. yes``, ``No.``, ``yes, a cat``); a line where yes/no runs on into words (``No idea``), meets its
+    opposite (``Yes and no``) or is taken back (``Yes, but it is blue``) is a parse failure, counted as the
+    reward's failure, not read as an answer."""
     obj = extract_json_object(text)
     if isinstance(obj, dict):
         if isinstance(obj.get("answers"), list):
@@ -98,7 +104,7 @@ def parse_answers(text: str, n: int) -> list[str]:
             m = re.match(r"^\s*(?:q?\d+\s*[:.)]\s*)?(yes|no)\b(.*)$", line, flags=re.IGNORECASE)
             if m:  # "yes." / "yes, a cat" answer; "No idea" or "Yes and no" does not: a failure, not a guess
                 rest = m.group(2)
-                if re.match(r"\s+\w", rest) or re.search(r"\b(?:yes|no)\b", rest, flags=re.IGNORECASE):
+                if re.match(r"\s+\w", rest) or re.search(HEDGE, rest, flags=re.IGNORECASE):
                     raise JudgeParseError(f"ambiguous answer line in the judge's reply: {line.strip()[:80]!r}")
                 values.append(m.group(1))
         if not values:

@@ -455,11 +455,19 @@ def test_llm_config_refuses_a_fractional_layer_count() -> None:
         llm_config_from_dict(_llm(num_hidden_layers=2.5))
 
 
-@pytest.mark.parametrize("reply", ["No idea\nyes", "1. Yes and no\n2. no"])
+@pytest.mark.parametrize("reply", ["No idea\nyes", "1. Yes and no\n2. no", "1. Yes, but the car is blue\n2. no",
+                                   "Yes.\nNo, although there is a dog", "1: yes - partly\n2: no"])
 def test_line_answers_that_are_ambiguous_are_a_failure(reply: str) -> None:
-    """Catches ambiguous yes/no lines silently counted as answers ("No idea" read as no until session 46) instead
-    of a JudgeParseError."""
+    """Catches ambiguous yes/no lines silently counted as answers ("No idea" read as no until session 46, "Yes, but
+    the car is blue" as yes until session 53) instead of a JudgeParseError."""
     from r3_rl.rewards.vlm_judge import JudgeParseError, parse_answers
 
-    with pytest.raises(JudgeParseError):
+    with pytest.raises(JudgeParseError, match="^ambiguous answer line"):
         parse_answers(reply, 2)
+
+
+def test_an_answer_with_a_plain_remark_is_still_an_answer() -> None:
+    """"yes, a cat" and "No, there is not one" answer; the hedge words are whole words ("butter" is not "but")."""
+    from r3_rl.rewards.vlm_judge import parse_answers
+
+    assert parse_answers("1. Yes, a cat\n2. No, there is not one\n3. yes - butter on bread", 3) == ["yes", "no", "yes"]
