@@ -22,6 +22,23 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} ('{self.prog} --help' lists the options)\n")
 
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        """As argparse's, except that an argument no parser knows is refused by the sub-command it followed:
+        ``r3-rl rollout R --out x`` points to ``r3-rl rollout --help``, which lists rollout's options, not to
+        ``r3-rl --help``, which lists only the sub-commands."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self._innermost(parsed).error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
+    def _innermost(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):  # argparse names its sub-command action so
+                chosen = action.choices.get(getattr(parsed, action.dest, None) or "")
+                if isinstance(chosen, OneLineArgumentParser):
+                    return chosen._innermost(parsed)
+        return self
+
 
 def _checked(convert: Callable[[str], Any], accepts: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
     """The one shape of every converter here: ``convert`` the text (None when it is no number of that kind) and
