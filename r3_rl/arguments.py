@@ -33,7 +33,7 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
     def _innermost(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
         for action in self._actions:
-            if isinstance(action, argparse._SubParsersAction):  # argparse names its sub-command action so
+            if isinstance(action, argparse._SubParsersAction):  # the sub-commands (argparse has no public name)
                 chosen = action.choices.get(getattr(parsed, action.dest, None) or "")
                 if isinstance(chosen, OneLineArgumentParser):
                     return chosen._innermost(parsed)
