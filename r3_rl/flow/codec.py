@@ -32,7 +32,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a codec dtype name."""
-    if name not in _CODECS:
+    if not isinstance(name, str) or name not in _CODECS:  # a list from a damaged record: not "unhashable type"
         raise ValueError(f"tensor codec: dtype {name!r} is unknown; valid: {', '.join(_CODECS)}")
     return _CODECS[name][0]
 

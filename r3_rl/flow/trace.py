@@ -61,7 +61,9 @@ class SdeStep:
         tensors = {k: decode_tensor(d[k], f"SDE step {k}") for k in _STEP_TENSORS}
         if len({tuple(v.shape) for v in tensors.values()}) != 1:
             raise ValueError("SDE step: x_t and x_next must have the same shape")
-        return cls(index=int(d["index"]), t=float(d["t"]), delta=float(d["delta"]), eta=float(d["eta"]),
+        if type(d["index"]) is not int:  # 2.7 or true read as step 2 or 1 of the grid
+            raise ValueError(f"SDE step: index must be an integer, got {d['index']!r}")
+        return cls(index=d["index"], t=float(d["t"]), delta=float(d["delta"]), eta=float(d["eta"]),
                    std=float(d["std"]), logprob=float(d["logprob"]), **tensors)
 
 
@@ -92,7 +94,7 @@ class DenoisingTrace:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DenoisingTrace:
-        if not isinstance(d, dict) or d.get("version") not in _READABLE_VERSIONS:
+        if not isinstance(d, dict) or type(d.get("version")) is not int or d["version"] not in _READABLE_VERSIONS:
             got = d.get("version") if isinstance(d, dict) else type(d).__name__
             raise ValueError(f"denoising trace: version must be one of {', '.join(map(str, _READABLE_VERSIONS))}, "
                              f"got {got!r}")
@@ -102,12 +104,15 @@ class DenoisingTrace:
         if missing:
             raise ValueError(f"denoising trace: missing key(s) {', '.join(missing)}")
         torch_dtype(body["latent_dtype"])  # a clear error for an unknown dtype name
+        shape = body["latent_shape"]
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):  # not 2.7, not true
+            raise ValueError(f"denoising trace: latent_shape must be a list of non-negative ints, got {shape!r}")
         for key, nullable in (("init_seed", True), ("noise_seed", False)):  # a seed is never "5", 5.7 or true
             value = body[key]
             if not ((nullable and value is None) or type(value) is int):
                 raise ValueError(f"denoising trace: {key} must be an integer{' or null' if nullable else ''}, "
                                  f"got {value!r}")
-        trace = cls(latent_shape=tuple(int(s) for s in body["latent_shape"]), latent_dtype=body["latent_dtype"],
+        trace = cls(latent_shape=tuple(shape), latent_dtype=body["latent_dtype"],
                     grid=tuple(float(t) for t in body["grid"]), guidance=Guidance.from_dict(body["guidance"]),
                     eta=EtaSchedule.from_dict(body["eta"]), init_seed=body["init_seed"],
                     noise_seed=body["noise_seed"],
