@@ -256,6 +256,19 @@ def test_wrong_directory_is_user_error(tmp_path):
         JanusPolicy.from_pretrained(str(tmp_path / "llama"), templates=TEMPLATES)
 
 
+def test_a_weight_file_cut_short_is_user_error(tiny_path, tmp_path):
+    """A ``model.safetensors`` cut in half by a copy: a one-line UserError (a SafetensorError traceback until
+    session 53)."""
+    import shutil
+
+    d = tmp_path / "cut"
+    shutil.copytree(tiny_path, d)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match=f"^policy.model: cannot load '{d}': .*incomplete metadata"):
+        JanusPolicy.from_pretrained(str(d), templates=TEMPLATES)
+
+
 @pytest.mark.parametrize("change, match", [
     ({"reflect": "{instruction}"}, r"templates.reflect: placeholder \{instruction\}"),
     ({"generate_uncond": "<|User|>:"}, "templates.generate_uncond"),

@@ -84,10 +84,10 @@ def bagel_shape_from_config(config: Any, options: Any, source: str, vae_params: 
 
 def _vae_header(file: Path) -> tuple[int, int]:
     """(parameters, decoder channels at full resolution) of ``ae.safetensors`` from its header alone."""
-    from safetensors import safe_open
+    from r3_rl.policy.bagel.state_check import opened_safetensors
 
     total, channels = 0, FLUX_WIDTHS[0]
-    with safe_open(str(file), framework="pt") as f:
+    with opened_safetensors(file) as f:
         for key in f.keys():
             shape = f.get_slice(key).get_shape()
             total += math.prod(shape)

@@ -96,9 +96,11 @@ class JanusPolicy(JanusRecipe, Policy):
 
         kw.setdefault("local_files_only", local_only)
         config, processor = _config_and_processor(model, source, kw["local_files_only"])
+        from safetensors import SafetensorError  # a weight file cut short by a copy: one line, not a traceback
+
         try:
             net = JanusForConditionalGeneration.from_pretrained(source, config=config, dtype=DTYPES[dtype], **kw)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, SafetensorError) as e:
             raise UserError(f"policy.model: cannot load '{model}': {_short(e)}; give a local path or a hub id "
                             f"available offline") from None
         net.to(device).eval()

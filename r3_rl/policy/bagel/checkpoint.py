@@ -24,7 +24,7 @@ from r3_rl.policy.bagel.config import (LLM_CONFIG, SPECIAL_TOKENS, VIT_CONFIG, B
                                        published_llm_dict, read_bagel_config, vit_config_to_dict)
 from r3_rl.policy.bagel.model import BagelModel
 from r3_rl.policy.bagel.recipe import WEIGHT_FILES, WEIGHT_INDEX, read_weight_map
-from r3_rl.policy.bagel.state_check import check_state_keys
+from r3_rl.policy.bagel.state_check import check_state_keys, opened_safetensors
 from r3_rl.policy.bagel.vae import FluxVAE, load_flux_vae
 
 VAE_FILE = "ae.safetensors"
@@ -41,11 +41,9 @@ class LoadedBagel:
 
 def weight_files(path: Path) -> dict[str, Path]:
     """key -> file holding it, for the first weight set present (see module docstring)."""
-    from safetensors import safe_open
-
     for name in WEIGHT_FILES:
         if (path / name).is_file():
-            with safe_open(str(path / name), framework="pt") as f:
+            with opened_safetensors(path / name) as f:
                 return {k: path / name for k in f.keys()}
     if (path / WEIGHT_INDEX).is_file():
         return {k: path / v for k, v in read_weight_map(path).items()}
@@ -54,8 +52,6 @@ def weight_files(path: Path) -> dict[str, Path]:
 
 def read_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     """Shapes from the safetensors headers only (no tensor data is read)."""
-    from safetensors import safe_open
-
     shapes: dict[str, tuple[int, ...]] = {}
     by_file: dict[Path, list[str]] = {}
     for key, file in files.items():
@@ -63,7 +59,7 @@ def read_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     for file, keys in by_file.items():
         if not file.is_file():
             raise UserError(f"{file}: missing (named by {WEIGHT_INDEX})")
-        with safe_open(str(file), framework="pt") as f:
+        with opened_safetensors(file) as f:
             present = set(f.keys())
             for key in keys:
                 if key not in present:
@@ -138,8 +134,6 @@ def _weights_name(path: Path, files: dict[str, Path]) -> str:
 def load_bagel(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                vae_dtype: torch.dtype = torch.float32) -> LoadedBagel:
     """Model, VAE, tokenizer and config from a checkpoint directory in the published layout."""
-    from safetensors import safe_open
-
     path = Path(path)
     model, tokenizer, config, files = bagel_skeleton(path)
     vae = load_flux_vae(path / VAE_FILE, config.vae, dtype=vae_dtype, device=device)  # small: checked before the LLM
@@ -152,7 +146,7 @@ def load_bagel(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
         while done < len(keys):
             # safe_open maps the file; tensors are views of it until copied.  Reopening every MAP_WINDOW bytes
             # unmaps the pages already copied, so resident memory stays near the model plus one window.
-            with safe_open(str(file), framework="pt", device=str(device)) as f:
+            with opened_safetensors(file, device=str(device)) as f:
                 window = 0
                 while done < len(keys) and window < MAP_WINDOW:
                     value = f.get_tensor(keys[done])

@@ -1,12 +1,31 @@
-"""Strict key/shape check of a weight file against a model, with a one-line error naming the first bad key.
+"""Strict key/shape check of a weight file against a model, with a one-line error naming the first bad key, and
+the opening of a weight file that refuses a damaged one in one line.
 
 Runs on shapes only (from a safetensors header), so a wrong file is refused before any weight is read.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
 
 from r3_rl.errors import UserError
+
+
+@contextmanager
+def opened_safetensors(path: str | Path, **kwargs: Any) -> Iterator[Any]:
+    """``safe_open(path, framework="pt", **kwargs)``; a file safetensors cannot read (cut short by a copy, not a
+    safetensors file at all) is a one-line :class:`UserError` naming it, not a bare ``SafetensorError`` traceback
+    saying "Error while deserializing header"."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt", **kwargs)
+    except SafetensorError as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e}); copy it again from the published "
+                        f"checkpoint") from None
+    with handle as f:
+        yield f
 
 
 def check_state_keys(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], where: str,

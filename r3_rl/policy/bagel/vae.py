@@ -17,7 +17,7 @@ from torch import nn
 
 from r3_rl.errors import UserError
 from r3_rl.policy.bagel.config import VaeConfig
-from r3_rl.policy.bagel.state_check import check_state_keys
+from r3_rl.policy.bagel.state_check import check_state_keys, opened_safetensors
 
 # One table serves both directions: (BFL template, diffusers template) after the "encoder."/"decoder." prefix.
 # Fields: {u} is a decoder level (numbered in reverse in diffusers), the others are renamed through _RENAME.
@@ -168,12 +168,10 @@ def build_flux_vae(kwargs: dict) -> FluxVAE:
 
 def flux_vae_skeleton(path: str | Path, vae: VaeConfig = VaeConfig()) -> FluxVAE:
     """``ae.safetensors``' architecture on the meta device, from its header alone (no tensor data read)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: missing (BAGEL's FLUX VAE weights)")
-    with safe_open(str(path), framework="pt") as f:
+    with opened_safetensors(path) as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     with torch.device("meta"):
         return build_flux_vae(autoencoder_kwargs(shapes, vae, str(path)))
@@ -182,12 +180,11 @@ def flux_vae_skeleton(path: str | Path, vae: VaeConfig = VaeConfig()) -> FluxVAE
 def load_flux_vae(path: str | Path, vae: VaeConfig = VaeConfig(), dtype: torch.dtype = torch.float32,
                   device="cpu") -> FluxVAE:
     """``ae.safetensors`` -> :class:`FluxVAE` (strict: the first missing/unexpected/misshapen key is an error)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: missing (BAGEL's FLUX VAE weights)")
-    raw = load_file(str(path))
+    with opened_safetensors(path) as f:
+        raw = {k: f.get_tensor(k) for k in f.keys()}
     model = build_flux_vae(autoencoder_kwargs({k: tuple(v.shape) for k, v in raw.items()}, vae, str(path)))
     levels = len(model.autoencoder.config.block_out_channels)
     state = bfl_to_diffusers(raw)
