@@ -19,6 +19,7 @@ from r3_rl.errors import UserError
 from r3_rl.rewards.base import Reward, RewardOutput, RewardSample
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+OPEN_CLIP_DEFAULT = "ViT-L-14"  # the same weights as open_clip names them (with pretrained "openai")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -83,6 +84,8 @@ class ClipEncoder:
             raise UserError(f"clip backend {backend!r} is not one of transformers, open_clip")
         if pretrained is not None and backend != "open_clip":
             raise UserError("clip option 'pretrained' is for backend open_clip; transformers loads 'model'")
+        if backend == "open_clip" and model == DEFAULT_CLIP:  # the transformers hub id is no open_clip name:
+            model, pretrained = OPEN_CLIP_DEFAULT, pretrained or "openai"  # GenEval's ViT-L-14 / openai instead
         self.model_name, self.backend, self.pretrained = model, backend, pretrained
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.batch_size = max(1, int(batch_size))  # 0 would make range() step 0
@@ -160,7 +163,8 @@ class ClipEncoder:
 class ClipReward(Reward):
     """``scale * cos(CLIP(image), CLIP(prompt))`` for the latest image; components: ``cosine``.
 
-    Options: ``model`` (hub id or folder; open_clip architecture name with ``backend: open_clip``),
+    Options: ``model`` (hub id or folder; open_clip architecture name with ``backend: open_clip``, where the
+    default is ``ViT-L-14`` with ``pretrained: openai``, the same weights),
     ``backend`` (transformers | open_clip), ``pretrained`` (open_clip tag or checkpoint), ``device``
     (auto | cpu | cuda[:i]), ``dtype`` (float32 | float16 | bfloat16), ``batch_size``, ``scale``.
     """

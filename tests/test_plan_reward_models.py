@@ -135,3 +135,23 @@ def test_models_it_cannot_size_are_named_as_not_counted() -> None:
     assert uncounted_reward_models(make_plan(load_recipe(GENEVAL, ["policy.device=cpu"]), 8, 80)) == ""
     tiny = make_plan(load_recipe(REPO / "recipes" / "tiny_blocks.yaml"), 1, 80)
     assert all(not p.reward_models for p in tiny.processes)
+
+
+@pytest.mark.parametrize("options, encoder_model, pretrained", [
+    ({"backend": "open_clip"}, "ViT-L-14", "openai"),
+    ({"backend": "open_clip", "model": CLIP_L14}, "ViT-L-14", "openai"),
+    ({"backend": "open_clip", "pretrained": "/ckpt/l14.pt"}, "ViT-L-14", "/ckpt/l14.pt"),
+    ({"backend": "open_clip", "model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}, "ViT-B-32", "laion2b_s34b_b79k"),
+])
+def test_open_clip_with_no_model_loads_geneval_l14_and_the_plan_names_it(options, encoder_model, pretrained) -> None:
+    """``backend: open_clip`` with no ``model`` handed open_clip the transformers hub id (no open_clip name: the
+    reward's load failed) while the plan named ViT-L-14; both now say ViT-L-14 / openai (session 53)."""
+    from types import SimpleNamespace
+
+    from r3_rl.plan.reward_models import models_of
+    from r3_rl.rewards.clip import ClipEncoder
+
+    encoder = ClipEncoder(**{k: options[k] for k in ("model", "backend", "pretrained") if k in options}, device="cpu")
+    assert (encoder.model_name, encoder.pretrained) == (encoder_model, pretrained)
+    assert [m.model for m in models_of(SimpleNamespace(name="clip", options=options))] == [encoder_model]
+    assert ClipEncoder(device="cpu").model_name == CLIP_L14  # transformers keeps its hub id

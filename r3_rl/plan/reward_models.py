@@ -24,6 +24,7 @@ from r3_rl.weights import DTYPE_BYTES, WeightsMissing, count_params, locate, wei
 # Swin-S backbone and COCO's 80 instance classes; OWLv2's defaults, which are B/16), as
 # tests/test_plan_reward_models.py counts them again.
 CLIP_L14 = "openai/clip-vit-large-patch14"
+OPEN_CLIP_L14 = "ViT-L-14"  # open_clip's name for it: what ClipEncoder loads for the default under open_clip
 MASK2FORMER_SWIN_S = "facebook/mask2former-swin-small-coco-instance"
 OWLV2_B16 = "google/owlv2-base-patch16-ensemble"
 KNOWN_PARAMS = {CLIP_L14: 427_616_513, MASK2FORMER_SWIN_S: 68_741_083, OWLV2_B16: 153_971_464}
@@ -70,7 +71,8 @@ def models_of(spec: Any) -> list[RewardModel]:
     prefix = "" if spec.name == "clip" else "clip_"
     clips: list[tuple[str, str]] = []
     if options.get(f"{prefix}backend", "transformers") == "open_clip":
-        arch = str(options.get(f"{prefix}model", "ViT-L-14"))
+        arch = str(options.get(f"{prefix}model", OPEN_CLIP_L14))
+        arch = OPEN_CLIP_L14 if arch == CLIP_L14 else arch  # as ClipEncoder reads it
         out = [RewardModel("CLIP (open_clip)", arch, dtype, None, "an open_clip architecture, no weights to size")]
     else:
         clips.append(("CLIP", str(options.get(f"{prefix}model") or CLIP_L14)))
