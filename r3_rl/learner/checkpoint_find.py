@@ -5,6 +5,7 @@ Layout and writing: :mod:`r3_rl.learner.checkpoint` (which re-exports these name
 """
 from __future__ import annotations
 
+import glob
 import json
 import re
 from pathlib import Path
@@ -95,7 +96,9 @@ def find_resume(where: str, recipe: Any, run_dir: str | None) -> tuple[Path | No
     if where == "auto":
         if run_dir is not None:
             return _latest_to_resume(Path(run_dir)), Path(run_dir)
-        runs = sorted(Path(recipe.out_dir).glob(f"{recipe.name}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        # the name is not a pattern: recipe ``exp[1]``'s runs are ``exp[1]-*``, never ``exp1-*``
+        runs = sorted(Path(recipe.out_dir).glob(f"{glob.escape(recipe.name)}-*"), key=lambda p: p.stat().st_mtime,
+                      reverse=True)
         for run in runs:
             # ``x-*`` also matches recipe ``x-lowlr``'s runs: a checkpoint names the recipe that wrote it, and
             # another recipe's run is left as it is (its interrupted swap too) until that recipe resumes it
