@@ -18,37 +18,19 @@ from typing import Any
 
 import pytest
 import torch
+from test_exact_checkpoint_resume import _Loop, _recipe
 
-from r3_rl.config import load_recipe
 from r3_rl.errors import UserError
 from r3_rl.learner import checkpoint as ck
 from r3_rl.learner import checkpoint_find as cf
 from r3_rl.learner import manifest
 from r3_rl.rollout.buffer import ParentBuffer
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_blocks.yaml"
-
-
-def _recipe(tmp_path: Path, *sets: str) -> Any:
-    return load_recipe(RECIPE, [f"out_dir={tmp_path}", "name=x", *sets])
-
-
 def _ckpt(root: Path, name: str, meta: dict | None = None) -> Path:
     p = root / name
     p.mkdir(parents=True)
     (p / cf.MARKER).write_text(json.dumps({"complete": True, "step": 0} if meta is None else meta))
     return p
-
-
-class _Loop:
-    def __init__(self, state: dict) -> None:
-        self.state = state
-
-    def state_dict(self) -> dict:
-        return dict(self.state)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state = dict(state)
 
 
 def _weightless_parts(step: int, buffer: Any = None) -> ck.CheckpointParts:
