@@ -62,7 +62,8 @@ def enumerate_tag(tag: str, counts: tuple[int, ...] = DEFAULT_COUNTS) -> list[di
     elif tag == "counting":
         for s in SHAPES:
             for n in counts:
-                out.append(_meta(tag, f"a photo of {number_word(n)} {PLURALS[s] if n != 1 else s}", [{"class": s, "count": n}],
+                noun = PLURALS[s] if n != 1 else s
+                out.append(_meta(tag, f"a photo of {number_word(n)} {noun}", [{"class": s, "count": n}],
                                  [{"class": s, "count": n + 1}]))
     elif tag == "colors":
         for s in SHAPES:
