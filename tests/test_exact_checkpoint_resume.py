@@ -72,6 +72,14 @@ def test_resuming_a_checkpoint_folder_continues_in_its_own_run_dir(tmp_path: Pat
     assert ck.find_resume(str(ckpt), _recipe(tmp_path), None) == (ckpt, tmp_path / "x-1")
 
 
+def test_a_checkpoint_copied_out_of_its_run_continues_in_a_new_run_dir(tmp_path: Path) -> None:
+    """``--resume ~/saved/step_000005``: before session 53 the run continued in ``~`` (the folder's parent's
+    parent), writing its recipe, metrics and trajectories there; now in a new run dir, or in ``--run-dir``."""
+    ckpt = _ckpt(tmp_path / "home" / "saved", 5)
+    assert ck.find_resume(str(ckpt), _recipe(tmp_path), None) == (ckpt, None)
+    assert ck.find_resume(str(ckpt), _recipe(tmp_path), str(tmp_path / "r")) == (ckpt, tmp_path / "r")
+
+
 def test_resume_auto_never_continues_another_recipes_run_whose_name_starts_the_same(tmp_path: Path) -> None:
     """Recipes ``x`` and ``x-lowlr`` in one out_dir: ``x-*`` matches both; ``--resume auto`` for ``x`` must not
     continue the newer ``x-lowlr`` run (its checkpoints name their recipe)."""

@@ -91,7 +91,8 @@ def find_resume(where: str, recipe: Any, run_dir: str | None) -> tuple[Path | No
     ``auto``: the latest complete checkpoint of ``run_dir`` when given, else of the newest
     ``<out_dir>/<name>-*`` run that has one written by this recipe name; nothing found = a fresh run.
     ``PATH``: a checkpoint folder, a run dir or its ``checkpoints/`` folder (then its latest complete
-    checkpoint); nothing there is an error.
+    checkpoint); nothing there is an error.  A checkpoint folder outside any ``checkpoints/`` folder continues
+    in a new run dir unless ``run_dir`` is given.
     """
     if where == "auto":
         if run_dir is not None:
@@ -119,7 +120,11 @@ def find_resume(where: str, recipe: Any, run_dir: str | None) -> tuple[Path | No
             raise UserError(f"--resume {where}: no complete checkpoint there (expected a checkpoint folder with "
                             f"{MARKER}, or a run dir with {CKPT_DIR}/step_*)")
         ckpt = done[-1]
-    return ckpt, Path(run_dir) if run_dir is not None else ckpt.parent.parent
+    if run_dir is not None:
+        return ckpt, Path(run_dir)
+    # a checkpoint copied out of its run (``~/saved/step_000005``) starts a new run: its folder's parent is no run
+    # dir, and continuing there would write the recipe, metrics and trajectories into an unrelated folder
+    return ckpt, ckpt.parent.parent if ckpt.parent.name == CKPT_DIR else None
 
 
 def set_aside_later(ckpt: Path, run_dir: Path) -> list[Path]:
