@@ -216,9 +216,14 @@ class _NanReason(Reward):
         return [RewardOutput(score=1.0, reason=float("nan")) for _ in samples]  # type: ignore[arg-type]
 
 
-def test_a_nan_anywhere_in_a_reply_is_a_json_500_not_the_token_nan() -> None:
-    """Catches allow_nan dropped from the reply's encoding: a float NaN reason went out as the non-JSON token NaN."""
+def test_a_nan_anywhere_in_a_reply_is_a_json_500_not_the_token_nan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches allow_nan dropped from the reply's encoding: a NaN in the reply went out as the non-JSON token NaN.
+    Since session 53 a reward's float reason is sent as text ("nan"), so the NaN is planted in the reply itself."""
     code, raw = ScoreService(_NanReason(), Limits())._score_body(bytearray(b'{"samples": [{"prompt": "p"}]}'))
+    assert code == 200 and json.loads(raw)["results"][0]["reason"] == "nan"
+    service = ScoreService(_NanReason(), Limits())
+    monkeypatch.setattr(service, "_score_json", lambda raw: (200, {"results": [{"score": float("nan")}]}))
+    code, raw = service._score_body(bytearray(b'{"samples": [{"prompt": "p"}]}'))
     assert code == 500 and b"NaN" not in raw
     assert json.loads(raw)["error"].startswith("reward reply is not JSON (Out of range float values are not JSON compliant")
 
