@@ -52,25 +52,26 @@ def restore_interrupted_swap(root: Path) -> list[Path]:
     the two renames leaves no ``step_N`` at all, and with ``keep_last: 1`` no checkpoint to resume from.  The
     old copy was complete (it had been named ``step_N``), so it is renamed back; the next save would delete it.
     """
+    restored = []
+    for old, step_name in _interrupted_swaps(root):
+        old.rename(root / step_name)
+        restored.append(root / step_name)
+    return restored
+
+
+def _interrupted_swaps(root: Path) -> list[tuple[Path, str]]:
+    """``(.old-step_N-PID folder, "step_N")`` for each complete old copy whose ``step_N`` is gone, in name order."""
     if not root.is_dir():
         return []
-    restored = []
-    for p in sorted(root.iterdir()):
-        m = OLD_RE.match(p.name)
-        if m and p.is_dir() and _meta(p) is not None and not (root / m.group(1)).exists():
-            p.rename(root / m.group(1))
-            restored.append(root / m.group(1))
-    return restored
+    return [(p, m.group(1)) for p in sorted(root.iterdir())
+            if (m := OLD_RE.match(p.name)) and p.is_dir() and _meta(p) is not None and not (root / m.group(1)).exists()]
 
 
 def _resumable_as_is(root: Path) -> Path | None:
     """What :func:`_latest_to_resume` would pick under ``root``, found without renaming anything: the newest complete
     checkpoint or interrupted swap's old copy (a swap's copy of step N outranks the complete steps below N)."""
     found = [(int(p.name[len("step_"):]), p) for p in complete_checkpoints(root)]
-    if root.is_dir():
-        found += [(int(m.group(1)[len("step_"):]), p) for p in root.iterdir()
-                  if (m := OLD_RE.match(p.name)) and p.is_dir() and _meta(p) is not None
-                  and not (root / m.group(1)).exists()]
+    found += [(int(step_name[len("step_"):]), old) for old, step_name in _interrupted_swaps(root)]
     return max(found, key=lambda x: x[0])[1] if found else None
 
 
