@@ -46,6 +46,11 @@ def encode_tensor(t: torch.Tensor) -> dict[str, Any]:
     return {"dtype": name, "shape": list(t.shape), "b64": base64.b64encode(data).decode("ascii")}
 
 
+def is_shape(value: Any) -> bool:
+    """A JSON list of non-negative ints: not 2.7, not ``true`` (an int to Python), not a tuple or a string."""
+    return isinstance(value, list) and all(type(s) is int and s >= 0 for s in value)
+
+
 def decode_tensor(d: dict[str, Any], what: str = "tensor") -> torch.Tensor:
     """Inverse of :func:`encode_tensor`; ``what`` names the field in error messages."""
     if not isinstance(d, dict) or set(d) != {"dtype", "shape", "b64"}:
@@ -54,7 +59,7 @@ def decode_tensor(d: dict[str, Any], what: str = "tensor") -> torch.Tensor:
     dtype = torch_dtype(d["dtype"])
     np_type = np.dtype(_CODECS[d["dtype"]][1])
     shape = d["shape"]
-    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):  # not true/false
+    if not is_shape(shape):
         raise ValueError(f"{what}: shape must be a list of non-negative ints, got {shape!r}")
     try:
         data = base64.b64decode(d["b64"], validate=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from r3_rl.flow.codec import decode_tensor, encode_tensor, encoded_size, torch_dtype
+from r3_rl.flow.codec import decode_tensor, encode_tensor, encoded_size, is_shape, torch_dtype
 from r3_rl.flow.guidance import Guidance
 from r3_rl.flow.schedule import EtaSchedule, known_fields
 
@@ -105,7 +105,7 @@ class DenoisingTrace:
             raise ValueError(f"denoising trace: missing key(s) {', '.join(missing)}")
         torch_dtype(body["latent_dtype"])  # a clear error for an unknown dtype name
         shape = body["latent_shape"]
-        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):  # not 2.7, not true
+        if not is_shape(shape):
             raise ValueError(f"denoising trace: latent_shape must be a list of non-negative ints, got {shape!r}")
         for key, nullable in (("init_seed", True), ("noise_seed", False)):  # a seed is never "5", 5.7 or true
             value = body[key]
