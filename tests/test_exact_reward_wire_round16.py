@@ -37,7 +37,7 @@ from r3_rl.rewards.server_protocol import HardenedH11, _LingeringTransport
 from r3_rl.rewards.wire import (WireError, WireLimitError, count_images, decode_image, encode_image, finite_float,
                                 output_from_json, sample_from_json, sample_to_json)
 from test_exact_ray_actors_runtime import _reward_set
-from test_exact_reward_service import _Len
+from test_exact_reward_service import _FailsOn, _Len
 
 
 # ---------------------------------------------------------------- server_protocol: timers and lingering close
@@ -191,20 +191,9 @@ def test_the_server_wires_each_limit_to_its_own_setting() -> None:
         srv.server_close()
 
 
-class _Counting(Reward):
-    name = "counting"
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, samples: list[RewardSample]) -> list[RewardOutput]:
-        self.calls += 1
-        return [RewardOutput(score=1.0) for _ in samples]
-
-
 def test_an_empty_batch_is_answered_without_calling_the_reward() -> None:
     """Catches the reward called with no samples (a detector's batch code run on an empty list)."""
-    reward = _Counting()
+    reward = _FailsOn()  # counts its calls
     assert ScoreService(reward, Limits())._score_json(bytearray(b'{"samples": []}')) == (200, {"results": []})
     assert reward.calls == 0
 
