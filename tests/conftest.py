@@ -19,6 +19,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+@pytest.fixture(autouse=True)
+def _tensorboard_files_counted_from_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorBoard names an event file ``events.out.tfevents.<second>.<host>.<pid>.<n>``, ``n`` counting the
+    writers the process made, and its loaders read a folder's files in name order: within one second writer 10
+    sorts before writer 9.  A resumed run is a new process, counting from 0; a test process makes hundreds of
+    writers, and a test that resumed a run in the same second as writer 9 read the new values before the old
+    (test_a_resumed_run_replaces_the_replayed_steps_in_tensorboards_python_loader, after other files)."""
+    from tensorboard.summary.writer import event_file_writer
+
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(0))
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
