@@ -78,7 +78,7 @@ def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
             except (ValueError, RecursionError):  # a run killed mid-write leaves a partial last line
                 if lineno != len(lines):
                     raise UserError(f"{p}:{lineno}: not valid JSON") from None
-    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int)]
+    return [r for r in rows if isinstance(r, dict) and type(r.get("step")) is int]  # not JSON true: bool is an int
 
 
 def run_overview(run_dir: Path) -> str:
