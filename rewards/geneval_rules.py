@@ -131,7 +131,7 @@ def validate_metadata(metadata: dict[str, Any]) -> None:
             if "position" in req:
                 pos = req["position"]
                 if (not isinstance(pos, (list, tuple)) or len(pos) != 2 or pos[0] not in RELATIONS
-                        or not isinstance(pos[1], int) or not 0 <= pos[1] < i):
+                        or type(pos[1]) is not int or not 0 <= pos[1] < i):
                     raise UserError(f"{at} 'position' must be [relation, index of an earlier include] with "
                                     f"relation in {list(RELATIONS)}, got {pos!r}")
             if "region" in req and req["region"] not in REGIONS:

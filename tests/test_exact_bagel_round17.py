@@ -358,3 +358,13 @@ def test_a_damaged_weight_file_is_one_line_naming_it(tiny_dir, tmp_path, name, c
         assert main(["plan", str(recipe), "--set", f"policy.model={d}"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{d / name}: not a readable safetensors file" in err, err
+
+
+@pytest.mark.parametrize("size", [[980, True, 14], [980, 224, 14.0], [980, 224], [224, 980, 14]])
+def test_a_bagel_image_size_option_is_three_positive_integers_not_booleans(size: list) -> None:
+    """``vit_size: [980, true, 14]`` is refused (until session 54 ``true`` passed as a min side of 1), as are a
+    float, a missing stride and min > max."""
+    from r3_rl.policy.bagel.recipe import bagel_options
+
+    with pytest.raises(UserError, match=r"^policy\.options\.vit_size: expected \[max_side, min_side, stride\]"):
+        bagel_options({"vit_size": size})

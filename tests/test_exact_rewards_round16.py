@@ -44,10 +44,11 @@ def test_count_must_be_a_real_integer_not_a_bool(count: object) -> None:
 
 
 @pytest.mark.parametrize("pos", [["left of", 0, 1], ["left of"], ["left of", "0"], ["left of", 0.0], ["left of", -1],
-                                 "left of 0"])
+                                 "left of 0", ["left of", False]])
 def test_position_must_be_exactly_relation_and_earlier_index(pos: object) -> None:
     """A 3-element position, a string index or a negative index is a UserError naming include[1], never a
-    ValueError / TypeError later in evaluate()."""
+    ValueError / TypeError later in evaluate(); ``false`` is no index 0 (until session 54 it was, while ``count``
+    already refused a bool)."""
     md = {"include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1, "position": pos}]}
     with pytest.raises(UserError, match=r"^metadata include\[1\] 'position' must be \[relation, index"):
         evaluate([_box("cat", 0, 0, 10, 10), _box("dog", 50, 0, 60, 10)], md)

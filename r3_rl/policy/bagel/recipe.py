@@ -88,7 +88,7 @@ class BagelOptions:
                 raise UserError(f"policy.options.{name}: {getattr(self, name)!r} is not one of {', '.join(RENORMS)}")
         for name in ("vit_size", "vae_size"):
             size = tuple(getattr(self, name))
-            if len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size) or size[1] > size[0]:
+            if len(size) != 3 or not all(type(v) is int and v > 0 for v in size) or size[1] > size[0]:
                 raise UserError(f"policy.options.{name}: expected [max_side, min_side, stride] (positive integers, "
                                 f"min <= max), got {list(size)}")
             object.__setattr__(self, name, size)
