@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from r3_rl.errors import UserError
+from test_environment import fake_env
 
 # ---------------------------------------------------------------------------------------------- gpu_layout
 
@@ -188,13 +189,6 @@ def test_close_stops_reward_actors_workers_and_ranks_in_order(tmp_path: Path,
 # ---------------------------------------------------------------------------------------------- environment
 
 
-def fake_env(**changes: object) -> dict:
-    env = {"r3_rl": {"version": "0.1.0"}, "python": "3.11.7", "cpu": "AMD EPYC", "cpu_capability": "AVX2",
-           "torch_threads": 1, "gpus": [], "cuda": None, "packages": {"torch": "2.13.0"}, "variables": {}}
-    env.update(changes)
-    return env
-
-
 def test_a_run_dir_keeps_all_of_120_records(tmp_path: Path) -> None:
     """Records are dropped only past 200 (about 1 KB each): 120 commands are all still there, in order."""
     from r3_rl.environment import read_records, record_environment
@@ -284,5 +278,5 @@ def test_the_summary_names_the_first_gpu() -> None:
     from r3_rl.environment import summary_line
 
     line = summary_line(fake_env(gpus=["NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"]))
-    assert line == ("torch 2.13.0 (AVX2 kernels, 1 thread), transformers None, numpy None, Python 3.11.7, "
-                    "CPU AMD EPYC, GPUs 2 x NVIDIA A100-SXM4-80GB")
+    assert line == ("torch 2.13.0+cpu (AVX2 kernels, 1 thread), transformers 5.25.0, numpy 2.4.6, Python 3.11.7, "
+                    "CPU AMD EPYC, GPUs 2 x NVIDIA A100-SXM4-80GB, r3-rl 01234567")
